@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (each installs what it needs).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install demo test test-fast plugin clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Main job on the embedded default (the tiny offline model, built and cached on first use).
+demo: $(STAMP)
+	$(BIN)/deleaker generate --prompt "a cat and a cheetah in a field" --entities cat,cheetah \
+		--compare --out demo.png
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests
+
+plugin:
+	cmake -S . -B build && cmake --build build -j
+
+clean:
+	rm -rf build demo.png

@@ -1,0 +1,223 @@
+"""The PyTorch reference DeLeakerAttention op: the oracle every other implementation is tested on.
+
+Plain, materialised, readable: it builds the full (T+I) x (T+I) logits per head in float32 and
+follows ../shared/docs/deleaker-semantics.md line by line, one sample at a time (every
+statistic is per sample, section 7). Speed is not a goal here; exactness is.
+
+Registered as torch.ops.deleaker.attention (schema in deleaker.runtime.op_schema) with a fake
+implementation, so it traces into torch.export / ONNX as one node.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from deleaker.runtime import op_schema
+
+_NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces, each one rule of the semantics doc
+# --------------------------------------------------------------------------------------------
+
+def tau_of(step: int, block_offset: int, blocks_per_step: int) -> int:
+    """Block-step clock (section 1)."""
+    return step * blocks_per_step + block_offset
+
+
+def update_history(hist: torch.Tensor, p: torch.Tensor, tau: int, a0: int, a1: int) -> torch.Tensor:
+    """Section 3: equal-weight cumulative mean over tau = a0..a1-1, frozen outside. hist, p: [E, I]."""
+    if tau < a0 or tau >= a1:
+        return hist.clone()
+    if tau == a0:
+        return p.clone()
+    n = tau - a0
+    return hist * (n / (n + 1)) + p / (n + 1)
+
+
+def entity_masks(a: torch.Tensor, beta1: float) -> torch.Tensor:
+    """Section 4.1: a [E, I] -> boolean masks [E, I], threshold mean + beta1 * unbiased std."""
+    theta = a.mean(dim=-1, keepdim=True) + beta1 * a.std(dim=-1, unbiased=True, keepdim=True)
+    return a > theta
+
+
+def _morph(m: torch.Tensor, grow: bool) -> torch.Tensor:
+    """One 3x3 dilation (grow) or erosion on [E, h, w] booleans.
+
+    Border rule: outside the grid counts as 0 for a dilation and 1 for an erosion.
+    """
+    pad_value = 0.0 if grow else 1.0
+    x = F.pad(m.float(), (1, 1, 1, 1), value=pad_value)  # [E, h+2, w+2]
+    h, w = m.shape[-2:]
+    windows = torch.stack([x[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)])  # [9, E, h, w]
+    out = windows.amax(dim=0) if grow else windows.amin(dim=0)
+    return out > 0.5
+
+
+def smooth_masks(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Open once (erode, dilate), then close with two iterations (dilate x2, erode x2)."""
+    m = masks.reshape(-1, h, w)
+    m = _morph(m, grow=False)
+    m = _morph(m, grow=True)
+    m = _morph(_morph(m, grow=True), grow=True)
+    m = _morph(_morph(m, grow=False), grow=False)
+    return m.reshape(masks.shape)
+
+
+def _cut_image_image(L: torch.Tensor, G: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                     beta2: float, T: int) -> None:
+    """Rule X for one ordered region rows x cols, in place on logits L [H, N, N]."""
+    region = rows[:, None] & cols[None, :]  # [I, I]
+    vals = G[region]
+    vals = vals[vals != 0]
+    if vals.numel() == 0:
+        return
+    # One value: unbiased std is NaN, so nothing compares greater and nothing is cut.
+    thr = vals.mean() + beta2 * vals.std(unbiased=True)
+    cut = region & (G > thr)  # [I, I]
+    L[:, T:, T:].masked_fill_(cut, _NEG_INF)
+
+
+def _intervene(L: torch.Tensor, P: torch.Tensor, masks: torch.Tensor, first_tokens: list[int],
+               token_sets: list[torch.Tensor], T: int, attrs: dict) -> torch.Tensor:
+    """Section 4.2: the pair loop on one sample. L, P [H, N, N]; masks [E_active, I]. Returns final P."""
+    alpha = attrs["k_strength"]
+    E = masks.shape[0]
+    for e1 in range(E):
+        for e2 in range(e1 + 1, E):
+            r1, r2 = masks[e1], masks[e2]  # image rows in each mask, [I]
+            img = L[:, T:, :]  # view of image-query rows, [H, I, N]
+            t1, t2 = token_sets[e1], token_sets[e2]
+            if attrs["do_image_text_weakening"]:
+                img[:, r1[:, None] & t2[None, :]] = _NEG_INF
+                img[:, r2[:, None] & t1[None, :]] = _NEG_INF
+            if attrs["do_image_text_strengthening"]:
+                sel1 = r1[:, None] & t1[None, :]
+                img[:, sel1] = img[:, sel1] * alpha
+                sel2 = r2[:, None] & t2[None, :]
+                img[:, sel2] = img[:, sel2] * alpha
+            if attrs["do_text_text_weakening"]:
+                f1, f2 = first_tokens[e1], first_tokens[e2]
+                L[:, f1, f2] = _NEG_INF
+                L[:, f2, f1] = _NEG_INF
+            if attrs["do_image_image"]:
+                G = P[:, T:, T:].mean(dim=0)  # head-mean of the current probabilities, [I, I]
+                _cut_image_image(L, G, r1, r2, attrs["std_mul_image_image"], T)
+                _cut_image_image(L, G, r2, r1, attrs["std_mul_image_image"], T)
+            P = torch.softmax(L, dim=-1)
+    return P
+
+
+def _one_sample(q, k, v, ent, hist, step: int, h: int, w: int, attrs: dict):
+    """q, k, v [H, N, D] float32; ent [E, T]; hist [E, I] float32. Returns (out [H, N, D], hist_out)."""
+    T = ent.shape[-1]
+    I = q.shape[-2] - T
+    tau = tau_of(step, attrs["block_offset"], attrs["blocks_per_step"])
+    a0, a1 = attrs["start_aggregating_from"], attrs["stop_aggregating_at"]
+    i0, i1 = attrs["start_intervention_from"], attrs["stop_intervention_at"]
+
+    L = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # logits [H, N, N]
+    P = torch.softmax(L, dim=-1)
+    hist_out = hist.clone()
+    if tau < a0:
+        return P @ v, hist_out
+
+    token_sets = ent > 0  # [E, T] bool
+    active = token_sets.any(dim=-1).nonzero().flatten().tolist()
+    if not active:
+        return P @ v, hist_out
+
+    # p_e[i]: mean over heads and the entity's tokens of image->entity probabilities, [E_act, I]
+    img_text = P[:, T:, :T]  # [H, I, T]
+    p = torch.stack([img_text[:, :, token_sets[e]].mean(dim=-1).mean(dim=0) for e in active])
+    if attrs["use_history"]:
+        hist_out[active] = update_history(hist[active], p, tau, a0, a1)
+
+    if not (i0 <= tau <= i1) or len(active) < 2:
+        return P @ v, hist_out
+
+    source = hist_out[active] if (attrs["use_history"] and tau > a0) else p
+    masks = entity_masks(source, attrs["std_mul_text"])  # [E_act, I]
+    if attrs["do_smoothing"]:
+        masks = smooth_masks(masks, h, w)
+    # entity columns widened to the joint sequence, [N] bool each
+    sets = [F.pad(token_sets[e], (0, I), value=False) for e in active]
+    firsts = [int(token_sets[e].nonzero()[0]) for e in active]
+    P = _intervene(L, P, masks, firsts, sets, T, attrs)
+    return P @ v, hist_out
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+
+def _check_inputs(q, k, v, entity_tokens, history, h: int, w: int) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one [B, H, T+I, D] shape; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, _, N, _ = q.shape
+    if entity_tokens.dim() != 3 or entity_tokens.shape[0] != B:
+        raise ValueError(f"entity_tokens must be [B={B}, E, T]; got {tuple(entity_tokens.shape)}")
+    E, T = entity_tokens.shape[1:]
+    I = N - T
+    if I <= 0:
+        raise ValueError(f"text length T={T} leaves no image tokens in a sequence of {N}")
+    if h * w != I:
+        raise ValueError(f"grid {h}x{w} does not match the {I} image tokens")
+    if tuple(history.shape) != (B, E, I):
+        raise ValueError(f"history must be [B, E, I] = [{B}, {E}, {I}]; got {tuple(history.shape)}")
+
+
+def deleaker_attention_ref(q, k, v, entity_tokens, history, step, grid, **attrs):
+    """Reference DeLeaker attention. Shapes and attributes: deleaker.runtime.op_schema.
+
+    Returns (out [B, H, T+I, D] in q's dtype, history_out [B, E, I] float32).
+    """
+    missing = set(op_schema.ATTRIBUTE_NAMES) - set(attrs)
+    unknown = set(attrs) - set(op_schema.ATTRIBUTE_NAMES)
+    if missing or unknown:
+        raise TypeError(f"attributes: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    step = int(step)
+    h, w = (int(x) for x in grid)
+    _check_inputs(q, k, v, entity_tokens, history, h, w)
+    outs, hists = [], []
+    for b in range(q.shape[0]):
+        o, hb = _one_sample(q[b].float(), k[b].float(), v[b].float(), entity_tokens[b].float(),
+                            history[b].float(), step, h, w, attrs)
+        outs.append(o)
+        hists.append(hb)
+    return torch.stack(outs).to(q.dtype), torch.stack(hists)
+
+
+def attributes_from_args(args) -> dict:
+    """Positional attribute values (op_schema.ATTRIBUTES order) -> keyword dict."""
+    return dict(zip(op_schema.ATTRIBUTE_NAMES, args))
+
+
+@torch.library.custom_op(op_schema.TORCH_OP, mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, entity_tokens: torch.Tensor,
+              history: torch.Tensor, step: torch.Tensor, grid: torch.Tensor,
+              block_offset: int, blocks_per_step: int, std_mul_text: float, std_mul_image_image: float,
+              k_strength: float, start_aggregating_from: int, stop_aggregating_at: int,
+              start_intervention_from: int, stop_intervention_at: int, use_history: int,
+              do_smoothing: int, do_image_text_weakening: int, do_image_text_strengthening: int,
+              do_image_image: int, do_text_text_weakening: int) -> tuple[torch.Tensor, torch.Tensor]:
+    attrs = dict(locals())
+    for name in ("q", "k", "v", "entity_tokens", "history", "step", "grid"):
+        attrs.pop(name)
+    return deleaker_attention_ref(q, k, v, entity_tokens, history, step, grid, **attrs)
+
+
+@attention.register_fake
+def _(q, k, v, entity_tokens, history, step, grid, *attrs):
+    return torch.empty_like(q), torch.empty_like(history, dtype=torch.float32)
+
+
+def call_op(q, k, v, entity_tokens, history, step, grid, attrs: dict):
+    """Call torch.ops.deleaker.attention with a keyword attribute dict."""
+    return torch.ops.deleaker.attention(q, k, v, entity_tokens, history, step, grid,
+                                        *(attrs[n] for n in op_schema.ATTRIBUTE_NAMES))
