@@ -74,9 +74,9 @@ def _cut_image_image(L: torch.Tensor, G: torch.Tensor, rows: torch.Tensor, cols:
     region = rows[:, None] & cols[None, :]  # [I, I]
     vals = G[region]
     vals = vals[vals != 0]
-    if vals.numel() == 0:
+    if vals.numel() < 2:
+        # None: skip. One value: its unbiased std is NaN, so nothing would compare greater.
         return
-    # One value: unbiased std is NaN, so nothing compares greater and nothing is cut.
     thr = vals.mean() + beta2 * vals.std(unbiased=True)
     cut = region & (G > thr)  # [I, I]
     L[:, T:, T:].masked_fill_(cut, _NEG_INF)

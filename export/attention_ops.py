@@ -1,0 +1,35 @@
+"""Implementations of the DeLeakerAttention op, selectable by name.
+
+Every entry has the reference op's calling convention:
+    fn(q, k, v, entity_tokens, history, step, grid, attrs: dict) -> (out, history_out)
+with q, k, v [B, H, T+I, D]. "reference" is the oracle (export/reference_op.py); "cuda" is the
+fused kernel library (plugins/, loaded by export/cuda_op.py on demand).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+OpFn = Callable[..., tuple]
+
+
+def _reference() -> OpFn:
+    from .reference_op import call_op
+
+    return call_op
+
+
+def _cuda() -> OpFn:
+    from .cuda_op import call_op  # raises a clear error when the library is not built
+
+    return call_op
+
+
+_IMPLS: dict[str, Callable[[], OpFn]] = {"reference": _reference, "cuda": _cuda}
+IMPL_NAMES = tuple(_IMPLS)
+
+
+def get_op(name: str) -> OpFn:
+    if name not in _IMPLS:
+        raise ValueError(f"unknown DeLeaker attention implementation {name!r}; choose from {', '.join(_IMPLS)}")
+    return _IMPLS[name]()
