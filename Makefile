@@ -20,7 +20,7 @@ install: $(STAMP)
 # Main job on the embedded default (the tiny offline model, built and cached on first use).
 demo: $(STAMP)
 	$(BIN)/deleaker generate --prompt "a cat and a cheetah in a field" --entities cat,cheetah \
-		--compare --out demo.png
+		--preset tiny --compare --out demo.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests

@@ -430,6 +430,10 @@ def test_config_presets_and_derived_windows():
     explicit = DeLeakerConfig(stop_aggregating_at=100, stop_intervention_at=200).resolved(57)
     assert (explicit.stop_aggregating_at, explicit.stop_intervention_at) == (100, 200)
     assert dev.op_attributes(19)["block_offset"] == 19
+    # short runs on small models: derived stops are clamped to their starts, never an error
+    short = preset("flux-dev", num_steps=2).resolved(4)
+    assert short.stop_aggregating_at == 13 and short.stop_intervention_at == 18
+    assert not short.intervenes_within(2) and preset("flux-dev").resolved(4).intervenes_within(20)
 
 
 @pytest.mark.parametrize("over, msg", [

@@ -1,0 +1,206 @@
+"""Flow-match Euler scheduler with FLUX's resolution-dependent shift (numpy only).
+
+Reproduces what diffusers' FluxPipeline does with FlowMatchEulerDiscreteScheduler (diffusers
+0.42), bit for bit in float32:
+
+    sigmas    = linspace(1.0, 1/S, S) (float64) -> float32      (FluxPipeline's default)
+    mu        = calculate_shift(image_seq_len, ...)              (python floats)
+    sigmas    = exp(mu) / (exp(mu) + (1/sigmas - 1) ** 1.0)      (use_dynamic_shifting, float32)
+              | shift * sigmas / (1 + (shift - 1) * sigmas)      (static shift, e.g. schnell)
+    timesteps = sigmas * num_train_timesteps                     (float32, S values)
+    sigmas    = [sigmas..., 0.0]                                 (S + 1 values)
+    step i:     x_next = x + (sigmas[i+1] - sigmas[i]) * v       (upcast x to float32, result
+                                                                  in the model output's dtype)
+
+The transformer is fed `timesteps[i] / 1000` (FluxPipeline divides by 1000; see model_timestep).
+The expressions below are written exactly like diffusers' so numpy rounds the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+_CLASS_NAME = "FlowMatchEulerDiscreteScheduler"
+
+# scheduler/scheduler_config.json of FLUX.1-dev (FLUX.1-schnell: shift 1.0, no dynamic shifting).
+FLUX_DEV_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": _CLASS_NAME,
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+
+# diffusers options this scheduler does not implement, with the value that means "off".
+# FLUX checkpoints leave all of them off; a checkpoint that turns one on gets a clear error
+# instead of a silently different schedule.
+_UNSUPPORTED_OFF = {
+    "invert_sigmas": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "stochastic_sampling": False,
+    "use_flow_sigmas": False,
+}
+
+
+class SchedulerError(ValueError):
+    """The scheduler config or a call is invalid; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class FlowMatchEulerConfig:
+    """The diffusers FlowMatchEulerDiscreteScheduler knobs FLUX uses (defaults = diffusers')."""
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"  # or "linear"
+
+    def validate(self) -> None:
+        if self.num_train_timesteps < 1:
+            raise SchedulerError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+        if self.time_shift_type not in ("exponential", "linear"):
+            raise SchedulerError(f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}")
+        if self.use_dynamic_shifting and self.max_image_seq_len == self.base_image_seq_len:
+            raise SchedulerError("max_image_seq_len must differ from base_image_seq_len for dynamic shifting")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_class_name": _CLASS_NAME, **dataclasses.asdict(self)}
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """mu for the dynamic shift: linear in the image token count (FluxPipeline.calculate_shift)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    mu = image_seq_len * m + b
+    return mu
+
+
+def euler_step(model_output: np.ndarray, sample: np.ndarray, sigma: np.float32,
+               sigma_next: np.float32) -> np.ndarray:
+    """x_next = x + (sigma_next - sigma) * v, with torch's dtype rules as diffusers applies them.
+
+    diffusers upcasts the sample to float32 but multiplies the 0-d float32 dt with the model
+    output in the output's dtype (a 0-d tensor does not promote), adds in float32 and casts
+    the result back to the output's dtype. Casting dt to that dtype reproduces this.
+    """
+    model_output = np.asarray(model_output)
+    sample = np.asarray(sample)
+    if model_output.shape != sample.shape:
+        raise SchedulerError(f"model_output shape {model_output.shape} != sample shape {sample.shape}")
+    if not np.issubdtype(model_output.dtype, np.floating):
+        raise SchedulerError(f"model_output must be floating point, got {model_output.dtype}")
+    dt = np.float32(sigma_next) - np.float32(sigma)
+    prev = sample.astype(np.float32) + dt.astype(model_output.dtype) * model_output
+    return prev.astype(model_output.dtype, copy=False)
+
+
+class FlowMatchEuler:
+    """Flow-match Euler sampler; `timesteps()` makes a schedule, `step()` walks it.
+
+    The last schedule made by `timesteps()` is kept for `step()`, so the usual loop is:
+
+        sched = FlowMatchEuler.from_config(json.load(open("scheduler_config.json")))
+        sigmas, timesteps = sched.timesteps(num_steps, image_seq_len)
+        for i in range(num_steps):
+            v = model(x, sched.model_timestep(i), ...)
+            x = sched.step(v, x, i)
+    """
+
+    def __init__(self, config: FlowMatchEulerConfig | None = None):
+        self.config = config or FlowMatchEulerConfig()
+        self.config.validate()
+        self.sigmas: np.ndarray | None = None  # [S+1] float32, last schedule
+        self._timesteps: np.ndarray | None = None  # [S] float32
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "FlowMatchEuler":
+        """From a diffusers scheduler_config.json dict. Keys starting with '_' and keys this
+        class does not know are ignored (as diffusers does); options it cannot honour raise."""
+        cls_name = config.get("_class_name", _CLASS_NAME)
+        if cls_name != _CLASS_NAME:
+            raise SchedulerError(f"scheduler config is for {cls_name}, expected {_CLASS_NAME}")
+        for key, off in _UNSUPPORTED_OFF.items():
+            if config.get(key, off) != off:
+                raise SchedulerError(f"scheduler option {key}={config[key]!r} is not supported (FLUX leaves it off)")
+        names = {f.name for f in dataclasses.fields(FlowMatchEulerConfig)}
+        kwargs = {k: v for k, v in config.items() if k in names}
+        # diffusers allows base_shift/max_shift None (only read with dynamic shifting).
+        for key in ("base_shift", "max_shift"):
+            if kwargs.get(key, 0.0) is None:
+                kwargs.pop(key)
+        return cls(FlowMatchEulerConfig(**kwargs))
+
+    @classmethod
+    def flux_dev(cls) -> "FlowMatchEuler":
+        return cls.from_config(FLUX_DEV_SCHEDULER_CONFIG)
+
+    def mu(self, image_seq_len: int) -> float:
+        c = self.config
+        return calculate_shift(image_seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+
+    def timesteps(self, num_steps: int, image_seq_len: int,
+                  sigmas: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Schedule for `num_steps` steps on `image_seq_len` image tokens ((H/16)*(W/16)).
+
+        Returns (sigmas [S+1] float32 ending in 0, timesteps [S] float32 in [0, 1000]).
+        `sigmas` overrides FluxPipeline's default linspace(1, 1/S, S) before shifting, as the
+        pipeline's `sigmas=` argument does. Also kept on the instance for `step()`.
+        """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+            raise SchedulerError(f"num_steps must be a positive integer, got {num_steps!r}")
+        if isinstance(image_seq_len, bool) or not isinstance(image_seq_len, (int, np.integer)) or image_seq_len < 1:
+            raise SchedulerError(f"image_seq_len must be a positive integer, got {image_seq_len!r}")
+        c = self.config
+        if sigmas is None:
+            sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        elif len(sigmas) != num_steps:
+            raise SchedulerError(f"got {len(sigmas)} sigmas for {num_steps} steps")
+        # Same expressions, same order, same dtypes as FlowMatchEulerDiscreteScheduler.set_timesteps.
+        s = np.array(sigmas).astype(np.float32)
+        if c.use_dynamic_shifting:
+            mu = self.mu(int(image_seq_len))
+            if c.time_shift_type == "exponential":
+                s = math.exp(mu) / (math.exp(mu) + (1 / s - 1) ** 1.0)
+            else:
+                s = mu / (mu + (1 / s - 1) ** 1.0)
+        else:
+            s = c.shift * s / (1 + (c.shift - 1) * s)
+        s = np.asarray(s, dtype=np.float32)
+        timesteps = s * np.float32(c.num_train_timesteps)  # [S]
+        full = np.concatenate([s, np.zeros(1, np.float32)])  # [S+1]
+        self.sigmas, self._timesteps = full, timesteps
+        return full.copy(), timesteps.copy()
+
+    def _require_schedule(self, i: int) -> None:
+        if self.sigmas is None:
+            raise SchedulerError("call timesteps(num_steps, image_seq_len) before step()")
+        n = len(self.sigmas) - 1
+        if not 0 <= int(i) < n:
+            raise SchedulerError(f"step index {i} out of range for a {n}-step schedule")
+
+    def model_timestep(self, i: int, batch_size: int = 1) -> np.ndarray:
+        """The transformer's `timestep` input at step i: timesteps[i] / 1000, [batch_size] float32."""
+        self._require_schedule(i)
+        t = self._timesteps[int(i)] / np.float32(1000)
+        return np.full((batch_size,), t, dtype=np.float32)
+
+    def step(self, model_output: np.ndarray, sample: np.ndarray, i: int) -> np.ndarray:
+        """One Euler step from sigmas[i] to sigmas[i+1] of the last schedule."""
+        self._require_schedule(i)
+        return euler_step(model_output, sample, self.sigmas[int(i)], self.sigmas[int(i) + 1])

@@ -1,0 +1,286 @@
+"""Prompt tokenization for FLUX's two text encoders, and entity location (semantics section 5).
+
+Uses only the `tokenizers` library (no transformers at import or run time). A tokenizer is a
+folder in the diffusers/transformers layout: `tokenizer.json`, or for CLIP-style BPE
+`vocab.json` + `merges.txt` (as FLUX.1-dev's `tokenizer/` ships), with `tokenizer_config.json` /
+`special_tokens_map.json` for the pad token and model_max_length.
+
+The encoder inputs reproduce FluxPipeline's tokenizer calls (padding="max_length",
+truncation=True): content tokens cut to max_length minus the special tokens, special tokens
+added by the tokenizer's post-processor, then right-padded with the pad id.
+
+Entities: the entity is tokenized alone without special tokens and its id run is searched in
+the prompt's (untruncated) token ids; variants tried in order: as given, lower-cased, with a
+leading space, lower-cased with a leading space. The first variant that occurs wins, at its
+first occurrence. Positions are indices into the encoder's input sequence (length
+max_sequence_length).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+T5_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default and upper bound for max_sequence_length
+CLIP_MAX_LENGTH = 77
+DEFAULT_ENTITY_SLOTS = 4  # architecture.md: E is fixed at export, 4 slots by default
+
+# transformers' CLIPTokenizer pre-tokenizer pattern (the tokenizer.json-less path below).
+_CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]"""
+               r"""|[^\s\p{L}\p{N}]+""")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer folder is missing or unusable; the message names it."""
+
+
+class EntityError(ValueError):
+    """An entity cannot be placed in the prompt's tokens; one-line message naming both."""
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """repr() of text for one-line messages: escapes newlines, cuts very long prompts."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
+
+
+def _token_content(value) -> str | None:
+    if isinstance(value, dict):  # AddedToken serialised as {"content": ..., ...}
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"cannot read {path}: {e}") from e
+    return data if isinstance(data, dict) else {}
+
+
+def clip_bpe_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], bos: str = "<|startoftext|>",
+                       eos: str = "<|endoftext|>", unk: str = "<|endoftext|>") -> Tokenizer:
+    """CLIP byte-level BPE with its normalizer, pre-tokenizer and BOS/EOS post-processor, built
+    exactly as transformers' CLIPTokenizer builds it (which ignores tokenizer.json's pipeline)."""
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                        end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = list(dict.fromkeys((bos, eos, unk)))
+    missing = [t for t in specials if t not in vocab]
+    if missing:
+        raise TokenizerError(f"CLIP special token(s) {missing} not in the vocabulary")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.post_processor = processors.RobertaProcessing((eos, vocab[eos]), (bos, vocab[bos]),
+                                                      trim_offsets=False, add_prefix_space=False)
+    return tok
+
+
+def _clip_bpe_from_files(folder: Path, cfg: dict) -> Tokenizer:
+    """CLIP BPE from vocab.json + merges.txt (FLUX.1-dev's tokenizer/ has no tokenizer.json)."""
+    try:
+        vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    except Exception as e:
+        raise TokenizerError(f"cannot read vocab.json/merges.txt in {folder}: {e}") from e
+    return clip_bpe_tokenizer(vocab, merges,
+                              bos=_token_content(cfg.get("bos_token")) or "<|startoftext|>",
+                              eos=_token_content(cfg.get("eos_token")) or "<|endoftext|>",
+                              unk=_token_content(cfg.get("unk_token")) or "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class TextTokenizer:
+    """A loaded tokenizer without padding or truncation set; encode_padded adds both."""
+
+    folder: Path | None
+    backend: Tokenizer = field(repr=False)
+    pad_id: int
+    pad_token: str
+    model_max_length: int | None
+
+    def ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Untruncated, unpadded token ids."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @property
+    def num_special_tokens(self) -> int:
+        """Special tokens the post-processor adds to one sequence (T5: 1, CLIP: 2)."""
+        return self.backend.num_special_tokens_to_add(False)
+
+    def encode_padded(self, texts: str | Sequence[str], max_length: int) -> np.ndarray:
+        """[B, max_length] int64, as transformers' padding="max_length", truncation=True."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        n_special = self.num_special_tokens
+        if max_length <= n_special:
+            raise TokenizerError(f"max_length {max_length} leaves no room for text ({n_special} special tokens)")
+        out = np.full((len(texts), max_length), self.pad_id, dtype=np.int64)  # [B, L]
+        for b, enc in enumerate(self.backend.encode_batch(texts, add_special_tokens=False)):
+            # Same order as tokenizers' own truncation: cut content, then add special tokens.
+            enc.truncate(max_length - n_special)
+            ids = self.backend.post_process(enc, None, True).ids
+            out[b, : len(ids)] = ids
+        return out
+
+
+def load_tokenizer(folder: str | Path) -> TextTokenizer:
+    """Load a tokenizer folder (tokenizer.json, or vocab.json + merges.txt for CLIP BPE)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TokenizerError(f"tokenizer folder not found: {folder}")
+    cfg = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+    if (folder / "tokenizer.json").is_file():
+        try:
+            backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises plain Exception subclasses
+            raise TokenizerError(f"cannot load {folder / 'tokenizer.json'}: {e}") from e
+    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        backend = _clip_bpe_from_files(folder, cfg)
+    else:
+        raise TokenizerError(f"no tokenizer.json (or vocab.json + merges.txt) in {folder}")
+    backend.no_padding()
+    backend.no_truncation()
+    pad = _token_content(cfg.get("pad_token"))
+    if pad is None:
+        pad = next((t for t in ("<pad>", "<|endoftext|>") if backend.token_to_id(t) is not None), None)
+    pad_id = backend.token_to_id(pad) if pad is not None else None
+    if pad_id is None:
+        raise TokenizerError(f"tokenizer in {folder} has no usable pad token (pad_token={pad!r})")
+    max_len = cfg.get("model_max_length")
+    max_len = int(max_len) if isinstance(max_len, (int, float)) and 0 < max_len < 1e6 else None
+    return TextTokenizer(folder, backend, int(pad_id), pad, max_len)
+
+
+def _check_max_length(max_sequence_length: int) -> int:
+    if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, (int, np.integer)) \
+            or not 1 <= max_sequence_length <= T5_MAX_SEQUENCE_LENGTH:
+        raise TokenizerError(f"max_sequence_length must be an integer in [1, {T5_MAX_SEQUENCE_LENGTH}],"
+                             f" got {max_sequence_length!r}")
+    return int(max_sequence_length)
+
+
+def t5_input_ids(tok: TextTokenizer, prompts: str | Sequence[str],
+                 max_sequence_length: int = T5_MAX_SEQUENCE_LENGTH) -> np.ndarray:
+    """T5 encoder input ids [B, max_sequence_length] int64 (FluxPipeline._get_t5_prompt_embeds)."""
+    return tok.encode_padded(prompts, _check_max_length(max_sequence_length))
+
+
+def clip_input_ids(tok: TextTokenizer, prompts: str | Sequence[str], max_length: int | None = None) -> np.ndarray:
+    """CLIP encoder input ids [B, 77] int64 for the pooled embedding
+    (FluxPipeline._get_clip_prompt_embeds; length = the tokenizer's model_max_length)."""
+    return tok.encode_padded(prompts, max_length or tok.model_max_length or CLIP_MAX_LENGTH)
+
+
+@dataclass(frozen=True)
+class EntitySpan:
+    """Where an entity's tokens sit in the encoder's input: positions [start, end)."""
+
+    entity: str  # as given
+    matched: str  # the variant whose tokens were found (e.g. lower-cased)
+    start: int
+    end: int
+
+    @property
+    def positions(self) -> range:
+        return range(self.start, self.end)
+
+
+def _find_run(haystack: Sequence[int], needle: Sequence[int]) -> int:
+    n = len(needle)
+    first = needle[0]
+    for i in range(len(haystack) - n + 1):
+        if haystack[i] == first and list(haystack[i:i + n]) == list(needle):
+            return i
+    return -1
+
+
+def _variants(entity: str) -> list[str]:
+    out: list[str] = []
+    for v in (entity, entity.lower(), " " + entity, " " + entity.lower()):
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def locate_entities(tok: TextTokenizer, prompt: str, entities: Sequence[str],
+                    max_sequence_length: int = T5_MAX_SEQUENCE_LENGTH) -> list[EntitySpan]:
+    """Token spans of `entities` in `prompt` as the T5 encoder sees it (semantics section 5).
+
+    Raises EntityError for an empty entity, one not found, one cut off by truncation, and
+    entities whose spans overlap."""
+    max_len = _check_max_length(max_sequence_length)
+    if isinstance(entities, str):
+        raise EntityError(f"entities must be a list of strings, got the string {_short(entities)}")
+    content = tok.ids(prompt, add_special_tokens=False)
+    full = tok.ids(prompt, add_special_tokens=True)
+    # Offset of the prompt's tokens inside the encoder sequence (0 for T5, 1 for a BOS prefix).
+    offset = _find_run(full, content) if content else 0
+    offset = max(offset, 0)
+    kept = min(len(content), max_len - tok.num_special_tokens)  # content tokens the encoder keeps
+    spans: list[EntitySpan] = []
+    for entity in entities:
+        if not isinstance(entity, str) or not entity.strip():
+            raise EntityError(f"empty entity {entity!r} for prompt {_short(prompt)}")
+        found = None
+        for variant in _variants(entity):
+            run = tok.ids(variant, add_special_tokens=False)
+            if not run:
+                continue
+            start = _find_run(content, run)
+            if start >= 0:
+                found = (variant, start, start + len(run))
+                break
+        if found is None:
+            raise EntityError(f"entity {entity!r} not found in prompt {_short(prompt)} (also tried lower-case"
+                              " and a leading space)")
+        variant, start, end = found
+        if end > kept:
+            raise EntityError(f"entity {entity!r} is cut off by truncation to {max_len} tokens in prompt"
+                              f" {_short(prompt)} (its tokens are at {start + offset}..{end + offset - 1})")
+        spans.append(EntitySpan(entity, variant, start + offset, end + offset))
+    for i, a in enumerate(spans):
+        for b in spans[i + 1:]:
+            if a.start < b.end and b.start < a.end:
+                raise EntityError(f"entities {a.entity!r} and {b.entity!r} overlap in prompt {_short(prompt)}"
+                                  f" (tokens {a.start}..{a.end - 1} and {b.start}..{b.end - 1})")
+    return spans
+
+
+def entity_tokens(tok: TextTokenizer, prompts: str | Sequence[str],
+                  entities: Sequence[str] | Sequence[Sequence[str]],
+                  num_slots: int = DEFAULT_ENTITY_SLOTS,
+                  max_sequence_length: int = T5_MAX_SEQUENCE_LENGTH) -> np.ndarray:
+    """entity_tokens [B, num_slots, max_sequence_length] float32: 1 where token t belongs to
+    entity slot e. `entities` is one list per prompt, or one flat list shared by all prompts.
+    Unused slots stay all-zero (inactive)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if isinstance(entities, str):
+        raise EntityError(f"entities must be a list of strings, got the string {_short(entities)}")
+    entities = list(entities)
+    if not entities or all(isinstance(e, str) for e in entities):
+        per_prompt = [entities] * len(prompts)
+    else:
+        per_prompt = [list(e) for e in entities]
+        if len(per_prompt) != len(prompts):
+            raise EntityError(f"got {len(per_prompt)} entity lists for {len(prompts)} prompts")
+    max_len = _check_max_length(max_sequence_length)
+    out = np.zeros((len(prompts), num_slots, max_len), dtype=np.float32)  # [B, E, T]
+    for b, (prompt, ents) in enumerate(zip(prompts, per_prompt)):
+        if len(ents) > num_slots:
+            raise EntityError(f"{len(ents)} entities for prompt {_short(prompt)} but only {num_slots}"
+                              " entity slots (set at export)")
+        for e, span in enumerate(locate_entities(tok, prompt, ents, max_len)):
+            out[b, e, span.start:span.end] = 1.0
+    return out
