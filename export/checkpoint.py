@@ -149,7 +149,7 @@ class FluxCheckpoint:
         from diffusers import FluxPipeline
 
         return self._load("root", lambda: FluxPipeline.from_pretrained(
-            self.root, local_files_only=True, torch_dtype=resolve_dtype(dtype)))
+            self.root, local_files_only=True, dtype=resolve_dtype(dtype)))
 
 
 @dataclass

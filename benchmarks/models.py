@@ -1,0 +1,269 @@
+"""Transformers and step inputs for timing: random FLUX-sized models, attention switching,
+synthetic entity slots, mask coverage.
+
+One DeLeakerFlux module serves every torch variant of a case: its processors are switched
+between stock diffusers attention ("sdpa", the vanilla baseline), the reference op and the
+fused CUDA op, so all variants run the same weights with the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deleaker.export.flux import DeLeakerFlux, install_deleaker
+from deleaker.runtime import latents as lat
+from deleaker.runtime.config import ResolvedConfig
+
+from .presets import BenchError  # noqa: F401 - re-exported (M.BenchError)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# diffusers' FluxTransformer2DModel defaults are FLUX.1's sizes (19 + 38 blocks, 24 heads x 128,
+# joint_attention_dim 4096, pooled 768); FLUX.1-dev adds guidance embeds, schnell has none.
+RANDOM_MODELS = {
+    "flux-dev": {"guidance_embeds": True},
+    "flux-schnell": {"guidance_embeds": False},
+}
+RANDOM_PREFIX = "random:"
+
+# impl -> what runs in every joint attention
+IMPLS = ("sdpa", "reference", "cuda", "inactive")
+IMPL_LABELS = {"sdpa": "vanilla", "reference": "deleaker-reference", "cuda": "deleaker-cuda",
+               "inactive": "inactive-reference"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def random_flux_transformer(name: str = "flux-dev", device="cpu", dtype=torch.bfloat16, seed: int = 0,
+                            **overrides):
+    """A FLUX-sized FluxTransformer2DModel with random weights, built directly in `dtype` on
+    `device` (no checkpoint, no fp32 copy: 12B parameters fit an 80 GB GPU only that way).
+    `overrides` change the config (tests use a few blocks)."""
+    from diffusers import FluxTransformer2DModel
+
+    if name not in RANDOM_MODELS:
+        raise BenchError(f"unknown random model {name!r}; choose from {', '.join(RANDOM_MODELS)}")
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in dtype (nn.Linear follows the default)
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**{**RANDOM_MODELS[name], **overrides})
+    finally:
+        torch.set_default_dtype(prev)
+    if any(p.dtype != dtype for p in model.parameters()):  # a diffusers version that fixes some dtypes
+        model = model.to(dtype)
+    return model.eval()
+
+
+def random_model_bytes(name: str = "flux-dev", dtype=torch.bfloat16, **overrides) -> int:
+    """Weight bytes of random_flux_transformer(name, dtype=dtype) (counted on the meta device)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**{**RANDOM_MODELS[name], **overrides})
+    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+
+
+def _check_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """A clear error instead of an out-of-memory crash half-way through building `what`."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            return
+    if nbytes > 0.9 * free:
+        raise BenchError(f"{what} needs {nbytes / 2**30:.1f} GiB for its weights; {device} has "
+                         f"{free / 2**30:.1f} GiB free")
+
+
+def load_flux_transformer(source: str, device="cpu", dtype=torch.float32):
+    """The transformer of a diffusers-format FLUX folder, or `random:<name>`."""
+    if source.startswith(RANDOM_PREFIX):
+        name = source[len(RANDOM_PREFIX):]
+        if name not in RANDOM_MODELS:
+            raise BenchError(f"unknown random model {source!r}; choose from "
+                             f"{', '.join(RANDOM_PREFIX + n for n in RANDOM_MODELS)}")
+        _check_fits(random_model_bytes(name, dtype), torch.device(device), source)
+        return random_flux_transformer(name, device=device, dtype=dtype)
+    from diffusers import FluxTransformer2DModel
+
+    folder = Path(source).expanduser()
+    sub = folder / "transformer"
+    if not (sub / "config.json").is_file():
+        if (folder / "config.json").is_file():
+            sub = folder  # the transformer folder itself
+        else:
+            raise BenchError(f"{source} is not a diffusers FLUX folder (no transformer/config.json)")
+    return FluxTransformer2DModel.from_pretrained(sub, torch_dtype=dtype, low_cpu_mem_usage=False).to(device).eval()
+
+
+def weights_are_random(source: str | None) -> bool | None:
+    """True for random:<name> and the tiny offline model; False for other model folders; from
+    manifest.json for an artifact where it says; None when unknown."""
+    if source is None:
+        return True  # the backends' default is the tiny offline model
+    if source.startswith(RANDOM_PREFIX):
+        return True
+    folder = Path(source).expanduser()
+    from deleaker.export.tiny_model import STAMP_FILE
+
+    if (folder / STAMP_FILE).is_file():
+        return True
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            return None
+        for d in (data, data.get("model") if isinstance(data.get("model"), dict) else {}):
+            if isinstance(d.get("random_weights"), bool):
+                return d["random_weights"]
+            src = d.get("source_model") or d.get("source")
+            if isinstance(src, str) and (Path(src) / STAMP_FILE).is_file():
+                return True
+        return None
+    if (folder / "model_index.json").is_file() or (folder / "transformer").is_dir():
+        return False
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention switching
+
+
+class StockAttnProcessor:
+    """diffusers' FluxAttnProcessor that accepts (and ignores) DeLeakerFlux's per-call inputs,
+    so the vanilla baseline runs through the same DeLeakerFlux.forward; history passes through."""
+
+    def __init__(self):
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        self.inner = FluxAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, deleaker=None):
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+def check_impl_available(impl: str, device: torch.device) -> str | None:
+    """None when `impl` can run on `device`, else the reason it cannot (for a skip note)."""
+    if impl not in IMPLS:
+        raise BenchError(f"unknown attention impl {impl!r}; choose from {', '.join(IMPLS)}")
+    if impl != "cuda":
+        return None
+    if device.type != "cuda":
+        return "the fused DeLeaker op (impl cuda) needs a CUDA device"
+    try:
+        from deleaker.export import cuda_op
+
+        cuda_op.load()  # finds and loads the built library (import alone does not)
+    except Exception as e:  # noqa: BLE001 - any failure to load the library is a skip, with its message
+        return f"fused DeLeaker op not available: {type(e).__name__}: {e}".strip()
+    return None
+
+
+def set_attention(model: DeLeakerFlux, impl: str) -> None:
+    """Put `impl` on every joint attention of `model` (in place; the weights are untouched)."""
+    blocks = list(model.transformer.transformer_blocks) + list(model.transformer.single_transformer_blocks)
+    if impl == "sdpa":
+        for block in blocks:
+            block.attn.set_processor(StockAttnProcessor())
+    else:
+        op = "reference" if impl == "inactive" else impl
+        install_deleaker(model.transformer, model.config, op)
+
+
+def attention_impl(model: DeLeakerFlux) -> str:
+    """What the first joint attention of `model` runs now: "sdpa" or the DeLeaker op's name."""
+    proc = model.transformer.transformer_blocks[0].attn.processor
+    return "sdpa" if isinstance(proc, StockAttnProcessor) else getattr(proc, "op_name", type(proc).__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def synthetic_entity_tokens(batch: int, slots: int, text_tokens: int, entities: int) -> np.ndarray:
+    """[B, E, T] float32: active slot e covers tokens 3+5e and 4+5e (3..4, 8..9, 13..14, ...),
+    two tokens per entity like a typical T5 word; slots >= entities stay inactive (all zero)."""
+    if entities > slots:
+        raise BenchError(f"{entities} entities do not fit {slots} entity slots")
+    if entities and 5 * entities > text_tokens:
+        raise BenchError(f"{entities} synthetic entities need >= {5 * entities} text tokens, got {text_tokens}")
+    ent = np.zeros((batch, slots, text_tokens), np.float32)
+    for e in range(entities):
+        ent[:, e, 3 + 5 * e: 5 + 5 * e] = 1
+    return ent
+
+
+def busiest_step(cfg: ResolvedConfig) -> int:
+    """The first step at which the most blocks both update the history and intervene (the
+    heaviest DeLeaker step; e.g. step 1 with flux-dev on FLUX.1: all 57 blocks), else the
+    first step with the most intervening blocks."""
+    bps = cfg.blocks_per_step
+
+    def score(s):
+        taus = range(s * bps, (s + 1) * bps)
+        both = sum(cfg.start_intervention_from <= t <= cfg.stop_intervention_at and
+                   cfg.start_aggregating_from <= t < cfg.stop_aggregating_at for t in taus)
+        intervening = sum(cfg.start_intervention_from <= t <= cfg.stop_intervention_at for t in taus)
+        return both, intervening
+
+    return max(range(cfg.num_steps), key=lambda s: (score(s), -s))
+
+
+def step_arrays(*, batch: int, height: int, width: int, text_tokens: int, in_channels: int, text_dim: int,
+                pooled_dim: int, guidance: bool, entities: int, slots: int, step: int, seed: int = 0,
+                vae_scale_factor: int = lat.VAE_SCALE_FACTOR) -> dict[str, np.ndarray]:
+    """Synthetic inputs of one compiled transformer step (architecture.md), float32 numpy.
+
+    Random latents and text embeddings (seeded), a mid-schedule timestep, synthetic entity
+    slots and a zero history (the state at the start of the history window)."""
+    geo = lat.geometry(height, width, vae_scale_factor)
+    rng = np.random.default_rng(seed)
+    x = {
+        "hidden_states": rng.standard_normal((batch, geo.image_seq_len, in_channels), np.float32),  # [B, I, C]
+        "encoder_hidden_states": rng.standard_normal((batch, text_tokens, text_dim), np.float32),  # [B, T, Dt]
+        "pooled_projections": rng.standard_normal((batch, pooled_dim), np.float32),  # [B, Dp]
+        "timestep": np.full((batch,), 0.5, np.float32),  # FluxPipeline passes t/1000
+        "img_ids": lat.image_ids(geo.grid),  # [I, 3]
+        "txt_ids": lat.text_ids(text_tokens),  # [T, 3]
+        "entity_tokens": synthetic_entity_tokens(batch, slots, text_tokens, entities),  # [B, E, T]
+        "history": np.zeros((batch, slots, geo.image_seq_len), np.float32),  # [B, E, I]
+        "step": np.asarray(step, np.int64),
+        "grid": np.asarray(geo.grid, np.int64),  # [2]
+    }
+    if guidance:
+        x["guidance"] = np.full((batch,), 3.5, np.float32)
+    return x
+
+
+def torch_step_args(arrays: dict[str, np.ndarray], device, dtype) -> tuple:
+    """Positional arguments of DeLeakerFlux.forward from step_arrays, on `device`."""
+    def t(name, dt=None):
+        return torch.from_numpy(np.ascontiguousarray(arrays[name])).to(device, dt or dtype)
+
+    return (t("hidden_states"), t("encoder_hidden_states"), t("pooled_projections"), t("timestep"), t("img_ids"),
+            t("txt_ids"), t("guidance") if "guidance" in arrays else None, t("entity_tokens", torch.float32),
+            t("history", torch.float32), t("step", torch.long), t("grid", torch.long))
+
+
+def mask_coverage(history: np.ndarray, entities: int, beta1: float) -> list[float] | None:
+    """Fraction of image tokens in each active entity's mask, read from a history [B, E, I]
+    (threshold mean + beta1 * std as in semantics 4.1, before smoothing; mean over the batch).
+    None when the history is all zero (no DeLeaker work reached it)."""
+    h = np.asarray(history, np.float64)[:, :entities]
+    if entities == 0 or not np.any(h):
+        return None
+    theta = h.mean(-1, keepdims=True) + beta1 * h.std(-1, ddof=1, keepdims=True)
+    return [round(float(v), 4) for v in (h > theta).mean(-1).mean(0)]

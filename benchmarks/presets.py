@@ -1,0 +1,99 @@
+"""What to measure: a BenchSpec (model, backends, modes, sizes, batches, steps, entities) and
+named presets. The CLI starts from a preset and overrides fields from its flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+MODES = ("step", "e2e")
+
+
+class BenchError(ValueError):
+    """A benchmark request cannot be run as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    model: str | None = None  # diffusers FLUX folder or random:<name> (torch backend); None: tiny model
+    artifact: str | None = None  # folder written by `deleaker-export` (onnxruntime, tensorrt)
+    backends: tuple[str, ...] = ("torch",)
+    modes: tuple[str, ...] = ("step",)  # "step": one transformer forward; "e2e": whole generation
+    resolutions: tuple[tuple[int, int], ...] = ((512, 512),)  # (width, height) pixels
+    batch_sizes: tuple[int, ...] = (1,)
+    steps: tuple[int, ...] = (20,)  # denoising steps S (windows; e2e step count)
+    entity_sets: tuple[tuple[str, ...], ...] = (("cat", "cheetah"),)  # step mode uses only their count
+    prompt: str = "a cat and a cheetah in a field"  # e2e; must contain every entity word
+    impls: tuple[str, ...] | None = None  # torch attention impls; None: sdpa, reference (+ cuda on a GPU)
+    text_tokens: int = 512  # T of torch step mode (backends use their own)
+    entity_slots: int = 4
+    step: int | None = None  # step index of step mode; None: the busiest DeLeaker step
+    warmup: int = 2
+    runs: int = 5
+    device: str = "cpu"
+    dtype: str = "fp32"
+    deleaker_preset: str = "flux-dev"
+    deleaker_overrides: tuple[tuple[str, object], ...] = ()
+    random_weights: bool | None = None  # None: detect from the model/artifact
+    seed: int = 0
+    threads: int | None = None  # CPU threads (torch intra-op, onnxruntime intra-op); None: library default
+    description: str = ""
+
+    def replace(self, **changes) -> "BenchSpec":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        for m in self.modes:
+            if m not in MODES:
+                raise BenchError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+        for name in ("backends", "modes", "resolutions", "batch_sizes", "steps", "entity_sets"):
+            if not getattr(self, name):
+                raise BenchError(f"{name} is empty")
+        for w, h in self.resolutions:
+            if w <= 0 or h <= 0 or w % 16 or h % 16:
+                raise BenchError(f"resolution {w}x{h}: width and height must be positive multiples of 16")
+        if any(b < 1 for b in self.batch_sizes) or any(s < 1 for s in self.steps):
+            raise BenchError("batch sizes and step counts must be >= 1")
+        if self.runs < 1 or self.warmup < 1:
+            raise BenchError(f"need runs >= 1 and warmup >= 1 (got runs={self.runs}, warmup={self.warmup})")
+        if self.threads is not None and self.threads < 1:
+            raise BenchError(f"threads must be >= 1, got {self.threads}")
+        if "e2e" in self.modes:
+            for ents in self.entity_sets:
+                missing = [e for e in ents if e.lower() not in self.prompt.lower()]
+                if missing:
+                    raise BenchError(f"entities {', '.join(missing)} do not occur in the prompt {self.prompt!r}")
+        others = [b for b in self.backends if b != "torch"]
+        if others and not self.artifact:
+            raise BenchError(f"backend(s) {', '.join(others)} need --artifact (a `deleaker-export` folder)")
+
+
+PRESETS: dict[str, BenchSpec] = {
+    # CPU smoke, used by CI: the tiny offline model, both modes, two sizes, batch 1..2, 2 steps.
+    # Windows open at the first block (the tiny model has 4 blocks per step, the flux-dev
+    # windows start at block-step 12/18) so DeLeaker intervenes within 2 steps.
+    "tiny": BenchSpec(
+        modes=("step", "e2e"), resolutions=((64, 64), (128, 128)), batch_sizes=(1, 2), steps=(2,),
+        text_tokens=64, warmup=2, runs=5, impls=("sdpa", "reference"),
+        deleaker_overrides=(("start_aggregating_from", 0), ("start_intervention_from", 1)),
+        description="tiny offline model on CPU: smoke test of every mode (timing is not meaningful)"),
+    # performance.md's anchor: FLUX.1-dev-sized transformer, random weights, bf16, one GPU,
+    # 512 text tokens, 2 entities, vanilla (stock diffusers SDPA) vs reference vs fused DeLeaker.
+    "flux-dev-anchor": BenchSpec(
+        model="random:flux-dev", modes=("step",), resolutions=((512, 512), (1024, 1024)), batch_sizes=(1,),
+        steps=(20,), text_tokens=512, impls=("sdpa", "reference", "cuda"), warmup=2, runs=5, device="cuda",
+        dtype="bf16", random_weights=True,
+        description="performance.md anchor: FLUX.1-dev size, random weights, bf16, transformer step only"),
+    # Throughput against batch size at 1024x1024 (reference op left out: it is slow at batch 4).
+    "flux-dev-batch": BenchSpec(
+        model="random:flux-dev", modes=("step",), resolutions=((1024, 1024),), batch_sizes=(1, 2, 4),
+        steps=(20,), text_tokens=512, impls=("sdpa", "cuda"), warmup=2, runs=5, device="cuda", dtype="bf16",
+        random_weights=True,
+        description="images/s against batch size at 1024x1024, vanilla vs fused DeLeaker"),
+}
+
+
+def get_preset(name: str) -> BenchSpec:
+    if name not in PRESETS:
+        raise BenchError(f"unknown benchmark preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]

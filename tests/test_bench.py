@@ -1,0 +1,258 @@
+"""deleaker-bench (benchmarks/): the CPU smoke benchmark through the CLI, and the pieces it is
+built from (statistics, ratios, synthetic inputs, presets, report)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deleaker.benchmarks import cli, harness, measure, models as M, presets, report
+from deleaker.runtime.config import DeLeakerConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_records(records, backend):
+    """Every record carries the documented fields; each case has vanilla beside DeLeaker."""
+    assert records, "no records written"
+    for r in records:
+        missing = [f for f in report.COMMON_FIELDS if f not in r]
+        assert not missing, f"{r['label']}: missing {missing}"
+        assert r["schema"] == "deleaker-bench/1"
+        assert r["random_weights"] is True  # the tiny model is random: results must say so
+        assert r["status"] == "ok", r["note"]
+        missing = [f for f in report.OK_FIELDS if f not in r]
+        assert not missing, f"{r['label']}: missing {missing}"
+        assert 0 < r["step_p10_s"] <= r["step_median_s"] <= r["step_p90_s"]
+        assert r["peak_host_mib"] > 0 and r["host_peak_scope"] in ("measurement", "process")
+        assert r["peak_device_mib"] is None  # CPU run
+        assert r["timer"] == "perf_counter"
+        if r["mode"] == "e2e":
+            assert all(f in r for f in report.E2E_FIELDS)
+            assert r["batch_size"] == 1 and r["seconds_per_image"] > 0
+            assert r["images_per_s"] == pytest.approx(1 / r["seconds_per_image"])
+        else:
+            assert len(r["step_samples_s"]) == r["runs"]
+            assert r["images_per_s"] == pytest.approx(r["batch_size"] / (r["steps"] * r["step_median_s"]))
+    cases = {}
+    for r in records:
+        cases.setdefault((r["mode"], r["width"], r["batch_size"]), []).append(r)
+    for rows in cases.values():
+        base = [r for r in rows if r["variant"] == "vanilla"]
+        dl = [r for r in rows if r["variant"] == "deleaker"]
+        assert len(base) == 1 and len(dl) == 1, [r["label"] for r in rows]
+        assert base[0]["ratio_vs_vanilla"] == 1.0
+        assert dl[0]["baseline"] == base[0]["label"]
+        expect = ("seconds_per_image" if dl[0]["mode"] == "e2e" else "step_median_s")
+        assert dl[0]["ratio_vs_vanilla"] == pytest.approx(dl[0][expect] / base[0][expect], rel=1e-3)
+        # DeLeaker really intervened: some image tokens are inside each entity's mask
+        cov = dl[0]["mask_coverage"]
+        assert cov is not None and len(cov) == 2 and all(0 < c < 1 for c in cov)
+    assert {r["backend"] for r in records} == {backend}
+
+
+def _check_outputs(out, records):
+    md = (out / "summary.md").read_text()
+    assert report.TABLE_HEADER in md
+    assert "**random_weights: true**" in md
+    assert "2-core" in md or "-core CPU" in md
+    assert md.count("\n| step |") + md.count("\n| e2e |") == len(records)
+    png = (out / "plot.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+
+
+def test_cli_smoke_torch_tiny_model(tiny_model_dir, tmp_path, capsys):
+    out, prof = tmp_path / "bench", tmp_path / "prof"
+    rc = cli.main(["--preset", "tiny", "--model", str(tiny_model_dir), "--resolution", "64", "--batch", "1,2",
+                   "--warmup", "1", "--runs", "2", "--out", str(out), "--profile", str(prof), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    records = report.read_jsonl(out / "results.jsonl")
+    # step: batch 1 and 2, vanilla + reference each; e2e: batch 1 only
+    assert sorted((r["mode"], r["batch_size"], r["label"]) for r in records) == [
+        ("e2e", 1, "deleaker-reference"), ("e2e", 1, "vanilla"),
+        ("step", 1, "deleaker-reference"), ("step", 1, "vanilla"),
+        ("step", 2, "deleaker-reference"), ("step", 2, "vanilla")]
+    _check_records(records, "torch")
+    assert all(r["model"] == str(tiny_model_dir) for r in records)
+    step = [r for r in records if r["mode"] == "step"]
+    assert {r["text_tokens"] for r in step} == {64} and {r["image_tokens"] for r in step} == {16}
+    assert {r["step"] for r in step} == {0}  # tiny preset: windows open at block 0 -> step 0 is the busiest
+    _check_outputs(out, records)
+    # --profile: one chrome trace per measurement
+    for r in records:
+        trace = json.loads(open(r["profile_trace"]).read())
+        assert trace["traceEvents"]
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_model_dir, tmp_path_factory):
+    if importlib.util.find_spec("deleaker.export.onnx_export") is None:
+        pytest.skip("no ONNX exporter yet (export/onnx_export.py)")
+    from deleaker.export.onnx_export import ExportSpec, export_artifact
+
+    spec = ExportSpec(height=64, width=64, max_text_tokens=32,
+                      deleaker=DeLeakerConfig(num_steps=2, start_aggregating_from=0, start_intervention_from=1))
+    return export_artifact(tiny_model_dir, tmp_path_factory.mktemp("art") / "tiny", spec)
+
+
+@pytest.mark.slow  # exports the tiny model to ONNX first (about a minute on 2 cores)
+def test_cli_smoke_onnxruntime_artifact(tiny_artifact, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "bench"
+    rc = cli.main(["--preset", "tiny", "--artifact", str(tiny_artifact), "--backend", "onnxruntime",
+                   "--resolution", "64", "--batch", "1", "--warmup", "1", "--runs", "2", "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    records = report.read_jsonl(out / "results.jsonl")
+    assert sorted((r["mode"], r["label"]) for r in records) == [
+        ("e2e", "deleaker"), ("e2e", "vanilla-inactive"), ("step", "deleaker"), ("step", "vanilla-inactive")]
+    _check_records(records, "onnxruntime")
+    assert {r["text_tokens"] for r in records} == {32}  # the artifact's T, not the preset's
+    _check_outputs(out, records)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_summarize_and_time_runs():
+    s = measure.summarize([3.0, 1.0, 2.0, 4.0, 5.0])
+    assert (s["median_s"], s["min_s"], s["max_s"], s["mean_s"]) == (3.0, 1.0, 5.0, 3.0)
+    assert s["p10_s"] == pytest.approx(1.4) and s["p90_s"] == pytest.approx(4.6)
+    calls = []
+    samples, timer = measure.time_runs(lambda: calls.append(1), warmup=2, runs=3)
+    assert len(calls) == 5 and len(samples) == 3 and timer == "perf_counter"
+    with pytest.raises(ValueError):
+        measure.time_runs(lambda: None, warmup=0, runs=0)
+
+
+def test_peak_host_memory_sees_a_large_allocation():
+    with measure.PeakMemory() as small:
+        np.ones(1000)
+    with measure.PeakMemory() as big:
+        a = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        del a
+    if big.host_scope == "measurement":  # resettable high-water mark: per-measurement peaks
+        assert big.peak_host_mib - small.peak_host_mib > 48
+    assert big.fields()["peak_device_mib"] is None
+
+
+def test_interleaved_rounds_rotate_order():
+    order = []
+    vs = [harness.Variant(n, lambda: None, (lambda n=n: order.append(n))) for n in "abc"]
+    harness.measure_interleaved(vs, warmup=1, runs=3)
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")
+    assert all(len(v.samples) == 3 and v.memory is not None for v in vs)
+    with pytest.raises(ValueError, match="warmup"):
+        harness.measure_interleaved(vs, warmup=0, runs=1)
+    # a variant that fails (e.g. out of memory) is reported, the others are still timed
+    def boom():
+        raise RuntimeError("CUDA out of memory\nmore lines")
+
+    vs = [harness.Variant("a", lambda: None, lambda: None), harness.Variant("b", lambda: None, boom)]
+    harness.measure_interleaved(vs, warmup=1, runs=2)
+    assert len(vs[0].samples) == 2 and vs[1].samples == []
+    assert vs[1].error == "RuntimeError: CUDA out of memory"
+
+
+def test_add_ratios_groups_by_case():
+    def rec(label, t, b=1, dev=None, status="ok"):
+        return {"mode": "step", "backend": "torch", "label": label, "batch_size": b, "step_median_s": t,
+                "peak_device_mib": dev, "status": status}
+
+    rows = harness.add_ratios([rec("vanilla", 2.0, dev=100.0), rec("deleaker-reference", 3.0, dev=150.0),
+                               rec("vanilla", 4.0, b=2), rec("deleaker-cuda", None, b=2, status="skipped")])
+    assert [r["ratio_vs_vanilla"] for r in rows] == [1.0, 1.5, 1.0, None]
+    assert rows[1]["extra_device_mib_vs_vanilla"] == 50.0 and rows[1]["baseline"] == "vanilla"
+    # without stock vanilla (other backends), the inactive-slot run is the baseline
+    rows = harness.add_ratios([rec("vanilla-inactive", 2.0), rec("deleaker", 5.0)])
+    assert rows[1]["ratio_vs_vanilla"] == 2.5 and rows[1]["baseline"] == "vanilla-inactive"
+
+
+def test_synthetic_entities_history_step_and_coverage():
+    ent = M.synthetic_entity_tokens(2, 4, 16, 2)  # [B, E, T]
+    assert ent.shape == (2, 4, 16)
+    assert [list(np.flatnonzero(ent[0, e])) for e in range(4)] == [[3, 4], [8, 9], [], []]
+    with pytest.raises(M.BenchError, match="slots"):
+        M.synthetic_entity_tokens(1, 2, 64, 3)
+    # FLUX.1-dev with the authors' windows: step 1 is the first where all 57 blocks update the
+    # history and intervene (step 0 starts at block 12/18)
+    assert M.busiest_step(DeLeakerConfig(num_steps=20).resolved(57)) == 1
+    assert M.busiest_step(DeLeakerConfig(num_steps=20).resolved(4)) == 5  # tau 20..23
+    hist = np.zeros((1, 4, 10), np.float32)
+    hist[0, 0, :2] = 1  # two hot tokens: above mean + std
+    hist[0, 1] = np.arange(10)  # mean 4.5 + std 3.03: tokens 8 and 9
+    assert M.mask_coverage(hist, 2, beta1=1.0) == [0.2, 0.2]
+    assert M.mask_coverage(hist, 2, beta1=0.0) == [0.2, 0.5]
+    assert M.mask_coverage(np.zeros((1, 4, 10)), 2, 1.0) is None
+
+
+def test_fused_op_is_a_skip_with_a_reason_on_cpu():
+    tr = M.random_flux_transformer("flux-dev", dtype=torch.float32, num_layers=1, num_single_layers=1,
+                                   num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6),
+                                   joint_attention_dim=32, pooled_projection_dim=16)
+    rows = harness.bench_step_variants(tr, ("sdpa", "cuda"), height=32, width=32, text_tokens=16, warmup=1, runs=1)
+    assert [r["status"] for r in rows] == ["ok", "skipped"]
+    assert "CUDA" in rows[1]["note"] and rows[1]["ratio_vs_vanilla"] is None
+
+
+def test_random_flux_dev_is_flux_dev_sized_and_built_in_dtype():
+    # the anchor's model: FLUX.1-dev's 11.9B parameters, counted without allocating them
+    n = M.random_model_bytes("flux-dev", torch.bfloat16) / 2
+    assert 11.8e9 < n < 12.0e9
+    tr = M.random_flux_transformer("flux-dev", dtype=torch.bfloat16, num_layers=1, num_single_layers=1,
+                                   num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6),
+                                   joint_attention_dim=32, pooled_projection_dim=16)
+    assert {p.dtype for p in tr.parameters()} == {torch.bfloat16}
+    assert tr.config.guidance_embeds is True and torch.get_default_dtype() == torch.float32
+
+
+def test_anchor_preset_matches_performance_md():
+    s = presets.get_preset("flux-dev-anchor")
+    assert s.model == "random:flux-dev" and s.random_weights is True
+    assert s.resolutions == ((512, 512), (1024, 1024)) and s.text_tokens == 512
+    assert s.impls == ("sdpa", "reference", "cuda") and s.dtype == "bf16" and s.device == "cuda"
+    assert {len(e) for e in s.entity_sets} == {2} and s.modes == ("step",)
+
+
+def test_cli_parsing_and_errors(tmp_path, capsys):
+    args = cli._parser().parse_args(["--preset", "tiny", "--resolution", "512,1024x768", "--batch", "1,4",
+                                     "--entities", "cat,dog", "--entities", "cat,dog,fox", "--set", "k_strength=1.5"])
+    spec = cli.spec_from_args(args)
+    assert spec.resolutions == ((512, 512), (1024, 768)) and spec.batch_sizes == (1, 4)
+    assert spec.entity_sets == (("cat", "dog"), ("cat", "dog", "fox"))
+    assert dict(spec.deleaker_overrides)["k_strength"] == 1.5
+    assert dict(spec.deleaker_overrides)["start_aggregating_from"] == 0  # the preset's, kept
+    # an entity missing from the e2e prompt is refused before anything loads
+    rc = cli.main(["--preset", "tiny", "--entities", "zebra,cat", "--out", str(tmp_path), "--quiet"])
+    assert rc == 2 and "zebra" in capsys.readouterr().err
+    rc = cli.main(["--resolution", "100", "--out", str(tmp_path), "--quiet"])
+    assert rc == 2 and "multiples of 16" in capsys.readouterr().err
+    rc = cli.main(["--backend", "onnxruntime", "--out", str(tmp_path), "--quiet"])
+    assert rc == 2 and "--artifact" in capsys.readouterr().err
+
+
+def test_summary_cites_notes_for_skipped_rows():
+    base = {"mode": "step", "backend": "torch", "width": 64, "height": 64, "batch_size": 1, "entities": 2,
+            "steps": 2, "random_weights": True, "env_cpu_cores": 2, "env_cpu": "x"}
+    recs = [{**base, "label": "deleaker-cuda", "status": "skipped", "note": "no library"}]
+    md = report.summary_markdown(recs)
+    assert "skipped [1]" in md and "1. no library" in md and "**random_weights: true**" in md
+
+
+@pytest.mark.gpu
+def test_gpu_step_uses_cuda_events_and_reports_device_memory():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    tr = M.random_flux_transformer("flux-dev", device="cuda", dtype=torch.bfloat16, num_layers=1,
+                                   num_single_layers=1, num_attention_heads=2, attention_head_dim=64,
+                                   axes_dims_rope=(16, 24, 24), joint_attention_dim=64, pooled_projection_dim=32)
+    rows = harness.bench_step_variants(tr, ("sdpa", "reference"), height=128, width=128, text_tokens=32,
+                                       warmup=1, runs=3)
+    for r in rows:
+        assert r["status"] == "ok" and r["timer"] == "cuda_event"
+        assert r["peak_device_mib"] >= r["device_resident_mib"] > 0
+    assert rows[1]["ratio_vs_vanilla"] > 0 and rows[1]["extra_device_mib_vs_vanilla"] is not None
