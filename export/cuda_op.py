@@ -1,0 +1,160 @@
+"""The fused CUDA DeLeakerAttention op (plugins/, built with CMake), with the reference op's signature.
+
+    from deleaker.export.cuda_op import deleaker_attention_cuda
+    out, history_out = deleaker_attention_cuda(q, k, v, entity_tokens, history, step, grid, **attrs)
+
+The library libdeleaker_torch.so is looked for in $DELEAKER_PLUGIN_DIR, then in <repo>/build.
+Loading it registers torch.ops.deleaker_cuda.{attention, attention_ex, attention_debug,
+workspace_layout} (see plugins/torch_adapter/deleaker_torch.cpp). q, k, v must be CUDA
+float16/bfloat16 tensors [B, H, T+I, D] with D in {64, 128}; step and grid may be CPU or CUDA
+tensors (on CUDA they are read on the device: no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from deleaker.runtime import op_schema
+
+LIBRARY_NAME = "libdeleaker_torch.so"
+_REPO = Path(__file__).resolve().parents[1]
+BUILD_HINT = ("build it with `cmake -S . -B build && cmake --build build -j` (or `make plugin`) in the "
+              "repository on a machine with nvcc and a CUDA build of torch, or point DELEAKER_PLUGIN_DIR "
+              "at the folder holding " + LIBRARY_NAME)
+
+# plain attention pass: where out and its log-sum-exp come from before the DeLeaker kernels run
+PLAIN_BACKENDS = {"auto": 0, "own": 1, "flash": 2, "cudnn": 3, "efficient": 4}
+# edited rows: "delta" corrects the plain rows by the changed columns only (exact fallback for
+# rows that lose most of their mass); "full" recomputes every edited row over all columns
+EDIT_MODES = {"delta": 0, "full": 1}
+
+_loaded: Path | None = None
+
+
+class CudaOpUnavailable(RuntimeError):
+    """The fused CUDA op cannot be used here; the message says why and how to fix it."""
+
+
+def library_path() -> Path | None:
+    """Where the built adapter library is, or None."""
+    candidates = []
+    env = os.environ.get("DELEAKER_PLUGIN_DIR")
+    if env:
+        candidates.append(Path(env) / LIBRARY_NAME)
+    candidates += [_REPO / "build" / LIBRARY_NAME, _REPO / "build" / "plugins" / LIBRARY_NAME]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def load() -> Path:
+    """Load the adapter library once (idempotent). Raises CudaOpUnavailable with a how-to."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    path = library_path()
+    if path is None:
+        raise CudaOpUnavailable(f"the fused DeLeaker CUDA op library ({LIBRARY_NAME}) is not built: {BUILD_HINT}")
+    if not torch.cuda.is_available():
+        raise CudaOpUnavailable(f"{path} needs a CUDA GPU, and torch sees none")
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as e:  # wrong torch / CUDA runtime: the message names the missing symbol or file
+        raise CudaOpUnavailable(f"could not load {path}: {e}; rebuild it against this torch: {BUILD_HINT}") from e
+    _loaded = path
+    _register_fakes()
+    return path
+
+
+def available() -> bool:
+    try:
+        load()
+    except CudaOpUnavailable:
+        return False
+    return True
+
+
+def _register_fakes() -> None:
+    # shapes only, so torch.compile / export can trace through the op
+    def fake(q, k, v, entity_tokens, history, step, grid, *rest):
+        return torch.empty_like(q), torch.empty_like(history, dtype=torch.float32)
+
+    for name in ("attention", "attention_ex"):
+        try:
+            torch.library.register_fake(f"deleaker_cuda::{name}")(fake)
+        except RuntimeError:  # already registered (library loaded twice)
+            pass
+
+
+def _attr_values(attrs: dict) -> list:
+    missing = set(op_schema.ATTRIBUTE_NAMES) - set(attrs)
+    unknown = set(attrs) - set(op_schema.ATTRIBUTE_NAMES)
+    if missing or unknown:
+        raise TypeError(f"attributes: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    return [attrs[n] for n in op_schema.ATTRIBUTE_NAMES]
+
+
+def _as_tensor(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.int64)
+
+
+def deleaker_attention_cuda(q, k, v, entity_tokens, history, step, grid, *, plain: str = "auto",
+                            edit: str = "delta", **attrs):
+    """Fused DeLeaker attention. Same inputs, attributes and outputs as deleaker_attention_ref."""
+    load()
+    if plain not in PLAIN_BACKENDS:
+        raise ValueError(f"plain must be one of {', '.join(PLAIN_BACKENDS)}, got {plain!r}")
+    if edit not in EDIT_MODES:
+        raise ValueError(f"edit must be one of {', '.join(EDIT_MODES)}, got {edit!r}")
+    vals = _attr_values(attrs)
+    step, grid = _as_tensor(step), _as_tensor(grid)
+    if plain == "auto" and edit == "delta":
+        return torch.ops.deleaker_cuda.attention(q, k, v, entity_tokens, history, step, grid, *vals)
+    return torch.ops.deleaker_cuda.attention_ex(q, k, v, entity_tokens, history, step, grid, *vals,
+                                                PLAIN_BACKENDS[plain], EDIT_MODES[edit])
+
+
+def call_op(q, k, v, entity_tokens, history, step, grid, attrs: dict):
+    """attention_ops calling convention: attributes as one dict."""
+    return deleaker_attention_cuda(q, k, v, entity_tokens, history, step, grid, **attrs)
+
+
+def debug_run(q, k, v, entity_tokens, history, step, grid, *, plain: str = "auto", edit: str = "delta",
+              **attrs) -> dict:
+    """Run the op and return its intermediates (for tests): out, history_out, per-sample info,
+    masks [B, E, I] bool, the masked rows and the image-image cut set as [B, I, I] bool
+    (materialised here, for small checks only)."""
+    load()
+    vals = _attr_values(attrs)
+    step, grid = _as_tensor(step), _as_tensor(grid)
+    out, hist_out, ws = torch.ops.deleaker_cuda.attention_debug(
+        q, k, v, entity_tokens, history, step, grid, *vals, PLAIN_BACKENDS[plain], EDIT_MODES[edit])
+    B, H, N, D = q.shape
+    E, T = entity_tokens.shape[1:]
+    I = N - T
+    own_lse = plain == "own"
+    lay = torch.ops.deleaker_cuda.workspace_layout(B, H, T, I, D, E, 1 if own_lse else 0)
+    info_off, masks_off, rows_off, cut_off, p_off, total, cut_words, info_stride = lay
+    fields = ("tau_lo", "tau_hi", "need_p", "hist_update", "intervene", "n_active", "n_rows", "n_tt",
+              "npairs", "n_fallback", "error")
+    infos = []
+    for b in range(B):
+        raw = ws[info_off + b * info_stride: info_off + b * info_stride + 4 * len(fields)].view(torch.int32).tolist()
+        d = dict(zip(fields, raw))
+        d["tau"] = d.pop("tau_lo") + (d.pop("tau_hi") << 32)
+        infos.append(d)
+    masks = ws[masks_off: masks_off + B * E * I].view(B, E, I).bool()
+    p = ws[p_off: p_off + B * E * I * 4].view(torch.float32).view(B, E, I)
+    rows = ws[rows_off: rows_off + B * I * 4].view(torch.int32).view(B, I).long()
+    cutw = ws[cut_off: cut_off + B * I * cut_words * 4].view(torch.int32).view(B, I, cut_words)
+    cut = torch.zeros(B, I, I, dtype=torch.bool, device=q.device)
+    for b in range(B):
+        n = infos[b]["n_rows"]
+        if n == 0 or not infos[b]["intervene"]:
+            continue
+        idx = torch.arange(n, device=q.device)
+        bits = (cutw[b, :n, idx // 32] >> (idx % 32)) & 1  # [n, n]: masked-row index x masked-column index
+        r = rows[b, :n]
+        cut[b][r[:, None], r[None, :]] = bits.bool()
+    return dict(out=out, history_out=hist_out, info=infos, masks=masks, entity_p=p, rows=rows, cut=cut)

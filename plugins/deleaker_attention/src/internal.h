@@ -1,0 +1,105 @@
+// Internal shared definitions: per-sample device state, workspace layout, kernel arguments.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "deleaker_attention.h"
+
+namespace dl {
+
+constexpr int kMaxE = DL_MAX_ENTITIES;
+constexpr int kMaxPairs = kMaxE * (kMaxE - 1) / 2;
+constexpr int kTile = 64;  // rows/columns per tile in every tiled kernel
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Per-sample state written on the device by the prep/compaction kernels and read by all later
+// kernels. The public part (dl_sample_info_t) comes first so tests can read it.
+struct SampleInfo {
+  dl_sample_info_t pub;
+  int32_t ntok;      // tokens in the union of active entities
+  int32_t ntok_pad;  // ntok rounded up to a multiple of kTile
+  int32_t active_mask;
+  int32_t ntok_e[kMaxE];
+  int32_t first_tok[kMaxE];
+  int32_t cnt_e[kMaxE];  // rows in mask e
+  int32_t pair_e1[kMaxPairs];
+  int32_t pair_e2[kMaxPairs];
+  int32_t tt_rows[kMaxE];
+  int32_t tt_mask[kMaxE];          // per TT row: slots e' whose first token is cut in that row
+  int32_t n_flag[kMaxPairs + 1];   // fallback rows appended by DELTA pass (pair p, or kMaxPairs: final)
+  double stats[kMaxPairs][2][3];   // X rule: count, sum, sum of squares of the non-zero G, per region
+};
+
+// Byte offsets of every workspace buffer (all 256-byte aligned).
+struct Layout {
+  size_t info, tok_list, tok_bits, tok_firstbits, p, mask, rlist, ridx, ent_list, rowents, state,
+      cut, lse_cur, lse, flag_list, rowflag, total;
+  int cut_words;  // uint32 words per cut row (even: 64-bit pairs)
+  int tpad;       // T rounded up to kTile
+};
+
+Layout make_layout(int B, int H, int T, int I, int E, bool lse_in_ws);
+
+// Everything a kernel may need; passed by value.
+struct Args {
+  // problem
+  int B, H, T, I, N, D, E;
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  int64_t qs[3], ks[3], vs[3], os[3];
+  float* lse;  // natural log
+  int64_t ls[3];
+  float scale_log2;  // softmax scale * log2(e)
+  const float* ent;
+  const float* hist;
+  float* hist_out;
+  const int64_t* step;
+  int64_t step_value;
+  const int64_t* grid;
+  int64_t grid_h, grid_w;
+  // attributes
+  int64_t block_offset, blocks_per_step, a0, a1, i0, i1;
+  float beta1, beta2, alpha;
+  int use_history, do_smoothing, do_w, do_s, do_x, do_tt;
+  float fallback_threshold;
+  // workspace
+  SampleInfo* info;
+  int* tok_list;        // [B, tpad]
+  uint32_t* tok_bits;   // [B, T] slots containing token t
+  uint32_t* tok_first;  // [B, T] slots whose first token is t
+  float* p;             // [B, E, I]
+  uint8_t* mask;        // [B, E, I]
+  int* rlist;           // [B, I] image row of masked-row index
+  int* ridx;            // [B, I] masked-row index of image row (or -1)
+  int* ent_list;        // [B, E, I] masked-row indices of mask e
+  uint8_t* rowents;     // [B, I] slots whose mask holds masked row r
+  int8_t* state;        // [B, I, kMaxE] per masked row and slot: -1 text cut, else alpha exponent
+  uint32_t* cut;        // [B, I, cut_words]
+  float* lse_cur;       // [B, H, I] log2-domain LSE of masked rows under the current edits
+  int* flag_list;       // [B, I + kMaxE]
+  int* rowflag;         // [B, I + kMaxE] last pass+1 that flagged the row
+  int cut_words, tpad;
+};
+
+// Per-dtype/head-size launchers, explicitly instantiated in attn_*.cu and tile_*.cu.
+template <typename Tp, int D> cudaError_t plain_attention_t(const Args& a, cudaStream_t s);
+template <typename Tp, int D> cudaError_t edit_attention_t(const Args& a, int mode, int pass, int num_sms, cudaStream_t s);
+template <typename Tp, int D> cudaError_t entity_probs_t(const Args& a, cudaStream_t s);
+template <typename Tp, int D> cudaError_t pair_pass_t(const Args& a, int pair, int pass, int num_sms, cudaStream_t s);
+
+// Kernel launchers (each returns cudaGetLastError()).
+cudaError_t launch_plain_attention(const Args& a, int dtype, int num_sms, cudaStream_t s);
+// mode: 0 delta, 1 full over all edited rows, 2 full over the rows flagged by DELTA pass `pass`.
+// pass: pair index (lse-only) or kMaxPairs (final output).
+cudaError_t launch_edit_attention(const Args& a, int dtype, int mode, int pass, int num_sms, cudaStream_t s);
+cudaError_t launch_entity_probs(const Args& a, int dtype, cudaStream_t s);
+cudaError_t launch_pair_pass(const Args& a, int dtype, int pair, int pass, int num_sms, cudaStream_t s);
+cudaError_t launch_prep(const Args& a, cudaStream_t s);
+cudaError_t launch_masks(const Args& a, cudaStream_t s);
+cudaError_t launch_compact(const Args& a, cudaStream_t s);
+
+}  // namespace dl

@@ -1,0 +1,271 @@
+// PyTorch op adapter over the DeLeaker C ABI (plugins/deleaker_attention/include).
+//
+// Registers, in namespace deleaker_cuda:
+//   attention(q, k, v, entity_tokens, history, step, grid, <15 attributes>) -> (out, history_out)
+//       the reference op's signature (runtime/op_schema.py); plain pass chosen automatically.
+//   attention_ex(..., int plain_backend, int edit_mode) -> (out, history_out)
+//       plain_backend: 0 auto (cuDNN, else flash, else own), 1 own kernel, 2 flash SDPA,
+//       3 cuDNN SDPA, 4 memory-efficient SDPA; edit_mode: 0 delta (+exact fallback), 1 full.
+//   attention_debug(..., int plain_backend, int edit_mode) -> (out, history_out, workspace); outputs
+//       are NaN-poisoned first (out only with the own plain pass) so unwritten elements show
+//   workspace_layout(B, H, T, I, D, E, lse_in_ws) -> int[] offsets of the inspectable buffers.
+// No host synchronisation: step/grid on the device are read there; on the CPU they are read
+// here (no device sync). Workspace comes from the caching allocator, so CUDA graphs capture it.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+
+#include "deleaker_attention.h"
+
+namespace {
+
+struct Attrs {
+  int64_t block_offset, blocks_per_step;
+  double std_mul_text, std_mul_image_image, k_strength;
+  int64_t a0, a1, i0, i1;
+  int64_t use_history, do_smoothing, do_w, do_s, do_x, do_tt;
+};
+
+enum Plain { kAuto = 0, kOwn = 1, kFlash = 2, kCudnn = 3, kEfficient = 4 };
+
+int env_plain_default() {
+  const char* s = std::getenv("DELEAKER_PLAIN");
+  if (!s) return kAuto;
+  const std::string v(s);
+  if (v == "own") return kOwn;
+  if (v == "flash") return kFlash;
+  if (v == "cudnn") return kCudnn;
+  if (v == "efficient") return kEfficient;
+  return kAuto;
+}
+
+// Plain attention + natural-log LSE from torch's SDPA kernels; false if the backend refused.
+bool sdpa_plain(int backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                at::Tensor& out, at::Tensor& lse) {
+  try {
+    if (backend == kCudnn) {
+      auto r = at::_scaled_dot_product_cudnn_attention(q, k, v, std::nullopt, true, 0.0, false, false, scale);
+      out = std::get<0>(r);
+      lse = std::get<1>(r);
+    } else if (backend == kFlash) {
+      auto r = at::_scaled_dot_product_flash_attention(q, k, v, 0.0, false, false, scale);
+      out = std::get<0>(r);
+      lse = std::get<1>(r);
+    } else if (backend == kEfficient) {
+      auto r = at::_scaled_dot_product_efficient_attention(q, k, v, std::nullopt, true, 0.0, false, scale);
+      out = std::get<0>(r);
+      lse = std::get<1>(r);
+    } else {
+      return false;
+    }
+  } catch (const c10::Error&) {
+    return false;
+  }
+  return out.defined() && lse.defined() && lse.scalar_type() == at::kFloat && lse.dim() >= 3 &&
+         out.stride(3) == 1;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& entity_tokens, const at::Tensor& history,
+                                                   const at::Tensor& step, const at::Tensor& grid, const Attrs& at_,
+                                                   int64_t plain_backend, int64_t edit_mode, bool poison = false) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "deleaker_cuda.attention: q, k, v must be CUDA tensors");
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+              "deleaker_cuda.attention: q, k, v must share one [B, H, T+I, D] shape");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "deleaker_cuda.attention: q, k, v must share one dtype");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "deleaker_cuda.attention: q, k, v must be float16 or bfloat16 (got ", q.scalar_type(), ")");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  TORCH_CHECK(D == 64 || D == 128, "deleaker_cuda.attention: head size must be 64 or 128, got ", D);
+  TORCH_CHECK(entity_tokens.dim() == 3 && entity_tokens.size(0) == B,
+              "deleaker_cuda.attention: entity_tokens must be [B, E, T]");
+  const int64_t E = entity_tokens.size(1), T = entity_tokens.size(2), I = N - T;
+  TORCH_CHECK(E >= 1 && E <= DL_MAX_ENTITIES, "deleaker_cuda.attention: 1 <= E <= ", DL_MAX_ENTITIES, ", got ", E);
+  TORCH_CHECK(I >= 2, "deleaker_cuda.attention: text length T=", T, " leaves too few image tokens in ", N);
+  TORCH_CHECK(history.dim() == 3 && history.size(0) == B && history.size(1) == E && history.size(2) == I,
+              "deleaker_cuda.attention: history must be [B, E, I] = [", B, ", ", E, ", ", I, "]");
+  c10::cuda::CUDAGuard guard(q.device());
+  auto stream = c10::cuda::getCurrentCUDAStream(q.device().index());
+
+  auto contig_rows = [](const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); };
+  const at::Tensor qq = contig_rows(q), kk = contig_rows(k), vv = contig_rows(v);
+  const at::Tensor ent = entity_tokens.to(q.device(), at::kFloat).contiguous();
+  const at::Tensor hist = history.to(q.device(), at::kFloat).contiguous();
+  at::Tensor hist_out = at::empty_like(hist);
+
+  dl_params_t p;
+  dl_params_init(&p);
+  p.dtype = q.scalar_type() == at::kBFloat16 ? DL_DTYPE_BF16 : DL_DTYPE_FP16;
+  p.B = (int)B;
+  p.H = (int)H;
+  p.T = (int)T;
+  p.I = (int)I;
+  p.D = (int)D;
+  p.E = (int)E;
+  p.scale = (float)(1.0 / std::sqrt((double)D));
+
+  at::Tensor step_dev, grid_dev;
+  if (step.is_cuda()) {
+    step_dev = step.to(at::kLong).contiguous();
+    p.step = step_dev.data_ptr<int64_t>();
+  } else {
+    p.step_value = step.item<int64_t>();
+  }
+  TORCH_CHECK(grid.numel() == 2, "deleaker_cuda.attention: grid must hold (h, w)");
+  if (grid.is_cuda()) {
+    grid_dev = grid.to(at::kLong).contiguous();
+    p.grid = grid_dev.data_ptr<int64_t>();
+  } else {
+    const at::Tensor g = grid.to(at::kLong).contiguous();
+    p.grid_h = g.data_ptr<int64_t>()[0];
+    p.grid_w = g.data_ptr<int64_t>()[1];
+    TORCH_CHECK(p.grid_h * p.grid_w == I, "deleaker_cuda.attention: grid ", p.grid_h, "x", p.grid_w,
+                " does not match the ", I, " image tokens");
+  }
+
+  // ---- plain pass ----
+  int backend = plain_backend == kAuto ? env_plain_default() : (int)plain_backend;
+  at::Tensor out, lse;
+  bool done = false;
+  if (backend == kAuto) {
+    done = sdpa_plain(kCudnn, qq, kk, vv, p.scale, out, lse) || sdpa_plain(kFlash, qq, kk, vv, p.scale, out, lse);
+  } else if (backend != kOwn) {
+    done = sdpa_plain(backend, qq, kk, vv, p.scale, out, lse);
+    TORCH_CHECK(done, "deleaker_cuda.attention: SDPA backend ", backend, " refused these inputs");
+  }
+  if (done) {
+    TORCH_CHECK(lse.size(0) == B && lse.size(1) == H && lse.size(2) >= N,
+                "deleaker_cuda.attention: unexpected LSE shape from SDPA: ", lse.sizes());
+    p.plain_done = 1;
+    p.lse = lse.data_ptr<float>();
+    p.lse_stride[0] = lse.stride(0);
+    p.lse_stride[1] = lse.stride(1);
+    p.lse_stride[2] = lse.stride(2);
+  } else {
+    out = at::empty_like(qq);  // keeps q's memory layout (e.g. [B, N, H, D] under a transpose)
+    if (out.stride(3) != 1) out = at::empty(qq.sizes(), qq.options());
+    if (poison) out.fill_(std::nanf(""));  // debug: every element must be written by the kernels
+  }
+  if (poison) hist_out.fill_(std::nanf(""));
+  p.q = qq.data_ptr();
+  p.k = kk.data_ptr();
+  p.v = vv.data_ptr();
+  p.out = out.data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    p.q_stride[i] = qq.stride(i);
+    p.k_stride[i] = kk.stride(i);
+    p.v_stride[i] = vv.stride(i);
+    p.o_stride[i] = out.stride(i);
+  }
+  p.entity_tokens = ent.data_ptr<float>();
+  p.history = hist.data_ptr<float>();
+  p.history_out = hist_out.data_ptr<float>();
+
+  p.block_offset = at_.block_offset;
+  p.blocks_per_step = at_.blocks_per_step;
+  p.std_mul_text = (float)at_.std_mul_text;
+  p.std_mul_image_image = (float)at_.std_mul_image_image;
+  p.k_strength = (float)at_.k_strength;
+  p.start_aggregating_from = at_.a0;
+  p.stop_aggregating_at = at_.a1;
+  p.start_intervention_from = at_.i0;
+  p.stop_intervention_at = at_.i1;
+  p.use_history = (int)at_.use_history;
+  p.do_smoothing = (int)at_.do_smoothing;
+  p.do_image_text_weakening = (int)at_.do_w;
+  p.do_image_text_strengthening = (int)at_.do_s;
+  p.do_image_image = (int)at_.do_x;
+  p.do_text_text_weakening = (int)at_.do_tt;
+  p.edit_mode = edit_mode == 1 ? DL_EDIT_FULL : DL_EDIT_DELTA;
+
+  const size_t ws_bytes = dl_workspace_size(&p);
+  at::Tensor ws = at::empty({(int64_t)ws_bytes}, q.options().dtype(at::kByte));
+  const int st = dl_launch(&p, ws.data_ptr(), ws_bytes, stream.stream());
+  TORCH_CHECK(st == DL_OK, "deleaker_cuda.attention: dl_launch failed: ", dl_status_string(st), " ",
+              dl_last_error());
+  return {out, hist_out, ws};
+}
+
+#define DL_ATTR_PARAMS                                                                                   \
+  int64_t block_offset, int64_t blocks_per_step, double std_mul_text, double std_mul_image_image,        \
+      double k_strength, int64_t start_aggregating_from, int64_t stop_aggregating_at,                      \
+      int64_t start_intervention_from, int64_t stop_intervention_at, int64_t use_history, int64_t do_smoothing, \
+      int64_t do_image_text_weakening, int64_t do_image_text_strengthening, int64_t do_image_image,      \
+      int64_t do_text_text_weakening
+#define DL_ATTR_INIT                                                                                      \
+  Attrs{block_offset,           blocks_per_step,         std_mul_text,           std_mul_image_image,     \
+        k_strength,             start_aggregating_from,  stop_aggregating_at,    start_intervention_from, \
+        stop_intervention_at,   use_history,             do_smoothing,           do_image_text_weakening, \
+        do_image_text_strengthening, do_image_image,     do_text_text_weakening}
+
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& entity_tokens, const at::Tensor& history,
+                                             const at::Tensor& step, const at::Tensor& grid, DL_ATTR_PARAMS) {
+  auto r = run(q, k, v, entity_tokens, history, step, grid, DL_ATTR_INIT, kAuto, 0);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_ex(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const at::Tensor& entity_tokens, const at::Tensor& history,
+                                                const at::Tensor& step, const at::Tensor& grid, DL_ATTR_PARAMS,
+                                                int64_t plain_backend, int64_t edit_mode) {
+  auto r = run(q, k, v, entity_tokens, history, step, grid, DL_ATTR_INIT, plain_backend, edit_mode);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_debug(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v, const at::Tensor& entity_tokens,
+                                                               const at::Tensor& history, const at::Tensor& step,
+                                                               const at::Tensor& grid, DL_ATTR_PARAMS,
+                                                               int64_t plain_backend, int64_t edit_mode) {
+  return run(q, k, v, entity_tokens, history, step, grid, DL_ATTR_INIT, plain_backend, edit_mode, /*poison=*/true);
+}
+
+std::vector<int64_t> workspace_layout(int64_t B, int64_t H, int64_t T, int64_t I, int64_t D, int64_t E,
+                                      int64_t lse_in_ws) {
+  dl_params_t p;
+  dl_params_init(&p);
+  p.B = (int)B;
+  p.H = (int)H;
+  p.T = (int)T;
+  p.I = (int)I;
+  p.D = (int)D;
+  p.E = (int)E;
+  static float dummy;
+  p.lse = lse_in_ws ? nullptr : &dummy;
+  dl_workspace_layout_t L;
+  dl_workspace_layout(&p, &L);
+  return {(int64_t)L.info,  (int64_t)L.masks, (int64_t)L.rows,      (int64_t)L.cut,
+          (int64_t)L.entity_p, (int64_t)L.total, (int64_t)L.cut_words, (int64_t)dl_sample_info_stride()};
+}
+
+#define DL_ATTR_SCHEMA                                                                                          \
+  "int block_offset, int blocks_per_step, float std_mul_text, float std_mul_image_image, float k_strength, "  \
+  "int start_aggregating_from, int stop_aggregating_at, int start_intervention_from, "                        \
+  "int stop_intervention_at, int use_history, int do_smoothing, int do_image_text_weakening, "                \
+  "int do_image_text_strengthening, int do_image_image, int do_text_text_weakening"
+#define DL_TENSOR_SCHEMA \
+  "Tensor q, Tensor k, Tensor v, Tensor entity_tokens, Tensor history, Tensor step, Tensor grid, "
+
+}  // namespace
+
+TORCH_LIBRARY(deleaker_cuda, m) {
+  m.def("attention(" DL_TENSOR_SCHEMA DL_ATTR_SCHEMA ") -> (Tensor, Tensor)");
+  m.def("attention_ex(" DL_TENSOR_SCHEMA DL_ATTR_SCHEMA ", int plain_backend, int edit_mode) -> (Tensor, Tensor)");
+  m.def("attention_debug(" DL_TENSOR_SCHEMA DL_ATTR_SCHEMA
+        ", int plain_backend, int edit_mode) -> (Tensor, Tensor, Tensor)");
+  m.def("workspace_layout(int B, int H, int T, int I, int D, int E, int lse_in_ws) -> int[]", &workspace_layout);
+}
+
+TORCH_LIBRARY_IMPL(deleaker_cuda, CUDA, m) {
+  m.impl("attention", &attention);
+  m.impl("attention_ex", &attention_ex);
+  m.impl("attention_debug", &attention_debug);
+}
