@@ -19,10 +19,18 @@ def _reference() -> OpFn:
     return call_op
 
 
-def _cuda() -> OpFn:
-    from .cuda_op import call_op  # raises a clear error when the library is not built
+class ImplUnavailable(ValueError):
+    """The requested implementation cannot run here (the message says why and how to fix it)."""
 
-    return call_op
+
+def _cuda() -> OpFn:
+    from . import cuda_op
+
+    try:
+        cuda_op.load()  # fail now, with the build hint, rather than inside the first block
+    except cuda_op.CudaOpUnavailable as e:
+        raise ImplUnavailable(str(e)) from e
+    return cuda_op.call_op
 
 
 _IMPLS: dict[str, Callable[[], OpFn]] = {"reference": _reference, "cuda": _cuda}

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=256)
     g.add_argument("--guidance", type=float, default=3.5, help="guidance scale (guidance-distilled models)")
     g.add_argument("--device", default="cpu", help="torch/onnxruntime device: cpu or cuda")
+    g.add_argument("--attention", default="reference", choices=("reference", "cuda"),
+                   help="torch backend: DeLeaker op implementation (cuda: the fused kernels, `make plugin`)")
+    g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="torch backend weights dtype")
     g.add_argument("--no-deleaker", action="store_true", help="plain attention (same engine, no entity active)")
     g.add_argument("--compare", action="store_true", help="write vanilla and DeLeaker side by side")
     g.add_argument("--out", required=True, help="output PNG path")
@@ -62,8 +65,13 @@ def _generate(args) -> int:
     steps = args.steps if args.steps is not None else cfg.num_steps
     backend_name = args.backend or ("onnxruntime" if args.artifact else "torch")
     source = args.artifact or args.model
-    backend = load_backend(backend_name, source, device=args.device, deleaker_config=cfg.replace(num_steps=steps),
-                           progress=not args.quiet)
+    options = dict(device=args.device, deleaker_config=cfg.replace(num_steps=steps), progress=not args.quiet)
+    if backend_name == "torch":
+        options.update(op=args.attention, dtype=args.dtype)
+    elif args.attention != "reference" or args.dtype != "fp32":
+        raise ValueError(f"--attention/--dtype apply to the torch backend; the {backend_name} backend runs "
+                         "what was exported")
+    backend = load_backend(backend_name, source, **options)
     pipe = Pipeline(backend)
     base = GenerateRequest(prompt=args.prompt, entities=entities, seed=args.seed, steps=steps, height=args.height,
                            width=args.width, guidance_scale=args.guidance, deleaker=not args.no_deleaker)
