@@ -71,6 +71,11 @@ class Pipeline:
         geo = self.check(req)
         t0 = time.perf_counter()
         T = info.max_text_tokens
+        n_tokens = len(self.t5_tok.ids(req.prompt, add_special_tokens=True))
+        if n_tokens > T:
+            # FluxPipeline truncates silently; a runtime serving DeLeaker says so instead
+            raise tok.TokenizerError(f"the prompt has {n_tokens} T5 tokens but this model keeps {T} tokens; "
+                                     f"shorten the prompt (or export with a larger --max-text-tokens)")
         # locate entities even for a vanilla run, so vanilla and DeLeaker reject the same input
         entity_tokens = tok.entity_tokens(self.t5_tok, [req.prompt], list(req.entities), info.entity_slots, T)
         if not req.deleaker:

@@ -1,0 +1,132 @@
+"""`deleaker-export`: build artifacts from a diffusers-format FLUX checkpoint, and verify them.
+
+    deleaker-export onnx --model DIR --out ARTIFACT [--height H --width W] [--min-size S --max-size S]
+                         [--max-text-tokens 512] [--entity-slots 4] [--dtype fp32|fp16|bf16]
+                         [--preset flux-dev] [--steps N] [--force]
+    deleaker-export verify ARTIFACT --model DIR [--checks op,step,loop] [--steps N] [--height H --width W]
+                         [--atol A --rtol R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("deleaker")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deleaker-export", description="Export FLUX + DeLeaker for the lean runtime")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    o = sub.add_parser("onnx", help="write an ONNX artifact (transformer with DeLeakerAttention, encoders, VAE)")
+    o.add_argument("--model", required=True, help="diffusers-format FLUX checkpoint folder")
+    o.add_argument("--out", required=True, help="artifact folder to write")
+    o.add_argument("--height", type=int, default=1024, help="example image height in pixels (TensorRT opt)")
+    o.add_argument("--width", type=int, default=1024, help="example image width in pixels")
+    o.add_argument("--min-size", type=int, help="smallest image side the artifact accepts (default: min of H, W)")
+    o.add_argument("--max-size", type=int, help="largest image side the artifact accepts (default: max of H, W)")
+    o.add_argument("--max-batch", type=int, default=4, help="largest batch in the TensorRT profile")
+    o.add_argument("--max-text-tokens", type=int, help="T5 text length T (default: the checkpoint's, <= 512)")
+    o.add_argument("--entity-slots", type=int, default=4, help="entity slots E fixed in the graph")
+    o.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="transformer weights")
+    o.add_argument("--encoder-dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="CLIP, T5 and VAE weights (T5 overflows in fp16)")
+    o.add_argument("--preset", default="flux-dev", help="DeLeaker preset whose settings go into the op nodes")
+    o.add_argument("--steps", type=int, help="step count the DeLeaker windows are fixed for (default: the preset's)")
+    o.add_argument("--external-data", action="store_true",
+                   help="weights in .onnx.data files for every model (default: only for models over 2 GB)")
+    o.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
+
+    v = sub.add_parser("verify", help="compare an artifact in ONNX Runtime with the PyTorch model")
+    v.add_argument("artifact", help="artifact folder written by `deleaker-export onnx`")
+    v.add_argument("--model", required=True, help="the checkpoint the artifact was exported from")
+    v.add_argument("--checks", default="op,step,loop", help="comma-separated: op, step, loop")
+    v.add_argument("--steps", type=int, help="denoising steps of the loop check (default: the artifact's)")
+    v.add_argument("--height", type=int, help="image height (default: the smallest the artifact accepts)")
+    v.add_argument("--width", type=int, help="image width")
+    v.add_argument("--prompt", default="a cat and a cheetah in a field")
+    v.add_argument("--entities", default="cat,cheetah")
+    v.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
+    v.add_argument("--atol", type=float, help="absolute tolerance for every check (default: per check and dtype)")
+    v.add_argument("--rtol", type=float, help="relative tolerance for every check")
+
+    for sp in (o, v):
+        sp.add_argument("--quiet", action="store_true", help="only errors (and verify's result lines)")
+        sp.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    return p
+
+
+def _onnx(args) -> int:
+    from deleaker.runtime.config import preset
+
+    from .onnx_export import ExportSpec, export_artifact
+
+    cfg = preset(args.preset)
+    if args.steps is not None:
+        cfg = cfg.replace(num_steps=args.steps)
+    kw = {}
+    if args.max_text_tokens is not None:
+        kw["max_text_tokens"] = args.max_text_tokens
+    else:
+        from .checkpoint import open_checkpoint
+
+        kw["max_text_tokens"] = open_checkpoint(args.model).max_sequence_length
+    spec = ExportSpec(height=args.height, width=args.width, min_size=args.min_size, max_size=args.max_size,
+                      max_batch=args.max_batch, entity_slots=args.entity_slots, dtype=args.dtype,
+                      encoder_dtype=args.encoder_dtype, deleaker=cfg,
+                      external_data=True if args.external_data else None, **kw)
+    t0 = time.perf_counter()
+    out = export_artifact(args.model, args.out, spec, force=args.force)
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _verify(args) -> int:
+    from .onnx_verify import verify
+
+    checks = tuple(c.strip() for c in args.checks.split(",") if c.strip())
+    entities = tuple(e.strip() for e in args.entities.split(",") if e.strip())
+    rows = verify(args.artifact, args.model, checks=checks, steps=args.steps, height=args.height, width=args.width,
+                  device=args.device, prompt=args.prompt, entities=entities, atol=args.atol, rtol=args.rtol)
+    failed = [r for r in rows if not r.passed]
+    print(f"verify: {len(rows) - len(failed)}/{len(rows)} outputs within tolerance"
+          + (f"; FAILED: {', '.join(sorted({f'{r.check}/{r.output}' for r in failed}))}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _quiet_libraries() -> None:
+    """onnx_ir / onnxscript log every optimisation pass at INFO; diffusers and transformers warn
+    about accelerate and draw weight-loading bars (their loggers are configured on import, so
+    set them through their own APIs)."""
+    for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dl
+        from transformers.utils import logging as tl
+
+        dl.set_verbosity_error()
+        tl.set_verbosity_error()
+        tl.disable_progress_bar()
+    except ImportError:  # missing libraries fail later with a clear message
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="deleaker-export: %(message)s")
+    try:
+        _quiet_libraries()
+        return _onnx(args) if args.command == "onnx" else _verify(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FileExistsError) as e:
+        if args.debug or os.environ.get("DELEAKER_DEBUG"):
+            raise
+        print(f"deleaker-export: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

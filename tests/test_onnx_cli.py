@@ -1,0 +1,49 @@
+"""`deleaker-export onnx` rejects bad requests with one line and exit code 2, before any export work."""
+
+from __future__ import annotations
+
+import pytest
+
+from deleaker.export.cli import main
+
+
+@pytest.mark.parametrize("case", ["not_a_checkpoint", "out_not_empty", "size_not_multiple", "range_inverted",
+                                  "example_outside_range", "unknown_preset", "text_too_long", "zero_slots"])
+def test_export_rejects_bad_requests(tiny_model_dir, tmp_path, capsys, case):
+    out = tmp_path / "artifact"
+    args = ["onnx", "--model", str(tiny_model_dir), "--out", str(out), "--height", "64", "--width", "64", "--quiet"]
+    if case == "not_a_checkpoint":
+        args[2] = str(tmp_path)
+        expect = "model_index.json"
+    elif case == "out_not_empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        expect = "not empty; pass --force"
+    elif case == "size_not_multiple":
+        args += ["--height", "100"]
+        expect = "height must be a positive multiple of 16, got 100"
+    elif case == "range_inverted":
+        args += ["--min-size", "128", "--max-size", "32"]
+        expect = "--min-size 128 is larger than --max-size 32"
+    elif case == "example_outside_range":
+        args += ["--min-size", "128", "--max-size", "256"]
+        expect = "must lie in the size range [128, 256]"
+    elif case == "unknown_preset":
+        args += ["--preset", "flux-pro"]
+        expect = "unknown DeLeaker preset 'flux-pro'"
+    elif case == "text_too_long":
+        args += ["--max-text-tokens", "4096"]
+        expect = "--max-text-tokens 4096 exceeds"
+    else:
+        args += ["--entity-slots", "0"]
+        expect = "--entity-slots must be >= 1"
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("deleaker-export: error:") and err.count("\n") == 1, err
+    assert expect in err, err
+    if case == "out_not_empty":
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # untouched
+    else:
+        assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".artifact.tmp-")]  # no temp folder left
