@@ -10,6 +10,8 @@ Sections (each isolated: a failure is recorded and the next section still runs):
            Outputs are NaN-poisoned before each fused run (own plain pass) and must be all written.
   timing   op vs cuDNN SDPA at T+I = 4608 (B=1, 24x128, bf16, 2 entities ~30% of the image),
            inside and outside the window, several plain/edit variants, CUDA-graph replay.
+  profile  per-kernel time breakdown of the fused op (torch.profiler, CUDA activity): 4608 E=2
+           inside the window, E=3 inside, after the window; mean microseconds per op call.
   flux     FLUX.1-dev-sized random-weight transformer step: vanilla vs reference vs fused
            DeLeaker at 512 and 1024 (needs diffusers and export/flux.py), peak memory.
 Writes <out>/results.json and <out>/results.md; prints a short table last.
@@ -40,7 +42,7 @@ DEADLINE = float(os.environ.get("DL_DEADLINE", "inf"))
 def left() -> float:
     return DEADLINE - time.time()
 DEVICE = "cuda"  # the CPU dry run of this script (plumbing only) sets "cpu"
-RESULTS: dict = {"env": {}, "lse": [], "cases": [], "timing": [], "flux": [], "errors": []}
+RESULTS: dict = {"env": {}, "lse": [], "cases": [], "timing": [], "profile": [], "flux": [], "errors": []}
 
 
 def log(*a):
@@ -468,6 +470,96 @@ def section_timing():
                              rows=rows)
 
 
+def _kernel_name(name: str) -> str:
+    """Short kernel name: no return type, namespaces or argument list; template arguments kept."""
+    n = name
+    for pre in ("void ", "dl::(anonymous namespace)::", "(anonymous namespace)::", "dl::"):
+        n = n.replace(pre, "")
+    depth, cut = 0, len(n)
+    for i, ch in enumerate(n):  # drop the trailing "(args...)" outside template brackets
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "(" and depth == 0 and i > 0:
+            cut = i
+            break
+    return n[:cut][:110]
+
+
+def kernel_breakdown(fn, iters=20, warmup=3, activity=None):
+    """Run fn under torch.profiler; per kernel name: calls per fn call and mean us per fn call."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    act = activity or (ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU)
+    want = DeviceType.CUDA if act == ProfilerActivity.CUDA else DeviceType.CPU
+    with profile(activities=[act]) as prof:
+        for _ in range(iters):
+            fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    agg: dict = {}
+    for ev in prof.events():
+        if getattr(ev, "device_type", None) != want:
+            continue
+        k = _kernel_name(ev.name)
+        a = agg.setdefault(k, [0, 0.0])
+        a[0] += 1
+        a[1] += ev.time_range.elapsed_us()
+    rows = [dict(kernel=k, calls=c / iters, us=t / iters) for k, (c, t) in agg.items()]
+    rows.sort(key=lambda r: -r["us"])
+    total = sum(r["us"] for r in rows)
+    for r in rows:
+        r["share"] = r["us"] / total if total else 0.0
+    return dict(total_us=total, kernels=rows)
+
+
+def section_profile():
+    """Where the fused op's time goes: kernel-by-kernel (sum of kernel durations, no gaps)."""
+    from deleaker.export import cuda_op
+
+    B, H, D, T, h, w = 1, 24, 128, 512, 64, 64
+    q, k, v, ent, hist = make_inputs(B, H, D, T, h, w, 2, [[(0, 0), (1, 1)]], seed=7, dtype=torch.bfloat16)
+    q3, k3, v3, ent3, hist3 = make_inputs(B, H, D, T, h, w, 3, [[(0, 0), (1, 1), (2, 2)]], seed=8,
+                                          dtype=torch.bfloat16)
+    grid = torch.tensor([h, w], device=DEVICE)
+    inside, after = torch.tensor(5, device=DEVICE), torch.tensor(20, device=DEVICE)
+    attrs = base_attrs(block_offset=3)
+    runs = [
+        ("4608 E=2 inside plain=cudnn edit=delta",
+         lambda: cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, inside, grid, **attrs)),
+        ("4608 E=3 inside plain=cudnn edit=delta",
+         lambda: cuda_op.deleaker_attention_cuda(q3, k3, v3, ent3, hist3, inside, grid, **attrs)),
+        ("4608 E=2 after-window plain=cudnn",
+         lambda: cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, after, grid, **attrs)),
+        ("4608 E=2 inside plain=cudnn edit=full",
+         lambda: cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, inside, grid, edit="full", **attrs)),
+    ]
+    out = []
+    for name, fn in runs:
+        if left() < 15:
+            out.append(dict(name=name, error="skipped: out of time"))
+            continue
+        try:
+            r = kernel_breakdown(fn)
+            r["name"] = name
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            r = dict(name=name, error=f"{type(e).__name__}: {e}"[:300])
+        out.append(r)
+        log("profile", name, f"{r.get('total_us', float('nan')):.1f} us of kernels per call")
+        for kr in r.get("kernels", []):
+            log(f"    {kr['us']:9.1f} us  {kr['share']:6.1%}  x{kr['calls']:.0f}  {kr['kernel']}")
+        RESULTS["profile"] = out
+        write_results()
+    RESULTS["profile"] = out
+
+
 def section_flux(time_budget_s):
     """FLUX.1-dev-sized random-weight step through the project's benchmark harness (interleaved
     variants, same weights and inputs): vanilla (stock SDPA), fused DeLeaker, reference DeLeaker;
@@ -562,6 +654,14 @@ def markdown() -> str:
             else:
                 L.append(f"| {r['name']} | {r['median_ms']:.3f} | {r['p10_ms']:.3f} | {r['p90_ms']:.3f} | "
                          f"{r.get('vs_cudnn', float('nan')):.2f}x | {r['tflops']:.0f} |")
+    for pr in RESULTS.get("profile") or []:
+        if "error" in pr:
+            L += ["", f"## Kernel profile: {pr['name']}: ERROR {pr['error']}"]
+            continue
+        L += ["", f"## Kernel profile: {pr['name']} ({pr['total_us']:.1f} us of kernels per call, torch.profiler)", "",
+              "| kernel | us per op call | share | launches per call |", "|---|---|---|---|"]
+        for kr in pr["kernels"]:
+            L.append(f"| `{kr['kernel']}` | {kr['us']:.1f} | {kr['share']:.1%} | {kr['calls']:.1f} |")
     f = RESULTS.get("flux")
     if isinstance(f, list) and f:
         L += ["", "## FLUX.1-dev-sized step (random weights, bf16, 512 text tokens, B=1; benchmarks harness)", "",
@@ -581,7 +681,7 @@ def main():
     global OUT_DIR, TAG
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
-    ap.add_argument("--sections", default="lse,cases,timing,flux")
+    ap.add_argument("--sections", default="lse,cases,timing,profile,flux")
     ap.add_argument("--quick", action="store_true", help="fewer correctness cases")
     ap.add_argument("--flux-budget", type=float, default=150.0, help="seconds after which the reference FLUX runs are skipped")
     ap.add_argument("--tag", default="", help="suffix of the result files (one per process)")
@@ -601,7 +701,7 @@ def main():
         raise
     for name in args.sections.split(","):
         fn = {"lse": section_lse, "cases": lambda: section_cases(args.quick), "timing": section_timing,
-              "flux": lambda: section_flux(args.flux_budget)}[name]
+              "profile": section_profile, "flux": lambda: section_flux(args.flux_budget)}[name]
         log(f"== section {name} ({left():.0f} s left)")
         if name == "timing" and left() < 30:
             RESULTS["errors"].append("timing skipped: out of time")
@@ -628,6 +728,10 @@ def main():
     for r in t.get("rows", []):
         if "median_ms" in r:
             print(f"  {r['name']:<45} {r['median_ms']:8.3f} ms  {r.get('vs_cudnn', float('nan')):5.2f}x cuDNN")
+    for pr in RESULTS.get("profile") or []:
+        if "kernels" in pr:
+            top = ", ".join(f"{kr['kernel'][:48]} {kr['us']:.0f}us" for kr in pr["kernels"][:4])
+            print(f"  profile {pr['name']}: {pr['total_us']:.0f} us: {top}")
     f = RESULTS.get("flux")
     if isinstance(f, list):
         for r in f:

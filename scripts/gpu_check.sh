@@ -32,7 +32,7 @@ if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit $rc; fi
 grep -E "spill|registers" "$OUT/build.log" | sort | uniq -c | sort -rn | head -5
 # Two processes, so a kernel fault in the correctness matrix cannot take the timings with it.
 # Extra arguments replace this split (e.g. `--sections cases --quick`).
-if [ $# -gt 0 ]; then runs=("$*"); else runs=("--sections lse,cases --tag a" "--sections timing,flux --tag b"); fi
+if [ $# -gt 0 ]; then runs=("$*"); else runs=("--sections lse,cases --tag a" "--sections timing,profile,flux --tag b"); fi
 status=0
 for r in "${runs[@]}"; do
   left=$(( DL_DEADLINE - $(date +%s) ))

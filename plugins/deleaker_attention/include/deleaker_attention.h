@@ -10,8 +10,9 @@
  * captured in a CUDA graph. step and grid may live on the device (read there) or be passed
  * by value.
  *
- * No (T+I) x (T+I) tensor is ever formed. Workspace: O(B*(H*(T+I) + E*I + I*I/8)) bytes; the
- * I*I/8 term is a bit-set of the image-image cuts over the masked rows.
+ * No (T+I) x (T+I) tensor is ever formed. Workspace: O(B*(H*(T+I) + E*I + I*I/8)) bytes plus a
+ * fixed 4.3 MB per sample (column-split partials of the exact-recompute rows); the I*I/8 term is
+ * a bit-set of the image-image cuts over the masked rows.
  */
 #ifndef DELEAKER_ATTENTION_H
 #define DELEAKER_ATTENTION_H

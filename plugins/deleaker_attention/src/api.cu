@@ -72,6 +72,8 @@ Layout make_layout(int B, int H, int T, int I, int E, bool lse_in_ws) {
   L.lse = lse_in_ws ? take(b * H * n * 4) : 0;
   L.flag_list = take(b * (I + kMaxE) * 4);
   L.rowflag = take(b * (I + kMaxE) * 4);
+  L.p_part = take((size_t)kMaxHG * b * E * I * 4);
+  L.split = take(b * (size_t)kSplitRows * kSplitStride * 4);
   L.total = off;
   return L;
 }
@@ -247,6 +249,14 @@ int dl_launch(const dl_params_t* p, void* workspace, size_t workspace_bytes, cud
   a.lse_cur = reinterpret_cast<float*>(ws + L.lse_cur);
   a.flag_list = reinterpret_cast<int*>(ws + L.flag_list);
   a.rowflag = reinterpret_cast<int*>(ws + L.rowflag);
+  a.p_part = reinterpret_cast<float*>(ws + L.p_part);
+  a.split_part = reinterpret_cast<float*>(ws + L.split);
+  {  // entity_probs: (row tile, head group) blocks filling one wave at two per SM (96 KB smem each)
+    const int tiles = (p->I + kTile - 1) / kTile;
+    int hg = 2 * num_sms / (tiles * p->B);
+    const int hmax = p->H < kMaxHG ? p->H : kMaxHG;
+    a.n_hg = hg < 1 ? 1 : (hg > hmax ? hmax : hg);
+  }
   a.cut_words = L.cut_words;
   a.tpad = L.tpad;
 

@@ -6,7 +6,8 @@
 //            lse_cur = lse + log2(kept). Rows whose kept mass falls under a threshold are
 //            listed for an exact recompute (FALLBACK). Warps skip tiles with nothing edited.
 //   FULL     edited rows x all columns, edits applied, online softmax (exact recompute).
-//   FALLBACK as FULL over the rows DELTA listed.
+//   FALLBACK as FULL over the rows DELTA listed; with few rows, the columns of every (row tile,
+//            head) are split over several blocks (partials merged by split_merge_kernel).
 // LSE_ONLY variants (between pairs) only refresh lse_cur of the masked image rows.
 #pragma once
 
@@ -17,6 +18,7 @@ namespace dl {
 namespace {
 
 enum { MODE_PLAIN = 0, MODE_DELTA = 1, MODE_FULL = 2, MODE_FALLBACK = 3 };
+constexpr int kBatch = 8;  // independent global loads in flight per thread in the metadata loops
 
 template <int BM, int D> struct Plan {
   static constexpr int kv_tile = kTile * D * 2;
@@ -32,7 +34,8 @@ template <int BM, int D> struct Plan {
   static constexpr int cfirst_off = cinfo_off + 2 * kTile * 4;
   static constexpr int misc_off = cfirst_off + 2 * kTile * 4;
   static constexpr int flags_off = misc_off + 16 * 4;
-  static int bytes(int max_tiles) { return flags_off + 2 * max_tiles * 4; }
+  // flags, tile list, then (DELTA) the joint column of every listed tile's columns
+  static int bytes(int max_tiles, int jall_tiles) { return flags_off + 2 * max_tiles * 4 + jall_tiles * kTile * 4; }
 };
 
 __device__ __forceinline__ float quad_sum(float v) {
@@ -67,6 +70,7 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
   int* s_misc = reinterpret_cast<int*>(smem + P::misc_off);
   int* s_flags = reinterpret_cast<int*>(smem + P::flags_off);
   int* s_list = s_flags + max_tiles;
+  int* s_jall = s_list + max_tiles;  // DELTA: [listed tile][column] joint column (-1: none)
   const uint32_t sbase = smem_u32(smem);
   const Tp* qb = reinterpret_cast<const Tp*>(a.q) + b * a.qs[0];
   const Tp* kb = reinterpret_cast<const Tp*>(a.k) + b * a.ks[0];
@@ -95,10 +99,13 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
   const int* ridx = a.ridx + (size_t)b * I;
   const uint32_t* cut = a.cut + (size_t)b * I * a.cut_words;
   const int n_img_tiles = (nR + kTile - 1) / kTile;
+  const int ncol_all = (N + kTile - 1) / kTile;
+  int nsplit = 1;
+  if constexpr (MODE == MODE_FALLBACK) nsplit = fallback_nsplit(nrows, H, gridDim.x, ncol_all, BM);
 
   int w_begin, w_end;
   if constexpr (kEdit) {
-    const int ntile = (nrows + BM - 1) / BM, nwork = ntile * H;
+    const int ntile = (nrows + BM - 1) / BM, nwork = ntile * H * nsplit;
     const int chunk = (nwork + gridDim.x - 1) / gridDim.x;
     w_begin = blockIdx.x * chunk;
     w_end = min(w_begin + chunk, nwork);
@@ -110,7 +117,9 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
   const int r0 = warp * 16 + (lane >> 2);  // this thread's rows r0 and r0 + 8
 
   for (int w = w_begin; w < w_end; ++w) {
-    const int tile = w / H, h = w % H;
+    const int split = w % nsplit, tile = (w / nsplit) / H, h = (w / nsplit) % H;
+    // column tiles [cbeg, cbeg + ntiles) of this work item (non-DELTA modes)
+    const int cbeg = split * ncol_all / nsplit;
     // ---------------- row metadata and (DELTA) the list of column tiles -------------------
     if (kEdit && tile != cached_tile) {
       __syncthreads();  // previous work item's readers are done
@@ -156,12 +165,24 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
       if constexpr (MODE == MODE_DELTA) {
         for (int ci = tid; ci < n_img_tiles; ci += NT) s_flags[ci] = 0;
         __syncthreads();
-        for (int idx = tid; idx < BM * n_img_tiles; idx += NT) {
-          const int r = idx % BM, ci = idx / BM;
-          const int ri = s_rri[r];
-          if (ri < 0) continue;
-          const uint2 cw = *reinterpret_cast<const uint2*>(cut + (size_t)ri * a.cut_words + 2 * ci);
-          if (cw.x | cw.y) s_flags[ci] = 1;
+        // which masked-column tiles hold a cut bit of these rows (loads batched kBatch deep)
+        for (int base = tid; base < BM * n_img_tiles; base += kBatch * NT) {
+          uint32_t any[kBatch];
+#pragma unroll
+          for (int u = 0; u < kBatch; ++u) {
+            const int idx = base + u * NT;
+            any[u] = 0u;
+            if (idx < BM * n_img_tiles) {
+              const int ri = s_rri[idx % BM];
+              if (ri >= 0) {
+                const uint2 cw = *reinterpret_cast<const uint2*>(cut + (size_t)ri * a.cut_words + 2 * (idx / BM));
+                any[u] = cw.x | cw.y;
+              }
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < kBatch; ++u)
+            if (any[u]) s_flags[(base + u * NT) / BM] = 1;
         }
         __syncthreads();
         if (warp == 0) {
@@ -180,49 +201,79 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
           if (lane == 0) s_misc[0] = pos;
         }
         __syncthreads();
+        // joint column of every column of the listed tiles, staged once per row tile so the
+        // K/V prefetch of each tile needs no global load (loads batched kBatch deep)
+        const int nall = s_misc[0] * kTile;
+        for (int base = tid; base < nall; base += kBatch * NT) {
+          int jv[kBatch];
+#pragma unroll
+          for (int u = 0; u < kBatch; ++u) {
+            const int idx = base + u * NT;
+            jv[u] = -1;
+            if (idx < nall) {
+              const int e = s_list[idx / kTile], c = idx % kTile;
+              if (e < ntok_tiles) {
+                jv[u] = tok_list[e * kTile + c];
+              } else {
+                const int rj = (e - ntok_tiles) * kTile + c;
+                jv[u] = rj < nR ? T + rlist[rj] : -1;
+              }
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < kBatch; ++u)
+            if (base + u * NT < nall) s_jall[base + u * NT] = jv[u];
+        }
+        __syncthreads();
       }
       cached_tile = tile;
     }
-    const int ntiles = MODE == MODE_DELTA ? s_misc[0] : (N + kTile - 1) / kTile;
+    const int ntiles = MODE == MODE_DELTA ? s_misc[0] : (split + 1) * ncol_all / nsplit - cbeg;
 
     // column tile `it` -> (kind, index): DELTA token tile, DELTA image tile, or plain range
     auto col_joint = [&](int it, int c) -> int {
       if constexpr (MODE == MODE_DELTA) {
-        const int e = s_list[it];
-        if (e < ntok_tiles) return tok_list[e * kTile + c];
-        const int rj = (e - ntok_tiles) * kTile + c;
-        return rj < nR ? T + rlist[rj] : -1;
+        return s_jall[it * kTile + c];
       } else {
-        const int j = it * kTile + c;
+        const int j = (cbeg + it) * kTile + c;
         return j < N ? j : -1;
       }
     };
+    // column metadata travels with the tile: token bits / masked-column index are cp.async'd
+    // into the stage (same commit group as K/V), so no global load is waited on here
     auto prefetch = [&](int it, int st) {
       if constexpr (kEdit) {
         for (int c = tid; c < kTile; c += NT) {
           const int j = col_joint(it, c);
-          uint32_t info = 0, first = 0;
+          uint32_t* ci = s_cinfo + st * kTile + c;
+          uint32_t* cf = s_cfirst + st * kTile + c;
           if constexpr (MODE == MODE_DELTA) {
             const int e = s_list[it];
             if (e < ntok_tiles) {
               if (j >= 0) {
-                info = tok_bits[j];
-                first = tok_first[j];
+                cp_async4(smem_u32(ci), tok_bits + j);
+                cp_async4(smem_u32(cf), tok_first + j);
+              } else {
+                *ci = 0u;
+                *cf = 0u;
               }
             } else {
-              info = (uint32_t)((e - ntok_tiles) * kTile + c);  // masked column index
+              *ci = (uint32_t)((e - ntok_tiles) * kTile + c);  // masked column index
+              *cf = 0u;
             }
           } else {
             if (j >= 0 && j < T) {
-              info = tok_bits[j];
-              first = tok_first[j];
+              cp_async4(smem_u32(ci), tok_bits + j);
+              cp_async4(smem_u32(cf), tok_first + j);
             } else if (j >= T) {
-              info = (uint32_t)ridx[j - T];  // -1 (all ones) when not masked
+              cp_async4(smem_u32(ci), ridx + (j - T));  // -1 (all ones) when not masked
+              *cf = 0u;
+            } else {
+              *ci = 0u;
+              *cf = 0u;
             }
           }
           s_colj[st * kTile + c] = j;
-          s_cinfo[st * kTile + c] = info;
-          s_cfirst[st * kTile + c] = first;
         }
       }
       const uint32_t ks = sbase + P::k_off + st * P::kv_tile, vs = sbase + P::v_off + st * P::kv_tile;
@@ -272,10 +323,37 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
         l2[rr] = a.lse[b * a.ls[0] + h * a.ls[1] + (int64_t)rj_[rr] * a.ls[2]] * kLog2e;
     }
     uint32_t qf[D / 16][4];
+    // DELTA: cut bits of this thread's two rows for a listed image tile, read one tile ahead
+    auto load_cw = [&](int it, uint32_t (&cwx)[2][2]) {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) cwx[rr][0] = cwx[rr][1] = 0u;
+      if constexpr (MODE == MODE_DELTA) {
+        const int e = s_list[it];
+        if (e >= ntok_tiles) {
+#pragma unroll
+          for (int rr = 0; rr < 2; ++rr)
+            if (rri_[rr] >= 0) {
+              const uint2 v2 =
+                  *reinterpret_cast<const uint2*>(cut + (size_t)rri_[rr] * a.cut_words + 2 * (e - ntok_tiles));
+              cwx[rr][0] = v2.x;
+              cwx[rr][1] = v2.y;
+            }
+        }
+      }
+    };
+    uint32_t cw_next[2][2];
+    load_cw(0, cw_next);
 
     for (int it = 0; it < ntiles; ++it) {
       const int st = it & 1;
+      uint32_t cw[2][2];
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        cw[rr][0] = cw_next[rr][0];
+        cw[rr][1] = cw_next[rr][1];
+      }
       if (it + 1 < ntiles) {
+        load_cw(it + 1, cw_next);
         prefetch(it + 1, st ^ 1);
         cp_async_wait<1>();
       } else {
@@ -289,22 +367,10 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
       }
       // DELTA: image tiles carry the cut bits of this thread's rows for the 64 columns
       bool img_tile = false;
-      uint32_t cw[2][2] = {{0u, 0u}, {0u, 0u}};
       bool compute = true;
       if constexpr (MODE == MODE_DELTA) {
-        const int e = s_list[it];
-        img_tile = e >= ntok_tiles;
-        if (img_tile) {
-          const int ci = e - ntok_tiles;
-#pragma unroll
-          for (int rr = 0; rr < 2; ++rr)
-            if (rri_[rr] >= 0) {
-              const uint2 v2 = *reinterpret_cast<const uint2*>(cut + (size_t)rri_[rr] * a.cut_words + 2 * ci);
-              cw[rr][0] = v2.x;
-              cw[rr][1] = v2.y;
-            }
-          compute = __any_sync(0xffffffffu, (cw[0][0] | cw[0][1] | cw[1][0] | cw[1][1]) != 0u);
-        }
+        img_tile = s_list[it] >= ntok_tiles;
+        if (img_tile) compute = __any_sync(0xffffffffu, (cw[0][0] | cw[0][1] | cw[1][0] | cw[1][1]) != 0u);
       }
       if (compute) {
         float s[8][4];
@@ -329,7 +395,7 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
 #pragma unroll
           for (int x = 0; x < 2; ++x) {
             const int c = nb * 8 + 2 * (lane & 3) + x;
-            const int j = kEdit ? s_colj[st * kTile + c] : (it * kTile + c < N ? it * kTile + c : -1);
+            const int j = kEdit ? s_colj[st * kTile + c] : ((cbeg + it) * kTile + c < N ? (cbeg + it) * kTile + c : -1);
 #pragma unroll
             for (int rr = 0; rr < 2; ++rr) {
               const int r = r0 + rr * 8;
@@ -440,6 +506,25 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
       const int j = rj_[rr];
       const float lsum = quad_sum(lrow[rr]);
       if (j < 0) continue;
+      if constexpr (MODE == MODE_FALLBACK) {
+        if (nsplit > 1) {  // partial of columns [cbeg, cbeg + ntiles): unnormalised o, max, sum
+          const int k = tile * BM + r;
+          float* slot = a.split_part +
+                        ((size_t)b * kSplitRows + ((size_t)k * H + h) * nsplit + split) * kSplitStride;
+          if constexpr (!LSE_ONLY) {
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+              const int d = i * 8 + 2 * (lane & 3);
+              *reinterpret_cast<float2*>(slot + d) = make_float2(o[i][rr * 2], o[i][rr * 2 + 1]);
+            }
+          }
+          if ((lane & 3) == 0) {
+            slot[D] = mrow[rr];
+            slot[D + 1] = lsum;
+          }
+          continue;
+        }
+      }
       if constexpr (kOnline) {
         const float lse2 = mrow[rr] + log2f(lsum);
         if constexpr (LSE_ONLY) {
@@ -489,7 +574,7 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
 
 template <typename Tp, int D, int BM, int MODE, bool LSE_ONLY>
 cudaError_t run_attn(const Args& a, dim3 grid, int pass, int max_tiles, cudaStream_t s) {
-  const int smem = Plan<BM, D>::bytes(max_tiles);
+  const int smem = Plan<BM, D>::bytes(max_tiles, MODE == MODE_DELTA ? max_tiles : 0);
   auto kern = attn_kernel<Tp, D, BM, MODE, LSE_ONLY>;
   cudaError_t err = ensure_smem<attn_kernel<Tp, D, BM, MODE, LSE_ONLY>>(smem);
   if (err != cudaSuccess) return err;
@@ -498,6 +583,62 @@ cudaError_t run_attn(const Args& a, dim3 grid, int pass, int max_tiles, cudaStre
 }
 
 int max_col_tiles(const Args& a) { return a.tpad / kTile + (a.I + kTile - 1) / kTile + 1; }
+
+// Merges the FALLBACK split-column partials of pass `pass`: one warp per (flagged row, head);
+// out row (or, LSE_ONLY, the current LSE) from max / sum / unnormalised o of every split.
+constexpr int kMergeNT = 256;
+template <typename Tp, int D, bool LSE_ONLY>
+__global__ void __launch_bounds__(kMergeNT) split_merge_kernel(Args a, int pass, int attn_gridx) {
+  using Op = MmaOp<Tp>;
+  const int b = blockIdx.y, lane = threadIdx.x & 31;
+  const SampleInfo* in = a.info + b;
+  if (!in->pub.intervene) return;
+  if (pass < kMaxPairs && pass >= in->pub.npairs - 1) return;
+  const int nrows = in->n_flag[pass], H = a.H, I = a.I;
+  const int nsplit = fallback_nsplit(nrows, H, attn_gridx, (a.N + kTile - 1) / kTile, 64);
+  if (nsplit <= 1) return;
+  const int nR = in->pub.n_rows;
+  const int nwarps = gridDim.x * (kMergeNT / 32);
+  for (int wk = blockIdx.x * (kMergeNT / 32) + (threadIdx.x >> 5); wk < nrows * H; wk += nwarps) {
+    const int k = wk / H, h = wk % H;
+    const float* base = a.split_part + ((size_t)b * kSplitRows + (size_t)wk * nsplit) * kSplitStride;
+    float m = -INFINITY;
+    for (int sp = 0; sp < nsplit; ++sp) m = fmaxf(m, base[sp * kSplitStride + D]);
+    const float mu = m == -INFINITY ? 0.f : m;
+    float l = 0.f;
+    float acc[D / 32];
+#pragma unroll
+    for (int q = 0; q < D / 32; ++q) acc[q] = 0.f;
+    for (int sp = 0; sp < nsplit; ++sp) {
+      const float* part = base + sp * kSplitStride;
+      const float f = exp2f(part[D] - mu);
+      l += f * part[D + 1];
+      if constexpr (!LSE_ONLY) {
+#pragma unroll
+        for (int q = 0; q < D / 32; ++q) acc[q] += f * part[q * 32 + lane];
+      }
+    }
+    const int erow = a.flag_list[(size_t)b * (I + kMaxE) + k];
+    const int ri = erow < nR ? erow : -1;
+    const int joint = erow < nR ? a.T + a.rlist[(size_t)b * I + erow] : in->tt_rows[erow - nR];
+    if constexpr (LSE_ONLY) {
+      if (lane == 0 && ri >= 0) a.lse_cur[((size_t)b * H + h) * I + ri] = m + log2f(l);
+    } else {
+      const float inv = 1.f / l;
+      Tp* orow = reinterpret_cast<Tp*>(a.out) + b * a.os[0] + h * a.os[1] + (int64_t)joint * a.os[2];
+      uint16_t* orow16 = reinterpret_cast<uint16_t*>(orow);
+#pragma unroll
+      for (int q = 0; q < D / 32; ++q)  // round to nearest like the unsplit epilogue (low half of the pair)
+        orow16[q * 32 + lane] = (uint16_t)(Op::pack(acc[q] * inv, 0.f) & 0xffffu);
+    }
+  }
+}
+
+template <typename Tp, int D, bool LSE_ONLY>
+cudaError_t run_split_merge(const Args& a, int pass, int attn_gridx, cudaStream_t s) {
+  split_merge_kernel<Tp, D, LSE_ONLY><<<dim3(32, a.B), kMergeNT, 0, s>>>(a, pass, attn_gridx);
+  return cudaGetLastError();
+}
 
 }  // namespace
 
@@ -523,8 +664,10 @@ cudaError_t edit_attention_t(const Args& a, int mode, int pass, int num_sms, cud
   if (mode == 1)
     return lse_only ? run_attn<Tp, D, BM, MODE_FULL, true>(a, grid, pass, mt, s)
                     : run_attn<Tp, D, BM, MODE_FULL, false>(a, grid, pass, mt, s);
-  return lse_only ? run_attn<Tp, D, BM, MODE_FALLBACK, true>(a, grid, pass, mt, s)
-                  : run_attn<Tp, D, BM, MODE_FALLBACK, false>(a, grid, pass, mt, s);
+  cudaError_t err = lse_only ? run_attn<Tp, D, BM, MODE_FALLBACK, true>(a, grid, pass, mt, s)
+                             : run_attn<Tp, D, BM, MODE_FALLBACK, false>(a, grid, pass, mt, s);
+  if (err != cudaSuccess) return err;
+  return lse_only ? run_split_merge<Tp, D, true>(a, pass, per_b, s) : run_split_merge<Tp, D, false>(a, pass, per_b, s);
 }
 
 }  // namespace dl

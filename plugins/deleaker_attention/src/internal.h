@@ -13,6 +13,24 @@ constexpr int kMaxE = DL_MAX_ENTITIES;
 constexpr int kMaxPairs = kMaxE * (kMaxE - 1) / 2;
 constexpr int kTile = 64;  // rows/columns per tile in every tiled kernel
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kMaxHG = 8;          // entity_probs: head groups summed in a fixed order by the masks kernel
+constexpr int kSplitRows = 8192;   // FALLBACK split over columns: partial (row, head, split) slots per sample
+constexpr int kMaxSplit = 16;
+constexpr int kSplitStride = 128 + 2;  // floats per slot: o[D] unnormalised, running max (log2), sum
+
+// FALLBACK (few rows, each a full row of column tiles): split the columns of every (row tile,
+// head) into nsplit ranges so all SMs take part; partials merged by split_merge_kernel. The
+// attention kernel and the merge compute it from the same inputs. 1: no split.
+__host__ __device__ inline int fallback_nsplit(int nrows, int H, int gridx, int ncol_tiles, int bm) {
+  if (nrows <= 0) return 1;
+  const int items = (nrows + bm - 1) / bm * H;
+  int s = gridx / items;
+  const int cap = kSplitRows / (nrows * H);
+  s = s < cap ? s : cap;
+  s = s < kMaxSplit ? s : kMaxSplit;
+  s = s < ncol_tiles / 2 ? s : ncol_tiles / 2;  // at least two column tiles per split
+  return s < 2 ? 1 : s;
+}
 
 // Per-sample state written on the device by the prep/compaction kernels and read by all later
 // kernels. The public part (dl_sample_info_t) comes first so tests can read it.
@@ -35,7 +53,7 @@ struct SampleInfo {
 // Byte offsets of every workspace buffer (all 256-byte aligned).
 struct Layout {
   size_t info, tok_list, tok_bits, tok_firstbits, p, mask, rlist, ridx, ent_list, rowents, state,
-      cut, lse_cur, lse, flag_list, rowflag, total;
+      cut, lse_cur, lse, flag_list, rowflag, p_part, split, total;
   int cut_words;  // uint32 words per cut row (even: 64-bit pairs)
   int tpad;       // T rounded up to kTile
 };
@@ -82,6 +100,9 @@ struct Args {
   float* lse_cur;       // [B, H, I] log2-domain LSE of masked rows under the current edits
   int* flag_list;       // [B, I + kMaxE]
   int* rowflag;         // [B, I + kMaxE] last pass+1 that flagged the row
+  float* p_part;        // [kMaxHG, B, E, I] entity_probs partial sums per head group
+  float* split_part;    // [B, kSplitRows, kSplitStride] FALLBACK split-column partials
+  int n_hg;             // head groups of entity_probs (<= kMaxHG)
   int cut_words, tpad;
 };
 
@@ -100,6 +121,6 @@ cudaError_t launch_entity_probs(const Args& a, int dtype, cudaStream_t s);
 cudaError_t launch_pair_pass(const Args& a, int dtype, int pair, int pass, int num_sms, cudaStream_t s);
 cudaError_t launch_prep(const Args& a, cudaStream_t s);
 cudaError_t launch_masks(const Args& a, cudaStream_t s);
-cudaError_t launch_compact(const Args& a, cudaStream_t s);
+cudaError_t launch_compact(const Args& a, cudaStream_t s);  // compaction, then the wide state reset
 
 }  // namespace dl

@@ -111,13 +111,23 @@ __global__ void __launch_bounds__(kNT) masks_kernel(Args a) {
   const size_t off = ((size_t)b * E + e) * I;
   const float* hist = a.hist + off;
   float* hout = a.hist_out + off;
-  const float* p = a.p + off;
+  float* p = a.p + off;
   const int upd = in.pub.hist_update && active;
+  const int need_p = in.pub.need_p && active;
   const int64_t n = tau - a.a0;
   const float fn = (float)((double)n / (double)(n + 1)), fd = (float)(n + 1);
+  const size_t gstride = (size_t)a.B * E * I;  // between head groups of p_part
+  const float denom = (float)a.H * (float)in.ntok_e[e];
   for (int i = tid; i < I; i += kNT) {
+    float pv = 0.f;
+    if (need_p) {  // p_e = head-group partial sums (fixed order) / (H * tokens)
+      float sacc = 0.f;
+      for (int g = 0; g < a.n_hg; ++g) sacc += a.p_part[g * gstride + off + i];
+      pv = sacc / denom;
+      p[i] = pv;
+    }
     float h = hist[i];
-    if (upd) h = (n == 0) ? p[i] : __fadd_rn(__fmul_rn(h, fn), __fdiv_rn(p[i], fd));
+    if (upd) h = (n == 0) ? pv : __fadd_rn(__fmul_rn(h, fn), __fdiv_rn(pv, fd));
     hout[i] = h;
   }
   if (!(in.pub.intervene && active)) return;
@@ -176,10 +186,10 @@ __global__ void __launch_bounds__(kNT) masks_kernel(Args a) {
 }
 
 // One block per sample: list the masked rows (union of active masks), each mask's rows as
-// masked-row indices, TT rows; reset per-row edit state, cut bits and the current LSE.
+// masked-row indices, TT rows (the per-row reset is init_kernel's, launched right after).
 __global__ void __launch_bounds__(kNT) compact_kernel(Args a) {
   const int b = blockIdx.x, tid = threadIdx.x;
-  const int I = a.I, E = a.E, H = a.H, T = a.T;
+  const int I = a.I, E = a.E;
   __shared__ int scratch[33];
   __shared__ int s_nrows;
   SampleInfo& in = a.info[b];
@@ -223,22 +233,7 @@ __global__ void __launch_bounds__(kNT) compact_kernel(Args a) {
   if (tid == 0) s_nrows = running;
   __syncthreads();
   const int nR = s_nrows;
-  // per-row text-edit state, cut bits over the used columns, flags
-  uint64_t* st = reinterpret_cast<uint64_t*>(a.state) + (size_t)b * I;
-  for (int r = tid; r < nR; r += kNT) st[r] = 0ull;
-  const int used = 2 * ((nR + 63) / 64);
-  uint32_t* cut = a.cut + (size_t)b * I * a.cut_words;
-  for (int idx = tid; idx < nR * used; idx += kNT) {
-    const int r = idx / used, w = idx % used;
-    cut[(size_t)r * a.cut_words + w] = 0u;
-  }
-  for (int idx = tid; idx < H * nR; idx += kNT) {
-    const int h = idx / nR, r = idx % nR;
-    const float l = a.lse[b * a.ls[0] + h * a.ls[1] + (int64_t)(T + rlist[r]) * a.ls[2]];
-    a.lse_cur[((size_t)b * H + h) * I + r] = l * kLog2e;
-  }
-  int* rowflag = a.rowflag + (size_t)b * (I + kMaxE);
-  for (int k = tid; k < nR + kMaxE; k += kNT) rowflag[k] = 0;
+  // the per-row state, cut bits, current LSE and flags are reset by init_kernel (many blocks)
   if (tid == 0) {
     in.pub.n_rows = nR;
     for (int e = 0; e < kMaxE; ++e) in.cnt_e[e] = run_e[e];
@@ -261,6 +256,33 @@ __global__ void __launch_bounds__(kNT) compact_kernel(Args a) {
   }
 }
 
+// Many blocks per sample, after compact_kernel: per-row text-edit state, cut bits over the used
+// columns, the current LSE of the masked rows (= plain LSE, log2 domain), DELTA row flags.
+constexpr int kInitNT = 256, kInitBlocks = 64;
+__global__ void __launch_bounds__(kInitNT) init_kernel(Args a) {
+  const int b = blockIdx.y;
+  const SampleInfo& in = a.info[b];
+  if (!in.pub.intervene) return;
+  const int I = a.I, H = a.H, T = a.T, nR = in.pub.n_rows;
+  const int t0 = blockIdx.x * kInitNT + threadIdx.x, stride = gridDim.x * kInitNT;
+  const int* rlist = a.rlist + (size_t)b * I;
+  uint64_t* st = reinterpret_cast<uint64_t*>(a.state) + (size_t)b * I;
+  for (int r = t0; r < nR; r += stride) st[r] = 0ull;
+  const int used = 2 * ((nR + 63) / 64);
+  uint32_t* cut = a.cut + (size_t)b * I * a.cut_words;
+  for (int idx = t0; idx < nR * used; idx += stride) {
+    const int r = idx / used, w = idx % used;
+    cut[(size_t)r * a.cut_words + w] = 0u;
+  }
+  for (int idx = t0; idx < H * nR; idx += stride) {
+    const int h = idx / nR, r = idx % nR;
+    const float l = a.lse[b * a.ls[0] + h * a.ls[1] + (int64_t)(T + rlist[r]) * a.ls[2]];
+    a.lse_cur[((size_t)b * H + h) * I + r] = l * kLog2e;
+  }
+  int* rowflag = a.rowflag + (size_t)b * (I + kMaxE);
+  for (int k = t0; k < nR + kMaxE; k += stride) rowflag[k] = 0;
+}
+
 }  // namespace
 
 cudaError_t launch_prep(const Args& a, cudaStream_t s) {
@@ -278,6 +300,9 @@ cudaError_t launch_masks(const Args& a, cudaStream_t s) {
 
 cudaError_t launch_compact(const Args& a, cudaStream_t s) {
   compact_kernel<<<a.B, kNT, 0, s>>>(a);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  init_kernel<<<dim3(kInitBlocks, a.B), kInitNT, 0, s>>>(a);
   return cudaGetLastError();
 }
 

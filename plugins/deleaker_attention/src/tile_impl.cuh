@@ -14,13 +14,16 @@ namespace {
 
 constexpr int kNT = 128;  // 4 warps x 16 rows
 
-template <int D> constexpr int headsum_smem() { return 2 /*stages*/ * 2 /*q,k*/ * kTile * D * 2; }
+constexpr int kStages = 3;  // cp.async pipeline depth over heads (loads of h+1, h+2 in flight)
+
+template <int D> constexpr int headsum_smem() { return kStages * 2 /*q,k*/ * kTile * D * 2; }
 
 // acc[nb][0..1]: row r0 = warp*16 + lane/4, columns nb*8 + 2*(lane%4) + {0,1}; acc[nb][2..3]: row r0+8.
-// lse2(h, r) is the log2-domain LSE of tile row r for head h. Columns with s_colj < 0 add 0.
+// Sums heads h0 <= h < h1. lse2(h, r) is the log2-domain LSE of tile row r for head h (read one
+// head ahead, so its latency hides behind the tensor-core work). Columns with s_colj < 0 add 0.
 template <typename Tp, int D, typename LseF>
 __device__ __forceinline__ void headsum_tile(const Args& a, int b, const int* s_rowj, const int* s_colj,
-                                             uint8_t* smem, LseF lse2, float (&acc)[8][4]) {
+                                             uint8_t* smem, LseF lse2, int h0, int h1, float (&acc)[8][4]) {
   using Op = MmaOp<Tp>;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int r0 = warp * 16 + (lane >> 2), r1 = r0 + 8;
@@ -38,7 +41,6 @@ __device__ __forceinline__ void headsum_tile(const Args& a, int b, const int* s_
       const int j = s_colj[r];
       return j >= 0 ? (const void*)(kb + h * a.ks[1] + (int64_t)j * a.ks[2]) : nullptr;
     }, a.k);
-    cp_async_commit();
   };
   uint32_t valid = 0;  // bit nb*2+e: column nb*8 + 2*(lane%4) + e is a real column
 #pragma unroll
@@ -50,16 +52,27 @@ __device__ __forceinline__ void headsum_tile(const Args& a, int b, const int* s_
   for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
     for (int x = 0; x < 4; ++x) acc[nb][x] = 0.f;
-  load(0, 0);
-  for (int h = 0; h < a.H; ++h) {
-    if (h + 1 < a.H) {
-      load(h + 1, (h + 1) & 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
+  const int nh = h1 - h0;
+  if (nh <= 0) return;
+  // one commit group per head (empty past the end), so wait_group<kStages-1> always means
+  // "this head's tiles have landed"
+  load(h0, 0);
+  cp_async_commit();
+  if (nh > 1) load(h0 + 1, 1);
+  cp_async_commit();
+  float l0n = lse2(h0, r0), l1n = lse2(h0, r1);
+  for (int hh = 0; hh < nh; ++hh) {
+    const int h = h0 + hh, st = hh % kStages;
+    if (hh + 2 < nh) load(h + 2, (hh + 2) % kStages);
+    cp_async_commit();
+    const float l0 = l0n, l1 = l1n;
+    if (hh + 1 < nh) {
+      l0n = lse2(h + 1, r0);
+      l1n = lse2(h + 1, r1);
     }
+    cp_async_wait<kStages - 1>();
     __syncthreads();
-    const uint32_t qs = base + (h & 1) * 2 * kTileBytes, ks = qs + kTileBytes;
+    const uint32_t qs = base + st * 2 * kTileBytes, ks = qs + kTileBytes;
     float s[8][4];
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
@@ -77,7 +90,7 @@ __device__ __forceinline__ void headsum_tile(const Args& a, int b, const int* s_
         Op::run(s[2 * nb2 + 1], af, bf[2], bf[3]);
       }
     }
-    const float l0 = lse2(h, r0), l1 = lse2(h, r1), sl2 = a.scale_log2;
+    const float sl2 = a.scale_log2;
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -87,13 +100,17 @@ __device__ __forceinline__ void headsum_tile(const Args& a, int b, const int* s_
           acc[nb][2 + e] += exp2f(__fmaf_rn(s[nb][2 + e], sl2, -l1));
         }
       }
-    __syncthreads();
+    __syncthreads();  // stage st is refilled two heads later
   }
 }
 
+// Block (row tile, head group g, sample): partial p_e sums over the group's heads, written to
+// p_part[g]; the masks kernel adds the groups in a fixed order and divides.
 template <typename Tp, int D>
 __global__ void __launch_bounds__(kNT) entity_probs_kernel(Args a) {
-  const int b = blockIdx.y, tile = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int b = blockIdx.z, g = blockIdx.y, tile = blockIdx.x, tid = threadIdx.x, warp = tid >> 5,
+            lane = tid & 31;
+  const int h0 = g * a.H / a.n_hg, h1 = (g + 1) * a.H / a.n_hg;
   const SampleInfo& in = a.info[b];
   if (!in.pub.need_p) return;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -121,7 +138,7 @@ __global__ void __launch_bounds__(kNT) entity_probs_kernel(Args a) {
     }
     __syncthreads();
     float acc[8][4];
-    headsum_tile<Tp, D>(a, b, s_rowj, s_colj, smem, lse2, acc);
+    headsum_tile<Tp, D>(a, b, s_rowj, s_colj, smem, lse2, h0, h1, acc);
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -151,7 +168,7 @@ __global__ void __launch_bounds__(kNT) entity_probs_kernel(Args a) {
 #pragma unroll
       for (int e = 0; e < kMaxE; ++e)
         if (e < E && in.ntok_e[e] > 0)
-          a.p[((size_t)b * E + e) * I + i] = pe[r][e] / ((float)a.H * (float)in.ntok_e[e]);
+          a.p_part[(((size_t)g * a.B + b) * E + e) * I + i] = pe[r][e];
     }
   }
 }
@@ -236,7 +253,7 @@ __global__ void __launch_bounds__(kNT) pair_kernel(Args a, int pair) {
     headsum_tile<Tp, D>(a, b, s_rowj, s_colj, smem, [&](int h, int r) -> float {
       const int ri = s_rri[r];
       return ri >= 0 ? lse_cur[(size_t)h * I + ri] : 0.f;
-    }, acc);
+    }, 0, H, acc);
     float cnt = 0.f, sum = 0.f, sq = 0.f;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
@@ -285,7 +302,7 @@ cudaError_t entity_probs_t(const Args& a, cudaStream_t s) {
   constexpr int smem = headsum_smem<D>();
   cudaError_t err = ensure_smem<entity_probs_kernel<Tp, D>>(smem);
   if (err != cudaSuccess) return err;
-  entity_probs_kernel<Tp, D><<<dim3((a.I + kTile - 1) / kTile, a.B), kNT, smem, s>>>(a);
+  entity_probs_kernel<Tp, D><<<dim3((a.I + kTile - 1) / kTile, a.n_hg, a.B), kNT, smem, s>>>(a);
   return cudaGetLastError();
 }
 
