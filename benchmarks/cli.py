@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-from .presets import PRESETS, BenchError, BenchSpec, get_preset
+from deleaker.runtime.errors import run_reporting_errors
+
+from .presets import PRESETS, BenchSpec, get_preset
 
 log = logging.getLogger("deleaker.bench")
 
@@ -176,13 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, spec in PRESETS.items():
             print(f"{name}: {spec.description}")
         return 0
-    try:
-        return run(args)
-    except (BenchError, ValueError, FileNotFoundError, NotADirectoryError) as e:
-        if args.debug or os.environ.get("DELEAKER_DEBUG"):
-            raise
-        print(f"deleaker-bench: error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_errors("deleaker-bench", lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

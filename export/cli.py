@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
+
+from deleaker.runtime.errors import run_reporting_errors
+
+from .libs import quiet_libraries
 
 log = logging.getLogger("deleaker")
 
@@ -98,34 +101,14 @@ def _verify(args) -> int:
     return 1 if failed else 0
 
 
-def _quiet_libraries() -> None:
-    """onnx_ir / onnxscript log every optimisation pass at INFO; diffusers and transformers warn
-    about accelerate and draw weight-loading bars (their loggers are configured on import, so
-    set them through their own APIs)."""
-    for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dl
-        from transformers.utils import logging as tl
-
-        dl.set_verbosity_error()
-        tl.set_verbosity_error()
-        tl.disable_progress_bar()
-    except ImportError:  # missing libraries fail later with a clear message
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="deleaker-export: %(message)s")
-    try:
-        _quiet_libraries()
+    def go() -> int:
+        quiet_libraries()
         return _onnx(args) if args.command == "onnx" else _verify(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FileExistsError) as e:
-        if args.debug or os.environ.get("DELEAKER_DEBUG"):
-            raise
-        print(f"deleaker-export: error: {e}", file=sys.stderr)
-        return 2
+
+    return run_reporting_errors("deleaker-export", go, args.debug)
 
 
 if __name__ == "__main__":

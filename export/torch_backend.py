@@ -17,21 +17,12 @@ from deleaker.runtime.config import DeLeakerConfig
 
 from .checkpoint import load_checkpoint
 from .flux import DeLeakerFlux, blocks_per_step
+from .libs import quiet_libraries
 
 log = logging.getLogger("deleaker")
 
 DEFAULT_ENTITY_SLOTS = 4
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _quiet_libraries() -> None:
-    """Our own logs say what is loaded; silence the libraries' advice and per-file progress bars."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 class TorchBackend(Backend):
@@ -67,7 +58,7 @@ class TorchBackend(Backend):
 
             source = ensure_tiny_model()
             log.info("using the embedded tiny offline model at %s (random weights: images are noise-like)", source)
-        _quiet_libraries()
+        quiet_libraries()
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPES)}")
         if device.startswith("cuda") and not torch.cuda.is_available():

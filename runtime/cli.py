@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from .config import PRESETS, preset
+from .errors import run_reporting_errors
 
 log = logging.getLogger("deleaker")
 
@@ -95,13 +95,7 @@ def _generate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="deleaker: %(message)s")
-    try:
-        return _generate(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        if args.debug or os.environ.get("DELEAKER_DEBUG"):
-            raise
-        print(f"deleaker: error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_errors("deleaker", lambda: _generate(args), args.debug)
 
 
 if __name__ == "__main__":

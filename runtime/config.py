@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # FLUX.1 block counts (19 double + 38 single blocks).
 FLUX_BLOCKS_PER_STEP = 19 + 38
