@@ -432,6 +432,24 @@ def section_timing():
             lambda p=plain: cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, after, grid, plain=p, **attrs_in))
     add("fused inside E=3 plain=cudnn edit=delta",
         lambda: cuda_op.deleaker_attention_cuda(q3, k3, v3, ent3, hist3, inside, grid, **attrs_in))
+    # A/B on the same machine: the v5 switches off (DL_ROW_ORDER=0 DL_KEEP_G=0: v4 row order,
+    # pass 2 recomputes G), read by dl_launch at every call
+    ab_env = ("DL_ROW_ORDER", "DL_KEEP_G")
+    try:
+        new2 = cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, inside, grid, **attrs_in)[0]
+        for n_ in ab_env:
+            os.environ[n_] = "0"
+        add("fused inside plain=cudnn edit=delta, v4 paths (DL_ROW_ORDER=0 DL_KEEP_G=0)",
+            lambda: cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, inside, grid, **attrs_in))
+        old2 = cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, inside, grid, **attrs_in)[0]
+        rows[-1]["v5_vs_v4_max_diff"] = float((new2.float() - old2.float()).abs().max())
+        add("fused inside E=3 plain=cudnn edit=delta, v4 paths",
+            lambda: cuda_op.deleaker_attention_cuda(q3, k3, v3, ent3, hist3, inside, grid, **attrs_in))
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+    finally:
+        for n_ in ab_env:
+            os.environ.pop(n_, None)
     # CUDA graph: capture the whole op (step read on the device), replay
     try:
         s = torch.cuda.Stream()

@@ -1,6 +1,7 @@
 // C ABI: parameter defaults, workspace layout, argument checks and the fixed launch sequence.
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cuda_bf16.h>
@@ -74,6 +75,12 @@ Layout make_layout(int B, int H, int T, int I, int E, bool lse_in_ws) {
   L.rowflag = take(b * (I + kMaxE) * 4);
   L.p_part = take((size_t)kMaxHG * b * E * I * 4);
   L.split = take(b * (size_t)kSplitRows * kSplitStride * 4);
+  {  // rule X tiles of one pair: 2 * ceil(n1/64) * ceil(n2/64) <= 2 * ceil(I/64)^2, capped
+    const size_t it = (size_t)(I + kTile - 1) / kTile;
+    const size_t need = 2 * it * it;
+    L.g_tiles = (int)(need < (size_t)kMaxGTiles ? need : (size_t)kMaxGTiles);
+  }
+  L.gbuf = take(b * (size_t)L.g_tiles * kGTileFloats * 4);
   L.total = off;
   return L;
 }
@@ -147,6 +154,13 @@ const char* dl_last_error(void) { return g_last_error; }
 static int fail(int code, const char* what) {
   snprintf(g_last_error, sizeof(g_last_error), "%s", what);
   return code;
+}
+
+// 0/1 switch from the environment (read at every launch, host side only); unset: default.
+static int env_flag(const char* name, int dflt) {
+  const char* v = getenv(name);
+  if (!v || !*v) return dflt;
+  return v[0] == '0' ? 0 : 1;
 }
 
 static bool aligned16(const void* ptr) { return ((uintptr_t)ptr & 15u) == 0; }
@@ -259,6 +273,10 @@ int dl_launch(const dl_params_t* p, void* workspace, size_t workspace_bytes, cud
   }
   a.cut_words = L.cut_words;
   a.tpad = L.tpad;
+  // v5 switches (defaults on); DL_KEEP_G=0 / DL_ROW_ORDER=0 restore the v4 paths
+  a.gbuf = reinterpret_cast<float*>(ws + L.gbuf);
+  a.g_tiles = env_flag("DL_KEEP_G", 1) ? L.g_tiles : 0;
+  a.row_order = env_flag("DL_ROW_ORDER", 1);
 
   const int dt = p->dtype;
   const int mode = p->edit_mode == DL_EDIT_FULL ? 1 : 0;

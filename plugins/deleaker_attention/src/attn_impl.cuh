@@ -80,11 +80,13 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
 
   SampleInfo* in = a.info + b;
   int nrows = 0, nR = 0, ntok_tiles = 0;
+  uint32_t need_mask = 0xffu;  // LSE_ONLY: slots of the next pair (rows outside are skipped)
   if constexpr (kEdit) {
     if (!in->pub.intervene) return;
     if (pass < kMaxPairs && pass >= in->pub.npairs - 1) return;  // no later pair reads this LSE
     nR = in->pub.n_rows;
     ntok_tiles = in->ntok_pad / kTile;
+    if (LSE_ONLY && pass + 1 < kMaxPairs) need_mask = (1u << in->pair_e1[pass + 1]) | (1u << in->pair_e2[pass + 1]);
     if constexpr (MODE == MODE_FALLBACK) {
       nrows = in->n_flag[pass];
       if (pass == kMaxPairs && blockIdx.x == 0 && tid == 0) in->pub.n_fallback = nrows;
@@ -103,12 +105,22 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
   int nsplit = 1;
   if constexpr (MODE == MODE_FALLBACK) nsplit = fallback_nsplit(nrows, H, gridDim.x, ncol_all, BM);
 
-  int w_begin, w_end;
+  int w_begin, w_end, w_step = 1;
   if constexpr (kEdit) {
     const int ntile = (nrows + BM - 1) / BM, nwork = ntile * H * nsplit;
-    const int chunk = (nwork + gridDim.x - 1) / gridDim.x;
-    w_begin = blockIdx.x * chunk;
-    w_end = min(w_begin + chunk, nwork);
+    if (MODE == MODE_DELTA && a.row_order != 0) {
+      // v5: items dealt round-robin (block x takes x, x + grid, ...). With rows grouped by
+      // entity the row tiles differ in cost (a tile straddling two groups lists both groups'
+      // column tiles); contiguous chunks put two such items on one block. Each item then
+      // rebuilds its row metadata (cheap next to its column tiles).
+      w_begin = blockIdx.x;
+      w_end = nwork;
+      w_step = gridDim.x;
+    } else {
+      const int chunk = (nwork + gridDim.x - 1) / gridDim.x;
+      w_begin = blockIdx.x * chunk;
+      w_end = min(w_begin + chunk, nwork);
+    }
   } else {
     w_begin = blockIdx.x * H + blockIdx.y;  // (row tile, head) from the grid
     w_end = w_begin + 1;
@@ -116,7 +128,7 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
   int cached_tile = -1;
   const int r0 = warp * 16 + (lane >> 2);  // this thread's rows r0 and r0 + 8
 
-  for (int w = w_begin; w < w_end; ++w) {
+  for (int w = w_begin; w < w_end; w += w_step) {
     const int split = w % nsplit, tile = (w / nsplit) / H, h = (w / nsplit) % H;
     // column tiles [cbeg, cbeg + ntiles) of this work item (non-DELTA modes)
     const int cbeg = split * ncol_all / nsplit;
@@ -133,7 +145,14 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
         for (int e = 0; e < kMaxE; ++e) m[e] = 1.f;
         if (k < nrows) {
           const int erow = MODE == MODE_FALLBACK ? a.flag_list[(size_t)b * (I + kMaxE) + k] : k;
-          if (erow < nR) {
+          // LSE_ONLY (between pairs, v5): only the rows of the next pair's two masks are read
+          // (its G rows); the others keep a stale lse_cur that no later pass reads, since
+          // every refresh starts again from the plain LSE and the full edit state.
+          const bool skip = LSE_ONLY && a.row_order != 0 && erow < nR &&
+                            (a.rowents[(size_t)b * I + erow] & need_mask) == 0;
+          if (skip) {
+            // joint -1: no Q, no columns, no flag, no write
+          } else if (erow < nR) {
             ri = erow;
             joint = T + rlist[ri];
             const int8_t* st = a.state + ((size_t)b * I + ri) * kMaxE;

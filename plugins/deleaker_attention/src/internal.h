@@ -17,6 +17,10 @@ constexpr int kMaxHG = 8;          // entity_probs: head groups summed in a fixe
 constexpr int kSplitRows = 8192;   // FALLBACK split over columns: partial (row, head, split) slots per sample
 constexpr int kMaxSplit = 16;
 constexpr int kSplitStride = 128 + 2;  // floats per slot: o[D] unnormalised, running max (log2), sum
+// Rule X: G of up to this many 64x64 tiles per sample (16 KB each) is kept from pass 1 for
+// pass 2; tiles past it are recomputed (bit-identical path). 2 x 10 x 10 tiles at 4608 / 28%.
+constexpr int kMaxGTiles = 512;
+constexpr int kGTileFloats = 32 * 128;  // per tile: 32 accumulators x 128 threads
 
 // FALLBACK (few rows, each a full row of column tiles): split the columns of every (row tile,
 // head) into nsplit ranges so all SMs take part; partials merged by split_merge_kernel. The
@@ -53,7 +57,8 @@ struct SampleInfo {
 // Byte offsets of every workspace buffer (all 256-byte aligned).
 struct Layout {
   size_t info, tok_list, tok_bits, tok_firstbits, p, mask, rlist, ridx, ent_list, rowents, state,
-      cut, lse_cur, lse, flag_list, rowflag, p_part, split, total;
+      cut, lse_cur, lse, flag_list, rowflag, p_part, split, gbuf, total;
+  int g_tiles;    // rule X tiles whose G is kept between pass 1 and pass 2, per sample
   int cut_words;  // uint32 words per cut row (even: 64-bit pairs)
   int tpad;       // T rounded up to kTile
 };
@@ -102,6 +107,9 @@ struct Args {
   int* rowflag;         // [B, I + kMaxE] last pass+1 that flagged the row
   float* p_part;        // [kMaxHG, B, E, I] entity_probs partial sums per head group
   float* split_part;    // [B, kSplitRows, kSplitStride] FALLBACK split-column partials
+  float* gbuf;          // [B, g_tiles, 32, 128] rule X: G tiles of pass 1 kept for pass 2
+  int g_tiles;          // G tiles kept per sample (0: pass 2 recomputes every tile, the v4 path)
+  int row_order;        // compaction order of the masked rows: 0 image order (v4), 1 grouped by entity
   int n_hg;             // head groups of entity_probs (<= kMaxHG)
   int cut_words, tpad;
 };

@@ -202,33 +202,80 @@ __global__ void __launch_bounds__(kNT) compact_kernel(Args a) {
   int run_e[kMaxE];
 #pragma unroll
   for (int e = 0; e < kMaxE; ++e) run_e[e] = 0;
-  for (int base = 0; base < I; base += kNT) {
-    const int i = base + tid;
-    uint32_t bits = 0;
-    if (i < I) {
-      for (int e = 0; e < E; ++e)
-        if ((amask >> e & 1) && a.mask[((size_t)b * E + e) * I + i]) bits |= 1u << e;
-    }
-    const int flag = bits != 0u;
-    int tot;
-    const int pos = block_scan_excl(flag, scratch, &tot);
-    const int ri = running + pos;
-    if (i < I) ridx[i] = flag ? ri : -1;
-    if (flag) {
-      rlist[ri] = i;
-      rowents[ri] = (uint8_t)bits;
-    }
+  if (a.row_order == 0) {
+    // image order (v4): masked-row index ascending with the image row
+    for (int base = 0; base < I; base += kNT) {
+      const int i = base + tid;
+      uint32_t bits = 0;
+      if (i < I) {
+        for (int e = 0; e < E; ++e)
+          if ((amask >> e & 1) && a.mask[((size_t)b * E + e) * I + i]) bits |= 1u << e;
+      }
+      const int flag = bits != 0u;
+      int tot;
+      const int pos = block_scan_excl(flag, scratch, &tot);
+      const int ri = running + pos;
+      if (i < I) ridx[i] = flag ? ri : -1;
+      if (flag) {
+        rlist[ri] = i;
+        rowents[ri] = (uint8_t)bits;
+      }
 #pragma unroll
-    for (int e = 0; e < kMaxE; ++e) {
-      if (e < E && (amask >> e & 1)) {  // uniform across the block
-        const int fe = (bits >> e) & 1u;
-        int tot_e;
-        const int pe = block_scan_excl(fe, scratch, &tot_e);
-        if (fe) a.ent_list[((size_t)b * E + e) * I + run_e[e] + pe] = ri;
-        run_e[e] += tot_e;
+      for (int e = 0; e < kMaxE; ++e) {
+        if (e < E && (amask >> e & 1)) {  // uniform across the block
+          const int fe = (bits >> e) & 1u;
+          int tot_e;
+          const int pe = block_scan_excl(fe, scratch, &tot_e);
+          if (fe) a.ent_list[((size_t)b * E + e) * I + run_e[e] + pe] = ri;
+          run_e[e] += tot_e;
+        }
+      }
+      running += tot;
+    }
+  } else {
+    // grouped order (v5): rows grouped by the lowest slot whose mask holds them (image order
+    // within a group), so the 64-row tiles of the edit kernels hold one entity's rows and the
+    // masked columns a row can have cut bits in (the other entities' rows) form few tiles.
+    // Every consumer maps masked-row index -> image row through rlist / ridx, so only the
+    // numbering changes (and with it the order of the DELTA/X tiles, not their values).
+    for (int g = 0; g < E; ++g) {
+      if (!(amask >> g & 1)) continue;  // uniform
+      for (int base = 0; base < I; base += kNT) {
+        const int i = base + tid;
+        uint32_t bits = 0;
+        if (i < I) {
+          for (int e = 0; e < E; ++e)
+            if ((amask >> e & 1) && a.mask[((size_t)b * E + e) * I + i]) bits |= 1u << e;
+        }
+        const int flag = bits != 0u && (__ffs((int)bits) - 1) == g;
+        int tot;
+        const int pos = block_scan_excl(flag, scratch, &tot);
+        const int ri = running + pos;
+        if (i < I && bits == 0u) ridx[i] = -1;
+        if (flag) {
+          ridx[i] = ri;
+          rlist[ri] = i;
+          rowents[ri] = (uint8_t)bits;
+        }
+        running += tot;
       }
     }
-    running += tot;
+    __syncthreads();  // rowents of every masked row written (global, same block)
+    // per-entity lists, ascending in the masked-row index
+    for (int base = 0; base < running; base += kNT) {
+      const int ri = base + tid;
+      const uint32_t bits = ri < running ? (uint32_t)rowents[ri] : 0u;
+#pragma unroll
+      for (int e = 0; e < kMaxE; ++e) {
+        if (e < E && (amask >> e & 1)) {  // uniform across the block
+          const int fe = (bits >> e) & 1u;
+          int tot_e;
+          const int pe = block_scan_excl(fe, scratch, &tot_e);
+          if (fe) a.ent_list[((size_t)b * E + e) * I + run_e[e] + pe] = ri;
+          run_e[e] += tot_e;
+        }
+      }
+    }
   }
   if (tid == 0) s_nrows = running;
   __syncthreads();

@@ -14,6 +14,8 @@ namespace {
 
 constexpr int kNT = 128;  // 4 warps x 16 rows
 
+static_assert(kGTileFloats == 32 * kNT, "kept G tile layout: 32 accumulators per thread");
+
 constexpr int kStages = 3;  // cp.async pipeline depth over heads (loads of h+1, h+2 in flight)
 
 template <int D> constexpr int headsum_smem() { return kStages * 2 /*q,k*/ * kTile * D * 2; }
@@ -250,10 +252,28 @@ __global__ void __launch_bounds__(kNT) pair_kernel(Args a, int pair) {
     }
     __syncthreads();
     float acc[8][4];
-    headsum_tile<Tp, D>(a, b, s_rowj, s_colj, smem, [&](int h, int r) -> float {
-      const int ri = s_rri[r];
-      return ri >= 0 ? lse_cur[(size_t)h * I + ri] : 0.f;
-    }, 0, H, acc);
+    // G kept between the passes (v5): pass 1 stores the head sums of tiles t < g_tiles, pass 2
+    // reads them back instead of recomputing (same values; past the cap both passes compute).
+    const bool keep = t < a.g_tiles;
+    if (PASS == 2 && keep) {
+      const float* gt = a.gbuf + ((size_t)b * a.g_tiles + t) * kGTileFloats + tid;
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) acc[nb][x] = gt[(nb * 4 + x) * kNT];
+    } else {
+      headsum_tile<Tp, D>(a, b, s_rowj, s_colj, smem, [&](int h, int r) -> float {
+        const int ri = s_rri[r];
+        return ri >= 0 ? lse_cur[(size_t)h * I + ri] : 0.f;
+      }, 0, H, acc);
+      if (PASS == 1 && keep) {
+        float* gt = a.gbuf + ((size_t)b * a.g_tiles + t) * kGTileFloats + tid;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int x = 0; x < 4; ++x) gt[(nb * 4 + x) * kNT] = acc[nb][x];
+      }
+    }
     float cnt = 0.f, sum = 0.f, sq = 0.f;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
