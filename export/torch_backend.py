@@ -25,6 +25,22 @@ DEFAULT_ENTITY_SLOTS = 4
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+# What the fused kernels support (plugins/deleaker_attention/include/deleaker_attention.h).
+FUSED_HEAD_DIMS = (64, 128)
+FUSED_DTYPES = ("fp16", "bf16")
+
+
+def _check_fused_op_fits(tcfg, device: str, dtype: str) -> None:
+    """Fail at load, in one line, rather than inside the first attention block."""
+    if not device.startswith("cuda"):
+        raise ValueError("--attention cuda runs on a GPU: add --device cuda")
+    if dtype not in FUSED_DTYPES:
+        raise ValueError(f"the fused op takes fp16 or bf16 activations; got dtype {dtype} (use --dtype bf16)")
+    if tcfg.attention_head_dim not in FUSED_HEAD_DIMS:
+        raise ValueError(f"the fused op supports head sizes {FUSED_HEAD_DIMS}; this model's is "
+                         f"{tcfg.attention_head_dim} (use --attention reference)")
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -63,8 +79,10 @@ class TorchBackend(Backend):
             raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPES)}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but torch sees no CUDA GPU")
-        return cls(load_checkpoint(source, dtype=_DTYPES[dtype]), device=device, op=op,
-                   deleaker_config=deleaker_config, **kw)
+        ckpt = load_checkpoint(source, dtype=_DTYPES[dtype])
+        if op == "cuda":
+            _check_fused_op_fits(ckpt.transformer.config, device, dtype)
+        return cls(ckpt, device=device, op=op, deleaker_config=deleaker_config, **kw)
 
     def prepare(self, num_steps: int) -> None:
         # windows derive from the step count (unless the config gives them explicitly)

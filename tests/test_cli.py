@@ -47,7 +47,7 @@ def test_compare_writes_both_images_in_one_file(tiny_model_dir, tmp_path):
     (["--model", "NOT_A_CHECKPOINT"], "not a diffusers checkpoint"),
     (["--out", "missing_dir/x.png"], "does not exist"),
     (["--prompt", PROMPT + " with a red ball" * 200], "T5 tokens"),
-    pytest.param(["--attention", "cuda"], "CUDA", marks=pytest.mark.skipif(
+    pytest.param(["--attention", "cuda"], "--device cuda", marks=pytest.mark.skipif(
         __import__("torch").cuda.is_available(), reason="a GPU is present: the fused op may well load")),
 ])
 def test_bad_input_one_line_error_no_file(tiny_model_dir, tmp_path, capsys, extra, message):
