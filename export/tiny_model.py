@@ -81,6 +81,8 @@ PRESETS: dict[str, TinyPreset] = {
     # A little wider and deeper: still CPU-fast, more blocks per step for window tests.
     "small": TinyPreset(num_layers=4, num_single_layers=8, num_attention_heads=4, attention_head_dim=32,
                         axes_dims_rope=(8, 12, 12), clip_hidden=64, t5_d_model=64),
+    # Head size 64, the smallest the fused CUDA kernels take: end-to-end GPU checks of --attention cuda.
+    "tiny-h64": TinyPreset(num_attention_heads=2, attention_head_dim=64, axes_dims_rope=(16, 24, 24)),
 }
 
 # ---------------------------------------------------------------------------------------------
