@@ -35,6 +35,7 @@ from deleaker.runtime import op_schema
 from deleaker.runtime.config import DeLeakerConfig, ResolvedConfig
 
 from . import onnx_op
+from .checkpoint import export_tokenizer
 from . import reference_op  # noqa: F401  (registers torch.ops.deleaker.attention)
 
 log = logging.getLogger("deleaker")
@@ -428,7 +429,9 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec
         del vae
         tokenizers = {}
         for name in ("tokenizer", "tokenizer_2"):
-            shutil.copytree(getattr(ckpt, name), tmp / name)
+            # as transformers builds it (FluxPipeline's tokenization), saved as tokenizer.json for
+            # the runtime's `tokenizers`-only loader; FLUX.1-dev's CLIP folder has no tokenizer.json
+            export_tokenizer(getattr(ckpt, name), tmp / name)
             tokenizers[name] = name
         manifest = mf.build_manifest(ckpt=ckpt, spec=spec, exported=exported, tokenizers=tokenizers,
                                      source=str(ckpt.root), opset=OPSET)
