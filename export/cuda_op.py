@@ -30,6 +30,10 @@ PLAIN_BACKENDS = {"auto": 0, "own": 1, "flash": 2, "cudnn": 3, "efficient": 4}
 # edited rows: "delta" corrects the plain rows by the changed columns only (exact fallback for
 # rows that lose most of their mass); "full" recomputes every edited row over all columns
 EDIT_MODES = {"delta": 0, "full": 1}
+# implementation switches of the library (dl_params_t; bit i of attention_ex's `impl`), all on by
+# default; each selects a faster path with the same math (notes/gpu.md, v5/v6). Switching one off
+# gives back the earlier path (for A/B timings, or if a GPU check shows a problem).
+IMPL_SWITCHES = ("row_order", "keep_g", "x_split", "fixed_gather")
 
 _loaded: Path | None = None
 
@@ -99,9 +103,21 @@ def _as_tensor(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.int64)
 
 
+def impl_bits(impl: dict | None) -> int:
+    """attention_ex's `impl` argument: -1 (library defaults) for None, else one bit per switch
+    (switches not named stay on)."""
+    if impl is None:
+        return -1
+    unknown = set(impl) - set(IMPL_SWITCHES)
+    if unknown:
+        raise ValueError(f"impl: unknown switches {sorted(unknown)}; known: {', '.join(IMPL_SWITCHES)}")
+    return sum(1 << i for i, name in enumerate(IMPL_SWITCHES) if impl.get(name, True))
+
+
 def deleaker_attention_cuda(q, k, v, entity_tokens, history, step, grid, *, plain: str = "auto",
-                            edit: str = "delta", **attrs):
-    """Fused DeLeaker attention. Same inputs, attributes and outputs as deleaker_attention_ref."""
+                            edit: str = "delta", impl: dict | None = None, **attrs):
+    """Fused DeLeaker attention. Same inputs, attributes and outputs as deleaker_attention_ref.
+    impl: implementation switches ({name: bool}, names in IMPL_SWITCHES; None: all on)."""
     load()
     if plain not in PLAIN_BACKENDS:
         raise ValueError(f"plain must be one of {', '.join(PLAIN_BACKENDS)}, got {plain!r}")
@@ -109,10 +125,11 @@ def deleaker_attention_cuda(q, k, v, entity_tokens, history, step, grid, *, plai
         raise ValueError(f"edit must be one of {', '.join(EDIT_MODES)}, got {edit!r}")
     vals = _attr_values(attrs)
     step, grid = _as_tensor(step), _as_tensor(grid)
-    if plain == "auto" and edit == "delta":
+    bits = impl_bits(impl)
+    if plain == "auto" and edit == "delta" and bits == -1:
         return torch.ops.deleaker_cuda.attention(q, k, v, entity_tokens, history, step, grid, *vals)
     return torch.ops.deleaker_cuda.attention_ex(q, k, v, entity_tokens, history, step, grid, *vals,
-                                                PLAIN_BACKENDS[plain], EDIT_MODES[edit])
+                                                PLAIN_BACKENDS[plain], EDIT_MODES[edit], bits)
 
 
 def call_op(q, k, v, entity_tokens, history, step, grid, attrs: dict):
@@ -121,7 +138,7 @@ def call_op(q, k, v, entity_tokens, history, step, grid, attrs: dict):
 
 
 def debug_run(q, k, v, entity_tokens, history, step, grid, *, plain: str = "auto", edit: str = "delta",
-              **attrs) -> dict:
+              impl: dict | None = None, **attrs) -> dict:
     """Run the op and return its intermediates (for tests): out, history_out, per-sample info,
     masks [B, E, I] bool, the masked rows and the image-image cut set as [B, I, I] bool
     (materialised here, for small checks only)."""
@@ -129,7 +146,8 @@ def debug_run(q, k, v, entity_tokens, history, step, grid, *, plain: str = "auto
     vals = _attr_values(attrs)
     step, grid = _as_tensor(step), _as_tensor(grid)
     out, hist_out, ws = torch.ops.deleaker_cuda.attention_debug(
-        q, k, v, entity_tokens, history, step, grid, *vals, PLAIN_BACKENDS[plain], EDIT_MODES[edit])
+        q, k, v, entity_tokens, history, step, grid, *vals, PLAIN_BACKENDS[plain], EDIT_MODES[edit],
+        impl_bits(impl))
     B, H, N, D = q.shape
     E, T = entity_tokens.shape[1:]
     I = N - T

@@ -276,6 +276,9 @@ def define_cases(quick=False):
 
 
 VARIANTS = [("cudnn", "delta"), ("own", "delta"), ("own", "full"), ("flash", "delta")]
+# implementation switches (export/cuda_op.IMPL_SWITCHES; default all on): the v6 ones off, and all off (v4)
+V6_OFF = {"x_split": False, "fixed_gather": False}
+V4_PATHS = {"row_order": False, "keep_g": False, "x_split": False, "fixed_gather": False}
 
 
 def run_case(c):
@@ -299,11 +302,14 @@ def run_case(c):
     oracle_same = float((op_out - ref).abs().max()) == 0.0 and torch.equal(op_hist, ref_hist)
     e_naive = err(naive, ref)
     row = dict(name=c["name"], N=T + I, E=c["E"], oracle_same=oracle_same, naive=e_naive, variants=[])
+    d_on = None
     for plain, edit in VARIANTS:
         v_row = dict(plain=plain, edit=edit)
         try:
             d = cuda_op.debug_run(q, k, v, ent, hist, step, grid, plain=plain, edit=edit, **attrs)
             out, hout = d["out"], d["history_out"]
+            if (plain, edit) == ("cudnn", "delta"):
+                d_on = d  # compared with the v6-switches-off run below
             v_row["nan_out"] = int(torch.isnan(out).sum())
             v_row["nan_hist"] = int(torch.isnan(hout).sum())
             dh = (hout - ref_hist).abs()
@@ -354,6 +360,24 @@ def run_case(c):
             f" naive_max={e_naive['max']:.2e} flips={v_row.get('mask_flips')} cut {v_row.get('cut_diff')}/{v_row.get('cut_ref')}"
             f" rows={info0.get('n_rows')} fb={info0.get('n_fallback')} nan={v_row.get('nan_out')}"
             + (f" ERR {v_row['error']}" if "error" in v_row else ""))
+    # same case, cudnn/delta, v6 switches off: tells a failure of the new paths (v6) from one of
+    # the rest (if only the default rows fail, switch x_split / fixed_gather off)
+    try:
+        d0 = cuda_op.debug_run(q, k, v, ent, hist, step, grid, plain="cudnn", edit="delta", impl=V6_OFF, **attrs)
+        d1 = d_on if d_on is not None else cuda_op.debug_run(q, k, v, ent, hist, step, grid, plain="cudnn",
+                                                             edit="delta", **attrs)
+        e0 = err(d0["out"], ref)
+        row["v6_off"] = dict(rel=e0["rel"], ratio_rel=e0["rel"] / max(e_naive["rel"], 1e-30),
+                             ratio_max=e0["max"] / max(e_naive["max"], 1e-30),
+                             max_diff_vs_on=float((d0["out"].float() - d1["out"].float()).abs().max()),
+                             cut_diff_vs_on=int((d0["cut"] != d1["cut"]).sum()),
+                             hist_same=bool(torch.equal(d0["history_out"], d1["history_out"])))
+        log(f"  {c['name']:<44} v6 off: rel={e0['rel']:.2e} ratio={row['v6_off']['ratio_rel']:.2f}"
+            f" max|on-off|={row['v6_off']['max_diff_vs_on']:.2e} cut diff on/off={row['v6_off']['cut_diff_vs_on']}")
+        del d0, d1, d_on
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        row["v6_off"] = dict(error=f"{type(e).__name__}: {e}"[:300])
     del q, k, v, ref, naive
     torch.cuda.empty_cache()
     return row
@@ -432,24 +456,23 @@ def section_timing():
             lambda p=plain: cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, after, grid, plain=p, **attrs_in))
     add("fused inside E=3 plain=cudnn edit=delta",
         lambda: cuda_op.deleaker_attention_cuda(q3, k3, v3, ent3, hist3, inside, grid, **attrs_in))
-    # A/B on the same machine: the v5 switches off (DL_ROW_ORDER=0 DL_KEEP_G=0: v4 row order,
-    # pass 2 recomputes G), read by dl_launch at every call
-    ab_env = ("DL_ROW_ORDER", "DL_KEEP_G")
+    # A/B in the same call: implementation switches (dl_params_t fields, via attention_ex's impl)
     try:
         new2 = cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, inside, grid, **attrs_in)[0]
-        for n_ in ab_env:
-            os.environ[n_] = "0"
-        add("fused inside plain=cudnn edit=delta, v4 paths (DL_ROW_ORDER=0 DL_KEEP_G=0)",
-            lambda: cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, inside, grid, **attrs_in))
-        old2 = cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, inside, grid, **attrs_in)[0]
-        rows[-1]["v5_vs_v4_max_diff"] = float((new2.float() - old2.float()).abs().max())
-        add("fused inside E=3 plain=cudnn edit=delta, v4 paths",
-            lambda: cuda_op.deleaker_attention_cuda(q3, k3, v3, ent3, hist3, inside, grid, **attrs_in))
+        for label, impl in [("v6 switches off (x_split=0 fixed_gather=0: v5 paths)", V6_OFF),
+                            ("x_split=0 only", {"x_split": False}),
+                            ("fixed_gather=0 only", {"fixed_gather": False}),
+                            ("v4 paths (all switches off)", V4_PATHS)]:
+            add(f"fused inside plain=cudnn edit=delta, {label}",
+                lambda i=impl: cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, inside, grid, impl=i, **attrs_in))
+            old2 = cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, inside, grid, impl=impl, **attrs_in)[0]
+            rows[-1]["max_diff_vs_default"] = float((new2.float() - old2.float()).abs().max())
+        for label, impl in [("v6 switches off", V6_OFF), ("v4 paths", V4_PATHS)]:
+            add(f"fused inside E=3 plain=cudnn edit=delta, {label}",
+                lambda i=impl: cuda_op.deleaker_attention_cuda(q3, k3, v3, ent3, hist3, inside, grid, impl=i,
+                                                               **attrs_in))
     except Exception:  # noqa: BLE001
         traceback.print_exc()
-    finally:
-        for n_ in ab_env:
-            os.environ.pop(n_, None)
     # CUDA graph: capture the whole op (step read on the device), replay
     try:
         s = torch.cuda.Stream()
@@ -551,6 +574,8 @@ def section_profile():
     runs = [
         ("4608 E=2 inside plain=cudnn edit=delta",
          lambda: cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, inside, grid, **attrs)),
+        ("4608 E=2 inside plain=cudnn edit=delta, v6 switches off",
+         lambda: cuda_op.deleaker_attention_cuda(q, k, v, ent, hist, inside, grid, impl=V6_OFF, **attrs)),
         ("4608 E=3 inside plain=cudnn edit=delta",
          lambda: cuda_op.deleaker_attention_cuda(q3, k3, v3, ent3, hist3, inside, grid, **attrs)),
         ("4608 E=2 after-window plain=cudnn",
@@ -661,6 +686,17 @@ def markdown() -> str:
             L.append(f"| {c['name']} | {v['plain']}/{v['edit']} | {'yes' if v['ok'] else 'NO'} | {v['err']['rel']:.2e} | "
                      f"{c['naive']['rel']:.2e} | {v['ratio_rel']:.2f} | {v['err']['max']:.2e} | {c['naive']['max']:.2e} | "
                      f"{v['mask_flips']} | {v['cut_diff']}/{v['cut_ref']} | {i0['n_rows']} | {i0['n_fallback']} |")
+    v6 = [(c["name"], c["v6_off"]) for c in RESULTS["cases"] if isinstance(c.get("v6_off"), dict)]
+    if v6:
+        L += ["", "## Same cases, cudnn/delta, v6 switches off (x_split=0 fixed_gather=0)", "",
+              "| case | rel err | ratio | max abs diff vs switches on | cut diff vs on | history same |",
+              "|---|---|---|---|---|---|"]
+        for name, x in v6:
+            if "error" in x:
+                L.append(f"| {name} | ERROR {x['error'][:120]} |")
+            else:
+                L.append(f"| {name} | {x['rel']:.2e} | {x['ratio_rel']:.2f} | {x['max_diff_vs_on']:.2e} | "
+                         f"{x['cut_diff_vs_on']} | {x['hist_same']} |")
     t = RESULTS.get("timing") or {}
     if t:
         L += ["", f"## Timing (B=1, 24x128, bf16, T+I={t.get('N')}, entities cover {t.get('coverage', 0):.0%}, "
@@ -670,7 +706,9 @@ def markdown() -> str:
             if "error" in r:
                 L.append(f"| {r['name']} | ERROR {r['error']} |")
             else:
-                L.append(f"| {r['name']} | {r['median_ms']:.3f} | {r['p10_ms']:.3f} | {r['p90_ms']:.3f} | "
+                extra = "".join(f"; {k_} {r[k_]:.2e}" for k_ in ("max_diff_vs_default", "graph_vs_eager_max_diff")
+                                if k_ in r)
+                L.append(f"| {r['name']}{extra} | {r['median_ms']:.3f} | {r['p10_ms']:.3f} | {r['p90_ms']:.3f} | "
                          f"{r.get('vs_cudnn', float('nan')):.2f}x | {r['tflops']:.0f} |")
     for pr in RESULTS.get("profile") or []:
         if "error" in pr:
@@ -741,7 +779,12 @@ def main():
     for c in RESULTS["cases"]:
         bad = [f"{v['plain']}/{v['edit']}" for v in c.get("variants", []) if not v.get("ok")]
         if bad or "error" in c:
-            print(f"  NOT OK: {c['name']}: {bad or c.get('error')}")
+            print(f"  NOT OK: {c['name']}: {bad or c.get('error')}; v6 switches off (cudnn/delta): {c.get('v6_off')}")
+    v6 = [c["v6_off"] for c in RESULTS["cases"] if isinstance(c.get("v6_off"), dict)]
+    if v6:
+        print(f"  v6 on vs off over {len(v6)} cases (cudnn/delta): max |diff| "
+              f"{max(x.get('max_diff_vs_on', float('nan')) for x in v6):.2e}, cut diffs "
+              f"{sum(x.get('cut_diff_vs_on', 0) for x in v6)}, errors {sum('error' in x for x in v6)}")
     t = RESULTS.get("timing") or {}
     for r in t.get("rows", []):
         if "median_ms" in r:

@@ -88,3 +88,30 @@ def test_missing_library_message(monkeypatch, tmp_path):
     monkeypatch.setattr(cuda_op, "library_path", lambda: None)
     with pytest.raises(cuda_op.CudaOpUnavailable, match="cmake"):
         cuda_op.load()
+
+
+def test_impl_switch_bits():
+    from deleaker.export import cuda_op
+
+    assert cuda_op.impl_bits(None) == -1  # library defaults (all on)
+    assert cuda_op.impl_bits({}) == 0b1111
+    assert cuda_op.impl_bits({"x_split": False, "fixed_gather": False}) == 0b0011
+    assert cuda_op.impl_bits({n: False for n in cuda_op.IMPL_SWITCHES}) == 0
+    with pytest.raises(ValueError, match="unknown switches"):
+        cuda_op.impl_bits({"row_ordr": False})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E", [2, 3])
+def test_impl_switches_same_result(E):
+    """Every implementation switch off (the v4 paths) and on give the same masks and history and
+    outputs equal to rounding (only summation orders differ)."""
+    cuda_op = _require_op()
+    q, k, v, ent, hist = _inputs(E=E, seed=40 + E)
+    attrs = _attrs()
+    step, grid = torch.tensor(5, device="cuda"), torch.tensor([16, 24], device="cuda")
+    on = cuda_op.debug_run(q, k, v, ent, hist, step, grid, **attrs)
+    for off in ({"x_split": False, "fixed_gather": False}, {n: False for n in cuda_op.IMPL_SWITCHES}):
+        d = cuda_op.debug_run(q, k, v, ent, hist, step, grid, impl=off, **attrs)
+        assert torch.equal(d["masks"], on["masks"]) and torch.equal(d["history_out"], on["history_out"])
+        torch.testing.assert_close(d["out"].float(), on["out"].float(), rtol=2e-2, atol=2e-2)

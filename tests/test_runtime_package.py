@@ -36,3 +36,15 @@ def test_runtime_imports_without_heavy_libraries():
 def test_op_contract_doc_is_generated_from_schema():
     doc = (ROOT / "docs" / "op-contract.md").read_text()
     assert doc == op_schema.markdown(), "regenerate: python -m deleaker.runtime.op_schema > docs/op-contract.md"
+
+
+def test_builtin_backends_are_found_without_entry_points(monkeypatch):
+    """A source checkout on PYTHONPATH (no pip install) has no entry points; the built-ins still load."""
+    import deleaker.runtime.backends as backends
+
+    monkeypatch.setattr(backends, "entry_points", lambda group: [])
+    assert backends.available_backends() == ["onnxruntime", "torch"]
+    assert backends.backend_class("onnxruntime").__name__ == "OnnxRuntimeBackend"
+    import pytest
+    with pytest.raises(backends.BackendError, match="unknown backend 'nope'"):
+        backends.backend_class("nope")

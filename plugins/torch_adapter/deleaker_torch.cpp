@@ -3,10 +3,12 @@
 // Registers, in namespace deleaker_cuda:
 //   attention(q, k, v, entity_tokens, history, step, grid, <15 attributes>) -> (out, history_out)
 //       the reference op's signature (runtime/op_schema.py); plain pass chosen automatically.
-//   attention_ex(..., int plain_backend, int edit_mode) -> (out, history_out)
+//   attention_ex(..., int plain_backend, int edit_mode, int impl=-1) -> (out, history_out)
 //       plain_backend: 0 auto (cuDNN, else flash, else own), 1 own kernel, 2 flash SDPA,
-//       3 cuDNN SDPA, 4 memory-efficient SDPA; edit_mode: 0 delta (+exact fallback), 1 full.
-//   attention_debug(..., int plain_backend, int edit_mode) -> (out, history_out, workspace); outputs
+//       3 cuDNN SDPA, 4 memory-efficient SDPA; edit_mode: 0 delta (+exact fallback), 1 full;
+//       impl: implementation switches of dl_params_t as bits (-1: library defaults, all on):
+//       1 row_order, 2 keep_g, 4 x_split, 8 fixed_gather.
+//   attention_debug(..., int plain_backend, int edit_mode, int impl=-1) -> (out, history_out, workspace); outputs
 //       are NaN-poisoned first (out only with the own plain pass) so unwritten elements show
 //   workspace_layout(B, H, T, I, D, E, lse_in_ws) -> int[] offsets of the inspectable buffers.
 // No host synchronisation: step/grid on the device are read there; on the CPU they are read
@@ -74,7 +76,8 @@ bool sdpa_plain(int backend, const at::Tensor& q, const at::Tensor& k, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& entity_tokens, const at::Tensor& history,
                                                    const at::Tensor& step, const at::Tensor& grid, const Attrs& at_,
-                                                   int64_t plain_backend, int64_t edit_mode, bool poison = false) {
+                                                   int64_t plain_backend, int64_t edit_mode, int64_t impl,
+                                                   bool poison = false) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "deleaker_cuda.attention: q, k, v must be CUDA tensors");
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
               "deleaker_cuda.attention: q, k, v must share one [B, H, T+I, D] shape");
@@ -184,6 +187,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& q, const at
   p.do_image_image = (int)at_.do_x;
   p.do_text_text_weakening = (int)at_.do_tt;
   p.edit_mode = edit_mode == 1 ? DL_EDIT_FULL : DL_EDIT_DELTA;
+  if (impl >= 0) {  // explicit switches; -1 keeps dl_params_init's defaults
+    p.row_order = (int)(impl & 1);
+    p.keep_g = (int)((impl >> 1) & 1);
+    p.x_split = (int)((impl >> 2) & 1);
+    p.fixed_gather = (int)((impl >> 3) & 1);
+  }
 
   const size_t ws_bytes = dl_workspace_size(&p);
   at::Tensor ws = at::empty({(int64_t)ws_bytes}, q.options().dtype(at::kByte));
@@ -208,15 +217,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& q, const at
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const at::Tensor& entity_tokens, const at::Tensor& history,
                                              const at::Tensor& step, const at::Tensor& grid, DL_ATTR_PARAMS) {
-  auto r = run(q, k, v, entity_tokens, history, step, grid, DL_ATTR_INIT, kAuto, 0);
+  auto r = run(q, k, v, entity_tokens, history, step, grid, DL_ATTR_INIT, kAuto, 0, -1);
   return {std::get<0>(r), std::get<1>(r)};
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_ex(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const at::Tensor& entity_tokens, const at::Tensor& history,
                                                 const at::Tensor& step, const at::Tensor& grid, DL_ATTR_PARAMS,
-                                                int64_t plain_backend, int64_t edit_mode) {
-  auto r = run(q, k, v, entity_tokens, history, step, grid, DL_ATTR_INIT, plain_backend, edit_mode);
+                                                int64_t plain_backend, int64_t edit_mode, int64_t impl) {
+  auto r = run(q, k, v, entity_tokens, history, step, grid, DL_ATTR_INIT, plain_backend, edit_mode, impl);
   return {std::get<0>(r), std::get<1>(r)};
 }
 
@@ -224,8 +233,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_debug(const at::Tensor&
                                                                const at::Tensor& v, const at::Tensor& entity_tokens,
                                                                const at::Tensor& history, const at::Tensor& step,
                                                                const at::Tensor& grid, DL_ATTR_PARAMS,
-                                                               int64_t plain_backend, int64_t edit_mode) {
-  return run(q, k, v, entity_tokens, history, step, grid, DL_ATTR_INIT, plain_backend, edit_mode, /*poison=*/true);
+                                                               int64_t plain_backend, int64_t edit_mode,
+                                                               int64_t impl) {
+  return run(q, k, v, entity_tokens, history, step, grid, DL_ATTR_INIT, plain_backend, edit_mode, impl,
+             /*poison=*/true);
 }
 
 std::vector<int64_t> workspace_layout(int64_t B, int64_t H, int64_t T, int64_t I, int64_t D, int64_t E,
@@ -258,9 +269,10 @@ std::vector<int64_t> workspace_layout(int64_t B, int64_t H, int64_t T, int64_t I
 
 TORCH_LIBRARY(deleaker_cuda, m) {
   m.def("attention(" DL_TENSOR_SCHEMA DL_ATTR_SCHEMA ") -> (Tensor, Tensor)");
-  m.def("attention_ex(" DL_TENSOR_SCHEMA DL_ATTR_SCHEMA ", int plain_backend, int edit_mode) -> (Tensor, Tensor)");
+  m.def("attention_ex(" DL_TENSOR_SCHEMA DL_ATTR_SCHEMA
+        ", int plain_backend, int edit_mode, int impl=-1) -> (Tensor, Tensor)");
   m.def("attention_debug(" DL_TENSOR_SCHEMA DL_ATTR_SCHEMA
-        ", int plain_backend, int edit_mode) -> (Tensor, Tensor, Tensor)");
+        ", int plain_backend, int edit_mode, int impl=-1) -> (Tensor, Tensor, Tensor)");
   m.def("workspace_layout(int B, int H, int T, int I, int D, int E, int lse_in_ws) -> int[]", &workspace_layout);
 }
 

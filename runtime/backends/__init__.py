@@ -1,9 +1,11 @@
 """Backend lookup. Backends register under the `deleaker.backends` entry-point group
 (pyproject.toml), so the runtime never imports a backend library (torch, onnxruntime, tensorrt)
-until one is asked for."""
+until one is asked for. The built-in ones are also listed here by module path, so a source
+checkout on PYTHONPATH (no pip install, no entry points) finds them too."""
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import entry_points
 
 from .base import Backend, ModelInfo
@@ -11,22 +13,34 @@ from .base import Backend, ModelInfo
 __all__ = ["Backend", "ModelInfo", "available_backends", "load_backend"]
 
 GROUP = "deleaker.backends"
+# name -> "module:attribute", imported only when that backend is asked for
+BUILTIN = {
+    "torch": "deleaker.export.torch_backend:TorchBackend",
+    "onnxruntime": "deleaker.runtime.backends.onnxruntime_backend:OnnxRuntimeBackend",
+}
 
 
 class BackendError(ValueError):
     """A backend is unknown or cannot be loaded here."""
 
 
+def _registered() -> dict[str, str]:
+    found = dict(BUILTIN)
+    found.update({ep.name: ep.value for ep in entry_points(group=GROUP)})
+    return found
+
+
 def available_backends() -> list[str]:
-    return sorted(ep.name for ep in entry_points(group=GROUP))
+    return sorted(_registered())
 
 
 def backend_class(name: str):
-    eps = {ep.name: ep for ep in entry_points(group=GROUP)}
-    if name not in eps:
-        raise BackendError(f"unknown backend {name!r}; available: {', '.join(sorted(eps)) or 'none installed'}")
+    registered = _registered()
+    if name not in registered:
+        raise BackendError(f"unknown backend {name!r}; available: {', '.join(sorted(registered))}")
+    module, _, attr = registered[name].partition(":")
     try:
-        return eps[name].load()
+        return getattr(importlib.import_module(module), attr)
     except ImportError as e:
         raise BackendError(f"backend {name!r} needs a library that is not installed here ({e}); "
                            f"install the matching extra, e.g. pip install 'deleaker[{name}]'") from e

@@ -10,9 +10,11 @@
  * captured in a CUDA graph. step and grid may live on the device (read there) or be passed
  * by value.
  *
- * No (T+I) x (T+I) tensor is ever formed. Workspace: O(B*(H*(T+I) + E*I + I*I/8)) bytes plus a
- * fixed 4.3 MB per sample (column-split partials of the exact-recompute rows); the I*I/8 term is
- * a bit-set of the image-image cuts over the masked rows.
+ * No (T+I) x (T+I) tensor is ever formed. Workspace: O(B*(H*(T+I) + E*I + I*I/8)) bytes plus, per
+ * sample, a fixed 4.3 MB (column-split partials of the exact-recompute rows) and the rule-X tile
+ * buffers (kept G: min(2 ceil(I/64)^2, 512) x 16 KB; split partials: min(4x that, 1024) x 16 KB,
+ * i.e. 8 + 16 MB from I = 1024 on); the I*I/8 term is a bit-set of the image-image cuts over the
+ * masked rows.
  */
 #ifndef DELEAKER_ATTENTION_H
 #define DELEAKER_ATTENTION_H
@@ -25,7 +27,7 @@
 extern "C" {
 #endif
 
-#define DL_ABI_VERSION 1
+#define DL_ABI_VERSION 2 /* 2: implementation switches row_order, keep_g, x_split, fixed_gather */
 #define DL_MAX_ENTITIES 8 /* entity slots per sample (E <= 8) */
 
 typedef enum { DL_DTYPE_FP16 = 0, DL_DTYPE_BF16 = 1 } dl_dtype_t;
@@ -97,6 +99,14 @@ typedef struct {
   int edit_mode;            /* dl_edit_mode_t */
   float fallback_threshold; /* DELTA: kept-mass fraction under which a row is recomputed; <= 0: 0.25 */
   int num_sms;              /* 0: queried from the current device */
+
+  /* Implementation switches (dl_params_init: all 1). Each selects a faster path with the same
+   * math; 0 gives back the earlier path (notes/gpu.md: v5 for the first two, v6 for the rest).
+   * Results may differ in the last bits (summation order), never in the formulas. */
+  int row_order;    /* masked rows grouped by entity (0: image order, v4) */
+  int keep_g;       /* rule X pass 2 reads the G tiles pass 1 kept (0: recompute) */
+  int x_split;      /* rule X pass 1 split over head groups, fixed-order merge (0: one block per tile) */
+  int fixed_gather; /* gathered tile loads with per-thread fixed chunk columns (0: generic loop) */
 } dl_params_t;
 
 /* Fill every field with defaults (the authors' FLUX.1-dev attribute values, 57 blocks). */

@@ -81,6 +81,11 @@ Layout make_layout(int B, int H, int T, int I, int E, bool lse_in_ws) {
     L.g_tiles = (int)(need < (size_t)kMaxGTiles ? need : (size_t)kMaxGTiles);
   }
   L.gbuf = take(b * (size_t)L.g_tiles * kGTileFloats * 4);
+  {  // rule X pass 1 partials (v6): room for the split of every pair whose G is kept
+    const size_t cap = 4 * (size_t)L.g_tiles;
+    L.xpart_tiles = (int)(cap < (size_t)kMaxXPart ? cap : (size_t)kMaxXPart);
+  }
+  L.xpart = take(b * (size_t)L.xpart_tiles * kGTileFloats * 4);
   L.total = off;
   return L;
 }
@@ -114,6 +119,10 @@ void dl_params_init(dl_params_t* p) {
   p->do_text_text_weakening = 0;
   p->edit_mode = DL_EDIT_DELTA;
   p->fallback_threshold = 0.25f;
+  p->row_order = 1;
+  p->keep_g = 1;
+  p->x_split = 1;
+  p->fixed_gather = 1;
 }
 
 size_t dl_workspace_size(const dl_params_t* p) {
@@ -154,13 +163,6 @@ const char* dl_last_error(void) { return g_last_error; }
 static int fail(int code, const char* what) {
   snprintf(g_last_error, sizeof(g_last_error), "%s", what);
   return code;
-}
-
-// 0/1 switch from the environment (read at every launch, host side only); unset: default.
-static int env_flag(const char* name, int dflt) {
-  const char* v = getenv(name);
-  if (!v || !*v) return dflt;
-  return v[0] == '0' ? 0 : 1;
 }
 
 static bool aligned16(const void* ptr) { return ((uintptr_t)ptr & 15u) == 0; }
@@ -273,10 +275,30 @@ int dl_launch(const dl_params_t* p, void* workspace, size_t workspace_bytes, cud
   }
   a.cut_words = L.cut_words;
   a.tpad = L.tpad;
-  // v5 switches (defaults on); DL_KEEP_G=0 / DL_ROW_ORDER=0 restore the v4 paths
+  // implementation switches (dl_params_t, default on); all 0: the v4 paths
   a.gbuf = reinterpret_cast<float*>(ws + L.gbuf);
-  a.g_tiles = env_flag("DL_KEEP_G", 1) ? L.g_tiles : 0;
-  a.row_order = env_flag("DL_ROW_ORDER", 1);
+  a.g_tiles = p->keep_g ? L.g_tiles : 0;
+  a.row_order = p->row_order != 0;
+  // x_split needs the kept G (pass 2 reads the merged tiles): without keep_g it is off
+  a.xpart = reinterpret_cast<float*>(ws + L.xpart);
+  a.xpart_tiles = (p->x_split && p->keep_g) ? L.xpart_tiles : 0;
+  a.x_grid = 0;  // set per launch configuration below
+  {
+    const int64_t rb[3] = {p->q_stride[2] * 2, p->k_stride[2] * 2, p->v_stride[2] * 2};
+    bool fits = true;
+    for (int i = 0; i < 3; ++i) fits = fits && rb[i] > -2147483647LL && rb[i] < 2147483647LL;
+    a.fixed_gather = p->fixed_gather && fits;
+    a.q_rb = fits ? (int)rb[0] : 0;
+    a.k_rb = fits ? (int)rb[1] : 0;
+    a.v_rb = fits ? (int)rb[2] : 0;
+  }
+  {  // rule X pass 1 grid per sample: 3 blocks per SM when split (64 KB of smem), else 2
+    const int tiles = (p->I + kTile - 1) / kTile;
+    int n = (a.xpart_tiles > 0 ? 3 : 2) * num_sms / p->B;
+    n = n < 1 ? 1 : n;
+    const long cap = (long)2 * tiles * tiles * (a.xpart_tiles > 0 ? kMaxXG : 1);
+    a.x_grid = (long)n > cap ? (int)cap : n;
+  }
 
   const int dt = p->dtype;
   const int mode = p->edit_mode == DL_EDIT_FULL ? 1 : 0;
@@ -298,6 +320,7 @@ int dl_launch(const dl_params_t* p, void* workspace, size_t workspace_bytes, cud
     const int npmax = p->E * (p->E - 1) / 2;
     for (int pr = 0; pr < npmax; ++pr) {
       DL_TRY(launch_pair_pass(a, dt, pr, 1, num_sms, stream));
+      if (a.do_x && a.xpart_tiles > 0) DL_TRY(launch_pair_pass(a, dt, pr, 3, num_sms, stream));
       if (a.do_x) DL_TRY(launch_pair_pass(a, dt, pr, 2, num_sms, stream));
       if (pr < npmax - 1) {  // the next pair's G needs the LSE under this pair's edits
         if (mode == 0) {

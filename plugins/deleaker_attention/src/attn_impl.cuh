@@ -296,15 +296,21 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
         }
       }
       const uint32_t ks = sbase + P::k_off + st * P::kv_tile, vs = sbase + P::v_off + st * P::kv_tile;
-      load_tile<D, NT>(ks, kTile, [&](int c) -> const void* {
-        const int j = col_joint(it, c);
-        return j >= 0 ? (const void*)(kb + h * a.ks[1] + (int64_t)j * a.ks[2]) : nullptr;
-      }, a.k);
-      if constexpr (!LSE_ONLY) {
-        load_tile<D, NT>(vs, kTile, [&](int c) -> const void* {
+      if (a.fixed_gather) {  // v6: fixed chunk column per thread, same bytes to the same places
+        gather_tile64<D, NT>(ks, kb + h * a.ks[1], a.k_rb, [&](int c) { return col_joint(it, c); }, a.k);
+        if constexpr (!LSE_ONLY)
+          gather_tile64<D, NT>(vs, vb + h * a.vs[1], a.v_rb, [&](int c) { return col_joint(it, c); }, a.v);
+      } else {
+        load_tile<D, NT>(ks, kTile, [&](int c) -> const void* {
           const int j = col_joint(it, c);
-          return j >= 0 ? (const void*)(vb + h * a.vs[1] + (int64_t)j * a.vs[2]) : nullptr;
-        }, a.v);
+          return j >= 0 ? (const void*)(kb + h * a.ks[1] + (int64_t)j * a.ks[2]) : nullptr;
+        }, a.k);
+        if constexpr (!LSE_ONLY) {
+          load_tile<D, NT>(vs, kTile, [&](int c) -> const void* {
+            const int j = col_joint(it, c);
+            return j >= 0 ? (const void*)(vb + h * a.vs[1] + (int64_t)j * a.vs[2]) : nullptr;
+          }, a.v);
+        }
       }
       cp_async_commit();
     };

@@ -98,6 +98,27 @@ __device__ __forceinline__ void load_tile(uint32_t smem_base, int rows, F row_pt
   }
 }
 
+// Gathered 64-row tile, v6 (fixed_gather): each thread owns one 16-byte chunk column
+// (tid % CH) and the rows tid / CH + k * (NT / CH), so the loop is unrolled with a constant
+// swizzle and no division; the global address is one 32x32->64-bit multiply of the row's index
+// by the row stride in bytes. `base` points at row 0 of the (batch, head); joint(r) gives the
+// row index or -1 (zero-filled). Same bytes to the same smem places as load_tile.
+template <int D, int NT, typename JF>
+__device__ __forceinline__ void gather_tile64(uint32_t smem_base, const void* base, int row_bytes, JF joint,
+                                              const void* dummy) {
+  constexpr int CH = D / 8, RPP = NT / CH, KP = kTile / RPP;
+  static_assert(NT % CH == 0 && kTile % RPP == 0, "gather_tile64: thread count must tile the 64 rows");
+  const int ch = threadIdx.x % CH, rb = threadIdx.x / CH;
+  const char* bch = reinterpret_cast<const char*>(base) + ch * 16;
+#pragma unroll
+  for (int k = 0; k < KP; ++k) {
+    const int r = rb + k * RPP;
+    const int j = joint(r);
+    const bool ok = j >= 0;
+    cp_async16(smem_base + tile_off<D>(r, ch), ok ? (const void*)(bch + (int64_t)j * row_bytes) : dummy, ok);
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

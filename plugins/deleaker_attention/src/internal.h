@@ -21,6 +21,33 @@ constexpr int kSplitStride = 128 + 2;  // floats per slot: o[D] unnormalised, ru
 // pass 2; tiles past it are recomputed (bit-identical path). 2 x 10 x 10 tiles at 4608 / 28%.
 constexpr int kMaxGTiles = 512;
 constexpr int kGTileFloats = 32 * 128;  // per tile: 32 accumulators x 128 threads
+// Rule X pass 1 split over head groups (v6, x_split): partial G tiles of (tile, group) units,
+// summed in group order by the merge pass. At most kMaxXG groups; the partial buffer holds
+// kMaxXPart tiles per sample (16 MB), so groups * tiles <= that (else no split).
+constexpr int kMaxXG = 16;
+constexpr int kMaxXPart = 1024;
+
+// Head groups of rule X pass 1 for a pair with `total` 64x64 tiles, `grid` blocks per sample
+// (pass 1's grid; the merge pass uses the same value), `part_cap` partial tiles and `g_tiles`
+// kept G tiles (the merged G is kept for pass 2, so every tile must fit: total <= g_tiles).
+// Cost model: rounds of units per block x (heads per unit + 1 for the prologue and the stats).
+// 1: no split (pass 1 sums all heads per tile and takes the statistics itself).
+__host__ __device__ inline int x_head_groups(int total, int H, int grid, int part_cap, int g_tiles) {
+  if (total <= 0 || total > g_tiles || grid < 1) return 1;
+  int best = 1;
+  long best_cost = (long)((total + grid - 1) / grid) * (H + 1);
+  const int gmax = H < kMaxXG ? H : kMaxXG;
+  for (int hg = 2; hg <= gmax; ++hg) {
+    if ((long)total * hg > part_cap) break;
+    const long units = (long)total * hg;
+    const long cost = (units + grid - 1) / grid * ((H + hg - 1) / hg + 1);
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = hg;
+    }
+  }
+  return best;
+}
 
 // FALLBACK (few rows, each a full row of column tiles): split the columns of every (row tile,
 // head) into nsplit ranges so all SMs take part; partials merged by split_merge_kernel. The
@@ -57,8 +84,9 @@ struct SampleInfo {
 // Byte offsets of every workspace buffer (all 256-byte aligned).
 struct Layout {
   size_t info, tok_list, tok_bits, tok_firstbits, p, mask, rlist, ridx, ent_list, rowents, state,
-      cut, lse_cur, lse, flag_list, rowflag, p_part, split, gbuf, total;
+      cut, lse_cur, lse, flag_list, rowflag, p_part, split, gbuf, xpart, total;
   int g_tiles;    // rule X tiles whose G is kept between pass 1 and pass 2, per sample
+  int xpart_tiles;  // rule X pass 1 partial (tile, head group) tiles, per sample
   int cut_words;  // uint32 words per cut row (even: 64-bit pairs)
   int tpad;       // T rounded up to kTile
 };
@@ -110,6 +138,11 @@ struct Args {
   float* gbuf;          // [B, g_tiles, 32, 128] rule X: G tiles of pass 1 kept for pass 2
   int g_tiles;          // G tiles kept per sample (0: pass 2 recomputes every tile, the v4 path)
   int row_order;        // compaction order of the masked rows: 0 image order (v4), 1 grouped by entity
+  float* xpart;         // [B, xpart_tiles, 32, 128] rule X pass 1 partial G per (tile, head group)
+  int xpart_tiles;      // partial tiles per sample (0: pass 1 is not split)
+  int x_grid;           // blocks per sample of rule X pass 1 (the merge pass derives the split from it)
+  int fixed_gather;     // 1: gathered tiles loaded with fixed per-thread chunk columns (v6)
+  int q_rb, k_rb, v_rb; // row strides of q, k, v in bytes (int: checked on the host for fixed_gather)
   int n_hg;             // head groups of entity_probs (<= kMaxHG)
   int cut_words, tpad;
 };
@@ -118,6 +151,8 @@ struct Args {
 template <typename Tp, int D> cudaError_t plain_attention_t(const Args& a, cudaStream_t s);
 template <typename Tp, int D> cudaError_t edit_attention_t(const Args& a, int mode, int pass, int num_sms, cudaStream_t s);
 template <typename Tp, int D> cudaError_t entity_probs_t(const Args& a, cudaStream_t s);
+// pass: 1 statistics (split over head groups when a.xpart_tiles > 0), 3 merge of the split
+// partials + statistics, 2 cut bits.
 template <typename Tp, int D> cudaError_t pair_pass_t(const Args& a, int pair, int pass, int num_sms, cudaStream_t s);
 
 // Kernel launchers (each returns cudaGetLastError()).

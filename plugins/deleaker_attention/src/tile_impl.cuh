@@ -16,16 +16,19 @@ constexpr int kNT = 128;  // 4 warps x 16 rows
 
 static_assert(kGTileFloats == 32 * kNT, "kept G tile layout: 32 accumulators per thread");
 
-constexpr int kStages = 3;  // cp.async pipeline depth over heads (loads of h+1, h+2 in flight)
+constexpr int kStages = 3;   // cp.async pipeline depth over heads (loads of h+1, h+2 in flight)
+constexpr int kXStages = 2;  // rule X pass 1 split (v6): 64 KB of smem, 3 blocks per SM
 
-template <int D> constexpr int headsum_smem() { return kStages * 2 /*q,k*/ * kTile * D * 2; }
+template <int D, int STAGES = kStages> constexpr int headsum_smem() { return STAGES * 2 /*q,k*/ * kTile * D * 2; }
 
 // acc[nb][0..1]: row r0 = warp*16 + lane/4, columns nb*8 + 2*(lane%4) + {0,1}; acc[nb][2..3]: row r0+8.
 // Sums heads h0 <= h < h1. lse2(h, r) is the log2-domain LSE of tile row r for head h (read one
 // head ahead, so its latency hides behind the tensor-core work). Columns with s_colj < 0 add 0.
-template <typename Tp, int D, typename LseF>
+// STAGES (2 or 3) only changes how far the loads run ahead, never the arithmetic.
+template <typename Tp, int D, typename LseF, int STAGES = kStages>
 __device__ __forceinline__ void headsum_tile(const Args& a, int b, const int* s_rowj, const int* s_colj,
                                              uint8_t* smem, LseF lse2, int h0, int h1, float (&acc)[8][4]) {
+  static_assert(STAGES == 2 || STAGES == 3, "headsum_tile: 2 or 3 stages");
   using Op = MmaOp<Tp>;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int r0 = warp * 16 + (lane >> 2), r1 = r0 + 8;
@@ -35,6 +38,11 @@ __device__ __forceinline__ void headsum_tile(const Args& a, int b, const int* s_
   constexpr uint32_t kTileBytes = kTile * D * 2;
   auto load = [&](int h, int st) {
     const uint32_t qs = base + st * 2 * kTileBytes, ks = qs + kTileBytes;
+    if (a.fixed_gather) {
+      gather_tile64<D, kNT>(qs, qb + h * a.qs[1], a.q_rb, [&](int r) { return s_rowj[r]; }, a.q);
+      gather_tile64<D, kNT>(ks, kb + h * a.ks[1], a.k_rb, [&](int r) { return s_colj[r]; }, a.k);
+      return;
+    }
     load_tile<D, kNT>(qs, kTile, [&](int r) -> const void* {
       const int j = s_rowj[r];
       return j >= 0 ? (const void*)(qb + h * a.qs[1] + (int64_t)j * a.qs[2]) : nullptr;
@@ -60,19 +68,21 @@ __device__ __forceinline__ void headsum_tile(const Args& a, int b, const int* s_
   // "this head's tiles have landed"
   load(h0, 0);
   cp_async_commit();
-  if (nh > 1) load(h0 + 1, 1);
-  cp_async_commit();
+  if (STAGES == 3) {
+    if (nh > 1) load(h0 + 1, 1);
+    cp_async_commit();
+  }
   float l0n = lse2(h0, r0), l1n = lse2(h0, r1);
   for (int hh = 0; hh < nh; ++hh) {
-    const int h = h0 + hh, st = hh % kStages;
-    if (hh + 2 < nh) load(h + 2, (hh + 2) % kStages);
+    const int h = h0 + hh, st = hh % STAGES;
+    if (hh + STAGES - 1 < nh) load(h + STAGES - 1, (hh + STAGES - 1) % STAGES);
     cp_async_commit();
     const float l0 = l0n, l1 = l1n;
     if (hh + 1 < nh) {
       l0n = lse2(h + 1, r0);
       l1n = lse2(h + 1, r1);
     }
-    cp_async_wait<kStages - 1>();
+    cp_async_wait<STAGES - 1>();
     __syncthreads();
     const uint32_t qs = base + st * 2 * kTileBytes, ks = qs + kTileBytes;
     float s[8][4];
@@ -102,7 +112,7 @@ __device__ __forceinline__ void headsum_tile(const Args& a, int b, const int* s_
           acc[nb][2 + e] += exp2f(__fmaf_rn(s[nb][2 + e], sl2, -l1));
         }
       }
-    __syncthreads();  // stage st is refilled two heads later
+    __syncthreads();  // stage st is refilled STAGES - 1 heads later
   }
 }
 
@@ -176,16 +186,20 @@ __global__ void __launch_bounds__(kNT) entity_probs_kernel(Args a) {
 }
 
 // Rule X for pair `pair` of each sample. PASS 1: statistics (and the W/S text-state update of
-// this pair); PASS 2: cut bits.
-template <typename Tp, int D, int PASS>
-__global__ void __launch_bounds__(kNT) pair_kernel(Args a, int pair) {
+// this pair); PASS 2: cut bits. v6 (x_split, a.xpart_tiles > 0): PASS 1 is split into
+// (tile, head group) units that store partial head sums, and PASS 3 adds each tile's partials in
+// group order (deterministic), keeps the sum as the tile's G for pass 2 and takes the
+// statistics. Whether a pair is split is decided on the device (x_head_groups) from the same
+// inputs by PASS 1 and PASS 3. STAGES: head pipeline depth (2 for the split PASS 1, 64 KB).
+template <typename Tp, int D, int PASS, int STAGES>
+__global__ void __launch_bounds__(kNT, STAGES == kXStages ? 3 : 1) pair_kernel(Args a, int pair) {
   const int b = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   SampleInfo& in = a.info[b];
   if (!in.pub.intervene || pair >= in.pub.npairs) return;
   const int I = a.I, T = a.T, E = a.E, H = a.H;
   const int e1 = in.pair_e1[pair], e2 = in.pair_e2[pair];
   const int nR = in.pub.n_rows;
-  if (PASS == 1) {
+  if (PASS == 1) {  // (PASS 3 only merges: the state was updated by PASS 1)
     // W then S for this pair, per masked row (order-free closed form: a cut text block stays cut).
     for (int r = blockIdx.x * kNT + tid; r < nR; r += gridDim.x * kNT) {
       const uint32_t bits = a.rowents[(size_t)b * I + r];
@@ -228,12 +242,22 @@ __global__ void __launch_bounds__(kNT) pair_kernel(Args a, int pair) {
     }
     if (!docut[0] && !docut[1]) return;
   }
+  // v6: head groups of the split PASS 1 (1: not split; then PASS 3 has nothing to do)
+  const int hg = (PASS != 2 && a.xpart_tiles > 0) ? x_head_groups(total, H, a.x_grid, a.xpart_tiles, a.g_tiles) : 1;
+  if (PASS == 3 && hg <= 1) return;
+  const bool split1 = PASS == 1 && hg > 1;  // uniform per launch
+  const int nwork = split1 ? total * hg : total;
   const int* rlist = a.rlist + (size_t)b * I;
   const uint32_t* cut = a.cut + (size_t)b * I * a.cut_words;
   uint32_t* cutw = a.cut + (size_t)b * I * a.cut_words;
   const float* lse_cur = a.lse_cur + (size_t)b * H * I;
   const float invH = 1.f / (float)H;
-  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+  auto lsef = [&](int h, int r) -> float {
+    const int ri = s_rri[r];
+    return ri >= 0 ? lse_cur[(size_t)h * I + ri] : 0.f;
+  };
+  for (int w = blockIdx.x; w < nwork; w += gridDim.x) {
+    const int t = split1 ? w / hg : w;
     const int region = t / per, loc = t % per;
     const double thr_r = region == 0 ? thr[0] : thr[1];
     if (PASS == 2 && !(region == 0 ? docut[0] : docut[1])) continue;  // uniform per block
@@ -255,23 +279,52 @@ __global__ void __launch_bounds__(kNT) pair_kernel(Args a, int pair) {
     // G kept between the passes (v5): pass 1 stores the head sums of tiles t < g_tiles, pass 2
     // reads them back instead of recomputing (same values; past the cap both passes compute).
     const bool keep = t < a.g_tiles;
-    if (PASS == 2 && keep) {
-      const float* gt = a.gbuf + ((size_t)b * a.g_tiles + t) * kGTileFloats + tid;
+    if constexpr (PASS == 3) {
+      // v6 merge: partials of groups 0..hg-1 added in that order (the split implies every tile
+      // of the pair is kept: total <= g_tiles)
+      const float* pt = a.xpart + ((size_t)b * a.xpart_tiles + (size_t)t * hg) * kGTileFloats + tid;
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-        for (int x = 0; x < 4; ++x) acc[nb][x] = gt[(nb * 4 + x) * kNT];
-    } else {
-      headsum_tile<Tp, D>(a, b, s_rowj, s_colj, smem, [&](int h, int r) -> float {
-        const int ri = s_rri[r];
-        return ri >= 0 ? lse_cur[(size_t)h * I + ri] : 0.f;
-      }, 0, H, acc);
-      if (PASS == 1 && keep) {
-        float* gt = a.gbuf + ((size_t)b * a.g_tiles + t) * kGTileFloats + tid;
+        for (int x = 0; x < 4; ++x) acc[nb][x] = 0.f;
+      for (int g = 0; g < hg; ++g)
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-          for (int x = 0; x < 4; ++x) gt[(nb * 4 + x) * kNT] = acc[nb][x];
+          for (int x = 0; x < 4; ++x) acc[nb][x] += pt[(size_t)g * kGTileFloats + (nb * 4 + x) * kNT];
+      float* gt = a.gbuf + ((size_t)b * a.g_tiles + t) * kGTileFloats + tid;
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) gt[(nb * 4 + x) * kNT] = acc[nb][x];
+    } else {
+      if (split1) {  // one head group of tile t: partial sums only, the statistics are PASS 3's
+        const int g = w % hg;
+        headsum_tile<Tp, D, decltype(lsef), STAGES>(a, b, s_rowj, s_colj, smem, lsef, g * H / hg,
+                                                    (g + 1) * H / hg, acc);
+        float* pt = a.xpart + ((size_t)b * a.xpart_tiles + w) * kGTileFloats + tid;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int x = 0; x < 4; ++x) pt[(nb * 4 + x) * kNT] = acc[nb][x];
+        __syncthreads();  // s_rri / s_colj rewritten by the next unit
+        continue;
+      }
+      if (PASS == 2 && keep) {
+        const float* gt = a.gbuf + ((size_t)b * a.g_tiles + t) * kGTileFloats + tid;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int x = 0; x < 4; ++x) acc[nb][x] = gt[(nb * 4 + x) * kNT];
+      } else {
+        headsum_tile<Tp, D, decltype(lsef), STAGES>(a, b, s_rowj, s_colj, smem, lsef, 0, H, acc);
+        if (PASS == 1 && keep) {
+          float* gt = a.gbuf + ((size_t)b * a.g_tiles + t) * kGTileFloats + tid;
+#pragma unroll
+          for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+            for (int x = 0; x < 4; ++x) gt[(nb * 4 + x) * kNT] = acc[nb][x];
+        }
       }
     }
     float cnt = 0.f, sum = 0.f, sq = 0.f;
@@ -290,7 +343,7 @@ __global__ void __launch_bounds__(kNT) pair_kernel(Args a, int pair) {
           const uint32_t bit = 1u << (cj & 31);
           const bool already = (crow[cj >> 5] & bit) != 0u;
           const float g = already ? 0.f : acc[nb][rr * 2 + x] * invH;
-          if (PASS == 1) {
+          if (PASS != 2) {
             if (g > 0.f) {
               cnt += 1.f;
               sum += g;
@@ -301,7 +354,7 @@ __global__ void __launch_bounds__(kNT) pair_kernel(Args a, int pair) {
           }
         }
     }
-    if (PASS == 1) {
+    if (PASS != 2) {
       const double c_ = block_sum((double)cnt, s_red);
       const double s_ = block_sum((double)sum, s_red);
       const double q_ = block_sum((double)sq, s_red);
@@ -328,19 +381,30 @@ cudaError_t entity_probs_t(const Args& a, cudaStream_t s) {
 
 template <typename Tp, int D>
 cudaError_t pair_pass_t(const Args& a, int pair, int pass, int num_sms, cudaStream_t s) {
-  constexpr int smem = headsum_smem<D>();
   const int tiles = (a.I + kTile - 1) / kTile;
   int nctas = 2 * num_sms / (a.B > 0 ? a.B : 1);
   nctas = nctas < 1 ? 1 : nctas;
   nctas = nctas > 2 * tiles * tiles ? 2 * tiles * tiles : nctas;
   if (pass == 1) {
-    cudaError_t err = ensure_smem<pair_kernel<Tp, D, 1>>(smem);
-    if (err != cudaSuccess) return err;
-    pair_kernel<Tp, D, 1><<<dim3(nctas, a.B), kNT, smem, s>>>(a, pair);
+    // grid a.x_grid: the merge pass derives the head split from it (api.cu)
+    if (a.xpart_tiles > 0) {
+      constexpr int smem = headsum_smem<D, kXStages>();
+      cudaError_t err = ensure_smem<pair_kernel<Tp, D, 1, kXStages>>(smem);
+      if (err != cudaSuccess) return err;
+      pair_kernel<Tp, D, 1, kXStages><<<dim3(a.x_grid, a.B), kNT, smem, s>>>(a, pair);
+    } else {
+      constexpr int smem = headsum_smem<D>();
+      cudaError_t err = ensure_smem<pair_kernel<Tp, D, 1, kStages>>(smem);
+      if (err != cudaSuccess) return err;
+      pair_kernel<Tp, D, 1, kStages><<<dim3(a.x_grid, a.B), kNT, smem, s>>>(a, pair);
+    }
+  } else if (pass == 3) {  // merge of the split partials: no tiles loaded, no dynamic smem
+    pair_kernel<Tp, D, 3, kStages><<<dim3(nctas, a.B), kNT, 0, s>>>(a, pair);
   } else {
-    cudaError_t err = ensure_smem<pair_kernel<Tp, D, 2>>(smem);
+    constexpr int smem = headsum_smem<D>();
+    cudaError_t err = ensure_smem<pair_kernel<Tp, D, 2, kStages>>(smem);
     if (err != cudaSuccess) return err;
-    pair_kernel<Tp, D, 2><<<dim3(nctas, a.B), kNT, smem, s>>>(a, pair);
+    pair_kernel<Tp, D, 2, kStages><<<dim3(nctas, a.B), kNT, smem, s>>>(a, pair);
   }
   return cudaGetLastError();
 }
