@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +29,13 @@ def save_png(image: Image.Image | np.ndarray, path: str | os.PathLike) -> Path:
         image = Image.fromarray(image)
     if path.parent and not path.parent.exists():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".deleaker-", suffix=".png", dir=path.parent or ".")
-    os.close(fd)
+    # a hidden sibling created with the process umask (mkstemp would make it owner-only)
+    tmp = path.with_name(f".deleaker-{os.getpid()}-{path.name}")
     try:
-        image.save(tmp, format="PNG")
+        with open(tmp, "xb") as f:
+            image.save(f, format="PNG")
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
     return path
