@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import _get_qkv_projections  # diffusers' own q/k/v path
 from torch import nn
 
 from deleaker.runtime.config import DeLeakerConfig, ResolvedConfig
@@ -39,9 +41,6 @@ class DeLeakerAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, deleaker: DeLeakerCall | None = None):
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
         if deleaker is None:
             raise RuntimeError("DeLeakerAttnProcessor called without DeLeaker inputs; run the model "
                                "through deleaker.export.flux.DeLeakerFlux")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -77,7 +78,7 @@ def _generate(args) -> int:
                            width=args.width, guidance_scale=args.guidance, deleaker=not args.no_deleaker)
     pipe.check(base)
     if args.compare:
-        runs = [(base.__class__(**{**base.__dict__, "deleaker": False}), "vanilla"), (base, "DeLeaker")]
+        runs = [(dataclasses.replace(base, deleaker=False), "vanilla"), (base, "DeLeaker")]
     else:
         runs = [(base, "DeLeaker" if base.deleaker else "vanilla")]
     results = [pipe.generate(r, progress=not args.quiet) for r, _ in runs]

@@ -87,11 +87,11 @@ class Pipeline:
 
         be.prepare(req.steps)
         cfg = getattr(be, "deleaker_config", None)
-        if ents and len(ents) >= 2 and cfg is not None and not cfg.intervenes_within(req.steps):
+        if len(ents) >= 2 and cfg is not None and not cfg.intervenes_within(req.steps):
             log.warning("DeLeaker's intervention starts at block-step %d, but %d steps of %d blocks end before it: "
                         "this run edits nothing", cfg.start_intervention_from, req.steps, cfg.blocks_per_step)
         x = lat.initial_latents(geo, req.seed, batch_size=1)  # [1, I, 64]
-        _, _ = self.scheduler.timesteps(req.steps, geo.image_seq_len)
+        self.scheduler.timesteps(req.steps, geo.image_seq_len)  # kept on the scheduler for step()
         inputs = {
             "hidden_states": x,
             "encoder_hidden_states": prompt_embeds.astype(np.float32),

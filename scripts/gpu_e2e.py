@@ -9,6 +9,7 @@ Prints the latent difference fused vs reference, with DeLeaker on and with no ac
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -25,7 +26,7 @@ CFG = DeLeakerConfig(start_aggregating_from=0, start_intervention_from=1, do_smo
 def main(model: str) -> int:
     req = GenerateRequest(prompt="a cat and a cheetah in a field", entities=("cat", "cheetah"), seed=1, steps=8,
                           height=256, width=256)
-    vanilla_req = GenerateRequest(**{**req.__dict__, "deleaker": False})
+    vanilla_req = dataclasses.replace(req, deleaker=False)
     res = {}
     for op in ("reference", "cuda"):
         pipe = Pipeline(load_backend("torch", model, device="cuda", dtype="bf16", op=op, deleaker_config=CFG))

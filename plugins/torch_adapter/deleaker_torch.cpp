@@ -36,6 +36,19 @@ struct Attrs {
 
 enum Plain { kAuto = 0, kOwn = 1, kFlash = 2, kCudnn = 3, kEfficient = 4 };
 
+// dl_params_t with library defaults and the problem's shape (both ops and the layout query).
+dl_params_t shaped_params(int64_t B, int64_t H, int64_t T, int64_t I, int64_t D, int64_t E) {
+  dl_params_t p;
+  dl_params_init(&p);
+  p.B = (int)B;
+  p.H = (int)H;
+  p.T = (int)T;
+  p.I = (int)I;
+  p.D = (int)D;
+  p.E = (int)E;
+  return p;
+}
+
 int env_plain_default() {
   const char* s = std::getenv("DELEAKER_PLAIN");
   if (!s) return kAuto;
@@ -103,15 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& q, const at
   const at::Tensor hist = history.to(q.device(), at::kFloat).contiguous();
   at::Tensor hist_out = at::empty_like(hist);
 
-  dl_params_t p;
-  dl_params_init(&p);
+  dl_params_t p = shaped_params(B, H, T, I, D, E);
   p.dtype = q.scalar_type() == at::kBFloat16 ? DL_DTYPE_BF16 : DL_DTYPE_FP16;
-  p.B = (int)B;
-  p.H = (int)H;
-  p.T = (int)T;
-  p.I = (int)I;
-  p.D = (int)D;
-  p.E = (int)E;
   p.scale = (float)(1.0 / std::sqrt((double)D));
 
   at::Tensor step_dev, grid_dev;
@@ -241,14 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_debug(const at::Tensor&
 
 std::vector<int64_t> workspace_layout(int64_t B, int64_t H, int64_t T, int64_t I, int64_t D, int64_t E,
                                       int64_t lse_in_ws) {
-  dl_params_t p;
-  dl_params_init(&p);
-  p.B = (int)B;
-  p.H = (int)H;
-  p.T = (int)T;
-  p.I = (int)I;
-  p.D = (int)D;
-  p.E = (int)E;
+  dl_params_t p = shaped_params(B, H, T, I, D, E);
   static float dummy;
   p.lse = lse_in_ws ? nullptr : &dummy;
   dl_workspace_layout_t L;
