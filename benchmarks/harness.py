@@ -143,22 +143,21 @@ def _profile(v: Variant, device, out_dir: Path, name: str, n: int) -> str:
 # Transformer step, torch module
 
 
-def as_deleaker_model(model, config=None, steps: int | None = None):
-    """A DeLeakerFlux for `model` (a FluxTransformer2DModel or a DeLeakerFlux), with its windows
-    resolved for `steps` (default: the config's num_steps)."""
+def as_deleaker_model(model):
+    """A DeLeakerFlux for `model` (a FluxTransformer2DModel, or a DeLeakerFlux returned as is)."""
     from deleaker.export.flux import DeLeakerFlux
+
+    return model if isinstance(model, DeLeakerFlux) else DeLeakerFlux(model, op_name="reference")
+
+
+def resolve_config(config, steps: int | None, blocks_per_step: int):
+    """The DeLeaker settings of a benchmark case: `config` (default: flux-dev) for `steps` steps."""
     from deleaker.runtime.config import DeLeakerConfig
 
-    if isinstance(model, DeLeakerFlux):
-        if config is None and (steps is None or steps == model.config.num_steps):
-            return model
-        transformer = model.transformer
-    else:
-        transformer = model
     cfg = config or DeLeakerConfig()
     if steps is not None:
         cfg = cfg.replace(num_steps=steps)
-    return DeLeakerFlux(transformer, cfg, op_name="reference")
+    return cfg.resolved(blocks_per_step)
 
 
 def bench_step_variants(model, impls: Sequence[str] = ("sdpa", "reference", "cuda"), *, height: int = 512,
@@ -181,8 +180,8 @@ def bench_step_variants(model, impls: Sequence[str] = ("sdpa", "reference", "cud
 
     from . import models as M
 
-    dl = as_deleaker_model(model, config, steps)
-    cfg = dl.config
+    dl = as_deleaker_model(model)
+    cfg = resolve_config(config, steps, dl.blocks_per_step)
     p = next(dl.transformer.parameters())
     device, dtype = p.device, p.dtype
     step = M.busiest_step(cfg) if step is None else int(step)
@@ -199,7 +198,7 @@ def bench_step_variants(model, impls: Sequence[str] = ("sdpa", "reference", "cud
     arrays = M.step_arrays(batch=batch_size, height=height, width=width, text_tokens=text_tokens,
                            in_channels=tcfg.in_channels, text_dim=tcfg.joint_attention_dim,
                            pooled_dim=tcfg.pooled_projection_dim, guidance=bool(tcfg.guidance_embeds),
-                           entities=entities, slots=entity_slots, step=step, seed=seed)
+                           entities=entities, slots=entity_slots, step=step, config=cfg, seed=seed)
     args = M.torch_step_args(arrays, device, dtype)
     inactive_args = args[:7] + (torch.zeros_like(args[7]),) + args[8:]  # no active entity slot
 
@@ -245,16 +244,6 @@ def bench_transformer_step(model, impl: str = "reference", **kw) -> dict:
 # Transformer step, any Backend (numpy in, numpy out)
 
 
-def _backend_dims(backend, batch_size: int) -> tuple[int, int]:
-    """(text_dim, pooled_dim): read off one encode_prompt call on padding ids (the Backend
-    interface does not name them)."""
-    info = backend.info
-    clip = np.zeros((batch_size, info.clip_max_length), np.int64)
-    t5 = np.zeros((batch_size, info.max_text_tokens), np.int64)
-    embeds, pooled = backend.encode_prompt(clip, t5)
-    return embeds.shape[-1], pooled.shape[-1]
-
-
 def _backend_label(variant: str) -> tuple[str, str]:
     """(impl, label) of a non-torch backend's variant: vanilla is the same engine, no slot active."""
     return ("engine", "deleaker") if variant == "deleaker" else ("inactive", "vanilla-inactive")
@@ -263,30 +252,44 @@ def _backend_label(variant: str) -> tuple[str, str]:
 def bench_backend_step_variants(backend, variants: Sequence[str] = ("vanilla", "deleaker"), *, height: int = 128,
                                 width: int = 128, batch_size: int = 1, entities: int = 2, steps: int = 20,
                                 step: int = 0, warmup: int = 2, runs: int = 5, seed: int = 0,
-                                beta1: float = 1.0) -> list[dict]:
-    """Time Backend.step (numpy in/out, so host transfers are included) for any backend.
+                                config=None) -> list[dict]:
+    """Time one step of a backend session (the device-resident loop's unit of work) for any backend.
 
     "vanilla": the same engine with every entity slot inactive (plain attention);
-    "deleaker": `entities` synthetic slots active. perf_counter timing: step() returns host
-    arrays, so each call is complete when it returns."""
+    "deleaker": `entities` synthetic slots active. Each variant gets its own session (synthetic
+    noise, padding-token prompts, `config` as every sample's settings) and runs step `step` again
+    and again; time_runs synchronises the device where there is one."""
+    from deleaker.runtime.backends.base import SessionInputs
+
     from . import models as M
 
     for v in variants:
         if v not in ("vanilla", "deleaker"):
             raise M.BenchError(f"variant must be vanilla or deleaker, got {v!r}")
     info = backend.info
+    cfg = resolve_config(config, steps, info.blocks_per_step)
     case = _case_fields(height=height, width=width, batch_size=batch_size, text_tokens=info.max_text_tokens,
                         entities=entities, entity_slots=info.entity_slots, steps=steps, step=step, warmup=warmup,
                         runs=runs, vae_scale_factor=info.vae_scale_factor)
-    backend.prepare(steps)
-    text_dim, pooled_dim = _backend_dims(backend, batch_size)
     x = M.step_arrays(batch=batch_size, height=height, width=width, text_tokens=info.max_text_tokens,
-                      in_channels=info.in_channels, text_dim=text_dim, pooled_dim=pooled_dim,
-                      guidance=info.guidance_embeds, entities=entities, slots=info.entity_slots, step=step, seed=seed,
+                      in_channels=info.in_channels, text_dim=1, pooled_dim=1, guidance=info.guidance_embeds,
+                      entities=entities, slots=info.entity_slots, step=step, config=cfg, seed=seed,
                       vae_scale_factor=info.vae_scale_factor)
-    x_off = {**x, "entity_tokens": np.zeros_like(x["entity_tokens"])}
-    vs = [Variant(v, lambda: None, (lambda a=(x if v == "deleaker" else x_off): backend.step(a))) for v in variants]
-    measure_interleaved(vs, warmup, runs, None)
+    static = {k: x[k] for k in ("entity_tokens", "grid", "img_ids", "txt_ids", "guidance", "windows", "knobs",
+                                "rules") if k in x}
+
+    def session(deleaker: bool):
+        st = static if deleaker else {**static, "entity_tokens": np.zeros_like(static["entity_tokens"])}
+        return backend.start_session(SessionInputs(
+            clip_ids=np.zeros((batch_size, info.clip_max_length), np.int64),  # [B, 77]
+            t5_ids=np.zeros((batch_size, info.max_text_tokens), np.int64),  # [B, T]
+            static=st, latents=x["hidden_states"], history=x["history"],
+            timesteps=np.full((steps,), 0.5, np.float32), sigmas=np.linspace(1, 0, steps + 1, dtype=np.float32)))
+
+    sessions = {v: session(v == "deleaker") for v in variants}
+    device = getattr(backend, "device", None) if backend.name == "torch" else None
+    vs = [Variant(v, lambda: None, (lambda s=sessions[v]: s.step(step))) for v in variants]
+    measure_interleaved(vs, warmup, runs, device)
     rows = []
     for v in vs:
         impl, label = _backend_label(v.name)
@@ -297,7 +300,8 @@ def bench_backend_step_variants(backend, variants: Sequence[str] = ("vanilla", "
             continue
         rec = {**base, "status": "ok", "note": "", **_timing_fields(v.samples, v.timer), **v.memory.fields()}
         rec["images_per_s"] = batch_size / (steps * rec["step_median_s"])
-        rec["mask_coverage"] = M.mask_coverage(v.last[1], entities, beta1) if v.name == "deleaker" else None
+        hist = sessions[v.name].result()[1]
+        rec["mask_coverage"] = M.mask_coverage(hist, entities, cfg.std_mul_text) if v.name == "deleaker" else None
         rows.append(rec)
     return add_ratios(rows)
 
@@ -308,10 +312,10 @@ def bench_backend_step_variants(backend, variants: Sequence[str] = ("vanilla", "
 
 def bench_generate_variants(pipeline, impls: Sequence[str] | None = None, *, prompt: str,
                             entities: Sequence[str], height: int = 128, width: int = 128, steps: int = 2,
-                            seed: int = 0, warmup: int = 1, runs: int = 3, beta1: float = 1.0,
+                            batch_size: int = 1, seed: int = 0, warmup: int = 1, runs: int = 3, config=None,
                             profile_dir: str | Path | None = None) -> list[dict]:
-    """Time whole generations (tokenize, encode, S steps, decode) through runtime.Pipeline,
-    batch 1 (the Pipeline generates one image per request).
+    """Time whole generations (tokenize, encode, S steps, decode) through runtime.Pipeline: one
+    batch of `batch_size` requests (seeds seed, seed+1, ...) per run, in one session.
 
     impls, torch backend: "sdpa" (vanilla, stock diffusers attention), "reference", "cuda",
     "inactive" (default sdpa, reference); other backends: "inactive" (vanilla: the same engine
@@ -325,9 +329,11 @@ def bench_generate_variants(pipeline, impls: Sequence[str] | None = None, *, pro
     impls = tuple(impls or (("sdpa", "reference") if torch_be else ("inactive", "engine")))
     info = be.info
     device = be.device if torch_be else None
-    case = _case_fields(height=height, width=width, batch_size=1, text_tokens=info.max_text_tokens,
+    case = _case_fields(height=height, width=width, batch_size=batch_size, text_tokens=info.max_text_tokens,
                         entities=len(entities), entity_slots=info.entity_slots, steps=steps, step=None,
                         warmup=warmup, runs=runs, vae_scale_factor=info.vae_scale_factor)
+    cfg = config or pipeline.config
+    beta1 = cfg.std_mul_text
 
     def base(impl):
         deleaker = impl in ("reference", "cuda", "engine")
@@ -337,11 +343,9 @@ def bench_generate_variants(pipeline, impls: Sequence[str] | None = None, *, pro
                 "dtype": str(getattr(be, "dtype", "")).replace("torch.", ""), "prompt": prompt,
                 "entity_words": list(entities), **case}
 
-    req = {d: GenerateRequest(prompt=prompt, entities=tuple(entities), seed=seed, steps=steps, height=height,
-                              width=width, deleaker=d) for d in (False, True)}
-    pipeline.check(req[True])
-    if torch_be:
-        be.prepare(steps)  # now, so generate()'s own prepare is a no-op and keeps our processors
+    req = {d: [GenerateRequest(prompt=prompt, entities=tuple(entities), seed=seed + b, steps=steps, height=height,
+                               width=width, deleaker=d, config=cfg) for b in range(batch_size)] for d in (False, True)}
+    pipeline.check(req[True][0])
     skipped = {impl: (M.check_impl_available(impl, device) if torch_be else None) for impl in impls}
 
     results: dict[str, list] = {impl: [] for impl in impls}
@@ -370,15 +374,15 @@ def bench_generate_variants(pipeline, impls: Sequence[str] | None = None, *, pro
         if v.error:
             rows.append(_failed(base(impl), v))
             continue
-        timed = results[impl][warmup:]
+        timed = [batch[0] for batch in results[impl][warmup:]]  # one result per run (batch wall time)
         secs = [r.seconds for r in timed]
         rec = {**base(impl), "status": "ok", "note": "",
                **_timing_fields([s for r in timed for s in r.step_seconds], "perf_counter"), **v.memory.fields()}
-        rec["seconds_per_image"] = float(np.median(secs))
-        rec["seconds_per_image_p10"] = float(np.percentile(secs, 10))
-        rec["seconds_per_image_p90"] = float(np.percentile(secs, 90))
+        rec["seconds_per_image"] = float(np.median(secs)) / batch_size
+        rec["seconds_per_image_p10"] = float(np.percentile(secs, 10)) / batch_size
+        rec["seconds_per_image_p90"] = float(np.percentile(secs, 90)) / batch_size
         rec["images_per_s"] = 1.0 / rec["seconds_per_image"]
-        rec["mask_coverage"] = (M.mask_coverage(timed[-1].history, len(entities), beta1)
+        rec["mask_coverage"] = (M.mask_coverage(timed[-1].history[None], len(entities), beta1)
                                 if rec["variant"] == "deleaker" else None)
         if profile_dir is not None and torch_be:
             rec["profile_trace"] = _profile(v, device, Path(profile_dir), _trace_name(rec), 1)

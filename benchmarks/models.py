@@ -16,6 +16,7 @@ import torch
 
 from deleaker.export.flux import DeLeakerFlux, install_deleaker
 from deleaker.runtime import latents as lat
+from deleaker.runtime import op_schema, step_io
 from deleaker.runtime.config import ResolvedConfig
 
 from .presets import BenchError  # noqa: F401 - re-exported (M.BenchError)
@@ -180,7 +181,7 @@ def set_attention(model: DeLeakerFlux, impl: str) -> None:
             block.attn.set_processor(StockAttnProcessor())
     else:
         op = "reference" if impl == "inactive" else impl
-        install_deleaker(model.transformer, model.config, op)
+        install_deleaker(model.transformer, op)
 
 
 def attention_impl(model: DeLeakerFlux) -> str:
@@ -223,12 +224,13 @@ def busiest_step(cfg: ResolvedConfig) -> int:
 
 
 def step_arrays(*, batch: int, height: int, width: int, text_tokens: int, in_channels: int, text_dim: int,
-                pooled_dim: int, guidance: bool, entities: int, slots: int, step: int, seed: int = 0,
-                vae_scale_factor: int = lat.VAE_SCALE_FACTOR) -> dict[str, np.ndarray]:
-    """Synthetic inputs of one compiled transformer step (architecture.md), float32 numpy.
+                pooled_dim: int, guidance: bool, entities: int, slots: int, step: int, config: ResolvedConfig,
+                seed: int = 0, vae_scale_factor: int = lat.VAE_SCALE_FACTOR) -> dict[str, np.ndarray]:
+    """Synthetic inputs of one compiled transformer step (runtime/step_io.py), numpy.
 
     Random latents and text embeddings (seeded), a mid-schedule timestep, synthetic entity
-    slots and a zero history (the state at the start of the history window)."""
+    slots, a zero history (the state at the start of the history window) and `config` as every
+    sample's DeLeaker settings."""
     geo = lat.geometry(height, width, vae_scale_factor)
     rng = np.random.default_rng(seed)
     x = {
@@ -242,20 +244,26 @@ def step_arrays(*, batch: int, height: int, width: int, text_tokens: int, in_cha
         "history": np.zeros((batch, slots, geo.image_seq_len), np.float32),  # [B, E, I]
         "step": np.asarray(step, np.int64),
         "grid": np.asarray(geo.grid, np.int64),  # [2]
+        **op_schema.pack_settings([config] * batch),  # windows [B, 4], knobs [B, 3], rules [B, 6]
     }
     if guidance:
         x["guidance"] = np.full((batch,), 3.5, np.float32)
     return x
 
 
-def torch_step_args(arrays: dict[str, np.ndarray], device, dtype) -> tuple:
-    """Positional arguments of DeLeakerFlux.forward from step_arrays, on `device`."""
-    def t(name, dt=None):
-        return torch.from_numpy(np.ascontiguousarray(arrays[name])).to(device, dt or dtype)
+# Step inputs that keep float32 whatever the model's dtype (DeLeaker's own state and settings).
+FLOAT32_INPUTS = ("entity_tokens", "history", "knobs")
 
-    return (t("hidden_states"), t("encoder_hidden_states"), t("pooled_projections"), t("timestep"), t("img_ids"),
-            t("txt_ids"), t("guidance") if "guidance" in arrays else None, t("entity_tokens", torch.float32),
-            t("history", torch.float32), t("step", torch.long), t("grid", torch.long))
+
+def torch_step_args(arrays: dict[str, np.ndarray], device, dtype) -> tuple:
+    """Positional arguments of DeLeakerFlux.forward (step_io.INPUTS order) from step_arrays, on `device`."""
+    def t(spec):
+        if spec.name not in arrays:
+            return None  # guidance of a model without guidance embedding
+        dt = torch.long if spec.dtype == "int64" else torch.float32 if spec.name in FLOAT32_INPUTS else dtype
+        return torch.from_numpy(np.ascontiguousarray(arrays[spec.name])).to(device, dt)
+
+    return tuple(t(spec) for spec in step_io.INPUTS)
 
 
 def mask_coverage(history: np.ndarray, entities: int, beta1: float) -> list[float] | None:

@@ -49,13 +49,12 @@ def default_impls(spec: BenchSpec, backend: str) -> tuple[str, ...]:
 
 
 def plan(spec: BenchSpec) -> list[Case]:
-    """Every case of the spec, grouped by backend (each backend is loaded once). End to end
-    runs batch 1 only (the Pipeline generates one image per request)."""
+    """Every case of the spec, grouped by backend (each backend is loaded once)."""
     cases, seen = [], set()
     for backend in spec.backends:
         impls = default_impls(spec, backend)
         for mode in spec.modes:
-            batches = spec.batch_sizes if mode == "step" else (1,)
+            batches = spec.batch_sizes
             for w, h in spec.resolutions:
                 for b in batches:
                     for s in spec.steps:
@@ -99,12 +98,11 @@ class _Loaded:
                 if spec.model and spec.model.startswith(M.RANDOM_PREFIX):
                     raise M.BenchError(f"{spec.model} is a transformer only (no text encoders or VAE): "
                                        f"no end-to-end generation")
-                be = load_backend("torch", spec.model, device=spec.device, dtype=spec.dtype,
-                                  deleaker_config=deleaker_config(spec), progress=False)
+                be = load_backend("torch", spec.model, device=spec.device, dtype=spec.dtype, progress=False)
             else:
-                be = load_backend(backend, spec.artifact, device=spec.device, deleaker_config=deleaker_config(spec),
-                                  progress=False, **({"threads": spec.threads} if spec.threads else {}))
-            return Pipeline(be)
+                be = load_backend(backend, spec.artifact, device=spec.device, progress=False,
+                                  **({"threads": spec.threads} if spec.threads else {}))
+            return Pipeline(be, config=deleaker_config(spec), max_batch=max(spec.batch_sizes))
 
         return self.get(("pipeline", backend), make)
 
@@ -186,17 +184,17 @@ def _measure(case: Case, spec: BenchSpec, loaded: _Loaded, profile_dir) -> list[
             profile_dir=profile_dir, **common)
     else:
         pipe = loaded.pipeline(case.backend)
-        beta1 = deleaker_config(spec).std_mul_text
         note = ""
         if case.mode == "step":
             step, note = _step_index(spec, case.steps, pipe.backend.info.blocks_per_step)
             variants = tuple("deleaker" if i == "engine" else "vanilla" for i in case.impls)
             rows = harness.bench_backend_step_variants(
                 pipe.backend, variants, batch_size=case.batch_size, entities=n_ent, steps=case.steps, step=step,
-                beta1=beta1, **common)
+                config=deleaker_config(spec), **common)
         else:
             rows = harness.bench_generate_variants(
-                pipe, case.impls, prompt=spec.prompt, entities=case.entities, steps=case.steps, beta1=beta1,
+                pipe, case.impls, prompt=spec.prompt, entities=case.entities, steps=case.steps,
+                batch_size=case.batch_size, config=deleaker_config(spec),
                 profile_dir=profile_dir if case.backend == "torch" else None, **common)
     for r in rows:
         r["note"] = "; ".join(x for x in (r.get("note"), note) if x)

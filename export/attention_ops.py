@@ -1,9 +1,12 @@
 """Implementations of the DeLeakerAttention op, selectable by name.
 
-Every entry has the reference op's calling convention:
-    fn(q, k, v, entity_tokens, history, step, grid, attrs: dict) -> (out, history_out)
-with q, k, v [B, H, T+I, D]. "reference" is the oracle (export/reference_op.py); "cuda" is the
-fused kernel library (plugins/, loaded by export/cuda_op.py on demand).
+Every entry has the reference op's calling convention (op contract v2, runtime/op_schema.py):
+    fn(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, attrs: dict) -> (out, history_out)
+with q, k, v [B, H, T+I, D] and attrs = {"block_offset", "blocks_per_step"}. Both call the one
+torch op torch.ops.deleaker.attention: "reference" as defined by export/reference_op.py (the
+oracle; its kernel serves every device until the fused library is loaded), "cuda" after loading
+the fused kernel library (plugins/, export/cuda_op.py), which becomes the op's CUDA kernel: from
+then on a call with CUDA tensors runs the fused kernels whichever name chose it.
 """
 
 from __future__ import annotations

@@ -1,13 +1,18 @@
-"""The fused CUDA DeLeakerAttention op (plugins/, built with CMake), with the reference op's signature.
+"""The fused CUDA DeLeakerAttention op (plugins/, built with CMake): the CUDA kernel of the one
+torch op, torch.ops.deleaker.attention (op contract v2, runtime/op_schema.py).
 
-    from deleaker.export.cuda_op import deleaker_attention_cuda
-    out, history_out = deleaker_attention_cuda(q, k, v, entity_tokens, history, step, grid, **attrs)
+    from deleaker.export import cuda_op
+    cuda_op.load()   # once: after this, torch.ops.deleaker.attention on CUDA tensors runs the fused kernels
+    out, history_out = cuda_op.call_op(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules,
+                                       {"block_offset": b, "blocks_per_step": n})
 
 The library libdeleaker_torch.so is looked for in $DELEAKER_PLUGIN_DIR, then in <repo>/build.
-Loading it registers torch.ops.deleaker_cuda.{attention, attention_ex, attention_debug,
-workspace_layout} (see plugins/torch_adapter/deleaker_torch.cpp). q, k, v must be CUDA
-float16/bfloat16 tensors [B, H, T+I, D] with D in {64, 128}; step and grid may be CPU or CUDA
-tensors (on CUDA they are read on the device: no host synchronisation).
+Loading it adds the CUDA kernel of deleaker::attention (whose schema and CPU reference kernel come
+from export/reference_op.py, imported first) and the ops torch.ops.deleaker_cuda.{attention_ex,
+attention_debug, workspace_layout} (implementation switches and intermediates, for tests and
+benchmarks; see plugins/torch_adapter/deleaker_torch.cpp). q, k, v must be CUDA float16/bfloat16
+tensors [B, H, T+I, D] with D in {64, 128}; step, grid, windows, knobs and rules may be CPU or
+CUDA tensors (on CUDA they are read on the device: no host synchronisation, CUDA-graph safe).
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ def load() -> Path:
         raise CudaOpUnavailable(f"the fused DeLeaker CUDA op library ({LIBRARY_NAME}) is not built: {BUILD_HINT}")
     if not torch.cuda.is_available():
         raise CudaOpUnavailable(f"{path} needs a CUDA GPU, and torch sees none")
+    # the op's schema (and CPU kernel) must exist before the library adds its CUDA kernel
+    from . import reference_op  # noqa: F401
+
     try:
         torch.ops.load_library(str(path))
     except OSError as e:  # wrong torch / CUDA runtime: the message names the missing symbol or file
@@ -80,11 +88,12 @@ def available() -> bool:
 
 
 def _register_fakes() -> None:
-    # shapes only, so torch.compile / export can trace through the op
-    def fake(q, k, v, entity_tokens, history, step, grid, *rest):
+    # shapes only, so torch.compile / export can trace through attention_ex (deleaker::attention
+    # has its own, from reference_op)
+    def fake(q, k, v, entity_tokens, history, *rest):
         return torch.empty_like(q), torch.empty_like(history, dtype=torch.float32)
 
-    for name in ("attention", "attention_ex"):
+    for name in ("attention_ex",):
         try:
             torch.library.register_fake(f"deleaker_cuda::{name}")(fake)
         except RuntimeError:  # already registered (library loaded twice)
@@ -96,11 +105,17 @@ def _attr_values(attrs: dict) -> list:
     unknown = set(attrs) - set(op_schema.ATTRIBUTE_NAMES)
     if missing or unknown:
         raise TypeError(f"attributes: missing {sorted(missing)}, unknown {sorted(unknown)}")
-    return [attrs[n] for n in op_schema.ATTRIBUTE_NAMES]
+    return [int(attrs[n]) for n in op_schema.ATTRIBUTE_NAMES]
 
 
-def _as_tensor(x) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.int64)
+def _as_tensor(x, dtype=torch.int64) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype)
+
+
+def _op_args(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, attrs: dict) -> list:
+    """Positional arguments of the op (op_schema.INPUTS, then ATTRIBUTES)."""
+    return [q, k, v, entity_tokens, history, _as_tensor(step), _as_tensor(grid), _as_tensor(windows),
+            _as_tensor(knobs, torch.float32), _as_tensor(rules), *_attr_values(attrs)]
 
 
 def impl_bits(impl: dict | None) -> int:
@@ -114,52 +129,57 @@ def impl_bits(impl: dict | None) -> int:
     return sum(1 << i for i, name in enumerate(IMPL_SWITCHES) if impl.get(name, True))
 
 
-def deleaker_attention_cuda(q, k, v, entity_tokens, history, step, grid, *, plain: str = "auto",
-                            edit: str = "delta", impl: dict | None = None, **attrs):
+def deleaker_attention_cuda(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, *,
+                            block_offset: int, blocks_per_step: int, plain: str = "auto", edit: str = "delta",
+                            impl: dict | None = None):
     """Fused DeLeaker attention. Same inputs, attributes and outputs as deleaker_attention_ref.
-    impl: implementation switches ({name: bool}, names in IMPL_SWITCHES; None: all on)."""
+    plain / edit: see PLAIN_BACKENDS / EDIT_MODES; impl: implementation switches ({name: bool},
+    names in IMPL_SWITCHES; None: all on). The defaults call torch.ops.deleaker.attention itself."""
     load()
     if plain not in PLAIN_BACKENDS:
         raise ValueError(f"plain must be one of {', '.join(PLAIN_BACKENDS)}, got {plain!r}")
     if edit not in EDIT_MODES:
         raise ValueError(f"edit must be one of {', '.join(EDIT_MODES)}, got {edit!r}")
-    vals = _attr_values(attrs)
-    step, grid = _as_tensor(step), _as_tensor(grid)
+    args = _op_args(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules,
+                    {"block_offset": block_offset, "blocks_per_step": blocks_per_step})
     bits = impl_bits(impl)
     if plain == "auto" and edit == "delta" and bits == -1:
-        return torch.ops.deleaker_cuda.attention(q, k, v, entity_tokens, history, step, grid, *vals)
-    return torch.ops.deleaker_cuda.attention_ex(q, k, v, entity_tokens, history, step, grid, *vals,
-                                                PLAIN_BACKENDS[plain], EDIT_MODES[edit], bits)
+        return torch.ops.deleaker.attention(*args)
+    return torch.ops.deleaker_cuda.attention_ex(*args, PLAIN_BACKENDS[plain], EDIT_MODES[edit], bits)
 
 
-def call_op(q, k, v, entity_tokens, history, step, grid, attrs: dict):
-    """attention_ops calling convention: attributes as one dict."""
-    return deleaker_attention_cuda(q, k, v, entity_tokens, history, step, grid, **attrs)
+def call_op(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, attrs: dict):
+    """attention_ops calling convention (as reference_op.call_op): attributes as one dict."""
+    load()
+    return torch.ops.deleaker.attention(*_op_args(q, k, v, entity_tokens, history, step, grid, windows, knobs,
+                                                  rules, attrs))
 
 
-def debug_run(q, k, v, entity_tokens, history, step, grid, *, plain: str = "auto", edit: str = "delta",
-              impl: dict | None = None, **attrs) -> dict:
+INFO_FIELDS = ("tau_lo", "tau_hi", "need_p", "hist_update", "intervene", "n_active", "n_rows", "n_tt", "npairs",
+               "n_fallback", "error")  # dl_sample_info_t, int32 words
+
+
+def debug_run(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, *, block_offset: int,
+              blocks_per_step: int, plain: str = "auto", edit: str = "delta", impl: dict | None = None) -> dict:
     """Run the op and return its intermediates (for tests): out, history_out, per-sample info,
     masks [B, E, I] bool, the masked rows and the image-image cut set as [B, I, I] bool
     (materialised here, for small checks only)."""
     load()
-    vals = _attr_values(attrs)
-    step, grid = _as_tensor(step), _as_tensor(grid)
-    out, hist_out, ws = torch.ops.deleaker_cuda.attention_debug(
-        q, k, v, entity_tokens, history, step, grid, *vals, PLAIN_BACKENDS[plain], EDIT_MODES[edit],
-        impl_bits(impl))
+    args = _op_args(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules,
+                    {"block_offset": block_offset, "blocks_per_step": blocks_per_step})
+    out, hist_out, ws = torch.ops.deleaker_cuda.attention_debug(*args, PLAIN_BACKENDS[plain], EDIT_MODES[edit],
+                                                                impl_bits(impl))
     B, H, N, D = q.shape
     E, T = entity_tokens.shape[1:]
     I = N - T
     own_lse = plain == "own"
     lay = torch.ops.deleaker_cuda.workspace_layout(B, H, T, I, D, E, 1 if own_lse else 0)
     info_off, masks_off, rows_off, cut_off, p_off, total, cut_words, info_stride = lay
-    fields = ("tau_lo", "tau_hi", "need_p", "hist_update", "intervene", "n_active", "n_rows", "n_tt",
-              "npairs", "n_fallback", "error")
     infos = []
     for b in range(B):
-        raw = ws[info_off + b * info_stride: info_off + b * info_stride + 4 * len(fields)].view(torch.int32).tolist()
-        d = dict(zip(fields, raw))
+        lo = info_off + b * info_stride
+        raw = ws[lo: lo + 4 * len(INFO_FIELDS)].view(torch.int32).tolist()
+        d = dict(zip(INFO_FIELDS, raw))
         d["tau"] = d.pop("tau_lo") + (d.pop("tau_hi") << 32)
         infos.append(d)
     masks = ws[masks_off: masks_off + B * E * I].view(B, E, I).bool()

@@ -2,7 +2,7 @@
 
 diffusers' extension point for attention is the processor: we install a DeLeaker processor on
 every double and single block (the model code itself is untouched). The per-call DeLeaker
-inputs (entity tokens, history, step, grid) travel in a small `DeLeakerCall` object through
+inputs (entity tokens, history, step, grid and the per-sample settings) travel in a small `DeLeakerCall` object through
 `joint_attention_kwargs`; it is created per forward, so `DeLeakerFlux.forward` is a pure
 function of its inputs: (latents, ..., history) -> (noise_pred, history_out).
 """
@@ -16,7 +16,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections  # diffusers' own q/k/v path
 from torch import nn
 
-from deleaker.runtime.config import DeLeakerConfig, ResolvedConfig
+from deleaker.runtime import op_schema
 
 from .attention_ops import get_op
 
@@ -29,13 +29,16 @@ class DeLeakerCall:
     history: torch.Tensor  # [B, E, I] float32
     step: torch.Tensor  # int64 scalar
     grid: torch.Tensor  # [2] int64
+    windows: torch.Tensor  # [B, 4] int64 (op_schema.SETTINGS)
+    knobs: torch.Tensor  # [B, 3] float32
+    rules: torch.Tensor  # [B, 6] int64
 
 
 class DeLeakerAttnProcessor:
     """Drop-in for diffusers' FluxAttnProcessor whose attention is the DeLeakerAttention op."""
 
     def __init__(self, attrs: dict, op_name: str = "reference"):
-        self.attrs = attrs  # op attributes, block_offset included
+        self.attrs = attrs  # structural op attributes (op_schema.ATTRIBUTES)
         self.op_name = op_name
         self.op = get_op(op_name)
 
@@ -63,8 +66,9 @@ class DeLeakerAttnProcessor:
 
         # [B, T+I, H, D] -> [B, H, T+I, D], the op's layout
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-        out, deleaker.history = self.op(q, k, v, deleaker.entity_tokens, deleaker.history,
-                                        deleaker.step, deleaker.grid, self.attrs)
+        d = deleaker
+        out, d.history = self.op(q, k, v, d.entity_tokens, d.history, d.step, d.grid, d.windows, d.knobs, d.rules,
+                                 self.attrs)
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # [B, T+I, H*D]
 
         if encoder_hidden_states is None:
@@ -80,39 +84,36 @@ def blocks_per_step(transformer) -> int:
     return len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
 
 
-def install_deleaker(transformer, config: DeLeakerConfig | ResolvedConfig, op_name: str = "reference"):
-    """Put a DeLeaker processor on every joint attention, with its block offset. Returns the resolved config."""
+def install_deleaker(transformer, op_name: str = "reference") -> int:
+    """Put a DeLeaker processor on every joint attention, with its block offset. Returns blocks per step.
+
+    Nothing request-dependent is baked in: windows and settings arrive per call (op contract v2).
+    """
     bps = blocks_per_step(transformer)
-    if isinstance(config, DeLeakerConfig):
-        config = config.resolved(bps)
-    elif config.blocks_per_step != bps:
-        raise ValueError(f"config was resolved for {config.blocks_per_step} blocks per step; "
-                         f"this transformer has {bps}")
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     for offset, block in enumerate(blocks):  # double blocks first: b = j, then n_double + j
-        block.attn.set_processor(DeLeakerAttnProcessor(config.op_attributes(offset), op_name))
-    return config
+        block.attn.set_processor(DeLeakerAttnProcessor(op_schema.node_attributes(offset, bps), op_name))
+    return bps
 
 
 class DeLeakerFlux(nn.Module):
-    """One denoising step of FLUX with DeLeaker attention: the compiled transformer's I/O.
-
-    inputs (architecture.md): hidden_states [B, I, C], encoder_hidden_states [B, T, Dt],
+    """One denoising step of FLUX with DeLeaker attention: the compiled transformer's I/O
+    (deleaker.runtime.step_io): hidden_states [B, I, C], encoder_hidden_states [B, T, Dt],
     pooled_projections [B, Dp], timestep [B], img_ids [I, 3], txt_ids [T, 3], guidance [B] or None,
-    entity_tokens [B, E, T], history [B, E, I], step (int64 scalar), grid [2] int64.
-    outputs: noise_pred [B, I, C], history_out [B, E, I].
+    entity_tokens [B, E, T], history [B, E, I], step (int64 scalar), grid [2] int64,
+    windows [B, 4], knobs [B, 3], rules [B, 6] -> (noise_pred [B, I, C], history_out [B, E, I]).
     """
 
-    def __init__(self, transformer, config: DeLeakerConfig | ResolvedConfig | None = None,
-                 op_name: str = "reference"):
+    def __init__(self, transformer, op_name: str = "reference"):
         super().__init__()
         self.transformer = transformer
         self.op_name = op_name
-        self.config = install_deleaker(transformer, config or DeLeakerConfig(), op_name)
+        self.blocks_per_step = install_deleaker(transformer, op_name)
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
-                guidance, entity_tokens, history, step, grid):
-        call = DeLeakerCall(entity_tokens=entity_tokens, history=history, step=step, grid=grid)
+                guidance, entity_tokens, history, step, grid, windows, knobs, rules):
+        call = DeLeakerCall(entity_tokens=entity_tokens, history=history, step=step, grid=grid, windows=windows,
+                            knobs=knobs, rules=rules)
         noise_pred = self.transformer(
             hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
             pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids, txt_ids=txt_ids,

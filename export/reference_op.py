@@ -83,42 +83,44 @@ def _cut_image_image(L: torch.Tensor, G: torch.Tensor, rows: torch.Tensor, cols:
 
 
 def _intervene(L: torch.Tensor, P: torch.Tensor, masks: torch.Tensor, first_tokens: list[int],
-               token_sets: list[torch.Tensor], T: int, attrs: dict) -> torch.Tensor:
+               token_sets: list[torch.Tensor], T: int, settings: dict) -> torch.Tensor:
     """Section 4.2: the pair loop on one sample. L, P [H, N, N]; masks [E_active, I]. Returns final P."""
-    alpha = attrs["k_strength"]
+    alpha = settings["k_strength"]
     E = masks.shape[0]
     for e1 in range(E):
         for e2 in range(e1 + 1, E):
             r1, r2 = masks[e1], masks[e2]  # image rows in each mask, [I]
             img = L[:, T:, :]  # view of image-query rows, [H, I, N]
             t1, t2 = token_sets[e1], token_sets[e2]
-            if attrs["do_image_text_weakening"]:
+            if settings["do_image_text_weakening"]:
                 img[:, r1[:, None] & t2[None, :]] = _NEG_INF
                 img[:, r2[:, None] & t1[None, :]] = _NEG_INF
-            if attrs["do_image_text_strengthening"]:
+            if settings["do_image_text_strengthening"]:
                 sel1 = r1[:, None] & t1[None, :]
                 img[:, sel1] = img[:, sel1] * alpha
                 sel2 = r2[:, None] & t2[None, :]
                 img[:, sel2] = img[:, sel2] * alpha
-            if attrs["do_text_text_weakening"]:
+            if settings["do_text_text_weakening"]:
                 f1, f2 = first_tokens[e1], first_tokens[e2]
                 L[:, f1, f2] = _NEG_INF
                 L[:, f2, f1] = _NEG_INF
-            if attrs["do_image_image"]:
+            if settings["do_image_image"]:
                 G = P[:, T:, T:].mean(dim=0)  # head-mean of the current probabilities, [I, I]
-                _cut_image_image(L, G, r1, r2, attrs["std_mul_image_image"], T)
-                _cut_image_image(L, G, r2, r1, attrs["std_mul_image_image"], T)
+                _cut_image_image(L, G, r1, r2, settings["std_mul_image_image"], T)
+                _cut_image_image(L, G, r2, r1, settings["std_mul_image_image"], T)
             P = torch.softmax(L, dim=-1)
     return P
 
 
-def _one_sample(q, k, v, ent, hist, step: int, h: int, w: int, attrs: dict):
-    """q, k, v [H, N, D] float32; ent [E, T]; hist [E, I] float32. Returns (out [H, N, D], hist_out)."""
+def _one_sample(q, k, v, ent, hist, step: int, h: int, w: int, block_offset: int, blocks_per_step: int,
+                settings: dict):
+    """q, k, v [H, N, D] float32; ent [E, T]; hist [E, I] float32; settings: this sample's
+    op_schema.SETTINGS values. Returns (out [H, N, D], hist_out)."""
     T = ent.shape[-1]
     I = q.shape[-2] - T
-    tau = tau_of(step, attrs["block_offset"], attrs["blocks_per_step"])
-    a0, a1 = attrs["start_aggregating_from"], attrs["stop_aggregating_at"]
-    i0, i1 = attrs["start_intervention_from"], attrs["stop_intervention_at"]
+    tau = tau_of(step, block_offset, blocks_per_step)
+    a0, a1 = settings["start_aggregating_from"], settings["stop_aggregating_at"]
+    i0, i1 = settings["start_intervention_from"], settings["stop_intervention_at"]
 
     L = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # logits [H, N, N]
     P = torch.softmax(L, dim=-1)
@@ -134,20 +136,20 @@ def _one_sample(q, k, v, ent, hist, step: int, h: int, w: int, attrs: dict):
     # p_e[i]: mean over heads and the entity's tokens of image->entity probabilities, [E_act, I]
     img_text = P[:, T:, :T]  # [H, I, T]
     p = torch.stack([img_text[:, :, token_sets[e]].mean(dim=-1).mean(dim=0) for e in active])
-    if attrs["use_history"]:
+    if settings["use_history"]:
         hist_out[active] = update_history(hist[active], p, tau, a0, a1)
 
     if not (i0 <= tau <= i1) or len(active) < 2:
         return P @ v, hist_out
 
-    source = hist_out[active] if (attrs["use_history"] and tau > a0) else p
-    masks = entity_masks(source, attrs["std_mul_text"])  # [E_act, I]
-    if attrs["do_smoothing"]:
+    source = hist_out[active] if (settings["use_history"] and tau > a0) else p
+    masks = entity_masks(source, settings["std_mul_text"])  # [E_act, I]
+    if settings["do_smoothing"]:
         masks = smooth_masks(masks, h, w)
     # entity columns widened to the joint sequence, [N] bool each
     sets = [F.pad(token_sets[e], (0, I), value=False) for e in active]
     firsts = [int(token_sets[e].nonzero()[0]) for e in active]
-    P = _intervene(L, P, masks, firsts, sets, T, attrs)
+    P = _intervene(L, P, masks, firsts, sets, T, settings)
     return P @ v, hist_out
 
 
@@ -172,52 +174,54 @@ def _check_inputs(q, k, v, entity_tokens, history, h: int, w: int) -> None:
         raise ValueError(f"history must be [B, E, I] = [{B}, {E}, {I}]; got {tuple(history.shape)}")
 
 
-def deleaker_attention_ref(q, k, v, entity_tokens, history, step, grid, **attrs):
-    """Reference DeLeaker attention. Shapes and attributes: deleaker.runtime.op_schema.
+def _check_settings(windows, knobs, rules, B: int) -> None:
+    for name, t in (("windows", windows), ("knobs", knobs), ("rules", rules)):
+        want = (B, op_schema.settings_width(name))
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must be [B, {want[1]}] = {list(want)}; got {tuple(t.shape)}")
+
+
+def deleaker_attention_ref(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, *,
+                           block_offset: int, blocks_per_step: int):
+    """Reference DeLeaker attention. Inputs and attributes: deleaker.runtime.op_schema (contract v2).
 
     Returns (out [B, H, T+I, D] in q's dtype, history_out [B, E, I] float32).
     """
-    missing = set(op_schema.ATTRIBUTE_NAMES) - set(attrs)
-    unknown = set(attrs) - set(op_schema.ATTRIBUTE_NAMES)
-    if missing or unknown:
-        raise TypeError(f"attributes: missing {sorted(missing)}, unknown {sorted(unknown)}")
     step = int(step)
     h, w = (int(x) for x in grid)
     _check_inputs(q, k, v, entity_tokens, history, h, w)
+    _check_settings(windows, knobs, rules, q.shape[0])
     outs, hists = [], []
     for b in range(q.shape[0]):
+        settings = op_schema.unpack_settings(windows.cpu(), knobs.cpu(), rules.cpu(), b)
         o, hb = _one_sample(q[b].float(), k[b].float(), v[b].float(), entity_tokens[b].float(),
-                            history[b].float(), step, h, w, attrs)
+                            history[b].float(), step, h, w, int(block_offset), int(blocks_per_step), settings)
         outs.append(o)
         hists.append(hb)
     return torch.stack(outs).to(q.dtype), torch.stack(hists)
 
 
-def attributes_from_args(args) -> dict:
-    """Positional attribute values (op_schema.ATTRIBUTES order) -> keyword dict."""
-    return dict(zip(op_schema.ATTRIBUTE_NAMES, args))
-
-
 @torch.library.custom_op(op_schema.TORCH_OP, mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, entity_tokens: torch.Tensor,
-              history: torch.Tensor, step: torch.Tensor, grid: torch.Tensor,
-              block_offset: int, blocks_per_step: int, std_mul_text: float, std_mul_image_image: float,
-              k_strength: float, start_aggregating_from: int, stop_aggregating_at: int,
-              start_intervention_from: int, stop_intervention_at: int, use_history: int,
-              do_smoothing: int, do_image_text_weakening: int, do_image_text_strengthening: int,
-              do_image_image: int, do_text_text_weakening: int) -> tuple[torch.Tensor, torch.Tensor]:
-    attrs = dict(locals())
-    for name in ("q", "k", "v", "entity_tokens", "history", "step", "grid"):
-        attrs.pop(name)
-    return deleaker_attention_ref(q, k, v, entity_tokens, history, step, grid, **attrs)
+              history: torch.Tensor, step: torch.Tensor, grid: torch.Tensor, windows: torch.Tensor,
+              knobs: torch.Tensor, rules: torch.Tensor, block_offset: int,
+              blocks_per_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return deleaker_attention_ref(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules,
+                                  block_offset=block_offset, blocks_per_step=blocks_per_step)
 
 
 @attention.register_fake
-def _(q, k, v, entity_tokens, history, step, grid, *attrs):
+def _(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, block_offset, blocks_per_step):
     return torch.empty_like(q), torch.empty_like(history, dtype=torch.float32)
 
 
-def call_op(q, k, v, entity_tokens, history, step, grid, attrs: dict):
-    """Call torch.ops.deleaker.attention with a keyword attribute dict."""
-    return torch.ops.deleaker.attention(q, k, v, entity_tokens, history, step, grid,
+def call_op(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, attrs: dict):
+    """Call torch.ops.deleaker.attention with the node attributes as a dict (op_schema.ATTRIBUTES)."""
+    return torch.ops.deleaker.attention(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules,
                                         *(attrs[n] for n in op_schema.ATTRIBUTE_NAMES))
+
+
+def settings_tensors(configs, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(windows, knobs, rules) tensors for one ResolvedConfig (or settings dict) per sample."""
+    packed = op_schema.pack_settings(configs)
+    return tuple(torch.from_numpy(packed[n]).to(device) for n in op_schema.SETTINGS_TENSORS)

@@ -12,8 +12,9 @@ import logging
 import numpy as np
 import torch
 
-from deleaker.runtime.backends.base import Backend, ModelInfo
-from deleaker.runtime.config import DeLeakerConfig
+from deleaker.runtime import op_schema
+from deleaker.runtime.backends.base import Backend, ModelInfo, Session, SessionInputs
+from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 
 from .checkpoint import load_checkpoint
 from .flux import DeLeakerFlux, blocks_per_step
@@ -21,7 +22,6 @@ from .libs import quiet_libraries
 
 log = logging.getLogger("deleaker")
 
-DEFAULT_ENTITY_SLOTS = 4
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -41,11 +41,48 @@ def _check_fused_op_fits(tcfg, device: str, dtype: str) -> None:
                          f"{tcfg.attention_head_dim} (use --attention reference)")
 
 
+class TorchSession(Session):
+    """One batch on the torch device: every input, the schedule and the state stay there."""
+
+    def __init__(self, backend: "TorchBackend", inputs: SessionInputs):
+        be, dev, dt = backend, backend.device, backend.dtype
+        self.model = be.model
+        put = lambda x, dtype=dt: torch.from_numpy(np.ascontiguousarray(x)).to(dev, dtype)  # noqa: E731
+        with torch.no_grad():
+            self.embeds, self.pooled = be.encode_on_device(put(inputs.clip_ids, torch.long),
+                                                           put(inputs.t5_ids, torch.long))  # [B, T, Dt], [B, Dp]
+        st = inputs.static
+        B = inputs.batch_size
+        self.img_ids, self.txt_ids = put(st["img_ids"]), put(st["txt_ids"])
+        self.guidance = put(st["guidance"]) if "guidance" in st else None  # [B]
+        self.entity_tokens = put(st["entity_tokens"], torch.float32)  # [B, E, T]
+        self.grid = put(st["grid"], torch.long)  # [2]
+        self.windows, self.knobs, self.rules = (put(st[n], torch.long if n != "knobs" else torch.float32)
+                                                for n in op_schema.SETTINGS_TENSORS)  # [B, 4], [B, 3], [B, 6]
+        self.x = put(inputs.latents, torch.float32)  # [B, I, C]: the Euler state stays in float32
+        self.history = put(inputs.history, torch.float32)  # [B, E, I]
+        # the whole schedule up front, so a step reads it on the device (no host -> device copy)
+        self.timesteps = put(np.repeat(inputs.timesteps[:, None], B, axis=1))  # [S, B]
+        sig = inputs.sigmas.astype(np.float32)
+        self.dts = put(sig[1:] - sig[:-1], torch.float32)  # [S] sigma_{i+1} - sigma_i
+        self.steps = torch.arange(inputs.num_steps, dtype=torch.long, device=dev)  # [S]: step i as a 0-d view
+
+    @torch.no_grad()
+    def step(self, i: int) -> None:
+        noise, self.history = self.model(
+            self.x.to(self.embeds.dtype), self.embeds, self.pooled, self.timesteps[i], self.img_ids, self.txt_ids,
+            self.guidance, self.entity_tokens, self.history, self.steps[i], self.grid, self.windows, self.knobs,
+            self.rules)
+        self.x = self.x + self.dts[i] * noise.float()  # FlowMatchEuler in float32 (runtime/scheduler.py)
+
+    def result(self):
+        return self.x.cpu().numpy(), self.history.float().cpu().numpy()
+
+
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, ckpt, device: str = "cpu", op: str = "reference",
-                 deleaker_config: DeLeakerConfig | None = None, entity_slots: int = DEFAULT_ENTITY_SLOTS,
+    def __init__(self, ckpt, device: str = "cpu", op: str = "reference", entity_slots: int = DEFAULT_ENTITY_SLOTS,
                  max_text_tokens: int | None = None):
         self.device = torch.device(device)
         self.ckpt = ckpt
@@ -53,8 +90,7 @@ class TorchBackend(Backend):
         self.text_encoder = ckpt.text_encoder.to(self.device).eval()
         self.text_encoder_2 = ckpt.text_encoder_2.to(self.device).eval()
         self.vae = ckpt.vae.to(self.device).eval()
-        self.base_config = deleaker_config or DeLeakerConfig()
-        self.model = DeLeakerFlux(ckpt.transformer.to(self.device).eval(), self.base_config, op_name=op)
+        self.model = DeLeakerFlux(ckpt.transformer.to(self.device).eval(), op_name=op)
         tcfg = ckpt.transformer.config
         self.info = ModelInfo(
             name=str(ckpt.path), in_channels=tcfg.in_channels, latent_channels=ckpt.vae.config.latent_channels,
@@ -68,7 +104,7 @@ class TorchBackend(Backend):
 
     @classmethod
     def load(cls, source: str | None = None, *, device: str = "cpu", dtype: str = "fp32", op: str = "reference",
-             deleaker_config: DeLeakerConfig | None = None, progress: bool = True, **kw) -> "TorchBackend":
+             progress: bool = True, **kw) -> "TorchBackend":
         if source is None:
             from .tiny_model import ensure_tiny_model
 
@@ -82,37 +118,24 @@ class TorchBackend(Backend):
         ckpt = load_checkpoint(source, dtype=_DTYPES[dtype])
         if op == "cuda":
             _check_fused_op_fits(ckpt.transformer.config, device, dtype)
-        return cls(ckpt, device=device, op=op, deleaker_config=deleaker_config, **kw)
-
-    def prepare(self, num_steps: int) -> None:
-        # windows derive from the step count (unless the config gives them explicitly)
-        if self.model.config.num_steps != num_steps:
-            self.model = DeLeakerFlux(self.model.transformer, self.base_config.replace(num_steps=num_steps),
-                                      op_name=self.model.op_name)
-
-    @property
-    def deleaker_config(self):
-        return self.model.config
+        return cls(ckpt, device=device, op=op, **kw)
 
     def _t(self, x: np.ndarray, dtype=None) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, dtype or self.dtype)
 
-    @torch.no_grad()
-    def encode_prompt(self, clip_ids, t5_ids):
-        pooled = self.text_encoder(self._t(clip_ids, torch.long), output_hidden_states=False).pooler_output
-        embeds = self.text_encoder_2(self._t(t5_ids, torch.long), output_hidden_states=False)[0]
-        return embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
+    def encode_on_device(self, clip_ids: torch.Tensor, t5_ids: torch.Tensor):
+        """Token ids on the device -> (prompt_embeds [B, T, Dt], pooled [B, Dp]) on the device, model dtype."""
+        pooled = self.text_encoder(clip_ids, output_hidden_states=False).pooler_output
+        embeds = self.text_encoder_2(t5_ids, output_hidden_states=False)[0]
+        return embeds.to(self.dtype), pooled.to(self.dtype)
 
     @torch.no_grad()
-    def step(self, inputs):
-        x = {k: self._t(v) for k, v in inputs.items()
-             if k not in ("entity_tokens", "history", "step", "grid")}
-        noise, hist = self.model(
-            x["hidden_states"], x["encoder_hidden_states"], x["pooled_projections"], x["timestep"], x["img_ids"],
-            x["txt_ids"], x.get("guidance"), self._t(inputs["entity_tokens"], torch.float32),
-            self._t(inputs["history"], torch.float32), self._t(inputs["step"], torch.long),
-            self._t(inputs["grid"], torch.long))
-        return noise.float().cpu().numpy(), hist.float().cpu().numpy()
+    def encode_prompt(self, clip_ids, t5_ids):
+        embeds, pooled = self.encode_on_device(self._t(clip_ids, torch.long), self._t(t5_ids, torch.long))
+        return embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
+
+    def start_session(self, inputs: SessionInputs) -> TorchSession:
+        return TorchSession(self, inputs)
 
     @torch.no_grad()
     def decode(self, vae_latents):

@@ -14,21 +14,33 @@ from .errors import run_reporting_errors
 log = logging.getLogger("deleaker")
 
 
+# Subcommands that live in optional parts of the package: name -> (module, one-line help).
+EXTERNAL = {
+    "serve": ("deleaker.runtime.serve.cli", "serve the model over HTTP with dynamic batching"),
+    "eval": ("deleaker.benchmarks.quality.cli", "measure leakage: generate, judge and report (SLIM format)"),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deleaker", description="DeLeaker text-to-image runtime")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate an image from a prompt")
+    for name, (_, help_) in EXTERNAL.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    g = sub.add_parser("generate", help="generate an image from a prompt",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g.add_argument("--prompt", required=True)
     g.add_argument("--entities", default="", help="comma-separated entity words that occur in the prompt")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", help="diffusers-format FLUX folder (torch backend); default: the tiny offline model")
     src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend)")
-    g.add_argument("--backend", help="torch (default with --model), onnxruntime (default with --artifact), tensorrt")
+    g.add_argument("--backend", help="torch (default with --model), onnxruntime (default with --artifact); "
+                                     "`deleaker generate --help` lists what is installed")
     g.add_argument("--preset", default="flux-dev", help=f"DeLeaker preset: {', '.join(PRESETS)}")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
-    g.add_argument("--height", type=int, default=256)
-    g.add_argument("--width", type=int, default=256)
+    g.add_argument("--height", type=int, help="image height in pixels, a multiple of 16 (default: 256, or the "
+                                             "artifact's export size)")
+    g.add_argument("--width", type=int, help="image width in pixels (default: as --height)")
     g.add_argument("--guidance", type=float, default=3.5, help="guidance scale (guidance-distilled models)")
     g.add_argument("--device", default="cpu", help="torch/onnxruntime device: cpu or cuda")
     g.add_argument("--attention", default="reference", choices=("reference", "cuda"),
@@ -66,22 +78,23 @@ def _generate(args) -> int:
     steps = args.steps if args.steps is not None else cfg.num_steps
     backend_name = args.backend or ("onnxruntime" if args.artifact else "torch")
     source = args.artifact or args.model
-    options = dict(device=args.device, deleaker_config=cfg.replace(num_steps=steps), progress=not args.quiet)
+    options = dict(device=args.device, progress=not args.quiet)
     if backend_name == "torch":
         options.update(op=args.attention, dtype=args.dtype)
     elif args.attention != "reference" or args.dtype != "fp32":
         raise ValueError(f"--attention/--dtype apply to the torch backend; the {backend_name} backend runs "
                          "what was exported")
     backend = load_backend(backend_name, source, **options)
-    pipe = Pipeline(backend)
-    base = GenerateRequest(prompt=args.prompt, entities=entities, seed=args.seed, steps=steps, height=args.height,
-                           width=args.width, guidance_scale=args.guidance, deleaker=not args.no_deleaker)
+    pipe = Pipeline(backend, config=cfg)
+    height, width = _size(args, backend.info)
+    base = GenerateRequest(prompt=args.prompt, entities=entities, seed=args.seed, steps=steps, height=height,
+                           width=width, guidance_scale=args.guidance, deleaker=not args.no_deleaker)
     pipe.check(base)
     if args.compare:
         runs = [(dataclasses.replace(base, deleaker=False), "vanilla"), (base, "DeLeaker")]
     else:
         runs = [(base, "DeLeaker" if base.deleaker else "vanilla")]
-    results = [pipe.generate(r, progress=not args.quiet) for r, _ in runs]
+    results = pipe.generate([r for r, _ in runs], progress=not args.quiet)
     if args.compare:
         delta = np.abs(results[0].images.astype(np.int16) - results[1].images.astype(np.int16))
         log.info("DeLeaker vs vanilla: mean |difference| %.3f, max %d (pixel levels 0-255)", delta.mean(), delta.max())
@@ -93,7 +106,33 @@ def _generate(args) -> int:
     return 0
 
 
+DEFAULT_SIDE = 256
+
+
+def _size(args, info) -> tuple[int, int]:
+    """--height/--width, else the artifact's export size when it fixes a range, else 256 (pixels)."""
+    default = DEFAULT_SIDE
+    if info.size_range is not None and not info.size_range[0] <= default <= info.size_range[1]:
+        default = info.size_range[1]
+    height = args.height if args.height is not None else default
+    width = args.width if args.width is not None else height
+    return height, width
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTERNAL:
+        import importlib
+
+        module, _ = EXTERNAL[argv[0]]
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            extra = "serve" if argv[0] == "serve" else "eval"
+            print(f"deleaker {argv[0]}: needs the optional extra ({e}); pip install 'deleaker[{extra}]'",
+                  file=sys.stderr)
+            return 2
+        return mod.main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="deleaker: %(message)s")
     return run_reporting_errors("deleaker", lambda: _generate(args), args.debug)

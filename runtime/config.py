@@ -118,11 +118,11 @@ class ResolvedConfig:
         """Whether a run of num_steps steps reaches the intervention window at all."""
         return self.start_intervention_from <= num_steps * self.blocks_per_step - 1
 
-    def op_attributes(self, block_offset: int) -> dict:
-        """Attributes of one DeLeakerAttention node (names as in op_schema.ATTRIBUTES)."""
-        from .op_schema import attribute_values
+    def settings(self) -> dict:
+        """The op's per-sample settings {name: value} (names as in op_schema.SETTINGS)."""
+        from .op_schema import SETTING_NAMES
 
-        return attribute_values(self, block_offset)
+        return {name: getattr(self, name) for name in SETTING_NAMES}
 
 
 PRESETS: dict[str, DeLeakerConfig] = {

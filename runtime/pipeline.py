@@ -1,24 +1,44 @@
-"""The denoising loop, written once over the Backend interface.
+"""The denoising loop, written once over the Backend session interface, for batches of requests.
 
-prompt -> tokens (+ entity slots) -> text embeddings -> seeded noise -> S Euler steps of the
-DeLeaker transformer (history threaded step to step) -> VAE decode -> images.
+requests -> validate each (before any work) -> group by (height, width, steps) -> per batch:
+tokens + entity slots + per-sample DeLeaker settings + seeded noise + schedule -> one backend
+session (all of it on the device) -> S steps -> final latents -> VAE decode -> one result per request.
+
+A batch gives every request exactly the result it would get alone: statistics are per sample,
+noise is per seed, settings are per sample. One Pipeline is safe for concurrent callers: the
+scheduler keeps no state, tokenizers are read-only, and each backend runs one session at a time
+under its own lock (callers queue; a server batches them instead, see runtime/serve).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Sequence, Union
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import latents as lat
+from . import op_schema
 from . import tokens as tok
-from .backends.base import Backend
+from .backends.base import Backend, SessionInputs
+from .config import ConfigError, DeLeakerConfig, ResolvedConfig, preset
 from .scheduler import FlowMatchEuler
 
 log = logging.getLogger("deleaker")
+
+MAX_STEPS = 1000  # a request over this is a mistake, not a setting
+DEFAULT_PRESET = "flux-dev"
+
+ProgressFn = Callable[[int, int], None]
+
+
+class RequestError(ValueError):
+    """A request is invalid; the message says which field and why (nothing was computed)."""
 
 
 @dataclass(frozen=True)
@@ -31,100 +51,262 @@ class GenerateRequest:
     width: int = 256
     guidance_scale: float = 3.5
     deleaker: bool = True  # False: every entity slot inactive (plain attention), same engine
+    config: DeLeakerConfig | None = None  # DeLeaker settings of this request; None: the pipeline's
 
 
 @dataclass
 class GenerateResult:
-    images: np.ndarray  # [B, H, W, 3] uint8
-    latents: np.ndarray  # final packed latents [B, I, C] float32
-    history: np.ndarray  # final DeLeaker history [B, E, I]
-    seconds: float
+    request: GenerateRequest
+    image: np.ndarray  # [H, W, 3] uint8
+    latents: np.ndarray  # final packed latents [I, C] float32
+    history: np.ndarray  # final DeLeaker history [E, I] float32
+    seconds: float  # wall time of the batch this request ran in
+    batch_size: int = 1
     step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def images(self) -> np.ndarray:
+        """[1, H, W, 3] uint8 (the image with a batch axis)."""
+        return self.image[None]
+
+    def png_bytes(self) -> bytes:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(self.image).save(buf, format="PNG")
+        return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """A request of a batch that was rejected (generate(..., errors="return"))."""
+
+    index: int
+    request: object
+    message: str
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated request: everything per sample the session needs."""
+
+    index: int
+    request: GenerateRequest
+    geo: lat.LatentGeometry
+    config: ResolvedConfig
+    entity_tokens: np.ndarray  # [E, T] float32 (zeros for vanilla)
+    clip_ids: np.ndarray  # [77] int64
+    t5_ids: np.ndarray  # [T] int64
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return self.request.height, self.request.width, self.request.steps
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 class Pipeline:
-    """Tokenizers + scheduler around one backend. Reusable across requests (keep it warm)."""
+    """Tokenizers + scheduler around one backend. Reusable across requests and threads (keep it warm).
 
-    def __init__(self, backend: Backend):
+    config: the DeLeaker settings of requests that give none (default: the model's recorded
+    settings, else the flux-dev preset). max_batch: the most requests one session holds.
+    """
+
+    def __init__(self, backend: Backend, config: DeLeakerConfig | None = None, max_batch: int | None = None):
         self.backend = backend
         info = backend.info
         self.clip_tok = tok.load_tokenizer(info.tokenizer_dir)
         self.t5_tok = tok.load_tokenizer(info.tokenizer_2_dir)
         self.scheduler = FlowMatchEuler.from_config(info.scheduler_config)
+        if config is None:
+            config = DeLeakerConfig(**info.default_config) if info.default_config else preset(DEFAULT_PRESET)
+        if not isinstance(config, DeLeakerConfig):
+            raise ConfigError(f"config must be a DeLeakerConfig, got {type(config).__name__}")
+        config.resolved(info.blocks_per_step)  # a bad default fails now, not in the first request
+        self.config = config
+        limits = [m for m in (max_batch, info.max_batch) if m is not None]
+        self.max_batch = min(limits) if limits else 8
+        if not _is_int(self.max_batch) or self.max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+
+    # -- validation ------------------------------------------------------------------------
 
     def check(self, req: GenerateRequest) -> lat.LatentGeometry:
-        """Validate a request before any work (clear errors, nothing half-done)."""
+        """Validate a request before any work (one-line errors naming the field); returns its geometry."""
+        return self._prepare(req, 0).geo
+
+    def _prepare(self, req, index: int) -> _Prepared:
         info = self.backend.info
-        geo = lat.geometry(req.height, req.width, info.vae_scale_factor)
+        if not isinstance(req, GenerateRequest):
+            raise RequestError(f"expected a GenerateRequest, got {type(req).__name__}")
+        if not isinstance(req.prompt, str) or not req.prompt.strip():
+            raise RequestError("prompt must be a non-empty string")
+        if isinstance(req.entities, str) or not all(isinstance(e, str) and e.strip() for e in req.entities):
+            raise RequestError(f"entities must be a list of non-empty strings, got {req.entities!r}")
+        if not _is_int(req.seed) or not 0 <= req.seed < 2 ** 63:
+            raise RequestError(f"seed must be an integer in [0, 2**63), got {req.seed!r}")
+        if not _is_int(req.steps) or not 1 <= req.steps <= MAX_STEPS:
+            raise RequestError(f"steps must be an integer in [1, {MAX_STEPS}], got {req.steps!r}")
+        if isinstance(req.guidance_scale, bool) or not isinstance(req.guidance_scale, (int, float)) \
+                or not math.isfinite(req.guidance_scale) or req.guidance_scale < 0:
+            raise RequestError(f"guidance_scale must be a finite number >= 0, got {req.guidance_scale!r}")
+        for side in ("height", "width"):
+            if not _is_int(getattr(req, side)):
+                raise RequestError(f"{side} must be an integer, got {getattr(req, side)!r}")
         if info.size_range is not None:
             lo, hi = info.size_range
             for side, v in (("height", req.height), ("width", req.width)):
                 if not lo <= v <= hi:
                     raise lat.LatentSizeError(f"{side} {v} is outside the exported range [{lo}, {hi}]; "
                                               f"re-export with a wider --min-size/--max-size")
-        if req.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {req.steps}")
-        return geo
-
-    def generate(self, req: GenerateRequest, progress: bool = True) -> GenerateResult:
-        info, be = self.backend.info, self.backend
-        geo = self.check(req)
-        t0 = time.perf_counter()
+        geo = lat.geometry(req.height, req.width, info.vae_scale_factor)
+        base = req.config if req.config is not None else self.config
+        if not isinstance(base, DeLeakerConfig):
+            raise RequestError(f"config must be a DeLeakerConfig, got {type(base).__name__}")
+        cfg = base.replace(num_steps=req.steps).resolved(info.blocks_per_step)
         T = info.max_text_tokens
         n_tokens = len(self.t5_tok.ids(req.prompt, add_special_tokens=True))
         if n_tokens > T:
             # FluxPipeline truncates silently; a runtime serving DeLeaker says so instead
             raise tok.TokenizerError(f"the prompt has {n_tokens} T5 tokens but this model keeps {T} tokens; "
                                      f"shorten the prompt (or export with a larger --max-text-tokens)")
-        # locate entities even for a vanilla run, so vanilla and DeLeaker reject the same input
-        entity_tokens = tok.entity_tokens(self.t5_tok, [req.prompt], list(req.entities), info.entity_slots, T)
+        # entities are located even for a vanilla run, so vanilla and DeLeaker reject the same input
+        ent = tok.entity_tokens(self.t5_tok, [req.prompt], list(req.entities), info.entity_slots, T)[0]  # [E, T]
         if not req.deleaker:
-            entity_tokens[:] = 0  # every slot inactive: the same engine computes plain attention
-        ents = list(req.entities) if req.deleaker else []
-        clip_ids = tok.clip_input_ids(self.clip_tok, [req.prompt], info.clip_max_length)  # [1, 77]
-        t5_ids = tok.t5_input_ids(self.t5_tok, [req.prompt], T)  # [1, T]
-        prompt_embeds, pooled = be.encode_prompt(clip_ids, t5_ids)
+            ent[:] = 0  # every slot inactive: the same engine computes plain attention
+        clip_ids = tok.clip_input_ids(self.clip_tok, [req.prompt], info.clip_max_length)[0]  # [77]
+        t5_ids = tok.t5_input_ids(self.t5_tok, [req.prompt], T)[0]  # [T]
+        return _Prepared(index, req, geo, cfg, ent, clip_ids, t5_ids)
 
-        be.prepare(req.steps)
-        cfg = getattr(be, "deleaker_config", None)
-        if len(ents) >= 2 and cfg is not None and not cfg.intervenes_within(req.steps):
-            log.warning("DeLeaker's intervention starts at block-step %d, but %d steps of %d blocks end before it: "
-                        "this run edits nothing", cfg.start_intervention_from, req.steps, cfg.blocks_per_step)
-        x = lat.initial_latents(geo, req.seed, batch_size=1)  # [1, I, 64]
-        self.scheduler.timesteps(req.steps, geo.image_seq_len)  # kept on the scheduler for step()
-        inputs = {
-            "hidden_states": x,
-            "encoder_hidden_states": prompt_embeds.astype(np.float32),
-            "pooled_projections": pooled.astype(np.float32),
-            "img_ids": lat.image_ids(geo.grid),  # [I, 3]
-            "txt_ids": lat.text_ids(T),  # [T, 3]
-            "entity_tokens": entity_tokens,
-            "history": np.zeros((1, info.entity_slots, geo.image_seq_len), np.float32),  # [1, E, I]
+    # -- generation --------------------------------------------------------------------------
+
+    def generate(self, requests: Union[GenerateRequest, Sequence[GenerateRequest]], progress=None,
+                 errors: str = "raise"):
+        """Generate one request (returns a GenerateResult) or a list (returns a list, in order).
+
+        progress: None/False (silent), True (a tqdm bar), or progress(done_steps, total_steps).
+        errors: "raise" (any invalid request raises before any work) or "return" (invalid
+        requests become RequestFailed entries; the others run).
+        """
+        single = isinstance(requests, GenerateRequest)
+        reqs = [requests] if single else list(requests)
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        if not reqs:
+            return []
+        prepared: list[_Prepared] = []
+        out: list = [None] * len(reqs)
+        for i, r in enumerate(reqs):
+            try:
+                prepared.append(self._prepare(r, i))
+            except ValueError as e:
+                if errors == "raise" or single:
+                    raise type(e)(str(e) if single else f"request {i}: {e}") from None
+                out[i] = RequestFailed(i, r, str(e))
+        batches = self._batches(prepared)
+        total = sum(len(b) * b[0].request.steps for b in batches)
+        report = _progress(progress, total, any(p.request.deleaker and len(p.request.entities) >= 2
+                                                 for p in prepared))
+        try:
+            for batch in batches:
+                for p, res in zip(batch, self._run(batch, report)):
+                    out[p.index] = res
+        finally:
+            report.close()
+        return out[0] if single else out
+
+    def _batches(self, prepared: list[_Prepared]) -> list[list[_Prepared]]:
+        groups: dict[tuple, list[_Prepared]] = {}
+        for p in prepared:  # first-come order within each (size, steps) group
+            groups.setdefault(p.key, []).append(p)
+        return [g[i:i + self.max_batch] for g in groups.values() for i in range(0, len(g), self.max_batch)]
+
+    def _session_inputs(self, batch: list[_Prepared]) -> SessionInputs:
+        info = self.backend.info
+        geo, steps, B = batch[0].geo, batch[0].request.steps, len(batch)
+        plan = self.scheduler.schedule(steps, geo.image_seq_len)
+        static = {
+            "entity_tokens": np.stack([p.entity_tokens for p in batch]),  # [B, E, T]
             "grid": np.asarray(geo.grid, np.int64),  # [2]
+            "img_ids": lat.image_ids(geo.grid),  # [I, 3]
+            "txt_ids": lat.text_ids(info.max_text_tokens),  # [T, 3]
+            **op_schema.pack_settings([p.config for p in batch]),  # windows [B, 4], knobs [B, 3], rules [B, 6]
         }
         if info.guidance_embeds:
-            inputs["guidance"] = np.full((1,), req.guidance_scale, np.float32)
+            static["guidance"] = np.asarray([p.request.guidance_scale for p in batch], np.float32)  # [B]
+        return SessionInputs(
+            clip_ids=np.stack([p.clip_ids for p in batch]),  # [B, 77]
+            t5_ids=np.stack([p.t5_ids for p in batch]),  # [B, T]
+            static=static,
+            latents=lat.initial_latents(geo, [p.request.seed for p in batch], batch_size=B),  # [B, I, 64]
+            history=np.zeros((B, info.entity_slots, geo.image_seq_len), np.float32),  # [B, E, I]
+            timesteps=plan.model_timesteps(),  # [S]
+            sigmas=plan.sigmas,  # [S+1]
+        )
+
+    def _run(self, batch: list[_Prepared], report) -> list[GenerateResult]:
+        info, be = self.backend.info, self.backend
+        geo, steps = batch[0].geo, batch[0].request.steps
+        for p in batch:
+            if p.request.deleaker and len(p.request.entities) >= 2 and not p.config.intervenes_within(steps):
+                log.warning("request %d: DeLeaker's intervention starts at block-step %d, but %d steps of %d blocks "
+                            "end before it: this run edits nothing", p.index, p.config.start_intervention_from,
+                            steps, p.config.blocks_per_step)
+        t0 = time.perf_counter()
+        inputs = self._session_inputs(batch)
         step_times = []
-        bar = tqdm(range(req.steps), desc="denoise" + (" (DeLeaker)" if ents else ""), disable=not progress,
-                   unit="step", leave=False)
-        for i in bar:
-            ts = time.perf_counter()
-            inputs["hidden_states"] = x
-            inputs["timestep"] = self.scheduler.model_timestep(i, 1)
-            inputs["step"] = np.asarray(i, np.int64)
-            noise_pred, inputs["history"] = be.step(inputs)
-            x = self.scheduler.step(noise_pred.astype(np.float32), x, i)
-            step_times.append(time.perf_counter() - ts)
-        vae_in = lat.to_vae_latents(x, geo, info.vae_scaling_factor, info.vae_shift_factor)
-        images = be.decode(vae_in)  # [1, 3, H, W] in [-1, 1]
+        with be.lock:  # one session at a time per backend: sessions share its buffers
+            session = be.start_session(inputs)
+            for i in range(steps):
+                ts = time.perf_counter()
+                session.step(i)
+                step_times.append(time.perf_counter() - ts)
+                report.update(len(batch))
+            x, history = session.result()  # [B, I, C], [B, E, I]
+            images = be.decode(lat.to_vae_latents(x, geo, info.vae_scaling_factor, info.vae_shift_factor))
+        images = to_uint8(images)  # [B, H, W, 3]
         seconds = time.perf_counter() - t0
-        log.info("generated %dx%d in %.2fs (%d steps, %s, entities: %s)", req.width, req.height, seconds,
-                 req.steps, be.name, ", ".join(ents) or "none")
-        return GenerateResult(images=to_uint8(images), latents=x, history=inputs["history"], seconds=seconds,
-                              step_seconds=step_times)
+        r0 = batch[0].request
+        log.info("generated %d image(s) %dx%d in %.2fs (%d steps, %s)", len(batch), r0.width, r0.height, seconds,
+                 steps, be.name)
+        return [GenerateResult(request=p.request, image=images[b], latents=x[b], history=history[b], seconds=seconds,
+                               batch_size=len(batch), step_seconds=list(step_times))
+                for b, p in enumerate(batch)]
+
+
+class _progress:
+    """Steps done over all batches: a tqdm bar, a callback, or nothing."""
+
+    def __init__(self, progress, total: int, deleaker: bool):
+        self.done, self.total = 0, total
+        self.fn: ProgressFn | None = progress if callable(progress) else None
+        self.bar = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="denoise" + (" (DeLeaker)" if deleaker else ""), unit="step",
+                            leave=False)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        if self.fn is not None:
+            self.fn(self.done, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8 (diffusers' VaeImageProcessor rounding)."""
     x = np.clip(images.astype(np.float32) / 2 + 0.5, 0, 1)
     return (x.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+
+
+def replace(req: GenerateRequest, **changes) -> GenerateRequest:
+    """A copy of a request with some fields changed."""
+    return dataclasses.replace(req, **changes)

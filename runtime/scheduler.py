@@ -110,24 +110,51 @@ def euler_step(model_output: np.ndarray, sample: np.ndarray, sigma: np.float32,
     return prev.astype(model_output.dtype, copy=False)
 
 
-class FlowMatchEuler:
-    """Flow-match Euler sampler; `timesteps()` makes a schedule, `step()` walks it.
+@dataclass(frozen=True)
+class Schedule:
+    """One denoising schedule: a value, so one scheduler serves any number of concurrent loops."""
 
-    The last schedule made by `timesteps()` is kept for `step()`, so the usual loop is:
+    sigmas: np.ndarray  # [S+1] float32, ending in 0
+    timesteps: np.ndarray  # [S] float32 in [0, num_train_timesteps]
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    def _check(self, i: int) -> int:
+        if not 0 <= int(i) < self.num_steps:
+            raise SchedulerError(f"step index {i} out of range for a {self.num_steps}-step schedule")
+        return int(i)
+
+    def model_timesteps(self) -> np.ndarray:
+        """The transformer's timestep input for every step: timesteps / 1000, [S] float32."""
+        return self.timesteps / np.float32(1000)
+
+    def model_timestep(self, i: int, batch_size: int = 1) -> np.ndarray:
+        """The transformer's `timestep` input at step i: timesteps[i] / 1000, [batch_size] float32."""
+        return np.full((batch_size,), self.model_timesteps()[self._check(i)], dtype=np.float32)
+
+    def step(self, model_output: np.ndarray, sample: np.ndarray, i: int) -> np.ndarray:
+        """One Euler step from sigmas[i] to sigmas[i+1]."""
+        i = self._check(i)
+        return euler_step(model_output, sample, self.sigmas[i], self.sigmas[i + 1])
+
+
+class FlowMatchEuler:
+    """Flow-match Euler sampler; `schedule()` makes a schedule (a value), which `step()`s:
 
         sched = FlowMatchEuler.from_config(json.load(open("scheduler_config.json")))
-        sigmas, timesteps = sched.timesteps(num_steps, image_seq_len)
+        plan = sched.schedule(num_steps, image_seq_len)
         for i in range(num_steps):
-            v = model(x, sched.model_timestep(i), ...)
-            x = sched.step(v, x, i)
+            v = model(x, plan.model_timestep(i), ...)
+            x = plan.step(v, x, i)
+
+    The scheduler keeps no per-run state: one instance serves concurrent callers.
     """
 
     def __init__(self, config: FlowMatchEulerConfig | None = None):
         self.config = config or FlowMatchEulerConfig()
         self.config.validate()
-        self.sigmas: np.ndarray | None = None  # [S+1] float32, last schedule
-        self._timesteps: np.ndarray | None = None  # [S] float32
-
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "FlowMatchEuler":
         """From a diffusers scheduler_config.json dict. Keys starting with '_' and keys this
@@ -160,7 +187,7 @@ class FlowMatchEuler:
 
         Returns (sigmas [S+1] float32 ending in 0, timesteps [S] float32 in [0, 1000]).
         `sigmas` overrides FluxPipeline's default linspace(1, 1/S, S) before shifting, as the
-        pipeline's `sigmas=` argument does. Also kept on the instance for `step()`.
+        pipeline's `sigmas=` argument does.
         """
         if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
             raise SchedulerError(f"num_steps must be a positive integer, got {num_steps!r}")
@@ -184,23 +211,9 @@ class FlowMatchEuler:
         s = np.asarray(s, dtype=np.float32)
         timesteps = s * np.float32(c.num_train_timesteps)  # [S]
         full = np.concatenate([s, np.zeros(1, np.float32)])  # [S+1]
-        self.sigmas, self._timesteps = full, timesteps
-        return full.copy(), timesteps.copy()
+        return full, timesteps
 
-    def _require_schedule(self, i: int) -> None:
-        if self.sigmas is None:
-            raise SchedulerError("call timesteps(num_steps, image_seq_len) before step()")
-        n = len(self.sigmas) - 1
-        if not 0 <= int(i) < n:
-            raise SchedulerError(f"step index {i} out of range for a {n}-step schedule")
-
-    def model_timestep(self, i: int, batch_size: int = 1) -> np.ndarray:
-        """The transformer's `timestep` input at step i: timesteps[i] / 1000, [batch_size] float32."""
-        self._require_schedule(i)
-        t = self._timesteps[int(i)] / np.float32(1000)
-        return np.full((batch_size,), t, dtype=np.float32)
-
-    def step(self, model_output: np.ndarray, sample: np.ndarray, i: int) -> np.ndarray:
-        """One Euler step from sigmas[i] to sigmas[i+1] of the last schedule."""
-        self._require_schedule(i)
-        return euler_step(model_output, sample, self.sigmas[int(i)], self.sigmas[int(i) + 1])
+    def schedule(self, num_steps: int, image_seq_len: int, sigmas: Sequence[float] | None = None) -> Schedule:
+        """timesteps() as a Schedule value."""
+        full, timesteps = self.timesteps(num_steps, image_seq_len, sigmas)
+        return Schedule(sigmas=full, timesteps=timesteps)

@@ -33,7 +33,7 @@ def _check_records(records, backend):
         assert r["timer"] == "perf_counter"
         if r["mode"] == "e2e":
             assert all(f in r for f in report.E2E_FIELDS)
-            assert r["batch_size"] == 1 and r["seconds_per_image"] > 0
+            assert r["seconds_per_image"] > 0 and r["images_per_s"] == pytest.approx(1 / r["seconds_per_image"])
             assert r["images_per_s"] == pytest.approx(1 / r["seconds_per_image"])
         else:
             assert len(r["step_samples_s"]) == r["runs"]
@@ -71,9 +71,10 @@ def test_cli_smoke_torch_tiny_model(tiny_model_dir, tmp_path, capsys):
                    "--warmup", "1", "--runs", "2", "--out", str(out), "--profile", str(prof), "--quiet"])
     assert rc == 0, capsys.readouterr().err
     records = report.read_jsonl(out / "results.jsonl")
-    # step: batch 1 and 2, vanilla + reference each; e2e: batch 1 only
+    # step and e2e (batched sessions): batch 1 and 2, vanilla + reference each
     assert sorted((r["mode"], r["batch_size"], r["label"]) for r in records) == [
         ("e2e", 1, "deleaker-reference"), ("e2e", 1, "vanilla"),
+        ("e2e", 2, "deleaker-reference"), ("e2e", 2, "vanilla"),
         ("step", 1, "deleaker-reference"), ("step", 1, "vanilla"),
         ("step", 2, "deleaker-reference"), ("step", 2, "vanilla")]
     _check_records(records, "torch")

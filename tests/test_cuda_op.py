@@ -1,17 +1,25 @@
-"""Fused CUDA DeLeaker op (plugins/, via export/cuda_op.py) vs the reference op, on a GPU.
+"""Fused CUDA DeLeaker op (plugins/; the CUDA kernel of torch.ops.deleaker.attention) vs the reference.
 
-Inputs are structured (entities planted by adding a direction to q of some image rows and to k
-of the entity's tokens) so the masks are clear-cut and rounding cannot flip them; the masks and
-the history are compared first (exactly / at float32 tolerance), then the output, whose error
-against the float32 reference must stay within 2x of the error of the same reference code run
-in the inputs' precision (a materialised bf16/fp16 implementation). The full matrix of sizes,
-windows and timings is scripts/gpu_check.py.
+GPU cases (`pytest -m gpu tests/test_cuda_op.py`, after building the library: plugins/README.md)
+run on structured inputs (benchmarks/op_bench.make_inputs: planted entities, clear-cut masks).
+Per case and plain/edit variant: every output written (NaN-poisoned first), history equal to the
+float32 reference at float32 tolerance, final masks equal to the reference's exactly, and the
+output's error against the float32 reference (relative and max) within 2x the error of the same
+reference code run in the inputs' precision (a materialised bf16/fp16 implementation).
+The CPU tests cover the inputs, the reference counters and the error paths.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
+
+from deleaker.benchmarks import op_bench as ob
+from deleaker.benchmarks.op_bench import Case
+
 
 def _require_op():
     if not torch.cuda.is_available():
@@ -25,63 +33,16 @@ def _require_op():
     return cuda_op
 
 
-def _attrs(**over):
-    from deleaker.runtime.config import DeLeakerConfig
-
-    a = DeLeakerConfig().resolved(57).op_attributes(3)
-    a.update(over)
-    return a
+def _err(x, ref):
+    d = x.float() - ref.float()
+    return float(d.norm() / ref.float().norm().clamp_min(1e-30)), float(d.abs().max())
 
 
-def _inputs(T=128, h=16, w=24, H=4, D=128, E=2, seed=0, dtype=torch.bfloat16):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    I, N = h * w, T + h * w
-    q, k, v = (torch.randn(1, H, N, D, generator=g, device="cuda") for _ in range(3))
-    dirs = torch.linalg.qr(torch.randn(D, 4, generator=g, device="cuda"))[0].T
-    ent = torch.zeros(1, E, T, device="cuda")
-    hist = 0.001 * torch.rand(1, E, I, generator=g, device="cuda")
-    yy, xx = torch.meshgrid(torch.arange(h, device="cuda"), torch.arange(w, device="cuda"), indexing="ij")
-    boxes = [(1, 8, 1, 10), (7, 15, 12, 23), (0, 6, 14, 22)]
-    for e in range(E):
-        toks = [3 + 7 * e, 4 + 7 * e]
-        ent[0, e, toks] = 1
-        k[0, :, toks] += 8.0 * dirs[e]
-        y0, y1, x0, x1 = boxes[e]
-        reg = ((yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)).flatten()
-        q[0, :, T + reg.nonzero().flatten()] += 8.0 * dirs[e]
-        hist[0, e] += 0.05 * reg.float()
-    return q.to(dtype), k.to(dtype), v.to(dtype), ent, hist
+# ------------------------------------------------------------------------------------------
+# CPU
+# ------------------------------------------------------------------------------------------
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("E", [1, 2, 3])
-@pytest.mark.parametrize("use_history", [0, 1])
-@pytest.mark.parametrize("step", [0, 5, 20])  # before, inside, after the windows (block offset 3)
-def test_fused_matches_reference(E, use_history, step):
-    cuda_op = _require_op()
-    from deleaker.export.reference_op import deleaker_attention_ref
-
-    q, k, v, ent, hist = _inputs(E=E, seed=E * 10 + step)
-    attrs = _attrs(use_history=use_history)
-    grid = torch.tensor([16, 24])  # non-square
-    ref, ref_hist = deleaker_attention_ref(q.float(), k.float(), v.float(), ent, hist, step, grid, **attrs)
-    naive_err = None
-    for plain, edit in [("auto", "delta"), ("own", "delta"), ("own", "full")]:
-        d = cuda_op.debug_run(q, k, v, ent, hist, torch.tensor(step, device="cuda"), grid.cuda(), plain=plain,
-                              edit=edit, **attrs)
-        out, hout = d["out"], d["history_out"]
-        assert not torch.isnan(out).any() and not torch.isnan(hout).any(), "unwritten (NaN-poisoned) outputs"
-        torch.testing.assert_close(hout, ref_hist, rtol=1e-4, atol=1e-7)
-        if naive_err is None:
-            from deleaker.export import reference_op as R
-
-            naive = R._one_sample(q[0], k[0], v[0], ent[0], hist[0], step, 16, 24, attrs)[0]
-            naive_err = (naive.float() - ref[0]).norm() / ref[0].norm()
-        fused_err = (out[0].float() - ref[0]).norm() / ref[0].norm()
-        assert fused_err <= 2 * naive_err, f"{plain}/{edit}: fused error {fused_err:.2e} > 2x naive {naive_err:.2e}"
-
-
-def test_missing_library_message(monkeypatch, tmp_path):
+def test_missing_library_message(monkeypatch):
     from deleaker.export import cuda_op
 
     monkeypatch.setattr(cuda_op, "_loaded", None)
@@ -101,17 +62,214 @@ def test_impl_switch_bits():
         cuda_op.impl_bits({"row_ordr": False})
 
 
+SMALL = Case(H=2, D=64, T=64, h=32, w=32, E=3, spec=(((0, 0), (2, 1)),), dtype="fp32")
+
+
+def test_planted_entities_give_their_regions_as_masks():
+    """The inputs the GPU cases rely on: the reference's final masks are the planted regions
+    (salt rows removed by the opening), and the counters reflect them."""
+    q, k, v, ent, hist = ob.make_inputs(SMALL, seed=3)
+    grid = (SMALL.h, SMALL.w)
+    windows, knobs, rules = ob.settings_for([dict(use_history=False)])
+    _, _, recs = ob.reference_run(q, k, v, ent, hist, 5, grid, windows, knobs, rules, ob.attrs_for(3))
+    counters = ob.reference_counters(ent, recs)[0]
+    assert counters["edited"]
+    for slot, kind in SMALL.spec[0]:
+        planted = ob.region(SMALL.h, SMALL.w, kind).flatten()
+        mask = recs[0]["masks"][[0, 2].index(slot)]
+        iou = float((mask & planted).sum() / (mask | planted).sum())
+        assert iou >= 0.8, f"slot {slot}: mask IoU with the planted region {iou:.2f}"
+        assert counters["mask_rows"][slot] == int(mask.sum())
+    assert set(counters["mask_rows"]) == {0, 2}  # slot 1 is empty: no mask
+    union = recs[0]["masks"].any(0)
+    assert counters["masked_rows"] == int(union.sum())
+    assert counters["cut_pairs"] == int(recs[0]["cut"].sum()) > 0  # rule X cut something among the masked rows
+    assert not (recs[0]["cut"] & ~(union[:, None] & union[None, :])).any()
+
+
+def test_counters_are_zero_outside_the_window():
+    q, k, v, ent, hist = ob.make_inputs(SMALL, seed=3)
+    windows, knobs, rules = ob.settings_for([{}])
+    _, _, recs = ob.reference_run(q, k, v, ent, hist, 0, (SMALL.h, SMALL.w), windows, knobs, rules,
+                                  ob.attrs_for(15))  # tau 15: history only (a0 12 <= tau < i0 18)
+    assert ob.reference_counters(ent, recs) == [dict(edited=False, mask_rows={}, masked_rows=0, cut_pairs=0)]
+
+
+def test_op_bench_cli_says_why_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the message is for machines without one")
+    r = subprocess.run([sys.executable, "-m", "deleaker.benchmarks.op_bench"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "op_bench: needs a CUDA GPU (torch sees none)"
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: the correctness matrix
+# ------------------------------------------------------------------------------------------
+
+TWO = (((0, 0), (1, 1)),)
+THREE = (((0, 0), (1, 1), (2, 2)),)
+A1536 = dict(T=512, h=32, w=32)
+A4608 = dict(T=512, h=64, w=64)
+INSIDE = dict(step=5, block_offset=3)  # tau 288: history updating, intervening (masks from the history)
+
+# name -> (case, settings overrides, step, block_offset)
+CASES = {
+    "1536 E2 hist-off inside": (Case(**A1536, spec=TWO), dict(use_history=False), *INSIDE.values()),
+    "1536 E2 hist-on inside": (Case(**A1536, spec=TWO), {}, *INSIDE.values()),
+    "1536 E2 tau==a0==i0 (masks from p)": (Case(**A1536, spec=TWO), dict(start_intervention_from=12), 0, 12),
+    "1536 E1 inside (plain + history)": (Case(**A1536, E=1, spec=(((0, 0),),)), {}, *INSIDE.values()),
+    "1536 E3 hist-off inside": (Case(**A1536, E=3, spec=THREE), dict(use_history=False), *INSIDE.values()),
+    "1536 E2 before (tau<a0)": (Case(**A1536, spec=TWO), {}, 0, 5),
+    "1536 E2 history only (a0<=tau<i0)": (Case(**A1536, spec=TWO), {}, 0, 15),
+    "1536 E2 after (tau>i1, frozen)": (Case(**A1536, spec=TWO), {}, 20, 10),
+    "1536 E2 TT on, no smoothing": (Case(**A1536, spec=TWO), dict(do_text_text_weakening=True, do_smoothing=False),
+                                    *INSIDE.values()),
+    "1536 E2 fp16": (Case(**A1536, spec=TWO, dtype="fp16"), dict(use_history=False), *INSIDE.values()),
+    "1536 E2 FLUX layout [B,N,H,D]": (Case(**A1536, spec=TWO, layout="bnhd"), {}, *INSIDE.values()),
+    "1536 E2 D=64 H=8": (Case(**A1536, H=8, D=64, spec=TWO), dict(use_history=False), *INSIDE.values()),
+    "4608 E2 hist-on inside": (Case(**A4608, spec=TWO), {}, *INSIDE.values()),
+    "4608 E3 hist-off inside (overlapping masks)": (Case(**A4608, E=3, spec=THREE), dict(use_history=False),
+                                                    *INSIDE.values()),
+    "3584 non-square 48x64 E2 hist-on": (Case(T=512, h=48, w=64, spec=TWO), {}, *INSIDE.values()),
+    "B=2 E4 slots (one empty) mixed": (Case(**A1536, B=2, E=4, spec=(((0, 0), (2, 1), (3, 3)), ((1, 1), (3, 0)))),
+                                       dict(use_history=False), *INSIDE.values()),
+}
+VARIANTS = [("cudnn", "delta"), ("own", "delta"), ("own", "full")]
+
+
+def _check_against_reference(cuda_op, case, overrides_per_sample, step, block_offset, seed, variants=VARIANTS):
+    q, k, v, ent, hist = ob.make_inputs(case, seed=seed, device="cuda")
+    windows, knobs, rules = ob.settings_for(overrides_per_sample, device="cuda")
+    grid = torch.tensor([case.h, case.w])
+    attrs = ob.attrs_for(block_offset)
+    # each sample alone through the reference (its own settings row), float32 and same precision
+    ref, ref_hist, recs, naive = [], [], [], []
+    for b in range(case.B):
+        one = (q[b:b + 1], k[b:b + 1], v[b:b + 1], ent[b:b + 1], hist[b:b + 1], step, grid,
+               windows[b:b + 1], knobs[b:b + 1], rules[b:b + 1], attrs)
+        r, rh, rc = ob.reference_run(*one)
+        n, _, _ = ob.reference_run(*one, upcast=False, record=False)
+        ref.append(r)
+        ref_hist.append(rh)
+        recs += rc
+        naive.append(n)
+    ref, ref_hist, naive = torch.cat(ref), torch.cat(ref_hist), torch.cat(naive)
+    naive_rel, naive_max = _err(naive, ref)
+    want = ob.reference_counters(ent, recs)
+    for plain, edit in variants:
+        d = cuda_op.debug_run(q, k, v, ent, hist, torch.tensor(step, device="cuda"), grid.cuda(), windows, knobs,
+                              rules, plain=plain, edit=edit, **attrs)
+        tag = f"{plain}/{edit}"
+        assert not torch.isnan(d["out"]).any() and not torch.isnan(d["history_out"]).any(), f"{tag}: unwritten outputs"
+        torch.testing.assert_close(d["history_out"], ref_hist, rtol=1e-4, atol=1e-7, msg=f"{tag}: history")
+        for b, rec in enumerate(recs):
+            assert bool(d["info"][b]["intervene"]) == (rec["masks"] is not None), f"{tag}: sample {b} window"
+            if rec["masks"] is not None:
+                active = (ent[b] > 0).any(-1).nonzero().flatten()
+                flips = int((d["masks"][b, active] != rec["masks"]).sum())
+                assert flips == 0, f"{tag}: sample {b}: {flips} mask rows differ from the reference"
+        rel, mx = _err(d["out"], ref)
+        assert rel <= 2 * naive_rel and mx <= 2 * naive_max, (
+            f"{tag}: fused error rel {rel:.2e} / max {mx:.2e} vs naive {naive_rel:.2e} / {naive_max:.2e}")
+    return want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_matches_reference(name):
+    cuda_op = _require_op()
+    case, overrides, step, block_offset = CASES[name]
+    seed = sum(map(ord, name)) % 10000
+    _check_against_reference(cuda_op, case, [overrides] * case.B, step, block_offset, seed)
+
+
+@pytest.mark.gpu
+def test_mixed_settings_batch_matches_each_sample_alone():
+    """One batch whose samples differ in windows, alpha, thresholds and rules, one with no entity:
+    each sample's output, history and masks as the reference gives for that sample alone."""
+    cuda_op = _require_op()
+    case = Case(B=4, H=8, T=512, h=24, w=32, E=3,
+                spec=(((0, 0), (1, 1), (2, 2)), ((0, 1), (1, 3)), ((0, 3), (2, 0)), ()))
+    overrides = [
+        {},  # defaults: history on, W S X
+        dict(start_intervention_from=300, k_strength=1.5),  # tau 288: history only
+        dict(use_history=False, do_image_image=False, do_text_text_weakening=True, do_smoothing=False,
+             k_strength=2.0, std_mul_text=0.8),
+        dict(start_aggregating_from=400, start_intervention_from=400),  # no entity, window not reached
+    ]
+    want = _check_against_reference(cuda_op, case, overrides, 5, 3, seed=11)
+    assert [w["edited"] for w in want] == [True, False, True, False]  # the batch really mixes
+    got = ob.op_counters(*ob.make_inputs(case, seed=11, device="cuda"), torch.tensor(5), torch.tensor([case.h, case.w]),
+                         *ob.settings_for(overrides, device="cuda"), ob.attrs_for(3))
+    for b in range(case.B):
+        assert got[b]["edited"] == want[b]["edited"] and got[b]["mask_rows"] == want[b]["mask_rows"]
+    assert got[2]["cut_pairs"] == 0  # rule X off for that sample only
+    assert got[0]["cut_pairs"] > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("E", [2, 3])
 def test_impl_switches_same_result(E):
     """Every implementation switch off (the v4 paths) and on give the same masks and history and
     outputs equal to rounding (only summation orders differ)."""
     cuda_op = _require_op()
-    q, k, v, ent, hist = _inputs(E=E, seed=40 + E)
-    attrs = _attrs()
+    case = Case(T=128, H=4, h=16, w=24, E=E, spec=(tuple((s, s) for s in range(E)),))
+    q, k, v, ent, hist = ob.make_inputs(case, seed=40 + E, device="cuda")
+    settings = ob.settings_for([{}], device="cuda")
     step, grid = torch.tensor(5, device="cuda"), torch.tensor([16, 24], device="cuda")
-    on = cuda_op.debug_run(q, k, v, ent, hist, step, grid, **attrs)
+    on = cuda_op.debug_run(q, k, v, ent, hist, step, grid, *settings, **ob.attrs_for(3))
     for off in ({"x_split": False, "fixed_gather": False}, {n: False for n in cuda_op.IMPL_SWITCHES}):
-        d = cuda_op.debug_run(q, k, v, ent, hist, step, grid, impl=off, **attrs)
+        d = cuda_op.debug_run(q, k, v, ent, hist, step, grid, *settings, impl=off, **ob.attrs_for(3))
         assert torch.equal(d["masks"], on["masks"]) and torch.equal(d["history_out"], on["history_out"])
         torch.testing.assert_close(d["out"].float(), on["out"].float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_reads_settings_on_the_device():
+    """The op captured once in a CUDA graph follows settings changed in place on the device."""
+    _require_op()
+    case = Case(**A1536, spec=TWO)
+    q, k, v, ent, hist = ob.make_inputs(case, seed=5, device="cuda")
+    windows, knobs, rules = ob.settings_for([{}], device="cuda")
+    step, grid = torch.tensor(5, device="cuda"), torch.tensor([case.h, case.w], device="cuda")
+
+    def op():
+        return torch.ops.deleaker.attention(q, k, v, ent, hist, step, grid, windows, knobs, rules, 3, 57)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            eager = op()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gout = op()
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(gout[0].float(), eager[0].float(), rtol=2e-2, atol=2e-2)
+    edited = gout[0].clone()
+    windows[0, 2] = 10_000  # i0 past tau: plain attention, history still updated
+    windows[0, 3] = 20_000
+    g.replay()
+    torch.cuda.synchronize()
+    plain = op()
+    assert torch.equal(gout[0], plain[0]) and torch.equal(gout[1], plain[1])
+    assert not torch.equal(gout[0], edited)
+
+
+@pytest.mark.gpu
+def test_cpu_calls_still_run_the_reference():
+    """With the fused library loaded, the op's CPU kernel is still the reference."""
+    _require_op()
+    from deleaker.export.reference_op import deleaker_attention_ref
+
+    q, k, v, ent, hist = ob.make_inputs(SMALL, seed=2)
+    settings = ob.settings_for([{}])
+    grid = torch.tensor([SMALL.h, SMALL.w])
+    out, h = torch.ops.deleaker.attention(q, k, v, ent, hist, torch.tensor(5), grid, *settings, 3, 57)
+    ref, rh = deleaker_attention_ref(q, k, v, ent, hist, torch.tensor(5), grid, *settings, block_offset=3,
+                                     blocks_per_step=57)
+    assert torch.equal(out, ref) and torch.equal(h, rh)

@@ -10,7 +10,7 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers import transformer_flux
 
 from deleaker.export.flux import DeLeakerFlux, blocks_per_step
-from deleaker.export.reference_op import deleaker_attention_ref
+from deleaker.export.reference_op import deleaker_attention_ref, settings_tensors
 from deleaker.runtime.config import DeLeakerConfig
 
 H_GRID, W_GRID, T, E = 6, 8, 7, 3  # non-square latent grid on purpose
@@ -23,7 +23,12 @@ def tiny_transformer(seed=0):
                                   pooled_projection_dim=12, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
 
 
-def step_inputs(B=2, seed=0):
+# windows open from the first block so two steps exercise history, masks and edits
+EARLY = DeLeakerConfig(start_aggregating_from=0, start_intervention_from=1, stop_aggregating_at=7,
+                       stop_intervention_at=100, do_smoothing=False, std_mul_image_image=0.5)
+
+
+def step_inputs(B=2, seed=0, config=EARLY):
     g = torch.Generator().manual_seed(seed)
     I = H_GRID * W_GRID
     img_ids = torch.zeros(H_GRID, W_GRID, 3)
@@ -43,24 +48,20 @@ def step_inputs(B=2, seed=0):
         entity_tokens=ent,
         history=torch.zeros(B, E, I),
         grid=torch.tensor([H_GRID, W_GRID]),
+        **dict(zip(("windows", "knobs", "rules"), settings_tensors([config.resolved(5)] * B))),
     )
-
-
-# windows open from the first block so two steps exercise history, masks and edits
-EARLY = DeLeakerConfig(start_aggregating_from=0, start_intervention_from=1, stop_aggregating_at=7,
-                       stop_intervention_at=100, do_smoothing=False, std_mul_image_image=0.5)
 
 
 def vanilla(model, x):
     keys = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
-            "guidance")
+            "guidance")  # everything but DeLeaker's own inputs
     return model(**{k: x[k] for k in keys}, return_dict=False)[0]
 
 
 @torch.no_grad()
 def test_no_active_entity_is_stock_diffusers():
     stock = tiny_transformer()
-    dl = DeLeakerFlux(copy.deepcopy(stock), EARLY)
+    dl = DeLeakerFlux(copy.deepcopy(stock))
     x = step_inputs()
     x["entity_tokens"] = torch.zeros_like(x["entity_tokens"])
     out, hist = dl(**x, step=torch.tensor(1))
@@ -71,9 +72,8 @@ def test_no_active_entity_is_stock_diffusers():
 @torch.no_grad()
 def test_entities_change_output_and_equal_layer_by_layer_reference(monkeypatch):
     stock = tiny_transformer()
-    dl = DeLeakerFlux(copy.deepcopy(stock), EARLY)
-    cfg = dl.config
-    assert cfg.blocks_per_step == blocks_per_step(stock) == 5
+    dl = DeLeakerFlux(copy.deepcopy(stock))
+    assert dl.blocks_per_step == blocks_per_step(stock) == 5
     x = step_inputs()
 
     # Independent route: the stock processors, with diffusers' attention call replaced by the
@@ -81,11 +81,12 @@ def test_entities_change_output_and_equal_layer_by_layer_reference(monkeypatch):
     state = {}
 
     def dispatch(query, key, value, attn_mask=None, backend=None, parallel_config=None):
-        attrs = cfg.op_attributes(state["block"])
+        offset = state["block"]
         state["block"] += 1
         out, state["hist"] = deleaker_attention_ref(query.transpose(1, 2), key.transpose(1, 2),
                                                     value.transpose(1, 2), x["entity_tokens"], state["hist"],
-                                                    state["step"], x["grid"], **attrs)
+                                                    state["step"], x["grid"], x["windows"], x["knobs"], x["rules"],
+                                                    block_offset=offset, blocks_per_step=5)
         return out.transpose(1, 2)
 
     hist_dl = hist_ref = x["history"]
@@ -106,7 +107,7 @@ def test_entities_change_output_and_equal_layer_by_layer_reference(monkeypatch):
 
 def test_processor_without_inputs_is_a_clear_error():
     model = tiny_transformer()
-    DeLeakerFlux(model, EARLY)
+    DeLeakerFlux(model)
     x = step_inputs()
     with pytest.raises(RuntimeError, match="without DeLeaker inputs"):
         vanilla(model, x)

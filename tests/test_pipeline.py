@@ -9,7 +9,7 @@ import torch
 from deleaker.runtime.backends import load_backend
 from deleaker.runtime.config import DeLeakerConfig
 from deleaker.runtime import latents as lat
-from deleaker.runtime.pipeline import GenerateRequest, Pipeline
+from deleaker.runtime.pipeline import GenerateRequest, Pipeline, RequestError, RequestFailed
 
 # Windows open from the first steps, so 4 steps exercise history, masks and edits; no smoothing:
 # on a 4x6 latent grid the 3x3 opening would erase the scattered masks of random weights.
@@ -18,7 +18,7 @@ EARLY = DeLeakerConfig(start_aggregating_from=0, start_intervention_from=1, num_
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model_dir):
-    return Pipeline(load_backend("torch", str(tiny_model_dir), deleaker_config=EARLY, progress=False))
+    return Pipeline(load_backend("torch", str(tiny_model_dir), progress=False), config=EARLY)
 
 
 def req(**kw):
@@ -35,7 +35,7 @@ def test_deterministic_and_deleaker_changes_the_result(pipe):
     assert a.images.shape == (1, 64, 96, 3) and a.images.dtype == np.uint8
     np.testing.assert_array_equal(a.latents, b.latents)
     assert np.abs(a.latents - v.latents).max() > 1e-4
-    assert a.history[0, :2].max() > 0 and np.all(a.history[0, 2:] == 0)  # two active slots of four
+    assert a.history[:2].max() > 0 and np.all(a.history[2:] == 0)  # two active slots of four
     assert np.all(v.history == 0)
 
 
@@ -53,7 +53,7 @@ def test_vanilla_loop_matches_diffusers_flux_pipeline(pipe, tiny_model_dir):
     theirs = fp(prompt=r.prompt, height=r.height, width=r.width, num_inference_steps=r.steps,
                 guidance_scale=r.guidance_scale, latents=start, output_type="latent",
                 max_sequence_length=pipe.backend.info.max_text_tokens).images
-    np.testing.assert_allclose(ours.latents, theirs.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours.latents[None], theirs.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_request_validation(pipe):
@@ -62,3 +62,84 @@ def test_request_validation(pipe):
     from deleaker.runtime.tokens import EntityError
     with pytest.raises(EntityError, match="not found"):
         pipe.generate(req(entities=("cat", "zebra")), progress=False)
+    for bad, match in [(dict(guidance_scale=float("nan")), "guidance_scale"), (dict(seed=-1), "seed"),
+                       (dict(steps=0), "steps"), (dict(entities="cat"), "entities"), (dict(prompt=" "), "prompt")]:
+        with pytest.raises(ValueError, match=match):
+            pipe.check(req(**bad))
+
+
+# Three requests that differ in everything a request may change: prompt, entity set (one has
+# none), seed, guidance and DeLeaker settings (windows, strength, a rule switched off).
+OTHER = DeLeakerConfig(start_aggregating_from=2, start_intervention_from=3, k_strength=1.5, num_steps=4,
+                       do_smoothing=False, do_image_image=False)
+MIXED = [
+    req(),
+    req(prompt="a dog and a bird by the river", entities=("dog", "bird"), seed=11, guidance_scale=2.0, config=OTHER),
+    req(prompt="a horse in the snow", entities=(), seed=5),
+]
+
+
+def test_batch_equals_each_request_alone(pipe):
+    batched = pipe.generate(MIXED)
+    assert [r.batch_size for r in batched] == [3, 3, 3]
+    for r, alone in zip(batched, (pipe.generate(q) for q in MIXED)):
+        assert alone.batch_size == 1
+        np.testing.assert_allclose(r.latents, alone.latents, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(r.history, alone.history, rtol=0, atol=1e-5)
+    # the settings really differ per sample: the second request with the pipeline's settings is another image
+    default_cfg = pipe.generate(req(prompt=MIXED[1].prompt, entities=MIXED[1].entities, seed=11, guidance_scale=2.0))
+    assert np.abs(default_cfg.latents - batched[1].latents).max() > 1e-3
+
+
+def test_batches_group_by_size_and_steps_and_respect_max_batch(tiny_model_dir, pipe):
+    small = Pipeline(pipe.backend, config=EARLY, max_batch=2)
+    reqs = [req(seed=s) for s in range(3)] + [req(height=32, width=32, seed=9), req(steps=2, seed=4)]
+    out = small.generate(reqs)
+    assert [r.batch_size for r in out] == [2, 2, 1, 1, 1]
+    assert [r.request.seed for r in out] == [0, 1, 2, 9, 4]  # results in request order
+    assert out[3].image.shape == (32, 32, 3)
+
+
+def test_one_engine_serves_every_step_count_and_setting(pipe):
+    """No re-installation of processors: the model is request-invariant."""
+    model = pipe.backend.model
+    procs = [b.attn.processor for b in model.transformer.transformer_blocks]
+    for steps in (4, 20, 28):
+        r = pipe.generate(req(steps=steps, height=32, width=32))
+        assert r.latents.shape == (4, 64)
+    pipe.generate(req(config=OTHER, height=32, width=32))
+    assert pipe.backend.model is model and [b.attn.processor for b in model.transformer.transformer_blocks] == procs
+
+
+def test_bad_requests_are_rejected_before_any_work(pipe):
+    steps_seen = []
+    bad = [req(), req(entities=("cat", "zebra")), req(height=70)]
+    with pytest.raises(ValueError, match=r"request 1: .*zebra"):
+        pipe.generate(bad, progress=lambda done, total: steps_seen.append(done))
+    assert steps_seen == []  # nothing ran
+    out = pipe.generate(bad, errors="return", progress=lambda done, total: steps_seen.append((done, total)))
+    assert isinstance(out[1], RequestFailed) and "zebra" in out[1].message and out[1].index == 1
+    assert isinstance(out[2], RequestFailed) and "multiples of 16" in out[2].message
+    np.testing.assert_array_equal(out[0].latents, pipe.generate(req()).latents)  # the good one is unaffected
+    assert steps_seen[-1] == (4, 4)
+
+
+def test_concurrent_callers_get_the_serial_results(pipe):
+    from concurrent.futures import ThreadPoolExecutor
+
+    reqs = [req(seed=s, height=32, width=32, entities=("cat", "cheetah") if s % 2 else ()) for s in range(8)]
+    serial = [pipe.generate(r) for r in reqs]
+    with ThreadPoolExecutor(8) as ex:
+        parallel = list(ex.map(pipe.generate, reqs))
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a.latents, b.latents)
+        np.testing.assert_array_equal(a.image, b.image)
+
+
+def test_png_bytes_round_trip(pipe):
+    import io
+
+    from PIL import Image
+
+    r = pipe.generate(req(height=32, width=32))
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.png_bytes()))), r.image)

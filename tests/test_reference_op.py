@@ -49,10 +49,19 @@ def structured(T=6, h=4, w=4, D=8, H=2, tokens=((1,), (3, 4)), rows=((0, 1, 4, 5
     return q, k, v, ent, hist
 
 
+def split(a: dict, batch: int = 1):
+    """A flat attribute dict -> ((windows, knobs, rules) for `batch` samples, structural attributes)."""
+    settings = ref.settings_tensors([{n: a[n] for n in ref.op_schema.SETTING_NAMES}] * batch)
+    return settings, {n: a[n] for n in ref.op_schema.ATTRIBUTE_NAMES}
+
+
+def call(q, k, v, ent, hist, step, grid, a: dict):
+    settings, attrs = split(a, q.shape[0])
+    return ref.call_op(q, k, v, ent, hist, torch.tensor(step), torch.tensor(grid), *settings, attrs)
+
+
 def run(q, k, v, ent, hist, step, h, w, **over):
-    a = attrs_for(**over)
-    out, hout = ref.call_op(q, k, v, ent, hist, torch.tensor(step), torch.tensor([h, w]), a)
-    return out, hout
+    return call(q, k, v, ent, hist, step, [h, w], attrs_for(**over))
 
 
 # ---------------- numpy float64 helpers: the rules written out literally ----------------
@@ -393,9 +402,9 @@ def test_defaults_with_smoothing_edit_on_a_larger_grid():
     r1 = [r * 8 + c for r in range(0, 4) for c in range(0, 4)]
     r2 = [r * 8 + c for r in range(4, 8) for c in range(4, 8)]
     q, k, v, ent, hist = structured(h=8, w=8, rows=(r1, r2))
-    cfg = dict(preset("flux-dev").resolved(57).op_attributes(0))
+    cfg = dict(preset("flux-dev").resolved(57).settings(), block_offset=0)
     cfg.update(start_aggregating_from=0, start_intervention_from=0, blocks_per_step=1)
-    out, hout = ref.call_op(q, k, v, ent, hist, torch.tensor(0), torch.tensor([8, 8]), cfg)
+    out, hout = call(q, k, v, ent, hist, 0, [8, 8], cfg)
     plain = np_out(np_logits(q[0], k[0]), v[0])
     assert np.abs(out[0].numpy() - plain).max() > 1e-3
     assert torch.isfinite(out).all() and torch.isfinite(hout).all()
@@ -405,9 +414,9 @@ def test_dtype_and_fake_impl():
     q, k, v, ent, hist = structured()
     out, hout = run(q.bfloat16(), k.bfloat16(), v.bfloat16(), ent, hist, 3, H0, W0)
     assert out.dtype == torch.bfloat16 and hout.dtype == torch.float32
-    a = attrs_for(do_image_text_weakening=1)
-    args = (q, k, v, ent, hist, torch.tensor(3), torch.tensor([H0, W0]),
-            *(a[n] for n in ref.op_schema.ATTRIBUTE_NAMES))
+    settings, attrs = split(attrs_for(do_image_text_weakening=1))
+    args = (q, k, v, ent, hist, torch.tensor(3), torch.tensor([H0, W0]), *settings,
+            *(attrs[n] for n in ref.op_schema.ATTRIBUTE_NAMES))
     torch.library.opcheck(torch.ops.deleaker.attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -418,6 +427,30 @@ def test_bad_inputs_are_clear():
         run(q, k, v, ent, hist, 0, 3, 5)
     with pytest.raises(ValueError, match="history must be"):
         run(q, k, v, ent, hist[:, :1], 0, 4, 4)
+    (w, kn, ru), attrs = split(attrs_for())
+    with pytest.raises(ValueError, match=r"knobs must be \[B, 3\]"):
+        ref.call_op(q, k, v, ent, hist, torch.tensor(0), torch.tensor([4, 4]), w, kn[:, :2], ru, attrs)
+
+
+def test_per_sample_settings_equal_each_sample_alone():
+    """Contract v2: one batch mixes windows, knobs and rule switches; each sample gets its own result."""
+    q, k, v, ent, hist = structured(B=3, seed=4)
+    ent[2] = 0  # the third sample has no active slot: plain attention
+    per = [attrs_for(do_image_text_weakening=1, do_image_text_strengthening=1, do_image_image=1),
+           attrs_for(do_image_text_strengthening=1, k_strength=2.0, start_intervention_from=5),  # not yet at tau 3
+           attrs_for(do_image_text_weakening=1)]
+    windows, knobs, rules = ref.settings_tensors([{n: a[n] for n in ref.op_schema.SETTING_NAMES} for a in per])
+    attrs = {n: per[0][n] for n in ref.op_schema.ATTRIBUTE_NAMES}
+    out, hout = ref.call_op(q, k, v, ent, hist, torch.tensor(3), torch.tensor([H0, W0]), windows, knobs, rules, attrs)
+    for b, a in enumerate(per):
+        o, ho = run(q[b:b + 1], k[b:b + 1], v[b:b + 1], ent[b:b + 1], hist[b:b + 1], 3, H0, W0,
+                    **{n: a[n] for n in a if n not in ("block_offset", "blocks_per_step")})
+        torch.testing.assert_close(out[b:b + 1], o, rtol=0, atol=0)
+        torch.testing.assert_close(hout[b:b + 1], ho, rtol=0, atol=0)
+    plain = [torch.from_numpy(np_out(np_logits(q[b], k[b]), v[b])).float() for b in (1, 2)]
+    torch.testing.assert_close(out[1], plain[0], rtol=0, atol=ATOL)  # outside its window: plain
+    torch.testing.assert_close(out[2], plain[1], rtol=0, atol=ATOL)  # no entity: plain
+    assert (out[0] - torch.from_numpy(np_out(np_logits(q[0], k[0]), v[0])).float()).abs().max() > 1e-2
 
 
 # ---------------- config ----------------
@@ -429,7 +462,7 @@ def test_config_presets_and_derived_windows():
     assert schnell.stop_intervention_at == 4 * 57 and schnell.stop_aggregating_at == 2 * 57
     explicit = DeLeakerConfig(stop_aggregating_at=100, stop_intervention_at=200).resolved(57)
     assert (explicit.stop_aggregating_at, explicit.stop_intervention_at) == (100, 200)
-    assert dev.op_attributes(19)["block_offset"] == 19
+    assert dev.settings()["stop_intervention_at"] == 20 * 57
     # short runs on small models: derived stops are clamped to their starts, never an error
     short = preset("flux-dev", num_steps=2).resolved(4)
     assert short.stop_aggregating_at == 13 and short.stop_intervention_at == 18

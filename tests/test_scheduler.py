@@ -37,7 +37,8 @@ def test_schedule_and_steps_match_diffusers_flux_dev(num_steps, image_size):
     seq = (image_size // 16) ** 2
     ref, ref_t = diffusers_schedule(FLUX_DEV_SCHEDULER_CONFIG, num_steps, seq)
     ours = FlowMatchEuler.from_config(FLUX_DEV_SCHEDULER_CONFIG)
-    sigmas, timesteps = ours.timesteps(num_steps, seq)
+    plan = ours.schedule(num_steps, seq)
+    sigmas, timesteps = plan.sigmas, plan.timesteps
 
     assert sigmas.dtype == np.float32 and timesteps.dtype == np.float32
     assert sigmas.shape == (num_steps + 1,) and timesteps.shape == (num_steps,)
@@ -51,9 +52,9 @@ def test_schedule_and_steps_match_diffusers_flux_dev(num_steps, image_size):
     for i, t in enumerate(ref_t):
         v = torch.randn(x_ref.shape, generator=g)
         # the transformer's timestep input: FluxPipeline feeds t.expand(B).to(float32) / 1000
-        np.testing.assert_array_equal(ours.model_timestep(i, 2), (t.expand(2).to(torch.float32) / 1000).numpy())
+        np.testing.assert_array_equal(plan.model_timestep(i, 2), (t.expand(2).to(torch.float32) / 1000).numpy())
         x_ref = ref.step(v, t, x_ref, return_dict=False)[0]
-        x = ours.step(v.numpy(), x, i)
+        x = plan.step(v.numpy(), x, i)
         np.testing.assert_array_equal(x, x_ref.numpy(), err_msg=f"step {i}")
 
 
@@ -93,8 +94,7 @@ def test_linear_time_shift_matches_diffusers():
 
 def test_half_precision_step_matches_diffusers_dtype_rules():
     ref, ref_t = diffusers_schedule(FLUX_DEV_SCHEDULER_CONFIG, 4, 1024)
-    ours = FlowMatchEuler.flux_dev()
-    ours.timesteps(4, 1024)
+    ours = FlowMatchEuler.flux_dev().schedule(4, 1024)
     g = torch.Generator().manual_seed(1)
     x_ref = torch.randn(2, 8, 64, generator=g).half()
     x = x_ref.numpy().copy()
@@ -129,8 +129,6 @@ def test_unsupported_configs_are_clear_errors(bad, match):
 def test_call_errors():
     s = FlowMatchEuler.flux_dev()
     x = np.zeros((1, 4, 64), np.float32)
-    with pytest.raises(SchedulerError, match="before step"):
-        s.step(x, x, 0)
     for bad in (0, -3, 2.5, True):
         with pytest.raises(SchedulerError, match="num_steps"):
             s.timesteps(bad, 1024)
@@ -138,8 +136,16 @@ def test_call_errors():
         s.timesteps(4, 0)
     with pytest.raises(SchedulerError, match="3 sigmas for 4 steps"):
         s.timesteps(4, 1024, sigmas=[1.0, 0.5, 0.2])
-    s.timesteps(4, 1024)
+    plan = s.schedule(4, 1024)
     with pytest.raises(SchedulerError, match="out of range"):
-        s.step(x, x, 4)
+        plan.step(x, x, 4)
     with pytest.raises(SchedulerError, match="shape"):
-        s.step(x[:, :2], x, 0)
+        plan.step(x[:, :2], x, 0)
+
+
+def test_schedules_are_values():
+    """One scheduler, two interleaved schedules: neither disturbs the other (no state on the instance)."""
+    s = FlowMatchEuler.flux_dev()
+    a, b = s.schedule(4, 1024), s.schedule(20, 256)
+    np.testing.assert_array_equal(a.sigmas, s.schedule(4, 1024).sigmas)
+    assert a.num_steps == 4 and b.num_steps == 20 and a.model_timestep(3)[0] != b.model_timestep(3)[0]

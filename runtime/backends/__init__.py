@@ -17,6 +17,7 @@ GROUP = "deleaker.backends"
 BUILTIN = {
     "torch": "deleaker.export.torch_backend:TorchBackend",
     "onnxruntime": "deleaker.runtime.backends.onnxruntime_backend:OnnxRuntimeBackend",
+    "tensorrt": "deleaker.runtime.backends.tensorrt_backend:TensorRTBackend",
 }
 
 

@@ -1,12 +1,16 @@
-"""The one small interface every backend implements, so the denoising loop is written once.
+"""The small interface every backend implements, so the denoising loop is written once.
 
-Arrays cross the interface as numpy (latents and history are small: [B, I, 64] and [B, E, I]);
-a backend keeps its weights and large buffers on its device and reuses them across steps.
+A backend is a loaded model (text encoders, the DeLeaker transformer step, the VAE decoder). For
+each batch of requests the pipeline starts a session: the backend moves the batch's inputs to
+its device once (token ids, noise, entity slots, per-sample settings, the whole schedule), then
+every `step(i)` runs the transformer and the Euler update there, without crossing to the host.
+The host sees only the final latents and history (`result()`), and the decoded images.
 """
 
 from __future__ import annotations
 
 import abc
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,26 +35,72 @@ class ModelInfo:
     tokenizer_dir: str = ""  # CLIP tokenizer folder
     tokenizer_2_dir: str = ""  # T5 tokenizer folder
     size_range: tuple[int, int] | None = None  # (min, max) image side in pixels, where fixed at export
-    deleaker_steps: int | None = None  # step count the op windows were fixed for (artifacts)
+    max_batch: int | None = None  # largest batch one session may hold (None: any)
+    default_config: dict | None = None  # DeLeakerConfig fields recorded with the model (artifacts)
+
+
+@dataclass(frozen=True)
+class SessionInputs:
+    """One batch, everything a session needs, as host arrays (moved to the device once).
+
+    static: the step's inputs that stay fixed for the whole loop (step_io.STATIC_INPUTS, guidance
+    only for guidance-distilled models); clip_ids [B, 77] and t5_ids [B, T] int64 are encoded by
+    the session on its device.
+    """
+
+    clip_ids: np.ndarray  # [B, 77] int64
+    t5_ids: np.ndarray  # [B, T] int64
+    static: dict  # name -> array (entity_tokens, grid, img_ids, txt_ids, guidance, windows, knobs, rules)
+    latents: np.ndarray  # [B, I, C] float32 initial noise
+    history: np.ndarray  # [B, E, I] float32 (zeros)
+    timesteps: np.ndarray  # [S] float32: the transformer's timestep input per step (t / 1000)
+    sigmas: np.ndarray  # [S+1] float32 (the Euler step i goes from sigmas[i] to sigmas[i+1])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.latents.shape[0])
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+
+class Session(abc.ABC):
+    """The device-resident state of one batch's denoising loop."""
+
+    @abc.abstractmethod
+    def step(self, i: int) -> None:
+        """Run step i: transformer (history threaded through) and the Euler update, on the device."""
+
+    @abc.abstractmethod
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(latents [B, I, C], history [B, E, I]) float32 on the host, after the last step."""
 
 
 class Backend(abc.ABC):
-    """A loaded model: text encoders, one DeLeaker transformer step, VAE decoder."""
+    """A loaded model: text encoders, one DeLeaker transformer step, VAE decoder.
+
+    Sessions of one backend share its buffers, so the pipeline runs one session at a time per
+    backend (it holds `lock` around a session); every other method is safe to call anytime.
+    """
 
     name: str = "?"
     info: ModelInfo
 
-    def prepare(self, num_steps: int) -> None:
-        """Called once per generation, before the loop (e.g. to fix DeLeaker windows for num_steps)."""
+    @property
+    def lock(self) -> threading.Lock:
+        lock = self.__dict__.get("_session_lock")
+        if lock is None:
+            lock = self.__dict__.setdefault("_session_lock", threading.Lock())
+        return lock
 
     @abc.abstractmethod
     def encode_prompt(self, clip_ids: np.ndarray, t5_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """clip_ids [B, 77], t5_ids [B, T] int64 -> (prompt_embeds [B, T, Dt], pooled [B, Dp]) float32."""
 
     @abc.abstractmethod
-    def step(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """One transformer step. inputs: the compiled transformer's named inputs (architecture.md).
-        Returns (noise_pred [B, I, C], history_out [B, E, I]) as float32."""
+    def start_session(self, inputs: SessionInputs) -> Session:
+        """Move one batch to the device and return its session."""
 
     @abc.abstractmethod
     def decode(self, vae_latents: np.ndarray) -> np.ndarray:

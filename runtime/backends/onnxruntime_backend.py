@@ -8,10 +8,8 @@ is needed. CPU everywhere; the CUDA execution provider where onnxruntime-gpu is 
 
 onnxruntime is imported when a backend is created, never at module import.
 
-DeLeaker windows are node attributes, fixed at export for the manifest's step count. Asked for
-another step count (or other DeLeaker settings), `prepare` rewrites the attributes of the
-transformer's DeLeakerAttention nodes and opens a new session (this needs the `onnx` package;
-the weights are not copied: external data is read from the artifact).
+The artifact is request-invariant (op contract v2): step count and DeLeaker settings are
+per-sample inputs, so the four sessions opened at load serve every request.
 """
 
 from __future__ import annotations
@@ -22,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import Artifact, ArtifactError, load_artifact
-from ..config import DeLeakerConfig
-from .base import Backend
+from .base import Backend, Session, SessionInputs
 
 log = logging.getLogger("deleaker")
 
@@ -99,11 +96,41 @@ class _Model:
         return {name: np.array(v.numpy(), copy=True) for name, v in zip(self.output_names, outs)}
 
 
+class OnnxRuntimeSession(Session):
+    """One batch through the transformer session. On the CPU provider host memory is the device;
+    with the CUDA provider the loop inputs are copied into the bound device buffers each step."""
+
+    def __init__(self, backend: "OnnxRuntimeBackend", inputs: SessionInputs):
+        self.model = backend.models["transformer"]
+        embeds, pooled = backend.encode_prompt(inputs.clip_ids, inputs.t5_ids)
+        B = inputs.batch_size
+        self.feeds = {"encoder_hidden_states": embeds, "pooled_projections": pooled, **inputs.static}
+        self.x = inputs.latents.astype(np.float32)  # [B, I, C]
+        self.history = inputs.history.astype(np.float32)  # [B, E, I]
+        self.timesteps = np.repeat(inputs.timesteps.astype(np.float32)[:, None], B, axis=1)  # [S, B]
+        sig = inputs.sigmas.astype(np.float32)
+        self.dts = sig[1:] - sig[:-1]  # [S]
+        E = backend.info.entity_slots
+        if self.history.shape[1] != E:
+            raise OnnxRuntimeError(f"history must be [B, {E}, I] for this artifact ({E} entity slots); "
+                                   f"got {self.history.shape}")
+
+    def step(self, i: int) -> None:
+        feeds = {**self.feeds, "hidden_states": self.x, "timestep": self.timesteps[i], "history": self.history,
+                 "step": np.asarray(i, np.int64)}
+        feeds = {k: v for k, v in feeds.items() if k in self.model.input_names}
+        out = self.model.run(feeds, out_shapes={"noise_pred": self.x.shape, "history_out": self.history.shape})
+        self.history = out["history_out"]
+        self.x = self.x + self.dts[i] * out["noise_pred"]  # FlowMatchEuler in float32 (runtime/scheduler.py)
+
+    def result(self):
+        return self.x, self.history
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, artifact: Artifact, device: str = "cpu", deleaker_config: DeLeakerConfig | None = None,
-                 threads: int | None = None):
+    def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None):
         ort = _ort()
         self.ort = ort
         self.artifact = artifact
@@ -123,61 +150,29 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             self.options.intra_op_num_threads = threads
         self.options.log_severity_level = 3  # errors only: the function body's shape warnings are noise
-        self._exported = artifact.deleaker
-        self.base_config = deleaker_config or DeLeakerConfig(**self._exported["config"])
-        self.models = {name: self._open(name) for name in ("text_encoder", "text_encoder_2", "vae_decoder")}
-        self._transformer_attrs = None
-        self.models["transformer"] = None
-        self.prepare(self.base_config.num_steps)
+        self.sessions_opened: dict[str, int] = {}  # model name -> sessions opened (one each, ever)
+        self.models = {name: self._open(name) for name in ("text_encoder", "text_encoder_2", "vae_decoder",
+                                                            "transformer")}
 
     @classmethod
-    def load(cls, source: str | None = None, *, device: str = "cpu", deleaker_config: DeLeakerConfig | None = None,
-             threads: int | None = None, progress: bool = True, **_ignored) -> "OnnxRuntimeBackend":
+    def load(cls, source: str | None = None, *, device: str = "cpu", threads: int | None = None,
+             progress: bool = True) -> "OnnxRuntimeBackend":
         if source is None:
             raise OnnxRuntimeError("the onnxruntime backend serves an artifact: pass --artifact DIR "
                                    "(make one with `deleaker-export onnx --model CHECKPOINT --out DIR`)")
-        return cls(load_artifact(source), device=device, deleaker_config=deleaker_config, threads=threads)
+        return cls(load_artifact(source), device=device, threads=threads)
 
     # -- sessions --------------------------------------------------------------------------
 
-    def _open(self, name: str, model_bytes: bytes | None = None) -> _Model:
+    def _open(self, name: str) -> _Model:
         path = self.artifact.path("onnxruntime", name)
-        options = self.options
-        if model_bytes is not None:
-            # a patched copy in memory: its external data still lives beside the original file
-            options = self.ort.SessionOptions()
-            options.intra_op_num_threads = self.options.intra_op_num_threads
-            options.log_severity_level = self.options.log_severity_level
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                             str(path.parent))
         try:
-            return _Model(self.ort, model_bytes if model_bytes is not None else str(path), name, self.providers,
-                          options, self.device)
+            model = _Model(self.ort, str(path), name, self.providers, self.options, self.device)
         except Exception as e:  # ORT raises its own exception types; make it one line with the file
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"onnxruntime cannot load {path}: {msg}") from e
-
-    def _attributes(self, config: DeLeakerConfig) -> dict:
-        resolved = config.resolved(self.info.blocks_per_step)
-        attrs = resolved.op_attributes(0)
-        attrs.pop("block_offset")
-        return attrs
-
-    def prepare(self, num_steps: int) -> None:
-        """Fix the DeLeaker windows for `num_steps` (re-parameterising the transformer if they differ)."""
-        config = self.base_config.replace(num_steps=num_steps)
-        attrs = self._attributes(config)
-        if attrs == self._transformer_attrs and self.models["transformer"] is not None:
-            return
-        if _same(attrs, self._exported["attributes"]):
-            self.models["transformer"] = self._open("transformer")
-        else:
-            log.info("re-parameterising the DeLeaker nodes for %d steps (artifact exported for %d)", num_steps,
-                     self._exported["num_steps"])
-            self.models["transformer"] = None  # release the old session first
-            self.models["transformer"] = self._open("transformer", _patched_transformer(
-                self.artifact.path("onnxruntime", "transformer"), attrs))
-        self._transformer_attrs = attrs
+        self.sessions_opened[name] = self.sessions_opened.get(name, 0) + 1
+        return model
 
     # -- the Backend interface ---------------------------------------------------------------
 
@@ -189,54 +184,11 @@ class OnnxRuntimeBackend(Backend):
         embeds = self.models["text_encoder_2"].run({"input_ids": t5_ids})["encoder_hidden_states"]
         return embeds, pooled
 
-    def step(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        model = self.models["transformer"]
-        feeds = {k: v for k, v in inputs.items() if k in model.input_names}
-        hs, hist = np.asarray(inputs["hidden_states"]), np.asarray(inputs["history"])
-        E = self.info.entity_slots
-        if hist.ndim != 3 or hist.shape[1] != E:
-            raise OnnxRuntimeError(f"history must be [B, {E}, I] for this artifact ({E} entity slots); "
-                                   f"got {hist.shape}")
-        out = model.run(feeds, out_shapes={"noise_pred": hs.shape, "history_out": hist.shape})
-        return out["noise_pred"], out["history_out"]
+    def start_session(self, inputs: SessionInputs) -> OnnxRuntimeSession:
+        return OnnxRuntimeSession(self, inputs)
 
     def decode(self, vae_latents: np.ndarray) -> np.ndarray:
         b, _, h, w = vae_latents.shape
         f = self.info.vae_scale_factor
         return self.models["vae_decoder"].run({"latents": vae_latents}, out_shapes={"images": (b, 3, h * f, w * f)})[
             "images"]
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(
-        (abs(float(a[k]) - float(b[k])) <= 1e-12 * max(1.0, abs(float(b[k])))) for k in a)
-
-
-def _patched_transformer(path: Path, attrs: dict) -> bytes:
-    """The transformer graph with every DeLeakerAttention node's attributes set to `attrs` (block
-    offsets kept). Loads the graph only; external weights stay on disk."""
-    try:
-        import onnx
-    except ImportError as e:
-        raise OnnxRuntimeError(
-            f"this artifact's DeLeaker windows were fixed at export for another step count or other settings; "
-            f"changing them needs the onnx package ({e}): pip install onnx, or re-export with "
-            f"`deleaker-export onnx --steps N` / matching DeLeaker options") from e
-    from ..op_schema import ATTRIBUTES, ONNX_DOMAIN, OP_NAME
-
-    model = onnx.load(str(path), load_external_data=False)
-    kinds = {a.name: a.type for a in ATTRIBUTES}
-    n = 0
-    for node in model.graph.node:
-        if node.domain != ONNX_DOMAIN or node.op_type != OP_NAME:
-            continue
-        n += 1
-        for a in node.attribute:
-            if a.name in attrs:
-                if kinds[a.name] == "int":
-                    a.i = int(attrs[a.name])
-                else:
-                    a.f = float(attrs[a.name])
-    if n == 0:
-        raise ArtifactError(f"{path} has no {ONNX_DOMAIN}::{OP_NAME} nodes; re-export the artifact")
-    return model.SerializeToString()

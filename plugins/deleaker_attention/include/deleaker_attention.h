@@ -1,14 +1,14 @@
 /* DeLeaker attention: fused CUDA kernels behind a small C ABI.
  *
- * Computes the DeLeakerAttention op of ../shared/docs/deleaker-semantics.md (names and
- * attribute order: runtime/op_schema.py) on fp16 or bf16 q, k, v with fp32 statistics:
- *   out [B, H, T+I, D] (q's dtype), history_out [B, E, I] float32.
+ * Computes the DeLeakerAttention op, contract v2 (docs/semantics.md; names, settings columns and
+ * attribute order: runtime/op_schema.py, checked by tests/test_op_schema_c.py) on fp16 or bf16
+ * q, k, v with fp32 statistics: out [B, H, T+I, D] (q's dtype), history_out [B, E, I] float32.
  *
  * Usage: fill a dl_params_t, ask dl_workspace_size() once per shape, give dl_launch() a
  * device workspace of at least that many bytes (no zeroing needed) and a stream. dl_launch
  * enqueues a fixed sequence of kernels: no host synchronisation, no allocation, so it can be
- * captured in a CUDA graph. step and grid may live on the device (read there) or be passed
- * by value.
+ * captured in a CUDA graph. step, grid and the per-sample settings (windows, knobs, rules) may
+ * live on the device (read there) or be passed by value (one setting for the whole batch).
  *
  * No (T+I) x (T+I) tensor is ever formed. Workspace: O(B*(H*(T+I) + E*I + I*I/8)) bytes plus, per
  * sample, a fixed 4.3 MB (column-split partials of the exact-recompute rows) and the rule-X tile
@@ -27,8 +27,33 @@
 extern "C" {
 #endif
 
-#define DL_ABI_VERSION 2 /* 2: implementation switches row_order, keep_g, x_split, fixed_gather */
+#define DL_ABI_VERSION 3 /* 3: per-sample settings tensors (op contract v2); 2: implementation switches */
 #define DL_MAX_ENTITIES 8 /* entity slots per sample (E <= 8) */
+
+/* Columns of the per-sample settings inputs, named and ordered as runtime/op_schema.py SETTINGS
+ * (DL_<TENSOR>_<SETTING>); DL_<TENSOR>_WIDTH: columns per sample. */
+enum {
+  DL_WINDOWS_START_AGGREGATING_FROM = 0,  /* a0 */
+  DL_WINDOWS_STOP_AGGREGATING_AT = 1,     /* a1 */
+  DL_WINDOWS_START_INTERVENTION_FROM = 2, /* i0 */
+  DL_WINDOWS_STOP_INTERVENTION_AT = 3,    /* i1, inclusive */
+  DL_WINDOWS_WIDTH = 4
+};
+enum {
+  DL_KNOBS_STD_MUL_TEXT = 0,        /* beta1 */
+  DL_KNOBS_STD_MUL_IMAGE_IMAGE = 1, /* beta2 */
+  DL_KNOBS_K_STRENGTH = 2,          /* alpha */
+  DL_KNOBS_WIDTH = 3
+};
+enum {
+  DL_RULES_USE_HISTORY = 0,
+  DL_RULES_DO_SMOOTHING = 1,
+  DL_RULES_DO_IMAGE_TEXT_WEAKENING = 2,     /* W */
+  DL_RULES_DO_IMAGE_TEXT_STRENGTHENING = 3, /* S */
+  DL_RULES_DO_IMAGE_IMAGE = 4,              /* X */
+  DL_RULES_DO_TEXT_TEXT_WEAKENING = 5,      /* TT */
+  DL_RULES_WIDTH = 6
+};
 
 typedef enum { DL_DTYPE_FP16 = 0, DL_DTYPE_BF16 = 1 } dl_dtype_t;
 
@@ -78,16 +103,24 @@ typedef struct {
 
   float scale; /* softmax scale; <= 0 means 1/sqrt(D) */
 
-  /* Attributes, in runtime/op_schema.py ATTRIBUTES order. */
+  /* Attributes (structural), in runtime/op_schema.py ATTRIBUTES order. */
   int64_t block_offset;
   int64_t blocks_per_step;
-  float std_mul_text;        /* beta1 */
-  float std_mul_image_image; /* beta2 */
-  float k_strength;          /* alpha */
+
+  /* Per-sample settings, contiguous device arrays (columns: the DL_WINDOWS_* / DL_KNOBS_* /
+   * DL_RULES_* enums above), read on the device. NULL: every sample uses the scalar fields below. */
+  const int64_t* windows; /* [B, 4]: a0, a1, i0, i1 */
+  const float* knobs;     /* [B, 3]: beta1, beta2, alpha */
+  const int64_t* rules;   /* [B, 6]: use_history, do_smoothing, W, S, X, TT (0/1) */
+
+  /* One setting for the whole batch, used where the pointer above is NULL (SETTINGS order). */
   int64_t start_aggregating_from;
   int64_t stop_aggregating_at;
   int64_t start_intervention_from;
   int64_t stop_intervention_at; /* inclusive */
+  float std_mul_text;        /* beta1 */
+  float std_mul_image_image; /* beta2 */
+  float k_strength;          /* alpha */
   int use_history;
   int do_smoothing;
   int do_image_text_weakening;
@@ -109,7 +142,8 @@ typedef struct {
   int fixed_gather; /* gathered tile loads with per-thread fixed chunk columns (0: generic loop) */
 } dl_params_t;
 
-/* Fill every field with defaults (the authors' FLUX.1-dev attribute values, 57 blocks). */
+/* Fill every field with defaults: settings pointers NULL, scalar settings the authors' FLUX.1-dev
+ * values (57 blocks per step), implementation switches on. */
 void dl_params_init(dl_params_t* p);
 
 /* Bytes of device workspace dl_launch needs for these shapes (no pointers are read). */

@@ -166,6 +166,7 @@ static int fail(int code, const char* what) {
 }
 
 static bool aligned16(const void* ptr) { return ((uintptr_t)ptr & 15u) == 0; }
+static bool aligned8(const void* ptr) { return ((uintptr_t)ptr & 7u) == 0; }
 static bool strides_ok(const int64_t s[3]) { return s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0; }
 
 int dl_launch(const dl_params_t* p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
@@ -182,6 +183,8 @@ int dl_launch(const dl_params_t* p, void* workspace, size_t workspace_bytes, cud
     return fail(DL_ERR_INVALID_ARGUMENT, "q/k/v/out batch, head and row strides must be multiples of 8 elements");
   if (p->plain_done && !p->lse) return fail(DL_ERR_INVALID_ARGUMENT, "p->plain_done && !p->lse");
   if (p->blocks_per_step < 1) return fail(DL_ERR_INVALID_ARGUMENT, "p->blocks_per_step < 1");
+  if (!aligned8(p->windows) || !aligned8(p->rules) || ((uintptr_t)p->knobs & 3u) != 0)
+    return fail(DL_ERR_INVALID_ARGUMENT, "windows/knobs/rules must be aligned to their element size");
   const Layout L = make_layout(p->B, p->H, p->T, p->I, p->E, p->lse == nullptr);
   if (!workspace || workspace_bytes < L.total) return fail(DL_ERR_WORKSPACE_TOO_SMALL, "workspace too small");
 
@@ -236,19 +239,22 @@ int dl_launch(const dl_params_t* p, void* workspace, size_t workspace_bytes, cud
   a.grid_w = p->grid_w;
   a.block_offset = p->block_offset;
   a.blocks_per_step = p->blocks_per_step;
-  a.a0 = p->start_aggregating_from;
-  a.a1 = p->stop_aggregating_at;
-  a.i0 = p->start_intervention_from;
-  a.i1 = p->stop_intervention_at;
-  a.beta1 = p->std_mul_text;
-  a.beta2 = p->std_mul_image_image;
-  a.alpha = p->k_strength;
-  a.use_history = p->use_history != 0;
-  a.do_smoothing = p->do_smoothing != 0;
-  a.do_w = p->do_image_text_weakening != 0;
-  a.do_s = p->do_image_text_strengthening != 0;
-  a.do_x = p->do_image_image != 0;
-  a.do_tt = p->do_text_text_weakening != 0;
+  a.windows = p->windows;
+  a.knobs = p->knobs;
+  a.rules = p->rules;
+  a.fixed.a0 = p->start_aggregating_from;
+  a.fixed.a1 = p->stop_aggregating_at;
+  a.fixed.i0 = p->start_intervention_from;
+  a.fixed.i1 = p->stop_intervention_at;
+  a.fixed.beta1 = p->std_mul_text;
+  a.fixed.beta2 = p->std_mul_image_image;
+  a.fixed.alpha = p->k_strength;
+  a.fixed.use_history = p->use_history != 0;
+  a.fixed.do_smoothing = p->do_smoothing != 0;
+  a.fixed.do_w = p->do_image_text_weakening != 0;
+  a.fixed.do_s = p->do_image_text_strengthening != 0;
+  a.fixed.do_x = p->do_image_image != 0;
+  a.fixed.do_tt = p->do_text_text_weakening != 0;
   a.fallback_threshold = p->fallback_threshold > 0.f ? p->fallback_threshold : 0.25f;
   a.info = reinterpret_cast<SampleInfo*>(ws + L.info);
   a.tok_list = reinterpret_cast<int*>(ws + L.tok_list);
@@ -318,10 +324,13 @@ int dl_launch(const dl_params_t* p, void* workspace, size_t workspace_bytes, cud
   if (p->E >= 2) {
     DL_TRY(launch_compact(a, stream));
     const int npmax = p->E * (p->E - 1) / 2;
+    // rule X passes: with per-sample rules they are always launched and skip on the device per
+    // sample; only a batch-wide "off" (rules == NULL) saves the launches
+    const bool any_x = a.rules != nullptr || a.fixed.do_x;
     for (int pr = 0; pr < npmax; ++pr) {
       DL_TRY(launch_pair_pass(a, dt, pr, 1, num_sms, stream));
-      if (a.do_x && a.xpart_tiles > 0) DL_TRY(launch_pair_pass(a, dt, pr, 3, num_sms, stream));
-      if (a.do_x) DL_TRY(launch_pair_pass(a, dt, pr, 2, num_sms, stream));
+      if (any_x && a.xpart_tiles > 0) DL_TRY(launch_pair_pass(a, dt, pr, 3, num_sms, stream));
+      if (any_x) DL_TRY(launch_pair_pass(a, dt, pr, 2, num_sms, stream));
       if (pr < npmax - 1) {  // the next pair's G needs the LSE under this pair's edits
         if (mode == 0) {
           DL_TRY(launch_edit_attention(a, dt, 0, pr, num_sms, stream));

@@ -136,6 +136,7 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
     if (kEdit && tile != cached_tile) {
       __syncthreads();  // previous work item's readers are done
       int nontrivial = 0;
+      const float alpha = load_settings(a, b).alpha;  // this sample's rule-S multiplier
       for (int r = tid; r < BM; r += NT) {
         const int k = tile * BM + r;
         int joint = -1, ri = -1;
@@ -163,7 +164,7 @@ __global__ void __launch_bounds__(BM * 2) attn_kernel(Args a, int pass, int max_
                 m[e] = -1.f;
               } else {
                 float x = 1.f;
-                for (int j = 0; j < c; ++j) x *= a.alpha;
+                for (int j = 0; j < c; ++j) x *= alpha;
                 m[e] = x;
               }
               if (m[e] != 1.f) nontrivial = 1;

@@ -93,6 +93,13 @@ struct Layout {
 
 Layout make_layout(int B, int H, int T, int I, int E, bool lse_in_ws);
 
+// One sample's DeLeaker settings (runtime/op_schema.py SETTINGS), as the kernels use them.
+struct Settings {
+  int64_t a0, a1, i0, i1;  // windows: history from a0 to a1 (exclusive), edits from i0 to i1
+  float beta1, beta2, alpha;  // knobs
+  int use_history, do_smoothing, do_w, do_s, do_x, do_tt;  // rules (0/1)
+};
+
 // Everything a kernel may need; passed by value.
 struct Args {
   // problem
@@ -112,10 +119,14 @@ struct Args {
   int64_t step_value;
   const int64_t* grid;
   int64_t grid_h, grid_w;
-  // attributes
-  int64_t block_offset, blocks_per_step, a0, a1, i0, i1;
-  float beta1, beta2, alpha;
-  int use_history, do_smoothing, do_w, do_s, do_x, do_tt;
+  // attributes (structural)
+  int64_t block_offset, blocks_per_step;
+  // per-sample settings: device [B, DL_*_WIDTH] arrays, or NULL (then `fixed` for every sample);
+  // kernels read them through load_settings (common.cuh)
+  const int64_t* windows;
+  const float* knobs;
+  const int64_t* rules;
+  Settings fixed;
   float fallback_threshold;
   // workspace
   SampleInfo* info;

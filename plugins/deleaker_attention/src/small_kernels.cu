@@ -58,6 +58,7 @@ __global__ void __launch_bounds__(kNT) prep_kernel(Args a) {
   if (tid == 0) {
     SampleInfo& in = a.info[b];
     const int64_t tau = read_tau(a);
+    const Settings st = load_settings(a, b);
     int n_active = 0, amask = 0;
     for (int e = 0; e < kMaxE; ++e) {
       const int c = e < E ? s_cnt[e] : 0;
@@ -77,12 +78,12 @@ __global__ void __launch_bounds__(kNT) prep_kernel(Args a) {
           in.pair_e2[np] = e2;
           ++np;
         }
-    const int hist_update = a.use_history && tau >= a.a0 && tau < a.a1 && n_active > 0;
-    const int intervene = tau >= a.a0 && tau >= a.i0 && tau <= a.i1 && n_active >= 2;
+    const int hist_update = st.use_history && tau >= st.a0 && tau < st.a1 && n_active > 0;
+    const int intervene = tau >= st.a0 && tau >= st.i0 && tau <= st.i1 && n_active >= 2;
     in.pub.tau = tau;
     in.pub.hist_update = hist_update;
     in.pub.intervene = intervene;
-    in.pub.need_p = hist_update || (intervene && !(a.use_history && tau > a.a0));
+    in.pub.need_p = hist_update || (intervene && !(st.use_history && tau > st.a0));
     in.pub.n_active = n_active;
     in.pub.n_rows = 0;
     in.pub.n_tt = 0;
@@ -106,6 +107,7 @@ __global__ void __launch_bounds__(kNT) masks_kernel(Args a) {
   extern __shared__ uint8_t s_buf[];  // 2 * I bytes
   __shared__ double s_red[32];
   const SampleInfo& in = a.info[b];
+  const Settings st = load_settings(a, b);
   const int active = in.ntok_e[e] > 0;
   const int64_t tau = in.pub.tau;
   const size_t off = ((size_t)b * E + e) * I;
@@ -114,7 +116,7 @@ __global__ void __launch_bounds__(kNT) masks_kernel(Args a) {
   float* p = a.p + off;
   const int upd = in.pub.hist_update && active;
   const int need_p = in.pub.need_p && active;
-  const int64_t n = tau - a.a0;
+  const int64_t n = tau - st.a0;
   const float fn = (float)((double)n / (double)(n + 1)), fd = (float)(n + 1);
   const size_t gstride = (size_t)a.B * E * I;  // between head groups of p_part
   const float denom = (float)a.H * (float)in.ntok_e[e];
@@ -132,7 +134,7 @@ __global__ void __launch_bounds__(kNT) masks_kernel(Args a) {
   }
   if (!(in.pub.intervene && active)) return;
   __syncthreads();  // hout visible block-wide
-  const bool from_hist = a.use_history && tau > a.a0;
+  const bool from_hist = st.use_history && tau > st.a0;
   const float* src = from_hist ? hout : p;
   double s = 0.0;
   for (int i = tid; i < I; i += kNT) s += (double)src[i];
@@ -143,12 +145,12 @@ __global__ void __launch_bounds__(kNT) masks_kernel(Args a) {
     s2 += d * d;
   }
   const double var = block_sum(s2, s_red) / (double)(I - 1);
-  const double theta = mean + (double)a.beta1 * sqrt(var);
+  const double theta = mean + (double)st.beta1 * sqrt(var);
   uint8_t* m0 = s_buf;
   uint8_t* m1 = s_buf + I;
   for (int i = tid; i < I; i += kNT) m0[i] = (double)src[i] > theta ? 1 : 0;
   __syncthreads();
-  if (a.do_smoothing) {
+  if (st.do_smoothing) {
     const int64_t gh = a.grid ? a.grid[0] : a.grid_h, gw = a.grid ? a.grid[1] : a.grid_w;
     if (gh <= 0 || gw <= 0 || gh * gw != (int64_t)I) {
       if (tid == 0) a.info[b].pub.error = 1;
@@ -285,7 +287,7 @@ __global__ void __launch_bounds__(kNT) compact_kernel(Args a) {
     in.pub.n_rows = nR;
     for (int e = 0; e < kMaxE; ++e) in.cnt_e[e] = run_e[e];
     int ntt = 0;
-    if (a.do_tt) {
+    if (load_settings(a, b).do_tt) {
       for (int e = 0; e < E; ++e) {
         if (!(amask >> e & 1)) continue;
         const int r = in.first_tok[e];

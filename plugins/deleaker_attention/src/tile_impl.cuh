@@ -199,27 +199,28 @@ __global__ void __launch_bounds__(kNT, STAGES == kXStages ? 3 : 1) pair_kernel(A
   const int I = a.I, T = a.T, E = a.E, H = a.H;
   const int e1 = in.pair_e1[pair], e2 = in.pair_e2[pair];
   const int nR = in.pub.n_rows;
+  const Settings st = load_settings(a, b);
   if (PASS == 1) {  // (PASS 3 only merges: the state was updated by PASS 1)
     // W then S for this pair, per masked row (order-free closed form: a cut text block stays cut).
     for (int r = blockIdx.x * kNT + tid; r < nR; r += gridDim.x * kNT) {
       const uint32_t bits = a.rowents[(size_t)b * I + r];
       const bool in1 = bits >> e1 & 1u, in2 = bits >> e2 & 1u;
       if (!in1 && !in2) continue;
-      int8_t* st = a.state + ((size_t)b * I + r) * kMaxE;
-      int s1 = st[e1], s2 = st[e2];
-      if (a.do_w) {
+      int8_t* rs = a.state + ((size_t)b * I + r) * kMaxE;
+      int s1 = rs[e1], s2 = rs[e2];
+      if (st.do_w) {
         if (in1) s2 = -1;
         if (in2) s1 = -1;
       }
-      if (a.do_s) {
+      if (st.do_s) {
         if (in1 && s1 >= 0) ++s1;
         if (in2 && s2 >= 0) ++s2;
       }
-      st[e1] = (int8_t)s1;
-      st[e2] = (int8_t)s2;
+      rs[e1] = (int8_t)s1;
+      rs[e2] = (int8_t)s2;
     }
   }
-  if (!a.do_x) return;
+  if (!st.do_x) return;  // per sample (the host launches the X passes for any batch that may use them)
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ int s_rowj[kTile], s_colj[kTile], s_rri[kTile], s_cri[kTile];
   __shared__ double s_red[32];
@@ -236,7 +237,7 @@ __global__ void __launch_bounds__(kNT, STAGES == kXStages ? 3 : 1) pair_kernel(A
         const double mean = s / n;
         double var = (s2 - s * mean) / (n - 1.0);
         var = var > 0.0 ? var : 0.0;
-        thr[r] = mean + (double)a.beta2 * sqrt(var);
+        thr[r] = mean + (double)st.beta2 * sqrt(var);
         docut[r] = true;
       }
     }
