@@ -36,7 +36,7 @@ PLAIN_BACKENDS = {"auto": 0, "own": 1, "flash": 2, "cudnn": 3, "efficient": 4}
 # rows that lose most of their mass); "full" recomputes every edited row over all columns
 EDIT_MODES = {"delta": 0, "full": 1}
 # implementation switches of the library (dl_params_t; bit i of attention_ex's `impl`), all on by
-# default; each selects a faster path with the same math (notes/gpu.md, v5/v6). Switching one off
+# default; each selects a faster path with the same math (docs/fused-op.md). Switching one off
 # gives back the earlier path (for A/B timings, or if a GPU check shows a problem).
 IMPL_SWITCHES = ("row_order", "keep_g", "x_split", "fixed_gather")
 

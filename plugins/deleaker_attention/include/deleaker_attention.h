@@ -134,7 +134,7 @@ typedef struct {
   int num_sms;              /* 0: queried from the current device */
 
   /* Implementation switches (dl_params_init: all 1). Each selects a faster path with the same
-   * math; 0 gives back the earlier path (notes/gpu.md: v5 for the first two, v6 for the rest).
+   * math; 0 gives back the earlier path (docs/fused-op.md: v5 for the first two, v6 for the rest).
    * Results may differ in the last bits (summation order), never in the formulas. */
   int row_order;    /* masked rows grouped by entity (0: image order, v4) */
   int keep_g;       /* rule X pass 2 reads the G tiles pass 1 kept (0: recompute) */

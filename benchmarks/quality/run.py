@@ -1,0 +1,196 @@
+"""`deleaker eval run`: vanilla and DeLeaker images of every record and seed, plus reference images.
+
+Both images of an item come from the same seed through the same engine (vanilla = every entity
+slot inactive). Reference images (one per entity: a prompt naming the entity alone, fixed seed)
+feed the paper judge's "visual differences from references" question; they are cached in RUN/refs.
+Requests go to the batched Pipeline in chunks; after each chunk its items are written (atomic
+PNGs, then one manifest line each), so an interrupted run resumes where it stopped. An item whose
+requests fail is recorded with the error and retried by the next run; the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from .data import Record, load_records
+from .store import RunDir, append_jsonl, atomic_write
+
+log = logging.getLogger("deleaker.eval")
+
+REF_TEMPLATE = "a photo of {article} {entity}"
+
+
+def reference_prompt(entity: str) -> str:
+    article = "an" if entity[:1].lower() in "aeiou" else "a"
+    return REF_TEMPLATE.format(article=article, entity=entity)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the images depend on; a resumed run must match the stored settings exactly."""
+
+    dataset: str
+    source: str | None  # model folder (torch) or artifact folder (onnxruntime); None: tiny model
+    backend: str = "torch"
+    preset: str = "flux-dev"
+    steps: int = 20
+    height: int = 512
+    width: int = 512
+    guidance: float = 3.5
+    ref_seed: int = 0
+    device: str = "cpu"
+    dtype: str = "fp32"
+    splits: tuple[str, ...] = ()  # empty: every split
+
+    def identity(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("device")  # where it runs does not change what is asked for
+        d["splits"] = list(self.splits)
+        d["ref_template"] = REF_TEMPLATE
+        return d
+
+
+def _check_settings(run: RunDir, settings: RunSettings) -> None:
+    want = settings.identity()
+    if run.settings.exists():
+        have = json.loads(run.settings.read_text())
+        diff = [k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+        if diff:
+            k = diff[0]
+            raise ValueError(f"{run.root} was made with {k}={have.get(k)!r}, not {want.get(k)!r}; resume with the "
+                             "same settings or use a new --out folder")
+    else:
+        atomic_write(run.settings, (json.dumps(want, indent=2) + "\n").encode())
+
+
+def _entry(rec: Record, status: str, **kw) -> dict:
+    return {"id": rec.item_id, "split": rec.split, "prompt": rec.prompt, "entities": list(rec.entities),
+            "seed": rec.seed, "status": status, **kw}
+
+
+def pending_items(run: RunDir, records: list[Record]) -> list[Record]:
+    done = run.items()
+    out = []
+    for rec in records:
+        e = done.get(rec.item_id)
+        if e and e["status"] == "ok" and run.image(rec.item_id, "vanilla").exists() \
+                and run.image(rec.item_id, "deleaker").exists():
+            continue
+        out.append(rec)
+    return out
+
+
+def run_generation(settings: RunSettings, out: str, batch: int = 2, progress: bool = True,
+                   on_item: Callable[[dict], None] | None = None, pipeline=None) -> dict:
+    """Generate what is missing in `out`; returns counts {ok, error, skipped, problems}.
+
+    on_item(entry) is called after each manifest line is written. pipeline: an existing
+    Pipeline to use (else one is built from settings).
+    """
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    loaded = load_records(settings.dataset, settings.splits or None)
+    if loaded.problems:
+        log.warning("%d bad record(s) skipped (listed above)", len(loaded.problems))
+    if not loaded.records:
+        raise ValueError(f"no usable records in {settings.dataset}")
+    run = RunDir(out).create()
+    _check_settings(run, settings)
+    todo = pending_items(run, loaded.records)
+    counts = {"ok": 0, "error": 0, "skipped": len(loaded.records) - len(todo), "problems": len(loaded.problems)}
+    log.info("%d item(s) in %s: %d done before, %d to generate", len(loaded.records), settings.dataset,
+             counts["skipped"], len(todo))
+    if not todo:
+        return counts
+    pipe = pipeline or _pipeline(settings, batch)
+    from deleaker.runtime.pipeline import GenerateRequest, RequestFailed
+
+    base = GenerateRequest(prompt="-", steps=settings.steps, height=settings.height, width=settings.width,
+                           guidance_scale=settings.guidance)
+    # reference images first: items need them, and they are shared between items
+    ref_errors: dict[str, str] = {}
+    missing = sorted({e for rec in todo for e in rec.entities if not run.ref(e).exists()})
+    for i in tqdm(range(0, len(missing), batch), desc="reference images", unit="batch", disable=not progress):
+        chunk = missing[i:i + batch]
+        reqs = [dataclasses.replace(base, prompt=reference_prompt(e), seed=settings.ref_seed, deleaker=False)
+                for e in chunk]
+        for e, res in zip(chunk, _generate(pipe, reqs)):
+            if isinstance(res, RequestFailed):
+                ref_errors[e] = res.message
+                log.error("reference image for %r failed: %s", e, res.message)
+            else:
+                atomic_write(run.ref(e), res.png_bytes())
+
+    per_chunk = max(1, batch // 2)  # two requests (vanilla, DeLeaker) per item
+    bar = tqdm(total=len(todo), desc="items", unit="item", disable=not progress)
+    try:
+        for i in range(0, len(todo), per_chunk):
+            chunk = todo[i:i + per_chunk]
+            ready = [r for r in chunk if not any(e in ref_errors for e in r.entities)]
+            reqs = [dataclasses.replace(base, prompt=r.prompt, entities=r.entities, seed=r.seed, deleaker=d)
+                    for r in ready for d in (False, True)]
+            t0 = time.perf_counter()
+            results = _generate(pipe, reqs) if reqs else []
+            seconds = round(time.perf_counter() - t0, 3)
+            by_id = {r.item_id: results[2 * k:2 * k + 2] for k, r in enumerate(ready)}
+            for rec in chunk:
+                entry = _finish(run, rec, by_id.get(rec.item_id), ref_errors, seconds, RequestFailed)
+                append_jsonl(run.manifest, entry)
+                counts[entry["status"]] += 1
+                if entry["status"] == "error":
+                    log.error("item %s failed: %s", rec.item_id, entry["error"])
+                bar.update(1)
+                if on_item is not None:
+                    on_item(entry)
+    finally:
+        bar.close()
+    log.info("generated %d item(s), %d failed (recorded in %s; rerun to retry them)", counts["ok"],
+             counts["error"], run.manifest)
+    return counts
+
+
+def _finish(run: RunDir, rec: Record, results, ref_errors: dict, seconds: float, failed_type) -> dict:
+    bad_refs = [e for e in rec.entities if e in ref_errors]
+    if bad_refs:
+        return _entry(rec, "error", error=f"reference image for {bad_refs[0]!r} failed: {ref_errors[bad_refs[0]]}")
+    failures = [r.message for r in results if isinstance(r, failed_type)]
+    if failures:
+        return _entry(rec, "error", error=failures[0])
+    for variant, res in zip(("vanilla", "deleaker"), results):
+        atomic_write(run.image(rec.item_id, variant), res.png_bytes())
+    return _entry(rec, "ok", vanilla=str(run.image(rec.item_id, "vanilla").relative_to(run.root)),
+                  deleaker=str(run.image(rec.item_id, "deleaker").relative_to(run.root)),
+                  refs={e: str(run.ref(e).relative_to(run.root)) for e in rec.entities}, seconds=seconds)
+
+
+def _generate(pipe, reqs: list) -> list:
+    """Invalid requests come back as RequestFailed; a failure of the whole call fails each request."""
+    from deleaker.runtime.pipeline import RequestFailed
+
+    try:
+        return pipe.generate(reqs, errors="return")
+    except (ValueError, RuntimeError, MemoryError) as e:
+        log.error("a batch of %d request(s) failed: %s", len(reqs), e)
+        return [RequestFailed(i, r, f"{type(e).__name__}: {e}") for i, r in enumerate(reqs)]
+
+
+def _pipeline(settings: RunSettings, batch: int):
+    from deleaker.runtime.backends import load_backend
+    from deleaker.runtime.config import preset
+    from deleaker.runtime.pipeline import Pipeline
+
+    cfg = preset(settings.preset)
+    options = dict(device=settings.device, progress=False)
+    if settings.backend == "torch":
+        options["dtype"] = settings.dtype
+    elif settings.dtype != "fp32":
+        raise ValueError(f"--dtype applies to the torch backend; the {settings.backend} backend runs what was exported")
+    backend = load_backend(settings.backend, settings.source, **options)
+    return Pipeline(backend, config=cfg, max_batch=batch)
