@@ -251,9 +251,9 @@ class Pipeline:
         geo, steps = batch[0].geo, batch[0].request.steps
         for p in batch:
             if p.request.deleaker and len(p.request.entities) >= 2 and not p.config.intervenes_within(steps):
-                log.warning("request %d: DeLeaker's intervention starts at block-step %d, but %d steps of %d blocks "
-                            "end before it: this run edits nothing", p.index, p.config.start_intervention_from,
-                            steps, p.config.blocks_per_step)
+                log.warning("DeLeaker's intervention starts at block-step %d, but %d steps of %d blocks end before "
+                            "it: this run edits nothing (prompt %r)", p.config.start_intervention_from, steps,
+                            p.config.blocks_per_step, p.request.prompt[:60])
         t0 = time.perf_counter()
         inputs = self._session_inputs(batch)
         step_times = []
@@ -305,6 +305,20 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8 (diffusers' VaeImageProcessor rounding)."""
     x = np.clip(images.astype(np.float32) / 2 + 0.5, 0, 1)
     return (x.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+
+
+def load_pipeline(model: str | None = None, *, artifact: str | None = None, backend: str | None = None,
+                  config: DeLeakerConfig | None = None, max_batch: int | None = None, **backend_options) -> Pipeline:
+    """A ready Pipeline: `model` (a diffusers-format FLUX folder; None: the embedded tiny model) runs on
+    the torch backend, `artifact` (a `deleaker-export` folder) on onnxruntime, unless `backend` names
+    another. backend_options go to the backend (e.g. device="cuda", dtype="bf16", op="cuda")."""
+    from .backends import load_backend
+
+    if model is not None and artifact is not None:
+        raise ValueError("pass either model or artifact, not both")
+    name = backend or ("onnxruntime" if artifact is not None else "torch")
+    be = load_backend(name, artifact if artifact is not None else model, **backend_options)
+    return Pipeline(be, config=config, max_batch=max_batch)
 
 
 def replace(req: GenerateRequest, **changes) -> GenerateRequest:
