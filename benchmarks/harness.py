@@ -227,8 +227,8 @@ def bench_step_variants(model, impls: Sequence[str] = ("sdpa", "reference", "cud
         rec = {**base(impl), "status": "ok", "note": "", **_timing_fields(v.samples, v.timer), **v.memory.fields()}
         rec["images_per_s"] = batch_size / (cfg.num_steps * rec["step_median_s"])
         hist = v.last[1].float().cpu().numpy()
-        rec["mask_coverage"] = (M.mask_coverage(hist, entities, cfg.std_mul_text)
-                                if impl in ("reference", "cuda") else None)
+        rec["mask_coverage"] = (M.mask_coverage(hist, entities, cfg.std_mul_text, tuple(arrays["grid"]),
+                                                cfg.do_smoothing) if impl in ("reference", "cuda") else None)
         if profile_dir is not None:
             rec["profile_trace"] = _profile(v, device, Path(profile_dir), _trace_name(rec), profile_runs)
         rows.append(rec)
@@ -301,7 +301,8 @@ def bench_backend_step_variants(backend, variants: Sequence[str] = ("vanilla", "
         rec = {**base, "status": "ok", "note": "", **_timing_fields(v.samples, v.timer), **v.memory.fields()}
         rec["images_per_s"] = batch_size / (steps * rec["step_median_s"])
         hist = sessions[v.name].result()[1]
-        rec["mask_coverage"] = M.mask_coverage(hist, entities, cfg.std_mul_text) if v.name == "deleaker" else None
+        rec["mask_coverage"] = (M.mask_coverage(hist, entities, cfg.std_mul_text, tuple(x["grid"]), cfg.do_smoothing)
+                                if v.name == "deleaker" else None)
         rows.append(rec)
     return add_ratios(rows)
 
@@ -382,7 +383,8 @@ def bench_generate_variants(pipeline, impls: Sequence[str] | None = None, *, pro
         rec["seconds_per_image_p10"] = float(np.percentile(secs, 10)) / batch_size
         rec["seconds_per_image_p90"] = float(np.percentile(secs, 90)) / batch_size
         rec["images_per_s"] = 1.0 / rec["seconds_per_image"]
-        rec["mask_coverage"] = (M.mask_coverage(timed[-1].history[None], len(entities), beta1)
+        grid = lat.geometry(height, width, info.vae_scale_factor).grid
+        rec["mask_coverage"] = (M.mask_coverage(timed[-1].history[None], len(entities), beta1, grid, cfg.do_smoothing)
                                 if rec["variant"] == "deleaker" else None)
         if profile_dir is not None and torch_be:
             rec["profile_trace"] = _profile(v, device, Path(profile_dir), _trace_name(rec), 1)

@@ -266,12 +266,21 @@ def torch_step_args(arrays: dict[str, np.ndarray], device, dtype) -> tuple:
     return tuple(t(spec) for spec in step_io.INPUTS)
 
 
-def mask_coverage(history: np.ndarray, entities: int, beta1: float) -> list[float] | None:
-    """Fraction of image tokens in each active entity's mask, read from a history [B, E, I]
-    (threshold mean + beta1 * std as in semantics 4.1, before smoothing; mean over the batch).
-    None when the history is all zero (no DeLeaker work reached it)."""
-    h = np.asarray(history, np.float64)[:, :entities]
+def mask_coverage(history: np.ndarray, entities: int, beta1: float, grid: tuple[int, int] | None = None,
+                  smoothing: bool = False) -> list[float] | None:
+    """Fraction of image tokens in each active entity's mask as the op forms it from a history
+    [B, E, I] (semantics 4.1: threshold mean + beta1 * unbiased std, then the 3x3 open/close on the
+    h x w `grid` when `smoothing`; mean over the batch). None when the history is all zero (no
+    DeLeaker work reached it). With smoothing on random weights this is often 0: the masks the op
+    would edit are empty."""
+    from deleaker.export.reference_op import entity_masks, smooth_masks
+
+    h = np.asarray(history, np.float32)[:, :entities]
     if entities == 0 or not np.any(h):
         return None
-    theta = h.mean(-1, keepdims=True) + beta1 * h.std(-1, ddof=1, keepdims=True)
-    return [round(float(v), 4) for v in (h > theta).mean(-1).mean(0)]
+    masks = entity_masks(torch.from_numpy(h), beta1)  # [B, E, I] bool
+    if smoothing:
+        if grid is None:
+            raise BenchError("mask_coverage with smoothing needs the latent grid (h, w)")
+        masks = torch.stack([smooth_masks(m, *grid) for m in masks])
+    return [round(float(v), 4) for v in masks.float().mean(-1).mean(0)]

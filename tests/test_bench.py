@@ -49,7 +49,7 @@ def _check_records(records, backend):
         assert dl[0]["baseline"] == base[0]["label"]
         expect = ("seconds_per_image" if dl[0]["mode"] == "e2e" else "step_median_s")
         assert dl[0]["ratio_vs_vanilla"] == pytest.approx(dl[0][expect] / base[0][expect], rel=1e-3)
-        # DeLeaker really intervened: some image tokens are inside each entity's mask
+        # DeLeaker really intervened: some image tokens are inside each entity's (post-smoothing) mask
         cov = dl[0]["mask_coverage"]
         assert cov is not None and len(cov) == 2 and all(0 < c < 1 for c in cov)
     assert {r["backend"] for r in records} == {backend}
@@ -189,6 +189,13 @@ def test_synthetic_entities_history_step_and_coverage():
     assert M.mask_coverage(hist, 2, beta1=1.0) == [0.2, 0.2]
     assert M.mask_coverage(hist, 2, beta1=0.0) == [0.2, 0.5]
     assert M.mask_coverage(np.zeros((1, 4, 10)), 2, 1.0) is None
+    # post-smoothing, as the op edits: a 3x3 blob survives the opening, scattered hot tokens do not
+    grid = np.zeros((1, 2, 12, 12), np.float32)
+    grid[0, 0, 5:8, 5:8] = 1  # a 3x3 blob away from the border (closing grows and shrinks it back)
+    grid[0, 1, ::4, ::4] = 1  # isolated tokens
+    hist = grid.reshape(1, 2, 144)
+    assert M.mask_coverage(hist, 2, 0.0, None, smoothing=False) == [round(9 / 144, 4), round(9 / 144, 4)]
+    assert M.mask_coverage(hist, 2, 0.0, (12, 12), smoothing=True) == [round(9 / 144, 4), 0.0]
 
 
 def test_fused_op_is_a_skip_with_a_reason_on_cpu():
