@@ -1,10 +1,15 @@
 """`deleaker-export`: build artifacts from a diffusers-format FLUX checkpoint, and verify them.
 
     deleaker-export onnx --model DIR --out ARTIFACT [--height H --width W] [--min-size S --max-size S]
-                         [--max-text-tokens 512] [--entity-slots 4] [--dtype fp32|fp16|bf16]
-                         [--preset flux-dev] [--steps N] [--force]
+                         [--max-batch 4] [--max-text-tokens 512] [--entity-slots 4]
+                         [--dtype fp32|fp16|bf16] [--preset flux-dev] [--force]
+
+An artifact serves every step count and DeLeaker setting (they are per-request inputs of the
+exported step); --preset only records the default settings for requests that bring none.
     deleaker-export verify ARTIFACT --model DIR [--checks op,step,loop] [--steps N] [--height H --width W]
                          [--atol A --rtol R]
+    deleaker-export engine ARTIFACT [--plugin PATH] [--min S] [--opt S] [--max S] [--max-batch N]
+                         (TensorRT engines beside the ONNX files; docs/tensorrt.md)
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import sys
 import time
 
 from deleaker.runtime.errors import run_reporting_errors
+
+from .manifest import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
 
 from .libs import quiet_libraries
 
@@ -30,16 +37,19 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--out", required=True, help="artifact folder to write")
     o.add_argument("--height", type=int, default=1024, help="example image height in pixels (TensorRT opt)")
     o.add_argument("--width", type=int, default=1024, help="example image width in pixels")
-    o.add_argument("--min-size", type=int, help="smallest image side the artifact accepts (default: min of H, W)")
-    o.add_argument("--max-size", type=int, help="largest image side the artifact accepts (default: max of H, W)")
-    o.add_argument("--max-batch", type=int, default=4, help="largest batch in the TensorRT profile")
+    o.add_argument("--min-size", type=int,
+                   help=f"smallest image side the artifact accepts (default: {DEFAULT_MIN_SIZE}, or H/W if smaller)")
+    o.add_argument("--max-size", type=int,
+                   help=f"largest image side the artifact accepts (default: {DEFAULT_MAX_SIZE}, or H/W if larger)")
+    o.add_argument("--max-batch", type=int, default=4,
+                   help="largest batch of the manifest's batch profile (TensorRT); ONNX Runtime takes any")
     o.add_argument("--max-text-tokens", type=int, help="T5 text length T (default: the checkpoint's, <= 512)")
     o.add_argument("--entity-slots", type=int, default=4, help="entity slots E fixed in the graph")
     o.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="transformer weights")
     o.add_argument("--encoder-dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="CLIP, T5 and VAE weights (T5 overflows in fp16)")
-    o.add_argument("--preset", default="flux-dev", help="DeLeaker preset whose settings go into the op nodes")
-    o.add_argument("--steps", type=int, help="step count the DeLeaker windows are fixed for (default: the preset's)")
+    o.add_argument("--preset", default="flux-dev",
+                   help="DeLeaker preset recorded as the artifact's default settings (requests may override)")
     o.add_argument("--external-data", action="store_true",
                    help="weights in .onnx.data files for every model (default: only for models over 2 GB)")
     o.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
@@ -48,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("artifact", help="artifact folder written by `deleaker-export onnx`")
     v.add_argument("--model", required=True, help="the checkpoint the artifact was exported from")
     v.add_argument("--checks", default="op,step,loop", help="comma-separated: op, step, loop")
-    v.add_argument("--steps", type=int, help="denoising steps of the loop check (default: the artifact's)")
+    v.add_argument("--steps", type=int,
+                   help="denoising steps the checks' DeLeaker windows are resolved for (default: the artifact's "
+                        "default settings')")
     v.add_argument("--height", type=int, help="image height (default: the smallest the artifact accepts)")
     v.add_argument("--width", type=int, help="image width")
     v.add_argument("--prompt", default="a cat and a cheetah in a field")
@@ -60,17 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     for sp in (o, v):
         sp.add_argument("--quiet", action="store_true", help="only errors (and verify's result lines)")
         sp.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    from .tensorrt_engine import add_parser as add_engine_parser
+
+    add_engine_parser(sub)
     return p
 
 
-def _onnx(args) -> int:
+def export_spec(args):
+    """The ExportSpec of `deleaker-export onnx` arguments (the checkpoint is read for its text length)."""
     from deleaker.runtime.config import preset
 
-    from .onnx_export import ExportSpec, export_artifact
+    from .onnx_export import ExportSpec
 
-    cfg = preset(args.preset)
-    if args.steps is not None:
-        cfg = cfg.replace(num_steps=args.steps)
     kw = {}
     if args.max_text_tokens is not None:
         kw["max_text_tokens"] = args.max_text_tokens
@@ -78,10 +91,16 @@ def _onnx(args) -> int:
         from .checkpoint import open_checkpoint
 
         kw["max_text_tokens"] = open_checkpoint(args.model).max_sequence_length
-    spec = ExportSpec(height=args.height, width=args.width, min_size=args.min_size, max_size=args.max_size,
+    return ExportSpec(height=args.height, width=args.width, min_size=args.min_size, max_size=args.max_size,
                       max_batch=args.max_batch, entity_slots=args.entity_slots, dtype=args.dtype,
-                      encoder_dtype=args.encoder_dtype, deleaker=cfg,
+                      encoder_dtype=args.encoder_dtype, deleaker=preset(args.preset),
                       external_data=True if args.external_data else None, **kw)
+
+
+def _onnx(args) -> int:
+    from .onnx_export import export_artifact
+
+    spec = export_spec(args)
     t0 = time.perf_counter()
     out = export_artifact(args.model, args.out, spec, force=args.force)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
@@ -101,11 +120,19 @@ def _verify(args) -> int:
     return 1 if failed else 0
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return _parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="deleaker-export: %(message)s")
     def go() -> int:
         quiet_libraries()
+        if args.command == "engine":
+            from .tensorrt_engine import run
+
+            return run(args)
         return _onnx(args) if args.command == "onnx" else _verify(args)
 
     return run_reporting_errors("deleaker-export", go, args.debug)

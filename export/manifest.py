@@ -6,11 +6,15 @@ Sections:
   model                                   what the pipeline needs (ModelInfo fields), the
                                           transformer and scheduler configs
   dtypes                                  weights' dtypes (I/O is always float32 / int64)
-  profiles                                batch, image side and image-token ranges (min, opt, max),
-                                          text tokens and entity slots (fixed)
-  deleaker                                DeLeakerConfig, the step count its windows were resolved
-                                          for, and the resolved op attributes baked in the nodes
-  models                                  per exported model: file, external data, tensors
+  profiles                                batch [1, opt, max] (for TensorRT optimisation profiles;
+                                          ONNX Runtime takes any batch), image side, height, width
+                                          and image-token ranges (min, opt, max), text tokens and
+                                          entity slots (fixed)
+  deleaker                                the artifact's DEFAULT DeLeakerConfig (used when a request
+                                          brings none) and the op contract version of its nodes;
+                                          nothing of it is baked into the graph (op contract v2)
+  models                                  per exported model: file, external data, tensors (names,
+                                          dtypes, shapes as in the exported graph)
   backends                                files per backend ({"onnxruntime": {model: file}})
   tokenizers                              tokenizer folders
   files                                   every file of the artifact with its byte size
@@ -24,8 +28,14 @@ import os
 import platform
 from pathlib import Path
 
+from deleaker.runtime import op_schema
 from deleaker.runtime.artifact import FORMAT, FORMAT_VERSION, MANIFEST
 from deleaker.runtime.config import DeLeakerConfig
+
+# Image side range (pixels) recorded when --min-size/--max-size are not given, widened to include
+# the example size: wide enough that the runtime's default sizes (256x256 on the tiny model,
+# 1024x1024 for FLUX) need no flags.
+DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE = 64, 1024
 
 
 def _versions() -> dict:
@@ -45,14 +55,9 @@ def _versions() -> dict:
 
 
 def deleaker_section(config: DeLeakerConfig, blocks_per_step: int) -> dict:
-    resolved = config.resolved(blocks_per_step)
-    attrs = resolved.op_attributes(0)
-    attrs.pop("block_offset")
-    return {"config": dataclasses.asdict(config), "num_steps": config.num_steps, "attributes": attrs}
-
-
-def config_from_section(section: dict) -> DeLeakerConfig:
-    return DeLeakerConfig(**section["config"])
+    """The default settings (validated for this model) and the op contract of the nodes."""
+    config.resolved(blocks_per_step)  # raises ConfigError on a bad default
+    return {"config": dataclasses.asdict(config), "op_version": op_schema.ONNX_OPSET_VERSION}
 
 
 def build_manifest(*, ckpt, spec, exported: dict, tokenizers: dict, source: str, opset: int) -> dict:
@@ -79,7 +84,7 @@ def build_manifest(*, ckpt, spec, exported: dict, tokenizers: dict, source: str,
     }
     opt_tokens = (spec.height // factor) * (spec.width // factor)
     profiles = {
-        "batch": [1, 1, spec.max_batch],
+        "batch": [1, 1, spec.max_batch],  # min, opt, max
         "image_side": [lo, hi],  # pixels, both height and width
         "height": [lo, spec.height, hi],
         "width": [lo, spec.width, hi],
@@ -98,7 +103,7 @@ def build_manifest(*, ckpt, spec, exported: dict, tokenizers: dict, source: str,
         "source_model": source,
         "model": model,
         "dtypes": {"transformer": spec.dtype, "text_encoders": spec.encoder_dtype, "vae": spec.encoder_dtype,
-                   "io": "float32 (int64 for ids, step, grid)"},
+                   "io": "float32 (int64 for ids, step, grid, windows, rules)"},
         "profiles": profiles,
         "deleaker": deleaker_section(spec.deleaker, ckpt.blocks_per_step),
         "models": models,

@@ -2,10 +2,15 @@
 
 The transformer is traced with torch.onnx.export (dynamo) around `DeLeakerFlux`, with every
 joint attention the custom op torch.ops.deleaker.attention. A custom translation turns each
-such call into ONE node `deleaker::DeLeakerAttention` (attributes from the op's arguments, plus
+such call into ONE node `deleaker::DeLeakerAttention` (op contract v2: the per-sample settings
+windows/knobs/rules are inputs, only block_offset/blocks_per_step are attributes, plus
 plugin_namespace/plugin_version for TensorRT); the exporter would inline a local function, so
 the FunctionProto with the op's standard-ONNX body (export/onnx_op.py) is attached to the model
 afterwards. ONNX Runtime then runs the model with no plugin; TensorRT binds the plugin.
+
+The step's inputs, outputs and dynamic axes are runtime/step_io.py's. No DeLeaker setting is
+baked into the graph: one artifact serves every step count and every setting (they are the
+step's windows/knobs/rules inputs, one row per sample).
 
 Every exported graph takes and returns float32/int64 tensors whatever the weights' dtype (the
 casts are inside the graph), so the runtime never converts dtypes. Batch and image size are
@@ -31,11 +36,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deleaker.runtime import op_schema
-from deleaker.runtime.config import DeLeakerConfig, ResolvedConfig
+from deleaker.runtime import op_schema, step_io
+from deleaker.runtime.config import DeLeakerConfig
 
 from . import onnx_op
 from .checkpoint import export_tokenizer
+from .manifest import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
 from . import reference_op  # noqa: F401  (registers torch.ops.deleaker.attention)
 
 log = logging.getLogger("deleaker")
@@ -46,7 +52,8 @@ OPSET = 20
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-TRANSFORMER_OUTPUTS = ("noise_pred", "history_out")
+# Bounds of the exported dynamic dimensions (torch.export needs finite ones; ONNX Runtime does not care).
+_DIM_MAX = {step_io.BATCH: 1024, step_io.IMAGE_TOKENS: 1 << 20}
 
 
 class ExportError(ValueError):
@@ -55,18 +62,21 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """What to export: sizes (pixels), text length, entity slots, dtypes, DeLeaker settings."""
+    """What to export: sizes (pixels), text length, entity slots, dtypes, default DeLeaker settings."""
 
     height: int = 1024  # the example (and TensorRT "opt") image size
     width: int = 1024
-    min_size: int | None = None  # image side range the artifact accepts (pixels); None: height/width
+    # image side range the artifact accepts (pixels); None: DEFAULT_MIN_SIZE / DEFAULT_MAX_SIZE,
+    # widened to include height/width
+    min_size: int | None = None
     max_size: int | None = None
-    max_batch: int = 4  # TensorRT profile bound; ONNX Runtime takes any batch
+    max_batch: int = 4  # upper end of the manifest's batch profile (TensorRT); ONNX Runtime takes any batch
     max_text_tokens: int = 512  # T5 sequence length T (fixed)
     entity_slots: int = 4  # E (fixed)
     dtype: str = "fp32"  # transformer weights
     encoder_dtype: str = "fp32"  # CLIP, T5, VAE weights (T5 overflows in fp16)
     external_data: bool | None = None  # weights in a .data file beside each .onnx; None: above ~2 GB only
+    # the artifact's DEFAULT settings (manifest), for requests that bring none; nothing is baked in
     deleaker: DeLeakerConfig = field(default_factory=DeLeakerConfig)
 
     def validate(self, multiple: int = 16) -> None:
@@ -93,8 +103,8 @@ class ExportSpec:
 
     @property
     def size_range(self) -> tuple[int, int]:
-        lo = self.min_size if self.min_size is not None else min(self.height, self.width)
-        hi = self.max_size if self.max_size is not None else max(self.height, self.width)
+        lo = self.min_size if self.min_size is not None else min(DEFAULT_MIN_SIZE, self.height, self.width)
+        hi = self.max_size if self.max_size is not None else max(DEFAULT_MAX_SIZE, self.height, self.width)
         return lo, hi
 
 
@@ -110,7 +120,7 @@ def _onnx_op_schema():
     types = {"float": "T", "float32": "tensor(float)", "int64": "tensor(int64)"}
     param = OpSchema.FormalParameter
     A = OpSchema.AttrType
-    attrs = [OpSchema.Attribute(a.name, A.INT if a.type == "int" else A.FLOAT, a.doc) for a in op_schema.ATTRIBUTES]
+    attrs = [OpSchema.Attribute(a.name, A.INT, a.doc) for a in op_schema.ATTRIBUTES]
     attrs += [OpSchema.Attribute(n, A.STRING, "TensorRT plugin binding", required=False)
               for n in onnx_op.PLUGIN_ATTRIBUTES]
     return OpSchema(op_schema.OP_NAME, op_schema.ONNX_DOMAIN, op_schema.ONNX_OPSET_VERSION,
@@ -127,10 +137,15 @@ def translation_table() -> dict:
 
     node_op = Op(Opset(op_schema.ONNX_DOMAIN, op_schema.ONNX_OPSET_VERSION), op_schema.OP_NAME, _onnx_op_schema())
 
-    def deleaker_attention(q, k, v, entity_tokens, history, step, grid, *attrs):
-        values = dict(zip(op_schema.ATTRIBUTE_NAMES, attrs))
-        return node_op(q, k, v, entity_tokens, history, step, grid, **values,
-                       plugin_namespace=op_schema.PLUGIN_NAMESPACE, plugin_version=op_schema.PLUGIN_VERSION)
+    n_inputs = len(op_schema.INPUTS)
+
+    def deleaker_attention(*args):
+        # torch.ops.deleaker.attention(q, k, v, ent, hist, step, grid, windows, knobs, rules,
+        #                              block_offset, blocks_per_step): tensors first, then attributes
+        inputs, attrs = args[:n_inputs], args[n_inputs:]
+        values = dict(zip(op_schema.ATTRIBUTE_NAMES, attrs, strict=True))
+        return node_op(*inputs, **values, plugin_namespace=op_schema.PLUGIN_NAMESPACE,
+                       plugin_version=op_schema.PLUGIN_VERSION)
 
     return {torch.ops.deleaker.attention.default: deleaker_attention}
 
@@ -150,7 +165,10 @@ def _attach_op_function(program, num_slots: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 class TransformerStep(nn.Module):
-    """DeLeakerFlux with float32 I/O (weights may be fp16/bf16; casts are in the graph)."""
+    """DeLeakerFlux with float32 I/O (weights may be fp16/bf16; casts are in the graph).
+
+    forward takes step_io.INPUTS by name (guidance only for guidance-distilled models) and
+    returns step_io.OUTPUTS: (noise_pred [B, I, C], history_out [B, E, I])."""
 
     def __init__(self, flux: nn.Module, dtype: torch.dtype, guidance: bool):
         super().__init__()
@@ -159,11 +177,11 @@ class TransformerStep(nn.Module):
         self.guidance = guidance
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
-                entity_tokens, history, step, grid, guidance=None):
+                entity_tokens, history, step, grid, windows, knobs, rules, guidance=None):
         d = self.dtype
         noise, hist = self.flux(hidden_states.to(d), encoder_hidden_states.to(d), pooled_projections.to(d),
                                 timestep.to(d), img_ids, txt_ids, guidance.to(d) if self.guidance else None,
-                                entity_tokens, history, step, grid)
+                                entity_tokens, history, step, grid, windows, knobs, rules)
         return noise.float(), hist
 
 
@@ -279,8 +297,12 @@ def _export(module: nn.Module, kwargs: dict, dynamic_shapes: dict, output_names:
                     external_data=data if external and (path.parent / data).exists() else None, seconds=seconds)
 
 
-def transformer_example(transformer, spec: ExportSpec, batch: int = 2) -> dict:
-    """Example inputs of the step at spec's size (batch 2: a dynamic dim must not trace as 1)."""
+def transformer_example(transformer, spec: ExportSpec, batch: int = 2, configs=None) -> dict:
+    """Example inputs of the step at spec's size, in step_io.INPUTS order (guidance only for
+    guidance-distilled models). batch 2 by default: a dynamic dim must not trace as 1.
+    configs: one DeLeakerConfig/ResolvedConfig per sample (default: spec.deleaker for all)."""
+    from .flux import blocks_per_step
+
     cfg = transformer.config
     h, w = spec.height // 16, spec.width // 16
     I, T, E = h * w, spec.max_text_tokens, spec.entity_slots
@@ -291,7 +313,12 @@ def transformer_example(transformer, spec: ExportSpec, batch: int = 2) -> dict:
     ent[:, 0, 1] = 1  # two active slots, so the example traces the op like a real call
     if E > 1:
         ent[:, 1, 3:5] = 1
-    return dict(
+    configs = list(configs) if configs is not None else [spec.deleaker] * batch
+    if len(configs) != batch:
+        raise ValueError(f"transformer_example: {len(configs)} configs for a batch of {batch}")
+    resolved = [c.resolved(blocks_per_step(transformer)) if isinstance(c, DeLeakerConfig) else c for c in configs]
+    windows, knobs, rules = reference_op.settings_tensors(resolved)  # [B, 4], [B, 3], [B, 6]
+    values = dict(
         hidden_states=torch.randn(batch, I, cfg.in_channels),  # [B, I, C]
         encoder_hidden_states=torch.randn(batch, T, cfg.joint_attention_dim),  # [B, T, Dt]
         pooled_projections=torch.randn(batch, cfg.pooled_projection_dim),  # [B, Dp]
@@ -303,41 +330,56 @@ def transformer_example(transformer, spec: ExportSpec, batch: int = 2) -> dict:
         history=torch.zeros(batch, E, I),  # [B, E, I]
         step=torch.tensor(0, dtype=torch.int64),
         grid=torch.tensor([h, w], dtype=torch.int64),
+        windows=windows, knobs=knobs, rules=rules,
     )
+    names = step_io.input_names(bool(cfg.guidance_embeds))
+    return {name: values[name] for name in names}
 
 
-def export_transformer(transformer, path: Path, spec: ExportSpec,
-                       config: DeLeakerConfig | ResolvedConfig | None = None) -> Exported:
-    """The DeLeaker step (architecture.md I/O) with every joint attention one DeLeakerAttention node.
+def step_dynamic_shapes(guidance: bool) -> dict:
+    """torch.export dynamic_shapes of the step, from step_io (one Dim object per symbolic name)."""
+    dims = {name: torch.export.Dim(name, min=1, max=_DIM_MAX[name]) for name in step_io.DYNAMIC_DIMS}
+    out = {}
+    for t in step_io.inputs_for(guidance):
+        axes = t.dynamic_axes()
+        out[t.name] = {axis: dims[name] for axis, name in axes.items()} or None
+    return out
+
+
+def export_transformer(transformer, path: Path, spec: ExportSpec) -> Exported:
+    """The DeLeaker step (runtime/step_io.py I/O) with every joint attention one DeLeakerAttention node.
 
     `transformer` is a diffusers FluxTransformer2DModel; DeLeaker processors are installed on it.
+    No DeLeaker setting is baked in: they are the step's windows/knobs/rules inputs.
     """
     from .flux import DeLeakerFlux
 
     spec.validate()
     dtype = _DTYPES[spec.dtype]
     guidance = bool(transformer.config.guidance_embeds)
-    flux = DeLeakerFlux(_to(transformer, dtype).eval(), config or spec.deleaker)
+    flux = DeLeakerFlux(_to(transformer, dtype).eval())
     step = TransformerStep(flux, dtype, guidance).eval()
     kwargs = transformer_example(transformer, spec)
-    B, I = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("image_tokens", min=1, max=1 << 20)
-    dyn = {"hidden_states": {0: B, 1: I}, "encoder_hidden_states": {0: B}, "pooled_projections": {0: B},
-           "timestep": {0: B}, "img_ids": {0: I}, "txt_ids": None, "guidance": {0: B}, "entity_tokens": {0: B},
-           "history": {0: B, 2: I}, "step": None, "grid": None}
-    if not guidance:  # FLUX.1-schnell: no guidance input at all
-        del kwargs["guidance"], dyn["guidance"]
-    bps = flux.config.blocks_per_step
+    dyn = step_dynamic_shapes(guidance)
+    bps = flux.blocks_per_step
 
     def finish(program):
-        # every joint attention must have become one op node (none left as plain attention)
-        n = sum(1 for node in program.model.graph if (node.domain, node.op_type) ==
-                (op_schema.ONNX_DOMAIN, op_schema.OP_NAME))
-        if n != bps:
-            raise ExportError(f"the exported graph has {n} {op_schema.OP_NAME} nodes for {bps} blocks; the "
-                              f"DeLeaker processor did not reach every attention")
+        # every joint attention must have become one op node (none left as plain attention), fed
+        # by the graph's own settings inputs
+        graph = program.model.graph
+        nodes = [node for node in graph if (node.domain, node.op_type) == (op_schema.ONNX_DOMAIN, op_schema.OP_NAME)]
+        if len(nodes) != bps:
+            raise ExportError(f"the exported graph has {len(nodes)} {op_schema.OP_NAME} nodes for {bps} blocks; "
+                              f"the DeLeaker processor did not reach every attention")
+        graph_inputs = {v.name: v for v in graph.inputs}
+        for node in nodes:
+            settings = [v.name if v is not None else None for v in node.inputs][-len(op_schema.SETTINGS_TENSORS):]
+            if tuple(settings) != op_schema.SETTINGS_TENSORS or any(n not in graph_inputs for n in settings):
+                raise ExportError(f"{op_schema.OP_NAME} node {node.name} takes {settings} as its settings, not "
+                                  f"the graph inputs {list(op_schema.SETTINGS_TENSORS)}")
         _attach_op_function(program, spec.entity_slots)
 
-    ex = _export(step, kwargs, dyn, list(TRANSFORMER_OUTPUTS), path, spec.external_data, translation_table(),
+    ex = _export(step, kwargs, dyn, list(step_io.OUTPUT_NAMES), path, spec.external_data, translation_table(),
                  after=finish)
     ex.extra = {"blocks_per_step": bps, "op_nodes": bps}
     return ex

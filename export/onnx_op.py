@@ -1,17 +1,20 @@
 """DeLeakerAttention as an ONNX model-local function: the portable path every ONNX runtime can run.
 
 `make_function(num_slots)` builds a FunctionProto (domain `deleaker`, name `DeLeakerAttention`,
-inputs/outputs/attributes in deleaker.runtime.op_schema order) whose body computes
-../shared/docs/deleaker-semantics.md in standard ONNX ops only, so ONNX Runtime (any execution
-provider) runs a model holding these nodes with no plugin. The body materialises the
-(T+I) x (T+I) logits per head in float32, like the reference op; speed is the plugin's job.
+op contract v2: inputs/outputs/attributes in deleaker.runtime.op_schema order) whose body
+computes docs/semantics.md in standard ONNX ops only, so ONNX Runtime (any execution provider)
+runs a model holding these nodes with no plugin. The body materialises the (T+I) x (T+I) logits
+per head in float32, like the reference op; speed is the plugin's job.
 
-One FunctionProto serves every node of a model: per-node attributes (block_offset, windows,
-thresholds, rule switches) enter the body through attribute references (Constant nodes with
-ref_attr_name), so they become scalar tensors the body computes with. E (entity slots) is fixed
-at export, so the pair loop of section 4.2 is unrolled over all slot pairs and each pair is
-gated per sample on both slots being active: an inactive pair changes nothing, which is the
-same as iterating over the active slots only.
+One FunctionProto serves every node of a model, and one model serves every step count and
+DeLeaker setting: the per-sample settings (windows, thresholds, alpha, rule switches) are the
+op's `windows` [B, 4], `knobs` [B, 3] and `rules` [B, 6] inputs, read column by column into [B]
+tensors and broadcast per sample. Only the structural attributes (block_offset,
+blocks_per_step) are node attributes; they enter the body through attribute references
+(Constant nodes with ref_attr_name). E (entity slots) is fixed at export, so the pair loop of
+section 4.2 is unrolled over all slot pairs, and each pair is gated per sample on both slots
+being active and on that sample intervening at this tau: an inactive pair changes nothing,
+which is the same as iterating over the active slots only.
 
 `make_node(...)` emits a node calling the function, carrying `plugin_namespace` and
 `plugin_version` so TensorRT binds it to the plugin instead of the body.
@@ -142,14 +145,17 @@ def _smooth(b: _Body, masks: str, grid: str) -> str:
 def _pair_loop(num_slots: int, s: dict) -> tuple[onnx.GraphProto, str]:
     """Section 4.2 as the then-branch of an If: returns the branch graph and its output (final P).
 
-    `s` names outer-scope values of the function body (If branches read them directly).
+    `s` names outer-scope values of the function body (If branches read them directly). Every
+    edit is gated per sample: on the pair's slots both being active and the sample intervening
+    at this tau (`live`), and on the sample's own rule switches; alpha and beta2 are per sample.
     """
     b = _Body("pl_")
     L, P = s["L"], s["P"]
-    neg_inf, alpha = b.f32(_NEG_INF), s["alpha"]
+    neg_inf = b.f32(_NEG_INF)
     for e1, e2 in itertools.combinations(range(num_slots), 2):
-        # this pair is live in a sample iff both slots are active there: [B, 1, 1] bool
-        live = b.unsq(b.op("And", b.gather(s["active"], e1, 1), b.gather(s["active"], e2, 1)), [1, 2])
+        # this pair is live in a sample iff both slots are active there and the sample intervenes: [B, 1, 1]
+        both = b.op("And", b.gather(s["active"], e1, 1), b.gather(s["active"], e2, 1))  # [B]
+        live = b.unsq(b.op("And", both, s["intervening"]), [1, 2])
         r1, r2 = b.gather(s["rows"], e1, 1), b.gather(s["rows"], e2, 1)  # image rows of each mask, [B, N]
         c1, c2 = b.gather(s["cols"], e1, 1), b.gather(s["cols"], e2, 1)  # entity token columns, [B, N]
 
@@ -179,8 +185,9 @@ def _pair_loop(num_slots: int, s: dict) -> tuple[onnx.GraphProto, str]:
         # -inf wins over the alpha multiply (-inf * alpha = -inf), so the order W, S, TT, X holds.
         to_neg = b.unsq(b.op("And", b.any_of(weak, tt, cut), live), [1])  # [B, 1, N, N]
         to_mul = b.unsq(b.op("And", strong, live), [1])
-        L = b.op("Where", to_mul, b.op("Mul", L, alpha), L)
+        L = b.op("Where", to_mul, b.op("Mul", L, s["alpha"]), L)
         L = b.op("Where", to_neg, neg_inf, L)
+        # a sample with nothing live keeps L bit for bit, so its softmax is the plain P again
         P = b.op("Softmax", L, axis=-1)
     out = b.op("Identity", P, hint="P_final")
     graph = helper.make_graph(b.nodes, "deleaker_pair_loop", [],
@@ -188,26 +195,38 @@ def _pair_loop(num_slots: int, s: dict) -> tuple[onnx.GraphProto, str]:
     return graph, out
 
 
+def _settings(b: _Body) -> dict[str, str]:
+    """Every op_schema.SETTINGS column of the windows/knobs/rules inputs as a [B] tensor
+    (int64 windows, float32 knobs, bool rule switches)."""
+    out = {}
+    for spec in op_schema.SETTINGS:
+        col = b.gather(spec.tensor, spec.index, axis=1)  # [B]
+        out[spec.name] = b.op("Cast", col, to=TensorProto.BOOL) if spec.type == "bool" else col
+    return out
+
+
 def make_function(num_slots: int, opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     """The DeLeakerAttention FunctionProto for models with `num_slots` entity slots (E)."""
     if num_slots < 1:
         raise ValueError(f"num_slots (entity slots E) must be >= 1, got {num_slots}")
     b = _Body("dl_")
-    q, k, v, ent, hist, step, grid = (t.name for t in op_schema.INPUTS)
+    q, k, v, ent, hist, step, grid = (t.name for t in op_schema.INPUTS[:7])
     a = {spec.name: b.attr(spec.name, spec.type) for spec in op_schema.ATTRIBUTES}
-    flag = {n: b.op("Cast", a[n], to=TensorProto.BOOL) for n in
-            ("use_history", "do_smoothing", "do_image_text_weakening", "do_image_text_strengthening",
-             "do_image_image", "do_text_text_weakening")}
+    st = _settings(b)  # per sample, [B] each
+
+    def per_sample(x: str, rank: int) -> str:
+        """[B] -> [B, 1, ...] of the given rank, to broadcast against [B, ...] tensors."""
+        return b.unsq(x, list(range(1, rank)))
 
     # ---- shapes and the clock ----------------------------------------------------------
     T = b.op("Shape", ent, start=2, end=3)  # [1]
     N = b.op("Shape", q, start=2, end=3)  # [1]
     D = b.fl(b.op("Shape", q, start=3, end=4))  # [1]
     tau = b.op("Add", b.op("Mul", step, a["blocks_per_step"]), a["block_offset"])  # 0-d int64
-    a0, a1 = a["start_aggregating_from"], a["stop_aggregating_at"]
-    in_window = b.op("And", b.op("Not", b.op("Less", tau, a["start_intervention_from"])),
-                     b.op("Not", b.op("Greater", tau, a["stop_intervention_at"])))
-    started = b.op("Not", b.op("Less", tau, a0))  # tau >= a0
+    a0, a1 = st["start_aggregating_from"], st["stop_aggregating_at"]  # [B] int64
+    started = b.op("Not", b.op("Less", tau, a0))  # tau >= a0, [B]
+    in_window = b.op("And", b.op("Not", b.op("Less", tau, st["start_intervention_from"])),
+                     b.op("Not", b.op("Greater", tau, st["stop_intervention_at"])))  # [B]
 
     # ---- plain attention in float32 (section 1) ----------------------------------------
     qf, kf, vf = b.fl(q), b.fl(k), b.fl(v)
@@ -225,21 +244,23 @@ def make_function(num_slots: int, opset: int = DEFAULT_OPSET) -> onnx.FunctionPr
     per_tok = b.mean(img_text, [1], keepdims=0)  # [B, I, T]
     p = b.op("Div", b.op("MatMul", tokset, b.op("Transpose", per_tok, perm=[0, 2, 1])),
              b.op("Max", ntok, b.f32(1.0)))  # [B, E, I]
-    n = b.fl(b.op("Sub", tau, a0))
+    # n = tau - a0 per sample, clamped at 0 (samples before a0 do not update; no division by 0)
+    n = per_sample(b.fl(b.op("Max", b.op("Sub", tau, a0), b.i64(0))), 3)  # [B, 1, 1]
     n1 = b.op("Add", n, b.f32(1.0))
     running = b.op("Add", b.op("Mul", hist, b.op("Div", n, n1)), b.op("Div", p, n1))
-    updated = b.op("Where", b.op("Equal", tau, a0), p, running)
-    updating = b.op("And", b.op("And", flag["use_history"], started), b.op("Less", tau, a1))  # 0-d
-    write = b.op("And", b.unsq(active, [2]), updating)  # [B, E, 1]; inactive slots keep their history
+    updated = b.op("Where", per_sample(b.op("Equal", tau, a0), 3), p, running)
+    updating = b.op("And", b.op("And", st["use_history"], started), b.op("Less", tau, a1))  # [B]
+    write = b.op("And", b.unsq(active, [2]), per_sample(updating, 3))  # [B, E, 1]; inactive slots keep theirs
     hist_out = b.op("Where", write, updated, hist, hint="history_out")
 
     # ---- entity masks (section 4.1) -----------------------------------------------------
-    from_hist = b.op("And", flag["use_history"], b.op("Greater", tau, a0))
+    from_hist = per_sample(b.op("And", st["use_history"], b.op("Greater", tau, a0)), 3)  # [B, 1, 1]
     src = b.op("Where", from_hist, hist_out, p)  # [B, E, I]
     ones = b.op("Expand", b.f32(1.0), b.op("Shape", src))
     mean, std, _ = _masked_mean_std(b, src, ones, [2])
-    masks = b.fl(b.op("Greater", src, b.op("Add", mean, b.op("Mul", a["std_mul_text"], std))))
-    masks = b.op("Where", flag["do_smoothing"], _smooth(b, masks, grid), masks)
+    beta1 = per_sample(st["std_mul_text"], 3)
+    masks = b.fl(b.op("Greater", src, b.op("Add", mean, b.op("Mul", beta1, std))))
+    masks = b.op("Where", per_sample(st["do_smoothing"], 3), _smooth(b, masks, grid), masks)
     # widen to the joint sequence: image rows of each mask, entity token columns, first tokens [B,E,N]
     zeros_t = b.op("Expand", b.f32(0.0), b.op("Concat", b.op("Shape", ent, end=2), T, axis=0))  # [B, E, T]
     zeros_i = b.op("Mul", masks, b.f32(0.0))  # [B, E, I]
@@ -249,19 +270,23 @@ def make_function(num_slots: int, opset: int = DEFAULT_OPSET) -> onnx.FunctionPr
     pos = b.op("Range", b.i64(0), b.op("Squeeze", N, b.i64([0])), b.i64(1))  # [N]
     firsts = b.op("Equal", pos, first)  # [B, E, N] one-hot of each slot's first token
 
-    # ---- intervene (section 4.2) only inside the window and where two slots are active ---
-    n_active = b.op("ReduceMax", b.sum(b.fl(active), [1], keepdims=0), b.i64([0]), keepdims=0)
-    intervene = b.op("And", b.op("And", in_window, started), b.op("Greater", n_active, b.f32(1.0)))
-    scope = dict(L=L, P=P, active=active, rows=rows, cols=cols, firsts=firsts,
-                 alpha=a["k_strength"], beta2=a["std_mul_image_image"],
-                 do_w=flag["do_image_text_weakening"], do_s=flag["do_image_text_strengthening"],
-                 do_tt=flag["do_text_text_weakening"], do_x=flag["do_image_image"])
+    # ---- intervene (section 4.2): per sample inside its window with two active slots; the If
+    # skips the pair loop when no sample of the batch intervenes -----------------------------
+    n_active = b.sum(b.fl(active), [1], keepdims=0)  # [B]
+    intervening = b.op("And", b.op("And", in_window, started), b.op("Greater", n_active, b.f32(1.0)))  # [B]
+    any_sample = b.op("Cast", b.op("ReduceMax", b.fl(intervening), b.i64([0]), keepdims=0), to=TensorProto.BOOL)
+    rule = {name: per_sample(st[name], 3) for name in ("do_image_text_weakening", "do_image_text_strengthening",
+                                                        "do_text_text_weakening", "do_image_image")}
+    scope = dict(L=L, P=P, active=active, intervening=intervening, rows=rows, cols=cols, firsts=firsts,
+                 alpha=per_sample(st["k_strength"], 4), beta2=per_sample(st["std_mul_image_image"], 3),
+                 do_w=rule["do_image_text_weakening"], do_s=rule["do_image_text_strengthening"],
+                 do_tt=rule["do_text_text_weakening"], do_x=rule["do_image_image"])
     then_graph, _ = _pair_loop(num_slots, scope)
     else_b = _Body("plain_")
     else_out = else_b.op("Identity", P, hint="P_plain")
     else_graph = helper.make_graph(else_b.nodes, "deleaker_plain", [],
                                    [helper.make_tensor_value_info(else_out, TensorProto.FLOAT, None)])
-    P_final = b.op("If", intervene, then_branch=then_graph, else_branch=else_graph, hint="P_final")
+    P_final = b.op("If", any_sample, then_branch=then_graph, else_branch=else_graph, hint="P_final")
 
     # ---- output (section 4.3) -------------------------------------------------------------
     out_name, hist_name = (t.name for t in op_schema.OUTPUTS)
@@ -275,16 +300,18 @@ def make_function(num_slots: int, opset: int = DEFAULT_OPSET) -> onnx.FunctionPr
                     ("plugin_version", op_schema.PLUGIN_VERSION))]
     return helper.make_function(
         op_schema.ONNX_DOMAIN, op_schema.OP_NAME,
-        inputs=[t.name for t in op_schema.INPUTS], outputs=[t.name for t in op_schema.OUTPUTS],
+        inputs=list(op_schema.INPUT_NAMES), outputs=[t.name for t in op_schema.OUTPUTS],
         nodes=b.nodes, opset_imports=[helper.make_opsetid("", opset)],
         attributes=list(op_schema.ATTRIBUTE_NAMES), attribute_protos=attr_protos,
-        doc_string=f"DeLeaker attention (deleaker-semantics.md), standard ONNX ops, E={num_slots} slots",
+        doc_string=f"DeLeaker attention v{op_schema.ONNX_OPSET_VERSION} (semantics.md), standard ONNX ops, "
+                   f"E={num_slots} slots, per-sample settings",
     )
 
 
 def make_node(inputs: Sequence[str], outputs: Sequence[str], attrs: dict, name: str | None = None,
               plugin: bool = True) -> onnx.NodeProto:
-    """A DeLeakerAttention node. attrs: op_schema attribute dict (e.g. cfg.op_attributes(b)).
+    """A DeLeakerAttention node. inputs: op_schema.INPUTS order (settings tensors included);
+    attrs: the structural attributes, op_schema.node_attributes(block_offset, blocks_per_step).
 
     With plugin=True the node carries plugin_namespace/plugin_version so TensorRT binds it to
     the plugin; ONNX Runtime ignores them and runs the function body.
@@ -292,13 +319,12 @@ def make_node(inputs: Sequence[str], outputs: Sequence[str], attrs: dict, name: 
     missing = set(op_schema.ATTRIBUTE_NAMES) - set(attrs)
     unknown = set(attrs) - set(op_schema.ATTRIBUTE_NAMES)
     if missing or unknown:
-        raise ValueError(f"DeLeakerAttention attributes: missing {sorted(missing)}, unknown {sorted(unknown)}")
+        raise ValueError(f"DeLeakerAttention attributes: missing {sorted(missing)}, unknown {sorted(unknown)} "
+                         f"(v{op_schema.ONNX_OPSET_VERSION}: DeLeaker settings are the windows/knobs/rules inputs)")
     if len(inputs) != len(op_schema.INPUTS) or len(outputs) != len(op_schema.OUTPUTS):
-        raise ValueError(f"DeLeakerAttention takes {len(op_schema.INPUTS)} inputs and gives "
-                         f"{len(op_schema.OUTPUTS)} outputs; got {len(inputs)} and {len(outputs)}")
-    values = {}
-    for spec in op_schema.ATTRIBUTES:
-        values[spec.name] = int(attrs[spec.name]) if spec.type == "int" else float(attrs[spec.name])
+        raise ValueError(f"DeLeakerAttention takes {len(op_schema.INPUTS)} inputs ({', '.join(op_schema.INPUT_NAMES)}) "
+                         f"and gives {len(op_schema.OUTPUTS)} outputs; got {len(inputs)} and {len(outputs)}")
+    values = {spec.name: int(attrs[spec.name]) for spec in op_schema.ATTRIBUTES}
     if plugin:
         values["plugin_namespace"] = op_schema.PLUGIN_NAMESPACE
         values["plugin_version"] = op_schema.PLUGIN_VERSION
@@ -329,11 +355,13 @@ def attach_function(model: onnx.ModelProto, num_slots: int) -> onnx.ModelProto:
 
 
 _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+_SETTINGS_ELEM = {"windows": TensorProto.INT64, "knobs": TensorProto.FLOAT, "rules": TensorProto.INT64}
 
 
 def make_single_op_model(num_slots: int, attrs: dict, dtype: str = "float32", opset: int = DEFAULT_OPSET,
                          plugin: bool = True, function: onnx.FunctionProto | None = None) -> onnx.ModelProto:
-    """A one-node model around the op (dynamic shapes), for tests and `deleaker-export verify`.
+    """A one-node model around the op (dynamic shapes, op_schema.INPUTS as graph inputs), for tests
+    and `deleaker-export verify`. attrs: op_schema.node_attributes(block_offset, blocks_per_step).
 
     `function`: use this FunctionProto (e.g. the one inside an exported artifact, with its
     opset) instead of building one."""
@@ -344,7 +372,9 @@ def make_single_op_model(num_slots: int, attrs: dict, dtype: str = "float32", op
         helper.make_tensor_value_info("history", TensorProto.FLOAT, ["B", num_slots, "I"]),
         helper.make_tensor_value_info("step", TensorProto.INT64, []),
         helper.make_tensor_value_info("grid", TensorProto.INT64, [2]),
-    ]
+    ] + [helper.make_tensor_value_info(name, _SETTINGS_ELEM[name], ["B", op_schema.settings_width(name)])
+         for name in op_schema.SETTINGS_TENSORS]
+    assert tuple(i.name for i in inputs) == op_schema.INPUT_NAMES
     outputs = [helper.make_tensor_value_info("out", elem, qkv),
                helper.make_tensor_value_info("history_out", TensorProto.FLOAT, ["B", num_slots, "I"])]
     node = make_node([i.name for i in inputs], [o.name for o in outputs], attrs, name="deleaker_attention_0",

@@ -1,12 +1,15 @@
 """`deleaker-export verify`: ONNX Runtime (the artifact) against PyTorch (the checkpoint).
 
 Three checks, each a polygraphy Comparator run of two runners on the same feeds:
-  op    the DeLeakerAttention function body (a one-node model with the artifact's settings) vs
-        the reference op, on random inputs with structured entity attention, at steps before,
-        inside and after the windows, history in and out;
-  step  transformer.onnx vs DeLeakerFlux (diffusers + reference op), random step inputs;
-  loop  the whole denoising loop (runtime pipeline) on the onnxruntime backend vs the torch
-        backend: final latents and history, DeLeaker on and off.
+  op    the DeLeakerAttention function body inside the artifact (in a one-node model) vs the
+        reference op, on random inputs with structured entity attention, at block-steps before,
+        inside and after the windows, history in and out; a batch of two samples with different
+        settings (the artifact's default and a variant), as op contract v2 allows;
+  step  transformer.onnx vs DeLeakerFlux (diffusers + reference op), random step inputs, the same
+        two settings per sample;
+  loop  the whole denoising loop through the public Pipeline API on the onnxruntime backend
+        (the artifact) vs the torch backend (the checkpoint): final latents and history,
+        DeLeaker on and off, with the artifact's default settings.
 Each output's max/mean absolute and relative errors are reported; any output past tolerance
 fails the check.
 """
@@ -21,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deleaker.runtime import op_schema
-from deleaker.runtime.artifact import load_artifact
-from deleaker.runtime.config import DeLeakerConfig
+from deleaker.runtime import op_schema, step_io
+from deleaker.runtime.artifact import ArtifactError, load_artifact
+from deleaker.runtime.config import DeLeakerConfig, ResolvedConfig
 
 CHECKS = ("op", "step", "loop")
 # (atol, rtol) per check and weight dtype. fp32: both sides compute in float32 and differ only in
@@ -106,6 +109,39 @@ def _compare(check: str, runners, feeds: list[dict], feed_names: list[str], atol
 
 
 # --------------------------------------------------------------------------------------------
+# The settings the checks run with
+# --------------------------------------------------------------------------------------------
+
+def check_configs(default: DeLeakerConfig, steps: int, blocks_per_step: int) -> list[ResolvedConfig]:
+    """Two samples' settings: the artifact's default for `steps` steps, and a variant with the same
+    windows but other thresholds, alpha and rules (so a batch mixes settings, as v2 allows)."""
+    base = default.replace(num_steps=steps)
+    variant = base.replace(std_mul_text=base.std_mul_text * 0.5, std_mul_image_image=base.std_mul_image_image * 0.5,
+                           k_strength=base.k_strength * 1.5, do_smoothing=not base.do_smoothing,
+                           do_text_text_weakening=not base.do_text_text_weakening)
+    return [base.resolved(blocks_per_step), variant.resolved(blocks_per_step)]
+
+
+def _settings_feed(configs) -> dict:
+    packed = op_schema.pack_settings(configs)
+    return {name: packed[name] for name in op_schema.SETTINGS_TENSORS}
+
+
+def load_transformer_graph(artifact):
+    """transformer.onnx's graph (weights stay on disk), or a one-line ArtifactError if it is not ONNX."""
+    import onnx
+
+    path = artifact.path("onnxruntime", "transformer")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: the file is not a valid ONNX model
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{path} is not a readable ONNX model ({type(e).__name__}: {msg}); copy the artifact "
+                            f"again or re-export it with `deleaker-export onnx --model CHECKPOINT --out "
+                            f"{artifact.root}`") from None
+
+
+# --------------------------------------------------------------------------------------------
 # op: function body vs reference
 # --------------------------------------------------------------------------------------------
 
@@ -132,53 +168,57 @@ def structured_op_inputs(B: int, H: int, D: int, T: int, h: int, w: int, E: int,
     return {"q": q, "k": k, "v": v, "entity_tokens": ent, "history": torch.zeros(B, E, I)}
 
 
-def _op_feeds(attrs: dict, E: int) -> tuple[list[dict], list[str]]:
-    bps = attrs["blocks_per_step"]
-    a0, i0, i1 = attrs["start_aggregating_from"], attrs["start_intervention_from"], attrs["stop_intervention_at"]
-    # tau before the history starts, inside the intervention window, after it
+def _op_feeds(configs: list[ResolvedConfig], E: int) -> tuple[list[dict], list[str], list[int]]:
+    """Feeds at block-steps before the history starts, inside the intervention window and after
+    it (of the first config; the others share its windows). Returns (feeds, names, block offsets)."""
+    c = configs[0]
+    bps = c.blocks_per_step
+    a0, i0, i1 = c.start_aggregating_from, c.start_intervention_from, c.stop_intervention_at
     taus = {"before_window": max(0, a0 - 1), "inside_window": max(i0, a0 + 1), "after_window": i1 + 1}
-    feeds, names = [], []
+    feeds, names, offsets = [], [], []
     T, h, w = 8, 6, 8
+    B = len(configs)
     for i, (name, tau) in enumerate(taus.items()):
         if name == "before_window" and a0 == 0:
             continue
-        x = structured_op_inputs(2, 2, 16, T, h, w, E, active=min(E, 2), seed=i)
-        x["history"] = torch.rand(2, E, h * w, generator=torch.Generator().manual_seed(10 + i)) * 0.05
+        x = structured_op_inputs(B, 2, 16, T, h, w, E, active=min(E, 2), seed=i)
+        x["history"] = torch.rand(B, E, h * w, generator=torch.Generator().manual_seed(10 + i)) * 0.05
         feed = OrderedDict((k, v.numpy()) for k, v in x.items())
         feed["step"] = np.array(tau // bps, dtype=np.int64)
         feed["grid"] = np.array([h, w], dtype=np.int64)
-        feed["__offset"] = tau % bps
+        feed.update(_settings_feed(configs))
         feeds.append(feed)
         names.append(f"{name} (tau {tau})")
-    return feeds, names
+        offsets.append(tau % bps)
+    return feeds, names, offsets
 
 
-def check_op(artifact, atol: float, rtol: float) -> list[OutputResult]:
+def check_op(artifact, configs: list[ResolvedConfig], atol: float, rtol: float) -> list[OutputResult]:
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     from . import onnx_op
     from .reference_op import deleaker_attention_ref
 
-    import onnx
-
     E = int(artifact.model["entity_slots"])
-    base = dict(artifact.deleaker["attributes"])
+    bps = int(artifact.model["blocks_per_step"])
     # the function body inside the artifact itself (graph only; weights stay on disk)
-    graph = onnx.load(str(artifact.path("onnxruntime", "transformer")), load_external_data=False)
-    function = next(f for f in graph.functions if (f.domain, f.name) == (op_schema.ONNX_DOMAIN, op_schema.OP_NAME))
+    graph = load_transformer_graph(artifact)
+    function = next((f for f in graph.functions if (f.domain, f.name) == (op_schema.ONNX_DOMAIN, op_schema.OP_NAME)),
+                    None)
     del graph
-    feeds, names = _op_feeds({**base, "block_offset": 0}, E)
+    if function is None:
+        raise ArtifactError(f"{artifact.path('onnxruntime', 'transformer')} holds no {op_schema.ONNX_DOMAIN}::"
+                            f"{op_schema.OP_NAME} function; re-export the artifact")
+    feeds, names, offsets = _op_feeds(configs, E)
     rows = []
     FunctionRunner = _runner_base()
-    for feed, name in zip(feeds, names):
-        offset = feed.pop("__offset")
-        attrs = {**base, "block_offset": int(offset)}
+    for feed, name, offset in zip(feeds, names, offsets):
+        attrs = op_schema.node_attributes(offset, bps)
         model = onnx_op.make_single_op_model(E, attrs, function=function).SerializeToString()
 
         def reference(fd, attrs=attrs):
             t = {k: torch.from_numpy(np.asarray(v)) for k, v in fd.items()}
-            out, hist = deleaker_attention_ref(t["q"], t["k"], t["v"], t["entity_tokens"], t["history"], t["step"],
-                                               t["grid"], **attrs)
+            out, hist = deleaker_attention_ref(*(t[n] for n in op_schema.INPUT_NAMES), **attrs)
             return {"out": out.numpy(), "history_out": hist.numpy()}
 
         meta = {k: (v.dtype, list(v.shape)) for k, v in feed.items()}
@@ -192,7 +232,8 @@ def check_op(artifact, atol: float, rtol: float) -> list[OutputResult]:
 # step: transformer.onnx vs DeLeakerFlux
 # --------------------------------------------------------------------------------------------
 
-def check_step(artifact, ckpt, height: int, width: int, device: str, atol: float, rtol: float) -> list[OutputResult]:
+def check_step(artifact, ckpt, configs: list[ResolvedConfig], height: int, width: int, device: str, atol: float,
+               rtol: float) -> list[OutputResult]:
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     from .flux import DeLeakerFlux
@@ -200,21 +241,18 @@ def check_step(artifact, ckpt, height: int, width: int, device: str, atol: float
 
     dtype = artifact.manifest["dtypes"]["transformer"]
     m = artifact.model
-    cfg = DeLeakerConfig(**artifact.deleaker["config"])
+    guidance = bool(m["guidance_embeds"])
     transformer = ckpt.load_transformer(_DTYPES[dtype]).to(device)
-    flux = DeLeakerFlux(transformer, cfg)
-    step_module = TransformerStep(flux, _DTYPES[dtype], bool(m["guidance_embeds"])).eval()
-    spec = ExportSpec(height=height, width=width, max_text_tokens=int(m["max_text_tokens"]),
-                      entity_slots=int(m["entity_slots"]))
-    attrs = artifact.deleaker["attributes"]
+    step_module = TransformerStep(DeLeakerFlux(transformer), _DTYPES[dtype], guidance).eval()
+    spec = ExportSpec(height=height, width=width, min_size=min(height, width), max_size=max(height, width),
+                      max_text_tokens=int(m["max_text_tokens"]), entity_slots=int(m["entity_slots"]))
     bps = int(m["blocks_per_step"])
+    i0 = configs[0].start_intervention_from
     torch.manual_seed(0)
     feeds, names = [], []
     # step 0 crosses a0 and i0 inside one forward for FLUX's defaults; the next step is all inside
-    for s in sorted({0, max(0, attrs["start_intervention_from"] // bps), attrs["start_intervention_from"] // bps + 1}):
-        x = transformer_example(transformer, spec, batch=1)
-        if not m["guidance_embeds"]:
-            x.pop("guidance")
+    for s in sorted({0, i0 // bps, i0 // bps + 1}):
+        x = transformer_example(transformer, spec, batch=len(configs), configs=configs)
         x["step"] = torch.tensor(s, dtype=torch.int64)
         feeds.append(OrderedDict((k, v.numpy()) for k, v in x.items()))
         names.append(f"step {s}")
@@ -222,43 +260,37 @@ def check_step(artifact, ckpt, height: int, width: int, device: str, atol: float
     def torch_step(fd):
         t = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in fd.items()}
         with torch.no_grad():
-            noise, hist = step_module(**{k: t.get(k) for k in ("hidden_states", "encoder_hidden_states",
-                                                                "pooled_projections", "timestep", "img_ids",
-                                                                "txt_ids", "guidance", "entity_tokens", "history",
-                                                                "step", "grid")})
+            noise, hist = step_module(**{k: t[k] for k in step_io.input_names(guidance)})
         return {"noise_pred": noise.float().cpu().numpy(), "history_out": hist.float().cpu().numpy()}
 
     providers = ["cuda", "cpu"] if device.startswith("cuda") else ["cpu"]
     meta = {k: (v.dtype, list(v.shape)) for k, v in feeds[0].items()}
     runners = [OnnxrtRunner(SessionFromOnnx(str(artifact.path("onnxruntime", "transformer")), providers=providers),
                             name="onnxruntime"),
-               _runner_base()(torch_step, meta, ["noise_pred", "history_out"], "torch")]
+               _runner_base()(torch_step, meta, list(step_io.OUTPUT_NAMES), "torch")]
     return _compare("step", runners, feeds, names, atol, rtol)
 
 
 # --------------------------------------------------------------------------------------------
-# loop: the runtime pipeline on both backends
+# loop: the public Pipeline API on both backends
 # --------------------------------------------------------------------------------------------
 
-def check_loop(artifact, model_dir: Path, prompt: str, entities: tuple[str, ...], steps: int, height: int,
-               width: int, device: str, atol: float, rtol: float) -> list[OutputResult]:
-    from deleaker.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+def check_loop(artifact, model_dir: Path, config: DeLeakerConfig, prompt: str, entities: tuple[str, ...], steps: int,
+               height: int, width: int, device: str, atol: float, rtol: float) -> list[OutputResult]:
+    from deleaker.runtime.backends import load_backend
     from deleaker.runtime.pipeline import GenerateRequest, Pipeline
 
-    from .torch_backend import TorchBackend
-
     m = artifact.model
-    cfg = DeLeakerConfig(**artifact.deleaker["config"]).replace(num_steps=steps)
-    ort_pipe = Pipeline(OnnxRuntimeBackend(artifact, device=device, deleaker_config=cfg))
-    torch_pipe = Pipeline(TorchBackend.load(str(model_dir), device=device, dtype=artifact.manifest["dtypes"]["transformer"],
-                                            deleaker_config=cfg, entity_slots=int(m["entity_slots"]),
-                                            max_text_tokens=int(m["max_text_tokens"])))
+    ort_pipe = Pipeline(load_backend("onnxruntime", str(artifact.root), device=device, progress=False))
+    torch_pipe = Pipeline(load_backend("torch", str(model_dir), device=device, progress=False,
+                                       dtype=artifact.manifest["dtypes"]["transformer"],
+                                       entity_slots=int(m["entity_slots"]), max_text_tokens=int(m["max_text_tokens"])))
 
     def run(pipe):
         def fn(fd):
             req = GenerateRequest(prompt=prompt, entities=entities, seed=int(fd["seed"][0]), steps=steps,
-                                  height=height, width=width, deleaker=bool(fd["deleaker"][0]))
-            r = pipe.generate(req, progress=False)
+                                  height=height, width=width, deleaker=bool(fd["deleaker"][0]), config=config)
+            (r,) = pipe.generate([req])
             return {"latents": r.latents, "history": r.history}
         return fn
 
@@ -284,14 +316,20 @@ def verify(artifact_dir: str | Path, model_dir: str | Path, checks=CHECKS, steps
     unknown = set(checks) - set(CHECKS)
     if unknown:
         raise ValueError(f"unknown check(s) {sorted(unknown)}; choose from {', '.join(CHECKS)}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
     artifact = load_artifact(artifact_dir)
     ckpt = open_checkpoint(model_dir)
-    if ckpt.blocks_per_step != artifact.model["blocks_per_step"]:
+    bps = int(artifact.model["blocks_per_step"])
+    if ckpt.blocks_per_step != bps:
         raise ValueError(f"{model_dir} has {ckpt.blocks_per_step} blocks per step, the artifact "
-                         f"{artifact.model['blocks_per_step']}: not the checkpoint it was exported from")
+                         f"{bps}: not the checkpoint it was exported from")
+    load_transformer_graph(artifact)  # a corrupt graph is one clear error before any check runs
     lo, _ = artifact.size_range
     height, width = height or lo, width or lo
-    steps = steps or int(artifact.deleaker["num_steps"])
+    default = artifact.default_config()
+    steps = steps or default.num_steps
+    configs = check_configs(default, steps, bps)
     tol = TOLERANCES[artifact.manifest["dtypes"]["transformer"]]
     G_LOGGER.module_severity = G_LOGGER.ERROR  # our own lines are the report
     G_LOGGER.colors = False
@@ -300,11 +338,12 @@ def verify(artifact_dir: str | Path, model_dir: str | Path, checks=CHECKS, steps
         a, r = tol[check]
         a, r = atol if atol is not None else a, rtol if rtol is not None else r
         if check == "op":
-            new = check_op(artifact, a, r)
+            new = check_op(artifact, configs, a, r)
         elif check == "step":
-            new = check_step(artifact, ckpt, height, width, device, a, r)
+            new = check_step(artifact, ckpt, configs, height, width, device, a, r)
         else:
-            new = check_loop(artifact, Path(model_dir), prompt, entities, steps, height, width, device, a, r)
+            new = check_loop(artifact, Path(model_dir), default.replace(num_steps=steps), prompt, entities, steps,
+                             height, width, device, a, r)
         for row in new:
             report(row.line())
         rows += new

@@ -1,11 +1,13 @@
 """The artifact directory `deleaker-export` writes and the runtime loads: reading and checking it.
 
-Lean (json + pathlib only), so every backend can use it without torch, diffusers or onnx.
+Lean (json + pathlib + the runtime's config and op schema), so every backend can use it without
+torch, diffusers or onnx.
 The writer is export/manifest.py; both share FORMAT and FORMAT_VERSION from here.
 
     ARTIFACT/
-      manifest.json          format, version, model config, tensors, profiles, DeLeaker settings,
-                             files per backend (with byte sizes), tokenizer folders
+      manifest.json          format, version, model config, tensors, profiles, default DeLeaker
+                             settings and op contract version, files per backend (with byte
+                             sizes), tokenizer folders
       transformer.onnx [+ transformer.onnx.data]   the DeLeaker step (external data above 2 GB)
       text_encoder.onnx      CLIP -> pooled [B, Dp]
       text_encoder_2.onnx    T5 -> embeddings [B, T, Dt]
@@ -15,12 +17,17 @@ The writer is export/manifest.py; both share FORMAT and FORMAT_VERSION from here
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import op_schema
+from .config import ConfigError, DeLeakerConfig
+
 FORMAT = "deleaker-artifact"
-FORMAT_VERSION = 1
+# 2: op contract v2 (DeLeaker settings are per-sample inputs of the step, not node attributes).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MODEL_NAMES = ("transformer", "text_encoder", "text_encoder_2", "vae_decoder")
 
@@ -66,8 +73,12 @@ class Artifact:
 
     @property
     def deleaker(self) -> dict:
-        """{"config": DeLeakerConfig fields, "num_steps": int, "attributes": resolved op attributes}."""
+        """{"config": the default DeLeakerConfig's fields, "op_version": op contract version}."""
         return self.manifest["deleaker"]
+
+    def default_config(self) -> DeLeakerConfig:
+        """The DeLeaker settings recorded at export, for requests that bring none."""
+        return _default_config(self.root, self.manifest)
 
     @property
     def size_range(self) -> tuple[int, int]:
@@ -75,7 +86,8 @@ class Artifact:
         return int(lo), int(hi)
 
     def model_info(self):
-        """The runtime's ModelInfo for this artifact."""
+        """The runtime's ModelInfo for this artifact (any batch: ONNX Runtime has no batch bound;
+        profiles["batch"] is for engines built with optimisation profiles)."""
         from .backends.base import ModelInfo
 
         m = self.model
@@ -87,7 +99,20 @@ class Artifact:
             guidance_embeds=bool(m["guidance_embeds"]), blocks_per_step=int(m["blocks_per_step"]),
             scheduler_config=dict(m["scheduler_config"]), tokenizer_dir=str(self.tokenizer_dir("tokenizer")),
             tokenizer_2_dir=str(self.tokenizer_dir("tokenizer_2")), size_range=self.size_range,
-            deleaker_steps=int(self.deleaker["num_steps"]))
+            default_config=dataclasses.asdict(self.default_config()))
+
+
+def _default_config(root: Path, manifest: dict) -> DeLeakerConfig:
+    fields = manifest["deleaker"].get("config")
+    known = {f.name for f in dataclasses.fields(DeLeakerConfig)}
+    if not isinstance(fields, dict) or set(fields) - known:
+        extra = sorted(set(fields) - known) if isinstance(fields, dict) else []
+        raise ArtifactError(f"{root / MANIFEST}: the deleaker config is not one this deleaker knows"
+                            + (f" (unknown fields {extra})" if extra else "") + f"; {_fix(root)}")
+    try:
+        return DeLeakerConfig(**fields)
+    except (TypeError, ConfigError) as e:
+        raise ArtifactError(f"{root / MANIFEST}: bad default deleaker config ({e}); {_fix(root)}") from None
 
 
 def _check_files(root: Path, manifest: dict) -> None:
@@ -120,6 +145,11 @@ def load_artifact(path: str | Path, check_files: bool = True) -> Artifact:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath} is not a {FORMAT} manifest; {_fix(root)}")
     version = manifest.get("format_version")
+    if version == 1:
+        # v1 baked the DeLeaker windows and settings into the graph (op contract v1)
+        raise ArtifactError(f"artifact {root} has format version 1 (DeLeaker settings baked into the graph, "
+                            f"op contract v1); this deleaker reads version {FORMAT_VERSION} (settings are "
+                            f"per-request inputs): {_fix(root)}")
     if version != FORMAT_VERSION:
         raise ArtifactError(f"artifact {root} has format version {version!r}, this deleaker reads version "
                             f"{FORMAT_VERSION}: {_fix(root)} using this deleaker version (or install the "
@@ -127,6 +157,11 @@ def load_artifact(path: str | Path, check_files: bool = True) -> Artifact:
     for key in ("model", "models", "backends", "files", "tokenizers", "profiles", "deleaker"):
         if key not in manifest:
             raise ArtifactError(f"{mpath} lacks the {key!r} section; {_fix(root)}")
+    op_version = manifest["deleaker"].get("op_version")
+    if op_version != op_schema.ONNX_OPSET_VERSION:
+        raise ArtifactError(f"artifact {root} holds {op_schema.OP_NAME} op version {op_version!r}, this deleaker "
+                            f"runs version {op_schema.ONNX_OPSET_VERSION}: {_fix(root)}")
+    _default_config(root, manifest)  # a bad default fails at load, not at the first request
     if check_files:
         _check_files(root, manifest)
     return Artifact(root=root.resolve(), manifest=manifest)

@@ -47,3 +47,30 @@ def test_export_rejects_bad_requests(tiny_model_dir, tmp_path, capsys, case):
     else:
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".artifact.tmp-")]  # no temp folder left
+
+
+def test_steps_option_is_gone(tiny_model_dir, tmp_path, capsys):
+    """An artifact serves every step count: there is no --steps to bake one in."""
+    with pytest.raises(SystemExit) as exc:
+        main(["onnx", "--model", str(tiny_model_dir), "--out", str(tmp_path / "a"), "--steps", "8"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --steps 8" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_default_size_range_covers_generate_defaults(tiny_model_dir, tmp_path):
+    """`deleaker-export onnx --model M --out A` with no size flags records a range that holds
+    `deleaker generate`'s default size, so `deleaker generate --artifact A` needs no size flags."""
+    from deleaker.export.cli import export_spec, parse_args
+    from deleaker.runtime.cli import DEFAULT_SIDE
+
+    spec = export_spec(parse_args(["onnx", "--model", str(tiny_model_dir), "--out", str(tmp_path / "a")]))
+    spec.validate()
+    assert spec.size_range == (64, 1024)
+    lo, hi = spec.size_range
+    assert lo <= DEFAULT_SIDE <= hi  # generate's default height and width
+    # an example size outside the default range widens it instead of failing
+    wide = export_spec(parse_args(["onnx", "--model", str(tiny_model_dir), "--out", str(tmp_path / "a"),
+                                   "--height", "32", "--width", "2048"]))
+    wide.validate()
+    assert wide.size_range == (32, 2048)

@@ -8,7 +8,7 @@ RSS 4.3 GiB), ORT session 15 s, one step at 256x256 with 512 text tokens 10 s; p
 
 Tolerance: float32 on both sides, 4 blocks of width 3072; summation-order differences are ~1e-6
 relative per matmul and stay ~1e-5 relative at the output, so rtol 1e-3 of the output's scale
-leaves a wide margin while any real mismatch (a wrong attribute, a missing edit) is O(1e-1).
+leaves a wide margin while any real mismatch (a wrong setting, a missing edit) is O(1e-1).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_flux_dev_width_exports_with_external_data_and_runs(tmp_path):
     x = transformer_example(transformer, spec, batch=1)
     x["step"] = torch.tensor(4)  # tau 16..19: history running, intervention from 18
     with torch.no_grad():
-        want, want_h = DeLeakerFlux(transformer, config)(**x)
+        want, want_h = DeLeakerFlux(transformer)(**x)  # settings: x's windows/knobs/rules
 
     t0 = time.perf_counter()
     ex = export_transformer(transformer, tmp_path / "transformer.onnx", spec)
