@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "default: the tiny offline model")
     p.add_argument("--artifact", help="folder written by `deleaker-export` (onnxruntime / tensorrt backends)")
     p.add_argument("--backend", type=_csv, help="comma list: torch, onnxruntime, tensorrt")
-    p.add_argument("--mode", type=_csv, help="comma list: step (one transformer forward), e2e (whole generation)")
+    p.add_argument("--mode", type=_csv, help="comma list: step (one transformer forward), e2e (whole generation); "
+                                             "or `--mode serve --url URL ...` alone: HTTP load test of `deleaker serve` "
+                                             "(see `deleaker-bench --mode serve --help`)")
     p.add_argument("--resolution", type=_resolutions, help="comma list of N or WIDTHxHEIGHT, e.g. 512,1024x768")
     p.add_argument("--batch", type=_ints, help="comma list of batch sizes")
     p.add_argument("--steps", type=_ints, help="comma list of denoising step counts S")
@@ -170,7 +172,23 @@ def run(args) -> int:
     return 1 if errors else 0
 
 
+def _serve_mode(argv: list[str]) -> list[str] | None:
+    """The remaining arguments when the call is `--mode serve ...` (the HTTP load generator), else None."""
+    for i, a in enumerate(argv):
+        if a == "--mode" and i + 1 < len(argv) and argv[i + 1] == "serve":
+            return argv[:i] + argv[i + 2:]
+        if a == "--mode=serve":
+            return argv[:i] + argv[i + 1:]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = _serve_mode(argv)
+    if rest is not None:  # load test of a running `deleaker serve` (benchmarks/serve_load.py)
+        from .serve_load import main as serve_main
+
+        return serve_main(rest)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="deleaker-bench: %(message)s")
     if args.list_presets:

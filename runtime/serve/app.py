@@ -1,0 +1,191 @@
+"""The FastAPI application: routes, JSON errors, bearer token, body limit, request counting.
+
+    POST /v1/images/generations   OpenAI images API shape + DeLeaker fields (schema.py)
+    GET  /health                  200 {"status": "ready"} after warm-up; 503 while warming up or draining
+    GET  /metrics                 Prometheus text
+
+Every failure is a JSON body {"error": {"message", "type", "param", "code"}} (the OpenAI shape):
+400 invalid request (param names the field), 401 bad/missing token, 413 body too large,
+429 queue full (Retry-After), 503 warming up / shutting down, 504 timed out, 500 internal error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .batcher import Draining, QueueFull
+from .engine import ClientGone, Engine, RequestTimeout
+from .schema import FieldError, ImageData, ImageGenerationRequest, ImageGenerationResponse, error_body
+
+log = logging.getLogger("deleaker.serve")
+
+TOKEN_ENV = "DELEAKER_API_TOKEN"
+GENERATE_PATH = "/v1/images/generations"
+# status -> (error code in the body, metrics kind); 499: the client closed the connection first
+_KINDS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+          413: "body_too_large", 429: "queue_full", 499: "client_disconnected", 500: "internal_error",
+          503: "unavailable", 504: "timeout"}
+
+
+def _error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, param, _KINDS.get(status, "error")), status_code=status, headers=headers)
+
+
+class _Guard:
+    """Pure ASGI middleware at the edge: bearer token, body size limit, and counting of answers.
+    Runs before FastAPI parses anything, so an unauthorized client learns nothing about the API."""
+
+    def __init__(self, app, engine: Engine, token: str | None):
+        self.app, self.engine, self.token = app, engine, token
+        self.max_body = engine.options.max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        status_seen = {}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status_seen["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, counting_send, path)
+        finally:
+            status = status_seen.get("status")
+            if path == GENERATE_PATH and status is not None:
+                m = self.engine.metrics
+                m.requests.labels(str(status)).inc()
+                if status >= 400:
+                    m.errors.labels(_KINDS.get(status, str(status))).inc()
+
+    async def _guarded(self, scope, receive, send, path):
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.token is not None and path != "/health":
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+                return await _error(401, "missing or wrong bearer token (Authorization: Bearer ...)",
+                                    headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await _error(413, f"request body is over this server's limit of {self.max_body} bytes",
+                                "body")(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:  # chunked bodies carry no Content-Length
+                    raise StarletteHTTPException(413, f"request body is over this server's limit of "
+                                                      f"{self.max_body} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    err = exc.errors()[0]
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}", "body"
+    if kind == "extra_forbidden":
+        return f"unknown field {'.'.join(loc)!r}", loc[0] if loc else None
+    if not loc and kind in ("missing", "model_type", "model_attributes_type", "dict_type"):
+        return "the body must be a JSON object", "body"
+    field = ".".join(loc) or "body"
+    return f"{field}: {err.get('msg')}", (loc[0] if loc else "body")
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client closes its connection (the body has been read by then)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastAPI:
+    """The HTTP app over one engine. token: required bearer token (None: no auth)."""
+    app = FastAPI(title="deleaker", summary="DeLeaker text-to-image generation", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Guard, engine=engine, token=token)
+    m = engine.metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        if "json" not in request.headers.get("content-type", ""):
+            return _error(400, "send the body as JSON with Content-Type: application/json", "body")
+        message, param = _validation_message(exc)
+        return _error(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), "body" if exc.status_code == 413 else None,
+                      headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(_, exc: Exception):
+        log.exception("internal error")
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    @app.get("/health")
+    async def health():
+        info = engine.pipe.backend.info
+        status = "draining" if engine.draining else "ready" if engine.ready else "warming_up"
+        body = {"status": status, "backend": engine.pipe.backend.name, "max_batch": engine.runner.max_batch,
+                "queue_depth": engine.runner.depth, "size_range": list(engine.size_range),
+                "entity_slots": info.entity_slots, "default_steps": engine.default_steps}
+        return JSONResponse(body, status_code=200 if status == "ready" else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post(GENERATE_PATH, response_model=ImageGenerationResponse)
+    async def generate(body: ImageGenerationRequest, request: Request):
+        t0 = time.perf_counter()
+        if engine.draining:
+            return _error(503, "the server is shutting down", headers={"Connection": "close"})
+        if not engine.ready:
+            return _error(503, "the server is warming up", headers={"Retry-After": "1"})
+        try:
+            requests = engine.admit(body)
+        except FieldError as e:
+            return _error(e.status, str(e), e.param)
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            results = await engine.run(requests, gone)
+        except QueueFull as e:
+            return _error(429, str(e), headers={"Retry-After": str(e.retry_after_s)})
+        except Draining:
+            return _error(503, "the server is shutting down", headers={"Connection": "close"})
+        except RequestTimeout:
+            return _error(504, f"the request did not finish within {engine.options.timeout_s:g}s")
+        except ClientGone:
+            log.info("client disconnected; its queued images were dropped")
+            return _error(499, "client disconnected")
+        except FieldError as e:
+            return _error(e.status, str(e), e.param)
+        finally:
+            gone.cancel()
+        pngs = await asyncio.to_thread(lambda: [r.png_bytes() for r in results])
+        m.images.inc(len(results))
+        m.latency.observe(time.perf_counter() - t0)
+        data = [ImageData(b64_json=base64.b64encode(p).decode("ascii"), seed=r.request.seed)
+                for p, r in zip(pngs, results)]
+        return ImageGenerationResponse(created=int(time.time()), data=data)
+
+    return app

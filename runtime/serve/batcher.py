@@ -1,0 +1,190 @@
+"""Dynamic batching: a bounded queue of images and one worker thread that runs Pipeline.generate.
+
+The worker takes the oldest queued image, gathers queued images of the same (height, width,
+steps) up to max_batch, waiting at most max_wait_ms from the moment that oldest image arrived,
+and runs them as one batch (each image keeps its own prompt, entities, seed and settings).
+While a batch runs, new images queue up, so under load batches fill without any waiting.
+A queued image can be dropped (its client left or timed out); a running one finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..pipeline import GenerateRequest, Pipeline
+from .metrics import Metrics
+
+log = logging.getLogger("deleaker.serve")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"the queue is full; retry in {retry_after_s}s")
+        self.retry_after_s = retry_after_s
+
+
+class Draining(Exception):
+    """The server is shutting down and takes no new work."""
+
+
+@dataclass(eq=False)
+class Job:
+    request: GenerateRequest
+    future: asyncio.Future  # resolved on its event loop with a GenerateResult / RequestFailed / exception
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return self.request.height, self.request.width, self.request.steps
+
+    def resolve(self, result=None, error: BaseException | None = None) -> None:
+        def _set():
+            if self.future.done():  # the client went away meanwhile
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(_set)
+        except RuntimeError:  # the loop has closed (server stopped): nobody waits for this result
+            pass
+
+
+class Batcher:
+    def __init__(self, pipe: Pipeline, max_batch: int, max_wait_ms: float, max_queue: int, metrics: Metrics):
+        self.pipe = pipe
+        self.max_batch = min(max_batch, pipe.max_batch)
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._pending: deque[Job] = deque()
+        self._running = 0
+        self._cond = threading.Condition()
+        self._draining = False
+        self._stopping = False
+        self._batch_s = 1.0  # moving average of a batch's wall time, for Retry-After
+        self._thread = threading.Thread(target=self._work, name="deleaker-batcher", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop ---------------------------------------------------------
+
+    def submit(self, requests: list[GenerateRequest]) -> list[Job]:
+        """Queue the images of one HTTP request (all or none). Raises QueueFull or Draining."""
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            if self._draining:
+                raise Draining()
+            if len(self._pending) + len(requests) > self.max_queue:
+                raise QueueFull(self._retry_after())
+            jobs = [Job(r, loop.create_future(), loop) for r in requests]
+            self._pending.extend(jobs)
+            self.metrics.queue_depth.set(len(self._pending))
+            self._cond.notify_all()
+        return jobs
+
+    def drop(self, jobs: list[Job], reason: str) -> int:
+        """Drop the jobs that have not started; returns how many were dropped."""
+        n = 0
+        with self._cond:
+            for j in jobs:
+                if j in self._pending:
+                    self._pending.remove(j)
+                    n += 1
+            self.metrics.queue_depth.set(len(self._pending))
+            self._cond.notify_all()
+        if n:
+            self.metrics.dropped.labels(reason).inc(n)
+            log.info("dropped %d queued image(s): %s", n, reason)
+        return n
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def begin_drain(self) -> None:
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until nothing is queued or running (True) or timeout_s passes (False)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._pending or self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+
+    def _retry_after(self) -> int:
+        batches_ahead = math.ceil((len(self._pending) + 1) / self.max_batch) + (1 if self._running else 0)
+        return max(1, math.ceil(batches_ahead * self._batch_s))
+
+    # -- worker thread ----------------------------------------------------------------------
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                if not self._pending:
+                    self._cond.wait()
+                    continue
+                first = self._pending[0]
+                same = [j for j in self._pending if j.key == first.key][: self.max_batch]
+                wait = first.enqueued + self.max_wait_s - time.monotonic()
+                if len(same) >= self.max_batch or wait <= 0 or self._draining:
+                    for j in same:
+                        self._pending.remove(j)
+                    self._running = len(same)
+                    self.metrics.queue_depth.set(len(self._pending))
+                    return same
+                self._cond.wait(wait)
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            t0 = time.monotonic()
+            for j in batch:
+                self.metrics.queue_wait.observe(t0 - j.enqueued)
+            self.metrics.running.set(len(batch))
+            self.metrics.batch_size.observe(len(batch))
+            try:
+                results = self.pipe.generate([j.request for j in batch], progress=None, errors="return")
+            except Exception as e:  # a bug, not a bad request (those were rejected at admission)
+                log.exception("batch of %d failed", len(batch))
+                for j in batch:
+                    j.resolve(error=e)
+            else:
+                for j, r in zip(batch, results):
+                    j.resolve(r)
+            seconds = time.monotonic() - t0
+            self.metrics.batch_seconds.observe(seconds)
+            self._batch_s = 0.8 * self._batch_s + 0.2 * seconds
+            with self._cond:
+                self._running = 0
+                self._cond.notify_all()
+            self.metrics.running.set(0)

@@ -1,0 +1,179 @@
+"""`deleaker serve`: the HTTP server (one process, dynamic batching) or, with --ray, a Ray Serve application.
+
+    deleaker serve --model /models/FLUX.1-dev --device cuda --port 8000
+    deleaker serve --artifact art/ --max-batch 8 --max-wait-ms 20
+    deleaker serve --model /models/FLUX.1-dev --device cuda --ray --replicas 4
+
+API, options and limits: docs/serving.md. Binds 127.0.0.1 unless --host says otherwise; set
+DELEAKER_API_TOKEN to require `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import threading
+
+from ..config import PRESETS, preset
+from ..errors import run_reporting_errors
+from .options import ServeOptions
+
+log = logging.getLogger("deleaker.serve")
+
+_D = ServeOptions()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deleaker serve", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="diffusers-format FLUX folder (torch backend); default: the tiny offline model")
+    src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend)")
+    p.add_argument("--backend", help="torch (default with --model), onnxruntime (default with --artifact)")
+    p.add_argument("--device", default="cpu", help="torch/onnxruntime device: cpu or cuda")
+    p.add_argument("--attention", default="reference", choices=("reference", "cuda"),
+                   help="torch backend: DeLeaker op implementation")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="torch backend weights dtype")
+    p.add_argument("--preset", help=f"DeLeaker settings of requests that give none: {', '.join(PRESETS)} "
+                                    "(default: the artifact's recorded settings, else flux-dev)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    g = p.add_argument_group("batching and queueing")
+    g.add_argument("--max-batch", type=int, default=_D.max_batch, help="images per batch")
+    g.add_argument("--max-wait-ms", type=float, default=_D.max_wait_ms,
+                   help="how long the oldest queued image waits for others of its size and steps")
+    g.add_argument("--max-queue", type=int, default=_D.max_queue, help="queued images past which requests get 429")
+    g.add_argument("--timeout-s", type=float, default=_D.timeout_s, help="per-request limit (queue + generation): 504")
+    g.add_argument("--drain-timeout-s", type=float, default=_D.drain_timeout_s,
+                   help="on SIGTERM/SIGINT: how long accepted work may take to finish")
+    lim = p.add_argument_group("request limits")
+    lim.add_argument("--max-body-bytes", type=int, default=_D.max_body_bytes)
+    lim.add_argument("--max-prompt-chars", type=int, default=_D.max_prompt_chars)
+    lim.add_argument("--max-n", type=int, default=_D.max_n, help="images per request")
+    lim.add_argument("--max-steps", type=int, default=_D.max_steps)
+    lim.add_argument("--steps", type=int, dest="default_steps", help="steps of requests that give none "
+                                                                      "(default: the preset's, capped by --max-steps)")
+    lim.add_argument("--min-size", type=int, default=_D.min_size,
+                     help="smallest image side (pixels) when the backend fixes no range (artifacts fix their own)")
+    lim.add_argument("--max-size", type=int, default=_D.max_size, help="largest image side, likewise")
+    lim.add_argument("--default-size", default=_D.default_size, help="WIDTHxHEIGHT of requests that give none")
+    r = p.add_argument_group("Ray Serve (scale-out)")
+    r.add_argument("--ray", action="store_true", help="run as a Ray Serve application (pip install 'deleaker[ray]')")
+    r.add_argument("--replicas", default="1",
+                   help="replicas: N, or MIN-MAX for Ray Serve autoscaling on ongoing requests")
+    r.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="GPUs reserved per replica (default: 1 with --device cuda, else 0)")
+    r.add_argument("--cpus-per-replica", type=float, default=1.0)
+    r.add_argument("--ray-address", default=None, help="connect to this Ray cluster (default: RAY_ADDRESS or local)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on startup errors")
+    return p
+
+
+def options_from(args) -> ServeOptions:
+    names = {f.name for f in dataclasses.fields(ServeOptions)}
+    return ServeOptions(**{k: v for k, v in vars(args).items() if k in names}).validate()
+
+
+def load_pipeline(args):
+    """The backend and Pipeline the arguments name (shared by the local server and each Ray replica)."""
+    from ..backends import load_backend
+    from ..pipeline import Pipeline
+
+    cfg = preset(args.preset) if args.preset else None
+    backend_name = args.backend or ("onnxruntime" if args.artifact else "torch")
+    options = dict(device=args.device, progress=False)
+    if backend_name == "torch":
+        options.update(op=args.attention, dtype=args.dtype)
+    elif args.attention != "reference" or args.dtype != "fp32":
+        raise ValueError(f"--attention/--dtype apply to the torch backend; the {backend_name} backend runs "
+                         "what was exported")
+    backend = load_backend(backend_name, args.artifact or args.model, **options)
+    return Pipeline(backend, config=cfg, max_batch=args.max_batch)
+
+
+def _token() -> str | None:
+    token = os.environ.get("DELEAKER_API_TOKEN") or None
+    if token is not None and len(token) < 16:
+        raise ValueError("DELEAKER_API_TOKEN is set but shorter than 16 characters; use a long random token")
+    return token
+
+
+def build_local(args, options: ServeOptions):
+    """Engine (with its batcher) and FastAPI app for one process; warm-up runs when the app starts."""
+    from contextlib import asynccontextmanager
+
+    from .app import create_app
+    from .batcher import Batcher
+    from .engine import Engine
+    from .metrics import Metrics
+
+    pipe = load_pipeline(args)
+    metrics = Metrics(min(options.max_batch, pipe.max_batch))
+    engine = Engine(pipe, options, metrics)
+    engine.runner = Batcher(pipe, options.max_batch, options.max_wait_ms, options.max_queue, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        threading.Thread(target=engine.warm_up, name="deleaker-warm-up", daemon=True).start()
+        yield
+        engine.runner.stop()
+
+    return engine, create_app(engine, token=_token(), lifespan=lifespan)
+
+
+def _serve_local(args, options: ServeOptions) -> int:
+    import uvicorn
+
+    engine, app = build_local(args, options)
+
+    class DrainingServer(uvicorn.Server):
+        """First SIGTERM/SIGINT: refuse new work (503), finish what was accepted, then stop.
+        A second one stops at once (uvicorn's own handling)."""
+
+        def handle_exit(self, sig, frame):
+            if engine.draining:
+                return super().handle_exit(sig, frame)
+            log.info("shutting down: finishing %d queued image(s) and the running batch; new requests get 503",
+                     engine.runner.depth)
+            engine.runner.begin_drain()
+
+            def finish():
+                if not engine.runner.wait_idle(options.drain_timeout_s):
+                    log.warning("drain timeout (%gs) passed with work left; stopping anyway", options.drain_timeout_s)
+                self.should_exit = True
+
+            threading.Thread(target=finish, name="deleaker-drain", daemon=True).start()
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and _token() is None:
+        log.warning("binding %s without DELEAKER_API_TOKEN: anyone who reaches this port can generate", args.host)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                            timeout_graceful_shutdown=options.drain_timeout_s + 5)
+    server = DrainingServer(config)
+    log.info("serving %s on http://%s:%d (max batch %d, max wait %gms, queue %d)", engine.pipe.backend.info.name,
+             args.host, args.port, engine.runner.max_batch, options.max_wait_ms, options.max_queue)
+    server.run()
+    return 0
+
+
+def _serve(args) -> int:
+    options = options_from(args)
+    _token()  # a bad token fails before the model loads
+    if args.ray:
+        from .ray_app import serve_ray
+
+        return serve_ray(args, options)
+    return _serve_local(args, options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="deleaker: %(message)s")
+    return run_reporting_errors("deleaker serve", lambda: _serve(args), args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Admission, warm-up and waiting: what a server does around a batch runner.
+
+admit(): an HTTP body -> one GenerateRequest per image, checked against the server's limits and
+with Pipeline.check, so a bad request is answered 400 at once and never reaches a batch.
+run(): queue the images on the runner and wait for them, up to the request timeout, or until
+the client disconnects (its queued images are then dropped).
+
+A runner is the local Batcher (batcher.py) or, under Ray Serve, a @serve.batch runner
+(ray_app.py); both give `submit(requests) -> jobs` (each with an asyncio `future`), `drop`,
+`depth`, `draining` and `begin_drain`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+
+from .. import latents as lat
+from .. import tokens as tok
+from ..config import ConfigError, DeLeakerConfig
+from ..pipeline import GenerateRequest, GenerateResult, Pipeline, RequestError, RequestFailed
+from .metrics import Metrics
+from .options import ServeOptions
+from .schema import FieldError, ImageGenerationRequest, parse_size
+
+log = logging.getLogger("deleaker.serve")
+
+MAX_SEED = 2 ** 53  # exact in every JSON client
+# Pipeline.check error types and message prefixes -> the request field they are about
+_PARAM_BY_ERROR = ((tok.EntityError, "entities"), (tok.TokenizerError, "prompt"), (lat.LatentSizeError, "size"),
+                   (ConfigError, "deleaker_settings"))
+_PARAM_BY_PREFIX = {"prompt": "prompt", "entities": "entities", "seed": "seed", "steps": "steps",
+                    "guidance_scale": "guidance", "height": "size", "width": "size", "config": "deleaker_settings"}
+# settings a request may not give: the step count is the request's `steps`
+_FIXED_SETTINGS = ("num_steps",)
+
+
+class RequestTimeout(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+def _setting_kinds() -> dict[str, type]:
+    """DeLeakerConfig field -> the JSON type it takes (from its default; None defaults are ints)."""
+    kinds = {}
+    for f in dataclasses.fields(DeLeakerConfig):
+        if f.name not in _FIXED_SETTINGS:
+            kinds[f.name] = int if f.default is None else type(f.default)
+    return kinds
+
+
+SETTING_KINDS = _setting_kinds()
+
+
+def _check_setting(name: str, value) -> None:
+    kind = SETTING_KINDS.get(name)
+    if kind is None:
+        hint = " (use the request's `steps`)" if name in _FIXED_SETTINGS else ""
+        raise FieldError("deleaker_settings", f"unknown DeLeaker setting {name!r}{hint}; known: "
+                                              f"{', '.join(SETTING_KINDS)}")
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool))
+    if not ok:
+        raise FieldError("deleaker_settings", f"deleaker_settings.{name} must be a {kind.__name__}, got {value!r}")
+
+
+class Engine:
+    def __init__(self, pipe: Pipeline, options: ServeOptions, metrics: Metrics, runner=None):
+        self.pipe = pipe
+        self.options = options
+        self.metrics = metrics
+        self.runner = runner  # set by the caller when the runner needs the engine's metrics first
+        info = pipe.backend.info
+        self.size_range = tuple(info.size_range) if info.size_range else (options.min_size, options.max_size)
+        self.default_steps = options.default_steps or min(pipe.config.num_steps, options.max_steps)
+        w, h = parse_size(options.default_size)
+        lo, hi = self.size_range
+        fit = lambda v: min(max(v, -(-lo // 16) * 16), hi // 16 * 16)  # noqa: E731  (multiples of 16 in range)
+        self.default_size = (fit(w), fit(h))
+        self._ready = threading.Event()
+
+    # -- readiness ------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def draining(self) -> bool:
+        return self.runner.draining
+
+    def warm_up(self) -> None:
+        """One tiny generation (smallest allowed size, 1 step): loads kernels and caches before traffic."""
+        side = max(self.size_range[0], 16)
+        side = -(-side // 16) * 16  # FLUX latents need multiples of 16 pixels
+        t0 = time.perf_counter()
+        self.pipe.generate(GenerateRequest(prompt="warm-up", steps=1, height=side, width=side), progress=None)
+        log.info("warm-up generation (%dx%d, 1 step) took %.2fs; ready", side, side, time.perf_counter() - t0)
+        self._ready.set()
+
+    # -- admission --------------------------------------------------------------------------
+
+    def admit(self, body: ImageGenerationRequest) -> list[GenerateRequest]:
+        """Body -> one GenerateRequest per image; raises FieldError naming the bad field."""
+        o, info = self.options, self.pipe.backend.info
+        if not body.prompt.strip():
+            raise FieldError("prompt", "prompt must be a non-empty string")
+        if len(body.prompt) > o.max_prompt_chars:
+            raise FieldError("prompt", f"prompt has {len(body.prompt)} characters; this server takes at most "
+                                       f"{o.max_prompt_chars}")
+        if not 1 <= body.n <= o.max_n:
+            raise FieldError("n", f"n must be in [1, {o.max_n}], got {body.n}")
+        width, height = parse_size(body.size) if body.size is not None else self.default_size
+        lo, hi = self.size_range
+        for side, v in (("width", width), ("height", height)):
+            if not lo <= v <= hi:
+                raise FieldError("size", f"{side} {v} is outside this server's range [{lo}, {hi}]")
+        steps = body.steps if body.steps is not None else self.default_steps
+        if not 1 <= steps <= o.max_steps:
+            raise FieldError("steps", f"steps must be in [1, {o.max_steps}], got {steps}")
+        if len(body.entities) > info.entity_slots:
+            raise FieldError("entities", f"{len(body.entities)} entities given; this model has {info.entity_slots} "
+                                         f"entity slots")
+        if body.seed is not None and not 0 <= body.seed <= MAX_SEED - o.max_n:
+            raise FieldError("seed", f"seed must be in [0, {MAX_SEED - o.max_n}], got {body.seed}")
+        config = None
+        if body.deleaker_settings:
+            for name, value in body.deleaker_settings.items():
+                _check_setting(name, value)
+            config = self.pipe.config.replace(**body.deleaker_settings)
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - o.max_n)
+        first = GenerateRequest(prompt=body.prompt, entities=tuple(body.entities), seed=seed, steps=steps,
+                                height=height, width=width, guidance_scale=body.guidance, deleaker=body.deleaker,
+                                config=config)
+        try:
+            self.pipe.check(first)  # the images differ only by seed: one check covers them all
+        except ValueError as e:
+            raise FieldError(_param_of(e), str(e)) from None
+        return [dataclasses.replace(first, seed=seed + i) for i in range(body.n)]
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def run(self, requests: list[GenerateRequest], disconnected: asyncio.Future | None = None
+                  ) -> list[GenerateResult]:
+        """Queue the images and wait for all of them (QueueFull / Draining / RequestTimeout / ClientGone)."""
+        jobs = self.runner.submit(requests)
+        gathered = asyncio.ensure_future(asyncio.gather(*(j.future for j in jobs)))
+        waiters = {gathered} | ({disconnected} if disconnected is not None else set())
+        reason = "timeout"
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=self.options.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if gathered in done:
+                results = gathered.result()
+                failed = [r for r in results if isinstance(r, RequestFailed)]
+                if failed:  # admission runs the same checks, so this is not expected
+                    raise FieldError(None, failed[0].message)
+                return results
+            reason = "disconnect" if disconnected is not None and disconnected in done else "timeout"
+        except asyncio.CancelledError:
+            reason = "cancelled"
+            raise
+        finally:
+            if not gathered.done():
+                self.runner.drop(jobs, reason)
+                gathered.cancel()
+        if reason == "disconnect":
+            raise ClientGone()
+        raise RequestTimeout()
+
+
+def _param_of(e: ValueError) -> str | None:
+    for cls, param in _PARAM_BY_ERROR:
+        if isinstance(e, cls):
+            return param
+    if isinstance(e, RequestError):
+        head = str(e).split(" ", 1)[0]
+        return _PARAM_BY_PREFIX.get(head)
+    return None

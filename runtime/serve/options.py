@@ -1,0 +1,41 @@
+"""Server options: batching, queueing, timeouts and request limits, in one dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    # dynamic batching
+    max_batch: int = 4  # images per batch (also capped by the backend's own max batch)
+    max_wait_ms: float = 10.0  # how long the first queued image waits for others of its (size, steps)
+    max_queue: int = 64  # images waiting (not yet running); past it: 429 + Retry-After
+    timeout_s: float = 300.0  # per request, queue wait + generation; past it: 504
+    drain_timeout_s: float = 120.0  # on SIGTERM/SIGINT: how long running and queued work may take to finish
+    # request limits (every violation is a 400 naming the field)
+    max_body_bytes: int = 64 * 1024
+    max_prompt_chars: int = 2000
+    max_n: int = 4
+    max_steps: int = 50
+    default_steps: int | None = None  # None: the DeLeaker preset's step count
+    min_size: int = 64  # image side range when the backend fixes none (artifacts fix their own)
+    max_size: int = 1024
+    default_size: str = "256x256"
+
+    def validate(self) -> "ServeOptions":
+        for name in ("max_batch", "max_queue", "max_body_bytes", "max_prompt_chars", "max_n", "max_steps",
+                     "min_size", "max_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_wait_ms",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("timeout_s", "drain_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.min_size > self.max_size:
+            raise ValueError(f"min-size {self.min_size} is larger than max-size {self.max_size}")
+        if self.default_steps is not None and not 1 <= self.default_steps <= self.max_steps:
+            raise ValueError(f"default steps {self.default_steps} is outside [1, max-steps={self.max_steps}]")
+        return self

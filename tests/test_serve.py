@@ -1,0 +1,297 @@
+"""`deleaker serve` as a real uvicorn process on 127.0.0.1 with the tiny model: batching, exact
+images, a bounded load test, and every fault answered as docs/serving.md says."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
+
+from test_serve_support import EARLY, SIZE, STEPS, ServerProcess, metric, png_pixels  # noqa: E402
+
+from deleaker.runtime.backends import load_backend  # noqa: E402
+from deleaker.runtime.pipeline import GenerateRequest, Pipeline  # noqa: E402
+
+TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+GEN = "/v1/images/generations"
+# slow enough (50 steps at 256x256: seconds on a CPU) to keep the small server's one worker busy
+SLOW = {"prompt": "a cat", "size": "256x256", "steps": 50}
+FAST = {"prompt": "a cat and a dog", "entities": ["cat", "dog"], "size": SIZE, "steps": STEPS}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    """The same model in this process: what each request gives when generated alone."""
+    return Pipeline(load_backend("torch", str(tiny_model_dir), progress=False))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    s = ServerProcess(["--model", str(tiny_model_dir), "--max-batch", "4", "--max-wait-ms", "300", "--steps",
+                       str(STEPS), "--default-size", SIZE, "--max-queue", "64"],
+                      tmp_path_factory.mktemp("serve") / "server.log", env={"DELEAKER_API_TOKEN": TOKEN})
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_model_dir, tmp_path_factory):
+    """One image at a time, two queued at most: overflow, disconnect and shutdown are easy to provoke."""
+    s = ServerProcess(["--model", str(tiny_model_dir), "--max-batch", "1", "--max-wait-ms", "0", "--max-queue", "2",
+                       "--steps", str(STEPS), "--default-size", SIZE],
+                      tmp_path_factory.mktemp("serve-small") / "server.log")
+    yield s
+    s.stop()
+
+
+def _alone(pipe: Pipeline, body: dict, seed: int) -> np.ndarray:
+    w, h = (int(v) for v in body.get("size", SIZE).split("x"))
+    settings = body.get("deleaker_settings")
+    req = GenerateRequest(prompt=body["prompt"], entities=tuple(body.get("entities", ())), seed=seed,
+                          steps=body.get("steps", STEPS), height=h, width=w,
+                          guidance_scale=body.get("guidance", 3.5), deleaker=body.get("deleaker", True),
+                          config=pipe.config.replace(**settings) if settings else None)
+    return pipe.generate(req, progress=False).image
+
+
+def _metrics(url: str, headers=None) -> str:
+    r = httpx.get(url + "/metrics", headers=headers, timeout=10)
+    assert r.status_code == 200
+    return r.text
+
+
+def _wait_for(predicate, timeout_s: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _post_async(url: str, body: dict, timeout: float = 120, headers=None):
+    """Send in a thread; returns (thread, box) where box gets the response or the exception."""
+    box = {}
+
+    def go():
+        try:
+            box["r"] = httpx.post(url + GEN, json=body, headers=headers, timeout=timeout)
+        except httpx.HTTPError as e:
+            box["e"] = e
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t, box
+
+
+def _error(r: httpx.Response, status: int, param=None) -> str:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    assert err["message"]
+    return err["message"]
+
+
+def test_concurrent_requests_are_batched_and_match_alone(server, pipe):
+    bodies = [
+        {**FAST, "seed": 11, "deleaker_settings": EARLY},
+        {**FAST, "prompt": "a dog next to a cat", "seed": 12, "deleaker_settings": {**EARLY, "k_strength": 2.0}},
+        {**FAST, "seed": 13, "deleaker": False},
+        {"prompt": "a red car and a bird", "entities": ["car", "bird"], "seed": 14, "n": 2,
+         "deleaker_settings": EARLY},
+        {**FAST, "size": "96x64", "seed": 15, "deleaker_settings": EARLY},  # another size: another batch
+    ]
+    before = _metrics(server.url, AUTH)
+    with ThreadPoolExecutor(len(bodies)) as ex:
+        responses = list(ex.map(lambda b: httpx.post(server.url + GEN, json=b, headers=AUTH, timeout=120), bodies))
+    after = _metrics(server.url, AUTH)
+    for r in responses:
+        assert r.status_code == 200, r.text
+
+    d = {k: metric(after, k, lab) - metric(before, k, lab) for k, lab in
+         (("deleaker_batch_size_count", ""), ("deleaker_batch_size_sum", ""),
+          ("deleaker_batch_size_bucket", 'le="1.0"'), ("deleaker_images_total", ""))}
+    assert d["deleaker_images_total"] == 6 and d["deleaker_batch_size_sum"] == 6
+    assert d["deleaker_batch_size_count"] - d["deleaker_batch_size_bucket"] >= 1, f"no batch of 2+ images: {d}"
+    assert d["deleaker_batch_size_count"] < 6
+
+    for body, r in zip(bodies, responses):
+        data = r.json()["data"]
+        assert len(data) == body.get("n", 1)
+        for i, item in enumerate(data):
+            assert item["seed"] == body["seed"] + i
+            got = png_pixels(base64.b64decode(item["b64_json"])).astype(int)
+            alone = _alone(pipe, body, item["seed"]).astype(int)
+            # torch's CPU kernels round differently at another batch size (latents differ by ~5e-7), which
+            # can move a pixel by one level; a mixed-up seed, prompt or setting moves most pixels by far more
+            assert np.abs(got - alone).max() <= 1 and (got != alone).mean() < 1e-3, (body, i)
+            other_seed = _alone(pipe, body, item["seed"] + 100).astype(int)
+            assert np.abs(got - other_seed).mean() > 5
+
+    # one request at a time (batches of one): the HTTP path returns the Pipeline's image bit for bit
+    for body in bodies[:2]:
+        r = httpx.post(server.url + GEN, json=body, headers=AUTH, timeout=120)
+        for item in r.json()["data"]:
+            np.testing.assert_array_equal(png_pixels(base64.b64decode(item["b64_json"])),
+                                          _alone(pipe, body, item["seed"]))
+    # the per-request settings reached the batch: the same request without DeLeaker differs
+    vanilla = _alone(pipe, {**bodies[0], "deleaker": False}, 11)
+    served = png_pixels(base64.b64decode(responses[0].json()["data"][0]["b64_json"]))
+    assert np.abs(served.astype(int) - vanilla).max() > 0
+
+
+def test_request_timeout_drops_its_queued_image(pipe):
+    """The engine and batcher without HTTP: past --timeout-s the caller gets RequestTimeout, and its
+    image, still queued behind a long one, is dropped instead of run."""
+    from deleaker.runtime.serve.batcher import Batcher
+    from deleaker.runtime.serve.engine import Engine, RequestTimeout
+    from deleaker.runtime.serve.metrics import Metrics
+    from deleaker.runtime.serve.options import ServeOptions
+
+    metrics = Metrics(1)
+    engine = Engine(pipe, ServeOptions(max_batch=1, max_wait_ms=0, timeout_s=0.3), metrics)
+    engine.runner = Batcher(pipe, 1, 0, 4, metrics)
+    slow = GenerateRequest(prompt="a cat", steps=50, height=256, width=256)
+    fast = GenerateRequest(prompt="a cat", steps=STEPS, height=64, width=64)
+
+    async def go():
+        first = asyncio.ensure_future(engine.run([slow]))
+        while engine.runner.depth or not engine.runner.running:  # the slow image has started
+            await asyncio.sleep(0.01)
+        with pytest.raises(RequestTimeout):
+            await engine.run([fast])
+        with pytest.raises(RequestTimeout):  # running work is not interrupted, only abandoned
+            await first
+
+    try:
+        asyncio.run(go())
+        assert metric(metrics.render().decode(), "deleaker_dropped_images_total", 'reason="timeout"') == 1
+        assert engine.runner.depth == 0
+    finally:
+        engine.runner.stop()
+
+
+def test_bad_requests_get_json_errors_and_the_server_keeps_serving(server):
+    u = server.url + GEN
+    post = lambda body, **kw: httpx.post(u, json=body, headers=AUTH, timeout=60, **kw)  # noqa: E731
+    raw = lambda content, **kw: httpx.post(u, content=content, timeout=60,  # noqa: E731
+                                           headers={**AUTH, "Content-Type": "application/json"}, **kw)
+
+    assert "token" in _error(httpx.post(u, json=FAST, timeout=10), 401)
+    assert "token" in _error(httpx.post(u, json=FAST, headers={"Authorization": "Bearer wrong"}, timeout=10), 401)
+    assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401
+    assert "malformed JSON" in _error(raw(b'{"prompt": "a cat",'), 400, "body")
+    assert "JSON object" in _error(raw(b"[1, 2]"), 400, "body")
+    assert "unknown field 'quality'" in _error(post({**FAST, "quality": "hd"}), 400, "quality")
+    assert "prompt" in _error(post({"n": 1}), 400, "prompt")
+    assert _error(post({**FAST, "n": "2"}), 400, "n")  # strict types: a string is not a number
+    assert "entity slots" in _error(post({**FAST, "prompt": "a b c d e", "entities": list("abcde")}), 400,
+                                    "entities")
+    assert "zebra" in _error(post({**FAST, "entities": ["cat", "zebra"]}), 400, "entities")
+    assert "range" in _error(post({**FAST, "size": "4096x64"}), 400, "size")
+    assert "16" in _error(post({**FAST, "size": "72x64"}), 400, "size")
+    assert _error(post({**FAST, "size": "big"}), 400, "size")
+    assert _error(post({**FAST, "steps": 51}), 400, "steps")
+    assert _error(post({**FAST, "n": 5}), 400, "n")
+    assert _error(post({**FAST, "response_format": "url"}), 400, "response_format")
+    assert "k_strength" in _error(post({**FAST, "deleaker_settings": {"k_strength": -1.0}}), 400, "deleaker_settings")
+    assert "unknown DeLeaker setting" in _error(post({**FAST, "deleaker_settings": {"file": 1}}), 400,
+                                                "deleaker_settings")
+    assert "characters" in _error(post({**FAST, "prompt": "cat " * 600}), 400, "prompt")
+    big = json.dumps({**FAST, "prompt": "a" * 70_000}).encode()
+    assert "limit" in _error(raw(big), 413, "body")
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(70):
+            yield b" " * 1024
+
+    assert "limit" in _error(raw(chunks()), 413, "body")
+
+    r = post({**FAST, "seed": 1})
+    assert r.status_code == 200 and len(r.json()["data"]) == 1
+    assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ready"
+    m = _metrics(server.url, AUTH)
+    assert metric(m, "deleaker_errors_total", 'kind="invalid_request"') >= 15
+    assert metric(m, "deleaker_errors_total", 'kind="unauthorized"') >= 2
+    assert server.proc.poll() is None
+
+
+def test_bounded_load_no_server_errors_and_flat_memory(server):
+    from deleaker.benchmarks.serve_load import LoadSpec, run_load
+
+    rss = []  # (request index, server RSS) sampled as answers arrive
+    spec = LoadSpec(url=server.url, requests=200, concurrency=16, max_seconds=300, prompt=FAST["prompt"],
+                    entities=tuple(FAST["entities"]), size=SIZE, steps=STEPS, token=TOKEN)
+    samples, summary = asyncio.run(run_load(spec, lambda s: rss.append(server.rss_bytes())))
+    print("\nserve load (tiny model, 64x64, 2 steps, concurrency 16):", json.dumps(summary))
+    assert summary["requests"] == 200, "the run hit --max-seconds before sending every request"
+    assert summary["server_errors"] == 0 and summary["ok"] == 200, summary["errors"]
+    assert summary["p50_s"] <= summary["p95_s"] <= summary["p99_s"]
+    q = len(rss) // 4
+    first, last = np.median(rss[:q]), np.median(rss[-q:])
+    print(f"server RSS: first quarter {first / 2**20:.1f} MiB, last quarter {last / 2**20:.1f} MiB")
+    # 32 MiB over ~100 requests: a leak of ~300 KB per request (a 64x64 batch's tensors) would show
+    assert last - first < 32 * 2**20
+
+
+def test_client_disconnect_drops_the_queued_image(small_server):
+    url = small_server.url
+    before = _metrics(url)
+    t, box = _post_async(url, SLOW)
+    _wait_for(lambda: metric(_metrics(url), "deleaker_running_images") == 1, what="the slow image to start")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up while its image waits behind the slow one
+        httpx.post(url + GEN, json=FAST, timeout=0.5)
+    _wait_for(lambda: metric(_metrics(url), "deleaker_dropped_images_total", 'reason="disconnect"')
+              - metric(before, "deleaker_dropped_images_total", 'reason="disconnect"') == 1,
+              what="the dropped image in the metrics")
+    t.join(120)
+    assert box["r"].status_code == 200
+    after = _metrics(url)
+    # only the slow image ran: the abandoned one never reached a batch
+    assert metric(after, "deleaker_batch_size_count") - metric(before, "deleaker_batch_size_count") == 1
+    assert httpx.post(url + GEN, json=FAST, timeout=60).status_code == 200
+
+
+def test_queue_overflow_gets_429_with_retry_after(small_server):
+    url = small_server.url
+    running = _post_async(url, SLOW)
+    _wait_for(lambda: metric(_metrics(url), "deleaker_running_images") == 1, what="the slow image to start")
+    queued = [_post_async(url, {**FAST, "seed": s}) for s in (1, 2)]
+    _wait_for(lambda: metric(_metrics(url), "deleaker_queue_depth") == 2, what="two queued images")
+    r = httpx.post(url + GEN, json=FAST, timeout=30)
+    assert "queue is full" in _error(r, 429)
+    assert int(r.headers["Retry-After"]) >= 1
+    for t, box in (running, *queued):
+        t.join(120)
+        assert box["r"].status_code == 200
+    assert httpx.post(url + GEN, json=FAST, timeout=60).status_code == 200
+
+
+def test_shutdown_finishes_accepted_work_and_refuses_new(small_server):
+    """SIGTERM under load: the running and queued requests complete, new ones get 503, then the process exits."""
+    url = small_server.url
+    running = _post_async(url, SLOW)
+    _wait_for(lambda: metric(_metrics(url), "deleaker_running_images") == 1, what="the slow image to start")
+    queued = _post_async(url, FAST)
+    _wait_for(lambda: metric(_metrics(url), "deleaker_queue_depth") == 1, what="a queued image")
+    small_server.proc.terminate()
+    _wait_for(lambda: httpx.get(url + "/health", timeout=5).status_code == 503, timeout_s=10, what="draining")
+    assert httpx.get(url + "/health", timeout=5).json()["status"] == "draining"
+    assert "shutting down" in _error(httpx.post(url + GEN, json=FAST, timeout=30), 503)
+    for t, box in (running, queued):
+        t.join(120)
+        assert "r" in box, box.get("e")
+        assert box["r"].status_code == 200
+    small_server.proc.wait(60)
+    assert "finishing 1 queued image" in small_server.log_text()
