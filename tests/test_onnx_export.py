@@ -238,6 +238,33 @@ def test_generation_matches_torch_backend(artifact_dir, tiny_model_dir):
     assert backends["onnxruntime"].sessions_opened["transformer"] == 1  # one session served every request
 
 
+def test_one_artifact_serves_any_step_count_and_a_mixed_batch(artifact_dir, tiny_model_dir):
+    """4, 20 and 28 steps and two settings from one transformer session, each equal to torch; a batch of
+    three different requests (one without entities) equals each request run alone."""
+    from deleaker.runtime.backends import load_backend
+    from deleaker.runtime.pipeline import GenerateRequest, Pipeline
+
+    ort_be = load_backend("onnxruntime", str(artifact_dir), progress=False)
+    torch_be = load_backend("torch", str(tiny_model_dir), entity_slots=3, max_text_tokens=64, progress=False)
+    ort_pipe, torch_pipe = Pipeline(ort_be, max_batch=4), Pipeline(torch_be, max_batch=4)
+    base = dict(prompt="a cat and a cheetah in a field", entities=("cat", "cheetah"), seed=1, height=32, width=32)
+    reqs = [GenerateRequest(**base, steps=n, config=cfg) for n in (4, 20, 28) for cfg in (FIRING, FIRING_2)]
+    for r in reqs:
+        o, t = ort_pipe.generate(r), torch_pipe.generate(r)
+        np.testing.assert_allclose(o.latents, t.latents, atol=ATOL, rtol=ATOL, err_msg=str(r))
+    mixed = [GenerateRequest(**{**base, "seed": 3}, steps=6, config=FIRING),
+             GenerateRequest(prompt="a dog and a bird by the river", entities=("dog", "bird"), seed=11, steps=6,
+                             height=32, width=32, guidance_scale=2.0, config=FIRING_2),
+             GenerateRequest(prompt="a horse in the snow", seed=5, steps=6, height=32, width=32)]
+    batched = ort_pipe.generate(mixed)
+    assert [r.batch_size for r in batched] == [3, 3, 3]
+    for b, r in zip(batched, mixed):
+        alone = ort_pipe.generate(r)
+        np.testing.assert_allclose(b.latents, alone.latents, rtol=0, atol=1e-5, err_msg=str(r))
+        np.testing.assert_allclose(b.history, alone.history, rtol=0, atol=1e-5, err_msg=str(r))
+    assert ort_be.sessions_opened["transformer"] == 1
+
+
 # --------------------------------------------------------------------------------------------
 # The runtime from the artifact alone, and bad input
 # --------------------------------------------------------------------------------------------
