@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--deleaker-preset", help="DeLeaker config preset (runtime.config: flux-dev, flux-schnell)")
     p.add_argument("--set", dest="settings", action="append", type=_setting, metavar="NAME=VALUE",
                    help="override one DeLeaker setting, e.g. --set start_intervention_from=0 (repeatable)")
+    p.add_argument("--plant-coverage", type=float, metavar="SHARE",
+                   help="torch step mode: plant spatially coherent entity attention covering SHARE of the image per "
+                        "entity (random weights keep masks through smoothing); the flux-dev presets use 0.14")
+    p.add_argument("--no-plant", action="store_true", help="no planted entity structure (a preset's is dropped)")
     p.add_argument("--random-weights", action="store_true", help="label the results random_weights: true")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime (default: theirs)")
@@ -126,6 +130,12 @@ def spec_from_args(args) -> BenchSpec:
         # --artifact adds onnxruntime; torch stays beside it with --model or a preset's model
         keep = spec.backends if (args.model or args.preset) else ()
         changes["backends"] = tuple(b for b in keep if b != "onnxruntime") + ("onnxruntime",)
+    if args.plant_coverage is not None and args.no_plant:
+        raise ValueError("--plant-coverage and --no-plant contradict each other")
+    if args.plant_coverage is not None:
+        changes["plant_coverage"] = args.plant_coverage
+    if args.no_plant:
+        changes["plant_coverage"] = None
     if args.random_weights:
         changes["random_weights"] = True
     elif args.model or args.artifact:

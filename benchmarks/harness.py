@@ -12,7 +12,8 @@ Usable from scripts, e.g. the GPU check:
     from deleaker.benchmarks.models import random_flux_transformer
     tr = random_flux_transformer("flux-dev", device="cuda", dtype=torch.bfloat16)
     rows = bench_step_variants(tr, ("sdpa", "reference", "cuda"), height=1024, width=1024)
-    # rows[i]["step_median_s"], ["ratio_vs_vanilla"], ["peak_device_mib"], ["status"], ["note"]
+    # rows[i]["step_median_s"], ["ratio_vs_vanilla"], ["peak_device_mib"], ["status"], ["note"],
+    # DeLeaker rows also ["mask_coverage"] and ["edit_counters"] (read after the timing)
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def bench_step_variants(model, impls: Sequence[str] = ("sdpa", "reference", "cud
                         width: int = 512, batch_size: int = 1, text_tokens: int = 512, entities: int = 2,
                         entity_slots: int = DEFAULT_SLOTS, config=None, steps: int | None = None,
                         step: int | None = None, warmup: int = 2, runs: int = 5, seed: int = 0,
-                        profile_dir: str | Path | None = None, profile_runs: int = 2) -> list[dict]:
+                        profile_dir: str | Path | None = None, profile_runs: int = 2, plant=None,
+                        counters: bool = True) -> list[dict]:
     """Time one transformer forward (one denoising step) of a torch FLUX model for each impl in
     every joint attention: "sdpa" (stock diffusers attention, the vanilla baseline),
     "reference" (DeLeaker, reference op), "cuda" (DeLeaker, fused op), "inactive" (reference
@@ -174,6 +176,9 @@ def bench_step_variants(model, impls: Sequence[str] = ("sdpa", "reference", "cud
     config/steps: DeLeaker settings and the step count its windows are resolved for.
     step: denoising step index (default: the busiest DeLeaker step of the config).
     Inputs are synthetic (models.step_arrays) and stay on the device; nothing is copied per run.
+    plant: a models.Plant (spatially coherent entity attention for random weights, the same in
+    every variant) or None. counters: after the timing, one more forward per DeLeaker impl
+    records the op's edit counters (models.step_edit_counters) as `edit_counters`.
     An impl that cannot run here (the fused op without its library or GPU) gives a record with
     status "skipped" and the reason in note."""
     import torch
@@ -213,7 +218,39 @@ def bench_step_variants(model, impls: Sequence[str] = ("sdpa", "reference", "cud
 
     skipped = {impl: M.check_impl_available(impl, device) for impl in impls}
     variants = [variant(impl) for impl in impls if not skipped[impl]]
-    measure_interleaved(variants, warmup, runs, device)
+    hooks = (M.PlantedHooks(dl.transformer, plant, args[7], tuple(int(x) for x in arrays["grid"]), entities)
+             if plant is not None else None)
+    try:
+        measure_interleaved(variants, warmup, runs, device)
+        edit_counters = {v.name: _edit_counters(dl, v.name, args) for v in variants  # after the timing
+                         if counters and v.error is None and v.name in ("reference", "cuda")}
+        rows = _step_rows(impls, skipped, variants, base, cfg, batch_size, entities, arrays, device, profile_dir,
+                          profile_runs)
+    finally:
+        if hooks is not None:
+            hooks.remove()
+    for r in rows:
+        if r["status"] == "ok":
+            r["plant"] = None if plant is None else {"coverage": plant.coverage, "boost": plant.boost}
+            if r["impl"] in ("reference", "cuda"):
+                r["edit_counters"] = edit_counters.get(r["impl"])
+    return add_ratios(rows)
+
+
+def _edit_counters(dl, impl: str, args: tuple) -> dict:
+    from . import models as M
+
+    try:
+        return M.step_edit_counters(dl, impl, args)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory in the extra forward: the timing stands
+        log.debug("edit counters of %s failed", impl, exc_info=True)
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+
+
+def _step_rows(impls, skipped, variants, base, cfg, batch_size, entities, arrays, device, profile_dir,
+               profile_runs) -> list[dict]:
+    from . import models as M
+
     by_name = {v.name: v for v in variants}
     rows = []
     for impl in impls:
@@ -232,7 +269,7 @@ def bench_step_variants(model, impls: Sequence[str] = ("sdpa", "reference", "cud
         if profile_dir is not None:
             rec["profile_trace"] = _profile(v, device, Path(profile_dir), _trace_name(rec), profile_runs)
         rows.append(rec)
-    return add_ratios(rows)
+    return rows
 
 
 def bench_transformer_step(model, impl: str = "reference", **kw) -> dict:

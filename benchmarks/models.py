@@ -9,6 +9,7 @@ fused CUDA op, so all variants run the same weights with the same inputs.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -284,3 +285,177 @@ def mask_coverage(history: np.ndarray, entities: int, beta1: float, grid: tuple[
             raise BenchError("mask_coverage with smoothing needs the latent grid (h, w)")
         masks = torch.stack([smooth_masks(m, *grid) for m in masks])
     return [round(float(v), 4) for v in masks.float().mean(-1).mean(0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Planted entity structure (random weights)
+
+
+@dataclass(frozen=True)
+class Plant:
+    """Spatially coherent entity attention for random weights. With random weights the entity
+    maps are spatial noise and the 3x3 opening erases every mask, so a DeLeaker step would edit
+    nothing. Planted: entity e's direction u_e (a head dim that RoPE leaves unrotated) is set
+    to a fixed value in the queries of one rectangular block of image tokens (`coverage` of the
+    image each) and in the keys of e's text tokens, after the q/k norms, in every
+    joint attention, so those queries attend to the entity (logit gain `boost`) and the masks
+    the op forms, after smoothing, are those blocks. The hooks sit on the attention's q/k norms,
+    which the stock processor and the DeLeaker processors all call: every variant, vanilla
+    included, runs the same planted model."""
+
+    coverage: float = 0.14  # share of the image tokens in each entity's block (two entities: ~28%)
+    boost: float = 8.0  # logit gain between a planted query and key (e^8: ~3000x the weight)
+
+    def validate(self, entities: int) -> None:
+        if not 0 < self.coverage <= 0.25:
+            raise BenchError(f"planted coverage must be in (0, 0.25] (one block per grid quadrant), "
+                             f"got {self.coverage}")
+        if self.boost <= 0:
+            raise BenchError(f"planted boost must be > 0, got {self.boost}")
+        if entities > 4:
+            raise BenchError(f"planting places up to 4 entities (one per quadrant), got {entities}")
+
+
+def plant_for(spec) -> Plant | None:
+    """The Plant of a BenchSpec (plant_coverage None: no planting)."""
+    if spec.plant_coverage is None:
+        return None
+    return Plant(coverage=spec.plant_coverage,
+                 **({} if spec.plant_boost is None else {"boost": spec.plant_boost}))
+
+
+def plant_regions(grid: tuple[int, int], entities: int, coverage: float) -> torch.Tensor:
+    """[E, I] bool: entity e's block, a rectangle of sides sqrt(coverage) x the grid's in quadrant
+    e (top-left, bottom-right, top-right, bottom-left), one token off the grid's centre lines.
+    Every block keeps 3 tokens from the grid's edge: the closing's border rule (an erosion never
+    eats from the edge) would otherwise grow it, and the masks would not be the blocks."""
+    h, w = (int(x) for x in grid)
+    bh, bw = max(3, round(h * coverage ** 0.5)), max(3, round(w * coverage ** 0.5))  # >= 3: survives the opening
+    ys = (h // 2 - 1 - bh, h // 2 + 1)  # upper and lower quadrant
+    xs = (w // 2 - 1 - bw, w // 2 + 1)
+    if min(ys[0], xs[0]) < 3 or ys[1] + bh > h - 3 or xs[1] + bw > w - 3:
+        raise BenchError(f"the {h}x{w} latent grid is too small for planted blocks of {coverage:.0%} "
+                         f"(each needs 3 tokens of margin; use a larger image or a smaller coverage)")
+    out = torch.zeros(entities, h, w, dtype=torch.bool)
+    for e, (qy, qx) in enumerate([(0, 0), (1, 1), (0, 1), (1, 0)][:entities]):
+        out[e, ys[qy]:ys[qy] + bh, xs[qx]:xs[qx] + bw] = True
+    return out.reshape(entities, h * w)
+
+
+class PlantedHooks:
+    """Forward hooks that plant `Plant` on every joint attention of a FluxTransformer2DModel
+    (see Plant). Use as a context manager or call remove()."""
+
+    def __init__(self, transformer, plant: Plant, entity_tokens: torch.Tensor, grid: tuple[int, int], entities: int):
+        plant.validate(entities)
+        blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+        attn0 = blocks[0].attn
+        free_dims = int(transformer.config.axes_dims_rope[0])  # RoPE axis 0: id 0 for every token, never rotated
+        if entities > free_dims:
+            raise BenchError(f"planting {entities} entities needs as many unrotated head dims; this model has "
+                             f"{free_dims}")
+        device = next(transformer.parameters()).device
+        T = entity_tokens.shape[-1]
+        amp = (plant.boost * attn0.head_dim ** 0.5) ** 0.5  # q.k / sqrt(d) gains boost
+        regions = plant_regions(grid, entities, plant.coverage)  # [E, I]
+        img_rows, img_dims, tok_rows, tok_dims = [], [], [], []
+        for e in range(entities):  # u_e: unit vector on head dim e (inside the unrotated axis-0 dims)
+            r = regions[e].nonzero().flatten()
+            img_rows.append(r)
+            img_dims.append(torch.full_like(r, e))
+            t = (entity_tokens[0, e] > 0).nonzero().flatten().cpu()
+            tok_rows.append(t)
+            tok_dims.append(torch.full_like(t, e))
+        ir, idim = torch.cat(img_rows).to(device), torch.cat(img_dims).to(device)
+        tr, tdim = torch.cat(tok_rows).to(device), torch.cat(tok_dims).to(device)
+        self.regions = regions
+        self.handles = []
+
+        def adder(rows, dims, offset):
+            def hook(module, args, out):  # out [B, S, H, D]
+                # set (not add) the u_e component: the token's own random component would make
+                # the gain vary from row to row and leave holes in the block's mask
+                out[:, rows + offset, :, dims] = amp
+                return out
+            return hook
+
+        for block in blocks:
+            attn = block.attn
+            if attn.added_kv_proj_dim is not None:  # double block: image stream and text stream apart
+                self.handles.append(attn.norm_q.register_forward_hook(adder(ir, idim, 0)))
+                self.handles.append(attn.norm_added_k.register_forward_hook(adder(tr, tdim, 0)))
+            else:  # single block: [text ; image] in one stream
+                self.handles.append(attn.norm_q.register_forward_hook(adder(ir, idim, T)))
+                self.handles.append(attn.norm_k.register_forward_hook(adder(tr, tdim, 0)))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# Edit counters (read after timing, in one extra forward)
+
+
+def _summarize_counters(per_call: list[list[dict]]) -> dict:
+    """One step's counters from per block-call, per sample dicts (op_bench counters)."""
+    edited = [c for call in per_call for c in call if c["edited"]]
+    rows: dict[int, list[int]] = {}
+    for c in edited:
+        for s, n in c["mask_rows"].items():
+            rows.setdefault(int(s), []).append(n)
+    fallback = [c["fallback_rows"] for c in edited if "fallback_rows" in c]
+    return {
+        "blocks": len(per_call),
+        "edited_blocks": sum(any(c["edited"] for c in call) for call in per_call),
+        "mask_rows": {str(s): [min(v), max(v)] for s, v in sorted(rows.items())},  # [min, max] per slot
+        "masked_rows": [min(c["masked_rows"] for c in edited), max(c["masked_rows"] for c in edited)] if edited else None,
+        "cut_pairs": sum(c["cut_pairs"] for c in edited),
+        "fallback_rows": sum(fallback) if fallback else None,
+        "last_block": per_call[-1] if per_call else None,
+    }
+
+
+def step_edit_counters(model: DeLeakerFlux, impl: str, args: tuple) -> dict:
+    """Run one more forward of `model` with `impl` ("reference" or "cuda") and collect, for every
+    joint attention call, the op's edit counters (op_bench: rows per entity mask after smoothing,
+    masked rows, rule-X cut pairs; for the fused op also its fallback rows, through its debug
+    path). Meant for after the timing: it reruns each block's op with its intermediates."""
+    from . import op_bench as ob
+
+    if impl not in ("reference", "cuda"):
+        raise BenchError(f"edit counters come from the DeLeaker impls reference and cuda, not {impl!r}")
+    set_attention(model, impl)
+    blocks = list(model.transformer.transformer_blocks) + list(model.transformer.single_transformer_blocks)
+    per_call: list[list[dict]] = []
+
+    def counting(op):
+        def run(q, k, v, ent, hist, step, grid, windows, knobs, rules, attrs):
+            if impl == "cuda":
+                per_call.append(ob.op_counters(q, k, v, ent, hist, step, grid, windows, knobs, rules, attrs))
+            else:
+                _, _, recs = ob.reference_run(q, k, v, ent, hist, step, grid, windows, knobs, rules, attrs)
+                per_call.append(ob.reference_counters(ent, recs))
+            return op(q, k, v, ent, hist, step, grid, windows, knobs, rules, attrs)
+        return run
+
+    procs = [b.attn.processor for b in blocks]
+    originals = [p.op for p in procs]
+    try:
+        for p in procs:
+            p.op = counting(p.op)
+        with torch.inference_mode():
+            model(*args)
+    finally:
+        for p, op in zip(procs, originals):
+            p.op = op
+    out = _summarize_counters(per_call)
+    out["source"] = "fused op debug path" if impl == "cuda" else "reference"
+    return out

@@ -61,6 +61,8 @@ class Case:
     spec: tuple = (((0, 0), (1, 1)),)
     dtype: str = "bf16"
     layout: str = "bhnd"  # "bnhd": FLUX's [B, N, H, D] memory viewed as [B, H, N, D]
+    leak: float = 0.0  # share of the next entity's direction in each region's queries (rule W's work)
+    text_pull: float = 0.0  # share of it in each entity's first text query (rule TT's work)
 
     @property
     def I(self) -> int:  # noqa: E743 - the image token count, as in the semantics
@@ -80,7 +82,12 @@ def make_inputs(case: Case, seed: int = 0, device="cpu", strength: float = 8.2):
     Image rows of entity kind c get direction u_c added to q, the entity's tokens get u_c added
     to k (logit boost ~ strength^2 / sqrt(D)), so p_e is clearly bimodal; four isolated "salt"
     rows per entity outside the region must be removed by the opening. The history holds the
-    same region shifted by 2 rows, so masks from the history differ from masks from p."""
+    same region shifted by 2 rows, so masks from the history differ from masks from p.
+
+    case.leak > 0 plants leakage: each region's queries also get leak * strength * u_next (the
+    next entity of the sample, cyclically), so they attend to the other entity's tokens and
+    rule W has work. case.text_pull > 0 does the same for the entity's first text query, so
+    rule TT (which cuts first token -> first token) removes real probability mass."""
     c = case
     if len(c.spec) != c.B:
         raise ValueError(f"spec has {len(c.spec)} samples, B is {c.B}")
@@ -91,7 +98,7 @@ def make_inputs(case: Case, seed: int = 0, device="cpu", strength: float = 8.2):
     ent = torch.zeros(c.B, c.E, c.T, device=device)  # [B, E, T]
     hist = 0.001 * torch.rand(c.B, c.E, I, generator=g, device=device)  # [B, E, I]
     for b, items in enumerate(c.spec):
-        for slot, kind in items:
+        for j, (slot, kind) in enumerate(items):
             toks = TOKENS[kind]
             ent[b, slot, toks] = 1.0
             k[b, :, toks, :] += strength * dirs[kind]
@@ -102,6 +109,10 @@ def make_inputs(case: Case, seed: int = 0, device="cpu", strength: float = 8.2):
             rows = reg_q.nonzero().flatten()
             q[b, :, c.T + rows, :] += strength * dirs[kind]
             hist[b, slot] += 0.05 * region(c.h, c.w, kind, shift=2, device=device).flatten().float()
+            if len(items) > 1:  # planted leakage towards the next entity of the sample
+                nxt = dirs[items[(j + 1) % len(items)][1]]
+                q[b, :, c.T + reg.nonzero().flatten(), :] += c.leak * strength * nxt
+                q[b, :, toks[0], :] += c.text_pull * strength * nxt
     if c.layout == "bnhd":
         q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     dt = DTYPES[c.dtype]
@@ -127,7 +138,10 @@ def attrs_for(block_offset: int) -> dict:
 # ------------------------------------------------------------------------------------------
 
 class Recorder:
-    """Patches the reference module's rule functions to record masks and cut sets (one sample)."""
+    """Patches the reference module's rule functions to record masks and cut sets (one sample).
+    A patch of those functions entered before it (e.g. a deliberately broken variant) is
+    recorded as applied: the recorder sees what the patched functions return and the logits
+    they cut."""
 
     def __init__(self):
         from deleaker.export import reference_op as R
@@ -151,13 +165,11 @@ class Recorder:
             return m
 
         def cut_image_image(L, G, rows, cols, beta2, T):
-            region_ = rows[:, None] & cols[None, :]
-            vals = G[region_]
-            vals = vals[vals != 0]
-            if vals.numel() >= 2:  # the reference's own rule: fewer values cut nothing
-                thr = vals.mean() + beta2 * vals.std(unbiased=True)
-                self.cuts.append(region_ & (G > thr))
-            return cu(L, G, rows, cols, beta2, T)
+            r = cu(L, G, rows, cols, beta2, T)
+            # only rule X writes -inf among image-image logits: what it cut so far, as applied
+            # (whatever G the code below was given)
+            self.cuts.append(torch.isinf(L[0, T:, T:]))
+            return r
 
         R.entity_masks, R.smooth_masks, R._cut_image_image = entity_masks, smooth_masks, cut_image_image
         return self

@@ -35,6 +35,9 @@ class BenchSpec:
     deleaker_preset: str = "flux-dev"
     deleaker_overrides: tuple[tuple[str, object], ...] = ()
     random_weights: bool | None = None  # None: detect from the model/artifact
+    # torch step mode: planted entity structure (models.Plant) for random weights; None: off
+    plant_coverage: float | None = None  # share of the image in each entity's planted block
+    plant_boost: float | None = None  # logit gain of the planted q.k; None: models.Plant's default
     seed: int = 0
     threads: int | None = None  # CPU threads (torch intra-op, onnxruntime intra-op); None: library default
     description: str = ""
@@ -63,6 +66,10 @@ class BenchSpec:
                 missing = [e for e in ents if e.lower() not in self.prompt.lower()]
                 if missing:
                     raise BenchError(f"entities {', '.join(missing)} do not occur in the prompt {self.prompt!r}")
+        if self.plant_coverage is not None and not 0 < self.plant_coverage <= 0.25:
+            raise BenchError(f"plant_coverage must be in (0, 0.25], got {self.plant_coverage}")
+        if self.plant_boost is not None and self.plant_boost <= 0:
+            raise BenchError(f"plant_boost must be > 0, got {self.plant_boost}")
         others = [b for b in self.backends if b != "torch"]
         if others and not self.artifact:
             raise BenchError(f"backend(s) {', '.join(others)} need --artifact (a `deleaker-export` folder)")
@@ -74,22 +81,26 @@ PRESETS: dict[str, BenchSpec] = {
     # windows start at block-step 12/18) so DeLeaker intervenes within 2 steps.
     "tiny": BenchSpec(
         modes=("step", "e2e"), resolutions=((64, 64), (128, 128)), batch_sizes=(1, 2), steps=(2,),
-        text_tokens=64, warmup=2, runs=5, impls=("sdpa", "reference"),
+        text_tokens=64, warmup=2, runs=5, impls=("sdpa", "reference"), deleaker_preset="tiny",
         deleaker_overrides=(("start_aggregating_from", 0), ("start_intervention_from", 1)),
-        description="tiny offline model on CPU: smoke test of every mode (timing is not meaningful)"),
+        description="tiny offline model on CPU: smoke test of every mode (timing is not meaningful; the tiny "
+                    "DeLeaker preset, no smoothing, so random weights keep masks and the steps edit)"),
     # performance.md's anchor: FLUX.1-dev-sized transformer, random weights, bf16, one GPU,
     # 512 text tokens, 2 entities, vanilla (stock diffusers SDPA) vs reference vs fused DeLeaker.
+    # Planted entity blocks of 14% each (two entities: ~28% of the image), so the default
+    # settings' smoothed masks are non-empty and the timed steps really edit.
     "flux-dev-anchor": BenchSpec(
         model="random:flux-dev", modes=("step",), resolutions=((512, 512), (1024, 1024)), batch_sizes=(1,),
         steps=(20,), text_tokens=512, impls=("sdpa", "reference", "cuda"), warmup=2, runs=5, device="cuda",
-        dtype="bf16", random_weights=True,
-        description="performance.md anchor: FLUX.1-dev size, random weights, bf16, transformer step only"),
+        dtype="bf16", random_weights=True, plant_coverage=0.14,
+        description="performance.md anchor: FLUX.1-dev size, random weights with planted entities, bf16, "
+                    "transformer step only"),
     # Throughput against batch size at 1024x1024 (reference op left out: it is slow at batch 4).
     "flux-dev-batch": BenchSpec(
         model="random:flux-dev", modes=("step",), resolutions=((1024, 1024),), batch_sizes=(1, 2, 4),
         steps=(20,), text_tokens=512, impls=("sdpa", "cuda"), warmup=2, runs=5, device="cuda", dtype="bf16",
-        random_weights=True,
-        description="images/s against batch size at 1024x1024, vanilla vs fused DeLeaker"),
+        random_weights=True, plant_coverage=0.14,
+        description="images/s against batch size at 1024x1024, vanilla vs fused DeLeaker (planted entities)"),
 }
 
 

@@ -181,7 +181,7 @@ def _measure(case: Case, spec: BenchSpec, loaded: _Loaded, profile_dir) -> list[
         rows = harness.bench_step_variants(
             tr, case.impls, batch_size=case.batch_size, text_tokens=spec.text_tokens, entities=n_ent,
             entity_slots=spec.entity_slots, config=deleaker_config(spec), steps=case.steps, step=step,
-            profile_dir=profile_dir, **common)
+            plant=M.plant_for(spec), profile_dir=profile_dir, **common)
     else:
         pipe = loaded.pipeline(case.backend)
         note = ""

@@ -5,15 +5,26 @@
     result = pipe.generate(GenerateRequest("a cat and a cheetah in a field", entities=("cat", "cheetah")))
     result.image                                # [H, W, 3] uint8
 
-Light at import time: numpy, tokenizers and PIL only; a backend's library (torch, onnxruntime,
-tensorrt) is imported when that backend is loaded.
+The names below are imported on first use, so `import deleaker.runtime` stays light; a backend's
+library (torch, onnxruntime, tensorrt) is imported only when that backend is loaded.
 """
 
-from .backends import available_backends, load_backend
-from .config import ConfigError, DeLeakerConfig, PRESETS, preset
-from .pipeline import (GenerateRequest, GenerateResult, Pipeline, RequestError, RequestFailed, load_pipeline)
+import importlib
 
-__all__ = [
-    "ConfigError", "DeLeakerConfig", "GenerateRequest", "GenerateResult", "PRESETS", "Pipeline", "RequestError",
-    "RequestFailed", "available_backends", "load_backend", "load_pipeline", "preset",
-]
+_EXPORTS = {
+    "available_backends": "backends", "load_backend": "backends",
+    "ConfigError": "config", "DeLeakerConfig": "config", "PRESETS": "config", "preset": "config",
+    "GenerateRequest": "pipeline", "GenerateResult": "pipeline", "Pipeline": "pipeline", "RequestError": "pipeline",
+    "RequestFailed": "pipeline", "load_pipeline": "pipeline",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'deleaker.runtime' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -10,6 +10,10 @@ Layout (diffusers' FluxPipeline, FLUX VAE with 8x downsampling and 16 latent cha
     img_ids         [I, 3]                  (0, row, col) per image token, I = h*w
     txt_ids         [T, 3]                  zeros
 
+Size limit: each side is at most MAX_IMAGE_SIDE pixels unless the caller passes another max_side
+(a backend with an exported size range passes its maximum). Checked before anything is
+allocated: an absurd size is a one-line error, not gigabytes of noise and then a crash.
+
 Noise: numpy's PCG64 generator, one generator per sample, standard normal float32 drawn in
 the unpacked [16, H/8, W/8] layout and then packed (the order FluxPipeline draws in). Sample b
 with seed s is the same array whatever else is in the batch. It is NOT bit-equal to
@@ -28,6 +32,9 @@ import numpy as np
 VAE_SCALE_FACTOR = 8
 LATENT_CHANNELS = 16
 PATCH = 2
+# Default upper bound on an image side in pixels: 4096 px is a 256 x 256 token grid (65536 image
+# tokens, 16x the 4096 that FLUX.1's scheduler is configured for). Larger sizes need max_side.
+MAX_IMAGE_SIDE = 4096
 
 
 class LatentSizeError(ValueError):
@@ -42,12 +49,30 @@ def _positive_int(name: str, value) -> int:
 
 @dataclass(frozen=True)
 class LatentGeometry:
-    """Shapes for one image size. Build with `geometry(height, width)`, which validates."""
+    """Shapes for one image size; validated on construction (`geometry(height, width)` is the
+    usual way to build one)."""
 
     height: int  # image pixels
     width: int
     vae_scale_factor: int = VAE_SCALE_FACTOR
     latent_channels: int = LATENT_CHANNELS
+    max_side: int = MAX_IMAGE_SIDE  # largest accepted height or width in pixels
+
+    def __post_init__(self):
+        height = _positive_int("height", self.height)
+        width = _positive_int("width", self.width)
+        max_side = _positive_int("max_side", self.max_side)
+        for side, v in (("height", height), ("width", width)):
+            if v > max_side:
+                raise LatentSizeError(
+                    f"{side} {v} is larger than the maximum image side of {max_side} pixels (max_side; default"
+                    f" deleaker.runtime.latents.MAX_IMAGE_SIDE = {MAX_IMAGE_SIDE})")
+        multiple = self.multiple
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            raise LatentSizeError(
+                f"height and width must be positive multiples of {multiple}, got {height}x{width}"
+                f" (nearest valid: {max(multiple, height // multiple * multiple)}x"
+                f"{max(multiple, width // multiple * multiple)})")
 
     @property
     def multiple(self) -> int:
@@ -83,20 +108,15 @@ class LatentGeometry:
 
 
 def geometry(height: int, width: int, vae_scale_factor: int = VAE_SCALE_FACTOR,
-             latent_channels: int = LATENT_CHANNELS) -> LatentGeometry:
-    """Validated shapes for a `height` x `width` image (positive multiples of 16 for FLUX).
+             latent_channels: int = LATENT_CHANNELS, max_side: int | None = None) -> LatentGeometry:
+    """Validated shapes for a `height` x `width` image: positive multiples of 16 for FLUX, each
+    side at most `max_side` pixels (None: MAX_IMAGE_SIDE; a backend with an exported size range
+    passes its maximum). Checks only: nothing is allocated.
 
     FluxPipeline silently rounds other sizes down; we refuse them so the caller knows the size
     it gets."""
-    height = _positive_int("height", height)
-    width = _positive_int("width", width)
-    multiple = vae_scale_factor * PATCH
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
-        raise LatentSizeError(
-            f"height and width must be positive multiples of {multiple}, got {height}x{width}"
-            f" (nearest valid: {max(multiple, height // multiple * multiple)}x"
-            f"{max(multiple, width // multiple * multiple)})")
-    return LatentGeometry(height, width, vae_scale_factor, latent_channels)
+    return LatentGeometry(height, width, vae_scale_factor, latent_channels,
+                          MAX_IMAGE_SIDE if max_side is None else max_side)
 
 
 def pack_latents(latents: np.ndarray) -> np.ndarray:

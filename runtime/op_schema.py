@@ -79,7 +79,7 @@ INPUTS = (
     TensorSpec("v", "float", "[B, H, T+I, D]", "values"),
     TensorSpec("entity_tokens", "float32", "[B, E, T]",
                "1 where text token t belongs to entity slot e; an all-zero slot is inactive"),
-    TensorSpec("history", "float32", "[B, E, I]", "running mean of entity->image attention (semantics section 3)"),
+    TensorSpec("history", "float32", "[B, E, I]", "running mean of entity->image attention (semantics.md, the history)"),
     TensorSpec("step", "int64", "[] (scalar)", "denoising step s; tau = s * blocks_per_step + block_offset"),
     TensorSpec("grid", "int64", "[2]", "latent token grid (h, w), h * w = I"),
     TensorSpec("windows", "int64", f"[B, {settings_width('windows')}]",

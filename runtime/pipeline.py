@@ -161,7 +161,8 @@ class Pipeline:
                 if not lo <= v <= hi:
                     raise lat.LatentSizeError(f"{side} {v} is outside the exported range [{lo}, {hi}]; "
                                               f"re-export with a wider --min-size/--max-size")
-        geo = lat.geometry(req.height, req.width, info.vae_scale_factor)
+        geo = lat.geometry(req.height, req.width, info.vae_scale_factor,
+                           max_side=info.size_range[1] if info.size_range else None)
         base = req.config if req.config is not None else self.config
         if not isinstance(base, DeLeakerConfig):
             raise RequestError(f"config must be a DeLeakerConfig, got {type(base).__name__}")

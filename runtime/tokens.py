@@ -9,16 +9,19 @@ The encoder inputs reproduce FluxPipeline's tokenizer calls (padding="max_length
 truncation=True): content tokens cut to max_length minus the special tokens, special tokens
 added by the tokenizer's post-processor, then right-padded with the pad id.
 
-Entities: the entity is tokenized alone without special tokens and its id run is searched in
-the prompt's (untruncated) token ids; variants tried in order: as given, lower-cased, with a
-leading space, lower-cased with a leading space. The first variant that occurs wins, at its
-first occurrence. Positions are indices into the encoder's input sequence (length
-max_sequence_length).
+Entities (docs/semantics.md, "Entity tokens"): the entity is tokenized alone without special
+tokens and its id run is searched in the prompt's (untruncated) token ids; variants tried in
+order: as given, lower-cased, with a leading space, lower-cased with a leading space. The first
+variant that occurs wins. Each entity takes its first occurrence (the authors' rule) unless that
+makes two entities overlap: then, entity by entity in the order given, the earliest occurrences
+that keep every pair apart are used (deterministic), and the log says so. Positions are indices
+into the encoder's input sequence (length max_sequence_length).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +33,10 @@ from tokenizers.models import BPE
 T5_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default and upper bound for max_sequence_length
 CLIP_MAX_LENGTH = 77
 DEFAULT_ENTITY_SLOTS = 4  # architecture.md: E is fixed at export, 4 slots by default
+# Bound on the occurrence search (entities x occurrences); far above any real prompt's needs.
+_MAX_PLACEMENT_TRIES = 100_000
+
+log = logging.getLogger("deleaker")
 
 # transformers' CLIPTokenizer pre-tokenizer pattern (the tokenizer.json-less path below).
 _CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]"""
@@ -101,6 +108,18 @@ def _clip_bpe_from_files(folder: Path, cfg: dict) -> Tokenizer:
                               unk=_token_content(cfg.get("unk_token")) or "<|endoftext|>")
 
 
+def _model_unk_id(backend: Tokenizer) -> int | None:
+    """The id the tokenizer model emits for text it cannot represent, if it has one."""
+    try:
+        model = json.loads(backend.model.__getstate__())
+    except Exception:  # a model type without a JSON state: no unk known
+        return None
+    if isinstance(model.get("unk_id"), int):  # Unigram (T5)
+        return model["unk_id"]
+    unk = model.get("unk_token")  # BPE, WordLevel, WordPiece
+    return backend.token_to_id(unk) if isinstance(unk, str) else None
+
+
 @dataclass(frozen=True)
 class TextTokenizer:
     """A loaded tokenizer without padding or truncation set; encode_padded adds both."""
@@ -110,6 +129,11 @@ class TextTokenizer:
     pad_id: int
     pad_token: str
     model_max_length: int | None
+    unk_id: int | None = None  # None: read from the tokenizer model (Unigram unk_id / BPE unk_token)
+
+    def __post_init__(self):
+        if self.unk_id is None:
+            object.__setattr__(self, "unk_id", _model_unk_id(self.backend))
 
     def ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Untruncated, unpadded token ids."""
@@ -197,13 +221,17 @@ class EntitySpan:
         return range(self.start, self.end)
 
 
-def _find_run(haystack: Sequence[int], needle: Sequence[int]) -> int:
+def _find_runs(haystack: Sequence[int], needle: Sequence[int]) -> list[int]:
+    """Start of every occurrence of `needle` in `haystack` (overlapping ones included), ascending."""
     n = len(needle)
+    needle = list(needle)
     first = needle[0]
-    for i in range(len(haystack) - n + 1):
-        if haystack[i] == first and list(haystack[i:i + n]) == list(needle):
-            return i
-    return -1
+    return [i for i in range(len(haystack) - n + 1) if haystack[i] == first and list(haystack[i:i + n]) == needle]
+
+
+def _find_run(haystack: Sequence[int], needle: Sequence[int]) -> int:
+    runs = _find_runs(haystack, needle)
+    return runs[0] if runs else -1
 
 
 def _variants(entity: str) -> list[str]:
@@ -214,47 +242,128 @@ def _variants(entity: str) -> list[str]:
     return out
 
 
+def _has_content(tok: TextTokenizer, ids: Sequence[int]) -> bool:
+    """Whether a token run carries text: some token that is neither unknown nor empty/whitespace."""
+    return any(i != tok.unk_id and tok.backend.decode([i]).strip() for i in ids)
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """Where one entity may go: the matched variant and its occurrences [start, end) in content ids."""
+
+    entity: str
+    variant: str
+    occurrences: list[tuple[int, int]]  # all occurrences, ascending
+    usable: list[tuple[int, int]]  # those the encoder keeps (not cut off by truncation)
+
+
+def _candidates(tok: TextTokenizer, prompt: str, entity: str, content: list[int],
+                prompt_offsets: list[tuple[int, int]], kept: int, max_len: int, offset: int) -> _Candidates:
+    if not isinstance(entity, str) or not entity.strip():
+        raise EntityError(f"empty entity {entity!r} for prompt {_short(prompt)}")
+    survives = False
+    for variant in _variants(entity):
+        run = tok.ids(variant, add_special_tokens=False)
+        if not _has_content(tok, run):
+            continue  # only unknown/empty tokens: would match any text the tokenizer cannot represent
+        survives = True
+        starts = _find_runs(content, run)
+        if tok.unk_id is not None and tok.unk_id in run:
+            # An unknown token matches any unknown text: keep only occurrences whose source text is
+            # the entity itself (so "x🐱" does not match "x🐶").
+            want = variant.strip().lower()
+            starts = [s for s in starts
+                      if prompt[prompt_offsets[s][0]:prompt_offsets[s + len(run) - 1][1]].strip().lower() == want]
+        if starts:
+            occ = [(s, s + len(run)) for s in starts]
+            usable = [o for o in occ if o[1] <= kept]
+            if not usable:
+                start, end = occ[0]
+                raise EntityError(f"entity {entity!r} is cut off by truncation to {max_len} tokens in prompt"
+                                  f" {_short(prompt)} (its tokens are at {start + offset}..{end + offset - 1})")
+            return _Candidates(entity, variant, occ, usable)
+    if not survives:
+        enc = tok.backend.encode(entity, add_special_tokens=False)
+        unk = tok.backend.id_to_token(tok.unk_id) if tok.unk_id is not None else None
+        tokens = [unk if i == tok.unk_id else t for i, t in zip(enc.ids, enc.tokens)]
+        what = f"only unknown or empty tokens {tokens}" if tokens else "no tokens"
+        raise EntityError(f"entity {entity!r} does not survive tokenization (the T5 tokenizer turns it into {what});"
+                          f" name it with words the tokenizer knows, in prompt {_short(prompt)}")
+    raise EntityError(f"entity {entity!r} not found in prompt {_short(prompt)} (also tried lower-case"
+                      " and a leading space)")
+
+
+def _place(cands: list[_Candidates]) -> list[tuple[int, int]] | None:
+    """One occurrence per entity, no two overlapping; the first such choice in the order
+    (entity 1's earliest, then entity 2's earliest, ...), so the authors' first-occurrence rule
+    holds whenever it is overlap-free. None when there is none (or the search is too large)."""
+    chosen: list[tuple[int, int]] = []
+    tries = 0
+
+    def go(e: int) -> bool:
+        nonlocal tries
+        if e == len(cands):
+            return True
+        for s, t in cands[e].usable:
+            tries += 1
+            if tries > _MAX_PLACEMENT_TRIES:
+                return False
+            if all(t <= a or b <= s for a, b in chosen):
+                chosen.append((s, t))
+                if go(e + 1):
+                    return True
+                chosen.pop()
+        return False
+
+    return chosen if go(0) else None
+
+
 def locate_entities(tok: TextTokenizer, prompt: str, entities: Sequence[str],
                     max_sequence_length: int = T5_MAX_SEQUENCE_LENGTH) -> list[EntitySpan]:
-    """Token spans of `entities` in `prompt` as the T5 encoder sees it (semantics section 5).
+    """Token spans of `entities` in `prompt` as the T5 encoder sees it (docs/semantics.md).
 
-    Raises EntityError for an empty entity, one not found, one cut off by truncation, and
-    entities whose spans overlap."""
+    Each entity takes its first occurrence unless that overlaps another entity's; then the
+    earliest overlap-free occurrences are chosen (logged). Raises EntityError for an empty
+    entity, one that does not survive tokenization (only unknown tokens), one not found, one
+    cut off by truncation, and entities that overlap wherever they are placed."""
     max_len = _check_max_length(max_sequence_length)
     if isinstance(entities, str):
         raise EntityError(f"entities must be a list of strings, got the string {_short(entities)}")
-    content = tok.ids(prompt, add_special_tokens=False)
+    enc = tok.backend.encode(prompt, add_special_tokens=False)
+    content = enc.ids
     full = tok.ids(prompt, add_special_tokens=True)
     # Offset of the prompt's tokens inside the encoder sequence (0 for T5, 1 for a BOS prefix).
     offset = _find_run(full, content) if content else 0
     offset = max(offset, 0)
     kept = min(len(content), max_len - tok.num_special_tokens)  # content tokens the encoder keeps
-    spans: list[EntitySpan] = []
-    for entity in entities:
-        if not isinstance(entity, str) or not entity.strip():
-            raise EntityError(f"empty entity {entity!r} for prompt {_short(prompt)}")
-        found = None
-        for variant in _variants(entity):
-            run = tok.ids(variant, add_special_tokens=False)
-            if not run:
-                continue
-            start = _find_run(content, run)
-            if start >= 0:
-                found = (variant, start, start + len(run))
-                break
-        if found is None:
-            raise EntityError(f"entity {entity!r} not found in prompt {_short(prompt)} (also tried lower-case"
-                              " and a leading space)")
-        variant, start, end = found
-        if end > kept:
-            raise EntityError(f"entity {entity!r} is cut off by truncation to {max_len} tokens in prompt"
-                              f" {_short(prompt)} (its tokens are at {start + offset}..{end + offset - 1})")
-        spans.append(EntitySpan(entity, variant, start + offset, end + offset))
-    for i, a in enumerate(spans):
-        for b in spans[i + 1:]:
-            if a.start < b.end and b.start < a.end:
-                raise EntityError(f"entities {a.entity!r} and {b.entity!r} overlap in prompt {_short(prompt)}"
-                                  f" (tokens {a.start}..{a.end - 1} and {b.start}..{b.end - 1})")
+    cands = [_candidates(tok, prompt, entity, content, enc.offsets, kept, max_len, offset) for entity in entities]
+    placed = _place(cands)
+    if placed is None:
+        # No overlap-free choice exists, so the first occurrences overlap somewhere: name that pair.
+        first = [c.usable[0] for c in cands]
+        for i, (a0, a1) in enumerate(first):
+            for j in range(i + 1, len(first)):
+                b0, b1 = first[j]
+                if a0 < b1 and b0 < a1:
+                    raise EntityError(
+                        f"entities {cands[i].entity!r} and {cands[j].entity!r} overlap in prompt {_short(prompt)}"
+                        f" (tokens {a0 + offset}..{a1 + offset - 1} and {b0 + offset}..{b1 + offset - 1}) and no"
+                        " other occurrences keep them apart")
+        raise EntityError(f"entities {[c.entity for c in cands]} cannot be placed without overlap in prompt"
+                          f" {_short(prompt)}")
+    spans = []
+    for c, (s, t) in zip(cands, placed):
+        if len(c.occurrences) > 1:
+            where = ", ".join(f"{a + offset}..{b + offset - 1}" for a, b in c.occurrences)
+            k = c.occurrences.index((s, t)) + 1
+            if k == 1:
+                log.info("entity %r occurs %d times in prompt %s (tokens %s); using the first",
+                         c.entity, len(c.occurrences), _short(prompt), where)
+            else:
+                log.warning("entity %r occurs %d times in prompt %s (tokens %s); using occurrence %d (tokens"
+                            " %s) because the earlier ones overlap another entity", c.entity, len(c.occurrences),
+                            _short(prompt), where, k, f"{s + offset}..{t + offset - 1}")
+        spans.append(EntitySpan(c.entity, c.variant, s + offset, t + offset))
     return spans
 
 

@@ -264,3 +264,146 @@ def test_gpu_step_uses_cuda_events_and_reports_device_memory():
         assert r["status"] == "ok" and r["timer"] == "cuda_event"
         assert r["peak_device_mib"] >= r["device_resident_mib"] > 0
     assert rows[1]["ratio_vs_vanilla"] > 0 and rows[1]["extra_device_mib_vs_vanilla"] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Planted entity structure (random weights) and the op's edit counters
+
+
+def _small_flux(device="cpu", dtype=torch.float32):
+    return M.random_flux_transformer("flux-dev", device=device, dtype=dtype, num_layers=1, num_single_layers=1,
+                                     num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6),
+                                     joint_attention_dim=32, pooled_projection_dim=16)
+
+
+PLANT_CASE = dict(height=512, width=512, text_tokens=16, warmup=1, runs=1)  # 32 x 32 latent grid
+
+
+def test_planted_mode_keeps_smoothed_masks_and_deleaker_edits():
+    """flux-dev settings (smoothing on): on random weights the smoothed masks are empty; with
+    the planted blocks (14% each: 12 x 12 of the 32 x 32 grid) they are the blocks, every
+    block-call edits them, and the DeLeaker step's output differs from vanilla's."""
+    from deleaker.runtime.config import preset
+
+    cfg = preset("flux-dev")
+    assert cfg.do_smoothing
+    tr = _small_flux()
+    plain = harness.bench_step_variants(tr, ("sdpa", "reference"), config=cfg, **PLANT_CASE)
+    planted = harness.bench_step_variants(tr, ("sdpa", "reference"), config=cfg, plant=M.Plant(coverage=0.14),
+                                          **PLANT_CASE)
+    assert max(plain[1]["mask_coverage"]) <= 0.01  # random weights: the opening erases the masks
+    assert plain[1]["edit_counters"]["masked_rows"][1] <= 10
+    cov = planted[1]["mask_coverage"]
+    assert len(cov) == 2 and all(0.12 <= c <= 0.16 for c in cov), cov  # target 144 / 1024 = 0.1406
+    assert planted[1]["plant"] == {"coverage": 0.14, "boost": M.Plant().boost}
+    assert planted[0]["plant"] == planted[1]["plant"] and plain[1]["plant"] is None  # vanilla planted alike
+    counters = planted[1]["edit_counters"]
+    assert counters["blocks"] == counters["edited_blocks"] == 2
+    assert all(lo >= 120 and hi <= 160 for lo, hi in counters["mask_rows"].values()), counters
+    assert counters["cut_pairs"] > 0
+    # the step output: DeLeaker (reference op) vs vanilla, both planted
+    dl = harness.as_deleaker_model(tr)
+    cfg_r = harness.resolve_config(cfg, None, dl.blocks_per_step)
+    arrays = M.step_arrays(batch=1, height=512, width=512, text_tokens=16, in_channels=tr.config.in_channels,
+                           text_dim=32, pooled_dim=16, guidance=True, entities=2, slots=4,
+                           step=M.busiest_step(cfg_r), config=cfg_r)
+    args = M.torch_step_args(arrays, "cpu", torch.float32)
+    outs = {}
+    with M.PlantedHooks(tr, M.Plant(coverage=0.14), args[7], (32, 32), 2), torch.inference_mode():
+        for impl in ("sdpa", "reference"):
+            M.set_attention(dl, impl)
+            outs[impl] = dl(*args)[0]
+    with torch.inference_mode():
+        M.set_attention(dl, "sdpa")
+        unplanted = dl(*args)[0]
+    rel = float((outs["reference"] - outs["sdpa"]).norm() / outs["sdpa"].norm())
+    assert rel > 1e-2, rel  # DeLeaker edits change the step
+    assert not torch.allclose(outs["sdpa"], unplanted)  # vanilla runs the planted model too
+
+
+def test_plant_regions_and_errors():
+    reg = M.plant_regions((32, 32), 4, 0.14)  # [E, I]
+    assert reg.shape == (4, 1024) and reg.sum(1).tolist() == [144] * 4
+    assert not (reg.sum(0) > 1).any()  # disjoint blocks
+    grid = reg.view(4, 32, 32)
+    rows = grid.any(2).nonzero()[:, 1]
+    assert rows.min() >= 3 and rows.max() <= 28  # 3 tokens off the edge: the closing keeps the block
+    from deleaker.export.reference_op import smooth_masks
+
+    assert torch.equal(smooth_masks(reg, 32, 32), reg)
+    with pytest.raises(M.BenchError, match="too small"):
+        M.plant_regions((16, 16), 2, 0.14)
+    with pytest.raises(M.BenchError, match="coverage"):
+        M.Plant(coverage=0.5).validate(2)
+    with pytest.raises(M.BenchError, match="plant_coverage"):
+        presets.BenchSpec(plant_coverage=0.3).validate()
+
+
+def test_flux_dev_presets_plant_by_default():
+    for name in ("flux-dev-anchor", "flux-dev-batch"):
+        spec = presets.get_preset(name)
+        assert spec.plant_coverage == 0.14 and M.plant_for(spec) == M.Plant(coverage=0.14)
+    assert presets.get_preset("tiny").plant_coverage is None and M.plant_for(presets.get_preset("tiny")) is None
+
+
+def test_step_edit_counters_match_the_reference_op():
+    """The counters deleaker-bench records (one extra forward after the timing) are the
+    reference's own: the last block's rows per entity are the mask the returned history gives
+    (mask_coverage, computed apart), and each block-call's values equal op_bench's counters
+    of the same call."""
+    from deleaker.benchmarks import op_bench as ob
+    from deleaker.runtime.config import preset
+
+    cfg = preset("flux-dev")
+    tr = _small_flux()
+    rows = harness.bench_step_variants(tr, ("sdpa", "reference"), config=cfg, plant=M.Plant(coverage=0.1),
+                                       **PLANT_CASE)
+    rec = rows[1]
+    c = rec["edit_counters"]
+    assert c["source"] == "reference" and c["fallback_rows"] is None
+    assert "edit_counters" not in rows[0]  # vanilla has none
+    last = c["last_block"][0]
+    assert [last["mask_rows"][s] for s in (0, 1)] == [round(v * 1024) for v in rec["mask_coverage"]]
+    assert last["masked_rows"] == sum(last["mask_rows"].values())  # disjoint blocks
+    # every call's counters, recomputed directly from the op's inputs
+    dl = harness.as_deleaker_model(tr)
+    cfg_r = harness.resolve_config(cfg, None, dl.blocks_per_step)
+    arrays = M.step_arrays(batch=1, height=512, width=512, text_tokens=16, in_channels=tr.config.in_channels,
+                           text_dim=32, pooled_dim=16, guidance=True, entities=2, slots=4,
+                           step=M.busiest_step(cfg_r), config=cfg_r)
+    args = M.torch_step_args(arrays, "cpu", torch.float32)
+    seen = []
+    M.set_attention(dl, "reference")
+    procs = [b.attn.processor for b in list(tr.transformer_blocks) + list(tr.single_transformer_blocks)]
+    for p in procs:
+        def op(*a, _op=p.op):
+            _, _, recs = ob.reference_run(*a)
+            seen.append(ob.reference_counters(a[3], recs))
+            return _op(*a)
+        p.op = op
+    with M.PlantedHooks(tr, M.Plant(coverage=0.1), args[7], (32, 32), 2), torch.inference_mode():
+        dl(*args)
+    assert seen[-1] == [{**last, "mask_rows": {int(k): v for k, v in last["mask_rows"].items()}}]
+    assert sum(s[0]["cut_pairs"] for s in seen) == c["cut_pairs"]
+    with pytest.raises(M.BenchError, match="reference and cuda"):
+        M.step_edit_counters(dl, "sdpa", args)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_counters_equal_the_reference_counters():
+    """On a GPU with the fused library: the fused op's counters (its debug path, after timing)
+    equal the reference's on the planted step, plus its fallback rows."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    tr = M.random_flux_transformer("flux-dev", device="cuda", dtype=torch.bfloat16, num_layers=1,
+                                   num_single_layers=1, num_attention_heads=2, attention_head_dim=64,
+                                   axes_dims_rope=(16, 24, 24), joint_attention_dim=64, pooled_projection_dim=32)
+    rows = harness.bench_step_variants(tr, ("sdpa", "reference", "cuda"), height=512, width=512, text_tokens=32,
+                                       warmup=1, runs=2, plant=M.Plant())
+    ref, fused = rows[1], rows[2]
+    if fused["status"] == "skipped":
+        pytest.skip(fused["note"])
+    assert ref["edit_counters"]["mask_rows"] == fused["edit_counters"]["mask_rows"]
+    assert fused["edit_counters"]["source"] == "fused op debug path"
+    assert fused["edit_counters"]["fallback_rows"] is not None
+    assert all(0.12 <= c <= 0.16 for c in fused["mask_coverage"])

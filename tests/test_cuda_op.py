@@ -1,16 +1,23 @@
 """Fused CUDA DeLeaker op (plugins/; the CUDA kernel of torch.ops.deleaker.attention) vs the reference.
 
 GPU cases (`pytest -m gpu tests/test_cuda_op.py`, after building the library: plugins/README.md)
-run on structured inputs (benchmarks/op_bench.make_inputs: planted entities, clear-cut masks).
-Per case and plain/edit variant: every output written (NaN-poisoned first), history equal to the
-float32 reference at float32 tolerance, final masks equal to the reference's exactly, and the
-output's error against the float32 reference (relative and max) within 2x the error of the same
-reference code run in the inputs' precision (a materialised bf16/fp16 implementation).
-The CPU tests cover the inputs, the reference counters and the error paths.
+run on structured inputs (benchmarks/op_bench.make_inputs: planted entities, clear-cut masks;
+some with planted leakage and text pull so rules W and TT have work). Per case and plain/edit
+variant, benchmarks/verdict.py decides: no NaN in the outputs, history equal to the float32
+reference, (a) the window decision and final masks equal to the reference's exactly, (b) rule-X
+cut sets within a few pairs, (c) the output error against the float32 reference within 4x the
+output-rounding floor, a bound below the effect of every rule the case is counted for. Each
+case's verdict line (error, bound, the rules it demonstrates and those it does not) is printed
+and, with DELEAKER_VERDICT_REPORT=path, written to that file; the matrix as a whole must
+demonstrate every edit rule.
+The CPU tests cover the inputs, the reference counters and the error paths (the verdict
+itself: tests/test_verdict.py).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import subprocess
 import sys
 
@@ -18,6 +25,7 @@ import pytest
 import torch
 
 from deleaker.benchmarks import op_bench as ob
+from deleaker.benchmarks import verdict as V
 from deleaker.benchmarks.op_bench import Case
 
 
@@ -31,11 +39,6 @@ def _require_op():
     except cuda_op.CudaOpUnavailable as e:
         pytest.skip(str(e))
     return cuda_op
-
-
-def _err(x, ref):
-    d = x.float() - ref.float()
-    return float(d.norm() / ref.float().norm().clamp_min(1e-30)), float(d.abs().max())
 
 
 # ------------------------------------------------------------------------------------------
@@ -126,63 +129,92 @@ CASES = {
     "1536 E2 after (tau>i1, frozen)": (Case(**A1536, spec=TWO), {}, 20, 10),
     "1536 E2 TT on, no smoothing": (Case(**A1536, spec=TWO), dict(do_text_text_weakening=True, do_smoothing=False),
                                     *INSIDE.values()),
+    "1536 E2 leak (W has work)": (Case(**A1536, spec=TWO, leak=0.5), dict(use_history=False), *INSIDE.values()),
+    "1536 E3 TT large (leak + text pull)": (Case(**A1536, E=3, spec=THREE, leak=0.5, text_pull=1.0),
+                                            dict(use_history=False, do_text_text_weakening=True), *INSIDE.values()),
+    "1536 E4 all rules, hist-on": (Case(**A1536, E=4, spec=(((0, 0), (1, 1), (2, 2), (3, 3)),), leak=0.5,
+                                        text_pull=1.0), dict(do_text_text_weakening=True), *INSIDE.values()),
     "1536 E2 fp16": (Case(**A1536, spec=TWO, dtype="fp16"), dict(use_history=False), *INSIDE.values()),
     "1536 E2 FLUX layout [B,N,H,D]": (Case(**A1536, spec=TWO, layout="bnhd"), {}, *INSIDE.values()),
     "1536 E2 D=64 H=8": (Case(**A1536, H=8, D=64, spec=TWO), dict(use_history=False), *INSIDE.values()),
     "4608 E2 hist-on inside": (Case(**A4608, spec=TWO), {}, *INSIDE.values()),
     "4608 E3 hist-off inside (overlapping masks)": (Case(**A4608, E=3, spec=THREE), dict(use_history=False),
                                                     *INSIDE.values()),
+    "4608 E3 TT large (leak + text pull)": (Case(**A4608, E=3, spec=THREE, leak=0.5, text_pull=1.0),
+                                            dict(use_history=False, do_text_text_weakening=True), *INSIDE.values()),
     "3584 non-square 48x64 E2 hist-on": (Case(T=512, h=48, w=64, spec=TWO), {}, *INSIDE.values()),
     "B=2 E4 slots (one empty) mixed": (Case(**A1536, B=2, E=4, spec=(((0, 0), (2, 1), (3, 3)), ((1, 1), (3, 0)))),
                                        dict(use_history=False), *INSIDE.values()),
 }
 VARIANTS = [("cudnn", "delta"), ("own", "delta"), ("own", "full")]
+REPORT: list[str] = []  # verdict lines of this run
 
 
-def _check_against_reference(cuda_op, case, overrides_per_sample, step, block_offset, seed, variants=VARIANTS):
+@pytest.fixture(scope="module", autouse=True)
+def _verdict_report():
+    yield
+    if REPORT:
+        text = "\n".join(REPORT) + "\n"
+        print("\nverdicts:\n" + text)
+        path = os.environ.get("DELEAKER_VERDICT_REPORT")
+        if path:
+            with open(path, "a") as f:
+                f.write(text)
+
+
+def _case_inputs(case, overrides_per_sample, step, block_offset, seed):
     q, k, v, ent, hist = ob.make_inputs(case, seed=seed, device="cuda")
     windows, knobs, rules = ob.settings_for(overrides_per_sample, device="cuda")
-    grid = torch.tensor([case.h, case.w])
-    attrs = ob.attrs_for(block_offset)
-    # each sample alone through the reference (its own settings row), float32 and same precision
-    ref, ref_hist, recs, naive = [], [], [], []
-    for b in range(case.B):
-        one = (q[b:b + 1], k[b:b + 1], v[b:b + 1], ent[b:b + 1], hist[b:b + 1], step, grid,
-               windows[b:b + 1], knobs[b:b + 1], rules[b:b + 1], attrs)
-        r, rh, rc = ob.reference_run(*one)
-        n, _, _ = ob.reference_run(*one, upcast=False, record=False)
-        ref.append(r)
-        ref_hist.append(rh)
-        recs += rc
-        naive.append(n)
-    ref, ref_hist, naive = torch.cat(ref), torch.cat(ref_hist), torch.cat(naive)
-    naive_rel, naive_max = _err(naive, ref)
-    want = ob.reference_counters(ent, recs)
+    return (q, k, v, ent, hist, step, (case.h, case.w), windows, knobs, rules, ob.attrs_for(block_offset))
+
+
+def _seed(name):
+    return sum(map(ord, name)) % 10000
+
+
+@functools.lru_cache(maxsize=None)
+def _expected_case(name):
+    """The reference side of a CASES entry (inputs and verdict.Expected), computed once."""
+    case, overrides, step, block_offset = CASES[name]
+    args = _case_inputs(case, [overrides] * case.B, step, block_offset, _seed(name))
+    return args, V.expected(*args)
+
+
+def _check_against_reference(cuda_op, name, args, exp, variants=VARIANTS):
+    q, k, v, ent, hist, step, grid, windows, knobs, rules, attrs = args
     for plain, edit in variants:
-        d = cuda_op.debug_run(q, k, v, ent, hist, torch.tensor(step, device="cuda"), grid.cuda(), windows, knobs,
-                              rules, plain=plain, edit=edit, **attrs)
-        tag = f"{plain}/{edit}"
-        assert not torch.isnan(d["out"]).any() and not torch.isnan(d["history_out"]).any(), f"{tag}: unwritten outputs"
-        torch.testing.assert_close(d["history_out"], ref_hist, rtol=1e-4, atol=1e-7, msg=f"{tag}: history")
-        for b, rec in enumerate(recs):
-            assert bool(d["info"][b]["intervene"]) == (rec["masks"] is not None), f"{tag}: sample {b} window"
-            if rec["masks"] is not None:
-                active = (ent[b] > 0).any(-1).nonzero().flatten()
-                flips = int((d["masks"][b, active] != rec["masks"]).sum())
-                assert flips == 0, f"{tag}: sample {b}: {flips} mask rows differ from the reference"
-        rel, mx = _err(d["out"], ref)
-        assert rel <= 2 * naive_rel and mx <= 2 * naive_max, (
-            f"{tag}: fused error rel {rel:.2e} / max {mx:.2e} vs naive {naive_rel:.2e} / {naive_max:.2e}")
-    return want
+        d = cuda_op.debug_run(q, k, v, ent, hist, torch.tensor(step, device="cuda"), torch.tensor(grid, device="cuda"),
+                              windows, knobs, rules, plain=plain, edit=edit, **attrs)
+        tag = f"{name} [{plain}/{edit}]"
+        assert not torch.isnan(d["out"]).any() and not torch.isnan(d["history_out"]).any(), f"{tag}: NaN in outputs"
+        verdict = V.judge(tag, exp, V.observed_from_debug(d))
+        print(verdict.line())
+        REPORT.append(verdict.line())
+        assert verdict.passed, verdict.line()
+    return ob.reference_counters(ent, exp.records)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CASES))
 def test_fused_matches_reference(name):
     cuda_op = _require_op()
-    case, overrides, step, block_offset = CASES[name]
-    seed = sum(map(ord, name)) % 10000
-    _check_against_reference(cuda_op, case, [overrides] * case.B, step, block_offset, seed)
+    args, exp = _expected_case(name)
+    _check_against_reference(cuda_op, name, args, exp)
+
+
+@pytest.mark.gpu
+def test_matrix_demonstrates_every_rule():
+    """Over the case matrix each edit rule (and rule X's G after earlier pairs) has an effect
+    above margin x bound somewhere: the verdicts are evidence for all of them."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch sees none)")
+    shown = {}
+    for name in CASES:
+        for r in _expected_case(name)[1].demonstrated:
+            shown.setdefault(r, []).append(name)
+    REPORT.append("rules demonstrated by the matrix: " + "; ".join(f"{r}: {len(n)} cases" for r, n in shown.items()))
+    assert set(shown) == set(V.ALL_RULES), f"not demonstrated by any case: {set(V.ALL_RULES) - set(shown)}"
+    assert "TT" in _expected_case("1536 E3 TT large (leak + text pull)")[1].demonstrated
 
 
 @pytest.mark.gpu
@@ -199,7 +231,8 @@ def test_mixed_settings_batch_matches_each_sample_alone():
              k_strength=2.0, std_mul_text=0.8),
         dict(start_aggregating_from=400, start_intervention_from=400),  # no entity, window not reached
     ]
-    want = _check_against_reference(cuda_op, case, overrides, 5, 3, seed=11)
+    args = _case_inputs(case, overrides, 5, 3, seed=11)
+    want = _check_against_reference(cuda_op, "mixed settings B=4", args, V.expected(*args))
     assert [w["edited"] for w in want] == [True, False, True, False]  # the batch really mixes
     got = ob.op_counters(*ob.make_inputs(case, seed=11, device="cuda"), torch.tensor(5), torch.tensor([case.h, case.w]),
                          *ob.settings_for(overrides, device="cuda"), ob.attrs_for(3))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -58,6 +60,36 @@ def test_non_integer_sizes_are_errors(bad):
         lat.geometry(bad, 512)
 
 
+@pytest.mark.parametrize("height, width, side", [(100000, 100000, "height"), (512, 4112, "width"),
+                                                 (10 ** 30, 16, "height")])
+def test_too_large_sizes_fail_before_any_allocation(height, width, side):
+    tracemalloc.start()
+    try:
+        with pytest.raises(lat.LatentSizeError) as ei:
+            lat.initial_latents(lat.geometry(height, width), seeds=0)  # would be 10 GB of noise at 100000 px
+        with pytest.raises(lat.LatentSizeError):
+            lat.LatentGeometry(height, width)  # no way round the check
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 2 ** 20, f"{peak} bytes allocated before the size error"
+    msg = str(ei.value)
+    assert "\n" not in msg and f"{side} " in msg and f"maximum image side of {lat.MAX_IMAGE_SIDE} pixels" in msg
+    assert "max_side" in msg and "MAX_IMAGE_SIDE" in msg
+
+
+def test_max_side_is_overridable():
+    assert lat.MAX_IMAGE_SIDE == 4096
+    assert lat.geometry(4096, 4096).grid == (256, 256)  # the default limit itself is accepted
+    with pytest.raises(lat.LatentSizeError, match="maximum image side of 4096"):
+        lat.geometry(4096 + 16, 16)
+    assert lat.geometry(8192, 16, max_side=8192).grid == (512, 1)  # e.g. an artifact exported up to 8192
+    with pytest.raises(lat.LatentSizeError, match="width 1024 is larger than the maximum image side of 512"):
+        lat.geometry(512, 1024, max_side=512)  # a smaller exported range is stricter
+    with pytest.raises(lat.LatentSizeError, match="max_side must be an integer"):
+        lat.geometry(512, 512, max_side=4096.0)
+
+
 def test_shape_errors():
     with pytest.raises(lat.LatentSizeError, match="even"):
         lat.pack_latents(np.zeros((1, 16, 3, 4)))
@@ -92,3 +124,51 @@ def test_to_vae_latents_matches_pipeline_formula():
     ref = FluxPipeline._unpack_latents(torch.from_numpy(packed), 32, 64, 8)
     ref = (ref / 0.3611) + 0.1159
     np.testing.assert_allclose(lat.to_vae_latents(packed, geo, 0.3611, 0.1159), ref.numpy(), rtol=1e-6, atol=1e-6)
+
+
+# --- the size error at the entry points (runtime/errors.py) -------------------------------------
+
+def _too_large() -> int:
+    lat.geometry(100000, 100000)
+    return 0
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_size_error_exit_code_2_with_and_without_debug(capsys, monkeypatch, debug):
+    from deleaker.runtime.errors import run_reporting_errors
+
+    monkeypatch.delenv("DELEAKER_DEBUG", raising=False)
+    assert run_reporting_errors("deleaker", _too_large, debug=debug) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("deleaker: error: height 100000 is larger than the maximum image side")
+    assert ("Traceback (most recent call last)" in err) == debug  # --debug adds the traceback, same exit code
+    monkeypatch.setenv("DELEAKER_DEBUG", "1")
+    assert run_reporting_errors("deleaker", _too_large) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_bugs_are_not_reported_as_bad_input():
+    from deleaker.runtime.errors import run_reporting_errors
+
+    def bug() -> int:
+        raise RuntimeError("internal")
+
+    with pytest.raises(RuntimeError, match="internal"):
+        run_reporting_errors("deleaker", bug)
+
+
+def test_cli_rejects_huge_size_quickly(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "deleaker"
+    for extra in ([], ["--debug"]):
+        proc = subprocess.run([str(exe), "generate", "--model", str(tiny_model_dir), "--prompt", "a cat and a dog",
+                               "--entities", "cat,dog", "--height", "100000", "--width", "100000", "--quiet",
+                               "--out", str(tmp_path / "x.png"), *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.splitlines()[-1].startswith("deleaker: error: height 100000 is larger than")
+        assert ("Traceback" in proc.stderr) == bool(extra)
+        assert not (tmp_path / "x.png").exists()

@@ -1,12 +1,13 @@
-"""runtime/tokens.py: encoder inputs as FluxPipeline makes them, and entity location (section 5)."""
+"""runtime/tokens.py: encoder inputs as FluxPipeline makes them, and entity location (docs/semantics.md)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from deleaker.runtime.tokens import (EntityError, TextTokenizer, TokenizerError, clip_input_ids, entity_tokens,
                                      load_tokenizer, locate_entities, t5_input_ids)
@@ -166,9 +167,113 @@ def test_overlapping_entities(t5):
     with pytest.raises(EntityError) as ei:
         locate_entities(t5, "a cat and a dog", ["a cat", "cat"])
     msg = error_message(ei)
-    assert "overlap" in msg and "'a cat'" in msg and "'cat'" in msg
+    assert "overlap" in msg and "'a cat'" in msg and "'cat'" in msg and "no other occurrences" in msg
+
+
+# --- an entity that occurs more than once -------------------------------------------------------
+
+def test_repeated_entity_uses_first_occurrence_and_logs(t5, caplog):
+    prompt = "a cat and a cat"
+    with caplog.at_level(logging.INFO, logger="deleaker"):
+        (span,) = locate_entities(t5, prompt, ["cat"])
+    cat_id = t5.ids("cat", add_special_tokens=False)[0]
+    ids = t5.ids(prompt)
+    second = len(ids) - 1 - ids[::-1].index(cat_id)
+    assert span.start == ids.index(cat_id) < second  # the authors' rule: the first occurrence
+    (rec,) = [r for r in caplog.records if r.name == "deleaker"]
+    assert rec.levelno == logging.INFO
+    assert "'cat' occurs 2 times" in rec.getMessage() and "using the first" in rec.getMessage()
+    assert f"{span.start}..{span.start}" in rec.getMessage() and f"{second}..{second}" in rec.getMessage()
+
+
+def test_no_log_for_a_single_occurrence(t5, caplog):
+    with caplog.at_level(logging.INFO, logger="deleaker"):
+        locate_entities(t5, "a cat and a dog", ["cat", "dog"])
+    assert not [r for r in caplog.records if r.name == "deleaker"]
+
+
+@pytest.mark.parametrize("order", [("cat", "cat food"), ("cat food", "cat")])
+def test_overlap_resolved_by_a_separate_occurrence(t5, caplog, order):
+    prompt = "a bowl of cat food next to a cat"
+    with caplog.at_level(logging.INFO, logger="deleaker"):
+        spans = dict((s.entity, s) for s in locate_entities(t5, prompt, list(order)))
+    cat, food = spans["cat"], spans["cat food"]
+    tokens = t5.backend.encode(prompt).tokens
+    assert tokens_at(t5, prompt, food)[0] == "▁cat" and len(tokens_at(t5, prompt, food)) > 1
+    assert tokens_at(t5, prompt, cat) == ["▁cat"]
+    assert cat.start == len(tokens) - 2  # the separate "cat" at the end (before </s>), not the one in "cat food"
+    assert food.start < food.end <= cat.start
+    msgs = [r for r in caplog.records if r.name == "deleaker" and "'cat' occurs 2 times" in r.getMessage()]
+    assert len(msgs) == 1 and msgs[0].levelno == logging.WARNING
+    assert "using occurrence 2" in msgs[0].getMessage() and "overlap" in msgs[0].getMessage()
+
+
+def test_same_entity_twice_takes_both_occurrences(t5):
+    a, b = locate_entities(t5, "a cat and a cat", ["cat", "cat"])
+    (first,) = locate_entities(t5, "a cat and a cat", ["cat"])
+    assert a == first and b.start > a.end - 1 and tokens_at(t5, "a cat and a cat", b) == ["▁cat"]
     with pytest.raises(EntityError, match="overlap"):
-        locate_entities(t5, "a cat and a cat", ["cat", "cat"])  # both find the first occurrence
+        locate_entities(t5, "a cat and a dog", ["cat", "cat"])  # one occurrence for two entities
+
+
+def test_placement_backtracks_deterministically(t5):
+    # greedy first choices (cat -> 1st, cat -> 2nd) leave no room for "cat food"; the search moves
+    # the earlier entities to the earliest choice that fits everything
+    prompt = "cat food and a cat and a cat"
+    cat_id = t5.ids("cat", add_special_tokens=False)[0]
+    ids = t5.ids(prompt)
+    positions = [i for i, v in enumerate(ids) if v == cat_id]
+    assert len(positions) == 3
+    for _ in range(2):
+        c1, c2, food = locate_entities(t5, prompt, ["cat", "cat", "cat food"])
+        assert (c1.start, c2.start, food.start) == (positions[1], positions[2], positions[0])
+
+
+def test_later_occurrence_cut_off_by_truncation_is_not_used(t5):
+    prompt = "a cat food and a cat"
+    spans = locate_entities(t5, prompt, ["cat food", "cat"])
+    last_cat = spans[1]
+    # at a length that cuts the separate "cat" off, only the overlapping one is left
+    with pytest.raises(EntityError, match="overlap"):
+        locate_entities(t5, prompt, ["cat food", "cat"], last_cat.start + 1)
+    assert locate_entities(t5, prompt, ["cat food", "cat"], last_cat.end + 1) == spans
+
+
+# --- entities the tokenizer cannot represent ----------------------------------------------------
+
+@pytest.mark.parametrize("entities", [["🐱"], ["🐱", "🐶"], ["cat", "日本"]])
+def test_entity_that_does_not_survive_tokenization(t5, entities):
+    prompt = "a cat, a 🐱 and a 🐶 in 日本"
+    unk = t5.backend.id_to_token(t5.unk_id)
+    assert unk == "<unk>" and t5.ids("🐱", False)[-1] == t5.unk_id == t5.ids("🐶", False)[-1]
+    with pytest.raises(EntityError) as ei:
+        locate_entities(t5, prompt, entities)
+    msg = error_message(ei)
+    bad = entities[-1] if entities[0] == "cat" else entities[0]
+    assert f"entity '{bad}' does not survive tokenization (" in msg and "overlap" not in msg
+    assert "'<unk>'" in msg
+
+
+def test_partly_unknown_entity_matches_only_its_own_text(t5):
+    prompt = "a x🐶 and a x🐱"
+    assert t5.ids("x🐶", False) == t5.ids("x🐱", False)  # same ids: only the text tells them apart
+    (span,) = locate_entities(t5, prompt, ["x🐱"])
+    enc = t5.backend.encode(prompt)
+    assert prompt[enc.offsets[span.start][0]:enc.offsets[span.end - 1][1]].strip() == "x🐱"
+    with pytest.raises(EntityError, match="not found"):
+        locate_entities(t5, "a x🐶", ["x🐱"])
+
+
+def test_entity_with_no_tokens():
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "cat": 3}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Replace("!", "")
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = TextTokenizer(folder=None, backend=backend, pad_id=0, pad_token="<pad>", model_max_length=None)
+    assert tok.unk_id == 2
+    with pytest.raises(EntityError) as ei:
+        locate_entities(tok, "cat !!", ["!!"], 8)
+    assert "entity '!!' does not survive tokenization (" in error_message(ei) and "no tokens" in str(ei.value)
 
 
 @pytest.mark.parametrize("empty", ["", "   "])

@@ -1,0 +1,184 @@
+"""The `aoti` backend: serves an AOTInductor artifact (deleaker-export aoti) with torch alone.
+
+Four .pt2 packages (CLIP pooled, T5, the DeLeaker transformer step, the VAE decoder), each
+compiled ahead of time for one device and loaded with torch._inductor.aoti_load_package: no
+diffusers, transformers or onnx in the process, no compilation at load. A session keeps every
+input, the schedule and the state on the device, as the torch backend does; each step is one
+call of the compiled step and the Euler update in float32.
+
+The compiled step calls the DeLeaker op (torch.ops.deleaker.attention) through the dispatcher,
+so the op must be registered in this process: loading the backend imports its definition
+(deleaker.export.reference_op, which needs only torch: the reference kernel, for every device)
+and, for op "cuda" (or "auto" on a GPU where the library is built), the fused CUDA kernel
+library (deleaker.export.cuda_op).
+
+torch is imported when a backend is created, never at module import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .. import step_io
+from ..artifact import Artifact, ArtifactError, load_artifact
+from .base import Backend, Session, SessionInputs
+
+log = logging.getLogger("deleaker")
+
+BACKEND = "aoti"
+OPS = ("auto", "reference", "cuda")
+
+
+class AotiError(ValueError):
+    """The aoti backend cannot run here or on this artifact; the message says why and what to do."""
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise AotiError(f"the aoti backend needs torch ({e}); pip install torch") from e
+    return torch
+
+
+def register_op(op: str = "auto", device: str = "cpu") -> str:
+    """Register torch.ops.deleaker.attention for the packages to call; returns the kernel used
+    on `device`: "reference" or "cuda" (the fused library)."""
+    if op not in OPS:
+        raise AotiError(f"unknown op {op!r} for the aoti backend; choose from {', '.join(OPS)}")
+    # the op's schema, fake and reference kernel (imports torch and deleaker.runtime only)
+    importlib.import_module("deleaker.export.reference_op")
+    on_gpu = device.startswith("cuda")
+    if op == "reference" or (op == "auto" and not on_gpu):
+        return "reference"
+    if not on_gpu:
+        raise AotiError("op 'cuda' (the fused kernels) runs on a GPU: use --device cuda")
+    cuda_op = importlib.import_module("deleaker.export.cuda_op")
+    try:
+        cuda_op.load()
+    except cuda_op.CudaOpUnavailable as e:
+        if op == "cuda":
+            raise AotiError(str(e)) from None
+        log.info("aoti: fused DeLeaker op not available (%s); the packages call the reference op", e)
+        return "reference"
+    return "cuda"
+
+
+def load_package(path: str | Path, device: str = "cpu"):
+    """One .pt2 package as a callable on `device` (the op must be registered: register_op)."""
+    torch = _torch()
+    register_op("reference")  # idempotent; the fused kernel, if wanted, is loaded by the caller first
+    dev = torch.device(device)
+    try:
+        return torch._inductor.aoti_load_package(str(path), device_index=dev.index if dev.index is not None else -1)
+    except Exception as e:  # torch raises RuntimeError with a C++ trace; keep the first line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"cannot load the AOTInductor package {path}: {msg}") from e
+
+
+class AotiSession(Session):
+    """One batch on the device: inputs, schedule and state stay there; a step is one package call."""
+
+    def __init__(self, backend: "AotiBackend", inputs: SessionInputs):
+        torch, dev = backend.torch, backend.device
+        self.torch = torch
+        self.model = backend.models["transformer"]
+        E = backend.info.entity_slots
+        if inputs.history.shape[1] != E:
+            raise AotiError(f"history must be [B, {E}, I] for this artifact ({E} entity slots); "
+                            f"got {inputs.history.shape}")
+
+        def put(x, dtype: str):
+            return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).to(dev)
+
+        with torch.no_grad():
+            embeds, pooled = backend.encode_on_device(put(inputs.clip_ids, "int64"), put(inputs.t5_ids, "int64"))
+        B = inputs.batch_size
+        self.names = step_io.input_names(backend.info.guidance_embeds)
+        # the static inputs, on the device once: embeds [B, T, Dt], pooled [B, Dp], entity_tokens [B, E, T], ...
+        self.feeds = {"encoder_hidden_states": embeds, "pooled_projections": pooled,
+                      **{k: put(v, step_io.by_name(k).dtype) for k, v in inputs.static.items() if k in self.names}}
+        self.x = put(inputs.latents, "float32")  # [B, I, C]
+        self.history = put(inputs.history, "float32")  # [B, E, I]
+        self.timesteps = put(np.repeat(inputs.timesteps[:, None], B, axis=1), "float32")  # [S, B]
+        sig = inputs.sigmas.astype(np.float32)
+        self.dts = put(sig[1:] - sig[:-1], "float32")  # [S]
+        self.steps = torch.arange(inputs.num_steps, dtype=torch.int64, device=dev)  # [S]: step i as a 0-d view
+
+    def step(self, i: int) -> None:
+        loop = {"hidden_states": self.x, "timestep": self.timesteps[i], "history": self.history, "step": self.steps[i]}
+        feeds = {**self.feeds, **loop}
+        with self.torch.no_grad():
+            noise, self.history = self.model(**{n: feeds[n] for n in self.names})
+        self.x = self.x + self.dts[i] * noise  # FlowMatchEuler in float32 (runtime/scheduler.py)
+
+    def result(self):
+        return self.x.cpu().numpy(), self.history.float().cpu().numpy()
+
+
+class AotiBackend(Backend):
+    name = BACKEND
+
+    def __init__(self, artifact: Artifact, device: str = "cpu", op: str = "auto"):
+        torch = _torch()
+        self.torch = torch
+        self.artifact = artifact
+        self.info = artifact.model_info()
+        self.device = torch.device(device)
+        files = artifact.backend_files(BACKEND)
+        for name, entry in artifact.manifest["models"].items():
+            compiled_for = entry.get("device")
+            if name in files and compiled_for and compiled_for != self.device.type:
+                raise AotiError(f"artifact {artifact.root} was compiled for {compiled_for}, not {self.device.type}: "
+                                f"use --device {compiled_for}, or export again with "
+                                f"`deleaker-export aoti --device {self.device.type}`")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise AotiError(f"device {device!r} requested but torch sees no CUDA GPU")
+        # the decoder package takes at most this many images per call (the export's bound)
+        self.vae_max_batch = int(artifact.manifest["models"].get("vae_decoder", {}).get("max_batch") or 0)
+        self.op = register_op(op, str(self.device))
+        self.models = {name: load_package(artifact.path(BACKEND, name), str(self.device))
+                       for name in ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")}
+        log.info("aoti: loaded %s on %s (DeLeaker op: %s kernel)", artifact.root, self.device, self.op)
+
+    @classmethod
+    def load(cls, source: str | None = None, *, device: str = "cpu", op: str = "auto", threads: int | None = None,
+             progress: bool = True) -> "AotiBackend":
+        """threads: CPU threads of the packages' kernels (torch's intra-op pool, process-wide)."""
+        if source is None:
+            raise AotiError("the aoti backend serves an artifact: pass --artifact DIR "
+                            "(make one with `deleaker-export aoti --model CHECKPOINT --out DIR`)")
+        if threads:
+            _torch().set_num_threads(int(threads))
+        return cls(load_artifact(source), device=device, op=op)
+
+    def encode_on_device(self, clip_ids, t5_ids):
+        """Token ids on the device -> (prompt_embeds [B, T, Dt], pooled [B, Dp]) float32 on the device."""
+        T = self.info.max_text_tokens
+        if t5_ids.shape[-1] != T:
+            raise AotiError(f"T5 ids have {t5_ids.shape[-1]} tokens; this artifact was exported for {T}")
+        pooled = self.models["text_encoder"](input_ids=clip_ids)  # one output: the tensor itself
+        embeds = self.models["text_encoder_2"](input_ids=t5_ids)
+        return embeds, pooled
+
+    def encode_prompt(self, clip_ids: np.ndarray, t5_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        with torch.no_grad():
+            embeds, pooled = self.encode_on_device(torch.from_numpy(np.ascontiguousarray(clip_ids, np.int64)).to(
+                self.device), torch.from_numpy(np.ascontiguousarray(t5_ids, np.int64)).to(self.device))
+        return embeds.cpu().numpy(), pooled.cpu().numpy()
+
+    def start_session(self, inputs: SessionInputs) -> AotiSession:
+        return AotiSession(self, inputs)
+
+    def decode(self, vae_latents: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        z = torch.from_numpy(np.ascontiguousarray(vae_latents, np.float32)).to(self.device)  # [B, 16, h, w]
+        chunk = self.vae_max_batch or z.shape[0]
+        with torch.no_grad():
+            images = [self.models["vae_decoder"](latents=part) for part in z.split(chunk)]  # [b, 3, H, W] each
+        return torch.cat(images).cpu().numpy()
