@@ -149,6 +149,10 @@ def run(args) -> int:
 
     spec = spec_from_args(args)
     spec.validate()
+    if spec.artifact:  # a broken artifact is bad input: fail now, in one line, not as skipped rows
+        from deleaker.runtime.artifact import load_artifact
+
+        load_artifact(spec.artifact)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "results.jsonl"

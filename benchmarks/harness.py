@@ -304,6 +304,9 @@ def bench_backend_step_variants(backend, variants: Sequence[str] = ("vanilla", "
         if v not in ("vanilla", "deleaker"):
             raise M.BenchError(f"variant must be vanilla or deleaker, got {v!r}")
     info = backend.info
+    if info.size_range is not None and not all(info.size_range[0] <= v <= info.size_range[1] for v in (height, width)):
+        raise M.BenchError(f"{width}x{height} is outside the range this {backend.name} engine was exported for "
+                           f"{list(info.size_range)}")
     cfg = resolve_config(config, steps, info.blocks_per_step)
     case = _case_fields(height=height, width=width, batch_size=batch_size, text_tokens=info.max_text_tokens,
                         entities=entities, entity_slots=info.entity_slots, steps=steps, step=step, warmup=warmup,

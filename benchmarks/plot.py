@@ -58,8 +58,9 @@ def plot_records(records: list[dict], path: str | Path, title: str = "deleaker-b
             series.setdefault(key, []).append((r["batch_size"], r["images_per_s"]))
     for (lab, size, mode), pts in series.items():
         pts.sort()
+        # e2e: dashed with hollow markers, so it never reads as the step line of the same colour
         ax_b.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[size], color=colours.get(lab),
-                  linestyle="-" if mode == "step" else "--", label=f"{lab} {size} ({mode})")
+                  linestyle="-" if mode == "step" else "--", markerfacecolor=None if mode == "step" else "none")
     ax_b.set_xlabel("batch size")
     ax_b.set_ylabel("images/s (step: transformer only, S steps; e2e: whole generation)", fontsize=8)
     ax_b.set_title("throughput", fontsize=10)
@@ -68,11 +69,26 @@ def plot_records(records: list[dict], path: str | Path, title: str = "deleaker-b
         ax_b.set_xticks(bs)
     if series:
         ax_b.set_yscale("log")
-        ax_b.legend(fontsize=6, ncol=2 if len(series) > 8 else 1)
+        ax_b.legend(handles=_legend_handles(series, colours, markers), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _legend_handles(series: dict, colours: dict, markers: dict) -> list:
+    """One legend entry per variant (colour), image size (marker) and mode (line style), not one per
+    combination."""
+    from matplotlib.lines import Line2D
+
+    labs = list(dict.fromkeys(k[0] for k in series))
+    sizes = list(dict.fromkeys(k[1] for k in series))
+    modes = list(dict.fromkeys(k[2] for k in series))
+    handles = [Line2D([], [], color=colours.get(lab), lw=6, label=lab) for lab in labs]
+    handles += [Line2D([], [], color="grey", marker=markers[size], linestyle="none", label=size) for size in sizes]
+    handles += [Line2D([], [], color="grey", linestyle="-" if m == "step" else "--",
+                       marker="o", markerfacecolor=None if m == "step" else "none", label=m) for m in modes]
+    return handles
 
 
 def _case(r: dict) -> str:

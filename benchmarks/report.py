@@ -127,7 +127,7 @@ def _fmt(x, spec: str = ".3g", none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
 
-TABLE_HEADER = ("| mode | backend | size | B | E | S | variant | per step: median (p10-p90) | s / image | images/s "
+TABLE_HEADER = ("| mode | backend | size | T | B | E | S | variant | per step: median (p10-p90) | s / image | images/s "
                 "| vs vanilla | peak host MiB | peak device MiB | mask coverage |")
 
 
@@ -139,8 +139,8 @@ def table_row(r: dict, notes: dict[str, int] | None = None) -> str:
         n = r.get("note", "")
         note = f"{r.get('status')} [{notes[n]}]" if notes and n in notes else f"{r.get('status')}: {n}"
         note = note.replace("|", "/")
-        return (f"| {r['mode']} | {r['backend']} | {size} | {r.get('batch_size')} | {r.get('entities')} | "
-                f"{r.get('steps')} | {r['label']} | {note} | | | | | | |")
+        return (f"| {r['mode']} | {r['backend']} | {size} | {_fmt(r.get('text_tokens'), 'd')} | {r.get('batch_size')} | "
+                f"{r.get('entities')} | {r.get('steps')} | {r['label']} | {note} | | | | | | |")
     per_step = f"{fmt_time(r['step_median_s'])} ({fmt_time(r['step_p10_s'])}-{fmt_time(r['step_p90_s'])})"
     ratio = "1 (baseline)" if r.get("baseline") == r["label"] else (
         f"{r['ratio_vs_vanilla']:.2f}x" if r.get("ratio_vs_vanilla") is not None else "-")
@@ -150,7 +150,8 @@ def table_row(r: dict, notes: dict[str, int] | None = None) -> str:
     cov = r.get("mask_coverage")
     cov = "-" if not cov else " / ".join(f"{c:.0%}" for c in cov)
     spi = fmt_time(r.get("seconds_per_image")) if r["mode"] == "e2e" else "-"
-    return (f"| {r['mode']} | {r['backend']} | {size} | {r['batch_size']} | {r['entities']} | {r['steps']} | "
+    return (f"| {r['mode']} | {r['backend']} | {size} | {_fmt(r.get('text_tokens'), 'd')} | {r['batch_size']} | "
+            f"{r['entities']} | {r['steps']} | "
             f"{r['label']} | {per_step} | {spi} | {_fmt(r.get('images_per_s'))} | {ratio} | "
             f"{_fmt(r.get('peak_host_mib'), '.0f')} | {dev} | {cov} |")
 

@@ -8,6 +8,7 @@ An artifact serves every step count and DeLeaker setting (they are per-request i
 exported step); --preset only records the default settings for requests that bring none.
     deleaker-export verify ARTIFACT --model DIR [--checks op,step,loop] [--steps N] [--height H --width W]
                          [--atol A --rtol R]
+    deleaker-export aoti --model DIR --out ARTIFACT [...]   (AOTInductor packages; docs/compiled.md)
     deleaker-export engine ARTIFACT [--plugin PATH] [--min S] [--opt S] [--max S] [--max-batch N]
                          (TensorRT engines beside the ONNX files; docs/tensorrt.md)
 """
@@ -57,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="compare an artifact in ONNX Runtime with the PyTorch model")
     v.add_argument("artifact", help="artifact folder written by `deleaker-export onnx`")
     v.add_argument("--model", required=True, help="the checkpoint the artifact was exported from")
-    v.add_argument("--checks", default="op,step,loop", help="comma-separated: op, step, loop")
+    v.add_argument("--backend", choices=("onnxruntime", "aoti"), default="onnxruntime",
+                   help="which of the artifact's engines to check against PyTorch")
+    v.add_argument("--checks", help="comma-separated: op, step, loop (default: all the backend has; aoti: step, loop)")
     v.add_argument("--steps", type=int,
                    help="denoising steps the checks' DeLeaker windows are resolved for (default: the artifact's "
                         "default settings')")
@@ -69,7 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--atol", type=float, help="absolute tolerance for every check (default: per check and dtype)")
     v.add_argument("--rtol", type=float, help="relative tolerance for every check")
 
-    for sp in (o, v):
+    from . import aoti
+
+    a = aoti.add_parser(sub)
+    for sp in (o, v, a):
         sp.add_argument("--quiet", action="store_true", help="only errors (and verify's result lines)")
         sp.add_argument("--debug", action="store_true", help="full tracebacks on errors")
     from .tensorrt_engine import add_parser as add_engine_parser
@@ -108,9 +114,15 @@ def _onnx(args) -> int:
 
 
 def _verify(args) -> int:
-    from .onnx_verify import verify
+    if args.backend == "aoti":
+        from .aoti import verify_aoti as verify
 
-    checks = tuple(c.strip() for c in args.checks.split(",") if c.strip())
+        default_checks = "step,loop"
+    else:
+        from .onnx_verify import verify
+
+        default_checks = "op,step,loop"
+    checks = tuple(c.strip() for c in (args.checks or default_checks).split(",") if c.strip())
     entities = tuple(e.strip() for e in args.entities.split(",") if e.strip())
     rows = verify(args.artifact, args.model, checks=checks, steps=args.steps, height=args.height, width=args.width,
                   device=args.device, prompt=args.prompt, entities=entities, atol=args.atol, rtol=args.rtol)
@@ -131,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         if args.command == "engine":
             from .tensorrt_engine import run
+
+            return run(args)
+        if args.command == "aoti":
+            from .aoti import run
 
             return run(args)
         return _onnx(args) if args.command == "onnx" else _verify(args)

@@ -41,6 +41,8 @@ def update_history(hist: torch.Tensor, p: torch.Tensor, tau: int, a0: int, a1: i
 
 def entity_masks(a: torch.Tensor, beta1: float) -> torch.Tensor:
     """Section 4.1: a [E, I] -> boolean masks [E, I], threshold mean + beta1 * unbiased std."""
+    if a.shape[-1] < 2:  # one image token: the unbiased std is NaN and nothing compares greater
+        return torch.zeros_like(a, dtype=torch.bool)
     theta = a.mean(dim=-1, keepdim=True) + beta1 * a.std(dim=-1, unbiased=True, keepdim=True)
     return a > theta
 
@@ -198,7 +200,9 @@ def deleaker_attention_ref(q, k, v, entity_tokens, history, step, grid, windows,
                             history[b].float(), step, h, w, int(block_offset), int(blocks_per_step), settings)
         outs.append(o)
         hists.append(hb)
-    return torch.stack(outs).to(q.dtype), torch.stack(hists)
+    # in q's layout (q is often a transposed view), as the fake implementation and the fused kernel
+    # promise: compiled graphs read the output with the fake's strides
+    return torch.empty_like(q).copy_(torch.stack(outs)), torch.stack(hists)
 
 
 @torch.library.custom_op(op_schema.TORCH_OP, mutates_args=())

@@ -3,6 +3,14 @@
 The development and comparison backend: the reference op (or the fused CUDA op when built)
 inside diffusers' own FluxTransformer2DModel, transformers' CLIP/T5 encoders and diffusers'
 AutoencoderKL. Weights load from disk only.
+
+Two options make the step faster on a GPU (docs/compiled.md):
+  cuda_graphs  capture one step (transformer + Euler update) per (batch, image size) in a CUDA
+               graph on first use and replay it every step of every later session of that
+               shape (default: on for CUDA with the fused op; the reference op reads the step
+               and grid on the host, which a graph cannot capture, so it runs eagerly);
+  compile      torch.compile the DeLeaker step (the op stays one opaque call: its fake
+               implementation gives the compiler the shapes).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import torch
 
 from deleaker.runtime import op_schema
 from deleaker.runtime.backends.base import Backend, ModelInfo, Session, SessionInputs
+from deleaker.runtime.config import DeLeakerConfig
 from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 
 from .checkpoint import load_checkpoint
@@ -41,6 +50,108 @@ def _check_fused_op_fits(tcfg, device: str, dtype: str) -> None:
                          f"{tcfg.attention_head_dim} (use --attention reference)")
 
 
+class CompileError(ValueError):
+    """The step cannot be compiled correctly here; the message says why."""
+
+
+def check_op_layout(device: str = "cpu") -> None:
+    """The DeLeaker op's kernel and its fake must agree on the output's memory layout.
+
+    torch.compile and AOTInductor lay out everything after the op from the fake's strides (the
+    joint attention passes q as a transposed view); a kernel returning another layout would be
+    read as garbage by the compiled code, silently. Checked on the kernel `device` dispatches to.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .reference_op import settings_tensors
+
+    on_gpu = device.startswith("cuda")
+    B, H, T, I, D, E = 1, 2, 3, 4, 64 if on_gpu else 8, 2  # a head size the fused kernels take, if loaded
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    # [B, H, N, D] as the processor passes it: a transposed view of [B, N, H, D]
+    q = torch.randn(B, T + I, H, D, device=device, dtype=dtype).transpose(1, 2)
+    ent = torch.zeros(B, E, T, device=device)  # [B, E, T]
+    hist = torch.zeros(B, E, I, device=device)  # [B, E, I]
+    windows, knobs, rules = settings_tensors([DeLeakerConfig().resolved(1)], device)
+    args = (q, q, q, ent, hist, torch.tensor(0, device=device), torch.tensor([2, 2], device=device),
+            windows, knobs, rules, 0, 1)
+    with torch.no_grad():
+        real = torch.ops.deleaker.attention(*args)[0]
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = torch.ops.deleaker.attention(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                  for a in args))[0]
+    if tuple(real.stride()) != tuple(fake.stride()):
+        raise CompileError(f"torch.ops.deleaker.attention's {device} kernel returns strides {tuple(real.stride())} "
+                           f"but its fake implementation says {tuple(fake.stride())}: compiled code would misread the "
+                           f"op's output; the kernel must return q's memory layout (as the fused CUDA kernel does)")
+
+
+class StepGraph:
+    """One denoising step (transformer + Euler update) of one (batch, image size), captured in a
+    CUDA graph over static buffers: the step's inputs, the state (x, history), the schedule (up
+    to `capacity` steps) and a step counter, all on the device. A replay reads step i's
+    timestep and dt by indexing the schedule with the counter and advances the counter, so no
+    value crosses from the host during the loop."""
+
+    WARMUP = 2  # eager runs on a side stream before capture (allocator and library handles settle)
+
+    def __init__(self, step_fn, like: "TorchSession", capacity: int):
+        self.step_fn = step_fn
+        self.capacity = capacity
+        self.inputs = {k: torch.empty_like(v) for k, v in like.static_inputs().items() if v is not None}
+        self.x = torch.empty_like(like.x)  # [B, I, C] float32
+        self.history = torch.empty_like(like.history)  # [B, E, I]
+        B = like.x.shape[0]
+        self.timesteps = torch.zeros(capacity, B, dtype=like.timesteps.dtype, device=like.x.device)  # [cap, B]
+        self.dts = torch.zeros(capacity, dtype=torch.float32, device=like.x.device)  # [cap]
+        self.counter = torch.zeros((), dtype=torch.long, device=like.x.device)  # the step index, on the device
+        self.graph = None
+
+    def load(self, session: "TorchSession") -> None:
+        """Copy a session's inputs, state and schedule into the static buffers (device to device)."""
+        for k, v in session.static_inputs().items():
+            if v is not None:
+                self.inputs[k].copy_(v)
+        self.x.copy_(session.x)
+        self.history.copy_(session.history)
+        S = session.dts.shape[0]
+        self.timesteps[:S].copy_(session.timesteps)
+        self.dts[:S].copy_(session.dts)
+        self.counter.zero_()
+
+    def body(self) -> None:
+        i = self.counter.view(1)
+        t = self.timesteps.index_select(0, i)[0]  # [B]
+        dt = self.dts.index_select(0, i)  # [1]
+        a = self.inputs
+        noise, history = self.step_fn(
+            self.x.to(a["embeds"].dtype), a["embeds"], a["pooled"], t, a["img_ids"], a["txt_ids"], a.get("guidance"),
+            a["entity_tokens"], self.history, self.counter, a["grid"], a["windows"], a["knobs"], a["rules"])
+        self.x.copy_(self.x + dt * noise.float())  # as the eager step: FlowMatchEuler in float32
+        self.history.copy_(history)
+        self.counter.add_(1)
+
+    def capture(self, session: "TorchSession") -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                self.body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.load(session)  # the warm-up advanced the state: start again from the session's
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.body()
+        self.graph = graph
+
+    def seek(self, i: int, steps: torch.Tensor) -> None:
+        """Set the counter to step i from the session's device-side step indices (no host value)."""
+        self.counter.copy_(steps[i])
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
 class TorchSession(Session):
     """One batch on the torch device: every input, the schedule and the state stay there."""
 
@@ -57,6 +168,7 @@ class TorchSession(Session):
         self.guidance = put(st["guidance"]) if "guidance" in st else None  # [B]
         self.entity_tokens = put(st["entity_tokens"], torch.float32)  # [B, E, T]
         self.grid = put(st["grid"], torch.long)  # [2]
+        self.grid_hw = tuple(int(v) for v in st["grid"])  # (h, w) on the host: the graph cache key
         self.windows, self.knobs, self.rules = (put(st[n], torch.long if n != "knobs" else torch.float32)
                                                 for n in op_schema.SETTINGS_TENSORS)  # [B, 4], [B, 3], [B, 6]
         self.x = put(inputs.latents, torch.float32)  # [B, I, C]: the Euler state stays in float32
@@ -66,24 +178,59 @@ class TorchSession(Session):
         sig = inputs.sigmas.astype(np.float32)
         self.dts = put(sig[1:] - sig[:-1], torch.float32)  # [S] sigma_{i+1} - sigma_i
         self.steps = torch.arange(inputs.num_steps, dtype=torch.long, device=dev)  # [S]: step i as a 0-d view
+        self.step_fn = be.step_fn
+        self.graph = be.step_graph(self) if be.cuda_graphs else None  # None: eager steps
+        self._next = 0  # the step the graph's counter points at
+
+    def static_inputs(self) -> dict:
+        """The step's inputs that stay fixed for the session (guidance None without guidance embeds)."""
+        return {"embeds": self.embeds, "pooled": self.pooled, "img_ids": self.img_ids, "txt_ids": self.txt_ids,
+                "guidance": self.guidance, "entity_tokens": self.entity_tokens, "grid": self.grid,
+                "windows": self.windows, "knobs": self.knobs, "rules": self.rules}
 
     @torch.no_grad()
     def step(self, i: int) -> None:
-        noise, self.history = self.model(
+        if self.graph is not None:
+            if i != self._next:
+                self.graph.seek(i, self.steps)
+            self.graph.replay()
+            self._next = i + 1
+            return
+        noise, self.history = self.step_fn(
             self.x.to(self.embeds.dtype), self.embeds, self.pooled, self.timesteps[i], self.img_ids, self.txt_ids,
             self.guidance, self.entity_tokens, self.history, self.steps[i], self.grid, self.windows, self.knobs,
             self.rules)
         self.x = self.x + self.dts[i] * noise.float()  # FlowMatchEuler in float32 (runtime/scheduler.py)
 
     def result(self):
-        return self.x.cpu().numpy(), self.history.float().cpu().numpy()
+        x, history = (self.graph.x, self.graph.history) if self.graph is not None else (self.x, self.history)
+        return x.cpu().numpy(), history.float().cpu().numpy()
+
+
+def graphs_wanted(requested: bool | None, device: torch.device, op: str) -> bool:
+    """Whether the backend captures CUDA graphs: `requested` (None: the default) where capture is
+    possible, with one log line saying why not where it was asked for and is not."""
+    if requested not in (None, True, False):
+        raise ValueError(f"cuda_graphs must be True, False or None (default), got {requested!r}")
+    if requested is False:
+        return False
+    if device.type != "cuda":
+        why = f"the device is {device.type}, not CUDA"
+    elif op != "cuda":
+        why = (f"the {op} op reads the step and grid on the host, which a graph cannot capture "
+               f"(the fused op, op='cuda', reads them on the device)")
+    else:
+        return True
+    if requested:
+        log.warning("CUDA graphs off: %s; the step runs eagerly", why)
+    return False
 
 
 class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, ckpt, device: str = "cpu", op: str = "reference", entity_slots: int = DEFAULT_ENTITY_SLOTS,
-                 max_text_tokens: int | None = None):
+                 max_text_tokens: int | None = None, cuda_graphs: bool | None = None, compile: bool = False):
         self.device = torch.device(device)
         self.ckpt = ckpt
         self.dtype = ckpt.dtype
@@ -91,6 +238,17 @@ class TorchBackend(Backend):
         self.text_encoder_2 = ckpt.text_encoder_2.to(self.device).eval()
         self.vae = ckpt.vae.to(self.device).eval()
         self.model = DeLeakerFlux(ckpt.transformer.to(self.device).eval(), op_name=op)
+        if compile not in (True, False):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
+        if compile:
+            check_op_layout(str(self.device))  # before any compiled step can misread the op
+        # the step as called by sessions: the module, or torch.compile of it (compiled on first call per shape)
+        self.step_fn = torch.compile(self.model) if compile else self.model
+        self.compiled = compile
+        self.cuda_graphs = graphs_wanted(cuda_graphs, self.device, op)
+        self._graphs: dict[tuple, StepGraph | None] = {}  # (batch, grid h, grid w) -> captured step (None: failed)
+        log.info("torch backend: %s on %s, op %s%s%s", ckpt.path, self.device, op, ", compiled" if compile else "",
+                 ", CUDA graphs" if self.cuda_graphs else "")
         tcfg = ckpt.transformer.config
         self.info = ModelInfo(
             name=str(ckpt.path), in_channels=tcfg.in_channels, latent_channels=ckpt.vae.config.latent_channels,
@@ -136,6 +294,33 @@ class TorchBackend(Backend):
 
     def start_session(self, inputs: SessionInputs) -> TorchSession:
         return TorchSession(self, inputs)
+
+    @torch.no_grad()
+    def step_graph(self, session: TorchSession) -> StepGraph | None:
+        """The captured step for this session's (batch, size), loaded with its inputs; captured on
+        first use and reused by every later session of that shape. None: eager (capture failed)."""
+        B, (h, w) = session.x.shape[0], session.grid_hw
+        key = (B, h, w)
+        S = session.dts.shape[0]
+        graph = self._graphs.get(key, False)
+        if graph is None:
+            return None
+        if graph is False or graph.capacity < S:
+            graph = StepGraph(self.step_fn, session, capacity=max(S, 64))
+            graph.load(session)
+            try:
+                graph.capture(session)
+            except RuntimeError as e:  # e.g. an op that synchronises with the host
+                log.warning("CUDA graph capture failed for batch %d, %dx%d tokens (%s); this shape runs eagerly",
+                            B, h, w, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                self._graphs[key] = None
+                return None
+            self._graphs[key] = graph
+            log.info("captured a CUDA graph of the step for batch %d, %dx%d image tokens (up to %d steps)", B, h, w,
+                     graph.capacity)
+            return graph  # capture left the buffers loaded with this session
+        graph.load(session)
+        return graph
 
     @torch.no_grad()
     def decode(self, vae_latents):

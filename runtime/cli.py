@@ -33,8 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", help="diffusers-format FLUX folder (torch backend); default: the tiny offline model")
     src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend)")
-    g.add_argument("--backend", help="torch (default with --model), onnxruntime (default with --artifact); "
-                                     "`deleaker generate --help` lists what is installed")
+    g.add_argument("--backend", help="torch (default with --model), onnxruntime (default with --artifact), aoti "
+                                     "(an artifact of `deleaker-export aoti`), tensorrt")
     g.add_argument("--preset", default="flux-dev", help=f"DeLeaker preset: {', '.join(PRESETS)}")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--attention", default="reference", choices=("reference", "cuda"),
                    help="torch backend: DeLeaker op implementation (cuda: the fused kernels, `make plugin`)")
     g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="torch backend weights dtype")
+    g.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"),
+                   help="torch backend: replay each step from a CUDA graph (auto: on for CUDA with the fused op)")
+    g.add_argument("--compile", action="store_true", help="torch backend: torch.compile the DeLeaker step")
     g.add_argument("--no-deleaker", action="store_true", help="plain attention (same engine, no entity active)")
     g.add_argument("--compare", action="store_true", help="write vanilla and DeLeaker side by side")
     g.add_argument("--out", required=True, help="output PNG path")
@@ -76,13 +79,19 @@ def _generate(args) -> int:
     if not args.no_deleaker and len(entities) < 2:
         log.warning("DeLeaker separates two or more entities; with %d it is plain attention", len(entities))
     steps = args.steps if args.steps is not None else cfg.num_steps
-    backend_name = args.backend or ("onnxruntime" if args.artifact else "torch")
+    backend_name = args.backend or (_artifact_backend(args.artifact) if args.artifact else "torch")
     source = args.artifact or args.model
     options = dict(device=args.device, progress=not args.quiet)
     if backend_name == "torch":
-        options.update(op=args.attention, dtype=args.dtype)
-    elif args.attention != "reference" or args.dtype != "fp32":
-        raise ValueError(f"--attention/--dtype apply to the torch backend; the {backend_name} backend runs "
+        options.update(op=args.attention, dtype=args.dtype, compile=args.compile,
+                       cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
+    elif args.dtype != "fp32" or args.compile or args.cuda_graphs != "auto":
+        raise ValueError(f"--dtype/--compile/--cuda-graphs apply to the torch backend; the {backend_name} backend "
+                         "runs what was exported")
+    elif backend_name == "aoti":
+        options.update(op="cuda" if args.attention == "cuda" else "auto")
+    elif args.attention != "reference":
+        raise ValueError(f"--attention applies to the torch and aoti backends; the {backend_name} backend runs "
                          "what was exported")
     backend = load_backend(backend_name, source, **options)
     pipe = Pipeline(backend, config=cfg)
@@ -107,6 +116,14 @@ def _generate(args) -> int:
 
 
 DEFAULT_SIDE = 256
+
+
+def _artifact_backend(path: str) -> str:
+    """The backend an artifact is served with by default: onnxruntime, else the one it has files for."""
+    from .artifact import load_artifact
+
+    have = load_artifact(path, check_files=False).manifest.get("backends", {})
+    return "onnxruntime" if "onnxruntime" in have or not have else sorted(have)[0]
 
 
 def _size(args, info) -> tuple[int, int]:

@@ -270,8 +270,9 @@ class Pipeline:
         images = to_uint8(images)  # [B, H, W, 3]
         seconds = time.perf_counter() - t0
         r0 = batch[0].request
-        log.info("generated %d image(s) %dx%d in %.2fs (%d steps, %s)", len(batch), r0.width, r0.height, seconds,
-                 steps, be.name)
+        # the text length matters: the same prompt padded to another T5 length gives another image
+        log.info("generated %d image(s) %dx%d in %.2fs (%d steps, %s, %d T5 text tokens)", len(batch), r0.width,
+                 r0.height, seconds, steps, be.name, info.max_text_tokens)
         return [GenerateResult(request=p.request, image=images[b], latents=x[b], history=history[b], seconds=seconds,
                                batch_size=len(batch), step_seconds=list(step_times))
                 for b, p in enumerate(batch)]

@@ -47,6 +47,13 @@ def test_compare_writes_both_images_in_one_file(tiny_model_dir, tmp_path):
     (["--model", "NOT_A_CHECKPOINT"], "not a diffusers checkpoint"),
     (["--out", "missing_dir/x.png"], "does not exist"),
     (["--prompt", PROMPT + " with a red ball" * 200], "T5 tokens"),
+    (["--guidance", "nan"], "guidance_scale must be a finite number"),
+    (["--guidance", "inf"], "guidance_scale must be a finite number"),
+    (["--guidance", "-1"], "guidance_scale must be a finite number >= 0"),
+    (["--seed", "-1"], "seed must be an integer"),
+    (["--steps", "0"], "steps must be an integer"),
+    (["--height", "100000"], "maximum image side"),
+    (["--prompt", "a 🐱 and a cheetah", "--entities", "🐱,cheetah"], "does not survive tokenization"),
     pytest.param(["--attention", "cuda"], "--device cuda", marks=pytest.mark.skipif(
         __import__("torch").cuda.is_available(), reason="a GPU is present: the fused op may well load")),
 ])

@@ -43,7 +43,7 @@ def test_builtin_backends_are_found_without_entry_points(monkeypatch):
     import deleaker.runtime.backends as backends
 
     monkeypatch.setattr(backends, "entry_points", lambda group: [])
-    assert backends.available_backends() == ["onnxruntime", "tensorrt", "torch"]
+    assert backends.available_backends() == ["aoti", "onnxruntime", "tensorrt", "torch"]
     assert backends.backend_class("onnxruntime").__name__ == "OnnxRuntimeBackend"
     import pytest
     with pytest.raises(backends.BackendError, match="unknown backend 'nope'"):

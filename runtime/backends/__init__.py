@@ -15,6 +15,7 @@ __all__ = ["Backend", "ModelInfo", "available_backends", "load_backend"]
 GROUP = "deleaker.backends"
 # name -> "module:attribute", imported only when that backend is asked for
 BUILTIN = {
+    "aoti": "deleaker.runtime.backends.aoti_backend:AotiBackend",
     "torch": "deleaker.export.torch_backend:TorchBackend",
     "onnxruntime": "deleaker.runtime.backends.onnxruntime_backend:OnnxRuntimeBackend",
     "tensorrt": "deleaker.runtime.backends.tensorrt_backend:TensorRTBackend",

@@ -1,0 +1,410 @@
+"""`deleaker-export aoti`: the DeLeaker step, the text encoders and the VAE decoder as AOTInductor packages.
+
+Each model is captured with torch.export and compiled ahead of time by AOTInductor
+(torch._inductor.aoti_compile_and_package) into one .pt2 package: native code plus weights,
+loaded by the `aoti` backend (runtime/backends/aoti_backend.py) with torch alone, no diffusers,
+transformers or onnx. The packages are compiled for one device (cpu or cuda) and keep float32
+I/O whatever the weights' dtype, like the ONNX artifact.
+
+The DeLeaker op stays ONE opaque call per joint attention inside the compiled graph
+(torch.ops.deleaker.attention; its fake implementation gives the compiler the shapes). The
+package calls it through the dispatcher at run time: the CPU kernel is the reference op, the
+CUDA kernel the fused library once export/cuda_op.py has loaded it. So the process running a
+package must have the op registered (the aoti backend imports export/reference_op.py, which
+needs only torch).
+
+The step's I/O is runtime/step_io.py's, with batch and image tokens dynamic (one package serves
+every batch and every image size in the recorded range); T5 and CLIP have a dynamic batch, the
+VAE decoder dynamic batch, latent height and width. The artifact folder:
+
+    ARTIFACT/
+      manifest.json       export/manifest.py's format; backends.aoti = {model: file}
+      transformer.pt2 text_encoder.pt2 text_encoder_2.pt2 vae_decoder.pt2
+      tokenizer/ tokenizer_2/
+
+    deleaker-export aoti --model DIR --out ARTIFACT [--height H --width W] [--min-size S --max-size S]
+                         [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--components ...] [--force]
+
+`verify_aoti` compares an artifact with the torch backend on the same checkpoint (step and loop).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from deleaker.runtime import step_io
+
+from . import reference_op  # noqa: F401  (registers torch.ops.deleaker.attention and its fake)
+from .onnx_export import (_DTYPES, ClipPooled, ExportError, Exported, ExportSpec, T5Embeds, TransformerStep,
+                          VaeDecode, _prepare_out_dir, _to, step_dynamic_shapes, transformer_example)
+from .torch_backend import check_op_layout
+
+log = logging.getLogger("deleaker")
+
+BACKEND = "aoti"
+MODELS = ("transformer", "text_encoder", "text_encoder_2", "vae_decoder")
+FILES = {name: f"{name}.pt2" for name in MODELS}
+DEVICES = ("cpu", "cuda")
+VAE_MAX_BATCH = 16  # images one decoder call takes (the pipeline decodes one batch at a time)
+
+
+# --------------------------------------------------------------------------------------------
+# One model: torch.export, then AOTInductor
+# --------------------------------------------------------------------------------------------
+
+def _shape(v) -> list:
+    return [int(d) if isinstance(d, int) or str(d).isdigit() else str(d) for d in v.shape]
+
+
+def _dtype_name(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _io_spec(ep, output_names: list[str]) -> tuple[dict, dict]:
+    """{name: {"dtype", "shape"}} of the exported program's user inputs and outputs (symbolic
+    dims as the exporter names them, e.g. s0)."""
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    inputs = {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind.name == "USER_INPUT" and hasattr(spec.arg, "name"):
+            val = placeholders[spec.arg.name].meta.get("val")
+            if isinstance(val, torch.Tensor):
+                inputs[spec.arg.name] = {"dtype": _dtype_name(val), "shape": _shape(val)}
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    vals = [a.meta.get("val") for a in out_node.args[0]]
+    outputs = {name: {"dtype": _dtype_name(v), "shape": _shape(v)} for name, v in zip(output_names, vals)}
+    return inputs, outputs
+
+
+def compile_package(module: torch.nn.Module, kwargs: dict, dynamic_shapes: dict, output_names: list[str],
+                    path: Path, extra: dict | None = None) -> Exported:
+    """torch.export `module` on example `kwargs`, compile with AOTInductor into the .pt2 at `path`."""
+    t0 = time.perf_counter()
+    log.info("exporting %s (torch.export) ...", path.stem)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)  # pytree deprecation
+        ep = torch.export.export(module, (), kwargs=kwargs, dynamic_shapes=dynamic_shapes)
+        inputs, outputs = _io_spec(ep, output_names)
+        t1 = time.perf_counter()
+        log.info("compiling %s with AOTInductor (C++ compilation: minutes on a CPU) ...", path.stem)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+    seconds = time.perf_counter() - t0
+    log.info("compiled %s in %.1fs (export %.1fs, AOTInductor %.1fs)", path.name, seconds, t1 - t0, seconds - t1 + t0)
+    del ep
+    return Exported(file=path.name, inputs=inputs, outputs=outputs, external_data=None, seconds=seconds,
+                    extra={"device": str(next(iter(kwargs.values())).device.type), **(extra or {})})
+
+
+def _batch_dim():
+    return torch.export.Dim("batch", min=1, max=1024)
+
+
+def compile_transformer(transformer, path: Path, spec: ExportSpec, device: str) -> Exported:
+    """The DeLeaker step (step_io I/O), batch and image tokens dynamic, each joint attention one op call."""
+    from .flux import DeLeakerFlux
+
+    dtype = _DTYPES[spec.dtype]
+    guidance = bool(transformer.config.guidance_embeds)
+    flux = DeLeakerFlux(_to(transformer, dtype).to(device).eval())
+    step = TransformerStep(flux, dtype, guidance).eval()
+    kwargs = {k: v.to(device) for k, v in transformer_example(transformer, spec).items()}
+    ex = compile_package(step, kwargs, step_dynamic_shapes(guidance), list(step_io.OUTPUT_NAMES), path,
+                         extra={"blocks_per_step": flux.blocks_per_step, "dynamic": list(step_io.DYNAMIC_DIMS)})
+    return ex
+
+
+def compile_clip(text_encoder, path: Path, spec: ExportSpec, device: str, max_length: int = 77) -> Exported:
+    enc = ClipPooled(_to(text_encoder, _DTYPES[spec.encoder_dtype]).to(device)).eval()
+    ids = torch.zeros(2, max_length, dtype=torch.int64, device=device)  # [B, 77]
+    ids[:, -1] = text_encoder.config.eos_token_id
+    return compile_package(enc, {"input_ids": ids}, {"input_ids": {0: _batch_dim()}}, ["pooled_projections"], path,
+                           extra={"dynamic": ["batch"]})
+
+
+def compile_t5(text_encoder, path: Path, spec: ExportSpec, device: str) -> Exported:
+    enc = T5Embeds(_to(text_encoder, _DTYPES[spec.encoder_dtype]).to(device)).eval()
+    ids = torch.ones(2, spec.max_text_tokens, dtype=torch.int64, device=device)  # [B, T]
+    return compile_package(enc, {"input_ids": ids}, {"input_ids": {0: _batch_dim()}}, ["encoder_hidden_states"],
+                           path, extra={"dynamic": ["batch"]})
+
+
+def compile_vae_decoder(vae, path: Path, spec: ExportSpec, device: str) -> Exported:
+    dec = VaeDecode(_to(vae, _DTYPES[spec.encoder_dtype]).to(device)).eval()
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    z = torch.randn(2, vae.config.latent_channels, spec.height // f, spec.width // f, device=device)  # [B, 16, h, w]
+    lo, hi = spec.size_range
+    # bounded by the recorded size range, and a batch of at most VAE_MAX_BATCH (the compiled
+    # convolutions' index arithmetic is 32-bit: the exporter asks for a bound)
+    dyn = {"latents": {0: torch.export.Dim("batch", min=1, max=VAE_MAX_BATCH),
+                       2: torch.export.Dim("latent_height", min=max(2, lo // f), max=hi // f),
+                       3: torch.export.Dim("latent_width", min=max(2, lo // f), max=hi // f)}}
+    return compile_package(dec, {"latents": z}, dyn, ["images"], path,
+                           extra={"dynamic": ["batch", "latent_height", "latent_width"], "max_batch": VAE_MAX_BATCH})
+
+
+# --------------------------------------------------------------------------------------------
+# The artifact
+# --------------------------------------------------------------------------------------------
+
+def _check_device(device: str) -> str:
+    kind = device.split(":")[0]
+    if kind not in DEVICES:
+        raise ExportError(f"--device must be cpu or cuda, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ExportError("--device cuda: torch sees no CUDA GPU here (AOTInductor compiles for the device it runs on)")
+    return device
+
+
+def export_aoti(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec | None = None, device: str = "cpu",
+               force: bool = False) -> Path:
+    """Compile a diffusers-format FLUX folder into an AOTInductor artifact (manifest.json + .pt2 + tokenizers).
+
+    Components are loaded, compiled and freed one at a time.
+    """
+    from . import manifest as mf
+    from .checkpoint import export_tokenizer, open_checkpoint
+
+    ckpt = open_checkpoint(model_dir)
+    spec = spec or ExportSpec(max_text_tokens=ckpt.max_sequence_length)
+    device = _check_device(device)
+    if spec.max_text_tokens > ckpt.max_sequence_length:
+        raise ExportError(f"--max-text-tokens {spec.max_text_tokens} exceeds what {ckpt.root.name}'s T5 tokenizer "
+                          f"allows ({ckpt.max_sequence_length})")
+    spec.validate(multiple=ckpt.vae_scale_factor * 2)
+    spec.deleaker.resolved(ckpt.blocks_per_step)  # a bad DeLeaker setting fails before any work
+    check_op_layout(device)
+    out = Path(out_dir).expanduser().resolve()
+    tmp = _prepare_out_dir(out, force)
+    t0 = time.perf_counter()
+    exported: dict[str, Exported] = {}
+    try:
+        tdtype, edtype = _DTYPES[spec.dtype], _DTYPES[spec.encoder_dtype]
+        loaders = {
+            "transformer": (lambda: ckpt.load_transformer(tdtype),
+                            lambda m, p: compile_transformer(m, p, spec, device)),
+            "text_encoder": (lambda: ckpt.load_text_encoder(edtype),
+                             lambda m, p: compile_clip(m, p, spec, device, ckpt.clip_max_length)),
+            "text_encoder_2": (lambda: ckpt.load_text_encoder_2(edtype), lambda m, p: compile_t5(m, p, spec, device)),
+            "vae_decoder": (lambda: ckpt.load_vae(edtype), lambda m, p: compile_vae_decoder(m, p, spec, device)),
+        }
+        for i, name in enumerate(MODELS):
+            log.info("[%d/%d] %s", i + 1, len(MODELS), name)
+            load, compile_ = loaders[name]
+            module = load()
+            exported[name] = compile_(module, tmp / FILES[name])
+            del module
+            gc.collect()  # free one component's weights before loading the next
+        tokenizers = {}
+        for name in ("tokenizer", "tokenizer_2"):
+            export_tokenizer(getattr(ckpt, name), tmp / name)  # as the ONNX artifact (tokenizer.json)
+            tokenizers[name] = name
+        manifest = mf.build_manifest(ckpt=ckpt, spec=spec, exported=exported, tokenizers=tokenizers,
+                                     source=str(ckpt.root), opset=None)
+        manifest["producer"].pop("onnx_opset", None)
+        manifest["producer"]["aoti_device"] = torch.device(device).type
+        manifest["backends"] = {BACKEND: {name: ex.file for name, ex in exported.items()}}
+        mf.write_manifest(tmp, manifest)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("AOTInductor artifact written to %s in %.1fs", out, time.perf_counter() - t0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# verify: the aoti backend against the torch backend
+# --------------------------------------------------------------------------------------------
+
+VERIFY_CHECKS = ("step", "loop")
+
+
+def check_step(artifact, ckpt, configs, height: int, width: int, device: str, atol: float, rtol: float):
+    """transformer.pt2 vs DeLeakerFlux (diffusers + the op), random step inputs, two settings per sample."""
+    from collections import OrderedDict
+
+    from .flux import DeLeakerFlux
+    from deleaker.runtime.backends.aoti_backend import load_package
+
+    from .onnx_verify import _compare, _runner_base
+
+    dtype = artifact.manifest["dtypes"]["transformer"]
+    m = artifact.model
+    spec = ExportSpec(height=height, width=width, max_text_tokens=int(m["max_text_tokens"]),
+                      entity_slots=int(m["entity_slots"]), dtype=dtype)
+    transformer = ckpt.load_transformer(_DTYPES[dtype])
+    guidance = bool(transformer.config.guidance_embeds)
+    step = TransformerStep(DeLeakerFlux(transformer.to(device).eval()), _DTYPES[dtype], guidance).eval()
+    package = load_package(artifact.path(BACKEND, "transformer"), device)
+    names = step_io.input_names(guidance)
+    feeds, feed_names = [], []
+    for block_step in (0, configs[0].start_intervention_from // configs[0].blocks_per_step):
+        torch.manual_seed(block_step)
+        ex = transformer_example(transformer, spec, batch=2, configs=configs)
+        ex["step"] = torch.tensor(block_step, dtype=torch.int64)
+        feeds.append(OrderedDict((k, ex[k].numpy()) for k in names))
+        feed_names.append(f"step {block_step}")
+
+    def run(fn):
+        def call(fd):
+            kw = {k: torch.from_numpy(fd[k]).to(device) for k in names}
+            with torch.no_grad():
+                out = fn(**kw)
+            return {n: o.float().cpu().numpy() for n, o in zip(step_io.OUTPUT_NAMES, out)}
+        return call
+
+    meta = {k: (v.dtype, list(v.shape)) for k, v in feeds[0].items()}
+    Runner = _runner_base()
+    runners = [Runner(run(package), meta, list(step_io.OUTPUT_NAMES), "aoti"),
+               Runner(run(step), meta, list(step_io.OUTPUT_NAMES), "torch")]
+    return _compare("step", runners, feeds, feed_names, atol, rtol)
+
+
+def check_loop(artifact, model_dir: Path, config, prompt: str, entities: tuple[str, ...], steps: int, height: int,
+               width: int, device: str, atol: float, rtol: float):
+    """The whole loop through the public Pipeline on the aoti backend vs the torch backend: final
+    latents and history, DeLeaker on and off."""
+    from collections import OrderedDict
+
+    import numpy as np
+
+    from deleaker.runtime.backends import load_backend
+    from deleaker.runtime.backends.aoti_backend import AotiBackend
+    from deleaker.runtime.pipeline import GenerateRequest, Pipeline
+
+    from .onnx_verify import _compare, _runner_base
+
+    m = artifact.model
+    aoti_pipe = Pipeline(AotiBackend.load(str(artifact.root), device=device))
+    torch_pipe = Pipeline(load_backend("torch", str(model_dir), device=device, progress=False,
+                                       dtype=artifact.manifest["dtypes"]["transformer"],
+                                       entity_slots=int(m["entity_slots"]), max_text_tokens=int(m["max_text_tokens"])))
+
+    def run_on(pipe):
+        def fn(fd):
+            req = GenerateRequest(prompt=prompt, entities=entities, seed=int(fd["seed"][0]), steps=steps,
+                                  height=height, width=width, deleaker=bool(fd["deleaker"][0]), config=config)
+            (r,) = pipe.generate([req])
+            return {"latents": r.latents, "history": r.history}
+        return fn
+
+    feeds = [OrderedDict(seed=np.array([0], np.int64), deleaker=np.array([d], np.int64)) for d in (1, 0)]
+    meta = {"seed": (np.int64, [1]), "deleaker": (np.int64, [1])}
+    Runner = _runner_base()
+    runners = [Runner(run_on(aoti_pipe), meta, ["latents", "history"], "aoti-pipeline"),
+               Runner(run_on(torch_pipe), meta, ["latents", "history"], "torch-pipeline")]
+    return _compare("loop", runners, feeds, ["DeLeaker on", "DeLeaker off"], atol, rtol)
+
+
+def verify_aoti(artifact_dir: str | Path, model_dir: str | Path, checks=VERIFY_CHECKS, steps: int | None = None,
+                height: int | None = None, width: int | None = None, device: str = "cpu",
+                prompt: str = "a cat and a cheetah in a field", entities: tuple[str, ...] = ("cat", "cheetah"),
+                atol: float | None = None, rtol: float | None = None, report=print) -> list:
+    """An AOTInductor artifact against the torch backend on its checkpoint. Checks: step (the
+    transformer package vs DeLeakerFlux on random inputs) and loop (Pipeline on the aoti backend
+    vs the torch backend: final latents and history, DeLeaker on and off). Tolerances: those of
+    the ONNX verify (same float32 I/O, different summation order). `report` gets one line per
+    output; returns every row (onnx_verify.OutputResult: .passed, .line())."""
+    from polygraphy.logger import G_LOGGER
+
+    from deleaker.runtime.artifact import load_artifact
+
+    from .checkpoint import open_checkpoint
+    from .onnx_verify import TOLERANCES, check_configs
+
+    unknown = set(checks) - set(VERIFY_CHECKS)
+    if unknown:
+        raise ValueError(f"unknown check(s) {sorted(unknown)} for --backend aoti; choose from "
+                         f"{', '.join(VERIFY_CHECKS)}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    artifact = load_artifact(artifact_dir)
+    artifact.backend_files(BACKEND)  # one clear error for an artifact without packages
+    ckpt = open_checkpoint(model_dir)
+    bps = int(artifact.model["blocks_per_step"])
+    if ckpt.blocks_per_step != bps:
+        raise ValueError(f"{model_dir} has {ckpt.blocks_per_step} blocks per step, the artifact "
+                         f"{bps}: not the checkpoint it was exported from")
+    lo, _ = artifact.size_range
+    height, width = height or lo, width or lo
+    default = artifact.default_config()
+    steps = steps or default.num_steps
+    configs = check_configs(default, steps, bps)
+    tol = TOLERANCES[artifact.manifest["dtypes"]["transformer"]]
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    G_LOGGER.colors = False
+    rows = []
+    for check in checks:
+        a, r = tol[check]
+        a, r = atol if atol is not None else a, rtol if rtol is not None else r
+        if check == "step":
+            new = check_step(artifact, ckpt, configs, height, width, device, a, r)
+        else:
+            new = check_loop(artifact, Path(model_dir), default.replace(num_steps=steps), prompt, entities, steps,
+                             height, width, device, a, r)
+        for row in new:
+            report(row.line())
+        rows += new
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (hooked into export/cli.py as `deleaker-export aoti`)
+# --------------------------------------------------------------------------------------------
+
+def add_parser(subparsers):
+    """Add the `aoti` sub-command to deleaker-export's sub-parsers; returns its parser."""
+    from .manifest import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
+
+    a = subparsers.add_parser("aoti", help="write an AOTInductor artifact (.pt2 packages for the aoti backend)")
+    a.add_argument("--model", required=True, help="diffusers-format FLUX checkpoint folder")
+    a.add_argument("--out", required=True, help="artifact folder to write")
+    a.add_argument("--height", type=int, default=1024, help="example image height in pixels")
+    a.add_argument("--width", type=int, default=1024, help="example image width in pixels")
+    a.add_argument("--min-size", type=int,
+                   help=f"smallest image side the artifact accepts (default: {DEFAULT_MIN_SIZE}, or H/W if smaller)")
+    a.add_argument("--max-size", type=int,
+                   help=f"largest image side the artifact accepts (default: {DEFAULT_MAX_SIZE}, or H/W if larger)")
+    a.add_argument("--max-text-tokens", type=int, help="T5 text length T (default: the checkpoint's, <= 512)")
+    a.add_argument("--entity-slots", type=int, default=4, help="entity slots E fixed in the graph")
+    a.add_argument("--dtype", default="fp32", choices=tuple(_DTYPES), help="transformer weights")
+    a.add_argument("--encoder-dtype", default="fp32", choices=tuple(_DTYPES),
+                   help="CLIP, T5 and VAE weights (T5 overflows in fp16)")
+    a.add_argument("--device", default="cpu", help="cpu or cuda: the device the packages are compiled for")
+    a.add_argument("--preset", default="flux-dev",
+                   help="DeLeaker preset recorded as the artifact's default settings (requests may override)")
+    a.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
+    return a
+
+
+def run(args) -> int:
+    """`deleaker-export aoti` with parsed arguments."""
+    from deleaker.runtime.config import preset
+
+    from .checkpoint import open_checkpoint
+
+    T = args.max_text_tokens if args.max_text_tokens is not None else open_checkpoint(args.model).max_sequence_length
+    spec = ExportSpec(height=args.height, width=args.width, min_size=args.min_size, max_size=args.max_size,
+                      max_text_tokens=T, entity_slots=args.entity_slots, dtype=args.dtype,
+                      encoder_dtype=args.encoder_dtype, deleaker=preset(args.preset))
+    t0 = time.perf_counter()
+    out = export_aoti(args.model, args.out, spec, device=args.device, force=args.force)
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
