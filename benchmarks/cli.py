@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--deleaker-preset", help="DeLeaker config preset (runtime.config: flux-dev, flux-schnell)")
     p.add_argument("--set", dest="settings", action="append", type=_setting, metavar="NAME=VALUE",
                    help="override one DeLeaker setting, e.g. --set start_intervention_from=0 (repeatable)")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"),
+                   help="torch backend, e2e: CUDA-graph steps (auto: on for CUDA with the fused op)")
+    p.add_argument("--compile", action="store_true", help="torch backend, e2e: torch.compile the DeLeaker step")
     p.add_argument("--plant-coverage", type=float, metavar="SHARE",
                    help="torch step mode: plant spatially coherent entity attention covering SHARE of the image per "
                         "entity (random weights keep masks through smoothing); the flux-dev presets use 0.14")
@@ -130,6 +133,10 @@ def spec_from_args(args) -> BenchSpec:
         # --artifact adds onnxruntime; torch stays beside it with --model or a preset's model
         keep = spec.backends if (args.model or args.preset) else ()
         changes["backends"] = tuple(b for b in keep if b != "onnxruntime") + ("onnxruntime",)
+    if args.cuda_graphs is not None:
+        changes["cuda_graphs"] = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
+    if args.compile:
+        changes["compile"] = True
     if args.plant_coverage is not None and args.no_plant:
         raise ValueError("--plant-coverage and --no-plant contradict each other")
     if args.plant_coverage is not None:

@@ -36,6 +36,8 @@ class BenchSpec:
     deleaker_overrides: tuple[tuple[str, object], ...] = ()
     random_weights: bool | None = None  # None: detect from the model/artifact
     # torch step mode: planted entity structure (models.Plant) for random weights; None: off
+    cuda_graphs: bool | None = None  # torch backend e2e: CUDA-graph steps (None: the backend's default)
+    compile: bool = False  # torch backend e2e: torch.compile the DeLeaker step
     plant_coverage: float | None = None  # share of the image in each entity's planted block
     plant_boost: float | None = None  # logit gain of the planted q.k; None: models.Plant's default
     seed: int = 0

@@ -98,7 +98,8 @@ class _Loaded:
                 if spec.model and spec.model.startswith(M.RANDOM_PREFIX):
                     raise M.BenchError(f"{spec.model} is a transformer only (no text encoders or VAE): "
                                        f"no end-to-end generation")
-                be = load_backend("torch", spec.model, device=spec.device, dtype=spec.dtype, progress=False)
+                be = load_backend("torch", spec.model, device=spec.device, dtype=spec.dtype, progress=False,
+                                  cuda_graphs=spec.cuda_graphs, compile=spec.compile)
             else:
                 be = load_backend(backend, spec.artifact, device=spec.device, progress=False,
                                   **({"threads": spec.threads} if spec.threads else {}))
