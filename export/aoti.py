@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -45,7 +43,7 @@ from deleaker.runtime import step_io
 
 from . import reference_op  # noqa: F401  (registers torch.ops.deleaker.attention and its fake)
 from .onnx_export import (_DTYPES, ClipPooled, ExportError, Exported, ExportSpec, T5Embeds, TransformerStep,
-                          VaeDecode, _prepare_out_dir, _to, step_dynamic_shapes, transformer_example)
+                          VaeDecode, _prepare_out_dir, _publish, _to, step_dynamic_shapes, transformer_example)
 from .torch_backend import check_op_layout
 
 log = logging.getLogger("deleaker")
@@ -214,13 +212,7 @@ def export_aoti(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec | N
         manifest["producer"]["aoti_device"] = torch.device(device).type
         manifest["backends"] = {BACKEND: {name: ex.file for name, ex in exported.items()}}
         mf.write_manifest(tmp, manifest)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("AOTInductor artifact written to %s in %.1fs", out, time.perf_counter() - t0)
@@ -277,38 +269,11 @@ def check_step(artifact, ckpt, configs, height: int, width: int, device: str, at
 
 def check_loop(artifact, model_dir: Path, config, prompt: str, entities: tuple[str, ...], steps: int, height: int,
                width: int, device: str, atol: float, rtol: float):
-    """The whole loop through the public Pipeline on the aoti backend vs the torch backend: final
-    latents and history, DeLeaker on and off."""
-    from collections import OrderedDict
+    """The whole loop through the public Pipeline on the aoti backend vs the torch backend."""
+    from .onnx_verify import check_loop as check_pipeline_loop
 
-    import numpy as np
-
-    from deleaker.runtime.backends import load_backend
-    from deleaker.runtime.backends.aoti_backend import AotiBackend
-    from deleaker.runtime.pipeline import GenerateRequest, Pipeline
-
-    from .onnx_verify import _compare, _runner_base
-
-    m = artifact.model
-    aoti_pipe = Pipeline(AotiBackend.load(str(artifact.root), device=device))
-    torch_pipe = Pipeline(load_backend("torch", str(model_dir), device=device, progress=False,
-                                       dtype=artifact.manifest["dtypes"]["transformer"],
-                                       entity_slots=int(m["entity_slots"]), max_text_tokens=int(m["max_text_tokens"])))
-
-    def run_on(pipe):
-        def fn(fd):
-            req = GenerateRequest(prompt=prompt, entities=entities, seed=int(fd["seed"][0]), steps=steps,
-                                  height=height, width=width, deleaker=bool(fd["deleaker"][0]), config=config)
-            (r,) = pipe.generate([req])
-            return {"latents": r.latents, "history": r.history}
-        return fn
-
-    feeds = [OrderedDict(seed=np.array([0], np.int64), deleaker=np.array([d], np.int64)) for d in (1, 0)]
-    meta = {"seed": (np.int64, [1]), "deleaker": (np.int64, [1])}
-    Runner = _runner_base()
-    runners = [Runner(run_on(aoti_pipe), meta, ["latents", "history"], "aoti-pipeline"),
-               Runner(run_on(torch_pipe), meta, ["latents", "history"], "torch-pipeline")]
-    return _compare("loop", runners, feeds, ["DeLeaker on", "DeLeaker off"], atol, rtol)
+    return check_pipeline_loop(artifact, model_dir, config, prompt, entities, steps, height, width, device, atol,
+                               rtol, backend=BACKEND)
 
 
 def verify_aoti(artifact_dir: str | Path, model_dir: str | Path, checks=VERIFY_CHECKS, steps: int | None = None,

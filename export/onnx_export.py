@@ -428,6 +428,17 @@ def _prepare_out_dir(out: Path, force: bool) -> Path:
     return tmp
 
 
+def _publish(tmp: Path, out: Path) -> None:
+    """Move a finished artifact folder into place (replacing an old one only once the new one is complete)."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "x")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec | None = None,
                     force: bool = False, components=("transformer", "text_encoder", "text_encoder_2",
                                                      "vae_decoder")) -> Path:
@@ -478,13 +489,7 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec
         manifest = mf.build_manifest(ckpt=ckpt, spec=spec, exported=exported, tokenizers=tokenizers,
                                      source=str(ckpt.root), opset=OPSET)
         mf.write_manifest(tmp, manifest)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("artifact written to %s in %.1fs", out, time.perf_counter() - t0)

@@ -276,12 +276,15 @@ def check_step(artifact, ckpt, configs: list[ResolvedConfig], height: int, width
 # --------------------------------------------------------------------------------------------
 
 def check_loop(artifact, model_dir: Path, config: DeLeakerConfig, prompt: str, entities: tuple[str, ...], steps: int,
-               height: int, width: int, device: str, atol: float, rtol: float) -> list[OutputResult]:
+               height: int, width: int, device: str, atol: float, rtol: float,
+               backend: str = "onnxruntime") -> list[OutputResult]:
+    """The whole loop through the public Pipeline on the artifact's `backend` vs the torch backend on
+    its checkpoint: final latents and history, DeLeaker on and off."""
     from deleaker.runtime.backends import load_backend
     from deleaker.runtime.pipeline import GenerateRequest, Pipeline
 
     m = artifact.model
-    ort_pipe = Pipeline(load_backend("onnxruntime", str(artifact.root), device=device, progress=False))
+    art_pipe = Pipeline(load_backend(backend, str(artifact.root), device=device, progress=False))
     torch_pipe = Pipeline(load_backend("torch", str(model_dir), device=device, progress=False,
                                        dtype=artifact.manifest["dtypes"]["transformer"],
                                        entity_slots=int(m["entity_slots"]), max_text_tokens=int(m["max_text_tokens"])))
@@ -297,7 +300,7 @@ def check_loop(artifact, model_dir: Path, config: DeLeakerConfig, prompt: str, e
     feeds = [OrderedDict(seed=np.array([0], np.int64), deleaker=np.array([d], np.int64)) for d in (1, 0)]
     meta = {"seed": (np.int64, [1]), "deleaker": (np.int64, [1])}
     FunctionRunner = _runner_base()
-    runners = [FunctionRunner(run(ort_pipe), meta, ["latents", "history"], "onnxruntime-pipeline"),
+    runners = [FunctionRunner(run(art_pipe), meta, ["latents", "history"], f"{backend}-pipeline"),
                FunctionRunner(run(torch_pipe), meta, ["latents", "history"], "torch-pipeline")]
     return _compare("loop", runners, feeds, ["DeLeaker on", "DeLeaker off"], atol, rtol)
 

@@ -9,7 +9,7 @@ import torch
 from deleaker.runtime.backends import load_backend
 from deleaker.runtime.config import DeLeakerConfig
 from deleaker.runtime import latents as lat
-from deleaker.runtime.pipeline import GenerateRequest, Pipeline, RequestError, RequestFailed
+from deleaker.runtime.pipeline import GenerateRequest, Pipeline, RequestFailed
 
 # Windows open from the first steps, so 4 steps exercise history, masks and edits; no smoothing:
 # on a 4x6 latent grid the 3x3 opening would erase the scattered masks of random weights.

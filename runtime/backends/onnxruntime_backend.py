@@ -15,7 +15,6 @@ per-sample inputs, so the four sessions opened at load serve every request.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 

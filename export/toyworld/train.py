@@ -1,0 +1,410 @@
+"""Train the toy-world FLUX model on this CPU and write it in diffusers' folder layout.
+
+    python -m deleaker.export.toyworld.train --out DIR [--seed 0] [--threads 2]
+
+Stages (each logged, the transformer checkpointed as it trains, so a stopped run leaves a usable
+folder): tokenizers trained on the world's captions; random frozen CLIP/T5-like encoders; a
+1-level AutoencoderKL (no downsampling, 16 latent channels: 32x32 px -> 16x16 tokens) trained on renders, with its latent
+shift/scale measured; then a FluxTransformer2DModel trained with rectified flow (velocity
+target noise - x0, sigmas logit-normal then shifted exactly as the runtime's scheduler shifts
+them for this image size). Loss curves go to DIR/training/*.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from deleaker.runtime import latents as lat
+from deleaker.runtime import tokens as tok
+from deleaker.runtime.scheduler import FLUX_DEV_SCHEDULER_CONFIG, FlowMatchEuler
+
+from .. import tiny_model as tm
+from . import world
+
+log = logging.getLogger("deleaker.toyworld")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    # encoders (frozen, random)
+    text_tokens: int = 16  # T5 sequence length (tokenizer_2 model_max_length)
+    t5_d_model: int = 64
+    clip_hidden: int = 32
+    # VAE
+    vae_channels: tuple[int, ...] = (16,)
+    vae_steps: int = 150
+    vae_batch: int = 16
+    vae_lr: float = 3e-3
+    vae_crop: int = 16  # the VAE is convolutional: train on crops, 4x cheaper
+    vae_kl: float = 1e-6
+    decoder_steps: int = 400  # decoder-only refinement, encoder frozen
+    decoder_lr: float = 1e-3
+    # transformer
+    num_layers: int = 2
+    num_single_layers: int = 3
+    heads: int = 2
+    head_dim: int = 32
+    axes_dims_rope: tuple[int, int, int] = (8, 12, 12)
+    dataset: int = 8000  # distinct training scenes (latents cached once)
+    steps: int = 1200
+    batch: int = 16
+    lr: float = 2e-3
+    warmup: int = 50
+    checkpoint_every: int = 100
+
+
+def build_tokenizers(out: Path, cfg: TrainConfig) -> None:
+    corpus = world.all_captions() * 3
+    clip_tok, clip_vocab, clip_merges = tm.train_clip_tokenizer(corpus, 600)
+    t5_tok = tm.train_t5_tokenizer(corpus, 120)
+    tm.save_clip_tokenizer(clip_tok, clip_vocab, clip_merges, out / "tokenizer")
+    tm.save_t5_tokenizer(t5_tok, out / "tokenizer_2")
+    # short sequences: the world's captions are at most ~12 tokens
+    for sub in ("tokenizer", "tokenizer_2"):
+        p = out / sub / "tokenizer_config.json"
+        c = json.loads(p.read_text())
+        c["model_max_length"] = cfg.text_tokens
+        p.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
+
+
+def build_encoders(out: Path, cfg: TrainConfig) -> None:
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_vocab = json.loads((out / "tokenizer" / "vocab.json").read_text())
+    t5_vocab = tok.load_tokenizer(out / "tokenizer_2")
+    torch.manual_seed(cfg.seed + 1)
+    CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_vocab), hidden_size=cfg.clip_hidden, intermediate_size=2 * cfg.clip_hidden,
+        projection_dim=cfg.clip_hidden, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=cfg.text_tokens, hidden_act="quick_gelu", bos_token_id=clip_vocab[tm.CLIP_BOS],
+        eos_token_id=clip_vocab[tm.CLIP_EOS], pad_token_id=clip_vocab[tm.CLIP_EOS],
+    )).save_pretrained(out / "text_encoder")
+    torch.manual_seed(cfg.seed + 2)
+    T5EncoderModel(T5Config(
+        vocab_size=json.loads((out / "tokenizer_2" / "tokenizer.json").read_text())["model"]["vocab"].__len__(),
+        d_model=cfg.t5_d_model, d_kv=cfg.t5_d_model // 2, d_ff=2 * cfg.t5_d_model, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, is_encoder_decoder=True, use_cache=False, tie_word_embeddings=False, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0,
+    )).save_pretrained(out / "text_encoder_2")
+    del t5_vocab
+
+
+def render_batch(seeds) -> np.ndarray:
+    """[B, 3, 32, 32] float32 in [-1, 1] (the VAE's pixel range)."""
+    ims = np.stack([world.sample(int(s)).image for s in seeds])  # [B, 64, 64, 3]
+    return (ims.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
+
+
+def make_vae(cfg: TrainConfig, scaling: float = 1.0, shift: float = 0.0):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels), block_out_channels=cfg.vae_channels, layers_per_block=1,
+        act_fn="silu", latent_channels=16, norm_num_groups=8, sample_size=world.IMAGE_SIZE,
+        scaling_factor=scaling, shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False,
+        mid_block_add_attention=False, force_upcast=True)
+
+
+def train_vae(out: Path, cfg: TrainConfig, curves: Path):
+    import torch
+
+    torch.manual_seed(cfg.seed + 3)
+    vae = make_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed + 100)
+    t0 = time.time()
+    with open(curves / "vae_loss.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "recon_mse", "kl", "seconds"])
+        for it in range(cfg.vae_steps):
+            lr = cfg.vae_lr * min(1.0, (it + 1) / 50) * (0.5 * (1 + math.cos(math.pi * it / cfg.vae_steps)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = render_batch(rng.integers(10**9, 2 * 10**9, cfg.vae_batch))  # [B, 3, 32, 32]
+            cy, cx = rng.integers(0, world.IMAGE_SIZE - cfg.vae_crop + 1, 2)
+            x = torch.from_numpy(np.ascontiguousarray(x[:, :, cy:cy + cfg.vae_crop, cx:cx + cfg.vae_crop]))
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+            mse = torch.mean((rec - x) ** 2)
+            kl = post.kl().mean() / (16 * cfg.vae_crop ** 2)
+            loss = mse + cfg.vae_kl * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            w.writerow([it, f"{mse.item():.6f}", f"{kl.item():.4f}", f"{time.time() - t0:.1f}"])
+            if it % 50 == 0 or it == cfg.vae_steps - 1:
+                f.flush()
+                log.info("vae step %d/%d mse %.5f kl %.3f (%.0fs)", it, cfg.vae_steps, mse.item(), kl.item(),
+                         time.time() - t0)
+    vae.eval()
+    return vae
+
+
+def refine_decoder(vae, cfg: TrainConfig, curves: Path):
+    """Train the decoder alone on full scenes with the encoder frozen: sharper colours and
+    textures, and the latent space the transformer learns is unchanged."""
+    import torch
+
+    torch.manual_seed(cfg.seed + 5)
+    params = list(vae.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed + 300)
+    t0 = time.time()
+    vae.encoder.requires_grad_(False)
+    with open(curves / "decoder_loss.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "recon_l1", "seconds"])
+        for it in range(cfg.decoder_steps):
+            lr = cfg.decoder_lr * 0.5 * (1 + math.cos(math.pi * it / cfg.decoder_steps))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = torch.from_numpy(render_batch(rng.integers(2 * 10**9, 3 * 10**9, cfg.vae_batch)))
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.mode()
+            rec = vae.decode(z).sample
+            loss = torch.mean(torch.abs(rec - x))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            w.writerow([it, f"{loss.item():.6f}", f"{time.time() - t0:.1f}"])
+            if it % 50 == 0 or it == cfg.decoder_steps - 1:
+                f.flush()
+                log.info("decoder step %d/%d l1 %.5f (%.0fs)", it, cfg.decoder_steps, loss.item(), time.time() - t0)
+    vae.encoder.requires_grad_(True)
+    vae.eval()
+    return vae
+
+
+@dataclass
+class Dataset:
+    latents: np.ndarray  # [N, I, 64] packed, normalised like the runtime's latents
+    caption_index: np.ndarray  # [N] int -> captions
+    captions: list[str]
+    shift: float
+    scaling: float
+
+
+def encode_dataset(vae, cfg: TrainConfig) -> tuple[Dataset, float, float]:
+    import torch
+
+    captions = world.all_captions()
+    cidx = {c: i for i, c in enumerate(captions)}
+    means, caps = [], []
+    t0 = time.time()
+    with torch.no_grad():
+        for start in range(0, cfg.dataset, 256):
+            seeds = range(start, min(start + 256, cfg.dataset))
+            samples = [world.sample(s) for s in seeds]
+            x = np.stack([s.image for s in samples]).astype(np.float32) / 127.5 - 1.0
+            z = vae.encode(torch.from_numpy(x.transpose(0, 3, 1, 2))).latent_dist.mode()  # [b, 16, 32, 32] (VAE factor 1)
+            means.append(z.numpy())
+            caps += [cidx[s.caption] for s in samples]
+    z = np.concatenate(means)  # [N, 16, 32, 32]
+    shift = float(z.mean())
+    scaling = float(1.0 / z.std())
+    log.info("encoded %d scenes in %.0fs; latent shift %.4f scaling %.4f", len(z), time.time() - t0, shift, scaling)
+    packed = lat.pack_latents((z - shift) * scaling).astype(np.float32)  # [N, 256, 64]
+    return Dataset(packed, np.asarray(caps), captions, shift, scaling), shift, scaling
+
+
+def encode_captions(out: Path, captions: list[str], cfg: TrainConfig):
+    """(t5 embeds [C, T, D], pooled [C, Dp]) computed exactly as the runtime computes them."""
+    import torch
+
+    from ..checkpoint import load_checkpoint
+
+    del load_checkpoint  # encoders are loaded directly: the folder is not complete yet
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    clip_tok = tok.load_tokenizer(out / "tokenizer")
+    t5_tok = tok.load_tokenizer(out / "tokenizer_2")
+    clip = CLIPTextModel.from_pretrained(out / "text_encoder", local_files_only=True).eval()
+    t5 = T5EncoderModel.from_pretrained(out / "text_encoder_2", local_files_only=True).eval()
+    with torch.no_grad():
+        clip_ids = torch.from_numpy(tok.clip_input_ids(clip_tok, captions, cfg.text_tokens)).long()
+        t5_ids = torch.from_numpy(tok.t5_input_ids(t5_tok, captions, cfg.text_tokens)).long()
+        pooled = clip(clip_ids, output_hidden_states=False).pooler_output
+        embeds = t5(t5_ids, output_hidden_states=False)[0]
+    return embeds.float(), pooled.float()
+
+
+def make_transformer(cfg: TrainConfig):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=64, out_channels=None, num_layers=cfg.num_layers,
+        num_single_layers=cfg.num_single_layers, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.heads,
+        joint_attention_dim=cfg.t5_d_model, pooled_projection_dim=cfg.clip_hidden, guidance_embeds=False,
+        axes_dims_rope=cfg.axes_dims_rope)
+
+
+def sample_sigmas(rng: np.random.Generator, n: int, mu: float) -> np.ndarray:
+    """Logit-normal u, then the runtime's exponential time shift with this image size's mu."""
+    u = 1.0 / (1.0 + np.exp(-rng.standard_normal(n)))
+    u = np.clip(u, 1e-4, 1 - 1e-4)
+    return (math.exp(mu) / (math.exp(mu) + (1.0 / u - 1.0))).astype(np.float32)
+
+
+def train_transformer(out: Path, cfg: TrainConfig, data: Dataset, embeds, pooled, curves: Path,
+                      stop_after: int | None = None):
+    import torch
+
+    torch.manual_seed(cfg.seed + 4)
+    model = make_transformer(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("transformer: %d double + %d single blocks, width %d, %.2fM parameters", cfg.num_layers,
+             cfg.num_single_layers, cfg.heads * cfg.head_dim, n_params / 1e6)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    grid = (world.IMAGE_SIZE // 2, world.IMAGE_SIZE // 2)  # VAE factor 1, 2x2 packing
+    mu = FlowMatchEuler.from_config(FLUX_DEV_SCHEDULER_CONFIG).mu(grid[0] * grid[1])
+    img_ids = torch.from_numpy(lat.image_ids(grid))
+    txt_ids = torch.from_numpy(lat.text_ids(cfg.text_tokens))
+    rng = np.random.default_rng(cfg.seed + 200)
+    t0 = time.time()
+    model.train()
+    with open(curves / "transformer_loss.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "lr", "seconds"])
+        run = None
+        for it in range(min(cfg.steps, stop_after or cfg.steps)):
+            lr = cfg.lr * min(1.0, (it + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * it / cfg.steps)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = rng.integers(0, len(data.latents), cfg.batch)
+            x0 = torch.from_numpy(data.latents[idx])  # [B, I, 64]
+            noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+            sig = torch.from_numpy(sample_sigmas(rng, cfg.batch, mu))  # [B]
+            xt = (1 - sig[:, None, None]) * x0 + sig[:, None, None] * noise
+            ci = torch.from_numpy(data.caption_index[idx])
+            pred = model(hidden_states=xt, encoder_hidden_states=embeds[ci], pooled_projections=pooled[ci],
+                         timestep=sig, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+            loss = torch.mean((pred - (noise - x0)) ** 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
+            w.writerow([it, f"{loss.item():.5f}", f"{lr:.6f}", f"{time.time() - t0:.1f}"])
+            if it % 25 == 0:
+                f.flush()
+                log.info("transformer step %d/%d loss %.4f (avg %.4f) %.0fs", it, cfg.steps, loss.item(), run,
+                         time.time() - t0)
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 in (cfg.steps, stop_after):
+                model.eval()
+                model.save_pretrained(out / "transformer")
+                model.train()
+                log.info("checkpoint at step %d written to %s", it + 1, out / "transformer")
+    return model
+
+
+def plot_loss(curves: Path, png: Path) -> None:
+    """The transformer's loss per step and its running mean, from transformer_loss.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(curves / "transformer_loss.csv")))
+    step = np.array([int(r["step"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    k = min(25, len(loss))
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(step, loss, lw=0.5, color="#bbbbbb", label="batch loss")
+    ax.plot(step[k - 1:], smooth, color="#2a6fdb", label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("velocity MSE")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def write_layout(out: Path, cfg: TrainConfig) -> None:
+    import diffusers
+
+    sched = {**FLUX_DEV_SCHEDULER_CONFIG, "_diffusers_version": diffusers.__version__}
+    tm._write_json(out / "scheduler" / "scheduler_config.json", sched)
+    tm._write_json(out / "model_index.json", tm._model_index())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deleaker.export.toyworld.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="folder to write the model into")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--steps", type=int, default=None, help="transformer steps (default: TrainConfig.steps)")
+    ap.add_argument("--vae-steps", type=int, default=None)
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="end the transformer stage after this many steps (same schedule as --steps)")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="take tokenizers, encoders and VAE from an earlier --out of this script with the same"
+                         " seed (they are deterministic) and run only the transformer stage")
+    ap.add_argument("--dataset", type=int, default=None, help="distinct training scenes")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
+    from ..libs import quiet_libraries
+
+    quiet_libraries()
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig(seed=args.seed)
+    if args.steps is not None:
+        cfg = TrainConfig(**{**asdict(cfg), "steps": args.steps})
+    if args.vae_steps is not None:
+        cfg = TrainConfig(**{**asdict(cfg), "vae_steps": args.vae_steps})
+    if args.dataset is not None:
+        cfg = TrainConfig(**{**asdict(cfg), "dataset": args.dataset})
+    out = args.out.expanduser().resolve()
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    curves = out.parent / f"{out.name}-training"
+    curves.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    write_layout(out, cfg)
+    if args.reuse is not None:
+        import shutil
+
+        from diffusers import AutoencoderKL
+
+        for sub in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae"):
+            shutil.copytree(args.reuse / sub, out / sub, dirs_exist_ok=True)
+        log.info("reusing tokenizers, encoders and VAE from %s", args.reuse)
+        vae = AutoencoderKL.from_pretrained(out / "vae", local_files_only=True).eval()
+        data, _, _ = encode_dataset(vae, cfg)  # latents normalised with the saved shift/scale below
+        data.latents = lat.pack_latents(
+            (lat.unpack_latents(data.latents, (world.IMAGE_SIZE // 2,) * 2) / data.scaling + data.shift
+             - vae.config.shift_factor) * vae.config.scaling_factor).astype(np.float32)
+    else:
+        build_tokenizers(out, cfg)
+        build_encoders(out, cfg)
+        vae = train_vae(out, cfg, curves)
+        data, shift, scaling = encode_dataset(vae, cfg)
+        vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
+        vae.save_pretrained(out / "vae")
+        vae = refine_decoder(vae, cfg, curves)  # does not change the latents the transformer learns
+        vae.save_pretrained(out / "vae")
+    embeds, pooled = encode_captions(out, data.captions, cfg)
+    train_transformer(out, cfg, data, embeds, pooled, curves, args.stop_after)
+    (curves / "train_config.json").write_text(json.dumps({**asdict(cfg), "threads": args.threads,
+                                                         "wall_seconds": round(time.time() - t0, 1)}, indent=2))
+    plot_loss(curves, curves / "transformer_loss.png")
+    log.info("done in %.0fs: %s", time.time() - t0, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
