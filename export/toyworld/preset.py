@@ -6,10 +6,11 @@ windows are in block-steps (tau = step * 5 + block).
 
 from __future__ import annotations
 
-from deleaker.runtime.config import DeLeakerConfig
+from deleaker.runtime.config import PRESETS
 
 BLOCKS_PER_STEP = 5
 STEPS = 10
 SIZE = 32  # pixels (16x16 image tokens)
 
-TOYWORLD_PRESET = DeLeakerConfig(num_steps=STEPS, start_aggregating_from=0, start_intervention_from=3)
+TOYWORLD_PRESET = PRESETS["toyworld"]  # defined once, with the other presets
+assert TOYWORLD_PRESET.num_steps == STEPS
