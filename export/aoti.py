@@ -45,6 +45,7 @@ from . import reference_op  # noqa: F401  (registers torch.ops.deleaker.attentio
 from .onnx_export import (_DTYPES, ClipPooled, ExportError, Exported, ExportSpec, T5Embeds, TransformerStep,
                           VaeDecode, _prepare_out_dir, _publish, _to, step_dynamic_shapes, transformer_example)
 from .torch_backend import check_op_layout
+from deleaker.runtime.cli_help import DefaultsHelpFormatter
 
 log = logging.getLogger("deleaker")
 
@@ -336,7 +337,7 @@ def add_parser(subparsers):
     """Add the `aoti` sub-command to deleaker-export's sub-parsers; returns its parser."""
     from .manifest import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
 
-    a = subparsers.add_parser("aoti", help="write an AOTInductor artifact (.pt2 packages for the aoti backend)")
+    a = subparsers.add_parser("aoti", formatter_class=DefaultsHelpFormatter, help="write an AOTInductor artifact (.pt2 packages for the aoti backend)")
     a.add_argument("--model", required=True, help="diffusers-format FLUX checkpoint folder")
     a.add_argument("--out", required=True, help="artifact folder to write")
     a.add_argument("--height", type=int, default=1024, help="example image height in pixels")

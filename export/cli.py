@@ -25,6 +25,7 @@ from deleaker.runtime.errors import run_reporting_errors
 from .manifest import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
 
 from .libs import quiet_libraries
+from deleaker.runtime.cli_help import DefaultsHelpFormatter
 
 log = logging.getLogger("deleaker")
 
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deleaker-export", description="Export FLUX + DeLeaker for the lean runtime")
     sub = p.add_subparsers(dest="command", required=True)
 
-    o = sub.add_parser("onnx", help="write an ONNX artifact (transformer with DeLeakerAttention, encoders, VAE)")
+    o = sub.add_parser("onnx", formatter_class=DefaultsHelpFormatter, help="write an ONNX artifact (transformer with DeLeakerAttention, encoders, VAE)")
     o.add_argument("--model", required=True, help="diffusers-format FLUX checkpoint folder")
     o.add_argument("--out", required=True, help="artifact folder to write")
     o.add_argument("--height", type=int, default=1024, help="example image height in pixels (TensorRT opt)")
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="weights in .onnx.data files for every model (default: only for models over 2 GB)")
     o.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
 
-    v = sub.add_parser("verify", help="compare an artifact in ONNX Runtime with the PyTorch model")
+    v = sub.add_parser("verify", formatter_class=DefaultsHelpFormatter, help="compare an artifact in ONNX Runtime with the PyTorch model")
     v.add_argument("artifact", help="artifact folder written by `deleaker-export onnx`")
     v.add_argument("--model", required=True, help="the checkpoint the artifact was exported from")
     v.add_argument("--backend", choices=("onnxruntime", "aoti"), default="onnxruntime",

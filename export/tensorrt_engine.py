@@ -26,6 +26,7 @@ from pathlib import Path
 from deleaker.runtime import op_schema, step_io
 from deleaker.runtime.artifact import MANIFEST, load_artifact
 from deleaker.runtime.backends import tensorrt_backend as trtb
+from deleaker.runtime.cli_help import DefaultsHelpFormatter
 
 log = logging.getLogger("deleaker")
 
@@ -288,7 +289,7 @@ def build_engines(artifact_dir: str | Path, *, plugin: str | Path | None = None,
 # --------------------------------------------------------------------------------------------
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    e = subparsers.add_parser("engine", help="build TensorRT engines for an artifact (needs TensorRT and a GPU)")
+    e = subparsers.add_parser("engine", formatter_class=DefaultsHelpFormatter, help="build TensorRT engines for an artifact (needs TensorRT and a GPU)")
     e.add_argument("artifact", help="artifact folder written by `deleaker-export onnx`")
     e.add_argument("--plugin", help=f"the plugin library ({trtb.PLUGIN_LIBRARY}) or its folder "
                                     "(default: $DELEAKER_PLUGIN_DIR, then build/)")

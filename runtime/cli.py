@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import PRESETS, preset
 from .errors import run_reporting_errors
+from .cli_help import DefaultsHelpFormatter
 
 log = logging.getLogger("deleaker")
 
@@ -27,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, (_, help_) in EXTERNAL.items():
         sub.add_parser(name, help=help_, add_help=False)
     g = sub.add_parser("generate", help="generate an image from a prompt",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     g.add_argument("--prompt", required=True)
     g.add_argument("--entities", default="", help="comma-separated entity words that occur in the prompt")
     src = g.add_mutually_exclusive_group()

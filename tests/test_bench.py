@@ -407,3 +407,10 @@ def test_gpu_fused_counters_equal_the_reference_counters():
     assert fused["edit_counters"]["source"] == "fused op debug path"
     assert fused["edit_counters"]["fallback_rows"] is not None
     assert all(0.12 <= c <= 0.16 for c in fused["mask_coverage"])
+
+
+def test_broken_artifact_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text("{not json")
+    assert cli.main(["--preset", "tiny", "--artifact", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deleaker-bench: error:") and "manifest.json" in err and len(err.splitlines()) == 1

@@ -76,3 +76,23 @@ def test_bad_input_one_line_error_no_file(tiny_model_dir, tmp_path, capsys, extr
     assert err.startswith("deleaker: error:") and message in err, err
     assert len(err.splitlines()) == 1, err
     assert list(tmp_path.glob("*.png")) == [] and list(tmp_path.glob(".deleaker-*")) == []
+
+
+def test_one_token_grid_runs_quietly(tiny_model_dir, tmp_path):
+    """16x16 px is a 1x1 token grid: the unbiased std of one value is undefined, and nothing may
+    be printed about it under --quiet (the masks are simply empty)."""
+    out = tmp_path / "one.png"
+    r = subprocess.run([str(Path(sys.executable).parent / "deleaker"), "generate", "--model", str(tiny_model_dir),
+                        "--prompt", PROMPT, "--entities", "cat,cheetah", "--height", "16", "--width", "16",
+                        "--steps", "8", "--preset", "tiny", "--quiet", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert Image.open(out).size == (16, 16)
+
+
+def test_help_shows_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # one line per option
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: flux-dev)" in out and "(default: 3.5)" in out and "(default: None)" not in out

@@ -19,6 +19,7 @@ import threading
 
 from ..config import PRESETS, preset
 from ..errors import run_reporting_errors
+from ..cli_help import DefaultsHelpFormatter
 from .options import ServeOptions
 
 log = logging.getLogger("deleaker.serve")
@@ -28,7 +29,7 @@ _D = ServeOptions()
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deleaker serve", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="diffusers-format FLUX folder (torch backend); default: the tiny offline model")
     src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend)")
