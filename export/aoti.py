@@ -268,65 +268,13 @@ def check_step(artifact, ckpt, configs, height: int, width: int, device: str, at
     return _compare("step", runners, feeds, feed_names, atol, rtol)
 
 
-def check_loop(artifact, model_dir: Path, config, prompt: str, entities: tuple[str, ...], steps: int, height: int,
-               width: int, device: str, atol: float, rtol: float):
-    """The whole loop through the public Pipeline on the aoti backend vs the torch backend."""
-    from .onnx_verify import check_loop as check_pipeline_loop
+def verify_aoti(artifact_dir: str | Path, model_dir: str | Path, **kw) -> list:
+    """An AOTInductor artifact against the torch backend on its checkpoint (onnx_verify.verify with
+    backend="aoti"): step (the transformer package vs DeLeakerFlux on random inputs) and loop
+    (Pipeline on the aoti backend vs the torch backend, DeLeaker on and off)."""
+    from .onnx_verify import verify
 
-    return check_pipeline_loop(artifact, model_dir, config, prompt, entities, steps, height, width, device, atol,
-                               rtol, backend=BACKEND)
-
-
-def verify_aoti(artifact_dir: str | Path, model_dir: str | Path, checks=VERIFY_CHECKS, steps: int | None = None,
-                height: int | None = None, width: int | None = None, device: str = "cpu",
-                prompt: str = "a cat and a cheetah in a field", entities: tuple[str, ...] = ("cat", "cheetah"),
-                atol: float | None = None, rtol: float | None = None, report=print) -> list:
-    """An AOTInductor artifact against the torch backend on its checkpoint. Checks: step (the
-    transformer package vs DeLeakerFlux on random inputs) and loop (Pipeline on the aoti backend
-    vs the torch backend: final latents and history, DeLeaker on and off). Tolerances: those of
-    the ONNX verify (same float32 I/O, different summation order). `report` gets one line per
-    output; returns every row (onnx_verify.OutputResult: .passed, .line())."""
-    from polygraphy.logger import G_LOGGER
-
-    from deleaker.runtime.artifact import load_artifact
-
-    from .checkpoint import open_checkpoint
-    from .onnx_verify import TOLERANCES, check_configs
-
-    unknown = set(checks) - set(VERIFY_CHECKS)
-    if unknown:
-        raise ValueError(f"unknown check(s) {sorted(unknown)} for --backend aoti; choose from "
-                         f"{', '.join(VERIFY_CHECKS)}")
-    if steps is not None and steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
-    artifact = load_artifact(artifact_dir)
-    artifact.backend_files(BACKEND)  # one clear error for an artifact without packages
-    ckpt = open_checkpoint(model_dir)
-    bps = int(artifact.model["blocks_per_step"])
-    if ckpt.blocks_per_step != bps:
-        raise ValueError(f"{model_dir} has {ckpt.blocks_per_step} blocks per step, the artifact "
-                         f"{bps}: not the checkpoint it was exported from")
-    lo, _ = artifact.size_range
-    height, width = height or lo, width or lo
-    default = artifact.default_config()
-    steps = steps or default.num_steps
-    configs = check_configs(default, steps, bps)
-    tol = TOLERANCES[artifact.manifest["dtypes"]["transformer"]]
-    G_LOGGER.module_severity = G_LOGGER.ERROR
-    G_LOGGER.colors = False
-    rows = []
-    for check in checks:
-        a, r = tol[check]
-        a, r = atol if atol is not None else a, rtol if rtol is not None else r
-        if check == "step":
-            new = check_step(artifact, ckpt, configs, height, width, device, a, r)
-        else:
-            new = check_loop(artifact, Path(model_dir), default.replace(num_steps=steps), prompt, entities, steps,
-                             height, width, device, a, r)
-        for row in new:
-            report(row.line())
-        rows += new
-    return rows
+    return verify(artifact_dir, model_dir, backend=BACKEND, **kw)
 
 
 # --------------------------------------------------------------------------------------------

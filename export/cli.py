@@ -115,18 +115,13 @@ def _onnx(args) -> int:
 
 
 def _verify(args) -> int:
-    if args.backend == "aoti":
-        from .aoti import verify_aoti as verify
+    from .onnx_verify import verify
 
-        default_checks = "step,loop"
-    else:
-        from .onnx_verify import verify
-
-        default_checks = "op,step,loop"
-    checks = tuple(c.strip() for c in (args.checks or default_checks).split(",") if c.strip())
+    checks = tuple(c.strip() for c in args.checks.split(",") if c.strip()) if args.checks else None
     entities = tuple(e.strip() for e in args.entities.split(",") if e.strip())
     rows = verify(args.artifact, args.model, checks=checks, steps=args.steps, height=args.height, width=args.width,
-                  device=args.device, prompt=args.prompt, entities=entities, atol=args.atol, rtol=args.rtol)
+                  device=args.device, prompt=args.prompt, entities=entities, atol=args.atol, rtol=args.rtol,
+                  backend=args.backend)
     failed = [r for r in rows if not r.passed]
     print(f"verify: {len(rows) - len(failed)}/{len(rows)} outputs within tolerance"
           + (f"; FAILED: {', '.join(sorted({f'{r.check}/{r.output}' for r in failed}))}" if failed else ""))

@@ -307,27 +307,40 @@ def check_loop(artifact, model_dir: Path, config: DeLeakerConfig, prompt: str, e
 
 # --------------------------------------------------------------------------------------------
 
-def verify(artifact_dir: str | Path, model_dir: str | Path, checks=CHECKS, steps: int | None = None,
+def verify(artifact_dir: str | Path, model_dir: str | Path, checks=None, steps: int | None = None,
            height: int | None = None, width: int | None = None, device: str = "cpu",
            prompt: str = "a cat and a cheetah in a field", entities: tuple[str, ...] = ("cat", "cheetah"),
-           atol: float | None = None, rtol: float | None = None, report=print) -> list[OutputResult]:
-    """Run the checks; `report` gets one line per output. Returns every row (see OutputResult.passed)."""
+           atol: float | None = None, rtol: float | None = None, report=print,
+           backend: str = "onnxruntime") -> list[OutputResult]:
+    """Run the checks of the artifact's `backend` engine against PyTorch; `report` gets one line per
+    output. Returns every row (see OutputResult.passed). onnxruntime: op, step, loop; aoti: step, loop."""
     from polygraphy.logger import G_LOGGER
 
     from .checkpoint import open_checkpoint
 
-    unknown = set(checks) - set(CHECKS)
+    if backend == "aoti":
+        from . import aoti
+
+        step_fn, available = aoti.check_step, aoti.VERIFY_CHECKS
+    elif backend == "onnxruntime":
+        step_fn, available = check_step, CHECKS
+    else:
+        raise ValueError(f"verify checks the onnxruntime or aoti engines of an artifact, not {backend!r}")
+    checks = tuple(checks or available)
+    unknown = set(checks) - set(available)
     if unknown:
-        raise ValueError(f"unknown check(s) {sorted(unknown)}; choose from {', '.join(CHECKS)}")
+        raise ValueError(f"unknown check(s) {sorted(unknown)} for --backend {backend}; choose from {', '.join(available)}")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
     artifact = load_artifact(artifact_dir)
+    artifact.backend_files(backend)  # one clear error for an artifact without that engine
     ckpt = open_checkpoint(model_dir)
     bps = int(artifact.model["blocks_per_step"])
     if ckpt.blocks_per_step != bps:
         raise ValueError(f"{model_dir} has {ckpt.blocks_per_step} blocks per step, the artifact "
                          f"{bps}: not the checkpoint it was exported from")
-    load_transformer_graph(artifact)  # a corrupt graph is one clear error before any check runs
+    if backend == "onnxruntime":
+        load_transformer_graph(artifact)  # a corrupt graph is one clear error before any check runs
     lo, _ = artifact.size_range
     height, width = height or lo, width or lo
     default = artifact.default_config()
@@ -343,10 +356,10 @@ def verify(artifact_dir: str | Path, model_dir: str | Path, checks=CHECKS, steps
         if check == "op":
             new = check_op(artifact, configs, a, r)
         elif check == "step":
-            new = check_step(artifact, ckpt, configs, height, width, device, a, r)
+            new = step_fn(artifact, ckpt, configs, height, width, device, a, r)
         else:
             new = check_loop(artifact, Path(model_dir), default.replace(num_steps=steps), prompt, entities, steps,
-                             height, width, device, a, r)
+                             height, width, device, a, r, backend=backend)
         for row in new:
             report(row.line())
         rows += new
