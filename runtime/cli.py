@@ -112,7 +112,10 @@ def _generate(args) -> int:
     else:
         image = results[0].images[0]
     save_png(image, out)
-    log.info("wrote %s (%s)", out, " + ".join(f"{label} {r.seconds:.1f}s" for (_, label), r in zip(runs, results)))
+    if len(results) > 1 and results[0].batch_size == len(results):  # --compare: both images in one session
+        log.info("wrote %s (%s in one batch, %.1fs)", out, " and ".join(label for _, label in runs), results[0].seconds)
+    else:
+        log.info("wrote %s (%s)", out, " + ".join(f"{label} {r.seconds:.1f}s" for (_, label), r in zip(runs, results)))
     return 0
 
 
