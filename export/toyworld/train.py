@@ -1,6 +1,6 @@
 """Train the toy-world FLUX model on this CPU and write it in diffusers' folder layout.
 
-    python -m deleaker.export.toyworld.train --out DIR [--seed 0] [--threads 2]
+    python -m deleaker.export.toyworld.train --out DIR [--seed 0] [--threads 2] [--heads 4 --steps 900]
 
 Stages (each logged, the transformer checkpointed as it trains, so a stopped run leaves a usable
 folder): tokenizers trained on the world's captions; random frozen CLIP/T5-like encoders; a
@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="take tokenizers, encoders and VAE from an earlier --out of this script with the same"
                          " seed (they are deterministic) and run only the transformer stage")
     ap.add_argument("--dataset", type=int, default=None, help="distinct training scenes")
+    ap.add_argument("--heads", type=int, default=None,
+                    help="transformer attention heads of 32 channels, i.e. width / 32 (default: TrainConfig.heads)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
@@ -369,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(**{**asdict(cfg), "vae_steps": args.vae_steps})
     if args.dataset is not None:
         cfg = TrainConfig(**{**asdict(cfg), "dataset": args.dataset})
+    if args.heads is not None:
+        cfg = TrainConfig(**{**asdict(cfg), "heads": args.heads})
     out = args.out.expanduser().resolve()
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     curves = out.parent / f"{out.name}-training"
