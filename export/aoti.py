@@ -283,41 +283,21 @@ def verify_aoti(artifact_dir: str | Path, model_dir: str | Path, **kw) -> list:
 
 def add_parser(subparsers):
     """Add the `aoti` sub-command to deleaker-export's sub-parsers; returns its parser."""
-    from .manifest import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
+    from .cli import add_artifact_options
 
-    a = subparsers.add_parser("aoti", formatter_class=DefaultsHelpFormatter, help="write an AOTInductor artifact (.pt2 packages for the aoti backend)")
-    a.add_argument("--model", required=True, help="diffusers-format FLUX checkpoint folder")
-    a.add_argument("--out", required=True, help="artifact folder to write")
-    a.add_argument("--height", type=int, default=1024, help="example image height in pixels")
-    a.add_argument("--width", type=int, default=1024, help="example image width in pixels")
-    a.add_argument("--min-size", type=int,
-                   help=f"smallest image side the artifact accepts (default: {DEFAULT_MIN_SIZE}, or H/W if smaller)")
-    a.add_argument("--max-size", type=int,
-                   help=f"largest image side the artifact accepts (default: {DEFAULT_MAX_SIZE}, or H/W if larger)")
-    a.add_argument("--max-text-tokens", type=int, help="T5 text length T (default: the checkpoint's, <= 512)")
-    a.add_argument("--entity-slots", type=int, default=4, help="entity slots E fixed in the graph")
-    a.add_argument("--dtype", default="fp32", choices=tuple(_DTYPES), help="transformer weights")
-    a.add_argument("--encoder-dtype", default="fp32", choices=tuple(_DTYPES),
-                   help="CLIP, T5 and VAE weights (T5 overflows in fp16)")
+    a = subparsers.add_parser("aoti", formatter_class=DefaultsHelpFormatter,
+                              help="write an AOTInductor artifact (.pt2 packages for the aoti backend)")
+    add_artifact_options(a)
     a.add_argument("--device", default="cpu", help="cpu or cuda: the device the packages are compiled for")
-    a.add_argument("--preset", default="flux-dev",
-                   help="DeLeaker preset recorded as the artifact's default settings (requests may override)")
-    a.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
     return a
 
 
 def run(args) -> int:
     """`deleaker-export aoti` with parsed arguments."""
-    from deleaker.runtime.config import preset
+    from .cli import export_spec
 
-    from .checkpoint import open_checkpoint
-
-    T = args.max_text_tokens if args.max_text_tokens is not None else open_checkpoint(args.model).max_sequence_length
-    spec = ExportSpec(height=args.height, width=args.width, min_size=args.min_size, max_size=args.max_size,
-                      max_text_tokens=T, entity_slots=args.entity_slots, dtype=args.dtype,
-                      encoder_dtype=args.encoder_dtype, deleaker=preset(args.preset))
     t0 = time.perf_counter()
-    out = export_aoti(args.model, args.out, spec, device=args.device, force=args.force)
+    out = export_aoti(args.model, args.out, export_spec(args), device=args.device, force=args.force)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -30,31 +30,38 @@ from deleaker.runtime.cli_help import DefaultsHelpFormatter
 log = logging.getLogger("deleaker")
 
 
+def add_artifact_options(p: argparse.ArgumentParser) -> None:
+    """What every artifact exporter (onnx, aoti) takes: source, folder, sizes, text length, slots,
+    dtypes, default DeLeaker settings."""
+    p.add_argument("--model", required=True, help="diffusers-format FLUX checkpoint folder")
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--height", type=int, default=1024, help="example image height in pixels (TensorRT opt)")
+    p.add_argument("--width", type=int, default=1024, help="example image width in pixels")
+    p.add_argument("--min-size", type=int,
+                   help=f"smallest image side the artifact accepts (default: {DEFAULT_MIN_SIZE}, or H/W if smaller)")
+    p.add_argument("--max-size", type=int,
+                   help=f"largest image side the artifact accepts (default: {DEFAULT_MAX_SIZE}, or H/W if larger)")
+    p.add_argument("--max-text-tokens", type=int, help="T5 text length T (default: the checkpoint's, <= 512)")
+    p.add_argument("--entity-slots", type=int, default=4, help="entity slots E fixed in the graph")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="transformer weights")
+    p.add_argument("--encoder-dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="CLIP, T5 and VAE weights (T5 overflows in fp16)")
+    p.add_argument("--preset", default="flux-dev",
+                   help="DeLeaker preset recorded as the artifact's default settings (requests may override)")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deleaker-export", description="Export FLUX + DeLeaker for the lean runtime")
     sub = p.add_subparsers(dest="command", required=True)
 
-    o = sub.add_parser("onnx", formatter_class=DefaultsHelpFormatter, help="write an ONNX artifact (transformer with DeLeakerAttention, encoders, VAE)")
-    o.add_argument("--model", required=True, help="diffusers-format FLUX checkpoint folder")
-    o.add_argument("--out", required=True, help="artifact folder to write")
-    o.add_argument("--height", type=int, default=1024, help="example image height in pixels (TensorRT opt)")
-    o.add_argument("--width", type=int, default=1024, help="example image width in pixels")
-    o.add_argument("--min-size", type=int,
-                   help=f"smallest image side the artifact accepts (default: {DEFAULT_MIN_SIZE}, or H/W if smaller)")
-    o.add_argument("--max-size", type=int,
-                   help=f"largest image side the artifact accepts (default: {DEFAULT_MAX_SIZE}, or H/W if larger)")
+    o = sub.add_parser("onnx", formatter_class=DefaultsHelpFormatter,
+                       help="write an ONNX artifact (transformer with DeLeakerAttention, encoders, VAE)")
+    add_artifact_options(o)
     o.add_argument("--max-batch", type=int, default=4,
                    help="largest batch of the manifest's batch profile (TensorRT); ONNX Runtime takes any")
-    o.add_argument("--max-text-tokens", type=int, help="T5 text length T (default: the checkpoint's, <= 512)")
-    o.add_argument("--entity-slots", type=int, default=4, help="entity slots E fixed in the graph")
-    o.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="transformer weights")
-    o.add_argument("--encoder-dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
-                   help="CLIP, T5 and VAE weights (T5 overflows in fp16)")
-    o.add_argument("--preset", default="flux-dev",
-                   help="DeLeaker preset recorded as the artifact's default settings (requests may override)")
     o.add_argument("--external-data", action="store_true",
                    help="weights in .onnx.data files for every model (default: only for models over 2 GB)")
-    o.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
 
     v = sub.add_parser("verify", formatter_class=DefaultsHelpFormatter, help="compare an artifact in ONNX Runtime with the PyTorch model")
     v.add_argument("artifact", help="artifact folder written by `deleaker-export onnx`")
@@ -86,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def export_spec(args):
-    """The ExportSpec of `deleaker-export onnx` arguments (the checkpoint is read for its text length)."""
+    """The ExportSpec of `deleaker-export onnx|aoti` arguments (the checkpoint is read for its text length)."""
     from deleaker.runtime.config import preset
 
     from .onnx_export import ExportSpec
@@ -98,10 +105,12 @@ def export_spec(args):
         from .checkpoint import open_checkpoint
 
         kw["max_text_tokens"] = open_checkpoint(args.model).max_sequence_length
+    if getattr(args, "max_batch", None) is not None:
+        kw["max_batch"] = args.max_batch
     return ExportSpec(height=args.height, width=args.width, min_size=args.min_size, max_size=args.max_size,
-                      max_batch=args.max_batch, entity_slots=args.entity_slots, dtype=args.dtype,
-                      encoder_dtype=args.encoder_dtype, deleaker=preset(args.preset),
-                      external_data=True if args.external_data else None, **kw)
+                      entity_slots=args.entity_slots, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
+                      deleaker=preset(args.preset), external_data=True if getattr(args, "external_data", False) else None,
+                      **kw)
 
 
 def _onnx(args) -> int:
