@@ -302,12 +302,7 @@ def test_planted_mode_keeps_smoothed_masks_and_deleaker_edits():
     assert all(lo >= 120 and hi <= 160 for lo, hi in counters["mask_rows"].values()), counters
     assert counters["cut_pairs"] > 0
     # the step output: DeLeaker (reference op) vs vanilla, both planted
-    dl = harness.as_deleaker_model(tr)
-    cfg_r = harness.resolve_config(cfg, None, dl.blocks_per_step)
-    arrays = M.step_arrays(batch=1, height=512, width=512, text_tokens=16, in_channels=tr.config.in_channels,
-                           text_dim=32, pooled_dim=16, guidance=True, entities=2, slots=4,
-                           step=M.busiest_step(cfg_r), config=cfg_r)
-    args = M.torch_step_args(arrays, "cpu", torch.float32)
+    dl, args = _planted_case_step(tr, cfg)
     outs = {}
     with M.PlantedHooks(tr, M.Plant(coverage=0.14), args[7], (32, 32), 2), torch.inference_mode():
         for impl in ("sdpa", "reference"):
@@ -366,12 +361,7 @@ def test_step_edit_counters_match_the_reference_op():
     assert [last["mask_rows"][s] for s in (0, 1)] == [round(v * 1024) for v in rec["mask_coverage"]]
     assert last["masked_rows"] == sum(last["mask_rows"].values())  # disjoint blocks
     # every call's counters, recomputed directly from the op's inputs
-    dl = harness.as_deleaker_model(tr)
-    cfg_r = harness.resolve_config(cfg, None, dl.blocks_per_step)
-    arrays = M.step_arrays(batch=1, height=512, width=512, text_tokens=16, in_channels=tr.config.in_channels,
-                           text_dim=32, pooled_dim=16, guidance=True, entities=2, slots=4,
-                           step=M.busiest_step(cfg_r), config=cfg_r)
-    args = M.torch_step_args(arrays, "cpu", torch.float32)
+    dl, args = _planted_case_step(tr, cfg)
     seen = []
     M.set_attention(dl, "reference")
     procs = [b.attn.processor for b in list(tr.transformer_blocks) + list(tr.single_transformer_blocks)]
@@ -414,3 +404,14 @@ def test_broken_artifact_is_a_one_line_error(tmp_path, capsys):
     assert cli.main(["--preset", "tiny", "--artifact", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deleaker-bench: error:") and "manifest.json" in err and len(err.splitlines()) == 1
+
+
+def _planted_case_step(tr, cfg):
+    """The DeLeaker model of `tr` and the positional step inputs the planted-mode cases time
+    (512 px, 16 text tokens, 2 entities, the busiest step of `cfg`)."""
+    dl = harness.as_deleaker_model(tr)
+    cfg_r = harness.resolve_config(cfg, None, dl.blocks_per_step)
+    arrays = M.step_arrays(batch=1, height=512, width=512, text_tokens=16, in_channels=tr.config.in_channels,
+                           text_dim=32, pooled_dim=16, guidance=True, entities=2, slots=4,
+                           step=M.busiest_step(cfg_r), config=cfg_r)
+    return dl, M.torch_step_args(arrays, "cpu", torch.float32)
