@@ -67,6 +67,19 @@ def test_judge_texture_leak_and_non_leak_mismatch():
     assert v["all_present"] and not v["leak"] and not v["all_recognised"]
 
 
+def test_wrong_attributes_split_named_from_unnamed_sources():
+    """The evaluator's control for leakage: a wrong value counts as 'named' only when it belongs to
+    another entity of the prompt; the same wrong value with that kind unnamed is an ordinary error."""
+    from deleaker.export.toyworld.evaluate import wrong_attributes
+
+    tent, crate, kite = (world.KIND_BY_NAME[k] for k in ("tent", "crate", "kite"))
+    blue_tent = world.Kind("tent", tent.shape, crate.colour, tent.texture)
+    named = J.judge(_scene_with([(blue_tent, (2, 2, 13)), (crate, (17, 16, 13))]), ["tent", "crate"])
+    assert wrong_attributes(named, ["tent", "crate"]) == [("colour", True)] and named["leak"]
+    unnamed = J.judge(_scene_with([(blue_tent, (2, 2, 13)), (kite, (17, 16, 13))]), ["tent", "kite"])
+    assert wrong_attributes(unnamed, ["tent", "kite"]) == [("colour", False)] and not unnamed["leak"]
+
+
 def test_judge_missing_entity_and_bad_input():
     img = _scene_with([(world.KIND_BY_NAME["tomato"], (5, 5, 12))])
     v = J.judge(img, ["tomato", "kite"])
@@ -94,6 +107,19 @@ def test_shipped_model_loads_as_a_flux_checkpoint():
     assert models.checkpoint.blocks_per_step == BLOCKS_PER_STEP
     assert models.checkpoint.vae_scale_factor == 1
     assert models.max_sequence_length == 16
+
+
+def test_shipped_model_ignores_the_pooled_text():
+    """The pooled-CLIP path is zeroed and frozen in training (TrainConfig.pooled_text=False): the
+    prompt reaches the image only through joint attention, which is what DeLeaker edits."""
+    pytest.importorskip("diffusers")
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    tr = FluxTransformer2DModel.from_pretrained(MODEL + "/transformer", local_files_only=True)
+    proj = tr.time_text_embed.text_embedder.linear_2
+    assert torch.count_nonzero(proj.weight) == 0 and torch.count_nonzero(proj.bias) == 0
+    assert torch.count_nonzero(tr.time_text_embed.timestep_embedder.linear_2.weight) > 0
 
 
 def test_preset_is_the_recorded_sweep_choice():

@@ -30,24 +30,26 @@ from .preset import SIZE, STEPS, TOYWORLD_PRESET
 
 log = logging.getLogger("deleaker.toyworld")
 
-SWEEP_SEEDS = range(10_000, 10_002)
-EVAL_SEEDS = range(0, 20)
+SWEEP_SEEDS = range(10_000, 10_006)
+EVAL_SEEDS = range(0, 100)
 JUDGE_CHECK_SEEDS = range(2_000_000, 2_000_300)
 
-# Candidate settings: the intervention start (block-steps), the own-entity strengthening and the
-# mask smoothing; everything else as the authors' defaults. History from block 0.
-def _cfg(i0: int, k: float, smoothing: bool = True) -> DeLeakerConfig:
-    return DeLeakerConfig(num_steps=STEPS, start_aggregating_from=0, start_intervention_from=i0, k_strength=k,
+
+def _cfg(a0: int, i0: int, k: float, smoothing: bool = True) -> DeLeakerConfig:
+    """A candidate: history from block-step a0, intervention from i0, own-entity strength k,
+    mask smoothing on/off; the derived stops (history to 60% of the steps, intervention to the
+    end) and everything else as the authors' defaults."""
+    return DeLeakerConfig(num_steps=STEPS, start_aggregating_from=a0, start_intervention_from=i0, k_strength=k,
                           do_smoothing=smoothing)
 
 
+# Candidate settings (block-steps tau = step * 5 + block): windows from the first step (the
+# authors' FLUX.1-dev windows, blocks 12 and 18 of 57, scaled to 5 blocks per step), from the
+# second and from the third step; the authors' strength and a stronger one; smoothing on/off.
+WINDOWS = {"a0=1 i0=2": (1, 2), "a0=5 i0=7": (5, 7), "a0=10 i0=12": (10, 12)}
 SWEEP: dict[str, DeLeakerConfig] = {
-    # the authors' FLUX.1-dev windows (blocks 12 and 18 of 57 in step 0) scaled to 5 blocks per step
-    "i0=3 k=1.2": _cfg(3, 1.2),
-    "i0=3 k=2.0": _cfg(3, 2.0),
-    "i0=3 k=2.0 no-smoothing": _cfg(3, 2.0, False),
-    "i0=3 k=3.0 no-smoothing": _cfg(3, 3.0, False),
-    "i0=10 k=3.0 no-smoothing": _cfg(10, 3.0, False),
+    f"{w} k={k}{'' if sm else ' no-smoothing'}": _cfg(a0, i0, k, sm)
+    for w, (a0, i0) in WINDOWS.items() for k in (1.2, 2.0) for sm in (True, False)
 }
 
 
@@ -71,6 +73,46 @@ def requests(pairs, seeds, config: DeLeakerConfig | None):
             for p in pairs for s in seeds]
 
 
+def wrong_attributes(verdict: dict, entities) -> list[tuple[str, bool]]:
+    """(attribute, named) for every attribute a present entity's object shows wrongly: named when
+    the value shown belongs to another entity of the prompt (a leak), else to a kind the prompt
+    does not name. With 2 of 5 kinds named and errors blind to the prompt, 1 in 4 would be named."""
+    all_kinds = [k.name for k in world.KINDS]
+    out = []
+    for e, info in verdict["entities"].items():
+        if not info["present"]:
+            continue
+        shown = {a: verdict["objects"][info["object"]][a] for a in world.ATTRIBUTES}
+        out += [(a, src in entities) for a, src in world.leaked_attributes(e, shown, all_kinds)]
+    return out
+
+
+def _object_tokens(image: np.ndarray) -> np.ndarray:
+    """[I] bool: image tokens (2x2 pixel patches) that touch an object."""
+    h, w = SIZE // 2, SIZE // 2
+    return J.foreground(image).reshape(h, 2, w, 2).any(axis=(1, 3)).reshape(-1)
+
+
+def mask_on_objects(result) -> float | None:
+    """Fraction of the entity-mask tokens (the final history's masks, smoothed as configured)
+    that lie on an object of the generated image; None for vanilla or an empty mask."""
+    import torch
+
+    from deleaker.export.reference_op import entity_masks, smooth_masks
+
+    cfg = result.request.config
+    if not result.request.deleaker or cfg is None:
+        return None
+    hist = torch.from_numpy(np.asarray(result.history[:len(result.request.entities)], np.float32))  # [E, I]
+    h, w = SIZE // 2, SIZE // 2  # token grid (VAE factor 1, 2x2 packing)
+    masks = entity_masks(hist, cfg.std_mul_text)
+    if cfg.do_smoothing:
+        masks = smooth_masks(masks, h, w)
+    fg = _object_tokens(result.image)  # [I]
+    m = masks.numpy()
+    return float(fg[m.any(axis=0)].mean()) if m.any() else None
+
+
 def run(pipe, reqs) -> list[dict]:
     """Generate and judge; one record per request."""
     out = []
@@ -78,7 +120,8 @@ def run(pipe, reqs) -> list[dict]:
         v = J.judge(r.image, r.request.entities)
         out.append({"prompt": r.request.prompt, "seed": r.request.seed, "image": r.image,
                     "leak": v["leak"], "all_present": v["all_present"], "all_recognised": v["all_recognised"],
-                    "leaks": v["leaks"]})
+                    "leaks": v["leaks"], "wrong": wrong_attributes(v, r.request.entities),
+                    "mask_on_objects": mask_on_objects(r)})
     return out
 
 
@@ -95,6 +138,8 @@ def bootstrap(values, n: int = 4000, seed: int = 0) -> list[float]:
 
 
 def summary(records, with_ci: bool = False) -> dict:
+    """Rates (with bootstrap intervals if asked) of leakage, presence and recognition; leakage
+    also per attribute (images with at least one leak of that attribute)."""
     s = {"n": len(records)}
     for key in ("leak", "all_present", "all_recognised"):
         s[key] = rate(records, key)
@@ -105,17 +150,50 @@ def summary(records, with_ci: bool = False) -> dict:
         for _, a, _ in r["leaks"]:
             attrs[a] += 1
     s["leaked_attributes"] = attrs
+    # wrong attribute values by where they come from: another named entity vs an unnamed kind
+    s["wrong_attributes"] = {a: {"named": sum(1 for r in records for x, named in r["wrong"] if x == a and named),
+                                 "unnamed": sum(1 for r in records for x, named in r["wrong"] if x == a and not named)}
+                             for a in world.ATTRIBUTES}
+    on = [r["mask_on_objects"] for r in records if r["mask_on_objects"] is not None]
+    if on:  # DeLeaker runs: where its masks fall, against the objects' share of the image
+        s["mask_on_objects"] = float(np.mean(on))
+        s["image_on_objects"] = float(np.mean([_object_tokens(r["image"]).mean() for r in records]))
+    for a in world.ATTRIBUTES:
+        flags = [any(x[1] == a for x in r["leaks"]) for r in records]
+        s[f"leak_{a}"] = float(np.mean(flags)) if flags else float("nan")
+        if with_ci:
+            s[f"leak_{a}_ci95"] = bootstrap(flags)
     return s
 
 
-def judge_accuracy() -> dict:
-    """Per-attribute accuracy of the judge on held-out renders (every placed object)."""
+def vae_round_trip(model: Path):
+    """image [H, W, 3] uint8 -> the same image encoded and decoded by the model's VAE: renders
+    as blurred as the model's own outputs can be at best."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model / "vae", local_files_only=True).eval()
+
+    def f(image: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(image.astype(np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0)  # [1, 3, H, W]
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample[0]
+        return ((y.clamp(-1, 1).permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.uint8)
+    return f
+
+
+def judge_accuracy(transform=None) -> dict:
+    """Per-attribute accuracy of the judge on held-out renders (every placed object), optionally
+    after `transform` (e.g. a VAE round trip)."""
     hits = {a: 0 for a in world.ATTRIBUTES}
-    n = found = clean = 0
+    n = found = clean = leaks = 0
     for seed in JUDGE_CHECK_SEEDS:
         smp = world.sample(seed)
-        objs = J.find_objects(smp.image)
-        clean += J.judge(smp.image, smp.entities)["all_recognised"]
+        image = smp.image if transform is None else transform(smp.image)
+        objs = J.find_objects(image)
+        verdict = J.judge(image, smp.entities)
+        clean += verdict["all_recognised"]
+        leaks += verdict["leak"]  # every render is leak-free: a leak here is the judge's error
         for p in smp.layout:
             n += 1
             match = [o for o in objs if abs(o["box"][0] - p.x0) <= 1 and abs(o["box"][1] - p.y0) <= 1]
@@ -124,7 +202,8 @@ def judge_accuracy() -> dict:
                 for a in world.ATTRIBUTES:
                     hits[a] += match[0][a] == world.KIND_BY_NAME[p.kind].attribute(a)
     return {"scenes": len(JUDGE_CHECK_SEEDS), "objects": n, "found": found / n,
-            **{a: hits[a] / n for a in world.ATTRIBUTES}, "scenes_all_recognised": clean / len(JUDGE_CHECK_SEEDS)}
+            **{a: hits[a] / n for a in world.ATTRIBUTES}, "scenes_all_recognised": clean / len(JUDGE_CHECK_SEEDS),
+            "scenes_false_leak": leaks / len(JUDGE_CHECK_SEEDS)}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -153,25 +232,28 @@ def plot(results: dict, path: Path) -> None:
 
 
 def example_grid(vanilla, deleaker, path: Path, n: int = 8, scale: int = 4) -> None:
-    """Rows: prompt-seed pairs; columns: vanilla | DeLeaker, each upscaled `scale`x, captioned."""
+    """Rows: prompt-seed pairs; columns: vanilla | DeLeaker, each upscaled `scale`x, captioned and
+    tagged leak / recognised (all entities, every attribute) / present / missing."""
     from PIL import Image, ImageDraw
 
     s = SIZE * scale
     pad, text_h = 4, 14
+    row_h = text_h + s + text_h + pad  # caption, images, tags
     picks = list(range(0, len(vanilla), max(1, len(vanilla) // n)))[:n]
-    W, H = 2 * s + 3 * pad, len(picks) * (s + text_h + pad) + pad + text_h
+    W, H = 2 * s + 3 * pad, text_h + len(picks) * row_h + pad
     grid = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(grid)
     d.text((pad, 1), "vanilla", fill=(0, 0, 0))
     d.text((2 * pad + s, 1), "DeLeaker", fill=(0, 0, 0))
     for row, i in enumerate(picks):
-        y = text_h + pad + row * (s + text_h + pad)
+        top = text_h + pad + row * row_h
+        d.text((pad, top), f"{vanilla[i]['prompt']} (seed {vanilla[i]['seed']})", fill=(0, 0, 0))
         for col, rec in enumerate((vanilla[i], deleaker[i])):
             im = Image.fromarray(rec["image"]).resize((s, s), Image.NEAREST)
-            grid.paste(im, (pad + col * (s + pad), y))
-            tag = "leak" if rec["leak"] else ("ok" if rec["all_recognised"] else "missing")
-            d.text((pad + col * (s + pad), y + s), tag, fill=(200, 0, 0) if rec["leak"] else (0, 0, 0))
-        d.text((pad, y - text_h + 2), f"{vanilla[i]['prompt']} (seed {vanilla[i]['seed']})", fill=(0, 0, 0))
+            grid.paste(im, (pad + col * (s + pad), top + text_h))
+            tag = ("leak" if rec["leak"] else "recognised" if rec["all_recognised"] else "present"
+                   if rec["all_present"] else "missing")
+            d.text((pad + col * (s + pad), top + text_h + s + 1), tag, fill=(200, 0, 0) if rec["leak"] else (0, 0, 0))
     grid.save(path)
 
 
@@ -188,9 +270,35 @@ def choose(sweep: dict, vanilla: dict) -> str:
     return max(sweep, key=lambda k: sweep[k]["all_present"] - sweep[k]["leak"])
 
 
+def heldout(pipe, config: DeLeakerConfig) -> tuple[dict, list, list]:
+    """Vanilla and `config` on the held-out prompts and seeds: summary dict, both record lists."""
+    hp = heldout_prompts()
+    van = run(pipe, requests(hp, EVAL_SEEDS, None))
+    dl = run(pipe, requests(hp, EVAL_SEEDS, config))
+    diff = [float(a["leak"]) - float(b["leak"]) for a, b in zip(van, dl)]
+    res = {"prompts": [world.caption_for(p) for p in hp], "seeds": list(EVAL_SEEDS), "config": asdict(config),
+           "vanilla": summary(van, True), "deleaker": summary(dl, True),
+           "leak_reduction": float(np.mean(diff)), "leak_reduction_ci95": bootstrap(diff),
+           "per_sample": [{"prompt": a["prompt"], "seed": a["seed"], "vanilla_leak": a["leak"],
+                           "deleaker_leak": b["leak"], "vanilla_all_present": a["all_present"],
+                           "deleaker_all_present": b["all_present"]} for a, b in zip(van, dl)]}
+    return res, van, dl
+
+
+def agreement(per_sample: list[dict], reference: list[dict]) -> dict:
+    """Fraction of held-out samples whose flags equal those of another run (e.g. torch vs onnxruntime)."""
+    keys = ("vanilla_leak", "deleaker_leak", "vanilla_all_present", "deleaker_all_present")
+    ref = {(r["prompt"], r["seed"]): r for r in reference}
+    same = [all(a[k] == ref[(a["prompt"], a["seed"])][k] for k in keys) for a in per_sample]
+    return {"samples": len(same), "all_flags_equal": float(np.mean(same))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deleaker.export.toyworld.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, default=Path(__file__).parent / "model")
+    ap.add_argument("--model", type=Path, default=Path(__file__).parent / "model",
+                    help="model folder (torch backend) or exported artifact (other backends)")
+    ap.add_argument("--backend", default="torch", help="runtime backend: torch runs the sweep and the held-out "
+                    "set; any other (onnxruntime) runs the held-out set with the preset, into results-BACKEND.json")
     ap.add_argument("--out", type=Path, required=True, help="folder for results.json and the figures")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=8)
@@ -205,11 +313,24 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results: dict = {"command": "python -m deleaker.export.toyworld.evaluate " + " ".join(argv or sys.argv[1:]),
-                     "steps": STEPS, "size": SIZE}
+                     "backend": args.backend, "steps": STEPS, "size": SIZE}
+    pipe = Pipeline(load_backend(args.backend, str(args.model), progress=False), config=TOYWORLD_PRESET,
+                    max_batch=args.max_batch)
+    if args.backend != "torch":
+        results["heldout"], _, _ = heldout(pipe, TOYWORLD_PRESET)
+        results["seconds"] = round(time.time() - t0, 1)
+        torch_json = args.out / "results.json"
+        if torch_json.exists():
+            results["agreement_with_torch"] = agreement(results["heldout"]["per_sample"],
+                                                        json.loads(torch_json.read_text())["heldout"]["per_sample"])
+        (args.out / f"results-{args.backend}.json").write_text(json.dumps(results, indent=1) + "\n")
+        _log_heldout(results)
+        return 0
+
     results["judge_accuracy"] = judge_accuracy()
     log.info("judge accuracy on held-out renders: %s", results["judge_accuracy"])
-    pipe = Pipeline(load_backend("torch", str(args.model)), config=TOYWORLD_PRESET, max_batch=args.max_batch)
-
+    results["judge_accuracy_vae"] = judge_accuracy(vae_round_trip(args.model))
+    log.info("judge accuracy on the same renders after the VAE round trip: %s", results["judge_accuracy_vae"])
     sp = sweep_prompts()
     results["sweep_set"] = {"prompts": [world.caption_for(p) for p in sp], "seeds": list(SWEEP_SEEDS)}
     base = run(pipe, requests(sp, SWEEP_SEEDS, None))
@@ -226,27 +347,24 @@ def main(argv: list[str] | None = None) -> int:
     if chosen_cfg != TOYWORLD_PRESET:
         log.warning("the sweep chose %s, which differs from preset.TOYWORLD_PRESET: update the preset", best)
     results["preset_matches_sweep"] = chosen_cfg == TOYWORLD_PRESET
-
-    hp = heldout_prompts()
-    results["heldout_set"] = {"prompts": [world.caption_for(p) for p in hp], "seeds": list(EVAL_SEEDS)}
-    van = run(pipe, requests(hp, EVAL_SEEDS, None))
-    dl = run(pipe, requests(hp, EVAL_SEEDS, chosen_cfg))
-    diff = [float(a["leak"]) - float(b["leak"]) for a, b in zip(van, dl)]
-    results["heldout"] = {"config": asdict(chosen_cfg), "vanilla": summary(van, True), "deleaker": summary(dl, True),
-                          "leak_reduction": float(np.mean(diff)), "leak_reduction_ci95": bootstrap(diff),
-                          "per_sample": [{"prompt": a["prompt"], "seed": a["seed"], "vanilla_leak": a["leak"],
-                                          "deleaker_leak": b["leak"], "vanilla_all_present": a["all_present"],
-                                          "deleaker_all_present": b["all_present"]} for a, b in zip(van, dl)]}
+    results["heldout"], van, dl = heldout(pipe, chosen_cfg)
     results["seconds"] = round(time.time() - t0, 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, args.out / "leakage.png")
     example_grid(van, dl, args.out / "examples.png")
-    ev = results["heldout"]
-    log.info("held-out: vanilla leak %.3f %s, DeLeaker leak %.3f %s, reduction %.3f %s; presence %.3f vs %.3f",
-             ev["vanilla"]["leak"], ev["vanilla"]["leak_ci95"], ev["deleaker"]["leak"], ev["deleaker"]["leak_ci95"],
-             ev["leak_reduction"], ev["leak_reduction_ci95"], ev["vanilla"]["all_present"],
-             ev["deleaker"]["all_present"])
+    _log_heldout(results)
     return 0
+
+
+def _log_heldout(results: dict) -> None:
+    ev = results["heldout"]
+    log.info("held-out (%s): vanilla leak %.3f %s, DeLeaker leak %.3f %s, reduction %.3f %s; presence %.3f vs %.3f",
+             results["backend"], ev["vanilla"]["leak"], ev["vanilla"]["leak_ci95"], ev["deleaker"]["leak"],
+             ev["deleaker"]["leak_ci95"], ev["leak_reduction"], ev["leak_reduction_ci95"],
+             ev["vanilla"]["all_present"], ev["deleaker"]["all_present"])
+    if "agreement_with_torch" in results:
+        log.info("flags equal to the torch backend's on %.1f%% of %d samples",
+                 100 * results["agreement_with_torch"]["all_flags_equal"], results["agreement_with_torch"]["samples"])
 
 
 if __name__ == "__main__":

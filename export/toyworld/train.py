@@ -1,13 +1,14 @@
 """Train the toy-world FLUX model on this CPU and write it in diffusers' folder layout.
 
-    python -m deleaker.export.toyworld.train --out DIR [--seed 0] [--threads 2] [--heads 4 --steps 900]
+    python -m deleaker.export.toyworld.train --out DIR [--seed 0] [--threads 2] [--heads 4] [--steps 7000]
 
 Stages (each logged, the transformer checkpointed as it trains, so a stopped run leaves a usable
 folder): tokenizers trained on the world's captions; random frozen CLIP/T5-like encoders; a
 1-level AutoencoderKL (no downsampling, 16 latent channels: 32x32 px -> 16x16 tokens) trained on renders, with its latent
 shift/scale measured; then a FluxTransformer2DModel trained with rectified flow (velocity
 target noise - x0, sigmas logit-normal then shifted exactly as the runtime's scheduler shifts
-them for this image size). Loss curves go to DIR/training/*.csv.
+them for this image size), its pooled-text path zeroed and frozen (TrainConfig.pooled_text).
+Loss curves, the config and the wall time go to DIR-training/ beside DIR.
 """
 
 from __future__ import annotations
@@ -52,11 +53,15 @@ class TrainConfig:
     # transformer
     num_layers: int = 2
     num_single_layers: int = 3
-    heads: int = 2
+    heads: int = 4
     head_dim: int = 32
     axes_dims_rope: tuple[int, int, int] = (8, 12, 12)
+    # The pooled-CLIP path of the time/text embedding is zeroed and frozen: the prompt then reaches
+    # the image only through joint attention to the text tokens, where FLUX binds words to regions
+    # (a pooled vector naming every kind lets a small model draw them without attending to words).
+    pooled_text: bool = False
     dataset: int = 8000  # distinct training scenes (latents cached once)
-    steps: int = 1200
+    steps: int = 7000
     batch: int = 16
     lr: float = 2e-3
     warmup: int = 50
@@ -264,10 +269,15 @@ def train_transformer(out: Path, cfg: TrainConfig, data: Dataset, embeds, pooled
 
     torch.manual_seed(cfg.seed + 4)
     model = make_transformer(cfg)
+    if not cfg.pooled_text:
+        proj = model.time_text_embed.text_embedder
+        torch.nn.init.zeros_(proj.linear_2.weight)
+        torch.nn.init.zeros_(proj.linear_2.bias)
+        proj.requires_grad_(False)  # stays zero: pooled_projections has no effect
     n_params = sum(p.numel() for p in model.parameters())
     log.info("transformer: %d double + %d single blocks, width %d, %.2fM parameters", cfg.num_layers,
              cfg.num_single_layers, cfg.heads * cfg.head_dim, n_params / 1e6)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     grid = (world.IMAGE_SIZE // 2, world.IMAGE_SIZE // 2)  # VAE factor 1, 2x2 packing
     mu = FlowMatchEuler.from_config(FLUX_DEV_SCHEDULER_CONFIG).mu(grid[0] * grid[1])
     img_ids = torch.from_numpy(lat.image_ids(grid))
@@ -354,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="take tokenizers, encoders and VAE from an earlier --out of this script with the same"
                          " seed (they are deterministic) and run only the transformer stage")
     ap.add_argument("--dataset", type=int, default=None, help="distinct training scenes")
+    ap.add_argument("--pooled-text", action="store_true",
+                    help="train the pooled-CLIP conditioning path too (default: zeroed and frozen)")
     ap.add_argument("--heads", type=int, default=None,
                     help="transformer attention heads of 32 channels, i.e. width / 32 (default: TrainConfig.heads)")
     args = ap.parse_args(argv)
@@ -371,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(**{**asdict(cfg), "vae_steps": args.vae_steps})
     if args.dataset is not None:
         cfg = TrainConfig(**{**asdict(cfg), "dataset": args.dataset})
+    if args.pooled_text:
+        cfg = TrainConfig(**{**asdict(cfg), "pooled_text": True})
     if args.heads is not None:
         cfg = TrainConfig(**{**asdict(cfg), "heads": args.heads})
     out = args.out.expanduser().resolve()
