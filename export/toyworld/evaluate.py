@@ -2,17 +2,20 @@
 
     python -m deleaker.export.toyworld.evaluate --model export/toyworld/model --out docs/toyworld
 
-1. judge accuracy on held-out renders (ground truth known);
+1. judge accuracy on held-out renders (ground truth known), as rendered and after the VAE;
 2. a sweep of DeLeaker settings on the sweep prompts (kind pairs in one order, sweep seeds);
 3. the chosen settings vs vanilla on held-out prompts (the same pairs in the other order, which
-   the sweep never saw) and held-out seeds, with bootstrap 95% intervals;
+   the sweep never saw) and held-out seeds, with bootstrap 95% intervals, the named/unnamed
+   source of every wrong attribute, and where DeLeaker's masks fall; then every kind triple;
 4. results.json, leakage.png (rates with intervals) and examples.png (vanilla | DeLeaker).
-Every image goes through the runtime: Pipeline + the torch backend.
+Every image goes through the runtime: Pipeline + the torch backend (`--backend onnxruntime`
+with an exported artifact: step 3's pairs only, into results-onnxruntime.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -32,6 +35,7 @@ log = logging.getLogger("deleaker.toyworld")
 
 SWEEP_SEEDS = range(10_000, 10_006)
 EVAL_SEEDS = range(0, 100)
+TRIPLET_SEEDS = range(0, 50)
 JUDGE_CHECK_SEEDS = range(2_000_000, 2_000_300)
 
 
@@ -62,6 +66,12 @@ def sweep_prompts() -> list[tuple[str, str]]:
 def heldout_prompts() -> list[tuple[str, str]]:
     names = [k.name for k in world.KINDS]
     return [(a, b) for a, b in world.pairs() if names.index(a) > names.index(b)]
+
+
+def heldout_triplets() -> list[tuple[str, str, str]]:
+    """Every set of three kinds once, named in reverse world order ("a badge, a kite and a tent")."""
+    names = [k.name for k in world.KINDS][::-1]
+    return list(itertools.combinations(names, 3))
 
 
 def requests(pairs, seeds, config: DeLeakerConfig | None):
@@ -270,13 +280,14 @@ def choose(sweep: dict, vanilla: dict) -> str:
     return max(sweep, key=lambda k: sweep[k]["all_present"] - sweep[k]["leak"])
 
 
-def heldout(pipe, config: DeLeakerConfig) -> tuple[dict, list, list]:
-    """Vanilla and `config` on the held-out prompts and seeds: summary dict, both record lists."""
-    hp = heldout_prompts()
-    van = run(pipe, requests(hp, EVAL_SEEDS, None))
-    dl = run(pipe, requests(hp, EVAL_SEEDS, config))
+def heldout(pipe, config: DeLeakerConfig, hp=None, seeds=EVAL_SEEDS) -> tuple[dict, list, list]:
+    """Vanilla and `config` on held-out prompts (default: the reversed pairs) and seeds: summary
+    dict, both record lists."""
+    hp = heldout_prompts() if hp is None else hp
+    van = run(pipe, requests(hp, seeds, None))
+    dl = run(pipe, requests(hp, seeds, config))
     diff = [float(a["leak"]) - float(b["leak"]) for a, b in zip(van, dl)]
-    res = {"prompts": [world.caption_for(p) for p in hp], "seeds": list(EVAL_SEEDS), "config": asdict(config),
+    res = {"prompts": [world.caption_for(p) for p in hp], "seeds": list(seeds), "config": asdict(config),
            "vanilla": summary(van, True), "deleaker": summary(dl, True),
            "leak_reduction": float(np.mean(diff)), "leak_reduction_ci95": bootstrap(diff),
            "per_sample": [{"prompt": a["prompt"], "seed": a["seed"], "vanilla_leak": a["leak"],
@@ -348,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("the sweep chose %s, which differs from preset.TOYWORLD_PRESET: update the preset", best)
     results["preset_matches_sweep"] = chosen_cfg == TOYWORLD_PRESET
     results["heldout"], van, dl = heldout(pipe, chosen_cfg)
+    # three entities: every kind triple, with the same preset (not swept on triples)
+    results["heldout_triplets"], _, _ = heldout(pipe, chosen_cfg, heldout_triplets(), TRIPLET_SEEDS)
+    log.info("held-out triplets: vanilla leak %.3f, DeLeaker leak %.3f, reduction %.3f %s",
+             results["heldout_triplets"]["vanilla"]["leak"], results["heldout_triplets"]["deleaker"]["leak"],
+             results["heldout_triplets"]["leak_reduction"], results["heldout_triplets"]["leak_reduction_ci95"])
     results["seconds"] = round(time.time() - t0, 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, args.out / "leakage.png")
