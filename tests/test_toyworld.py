@@ -80,6 +80,16 @@ def test_wrong_attributes_split_named_from_unnamed_sources():
     assert wrong_attributes(unnamed, ["tent", "kite"]) == [("colour", False)] and not unnamed["leak"]
 
 
+def test_evaluate_bad_model_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from deleaker.export.toyworld import evaluate as E
+
+    out = tmp_path / "eval"
+    assert E.main(["--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"python -m deleaker.export.toyworld.evaluate: error: checkpoint folder not found: {tmp_path / 'missing'}"]
+    assert not out.exists()
+
+
 def test_judge_missing_entity_and_bad_input():
     img = _scene_with([(world.KIND_BY_NAME["tomato"], (5, 5, 12))])
     v = J.judge(img, ["tomato", "kite"])

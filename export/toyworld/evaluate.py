@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +38,7 @@ SWEEP_SEEDS = range(10_000, 10_006)
 EVAL_SEEDS = range(0, 100)
 TRIPLET_SEEDS = range(0, 50)
 JUDGE_CHECK_SEEDS = range(2_000_000, 2_000_300)
+GRID = (SIZE // 2, SIZE // 2)  # image tokens (VAE factor 1, 2x2 packing)
 
 
 def _cfg(a0: int, i0: int, k: float, smoothing: bool = True) -> DeLeakerConfig:
@@ -97,15 +99,15 @@ def wrong_attributes(verdict: dict, entities) -> list[tuple[str, bool]]:
     return out
 
 
-def _object_tokens(image: np.ndarray) -> np.ndarray:
+def object_tokens(image: np.ndarray) -> np.ndarray:
     """[I] bool: image tokens (2x2 pixel patches) that touch an object."""
-    h, w = SIZE // 2, SIZE // 2
+    h, w = GRID
     return J.foreground(image).reshape(h, 2, w, 2).any(axis=(1, 3)).reshape(-1)
 
 
-def mask_on_objects(result) -> float | None:
+def mask_on_objects(result, objects: np.ndarray) -> float | None:
     """Fraction of the entity-mask tokens (the final history's masks, smoothed as configured)
-    that lie on an object of the generated image; None for vanilla or an empty mask."""
+    that lie on `objects` ([I] bool, object_tokens of the image); None for vanilla or an empty mask."""
     import torch
 
     from deleaker.export.reference_op import entity_masks, smooth_masks
@@ -114,13 +116,11 @@ def mask_on_objects(result) -> float | None:
     if not result.request.deleaker or cfg is None:
         return None
     hist = torch.from_numpy(np.asarray(result.history[:len(result.request.entities)], np.float32))  # [E, I]
-    h, w = SIZE // 2, SIZE // 2  # token grid (VAE factor 1, 2x2 packing)
     masks = entity_masks(hist, cfg.std_mul_text)
     if cfg.do_smoothing:
-        masks = smooth_masks(masks, h, w)
-    fg = _object_tokens(result.image)  # [I]
-    m = masks.numpy()
-    return float(fg[m.any(axis=0)].mean()) if m.any() else None
+        masks = smooth_masks(masks, *GRID)
+    m = masks.numpy().any(axis=0)  # [I]
+    return float(objects[m].mean()) if m.any() else None
 
 
 def run(pipe, reqs) -> list[dict]:
@@ -128,10 +128,11 @@ def run(pipe, reqs) -> list[dict]:
     out = []
     for r in pipe.generate(reqs):
         v = J.judge(r.image, r.request.entities)
+        objects = object_tokens(r.image)
         out.append({"prompt": r.request.prompt, "seed": r.request.seed, "image": r.image,
                     "leak": v["leak"], "all_present": v["all_present"], "all_recognised": v["all_recognised"],
                     "leaks": v["leaks"], "wrong": wrong_attributes(v, r.request.entities),
-                    "mask_on_objects": mask_on_objects(r)})
+                    "object_share": float(objects.mean()), "mask_on_objects": mask_on_objects(r, objects)})
     return out
 
 
@@ -161,13 +162,12 @@ def summary(records, with_ci: bool = False) -> dict:
             attrs[a] += 1
     s["leaked_attributes"] = attrs
     # wrong attribute values by where they come from: another named entity vs an unnamed kind
-    s["wrong_attributes"] = {a: {"named": sum(1 for r in records for x, named in r["wrong"] if x == a and named),
-                                 "unnamed": sum(1 for r in records for x, named in r["wrong"] if x == a and not named)}
-                             for a in world.ATTRIBUTES}
+    wrong = Counter(w for r in records for w in r["wrong"])  # (attribute, named) -> count
+    s["wrong_attributes"] = {a: {"named": wrong[a, True], "unnamed": wrong[a, False]} for a in world.ATTRIBUTES}
     on = [r["mask_on_objects"] for r in records if r["mask_on_objects"] is not None]
     if on:  # DeLeaker runs: where its masks fall, against the objects' share of the image
         s["mask_on_objects"] = float(np.mean(on))
-        s["image_on_objects"] = float(np.mean([_object_tokens(r["image"]).mean() for r in records]))
+        s["image_on_objects"] = float(np.mean([r["object_share"] for r in records]))
     for a in world.ATTRIBUTES:
         flags = [any(x[1] == a for x in r["leaks"]) for r in records]
         s[f"leak_{a}"] = float(np.mean(flags)) if flags else float("nan")
@@ -315,18 +315,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=8)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from deleaker.runtime.errors import run_reporting_errors
+
+    return run_reporting_errors(ap.prog, lambda: _evaluate(args, argv))
+
+
+def _evaluate(args, argv) -> int:
     import torch
 
     from deleaker.runtime.backends import load_backend
     from deleaker.runtime.pipeline import Pipeline
 
     torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results: dict = {"command": "python -m deleaker.export.toyworld.evaluate " + " ".join(argv or sys.argv[1:]),
                      "backend": args.backend, "steps": STEPS, "size": SIZE}
     pipe = Pipeline(load_backend(args.backend, str(args.model), progress=False), config=TOYWORLD_PRESET,
                     max_batch=args.max_batch)
+    args.out.mkdir(parents=True, exist_ok=True)  # after the model loaded: a bad --model leaves nothing
     if args.backend != "torch":
         results["heldout"], _, _ = heldout(pipe, TOYWORLD_PRESET)
         results["seconds"] = round(time.time() - t0, 1)

@@ -277,7 +277,8 @@ def train_transformer(out: Path, cfg: TrainConfig, data: Dataset, embeds, pooled
     n_params = sum(p.numel() for p in model.parameters())
     log.info("transformer: %d double + %d single blocks, width %d, %.2fM parameters", cfg.num_layers,
              cfg.num_single_layers, cfg.heads * cfg.head_dim, n_params / 1e6)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0,
+                            betas=(0.9, 0.99))
     grid = (world.IMAGE_SIZE // 2, world.IMAGE_SIZE // 2)  # VAE factor 1, 2x2 packing
     mu = FlowMatchEuler.from_config(FLUX_DEV_SCHEDULER_CONFIG).mu(grid[0] * grid[1])
     img_ids = torch.from_numpy(lat.image_ids(grid))
@@ -376,17 +377,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(seed=args.seed)
-    if args.steps is not None:
-        cfg = TrainConfig(**{**asdict(cfg), "steps": args.steps})
-    if args.vae_steps is not None:
-        cfg = TrainConfig(**{**asdict(cfg), "vae_steps": args.vae_steps})
-    if args.dataset is not None:
-        cfg = TrainConfig(**{**asdict(cfg), "dataset": args.dataset})
-    if args.pooled_text:
-        cfg = TrainConfig(**{**asdict(cfg), "pooled_text": True})
-    if args.heads is not None:
-        cfg = TrainConfig(**{**asdict(cfg), "heads": args.heads})
+    given = {"steps": args.steps, "vae_steps": args.vae_steps, "dataset": args.dataset, "heads": args.heads,
+             "pooled_text": args.pooled_text or None}
+    cfg = TrainConfig(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     out = args.out.expanduser().resolve()
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     curves = out.parent / f"{out.name}-training"
