@@ -124,18 +124,20 @@ def _toy_run(tmp_path, pairs) -> RunDir:
 def test_toyworld_judge(tmp_path):
     world = pytest.importorskip("deleaker.export.toyworld.world")
     pytest.importorskip("deleaker.export.toyworld.judge")
-    from deleaker.export.toyworld.world import Kind, render_object
+    from deleaker.export.toyworld.world import Thing, render_object
 
-    def scene(tomato: Kind) -> np.ndarray:
+    circle, square = Thing("red", "plain", "circle"), Thing("blue", "striped", "square")
+    entities = (circle.phrase, square.phrase)
+
+    def scene(first: Thing) -> np.ndarray:
         canvas = np.full((64, 64, 3), world.BACKGROUND, np.uint8)
-        render_object(canvas, tomato, 4, 6, 24)
-        render_object(canvas, world.KIND_BY_NAME["crate"], 36, 34, 24)
+        render_object(canvas, first, 4, 6, 24)
+        render_object(canvas, square, 36, 34, 24)
         return canvas
 
-    clean = scene(world.KIND_BY_NAME["tomato"])
-    leaky = scene(Kind("tomato", "circle", "blue", "solid"))  # the crate's colour on the tomato
-    run = _toy_run(tmp_path, [(leaky, clean, ("tomato", "crate")), (clean, leaky, ("tomato", "crate")),
-                              (clean, clean, ("tomato", "crate"))])
+    clean = scene(circle)
+    leaky = scene(Thing("blue", "plain", "circle"))  # the square's colour on the circle
+    run = _toy_run(tmp_path, [(leaky, clean, entities), (clean, leaky, entities), (clean, clean, entities)])
     judge = get_judge("toyworld")(JudgeOptions())
     counts = judge_run(run, judge, concurrency=2, progress=False)
     assert counts == {"ok": 3, "unparseable": 0, "error": 0, "skipped": 0}

@@ -11,10 +11,21 @@ from deleaker.export.toyworld import world
 MODEL = world.__file__.rsplit("/", 1)[0] + "/model"
 
 
-def test_kinds_own_their_attribute_values():
-    for attr in world.ATTRIBUTES:
-        values = [k.attribute(attr) for k in world.KINDS]
-        assert len(set(values)) == len(values), attr
+def test_phrases_parse_and_every_attribute_word_is_one_token():
+    t = world.Thing("red", "dotted", "circle")
+    assert t.phrase == "red dotted circle" and world.parse_phrase("Red dotted circle") == t
+    with pytest.raises(ValueError, match="unknown colour 'cyan'"):
+        world.parse_phrase("cyan dotted circle")
+    with pytest.raises(ValueError, match="<colour> <texture> <shape>"):
+        world.parse_phrase("circle")
+    from deleaker.export.toyworld.train import word_t5_tokenizer
+
+    tok = word_t5_tokenizer(world.corpus(n=50))
+    words = [w for a in world.ATTRIBUTES for w in world.VALUES[a]]
+    caption = world.caption_for(world.distinct_things(np.random.default_rng(0), 3))
+    assert len(tok.encode(caption).ids) == len(caption.replace(",", " ,").split()) + 1  # + </s>
+    for w in words:
+        assert tok.encode(w).tokens == ["\u2581" + w, "</s>"], w
 
 
 def test_sample_is_seeded_and_layout_is_valid():
@@ -23,8 +34,8 @@ def test_sample_is_seeded_and_layout_is_valid():
     assert not np.array_equal(world.sample(124).image, a.image)
     for seed in range(200):
         s = world.sample(seed)
-        assert s.caption == world.caption_for(s.entities)
-        assert [p.kind for p in s.layout] == list(s.entities)
+        assert s.caption == world.caption_for(s.things) and len(set(s.things)) == len(s.things)
+        assert [p.thing for p in s.layout] == list(s.things)
         for i, p in enumerate(s.layout):
             x0, y0, x1, y1 = p.box
             assert 0 <= x0 and 0 <= y0 and x1 <= world.IMAGE_SIZE and y1 <= world.IMAGE_SIZE
@@ -33,72 +44,133 @@ def test_sample_is_seeded_and_layout_is_valid():
                 assert x1 <= qx0 or qx1 <= x0 or y1 <= qy0 or qy1 <= y0, (seed, p, q)
 
 
+def test_shared_attribute_correlation_and_distinct_prompts():
+    """shared=p ties one attribute across a scene's objects with probability p (plus the 1 in 5
+    chance of independent draws); evaluation prompts never share a value."""
+    def tied(shared):
+        n = tie = 0
+        for seed in range(3000):
+            s = world.sample(seed, shared)
+            if len(s.things) == 2:
+                n += 1
+                tie += any(s.things[0].attribute(a) == s.things[1].attribute(a) for a in world.ATTRIBUTES)
+        return tie / n
+
+    independent = 1 - 0.8 ** 3  # some attribute equal by chance
+    assert abs(tied(0.0) - independent) < 0.04
+    assert abs(tied(0.5) - (0.5 + 0.5 * independent)) < 0.04
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        a, b, c = world.distinct_things(rng, 3)
+        assert all(len({a.attribute(x), b.attribute(x), c.attribute(x)}) == 3 for x in world.ATTRIBUTES)
+
+
 def test_judge_recognises_renders_exactly():
     for seed in range(5000, 5060):
-        s = world.sample(seed)
+        s = world.sample(seed, 0.5)
         v = J.judge(s.image, s.entities)
         assert v["all_recognised"] and not v["leak"] and v["extra_objects"] == 0, (seed, s.caption, v["objects"])
 
 
-def _scene_with(kinds_and_boxes):
+def _scene_with(things_and_boxes):
     img = np.empty((world.IMAGE_SIZE, world.IMAGE_SIZE, 3), np.uint8)
     img[:] = world.BACKGROUND
-    for kind, (x0, y0, s) in kinds_and_boxes:
-        world.render_object(img, kind, x0, y0, s)
+    for thing, (x0, y0, s) in things_and_boxes:
+        world.render_object(img, thing, x0, y0, s)
     return img
 
 
+TRIANGLE, SQUARE = world.Thing("green", "dotted", "triangle"), world.Thing("blue", "striped", "square")
+ENTITIES = [TRIANGLE.phrase, SQUARE.phrase]
+
+
 def test_judge_reports_colour_leak_from_the_other_entity():
-    tent, crate = world.KIND_BY_NAME["tent"], world.KIND_BY_NAME["crate"]
-    blue_tent = world.Kind("tent", tent.shape, crate.colour, tent.texture)
-    v = J.judge(_scene_with([(blue_tent, (2, 2, 13)), (crate, (17, 16, 13))]), ["tent", "crate"])
+    blue = world.Thing("blue", TRIANGLE.texture, TRIANGLE.shape)
+    v = J.judge(_scene_with([(blue, (2, 2, 13)), (SQUARE, (17, 16, 13))]), ENTITIES)
     assert v["all_present"] and v["leak"]
-    assert v["leaks"] == [["tent", "colour", "crate"]]
-    assert v["entities"]["crate"]["recognised"] and not v["entities"]["tent"]["recognised"]
+    assert v["leaks"] == [[TRIANGLE.phrase, "colour", SQUARE.phrase]]
+    assert v["entities"][SQUARE.phrase]["recognised"] and not v["entities"][TRIANGLE.phrase]["recognised"]
 
 
 def test_judge_texture_leak_and_non_leak_mismatch():
-    kite, badge = world.KIND_BY_NAME["kite"], world.KIND_BY_NAME["badge"]
-    checker_kite = world.Kind("kite", kite.shape, kite.colour, badge.texture)  # badge's texture: leak
-    v = J.judge(_scene_with([(checker_kite, (2, 2, 14)), (badge, (17, 17, 13))]), ["kite", "badge"])
-    assert v["leaks"] == [["kite", "texture", "badge"]]
-    dotted_kite = world.Kind("kite", kite.shape, kite.colour, "dots")  # the tent's, not named: no leak
-    v = J.judge(_scene_with([(dotted_kite, (2, 2, 14)), (badge, (17, 17, 13))]), ["kite", "badge"])
+    striped = world.Thing(TRIANGLE.colour, "striped", TRIANGLE.shape)  # the square's texture: leak
+    v = J.judge(_scene_with([(striped, (2, 2, 14)), (SQUARE, (17, 17, 13))]), ENTITIES)
+    assert v["leaks"] == [[TRIANGLE.phrase, "texture", SQUARE.phrase]]
+    checkered = world.Thing(TRIANGLE.colour, "checkered", TRIANGLE.shape)  # nobody's texture: no leak
+    v = J.judge(_scene_with([(checkered, (2, 2, 14)), (SQUARE, (17, 17, 13))]), ENTITIES)
     assert v["all_present"] and not v["leak"] and not v["all_recognised"]
 
 
 def test_wrong_attributes_split_named_from_unnamed_sources():
-    """The evaluator's control for leakage: a wrong value counts as 'named' only when it belongs to
-    another entity of the prompt; the same wrong value with that kind unnamed is an ordinary error."""
-    from deleaker.export.toyworld.evaluate import wrong_attributes
+    """The evaluator's control for leakage: a wrong value counts as 'named' only when it is another
+    entity's of the prompt; the same wrong value with that entity not named is an ordinary error."""
+    from deleaker.export.toyworld.evaluate import named_share, wrong_attributes
 
-    tent, crate, kite = (world.KIND_BY_NAME[k] for k in ("tent", "crate", "kite"))
-    blue_tent = world.Kind("tent", tent.shape, crate.colour, tent.texture)
-    named = J.judge(_scene_with([(blue_tent, (2, 2, 13)), (crate, (17, 16, 13))]), ["tent", "crate"])
-    assert wrong_attributes(named, ["tent", "crate"]) == [("colour", True)] and named["leak"]
-    unnamed = J.judge(_scene_with([(blue_tent, (2, 2, 13)), (kite, (17, 16, 13))]), ["tent", "kite"])
-    assert wrong_attributes(unnamed, ["tent", "kite"]) == [("colour", False)] and not unnamed["leak"]
+    blue = world.Thing("blue", TRIANGLE.texture, TRIANGLE.shape)
+    named = J.judge(_scene_with([(blue, (2, 2, 13)), (SQUARE, (17, 16, 13))]), ENTITIES)
+    assert wrong_attributes(named, ENTITIES) == [("colour", True)] and named["leak"]
+    other = world.Thing("red", "barred", "plus")
+    unnamed = J.judge(_scene_with([(blue, (2, 2, 13)), (other, (17, 16, 13))]), [TRIANGLE.phrase, other.phrase])
+    assert wrong_attributes(unnamed, [TRIANGLE.phrase, other.phrase]) == [("colour", False)] and not unnamed["leak"]
+    s = named_share(40, 60, 0.25)  # 40% named of 100 wrong values, chance 25%: 3.46 standard errors
+    assert abs(s["share"] - 0.4) < 1e-12 and abs(s["z"] - 0.15 / (0.25 * 0.75 / 100) ** 0.5) < 1e-9
 
 
-def test_evaluate_bad_model_is_one_line_and_writes_nothing(tmp_path, capsys):
+def test_outcomes_among_leaking_vanilla_images():
+    from deleaker.export.toyworld.evaluate import outcomes
+
+    def rec(leaks, present=True):
+        return {"leaks": [["a", "colour", "b"]] * leaks, "leak": leaks > 0, "all_present": present}
+
+    van = [rec(1), rec(2), rec(1), rec(1), rec(0)]
+    dl = [rec(0), rec(1), rec(1), rec(2), rec(1)]  # major, minor, no change, degradation; last not leaking
+    o = outcomes(van, dl)
+    assert o["leaking_vanilla"] == 4 and o["counts"] == {"mitigation_major": 1, "mitigation_minor": 1,
+                                                         "no_change": 1, "degradation_minor": 1}
+    assert o["mitigated"] == 0.5 and o["degraded"] == 0.25 and o["mitigated_minus_degraded"] == 0.25
+
+
+def test_evaluate_bad_options_are_one_line_and_write_nothing(tmp_path, capsys):
     from deleaker.export.toyworld import evaluate as E
 
     out = tmp_path / "eval"
     assert E.main(["--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"python -m deleaker.export.toyworld.evaluate: error: checkpoint folder not found: {tmp_path / 'missing'}"]
+    for bad in (["--threads", "0"], ["--max-batch", "0"], ["--pilot", "0"]):
+        assert E.main(["--out", str(out), *bad]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not out.exists()
 
 
+@pytest.mark.parametrize("bad,msg", [(["--threads", "0"], "--threads must be >= 1"),
+                                     (["--steps", "-1"], "--steps must be >= 1"),
+                                     (["--heads", "0"], "--heads must be >= 1"),
+                                     (["--dataset", "0"], "--dataset must be >= 1"),
+                                     (["--shared", "1.5"], "--shared is a probability"),
+                                     (["--reuse", "/nonexistent"], "is not an earlier --out")])
+def test_train_bad_options_are_one_line_and_write_nothing(tmp_path, capsys, bad, msg):
+    from deleaker.export.toyworld import train
+
+    out = tmp_path / "m"
+    assert train.main(["--out", str(out), *bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+    assert list(tmp_path.iterdir()) == []
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert train.main(["--out", str(f)]) == 2 and "is not a folder" in capsys.readouterr().err
+
+
 def test_judge_missing_entity_and_bad_input():
-    img = _scene_with([(world.KIND_BY_NAME["tomato"], (5, 5, 12))])
-    v = J.judge(img, ["tomato", "kite"])
-    assert v["entities"]["tomato"]["recognised"] and not v["entities"]["kite"]["present"]
+    img = _scene_with([(TRIANGLE, (5, 5, 12))])
+    v = J.judge(img, ENTITIES)
+    assert v["entities"][TRIANGLE.phrase]["recognised"] and not v["entities"][SQUARE.phrase]["present"]
     assert not v["all_present"] and not v["leak"]
-    with pytest.raises(ValueError, match="unknown kind"):
-        J.judge(img, ["tomato", "zebra"])
+    with pytest.raises(ValueError, match="unknown shape 'zebra'"):
+        J.judge(img, [TRIANGLE.phrase, "red plain zebra"])
     with pytest.raises(ValueError, match="uint8"):
-        J.judge(img.astype(np.float32), ["tomato"])
+        J.judge(img.astype(np.float32), [TRIANGLE.phrase])
 
 
 # ---------------------------------------------------------------------------------------------

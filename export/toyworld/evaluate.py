@@ -2,26 +2,29 @@
 
     python -m deleaker.export.toyworld.evaluate --model export/toyworld/model --out docs/toyworld
 
+Stages (each logged with the overall progress; results.json is rewritten after every stage, so a
+stopped run keeps what it measured):
 1. judge accuracy on held-out renders (ground truth known), as rendered and after the VAE;
-2. a sweep of DeLeaker settings on the sweep prompts (kind pairs in one order, sweep seeds);
-3. the chosen settings vs vanilla on held-out prompts (the same pairs in the other order, which
-   the sweep never saw) and held-out seeds, with bootstrap 95% intervals, the named/unnamed
-   source of every wrong attribute, and where DeLeaker's masks fall; then every kind triple;
-4. results.json, leakage.png (rates with intervals) and examples.png (vanilla | DeLeaker).
+2. a sweep of DeLeaker settings on the sweep prompts and seeds;
+3. the chosen setting vs vanilla on held-out prompts and seeds (disjoint from the sweep's), with
+   bootstrap 95% intervals, the named/unnamed source of every wrong attribute, the paper's
+   outcome categories, where DeLeaker's masks fall, and a per-rule ablation (W / S / X alone);
+   then three entities;
+4. leakage.png (rates with intervals) and examples.png (vanilla | DeLeaker).
 Every image goes through the runtime: Pipeline + the torch backend (`--backend onnxruntime`
-with an exported artifact: step 3's pairs only, into results-onnxruntime.json).
+with an exported artifact: step 3's pairs only, into results-onnxruntime.json). `--pilot N`
+runs only N held-out pairs with one setting, for choosing a world or recipe.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +37,12 @@ from .preset import SIZE, STEPS, TOYWORLD_PRESET
 
 log = logging.getLogger("deleaker.toyworld")
 
-SWEEP_SEEDS = range(10_000, 10_006)
-EVAL_SEEDS = range(0, 100)
-TRIPLET_SEEDS = range(0, 50)
+# Prompt sets are drawn from disjoint generator seeds and then de-duplicated against each other,
+# so the sweep never sees a held-out prompt; image seeds are disjoint too.
+SWEEP_PROMPT_SEED, SWEEP_PROMPTS, SWEEP_SEEDS = 1, 40, range(10_000, 10_003)
+HELDOUT_PROMPT_SEED, HELDOUT_PROMPTS, EVAL_SEEDS = 2, 200, range(0, 5)
+TRIPLE_PROMPT_SEED, TRIPLE_PROMPTS, TRIPLET_SEEDS = 3, 100, range(0, 5)
+ABLATION_PAIRS = 300  # held-out pairs (the first prompts' seeds) for the per-rule ablation
 JUDGE_CHECK_SEEDS = range(2_000_000, 2_000_300)
 GRID = (SIZE // 2, SIZE // 2)  # image tokens (VAE factor 1, 2x2 packing)
 
@@ -57,45 +63,66 @@ SWEEP: dict[str, DeLeakerConfig] = {
     f"{w} k={k}{'' if sm else ' no-smoothing'}": _cfg(a0, i0, k, sm)
     for w, (a0, i0) in WINDOWS.items() for k in (1.2, 2.0) for sm in (True, False)
 }
+PILOT_SETTING = "a0=1 i0=2 k=1.2"  # the authors' windows scaled; used by --pilot
 
 
-def sweep_prompts() -> list[tuple[str, str]]:
-    """Kind pairs in world order (a before b); the held-out prompts are the reverse order."""
-    names = [k.name for k in world.KINDS]
-    return [(a, b) for a, b in world.pairs() if names.index(a) < names.index(b)]
+def ablations(cfg: DeLeakerConfig) -> dict[str, DeLeakerConfig]:
+    """The chosen setting with one rule at a time: W (cut image->other entity's words),
+    S (strengthen image->own words), X (cut image<->image across entities)."""
+    off = dict(do_image_text_weakening=False, do_image_text_strengthening=False, do_image_image=False)
+    return {"W only": replace(cfg, **{**off, "do_image_text_weakening": True}),
+            "S only": replace(cfg, **{**off, "do_image_text_strengthening": True}),
+            "X only": replace(cfg, **{**off, "do_image_image": True})}
 
 
-def heldout_prompts() -> list[tuple[str, str]]:
-    names = [k.name for k in world.KINDS]
-    return [(a, b) for a, b in world.pairs() if names.index(a) > names.index(b)]
+def _prompt_set(seed: int, n: int, entities: int, exclude=()) -> list[tuple[world.Thing, ...]]:
+    rng = np.random.default_rng(seed)
+    seen, out = {frozenset(p) for p in exclude}, []
+    while len(out) < n:
+        p = world.distinct_things(rng, entities)
+        if frozenset(p) not in seen:  # the same objects in another order count as the same prompt
+            seen.add(frozenset(p))
+            out.append(p)
+    return out
 
 
-def heldout_triplets() -> list[tuple[str, str, str]]:
-    """Every set of three kinds once, named in reverse world order ("a badge, a kite and a tent")."""
-    names = [k.name for k in world.KINDS][::-1]
-    return list(itertools.combinations(names, 3))
+def heldout_prompts() -> list[tuple[world.Thing, ...]]:
+    return _prompt_set(HELDOUT_PROMPT_SEED, HELDOUT_PROMPTS, 2)
 
 
-def requests(pairs, seeds, config: DeLeakerConfig | None):
-    """One GenerateRequest per (pair, seed); config None = vanilla (plain attention)."""
+def sweep_prompts() -> list[tuple[world.Thing, ...]]:
+    return _prompt_set(SWEEP_PROMPT_SEED, SWEEP_PROMPTS, 2, exclude=heldout_prompts())
+
+
+def heldout_triplets() -> list[tuple[world.Thing, ...]]:
+    return _prompt_set(TRIPLE_PROMPT_SEED, TRIPLE_PROMPTS, 3)
+
+
+def requests(prompts, seeds, config: DeLeakerConfig | None):
+    """One GenerateRequest per (prompt, seed); config None = vanilla (plain attention)."""
     from deleaker.runtime.pipeline import GenerateRequest
 
-    return [GenerateRequest(prompt=world.caption_for(p), entities=tuple(p), seed=s, steps=STEPS, height=SIZE,
-                            width=SIZE, deleaker=config is not None, config=config)
-            for p in pairs for s in seeds]
+    return [GenerateRequest(prompt=world.caption_for(p), entities=tuple(t.phrase for t in p), seed=s, steps=STEPS,
+                            height=SIZE, width=SIZE, deleaker=config is not None, config=config)
+            for p in prompts for s in seeds]
 
 
 def wrong_attributes(verdict: dict, entities) -> list[tuple[str, bool]]:
     """(attribute, named) for every attribute a present entity's object shows wrongly: named when
-    the value shown belongs to another entity of the prompt (a leak), else to a kind the prompt
-    does not name. With 2 of 5 kinds named and errors blind to the prompt, 1 in 4 would be named."""
-    all_kinds = [k.name for k in world.KINDS]
+    the value shown is another entity's of the prompt (a leak), else a value no entity named.
+    Evaluation prompts give each entity its own value per attribute, so of the 4 wrong values of
+    an attribute, 1 (two entities) or 2 (three) are named: an error blind to the prompt is named
+    1 time in 4 (2 in 4)."""
+    things = J.parse_entities(entities)
     out = []
-    for e, info in verdict["entities"].items():
+    for t in things:
+        info = verdict["entities"][t.phrase]
         if not info["present"]:
             continue
-        shown = {a: verdict["objects"][info["object"]][a] for a in world.ATTRIBUTES}
-        out += [(a, src in entities) for a, src in world.leaked_attributes(e, shown, all_kinds)]
+        obj = verdict["objects"][info["object"]]
+        for a in world.ATTRIBUTES:
+            if obj[a] != t.attribute(a):
+                out.append((a, any(o.attribute(a) == obj[a] for o in things if o != t)))
     return out
 
 
@@ -123,16 +150,20 @@ def mask_on_objects(result, objects: np.ndarray) -> float | None:
     return float(objects[m].mean()) if m.any() else None
 
 
-def run(pipe, reqs) -> list[dict]:
+def run(pipe, reqs, label: str = "") -> list[dict]:
     """Generate and judge; one record per request."""
     out = []
+    t0 = time.time()
     for r in pipe.generate(reqs):
         v = J.judge(r.image, r.request.entities)
         objects = object_tokens(r.image)
-        out.append({"prompt": r.request.prompt, "seed": r.request.seed, "image": r.image,
-                    "leak": v["leak"], "all_present": v["all_present"], "all_recognised": v["all_recognised"],
-                    "leaks": v["leaks"], "wrong": wrong_attributes(v, r.request.entities),
-                    "object_share": float(objects.mean()), "mask_on_objects": mask_on_objects(r, objects)})
+        out.append({"prompt": r.request.prompt, "entities": list(r.request.entities), "seed": r.request.seed,
+                    "image": r.image, "leak": v["leak"], "all_present": v["all_present"],
+                    "all_recognised": v["all_recognised"], "leaks": v["leaks"],
+                    "wrong": wrong_attributes(v, r.request.entities), "object_share": float(objects.mean()),
+                    "mask_on_objects": mask_on_objects(r, objects)})
+    if label:
+        log.info("  %s: %d images in %.0fs", label, len(out), time.time() - t0)
     return out
 
 
@@ -148,9 +179,20 @@ def bootstrap(values, n: int = 4000, seed: int = 0) -> list[float]:
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
-def summary(records, with_ci: bool = False) -> dict:
+def named_share(named: int, unnamed: int, chance: float) -> dict:
+    """Share of wrong values that are another named entity's, its standard error under the
+    prompt-blind hypothesis (binomial at `chance`) and how many of those it lies above chance."""
+    n = named + unnamed
+    if n == 0:
+        return {"n": 0, "share": None, "chance": chance, "se": None, "z": None}
+    se = float(np.sqrt(chance * (1 - chance) / n))
+    share = named / n
+    return {"n": n, "share": share, "chance": chance, "se": se, "z": (share - chance) / se}
+
+
+def summary(records, with_ci: bool = False, chance: float = 0.25) -> dict:
     """Rates (with bootstrap intervals if asked) of leakage, presence and recognition; leakage
-    also per attribute (images with at least one leak of that attribute)."""
+    also per attribute (images with at least one leak of that attribute); wrong values by source."""
     s = {"n": len(records)}
     for key in ("leak", "all_present", "all_recognised"):
         s[key] = rate(records, key)
@@ -161,19 +203,47 @@ def summary(records, with_ci: bool = False) -> dict:
         for _, a, _ in r["leaks"]:
             attrs[a] += 1
     s["leaked_attributes"] = attrs
-    # wrong attribute values by where they come from: another named entity vs an unnamed kind
-    wrong = Counter(w for r in records for w in r["wrong"])  # (attribute, named) -> count
+    wrong = Counter(tuple(w) for r in records for w in r["wrong"])  # (attribute, named) -> count
     s["wrong_attributes"] = {a: {"named": wrong[a, True], "unnamed": wrong[a, False]} for a in world.ATTRIBUTES}
+    s["named_share"] = {a: named_share(wrong[a, True], wrong[a, False], chance) for a in world.ATTRIBUTES}
+    s["named_share"]["all"] = named_share(sum(wrong[a, True] for a in world.ATTRIBUTES),
+                                          sum(wrong[a, False] for a in world.ATTRIBUTES), chance)
     on = [r["mask_on_objects"] for r in records if r["mask_on_objects"] is not None]
     if on:  # DeLeaker runs: where its masks fall, against the objects' share of the image
         s["mask_on_objects"] = float(np.mean(on))
         s["image_on_objects"] = float(np.mean([r["object_share"] for r in records]))
+        s["empty_masks"] = sum(r["mask_on_objects"] is None for r in records)
     for a in world.ATTRIBUTES:
         flags = [any(x[1] == a for x in r["leaks"]) for r in records]
         s[f"leak_{a}"] = float(np.mean(flags)) if flags else float("nan")
         if with_ci:
             s[f"leak_{a}_ci95"] = bootstrap(flags)
     return s
+
+
+def outcome(vanilla_leaks: int, deleaker_leaks: int) -> str:
+    """The paper's outcome categories on the number of leaked attribute values of a pair."""
+    from deleaker.benchmarks.quality.judges.toyworld import outcome as slim_outcome
+
+    return slim_outcome(vanilla_leaks, deleaker_leaks)
+
+
+def outcomes(van, dl) -> dict:
+    """Among the pairs whose vanilla image leaks: the share of each outcome, mitigated (major +
+    minor) minus degraded, and how many mitigated pairs still show every entity."""
+    leaking = [(a, b) for a, b in zip(van, dl) if a["leak"]]
+    cats = Counter(outcome(len(a["leaks"]), len(b["leaks"])) for a, b in leaking)
+    n = len(leaking)
+    share = {k: (cats[k] / n if n else None) for k in
+             ("mitigation_major", "mitigation_minor", "no_change", "degradation_minor", "degradation_major")}
+    mitigated = [(a, b) for a, b in leaking if len(b["leaks"]) < len(a["leaks"])]
+    out = {"leaking_vanilla": n, "counts": dict(cats), "share": share}
+    if n:
+        out["mitigated"] = (cats["mitigation_major"] + cats["mitigation_minor"]) / n
+        out["degraded"] = (cats["degradation_minor"] + cats["degradation_major"]) / n
+        out["mitigated_minus_degraded"] = out["mitigated"] - out["degraded"]
+        out["mitigated_all_present"] = sum(b["all_present"] for _, b in mitigated) / n
+    return out
 
 
 def vae_round_trip(model: Path):
@@ -210,7 +280,7 @@ def judge_accuracy(transform=None) -> dict:
             if match:
                 found += 1
                 for a in world.ATTRIBUTES:
-                    hits[a] += match[0][a] == world.KIND_BY_NAME[p.kind].attribute(a)
+                    hits[a] += match[0][a] == p.thing.attribute(a)
     return {"scenes": len(JUDGE_CHECK_SEEDS), "objects": n, "found": found / n,
             **{a: hits[a] / n for a in world.ATTRIBUTES}, "scenes_all_recognised": clean / len(JUDGE_CHECK_SEEDS),
             "scenes_false_leak": leaks / len(JUDGE_CHECK_SEEDS)}
@@ -223,7 +293,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ev = results["heldout"]
-    keys = [("leak", "leakage"), ("all_present", "all entities present"), ("all_recognised", "all recognised, no leak")]
+    keys = [("leak", "leakage"), ("all_present", "all entities present"), ("all_recognised", "all recognised")]
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     x = np.arange(len(keys))
     for j, (name, colour) in enumerate((("vanilla", "#999999"), ("deleaker", "#2a6fdb"))):
@@ -241,16 +311,21 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def tag(rec: dict) -> str:
+    """A cell's judge tag: leak / clean (every entity present, no leak) / missing."""
+    return "leak" if rec["leak"] else "clean" if rec["all_present"] else "missing"
+
+
 def example_grid(vanilla, deleaker, path: Path, n: int = 8, scale: int = 4) -> None:
-    """Rows: prompt-seed pairs; columns: vanilla | DeLeaker, each upscaled `scale`x, captioned and
-    tagged leak / recognised (all entities, every attribute) / present / missing."""
+    """Rows: prompt-seed pairs (evenly spaced, not chosen); columns: vanilla | DeLeaker, each
+    upscaled `scale`x, captioned and tagged by the judge."""
     from PIL import Image, ImageDraw
 
     s = SIZE * scale
     pad, text_h = 4, 14
     row_h = text_h + s + text_h + pad  # caption, images, tags
     picks = list(range(0, len(vanilla), max(1, len(vanilla) // n)))[:n]
-    W, H = 2 * s + 3 * pad, text_h + len(picks) * row_h + pad
+    W, H = max(2 * s + 3 * pad, 330), text_h + len(picks) * row_h + pad
     grid = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(grid)
     d.text((pad, 1), "vanilla", fill=(0, 0, 0))
@@ -261,9 +336,8 @@ def example_grid(vanilla, deleaker, path: Path, n: int = 8, scale: int = 4) -> N
         for col, rec in enumerate((vanilla[i], deleaker[i])):
             im = Image.fromarray(rec["image"]).resize((s, s), Image.NEAREST)
             grid.paste(im, (pad + col * (s + pad), top + text_h))
-            tag = ("leak" if rec["leak"] else "recognised" if rec["all_recognised"] else "present"
-                   if rec["all_present"] else "missing")
-            d.text((pad + col * (s + pad), top + text_h + s + 1), tag, fill=(200, 0, 0) if rec["leak"] else (0, 0, 0))
+            d.text((pad + col * (s + pad), top + text_h + s + 1), tag(rec),
+                   fill=(200, 0, 0) if rec["leak"] else (0, 0, 0))
     grid.save(path)
 
 
@@ -280,19 +354,29 @@ def choose(sweep: dict, vanilla: dict) -> str:
     return max(sweep, key=lambda k: sweep[k]["all_present"] - sweep[k]["leak"])
 
 
-def heldout(pipe, config: DeLeakerConfig, hp=None, seeds=EVAL_SEEDS) -> tuple[dict, list, list]:
-    """Vanilla and `config` on held-out prompts (default: the reversed pairs) and seeds: summary
-    dict, both record lists."""
-    hp = heldout_prompts() if hp is None else hp
-    van = run(pipe, requests(hp, seeds, None))
-    dl = run(pipe, requests(hp, seeds, config))
+def compare(van, dl, config: DeLeakerConfig, chance: float) -> dict:
+    """Vanilla vs DeLeaker records of the same (prompt, seed) list: summaries with intervals, the
+    paired leakage reduction, the paper's outcomes, per-sample flags."""
     diff = [float(a["leak"]) - float(b["leak"]) for a, b in zip(van, dl)]
-    res = {"prompts": [world.caption_for(p) for p in hp], "seeds": list(seeds), "config": asdict(config),
-           "vanilla": summary(van, True), "deleaker": summary(dl, True),
-           "leak_reduction": float(np.mean(diff)), "leak_reduction_ci95": bootstrap(diff),
-           "per_sample": [{"prompt": a["prompt"], "seed": a["seed"], "vanilla_leak": a["leak"],
-                           "deleaker_leak": b["leak"], "vanilla_all_present": a["all_present"],
-                           "deleaker_all_present": b["all_present"]} for a, b in zip(van, dl)]}
+    pres = [float(b["all_present"]) - float(a["all_present"]) for a, b in zip(van, dl)]
+    return {"config": asdict(config), "vanilla": summary(van, True, chance), "deleaker": summary(dl, True, chance),
+            "leak_reduction": float(np.mean(diff)), "leak_reduction_ci95": bootstrap(diff),
+            "presence_change": float(np.mean(pres)), "presence_change_ci95": bootstrap(pres),
+            "outcomes": outcomes(van, dl),
+            "per_sample": [{"prompt": a["prompt"], "entities": a["entities"], "seed": a["seed"],
+                            "vanilla_leak": a["leak"], "deleaker_leak": b["leak"],
+                            "vanilla_all_present": a["all_present"], "deleaker_all_present": b["all_present"]}
+                           for a, b in zip(van, dl)]}
+
+
+def heldout(pipe, config: DeLeakerConfig, prompts=None, seeds=EVAL_SEEDS, label: str = "held-out pairs"):
+    """Vanilla and `config` on held-out prompts (default: the held-out pairs) and seeds: summary
+    dict, both record lists."""
+    prompts = heldout_prompts() if prompts is None else prompts
+    chance = (len(prompts[0]) - 1) / 4  # of the 4 wrong values of an attribute, E-1 are named
+    van = run(pipe, requests(prompts, seeds, None), f"{label}, vanilla")
+    dl = run(pipe, requests(prompts, seeds, config), f"{label}, DeLeaker")
+    res = {"prompts": [world.caption_for(p) for p in prompts], "seeds": list(seeds), **compare(van, dl, config, chance)}
     return res, van, dl
 
 
@@ -304,89 +388,174 @@ def agreement(per_sample: list[dict], reference: list[dict]) -> dict:
     return {"samples": len(same), "all_flags_equal": float(np.mean(same))}
 
 
+SLIM_PAIRS, SLIM_TRIPLES = 200, 100  # records of write_slim: held-out prompts, seed 0
+
+
+def write_slim(path: Path) -> int:
+    """The held-out prompts as SLIM-format records (jsonl), for `deleaker eval run/judge/report
+    --judge toyworld`: the first SLIM_PAIRS pairs and SLIM_TRIPLES triples, seed 0 each."""
+    rows = [{"prompt": world.caption_for(p), "entities": [t.phrase for t in p], "seed": 0, "dataset": split,
+             "model": "toyworld", "leakage": None}
+            for split, prompts in (("toy_pairs", heldout_prompts()[:SLIM_PAIRS]),
+                                   ("toy_triples", heldout_triplets()[:SLIM_TRIPLES])) for p in prompts]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
+def check_options(args) -> None:
+    if args.out is None:
+        raise ValueError("--out is required")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.pilot is not None and not 1 <= args.pilot <= HELDOUT_PROMPTS * len(EVAL_SEEDS):
+        raise ValueError(f"--pilot takes 1..{HELDOUT_PROMPTS * len(EVAL_SEEDS)} pairs, got {args.pilot}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a folder")
+    if not args.model.exists():
+        raise ValueError(f"checkpoint folder not found: {args.model}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deleaker.export.toyworld.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=Path(__file__).parent / "model",
                     help="model folder (torch backend) or exported artifact (other backends)")
     ap.add_argument("--backend", default="torch", help="runtime backend: torch runs the sweep and the held-out "
                     "set; any other (onnxruntime) runs the held-out set with the preset, into results-BACKEND.json")
-    ap.add_argument("--out", type=Path, required=True, help="folder for results.json and the figures")
+    ap.add_argument("--out", type=Path, help="folder for results.json and the figures (required unless --write-slim)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--pilot", type=int, default=None, metavar="N",
+                    help=f"only N held-out pairs, vanilla vs '{PILOT_SETTING}', into pilot.json")
+    ap.add_argument("--write-slim", type=Path, default=None, metavar="FILE",
+                    help="only write the held-out prompts as SLIM-format jsonl (for `deleaker eval`) and exit")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from deleaker.runtime.errors import run_reporting_errors
 
+    if args.write_slim is not None:
+        return run_reporting_errors(ap.prog, lambda: log.info("%d records written to %s", write_slim(args.write_slim),
+                                                              args.write_slim) or 0)
     return run_reporting_errors(ap.prog, lambda: _evaluate(args, argv))
 
 
+class _Results:
+    """results dict written to --out after every stage (a stopped run keeps what it measured)."""
+
+    def __init__(self, path: Path, data: dict, stages: int):
+        self.path, self.data, self.stages, self.done, self.t0 = path, data, stages, 0, time.time()
+
+    def stage(self, name: str) -> None:
+        self.done += 1
+        log.info("[%d/%d] %s (%.0fs so far)", self.done, self.stages, name, time.time() - self.t0)
+
+    def save(self) -> None:
+        self.data["seconds"] = round(time.time() - self.t0, 1)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+        tmp.replace(self.path)
+
+
 def _evaluate(args, argv) -> int:
+    check_options(args)
     import torch
 
     from deleaker.runtime.backends import load_backend
     from deleaker.runtime.pipeline import Pipeline
 
     torch.set_num_threads(args.threads)
-    t0 = time.time()
-    results: dict = {"command": "python -m deleaker.export.toyworld.evaluate " + " ".join(argv or sys.argv[1:]),
-                     "backend": args.backend, "steps": STEPS, "size": SIZE}
+    data: dict = {"command": "python -m deleaker.export.toyworld.evaluate " + " ".join(argv or sys.argv[1:]),
+                  "backend": args.backend, "steps": STEPS, "size": SIZE}
     pipe = Pipeline(load_backend(args.backend, str(args.model), progress=False), config=TOYWORLD_PRESET,
                     max_batch=args.max_batch)
     args.out.mkdir(parents=True, exist_ok=True)  # after the model loaded: a bad --model leaves nothing
+    if args.pilot is not None:
+        res = _Results(args.out / "pilot.json", data, 1)
+        prompts, seeds = heldout_prompts(), EVAL_SEEDS
+        pairs = [(p, s) for p in prompts for s in seeds][:args.pilot]
+        van = run(pipe, [q for p, s in pairs for q in requests([p], [s], None)], "pilot, vanilla")
+        dl = run(pipe, [q for p, s in pairs for q in requests([p], [s], SWEEP[PILOT_SETTING])], "pilot, DeLeaker")
+        data["pilot"] = compare(van, dl, SWEEP[PILOT_SETTING], 0.25)
+        res.stage("pilot")
+        res.save()
+        _log_comparison("pilot", data["pilot"])
+        return 0
     if args.backend != "torch":
-        results["heldout"], _, _ = heldout(pipe, TOYWORLD_PRESET)
-        results["seconds"] = round(time.time() - t0, 1)
+        res = _Results(args.out / f"results-{args.backend}.json", data, 1)
+        data["heldout"], _, _ = heldout(pipe, TOYWORLD_PRESET)
         torch_json = args.out / "results.json"
         if torch_json.exists():
-            results["agreement_with_torch"] = agreement(results["heldout"]["per_sample"],
-                                                        json.loads(torch_json.read_text())["heldout"]["per_sample"])
-        (args.out / f"results-{args.backend}.json").write_text(json.dumps(results, indent=1) + "\n")
-        _log_heldout(results)
+            data["agreement_with_torch"] = agreement(data["heldout"]["per_sample"],
+                                                     json.loads(torch_json.read_text())["heldout"]["per_sample"])
+        res.stage("held-out pairs with the preset")
+        res.save()
+        _log_comparison(f"held-out ({args.backend})", data["heldout"])
+        if "agreement_with_torch" in data:
+            log.info("flags equal to the torch backend's on %.1f%% of %d samples",
+                     100 * data["agreement_with_torch"]["all_flags_equal"], data["agreement_with_torch"]["samples"])
         return 0
 
-    results["judge_accuracy"] = judge_accuracy()
-    log.info("judge accuracy on held-out renders: %s", results["judge_accuracy"])
-    results["judge_accuracy_vae"] = judge_accuracy(vae_round_trip(args.model))
-    log.info("judge accuracy on the same renders after the VAE round trip: %s", results["judge_accuracy_vae"])
+    res = _Results(args.out / "results.json", data, 6)
+    data["judge_accuracy"] = judge_accuracy()
+    data["judge_accuracy_vae"] = judge_accuracy(vae_round_trip(args.model))
+    res.stage(f"judge accuracy: renders {data['judge_accuracy']}, after the VAE {data['judge_accuracy_vae']}")
+    res.save()
     sp = sweep_prompts()
-    results["sweep_set"] = {"prompts": [world.caption_for(p) for p in sp], "seeds": list(SWEEP_SEEDS)}
-    base = run(pipe, requests(sp, SWEEP_SEEDS, None))
-    sweep = {"vanilla": summary(base)}
-    log.info("sweep vanilla: %s", sweep["vanilla"])
+    data["sweep_set"] = {"prompts": [world.caption_for(p) for p in sp], "seeds": list(SWEEP_SEEDS)}
+    sweep = {"vanilla": summary(run(pipe, requests(sp, SWEEP_SEEDS, None), "sweep vanilla"))}
     for name, cfg in SWEEP.items():
-        sweep[name] = {**summary(run(pipe, requests(sp, SWEEP_SEEDS, cfg))), "config": asdict(cfg)}
-        log.info("sweep %s: %s (%.0fs)", name, {k: sweep[name][k] for k in ("leak", "all_present", "all_recognised")},
-                 time.time() - t0)
+        sweep[name] = {**summary(run(pipe, requests(sp, SWEEP_SEEDS, cfg), f"sweep {name}")), "config": asdict(cfg)}
+        log.info("  %s: %s", name, {k: round(sweep[name][k], 3) for k in ("leak", "all_present", "all_recognised")})
     best = choose({k: v for k, v in sweep.items() if k != "vanilla"}, sweep["vanilla"])
-    results["sweep"] = sweep
-    results["chosen"] = best
+    data["sweep"], data["chosen"] = sweep, best
     chosen_cfg = SWEEP[best]
     if chosen_cfg != TOYWORLD_PRESET:
         log.warning("the sweep chose %s, which differs from preset.TOYWORLD_PRESET: update the preset", best)
-    results["preset_matches_sweep"] = chosen_cfg == TOYWORLD_PRESET
-    results["heldout"], van, dl = heldout(pipe, chosen_cfg)
-    # three entities: every kind triple, with the same preset (not swept on triples)
-    results["heldout_triplets"], _, _ = heldout(pipe, chosen_cfg, heldout_triplets(), TRIPLET_SEEDS)
-    log.info("held-out triplets: vanilla leak %.3f, DeLeaker leak %.3f, reduction %.3f %s",
-             results["heldout_triplets"]["vanilla"]["leak"], results["heldout_triplets"]["deleaker"]["leak"],
-             results["heldout_triplets"]["leak_reduction"], results["heldout_triplets"]["leak_reduction_ci95"])
-    results["seconds"] = round(time.time() - t0, 1)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, args.out / "leakage.png")
+    data["preset_matches_sweep"] = chosen_cfg == TOYWORLD_PRESET
+    res.stage(f"sweep: chose {best}")
+    res.save()
+    data["heldout"], van, dl = heldout(pipe, chosen_cfg)
+    res.stage("held-out pairs")
+    _log_comparison("held-out pairs", data["heldout"])
+    res.save()
+    plot(data, args.out / "leakage.png")
     example_grid(van, dl, args.out / "examples.png")
-    _log_heldout(results)
+    n_abl = ABLATION_PAIRS
+    data["ablation"] = {"pairs": n_abl, "full": {"leak_reduction": float(np.mean(
+        [float(a["leak"]) - float(b["leak"]) for a, b in zip(van[:n_abl], dl[:n_abl])]))}}
+    reqs = requests(heldout_prompts(), EVAL_SEEDS, None)[:n_abl]
+    for name, cfg in ablations(chosen_cfg).items():
+        abl = run(pipe, [replace(q, deleaker=True, config=cfg) for q in reqs], f"ablation {name}")
+        c = compare(van[:n_abl], abl, cfg, 0.25)
+        data["ablation"][name] = {k: c[k] for k in ("leak_reduction", "leak_reduction_ci95", "presence_change",
+                                                    "presence_change_ci95")}
+        data["ablation"][name]["deleaker"] = {k: c["deleaker"][k] for k in ("leak", "all_present", "all_recognised")}
+    res.stage("per-rule ablation: " + ", ".join(f"{k} {v['leak_reduction']:+.3f}" for k, v in data["ablation"].items()
+                                               if isinstance(v, dict) and "leak_reduction" in v))
+    res.save()
+    data["heldout_triplets"], _, _ = heldout(pipe, chosen_cfg, heldout_triplets(), TRIPLET_SEEDS, "held-out triples")
+    res.stage("held-out triples")
+    _log_comparison("held-out triples", data["heldout_triplets"])
+    res.save()
+    res.stage("done")
     return 0
 
 
-def _log_heldout(results: dict) -> None:
-    ev = results["heldout"]
-    log.info("held-out (%s): vanilla leak %.3f %s, DeLeaker leak %.3f %s, reduction %.3f %s; presence %.3f vs %.3f",
-             results["backend"], ev["vanilla"]["leak"], ev["vanilla"]["leak_ci95"], ev["deleaker"]["leak"],
-             ev["deleaker"]["leak_ci95"], ev["leak_reduction"], ev["leak_reduction_ci95"],
-             ev["vanilla"]["all_present"], ev["deleaker"]["all_present"])
-    if "agreement_with_torch" in results:
-        log.info("flags equal to the torch backend's on %.1f%% of %d samples",
-                 100 * results["agreement_with_torch"]["all_flags_equal"], results["agreement_with_torch"]["samples"])
+def _log_comparison(label: str, ev: dict) -> None:
+    v, d = ev["vanilla"], ev["deleaker"]
+    log.info("%s: leakage vanilla %.3f, DeLeaker %.3f; reduction %.3f %s; all present %.3f vs %.3f",
+             label, v["leak"], d["leak"], ev["leak_reduction"], [round(x, 3) for x in ev["leak_reduction_ci95"]],
+             v["all_present"], d["all_present"])
+    ns = v["named_share"]["all"]
+    if ns["n"]:
+        log.info("%s: vanilla wrong values from another named entity %.1f%% of %d (prompt-blind %.0f%%, z %.1f)",
+                 label, 100 * ns["share"], ns["n"], 100 * ns["chance"], ns["z"])
+    o = ev["outcomes"]
+    if o["leaking_vanilla"]:
+        log.info("%s: of %d leaking vanilla images DeLeaker mitigates %.1f%%, degrades %.1f%% (net %+.1f points)",
+                 label, o["leaking_vanilla"], 100 * o["mitigated"], 100 * o["degraded"],
+                 100 * o["mitigated_minus_degraded"])
 
 
 if __name__ == "__main__":

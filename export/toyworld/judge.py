@@ -4,9 +4,10 @@ Objects are the connected regions of non-background pixels. Each is classified b
 against the renderer's own definitions: colour = the palette colour (light or dark shade)
 most of its pixels are nearest to; shape = the shape mask, drawn in the region's bounding box,
 with the highest IoU; texture = the texture pattern (any phase) that best matches where the
-region is dark. Named entities are then matched to objects (an object is an instance of a kind
-when at least 2 of its 3 attributes are that kind's), and leakage is an object of kind A showing
-an attribute value that belongs to another named kind B and not to A.
+region is dark. Named entities (phrases such as "red dotted circle") are then matched to
+objects (an object stands for an entity when at least 2 of its 3 attributes are the entity's),
+and leakage is the object of entity A showing an attribute value that belongs to another named
+entity B and not to A.
 
     judge(image, entities) -> dict   (see `judge`)
 """
@@ -29,44 +30,14 @@ _DARK = _LIGHT * world.DARK
 
 
 def shape_mask_hw(shape: str, h: int, w: int) -> np.ndarray:
-    """A shape drawn into an h x w box (world.shape_mask generalised to non-square boxes)."""
-    y, x = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
-    if shape == "circle":
-        return (x - 0.5) ** 2 + (y - 0.5) ** 2 <= 0.25
-    if shape == "square":
-        return np.ones((h, w), bool)
-    if shape == "triangle":
-        return np.abs(x - 0.5) <= y / 2
-    if shape == "diamond":
-        return np.abs(x - 0.5) + np.abs(y - 0.5) <= 0.5
-    if shape == "plus":
-        return (np.abs(x - 0.5) <= 1 / 6) | (np.abs(y - 0.5) <= 1 / 6)
-    raise ValueError(f"unknown shape {shape!r}")
+    """A shape drawn into an h x w box (the renderer's own definition)."""
+    return world.shape_mask(shape, h, w)
 
 
 def _texture_templates(h: int, w: int) -> dict[str, list[np.ndarray]]:
     """Every texture at every phase (x and y phases independent), as float masks [h, w]."""
-    y, x = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    out = {}
-    for tex in world.TEXTURES:
-        variants = []
-        for py, px in itertools.product(range(4), range(4)):
-            yy, xx = y + py, x + px
-            if tex == "solid":
-                m = np.zeros((h, w), bool)
-            elif tex == "hstripes":
-                m = (yy % 4) < 2
-            elif tex == "vstripes":
-                m = (xx % 4) < 2
-            elif tex == "checker":
-                m = ((xx // 2) + (yy // 2)) % 2 == 1
-            elif tex == "dots":
-                m = ((xx % 4) < 2) & ((yy % 4) < 2)
-            else:
-                raise ValueError(f"no judge template for texture {tex!r}")
-            variants.append(m.astype(np.float32))
-        out[tex] = variants
-    return out
+    return {tex: [world.texture_marks(tex, h, w, (py, px)).astype(np.float32)
+                  for py, px in itertools.product(range(4), range(4))] for tex in world.TEXTURES}
 
 
 def foreground(image: np.ndarray) -> np.ndarray:
@@ -127,60 +98,61 @@ def find_objects(image: np.ndarray) -> list[dict]:
     return out
 
 
-def _matches(obj: dict, kind: str) -> int:
-    k = world.KIND_BY_NAME[kind]
-    return sum(obj[a] == k.attribute(a) for a in world.ATTRIBUTES)
+def _matches(obj: dict, thing: world.Thing) -> int:
+    return sum(obj[a] == thing.attribute(a) for a in world.ATTRIBUTES)
 
 
-def assign(objects: list[dict], entities) -> dict[str, int | None]:
-    """Entity -> index of its object (an object showing >= 2 of that kind's 3 attributes), chosen
-    to maximise the total number of matching attributes; None if no object qualifies."""
-    entities = list(entities)
-    best, best_score = {e: None for e in entities}, -1
+def assign(objects: list[dict], things) -> list[int | None]:
+    """Entity i -> index of its object (an object showing >= 2 of the entity's 3 attribute
+    values), chosen to maximise the total number of matching attributes; None if none qualifies."""
+    things = list(things)
+    best, best_score = [None] * len(things), -1
     idx = list(range(len(objects)))
-    for perm in itertools.permutations(idx + [None] * len(entities), len(entities)):
+    for perm in itertools.permutations(idx + [None] * len(things), len(things)):
         score, ok = 0, True
-        for e, o in zip(entities, perm):
+        for t, o in zip(things, perm):
             if o is None:
                 continue
-            m = _matches(objects[o], e)
+            m = _matches(objects[o], t)
             if m < 2:
                 ok = False
                 break
             score += m
         if ok and score > best_score:
-            best, best_score = dict(zip(entities, perm)), score
+            best, best_score = list(perm), score
     return best
 
 
-def judge(image: np.ndarray, entities) -> dict:
-    """Score one generated image for the named entities (kind names, as in the prompt).
+def parse_entities(entities) -> list[world.Thing]:
+    """Entity phrases (or Things) -> Things; a one-line ValueError for anything else."""
+    things = [e if isinstance(e, world.Thing) else world.parse_phrase(e) for e in entities]
+    if len(set(things)) != len(things):
+        raise ValueError(f"entities must be distinct objects, got {[t.phrase for t in things]}")
+    return things
 
-    Returns {"objects": [...], "entities": {kind: {"present", "recognised", "object", "leaked"}},
+
+def judge(image: np.ndarray, entities) -> dict:
+    """Score one generated image for the named entities (phrases, as in the prompt).
+
+    Returns {"objects": [...], "entities": {phrase: {"present", "recognised", "object", "leaked"}},
     "all_present": bool, "all_recognised": bool, "leak": bool, "leaks": [[owner, attr, source], ...],
-    "extra_objects": int}. present: some object shows >= 2 of the kind's attributes;
+    "extra_objects": int}. present: some object shows >= 2 of the entity's attribute values;
     recognised: it shows all 3; leak: some present entity's object shows an attribute value of
     another named entity that is not its own."""
-    entities = [str(e) for e in entities]
-    unknown = [e for e in entities if e not in world.KIND_BY_NAME]
-    if unknown:
-        raise ValueError(f"unknown kind(s) {', '.join(unknown)}; known: {', '.join(world.KIND_BY_NAME)}")
-    if len(set(entities)) != len(entities):
-        raise ValueError(f"entities must be distinct kinds, got {entities}")
+    things = parse_entities(entities)
     objects = find_objects(image)
-    where = assign(objects, entities)
+    where = assign(objects, things)
     per, leaks = {}, []
-    for e in entities:
-        o = where[e]
+    for t, o in zip(things, where):
         if o is None:
-            per[e] = {"present": False, "recognised": False, "object": None, "leaked": []}
+            per[t.phrase] = {"present": False, "recognised": False, "object": None, "leaked": []}
             continue
         shown = {a: objects[o][a] for a in world.ATTRIBUTES}
-        leaked = world.leaked_attributes(e, shown, entities)
-        leaks += [[e, a, src] for a, src in leaked]
-        per[e] = {"present": True, "recognised": _matches(objects[o], e) == 3, "object": o,
-                  "leaked": [[a, src] for a, src in leaked]}
-    used = {o for o in where.values() if o is not None}
+        leaked = [(a, things[j].phrase) for a, j in world.leaked_attributes(t, shown, things)]
+        leaks += [[t.phrase, a, src] for a, src in leaked]
+        per[t.phrase] = {"present": True, "recognised": _matches(objects[o], t) == 3, "object": o,
+                         "leaked": [[a, src] for a, src in leaked]}
+    used = {o for o in where if o is not None}
     return {"objects": objects, "entities": per, "all_present": all(p["present"] for p in per.values()),
             "all_recognised": all(p["recognised"] for p in per.values()), "leak": bool(leaks), "leaks": leaks,
             "extra_objects": len(objects) - len(used)}

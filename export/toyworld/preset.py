@@ -14,3 +14,7 @@ SIZE = 32  # pixels (16x16 image tokens)
 
 TOYWORLD_PRESET = PRESETS["toyworld"]  # defined once, with the other presets
 assert TOYWORLD_PRESET.num_steps == STEPS
+
+# The demo's prompt (fixed before any result was seen; its values differ on every attribute).
+DEMO_ENTITIES = ("red striped circle", "blue dotted square")
+DEMO_PROMPT = "a red striped circle and a blue dotted square"

@@ -38,7 +38,7 @@ log = logging.getLogger("deleaker.toyworld")
 class TrainConfig:
     seed: int = 0
     # encoders (frozen, random)
-    text_tokens: int = 16  # T5 sequence length (tokenizer_2 model_max_length)
+    text_tokens: int = 24  # T5 sequence length (tokenizer_2 model_max_length); 3-object captions take 16
     t5_d_model: int = 64
     clip_hidden: int = 32
     # VAE
@@ -61,6 +61,8 @@ class TrainConfig:
     # (a pooled vector naming every kind lets a small model draw them without attending to words).
     pooled_text: bool = False
     dataset: int = 8000  # distinct training scenes (latents cached once)
+    # probability that a training scene's objects share one attribute value (world.sample)
+    shared: float = world.SHARED
     steps: int = 7000
     batch: int = 16
     lr: float = 2e-3
@@ -68,13 +70,31 @@ class TrainConfig:
     checkpoint_every: int = 100
 
 
+def word_t5_tokenizer(corpus: list[str]):
+    """A T5-style Unigram tokenizer with one piece per word of the world (plus single characters
+    for anything else), so every attribute word is one token: a trained Unigram vocabulary this
+    small keeps only some whole words and spells the rest letter by letter."""
+    import string
+
+    from tokenizers import AddedToken, Tokenizer, models
+
+    words = sorted({w for c in corpus for w in c.replace(",", " ").split()})
+    specials = (tm.T5_PAD, tm.T5_EOS, tm.T5_UNK)
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    pieces = ([(t, 0.0) for t in specials] + [("\u2581" + w, -1.0) for w in words] + [("\u2581", -5.0)]
+              + [(c, -10.0) for c in chars])
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tm.t5_pipeline(tok, eos_id=1)
+
+
 def build_tokenizers(out: Path, cfg: TrainConfig) -> None:
-    corpus = world.all_captions() * 3
+    corpus = world.corpus(seed=cfg.seed)
     clip_tok, clip_vocab, clip_merges = tm.train_clip_tokenizer(corpus, 600)
-    t5_tok = tm.train_t5_tokenizer(corpus, 120)
+    t5_tok = word_t5_tokenizer(corpus)
     tm.save_clip_tokenizer(clip_tok, clip_vocab, clip_merges, out / "tokenizer")
     tm.save_t5_tokenizer(t5_tok, out / "tokenizer_2")
-    # short sequences: the world's captions are at most ~12 tokens
+    # short sequences: the world's captions are at most 16 tokens
     for sub in ("tokenizer", "tokenizer_2"):
         p = out / sub / "tokenizer_config.json"
         c = json.loads(p.read_text())
@@ -205,24 +225,24 @@ class Dataset:
 def encode_dataset(vae, cfg: TrainConfig) -> tuple[Dataset, float, float]:
     import torch
 
-    captions = world.all_captions()
-    cidx = {c: i for i, c in enumerate(captions)}
+    cidx: dict[str, int] = {}
     means, caps = [], []
     t0 = time.time()
     with torch.no_grad():
         for start in range(0, cfg.dataset, 256):
             seeds = range(start, min(start + 256, cfg.dataset))
-            samples = [world.sample(s) for s in seeds]
+            samples = [world.sample(s, cfg.shared) for s in seeds]
             x = np.stack([s.image for s in samples]).astype(np.float32) / 127.5 - 1.0
             z = vae.encode(torch.from_numpy(x.transpose(0, 3, 1, 2))).latent_dist.mode()  # [b, 16, 32, 32] (VAE factor 1)
             means.append(z.numpy())
-            caps += [cidx[s.caption] for s in samples]
+            caps += [cidx.setdefault(s.caption, len(cidx)) for s in samples]
     z = np.concatenate(means)  # [N, 16, 32, 32]
     shift = float(z.mean())
     scaling = float(1.0 / z.std())
-    log.info("encoded %d scenes in %.0fs; latent shift %.4f scaling %.4f", len(z), time.time() - t0, shift, scaling)
+    log.info("encoded %d scenes (%d distinct captions) in %.0fs; latent shift %.4f scaling %.4f", len(z), len(cidx),
+             time.time() - t0, shift, scaling)
     packed = lat.pack_latents((z - shift) * scaling).astype(np.float32)  # [N, 256, 64]
-    return Dataset(packed, np.asarray(caps), captions, shift, scaling), shift, scaling
+    return Dataset(packed, np.asarray(caps), list(cidx), shift, scaling), shift, scaling
 
 
 def encode_captions(out: Path, captions: list[str], cfg: TrainConfig):
@@ -238,12 +258,15 @@ def encode_captions(out: Path, captions: list[str], cfg: TrainConfig):
     t5_tok = tok.load_tokenizer(out / "tokenizer_2")
     clip = CLIPTextModel.from_pretrained(out / "text_encoder", local_files_only=True).eval()
     t5 = T5EncoderModel.from_pretrained(out / "text_encoder_2", local_files_only=True).eval()
+    embeds, pooled = [], []
     with torch.no_grad():
-        clip_ids = torch.from_numpy(tok.clip_input_ids(clip_tok, captions, cfg.text_tokens)).long()
-        t5_ids = torch.from_numpy(tok.t5_input_ids(t5_tok, captions, cfg.text_tokens)).long()
-        pooled = clip(clip_ids, output_hidden_states=False).pooler_output
-        embeds = t5(t5_ids, output_hidden_states=False)[0]
-    return embeds.float(), pooled.float()
+        for i in range(0, len(captions), 512):
+            chunk = captions[i:i + 512]
+            clip_ids = torch.from_numpy(tok.clip_input_ids(clip_tok, chunk, cfg.text_tokens)).long()
+            t5_ids = torch.from_numpy(tok.t5_input_ids(t5_tok, chunk, cfg.text_tokens)).long()
+            pooled.append(clip(clip_ids, output_hidden_states=False).pooler_output)
+            embeds.append(t5(t5_ids, output_hidden_states=False)[0])  # [c, T, D]
+    return torch.cat(embeds).float(), torch.cat(pooled).float()
 
 
 def make_transformer(cfg: TrainConfig):
@@ -352,6 +375,26 @@ def write_layout(out: Path, cfg: TrainConfig) -> None:
     tm._write_json(out / "model_index.json", tm._model_index())
 
 
+def check_options(args) -> None:
+    """Every option checked before any work or any folder is made (one-line ValueErrors)."""
+    for name in ("threads", "steps", "vae_steps", "dataset", "heads", "stop_after"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.shared is not None and not 0.0 <= args.shared <= 1.0:
+        raise ValueError(f"--shared is a probability in [0, 1], got {args.shared}")
+    out = args.out.expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if args.reuse is not None:
+        missing = [s for s in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae")
+                   if not (args.reuse / s).is_dir()]
+        if missing:
+            raise ValueError(f"--reuse {args.reuse} is not an earlier --out of this script (no {', '.join(missing)})")
+        if args.reuse.expanduser().resolve() == out.resolve():
+            raise ValueError("--reuse and --out must be different folders")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deleaker.export.toyworld.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder to write the model into")
@@ -365,11 +408,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="take tokenizers, encoders and VAE from an earlier --out of this script with the same"
                          " seed (they are deterministic) and run only the transformer stage")
     ap.add_argument("--dataset", type=int, default=None, help="distinct training scenes")
+    ap.add_argument("--shared", type=float, default=None,
+                    help="probability that a training scene's objects share one attribute value"
+                         " (default: TrainConfig.shared)")
     ap.add_argument("--pooled-text", action="store_true",
                     help="train the pooled-CLIP conditioning path too (default: zeroed and frozen)")
     ap.add_argument("--heads", type=int, default=None,
                     help="transformer attention heads of 32 channels, i.e. width / 32 (default: TrainConfig.heads)")
     args = ap.parse_args(argv)
+    from deleaker.runtime.errors import run_reporting_errors
+
+    return run_reporting_errors(ap.prog, lambda: _train(args))
+
+
+def _train(args) -> int:
+    check_options(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
 
@@ -378,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     torch.set_num_threads(args.threads)
     given = {"steps": args.steps, "vae_steps": args.vae_steps, "dataset": args.dataset, "heads": args.heads,
-             "pooled_text": args.pooled_text or None}
+             "shared": args.shared, "pooled_text": args.pooled_text or None}
     cfg = TrainConfig(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     out = args.out.expanduser().resolve()
     (out / "scheduler").mkdir(parents=True, exist_ok=True)

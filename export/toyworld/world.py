@@ -1,58 +1,77 @@
-"""The toy world: a few object kinds, each with its own shape, colour and texture.
+"""The toy world: objects described by three independent attribute words.
 
-Scenes are 32x32 RGB images of two (sometimes one or three) objects at random non-overlapping
-positions and sizes on a plain background, captioned by the kinds they show ("a tent and a
-kite"). Every attribute value belongs to exactly one kind, so an object of kind A that shows
-an attribute value of kind B is unambiguous leakage. numpy only, fully seeded.
+Scenes are 32x32 RGB images of one, two or three objects at random non-overlapping positions
+and sizes on a plain background. Every object has a colour, a texture and a shape, each drawn
+on its own, and the caption describes each object by a noun phrase of its three words:
+"a red dotted circle and a blue striped square". The entity DeLeaker protects is the whole
+phrase. Whether an object shows its own attribute values or another named object's is exactly
+decidable from the image (judge.py), so attribute leakage between entities can be counted.
+
+Training scenes (`sample`) may tie the objects together: with probability `shared` one
+attribute, chosen at random, takes the same value on every object of the scene (the
+correlation real captions have: objects that appear together tend to look alike). Evaluation
+prompts (`distinct_things`) never share a value, so every wrong value has one source.
+numpy only, fully seeded.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
 IMAGE_SIZE = 32
 BACKGROUND = (235, 235, 235)
-DARK = 0.5  # texture marks are the kind's colour times this
-MIN_SIZE, MAX_SIZE = 10, 14  # object bounding-box side in pixels (two objects)
+DARK = 0.5  # texture marks are the object's colour times this
+MIN_SIZE, MAX_SIZE = 10, 14  # object bounding-box side in pixels (one or two objects)
 MIN_SIZE_3, MAX_SIZE_3 = 9, 11  # three objects
 GAP = 2  # minimum pixels between object boxes
 
 SHAPES = ("circle", "square", "triangle", "diamond", "plus")
 COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 225), "green": (40, 170, 60), "yellow": (235, 200, 30),
            "purple": (150, 50, 200)}
-TEXTURES = ("solid", "hstripes", "dots", "vstripes", "checker")
-ATTRIBUTES = ("shape", "colour", "texture")
+TEXTURES = ("plain", "striped", "dotted", "barred", "checkered")  # barred: vertical stripes
+ATTRIBUTES = ("colour", "texture", "shape")  # the order of the words in a phrase
+VALUES = {"colour": tuple(COLOURS), "texture": TEXTURES, "shape": SHAPES}
+
+COUNTS, COUNT_PROBS = (1, 2, 3), (0.15, 0.6, 0.25)  # objects per training scene
+SHARED = 0.0  # default probability that a training scene's objects share one attribute value
 
 
 @dataclass(frozen=True)
-class Kind:
-    name: str
-    shape: str
+class Thing:
+    """One object description: an attribute value per attribute."""
+
     colour: str
     texture: str
+    shape: str
 
     def attribute(self, attr: str) -> str:
         return getattr(self, attr)
 
+    @property
+    def phrase(self) -> str:
+        """The noun phrase a caption uses for it: 'red dotted circle'."""
+        return " ".join(self.attribute(a) for a in ATTRIBUTES)
 
-KINDS: tuple[Kind, ...] = (
-    Kind("tomato", "circle", "red", "solid"),
-    Kind("crate", "square", "blue", "hstripes"),
-    Kind("tent", "triangle", "green", "dots"),
-    Kind("kite", "diamond", "yellow", "vstripes"),
-    Kind("badge", "plus", "purple", "checker"),
-)
-KIND_BY_NAME = {k.name: k for k in KINDS}
+
+def parse_phrase(phrase: str) -> Thing:
+    """'red dotted circle' -> Thing; a one-line ValueError naming the bad word otherwise."""
+    words = str(phrase).lower().split()
+    if len(words) != len(ATTRIBUTES):
+        raise ValueError(f"a toy-world entity is '<colour> <texture> <shape>' (e.g. 'red dotted circle'), "
+                         f"got {phrase!r}")
+    for attr, word in zip(ATTRIBUTES, words):
+        if word not in VALUES[attr]:
+            raise ValueError(f"unknown {attr} {word!r} in {phrase!r}; known: {', '.join(VALUES[attr])}")
+    return Thing(*words)
 
 
 @dataclass(frozen=True)
 class Placed:
-    """One object in a scene: its kind and bounding box (x0, y0, size) in pixels."""
+    """One object in a scene: what it is and its bounding box (x0, y0, size) in pixels."""
 
-    kind: str
+    thing: Thing
     x0: int
     y0: int
     size: int
@@ -66,26 +85,30 @@ class Placed:
 class Sample:
     image: np.ndarray  # [32, 32, 3] uint8
     caption: str
-    entities: tuple[str, ...]  # kind names in caption order
-    layout: tuple[Placed, ...]  # ground truth, same order as entities
+    things: tuple[Thing, ...]  # caption order
+    layout: tuple[Placed, ...]  # ground truth, same order as things
+
+    @property
+    def entities(self) -> tuple[str, ...]:
+        return tuple(t.phrase for t in self.things)
 
 
-def caption_for(entities) -> str:
-    """'a tent', 'a tent and a kite', 'a tent, a kite and a crate'."""
-    parts = [f"a {e}" for e in entities]
+def caption_for(things) -> str:
+    """'a red dotted circle', '... and a blue striped square', 'a ..., a ... and a ...'."""
+    parts = [f"a {t.phrase if isinstance(t, Thing) else t}" for t in things]
     if len(parts) == 1:
         return parts[0]
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def shape_mask(shape: str, size: int) -> np.ndarray:
-    """[size, size] bool mask of a shape filling its box."""
-    c = (np.arange(size) + 0.5) / size  # pixel centres in [0, 1]
-    y, x = np.meshgrid(c, c, indexing="ij")
+def shape_mask(shape: str, h: int, w: int | None = None) -> np.ndarray:
+    """[h, w] bool mask of a shape filling an h x w box (square when w is None)."""
+    w = h if w is None else w
+    y, x = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")  # pixel centres in [0, 1]
     if shape == "circle":
         return (x - 0.5) ** 2 + (y - 0.5) ** 2 <= 0.25
     if shape == "square":
-        return np.ones((size, size), bool)
+        return np.ones((h, w), bool)
     if shape == "triangle":  # apex at the top, base at the bottom
         return np.abs(x - 0.5) <= y / 2
     if shape == "diamond":
@@ -95,28 +118,29 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
-def texture_marks(texture: str, size: int, phase: int = 0) -> np.ndarray:
-    """[size, size] bool: where the texture's dark marks are (period 4 px)."""
-    y, x = np.meshgrid(np.arange(size) + phase, np.arange(size) + phase, indexing="ij")
-    if texture == "solid":
-        return np.zeros((size, size), bool)
-    if texture == "hstripes":
+def texture_marks(texture: str, h: int, w: int | None = None, phase: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """[h, w] bool: where the texture's dark marks are (period 4 px), shifted by phase (y, x)."""
+    w = h if w is None else w
+    y, x = np.meshgrid(np.arange(h) + phase[0], np.arange(w) + phase[1], indexing="ij")
+    if texture == "plain":
+        return np.zeros((h, w), bool)
+    if texture == "striped":
         return (y % 4) < 2
-    if texture == "vstripes":
+    if texture == "barred":
         return (x % 4) < 2
-    if texture == "checker":
+    if texture == "checkered":
         return ((x // 2) + (y // 2)) % 2 == 1
-    if texture == "dots":
+    if texture == "dotted":
         return ((x % 4) < 2) & ((y % 4) < 2)
     raise ValueError(f"unknown texture {texture!r}; known: {', '.join(TEXTURES)}")
 
 
-def render_object(canvas: np.ndarray, kind: Kind, x0: int, y0: int, size: int, phase: int = 0) -> None:
+def render_object(canvas: np.ndarray, thing: Thing, x0: int, y0: int, size: int, phase: int = 0) -> None:
     """Paint one object into canvas [H, W, 3] uint8 in place."""
-    mask = shape_mask(kind.shape, size)
-    colour = np.array(COLOURS[kind.colour], np.float32)
+    mask = shape_mask(thing.shape, size)
+    colour = np.array(COLOURS[thing.colour], np.float32)
     patch = np.broadcast_to(colour, (size, size, 3)).copy()
-    patch[texture_marks(kind.texture, size, phase)] *= DARK
+    patch[texture_marks(thing.texture, size, size, (phase, phase))] *= DARK
     region = canvas[y0:y0 + size, x0:x0 + size]
     region[mask] = patch[mask].round().astype(np.uint8)
 
@@ -139,54 +163,63 @@ def random_layout(rng: np.random.Generator, n: int, tries: int = 200) -> list[tu
     raise RuntimeError(f"could not place {n} objects without overlap in {tries} tries")
 
 
-def render_scene(entities, rng: np.random.Generator) -> Sample:
-    """Render the named kinds (caption order) at a random layout."""
+def render_scene(things, rng: np.random.Generator) -> Sample:
+    """Render the described objects (caption order) at a random layout."""
+    things = tuple(t if isinstance(t, Thing) else parse_phrase(t) for t in things)
     canvas = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     canvas[:] = BACKGROUND
     layout = []
-    for name, (x0, y0, s) in zip(entities, random_layout(rng, len(entities))):
-        if name not in KIND_BY_NAME:
-            raise ValueError(f"unknown kind {name!r}; known: {', '.join(KIND_BY_NAME)}")
-        render_object(canvas, KIND_BY_NAME[name], x0, y0, s, phase=int(rng.integers(0, 4)))
-        layout.append(Placed(name, x0, y0, s))
-    return Sample(canvas, caption_for(entities), tuple(entities), tuple(layout))
+    for thing, (x0, y0, s) in zip(things, random_layout(rng, len(things))):
+        render_object(canvas, thing, x0, y0, s, phase=int(rng.integers(0, 4)))
+        layout.append(Placed(thing, x0, y0, s))
+    return Sample(canvas, caption_for(things), things, tuple(layout))
 
 
-def random_entities(rng: np.random.Generator, counts=(1, 2, 3), probs=(0.15, 0.6, 0.25)) -> tuple[str, ...]:
-    """Distinct kinds for one scene, in random (caption) order."""
-    n = int(rng.choice(counts, p=probs))
-    return tuple(KINDS[i].name for i in rng.permutation(len(KINDS))[:n])
+def random_things(rng: np.random.Generator, n: int, shared: float = 0.0) -> tuple[Thing, ...]:
+    """n distinct objects, each attribute drawn independently; with probability `shared` one
+    attribute (chosen uniformly) is given the first object's value on all of them."""
+    tie = ATTRIBUTES[int(rng.integers(0, len(ATTRIBUTES)))] if n > 1 and rng.random() < shared else None
+    while True:  # redraw the rare scene with two identical objects
+        vals = {a: [VALUES[a][int(i)] for i in rng.integers(0, len(VALUES[a]), n)] for a in ATTRIBUTES}
+        if tie is not None:
+            vals[tie] = [vals[tie][0]] * n
+        things = tuple(Thing(*(vals[a][i] for a in ATTRIBUTES)) for i in range(n))
+        if len(set(things)) == n:
+            return things
 
 
-def sample(seed: int) -> Sample:
-    """One random training scene, a pure function of the seed."""
+def distinct_things(rng: np.random.Generator, n: int) -> tuple[Thing, ...]:
+    """n objects whose values differ on every attribute (evaluation prompts: a wrong value then
+    belongs either to exactly one other named object or to none)."""
+    vals = {a: [VALUES[a][int(i)] for i in rng.permutation(len(VALUES[a]))[:n]] for a in ATTRIBUTES}
+    return tuple(Thing(*(vals[a][i] for a in ATTRIBUTES)) for i in range(n))
+
+
+def sample(seed: int, shared: float = SHARED) -> Sample:
+    """One random training scene, a pure function of (seed, shared)."""
     rng = np.random.default_rng(seed)
-    return render_scene(random_entities(rng), rng)
+    n = int(rng.choice(COUNTS, p=COUNT_PROBS))
+    return render_scene(random_things(rng, n, shared), rng)
 
 
-def pairs() -> list[tuple[str, str]]:
-    """All ordered pairs of distinct kinds (20 for five kinds)."""
-    return list(itertools.permutations([k.name for k in KINDS], 2))
-
-
-def all_captions() -> list[str]:
-    """Every caption the world produces (for tokenizer corpora and text-embedding caches)."""
-    names = [k.name for k in KINDS]
-    out = []
-    for n in (1, 2, 3):
-        out += [caption_for(p) for p in itertools.permutations(names, n)]
+def corpus(n: int = 3000, seed: int = 0) -> list[str]:
+    """Captions for training the tokenizers: every single-object caption plus random ones of two
+    and three objects."""
+    rng = np.random.default_rng(seed)
+    out = [caption_for([Thing(c, t, s)]) for c in VALUES["colour"] for t in TEXTURES for s in SHAPES]
+    out += [caption_for(random_things(rng, int(rng.integers(2, 4)))) for _ in range(n)]
     return out
 
 
-def leaked_attributes(owner: str, shown: dict, others) -> list[tuple[str, str]]:
-    """(attribute, source kind) for each attribute value in `shown` (attr -> value) that is not
-    `owner`'s but belongs to one of `others`."""
-    own = KIND_BY_NAME[owner]
+def leaked_attributes(owner: Thing, shown: dict, others) -> list[tuple[str, int]]:
+    """(attribute, index into `others`) for each attribute value in `shown` (attr -> value) that
+    is not `owner`'s but is that of one of `others` (the first such)."""
     out = []
     for attr, value in shown.items():
-        if value is None or value == own.attribute(attr):
+        if value is None or value == owner.attribute(attr):
             continue
-        for o in others:
-            if o != owner and KIND_BY_NAME[o].attribute(attr) == value:
-                out.append((attr, o))
+        for j, o in enumerate(others):
+            if o is not owner and o != owner and o.attribute(attr) == value:
+                out.append((attr, j))
+                break
     return out
