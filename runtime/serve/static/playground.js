@@ -211,7 +211,7 @@ function applyParams() {
   for (const [k, v] of params) {
     if (k === "autorun") continue;
     const input = field(k);
-    if (!input) {
+    if (!input || input.name !== k) { // namedItem also matches ids (the button)
       bad.push(`unknown parameter ${k}`);
       continue;
     }
