@@ -3,6 +3,7 @@
     POST /v1/images/generations   OpenAI images API shape + DeLeaker fields (schema.py)
     GET  /health                  200 {"status": "ready"} after warm-up; 503 while warming up or draining
     GET  /metrics                 Prometheus text
+    GET  /                        the playground page (static/; open without a token, its API calls send one)
 
 Every failure is a JSON body {"error": {"message", "type", "param", "code"}} (the OpenAI shape):
 400 invalid request (param names the field), 401 bad/missing token, 413 body too large,
@@ -16,10 +17,12 @@ import base64
 import hmac
 import logging
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Draining, QueueFull
@@ -30,6 +33,9 @@ log = logging.getLogger("deleaker.serve")
 
 TOKEN_ENV = "DELEAKER_API_TOKEN"
 GENERATE_PATH = "/v1/images/generations"
+STATIC_DIR = Path(__file__).with_name("static")
+# open without a token: the health probe, and the playground's static files (it holds no data)
+OPEN_PATHS, OPEN_PREFIX = ("/health", "/"), "/static/"
 # status -> (error code in the body, metrics kind); 499: the client closed the connection first
 _KINDS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
           413: "body_too_large", 429: "queue_full", 499: "client_disconnected", 500: "internal_error",
@@ -71,7 +77,7 @@ class _Guard:
 
     async def _guarded(self, scope, receive, send, path):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.token is not None and path != "/health":
+        if self.token is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIX):
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
                 return await _error(401, "missing or wrong bearer token (Authorization: Bearer ...)",
@@ -149,6 +155,12 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
                 "queue_depth": engine.runner.depth, "size_range": list(engine.size_range),
                 "entity_slots": info.entity_slots, "default_steps": engine.default_steps}
         return JSONResponse(body, status_code=200 if status == "ready" else 503)
+
+    app.mount(OPEN_PREFIX.rstrip("/"), StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return FileResponse(STATIC_DIR / "index.html")
 
     @app.get("/metrics")
     async def metrics():

@@ -1,0 +1,240 @@
+// The playground: one prompt, sent twice at once (deleaker false / true) so the server's batcher
+// runs both images in one batch; shows them side by side with the round-trip times.
+// Every field can be preset from the URL (query or #fragment; put a token in the fragment, which
+// the browser never sends): /?prompt=...&entities=cat,dog&seed=1&autorun=1#token=...
+"use strict";
+
+const GENERATE = "v1/images/generations"; // relative: works behind a path prefix too
+const HEALTH = "health";
+// DeLeakerConfig fields a request may set (the server's SETTING_KINDS; a test keeps them equal)
+const SETTINGS = [
+  ["std_mul_text", "float"], ["std_mul_image_image", "float"], ["k_strength", "float"],
+  ["start_aggregating_from", "int"], ["stop_aggregating_at", "int"],
+  ["start_intervention_from", "int"], ["stop_intervention_at", "int"],
+  ["use_history", "bool"], ["do_smoothing", "bool"], ["do_image_text_weakening", "bool"],
+  ["do_image_text_strengthening", "bool"], ["do_image_image", "bool"], ["do_text_text_weakening", "bool"],
+];
+const MAX_RANDOM_SEED = 2 ** 31;
+
+const $ = (id) => document.getElementById(id);
+const form = $("form");
+const field = (name) => form.elements.namedItem(name);
+
+function buildSettings() {
+  const box = $("settings");
+  for (const [name, kind] of SETTINGS) {
+    const label = document.createElement("label");
+    label.textContent = name + " ";
+    let input;
+    if (kind === "bool") {
+      input = document.createElement("select");
+      for (const [value, text] of [["", "preset"], ["true", "on"], ["false", "off"]]) {
+        input.add(new Option(text, value));
+      }
+    } else {
+      input = document.createElement("input");
+      input.type = "number";
+      input.step = kind === "int" ? "1" : "any";
+      input.placeholder = "preset";
+    }
+    input.name = name;
+    input.dataset.kind = kind;
+    label.append(input);
+    box.append(label);
+  }
+}
+
+// Number fields: "" is "not given"; text a number input cannot hold is an error, not a silent blank.
+function numberOf(name) {
+  const input = field(name);
+  if (input.validity.badInput) throw new Error(`${name}: not a number`);
+  return input.value === "" ? undefined : Number(input.value);
+}
+
+// The request body shared by both images, or an Error naming the bad field.
+function requestBody() {
+  const body = { prompt: field("prompt").value };
+  body.entities = field("entities").value.split(",").map((s) => s.trim()).filter((s) => s);
+  let seed = numberOf("seed");
+  if (seed === undefined) seed = Math.floor(Math.random() * MAX_RANDOM_SEED); // one seed for both images
+  body.seed = seed;
+  const steps = numberOf("steps");
+  if (steps !== undefined) body.steps = steps;
+  const size = field("size").value.trim();
+  if (size) body.size = size;
+  const guidance = numberOf("guidance");
+  if (guidance !== undefined) body.guidance = guidance;
+  const settings = {};
+  for (const [name, kind] of SETTINGS) {
+    if (kind === "bool") {
+      const v = field(name).value;
+      if (v) settings[name] = v === "true";
+    } else {
+      const v = numberOf(name);
+      if (v !== undefined) settings[name] = v;
+    }
+  }
+  if (Object.keys(settings).length) body.deleaker_settings = settings;
+  return body;
+}
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const token = field("token").value.trim();
+  if (token) h.Authorization = `Bearer ${token}`;
+  return h;
+}
+
+// One POST -> {image} or {error: the API's one-line message}.
+async function generate(body) {
+  let resp;
+  try {
+    resp = await fetch(GENERATE, { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  } catch (e) {
+    return { error: `cannot reach the server: ${e.message}` };
+  }
+  let json = null;
+  try {
+    json = await resp.json();
+  } catch (_) { /* not JSON: reported by status below */ }
+  if (!resp.ok) {
+    const message = json && json.error && json.error.message;
+    return { error: message || `HTTP ${resp.status} ${resp.statusText}`.trim() };
+  }
+  if (!json || !Array.isArray(json.data) || !json.data.length || !json.data[0].b64_json) {
+    return { error: "the server's answer holds no image" };
+  }
+  return { image: json.data[0] };
+}
+
+function setStatus(state, text) {
+  const s = $("status");
+  s.dataset.state = state;
+  s.textContent = text;
+  document.body.dataset.state = state;
+}
+
+function showError(message) {
+  const e = $("error");
+  e.textContent = message;
+  e.hidden = !message;
+}
+
+function clearImage(img) {
+  img.removeAttribute("src");
+  delete img.dataset.natural;
+  delete img.dataset.seed;
+}
+
+async function showImage(img, image) {
+  await new Promise((resolve, reject) => {
+    img.onload = resolve;
+    img.onerror = () => reject(new Error("not a PNG"));
+    img.src = `data:image/png;base64,${image.b64_json}`;
+  });
+  img.dataset.natural = `${img.naturalWidth}x${img.naturalHeight}`;
+  img.dataset.seed = String(image.seed);
+}
+
+const seconds = (ms) => `${(ms / 1000).toFixed(2)} s`;
+
+async function run() {
+  const button = $("run");
+  const imgs = { vanilla: $("img-vanilla"), deleaker: $("img-deleaker") };
+  Object.values(imgs).forEach(clearImage);
+  showError("");
+  $("timing").textContent = "";
+  let body;
+  try {
+    body = requestBody();
+  } catch (e) {
+    setStatus("error", "not sent");
+    showError(e.message);
+    return;
+  }
+  button.disabled = true;
+  const t0 = performance.now();
+  const tick = setInterval(() => setStatus("running", `generating… ${seconds(performance.now() - t0)}`), 200);
+  setStatus("running", "generating…");
+  // both at once, identical but for `deleaker`: the batcher puts them in one batch
+  const timed = (deleaker) => generate({ ...body, deleaker }).then((r) => ({ ...r, ms: performance.now() - t0 }));
+  const [vanilla, deleaker] = await Promise.all([timed(false), timed(true)]);
+  clearInterval(tick);
+  button.disabled = false;
+  const wall = performance.now() - t0;
+  const errors = [];
+  for (const [name, r] of [["vanilla", vanilla], ["DeLeaker", deleaker]]) {
+    if (r.error) errors.push([name, r.error]);
+  }
+  const shown = [];
+  try {
+    if (vanilla.image) shown.push(showImage(imgs.vanilla, vanilla.image));
+    if (deleaker.image) shown.push(showImage(imgs.deleaker, deleaker.image));
+    await Promise.all(shown);
+  } catch (e) {
+    errors.push(["image", `the returned image does not load: ${e.message}`]);
+  }
+  if (errors.length) {
+    const distinct = new Set(errors.map(([, m]) => m));
+    showError(distinct.size === 1 ? errors[0][1] : errors.map(([n, m]) => `${n}: ${m}`).join("; "));
+    setStatus("error", "failed");
+  } else {
+    setStatus("done", `seed ${vanilla.image.seed}`);
+  }
+  const parts = [];
+  if (vanilla.image) parts.push(`vanilla ${seconds(vanilla.ms)}`);
+  if (deleaker.image) parts.push(`DeLeaker ${seconds(deleaker.ms)}`);
+  if (parts.length) $("timing").textContent = `${parts.join(" · ")} · both ${seconds(wall)} (round trips, sent together)`;
+}
+
+async function checkHealth() {
+  const h = $("health");
+  try {
+    const resp = await fetch(HEALTH);
+    const info = await resp.json();
+    h.dataset.state = info.status;
+    h.textContent = `${info.status} · ${info.backend} · max batch ${info.max_batch} · sizes ` +
+      `${info.size_range.join("–")} px · ${info.entity_slots} entity slots · ${info.default_steps} steps by default`;
+    field("steps").placeholder = String(info.default_steps);
+    if (info.status === "warming_up") setTimeout(checkHealth, 2000);
+  } catch (e) {
+    h.dataset.state = "unreachable";
+    h.textContent = `cannot reach the server: ${e.message}`;
+  }
+}
+
+// URL parameters -> fields; returns an error message for a value a field cannot hold.
+function applyParams() {
+  const params = new URLSearchParams(location.search);
+  for (const [k, v] of new URLSearchParams(location.hash.slice(1))) params.set(k, v);
+  const bad = [];
+  for (const [k, v] of params) {
+    if (k === "autorun") continue;
+    const input = field(k);
+    if (!input || input.name !== k) { // namedItem also matches ids (the button)
+      bad.push(`unknown parameter ${k}`);
+      continue;
+    }
+    input.value = v;
+    if (input.value !== v) bad.push(`${k}: cannot take ${JSON.stringify(v)}`);
+  }
+  return { autorun: params.get("autorun") === "1", bad };
+}
+
+async function main() {
+  buildSettings();
+  const { autorun, bad } = applyParams();
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    run();
+  });
+  await checkHealth();
+  if (bad.length) {
+    setStatus("error", "not sent");
+    showError(bad.join("; "));
+  } else if (autorun) {
+    await run();
+  }
+}
+
+main();
