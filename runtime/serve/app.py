@@ -189,6 +189,13 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
 
     @app.post(GENERATE_PATH, response_model=ImageGenerationResponse)
     async def generate(body: ImageGenerationRequest, request: Request):
+        engine.in_flight += 1  # what a drain waits for (engine.busy)
+        try:
+            return await _generate(body, request)
+        finally:
+            engine.in_flight -= 1
+
+    async def _generate(body: ImageGenerationRequest, request: Request):
         t0 = time.perf_counter()
         if engine.draining:
             return _error(503, "the server is shutting down", headers={"Connection": "close"})

@@ -136,7 +136,7 @@ def build_local(args, options: ServeOptions):
 def _serve_local(args, options: ServeOptions) -> int:
     import uvicorn
 
-    from .connections import bind, uvicorn_limits
+    from .connections import LOOPBACK_HOSTS, bind, uvicorn_limits
 
     sock = bind(args.host, args.port)  # a busy port or a bad host fails here, before the model loads
     engine, app = build_local(args, options)
@@ -159,7 +159,7 @@ def _serve_local(args, options: ServeOptions) -> int:
 
             threading.Thread(target=finish, name="deleaker-drain", daemon=True).start()
 
-    if args.host not in ("127.0.0.1", "localhost", "::1") and _token() is None:
+    if args.host not in LOOPBACK_HOSTS and _token() is None:
         log.warning("binding %s without DELEAKER_API_TOKEN: anyone who reaches this port can generate", args.host)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=options.drain_timeout_s + 5, **uvicorn_limits(options))
@@ -171,12 +171,15 @@ def _serve_local(args, options: ServeOptions) -> int:
 
 
 def _serve(args) -> int:
-    from .connections import check_port
+    from .connections import LOOPBACK_HOSTS, check_port
 
     options = options_from(args)
     check_port(args.port)
     _token()  # a bad token fails before the model loads
     if args.ray:
+        if args.ray_address is None and not os.environ.get("RAY_ADDRESS") and args.host in LOOPBACK_HOSTS:
+            # a local Ray for a loopback server: Ray takes 127.0.0.1 as the node address only with this set
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         from .ray_app import serve_ray
 
         return serve_ray(args, options)

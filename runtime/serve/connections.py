@@ -16,6 +16,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .options import ServeOptions
 
 PORT_RANGE = (1, 65535)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def check_port(port: int) -> None:

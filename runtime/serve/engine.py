@@ -88,6 +88,7 @@ class Engine:
         self.default_size = (fit(w), fit(h))
         self.model_id = Path(info.name).name or info.name  # what GET /v1/models lists
         self.started = int(time.time())
+        self.in_flight = 0  # generation requests between arrival and answer (app.py)
         self._ready = threading.Event()
 
     # -- readiness ------------------------------------------------------------------------------
@@ -99,6 +100,11 @@ class Engine:
     @property
     def draining(self) -> bool:
         return self.runner.draining
+
+    @property
+    def busy(self) -> int:
+        """Generation requests being answered plus images queued or running: 0 once a drain is done."""
+        return self.in_flight + self.runner.depth + self.runner.running
 
     def warm_up(self) -> None:
         """One tiny generation (smallest allowed size, 1 step): loads kernels and caches before traffic."""
