@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'deleaker[ray]')")
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -e '.[ray]')")
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 
 from test_serve_support import EARLY, SIZE, STEPS, ServerProcess, listening_addresses, metric, png_pixels  # noqa: E402
@@ -25,11 +25,12 @@ from deleaker.runtime.pipeline import GenerateRequest, Pipeline  # noqa: E402
 pytestmark = pytest.mark.slow  # starting Ray and two replicas takes a minute or more on two cores
 
 
-def test_ray_serve_two_replicas_same_images(tiny_model_dir, tmp_path):
+def test_ray_serve_two_replicas_same_images_json_overflow_loopback_and_drain(tiny_model_dir, tmp_path):
     pipe = Pipeline(load_backend("torch", str(tiny_model_dir), progress=False))
     server = ServerProcess(["--ray", "--replicas", "2", "--cpus-per-replica", "0.5", "--model", str(tiny_model_dir),
                             "--max-batch", "2", "--max-wait-ms", "200", "--steps", str(STEPS),
-                            "--default-size", SIZE, "--max-queue", "4"], tmp_path / "ray.log", env={"RAY_AUTH_MODE": "disabled"},
+                            "--default-size", SIZE, "--max-queue", "4"], tmp_path / "ray.log",
+                           env={"RAY_AUTH_MODE": "disabled"},
                            ready_timeout_s=400)
     try:
         deadline = time.monotonic() + 300
@@ -56,7 +57,8 @@ def test_ray_serve_two_replicas_same_images(tiny_model_dir, tmp_path):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "entities"
 
         # Ray itself listens on loopback only (the proxy on --host, 127.0.0.1 here)
-        wide = {(ip, port) for ip, port in listening_addresses(server.proc.pid) if ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")}
+        loopback = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+        wide = {(ip, port) for ip, port in listening_addresses(server.proc.pid) if ip not in loopback}
         assert not wide, f"listening beyond loopback: {sorted(wide)}"
 
         # 16 slow requests at once: each replica takes 2 running + 4 queued, the rest get 429 in the JSON

@@ -35,8 +35,8 @@ TOKEN_ENV = "DELEAKER_API_TOKEN"
 GENERATE_PATH = "/v1/images/generations"
 # status -> (error code in the body, metrics kind); 499: the client closed the connection first
 _KINDS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-          408: "request_timeout", 413: "body_too_large", 429: "queue_full", 499: "client_disconnected", 500: "internal_error",
-          503: "unavailable", 504: "timeout"}
+          408: "request_timeout", 413: "body_too_large", 429: "queue_full", 499: "client_disconnected",
+          500: "internal_error", 503: "unavailable", 504: "timeout"}
 
 
 def _bearer_ok(authorization: str, token: str) -> bool:

@@ -69,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-size", type=int, default=_D.max_size, help="largest image side, likewise")
     lim.add_argument("--default-size", default=_D.default_size, help="WIDTHxHEIGHT of requests that give none")
     r = p.add_argument_group("Ray Serve (scale-out)")
-    r.add_argument("--ray", action="store_true", help="run as a Ray Serve application (pip install -e '.[ray]' in a clone)")
+    r.add_argument("--ray", action="store_true",
+                   help="run as a Ray Serve application (in a clone: pip install -e '.[ray]')")
     r.add_argument("--replicas", default="1",
                    help="replicas: N, or MIN-MAX for Ray Serve autoscaling on ongoing requests")
     r.add_argument("--gpus-per-replica", type=float, default=None,
