@@ -6,9 +6,16 @@ throughput and errors of a running server.
     # open loop: requests arrive at 4/s (Poisson) whatever the server does
     python -m deleaker.benchmarks.serve_load --url http://127.0.0.1:8000 --requests 200 --rate 4
 
+    # server vs the Pipeline in this process on the same batches (read from the server's /metrics)
+    python -m deleaker.benchmarks.serve_load --url http://127.0.0.1:8000 --requests 200 --concurrency 16 --compare
+
 Writes one JSON line per request (--out FILE, or nothing) and prints a JSON summary line:
 requests, ok, errors by status, latency p50/p95/p99 (seconds, successful requests), throughput
 (images/s over the whole run). Bounded by --requests and --max-seconds (whichever comes first).
+--deleaker-settings JSON gives every request DeLeaker settings (e.g. windows inside a short run).
+--compare adds the batch sizes the server ran (from /metrics) and `inprocess_images_per_s`: the same
+number of batches of each size, same requests, through Pipeline.generate here (--model, default
+the embedded tiny model), and `server_vs_inprocess`, the ratio of the two rates.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ class LoadSpec:
     seed: int = 0  # request i uses seed + i * n
     token: str | None = None
     client_timeout_s: float = 600.0
+    deleaker_settings: dict | None = None
 
     def validate(self) -> "LoadSpec":
         if (self.concurrency is None) == (self.rate is None):
@@ -87,7 +95,7 @@ def summarize(samples: list[Sample], wall_s: float) -> dict:
 
 async def _one(http: httpx.AsyncClient, spec: LoadSpec, i: int, t0: float) -> Sample:
     body = request_body(spec.prompt, n=spec.n, size=spec.size, seed=spec.seed + i * spec.n,
-                        entities=spec.entities, steps=spec.steps)
+                        entities=spec.entities, steps=spec.steps, deleaker_settings=spec.deleaker_settings)
     start = time.perf_counter()
     try:
         r = await http.post("/v1/images/generations", json=body)
@@ -146,6 +154,49 @@ async def run_load(spec: LoadSpec, on_sample=None) -> tuple[list[Sample], dict]:
     return samples, summarize(samples, wall)
 
 
+def batch_counts(metrics_before: str, metrics_after: str) -> dict[int, int]:
+    """Batches the server ran between two /metrics pages, by size (from deleaker_batch_size_bucket)."""
+    def cumulative(text: str) -> dict[int, float]:
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("deleaker_batch_size_bucket{") and 'le="+Inf"' not in line:
+                le = float(line.split('le="', 1)[1].split('"', 1)[0])
+                out[int(le)] = float(line.split()[-1])
+        return out
+
+    before, after = cumulative(metrics_before), cumulative(metrics_after)
+    counts, below = {}, 0.0
+    for size in sorted(after):
+        total = after[size] - before.get(size, 0.0)
+        if total - below > 0:
+            counts[size] = int(round(total - below))
+        below = total
+    return counts
+
+
+def inprocess_rate(spec: LoadSpec, counts: dict[int, int], model: str | None) -> float:
+    """Images/s of Pipeline.generate here on the same batches (sizes and counts) and the same requests."""
+    from deleaker.runtime import GenerateRequest, load_pipeline
+    from deleaker.runtime.serve.schema import parse_size
+
+    pipe = load_pipeline(model, progress=False)
+    w, h = parse_size(spec.size) if spec.size else (256, 256)
+    config = pipe.config.replace(**spec.deleaker_settings) if spec.deleaker_settings else None
+    steps = spec.steps if spec.steps is not None else pipe.config.num_steps
+
+    def batch(k: int, seed: int) -> list:
+        return [GenerateRequest(spec.prompt, entities=spec.entities, seed=seed + j, steps=steps, height=h, width=w,
+                                config=config) for j in range(k)]
+
+    pipe.generate(batch(max(counts), 0), progress=None)  # warm-up, as the server's
+    images, t0, seed = 0, time.perf_counter(), 0
+    for k, n in counts.items():
+        for _ in range(n):
+            pipe.generate(batch(k, seed), progress=None)
+            images, seed = images + k, seed + k
+    return images / (time.perf_counter() - t0)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deleaker-bench --mode serve", description=__doc__.split("\n")[0])
     d = LoadSpec()
@@ -161,7 +212,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="denoising steps (default: the server's)")
     p.add_argument("--n", type=int, default=1, help="images per request")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deleaker-settings", type=json.loads, help="JSON object of DeLeaker settings for every request")
     p.add_argument("--token", help="bearer token (default: DELEAKER_API_TOKEN)")
+    p.add_argument("--compare", action="store_true",
+                   help="also time the server's batches through the Pipeline in this process")
+    p.add_argument("--model", help="with --compare: the model folder the server runs (default: the embedded tiny "
+                                   "model)")
     p.add_argument("--out", help="write one JSON line per request here")
     return p
 
@@ -179,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                         concurrency=args.concurrency if args.rate is None else None,
                         rate=args.rate, max_seconds=args.max_seconds, prompt=args.prompt, entities=entities,
                         size=args.size, steps=args.steps, n=args.n, seed=args.seed,
-                        token=args.token or os.environ.get("DELEAKER_API_TOKEN"))
+                        token=args.token or os.environ.get("DELEAKER_API_TOKEN"),
+                        deleaker_settings=args.deleaker_settings)
         if spec.concurrency is None and spec.rate is None:
             spec = LoadSpec(**{**asdict(spec), "concurrency": 8})
         out = open(args.out, "w") if args.out else None  # noqa: SIM115  (closed below)
@@ -188,7 +245,17 @@ def main(argv: list[str] | None = None) -> int:
                 if out is not None:
                     out.write(json.dumps(asdict(s)) + "\n")
 
+            headers = {"Authorization": f"Bearer {spec.token}"} if spec.token else {}
+            metrics = (lambda: httpx.get(spec.url + "/metrics", headers=headers, timeout=30).text)  # noqa: E731
+            before = metrics() if args.compare else ""
             _, summary = asyncio.run(run_load(spec, write))
+            if args.compare:
+                counts = batch_counts(before, metrics())
+                summary["batches"] = {str(k): v for k, v in counts.items()}
+                if counts:
+                    rate = inprocess_rate(spec, counts, args.model)
+                    summary["inprocess_images_per_s"] = rate
+                    summary["server_vs_inprocess"] = summary["images_per_s"] / rate
         finally:
             if out is not None:
                 out.close()

@@ -193,7 +193,9 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_serving(server):
     assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401
     assert "malformed JSON" in _error(raw(b'{"prompt": "a cat",'), 400, "body")
     assert "JSON object" in _error(raw(b"[1, 2]"), 400, "body")
-    assert "unknown field 'quality'" in _error(post({**FAST, "quality": "hd"}), 400, "quality")
+    assert "unknown field 'qualty'" in _error(post({**FAST, "qualty": "hd"}), 400, "qualty")
+    assert "png" in _error(post({**FAST, "output_format": "jpeg"}), 400, "output_format")
+    assert _error(post({**FAST, "stream": True}), 400, "stream")
     assert "prompt" in _error(post({"n": 1}), 400, "prompt")
     assert _error(post({**FAST, "n": "2"}), 400, "n")  # strict types: a string is not a number
     assert "entity slots" in _error(post({**FAST, "prompt": "a b c d e", "entities": list("abcde")}), 400,
@@ -222,7 +224,7 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_serving(server):
     assert r.status_code == 200 and len(r.json()["data"]) == 1
     assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ready"
     m = _metrics(server.url, AUTH)
-    assert metric(m, "deleaker_errors_total", 'kind="invalid_request"') >= 15
+    assert metric(m, "deleaker_errors_total", 'kind="invalid_request"') >= 17
     assert metric(m, "deleaker_errors_total", 'kind="unauthorized"') >= 2
     assert server.proc.poll() is None
 
@@ -295,3 +297,82 @@ def test_shutdown_finishes_accepted_work_and_refuses_new(small_server):
         assert box["r"].status_code == 200
     small_server.proc.wait(60)
     assert "finishing 1 queued image" in small_server.log_text()
+
+
+def test_lone_surrogate_is_a_400_and_the_connection_keeps_serving(server):
+    """A JSON \\ud800 escape decodes to a lone surrogate, which the tokenizer cannot take: refused at
+    admission, with the keep-alive connection left open for the next request."""
+    with httpx.Client(base_url=server.url, headers={**AUTH, "Content-Type": "application/json"}, timeout=60) as c:
+        for content, param in ((b'{"prompt": "a cat \\ud800 and a dog"}', "prompt"),
+                               (b'{"prompt": "a cat and a dog", "entities": ["cat", "\\udfff"]}', "entities")):
+            r = c.post(GEN, content=content)
+            assert "lone surrogate" in _error(r, 400, param)
+            assert r.headers.get("connection") != "close"
+        ok = c.post(GEN, json={**FAST, "seed": 3})
+        assert ok.status_code == 200, ok.text
+    assert "Traceback" not in server.log_text()
+
+
+def test_lower_case_bearer_scheme_is_accepted(server):
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"{scheme} {TOKEN}"}, timeout=10)
+        assert r.status_code == 200, (scheme, r.text)
+    assert httpx.get(server.url + "/v1/models", headers={"Authorization": f"Basic {TOKEN}"},
+                     timeout=10).status_code == 401
+
+
+def test_openai_client_fields_and_models(server, pipe):
+    """The real `openai` client: models.list names the served model; its standard image fields are
+    accepted (size "auto" is the server's default size) or named as ignored in X-Ignored-Fields."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0)
+    models = [m.id for m in client.models.list()]
+    assert models == ["model"]  # the tiny model's folder name
+    assert client.models.retrieve("model").id == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("dall-e-3")
+    raw = client.images.with_raw_response.generate(
+        prompt=FAST["prompt"], size="auto", quality="high", style="vivid", user="u-1", output_format="png",
+        response_format="b64_json", model="model", extra_body={"entities": FAST["entities"], "steps": STEPS, "seed": 5,
+                                                               "deleaker_settings": EARLY})
+    assert raw.headers["x-ignored-fields"] == "user, quality, style"
+    image = png_pixels(base64.b64decode(raw.parse().data[0].b64_json))
+    np.testing.assert_array_equal(image, _alone(pipe, {**FAST, "deleaker_settings": EARLY}, 5))  # 64x64: the default
+    other = client.images.with_raw_response.generate(prompt="a cat", model="dall-e-3", extra_body={"steps": STEPS})
+    assert other.headers["x-ignored-fields"] == "model"
+    with pytest.raises(openai.BadRequestError, match="png"):
+        client.images.generate(prompt="a cat", output_format="webp")
+    plain = httpx.post(server.url + GEN, json={**FAST, "seed": 1}, headers=AUTH, timeout=60)
+    assert plain.status_code == 200 and "x-ignored-fields" not in plain.headers
+
+
+def test_batches_fill_under_steady_concurrency(pipe):
+    """Four closed-loop clients, one out of phase, each taking 10 ms to send its next request (an
+    HTTP round trip), a 25 ms --max-wait-ms and batches longer than both: the batcher waits for
+    the clients it just answered, so batches settle at 4. Without that wait, the image queued
+    during a batch starts alone at once and the 1+3 split persists."""
+    from deleaker.runtime.serve.batcher import Batcher
+    from deleaker.runtime.serve.metrics import Metrics
+
+    metrics = Metrics(4)
+    batcher = Batcher(pipe, 4, 25, 64, metrics)
+    sizes = []
+    metrics.batch_size.observe = sizes.append  # each batch's size, in order
+    req = GenerateRequest(prompt="a cat", steps=STEPS, height=64, width=64)
+
+    async def client(start_s: float):
+        await asyncio.sleep(start_s)
+        for _ in range(6):
+            (job,) = batcher.submit([req])
+            await job.future
+            await asyncio.sleep(0.01)
+
+    async def go():
+        await asyncio.gather(*(client(s) for s in (0, 0, 0, 0.06)))
+
+    try:
+        asyncio.run(go())
+    finally:
+        batcher.stop()
+    assert sum(sizes) == 24
+    assert sizes[-4:-1] == [4] * 3, sizes  # in step by then; the last batch takes whoever is left

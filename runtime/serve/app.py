@@ -1,12 +1,14 @@
 """The FastAPI application: routes, JSON errors, bearer token, body limit, request counting.
 
     POST /v1/images/generations   OpenAI images API shape + DeLeaker fields (schema.py)
+    GET  /v1/models               the one model served (OpenAI's models.list / models.retrieve)
     GET  /health                  200 {"status": "ready"} after warm-up; 503 while warming up or draining
     GET  /metrics                 Prometheus text
     GET  /                        the playground page (static/; open without a token, its API calls send one)
 
 Every failure is a JSON body {"error": {"message", "type", "param", "code"}} (the OpenAI shape):
-400 invalid request (param names the field), 401 bad/missing token, 413 body too large,
+400 invalid request (param names the field), 401 bad/missing token, 408 body not received in
+time, 413 body too large,
 429 queue full (Retry-After), 503 warming up / shutting down, 504 timed out, 500 internal error.
 """
 
@@ -27,7 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Draining, QueueFull
 from .engine import ClientGone, Engine, RequestTimeout
-from .schema import FieldError, ImageData, ImageGenerationRequest, ImageGenerationResponse, error_body
+from .schema import (IGNORED_HEADER, FieldError, ImageData, ImageGenerationRequest, ImageGenerationResponse,
+                     error_body)
 
 log = logging.getLogger("deleaker.serve")
 
@@ -38,8 +41,14 @@ STATIC_DIR = Path(__file__).with_name("static")
 OPEN_PATHS, OPEN_PREFIX = ("/health", "/"), "/static/"
 # status -> (error code in the body, metrics kind); 499: the client closed the connection first
 _KINDS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-          413: "body_too_large", 429: "queue_full", 499: "client_disconnected", 500: "internal_error",
-          503: "unavailable", 504: "timeout"}
+          408: "request_timeout", 413: "body_too_large", 429: "queue_full", 499: "client_disconnected",
+          500: "internal_error", 503: "unavailable", 504: "timeout"}
+
+
+def _bearer_ok(authorization: str, token: str) -> bool:
+    """`Authorization: Bearer <token>`; the scheme is case-insensitive (RFC 9110)."""
+    scheme, _, given = authorization.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 def _error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -47,12 +56,14 @@ def _error(status: int, message: str, param: str | None = None, headers: dict | 
 
 
 class _Guard:
-    """Pure ASGI middleware at the edge: bearer token, body size limit, and counting of answers.
-    Runs before FastAPI parses anything, so an unauthorized client learns nothing about the API."""
+    """Pure ASGI middleware at the edge: bearer token, body size limit, body read timeout, and
+    counting of answers. Runs before FastAPI parses anything, so an unauthorized client learns
+    nothing about the API."""
 
     def __init__(self, app, engine: Engine, token: str | None):
         self.app, self.engine, self.token = app, engine, token
         self.max_body = engine.options.max_body_bytes
+        self.read_timeout_s = engine.options.read_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -77,20 +88,34 @@ class _Guard:
 
     async def _guarded(self, scope, receive, send, path):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+<<<<<<< HEAD
         if self.token is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIX):
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+=======
+        if self.token is not None and path != "/health":
+            if not _bearer_ok(headers.get("authorization", ""), self.token):
+>>>>>>> h-serve
                 return await _error(401, "missing or wrong bearer token (Authorization: Bearer ...)",
                                     headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return await _error(413, f"request body is over this server's limit of {self.max_body} bytes",
                                 "body")(scope, receive, send)
-        seen = 0
+        seen, body_done = 0, False
+        deadline = asyncio.get_running_loop().time() + self.read_timeout_s
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done:  # after the body: waiting for a disconnect, which has no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                raise StarletteHTTPException(408, f"the request body did not arrive within "
+                                                  f"{self.read_timeout_s:g}s", headers={"Connection": "close"}
+                                             ) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:  # chunked bodies carry no Content-Length
@@ -121,6 +146,10 @@ async def _client_gone(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _model_card(engine: Engine) -> dict:
+    return {"id": engine.model_id, "object": "model", "created": engine.started, "owned_by": "deleaker"}
 
 
 def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastAPI:
@@ -156,11 +185,23 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
                 "entity_slots": info.entity_slots, "default_steps": engine.default_steps}
         return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
+<<<<<<< HEAD
     app.mount(OPEN_PREFIX.rstrip("/"), StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
     async def playground():
         return FileResponse(STATIC_DIR / "index.html")
+=======
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(engine)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != engine.model_id:
+            return _error(404, f"this server serves one model, {engine.model_id!r}; not {model_id!r}", "model")
+        return _model_card(engine)
+>>>>>>> h-serve
 
     @app.get("/metrics")
     async def metrics():
@@ -168,6 +209,13 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
 
     @app.post(GENERATE_PATH, response_model=ImageGenerationResponse)
     async def generate(body: ImageGenerationRequest, request: Request):
+        engine.in_flight += 1  # what a drain waits for (engine.busy)
+        try:
+            return await _generate(body, request)
+        finally:
+            engine.in_flight -= 1
+
+    async def _generate(body: ImageGenerationRequest, request: Request):
         t0 = time.perf_counter()
         if engine.draining:
             return _error(503, "the server is shutting down", headers={"Connection": "close"})
@@ -177,6 +225,7 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
             requests = engine.admit(body)
         except FieldError as e:
             return _error(e.status, str(e), e.param)
+        ignored = body.ignored_fields(engine.model_id)
         gone = asyncio.ensure_future(_client_gone(request))
         try:
             results = await engine.run(requests, gone)
@@ -198,6 +247,7 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
         m.latency.observe(time.perf_counter() - t0)
         data = [ImageData(b64_json=base64.b64encode(p).decode("ascii"), seed=r.request.seed)
                 for p, r in zip(pngs, results)]
-        return ImageGenerationResponse(created=int(time.time()), data=data)
+        answer = ImageGenerationResponse(created=int(time.time()), data=data)
+        return JSONResponse(answer.model_dump(), headers={IGNORED_HEADER: ", ".join(ignored)} if ignored else None)
 
     return app

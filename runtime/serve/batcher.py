@@ -1,10 +1,15 @@
 """Dynamic batching: a bounded queue of images and one worker thread that runs Pipeline.generate.
 
-The worker takes the oldest queued image, gathers queued images of the same (height, width,
-steps) up to max_batch, waiting at most max_wait_ms from the moment that oldest image arrived,
-and runs them as one batch (each image keeps its own prompt, entities, seed and settings).
-While a batch runs, new images queue up, so under load batches fill without any waiting.
-A queued image can be dropped (its client left or timed out); a running one finishes.
+The worker takes the oldest queued image and gathers queued images of the same (height, width,
+steps) up to max_batch into one batch (each image keeps its own prompt, entities, seed and
+settings). It waits for more only when more are likely: the clients just answered tend to send
+their next request, so after a batch of k images with q left queued it waits for up to
+min(max_batch, k + q) images, until max_wait_ms after the oldest image's arrival or, if later,
+RETURN_WAIT_SHARE of the last batch's time (at least max_wait_ms) after that batch ended: the
+answered clients' round trip (PNG encoding, HTTP) grows with the machine's load like the batch
+time does. A lone client (batches of one) never waits; under a full queue batches start at once.
+A queued image can be dropped (its client left or timed out); a running batch stops after its
+current step once every image in it was abandoned.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from .metrics import Metrics
 
 log = logging.getLogger("deleaker.serve")
 
+RETURN_WAIT_SHARE = 0.25  # of the last batch's time: how long to wait for the clients just answered
+
 
 class QueueFull(Exception):
     def __init__(self, retry_after_s: int):
@@ -31,6 +38,10 @@ class QueueFull(Exception):
 
 class Draining(Exception):
     """The server is shutting down and takes no new work."""
+
+
+class _Abandoned(Exception):
+    """Every image of the running batch was abandoned (timeout or disconnect): stop it."""
 
 
 @dataclass(eq=False)
@@ -72,6 +83,9 @@ class Batcher:
         self._draining = False
         self._stopping = False
         self._batch_s = 1.0  # moving average of a batch's wall time, for Retry-After
+        self._expect = 1  # images the next batch waits for (see the module docstring)
+        self._last_end = 0.0  # monotonic time the last batch ended
+        self._return_wait_s = self.max_wait_s  # after _last_end, for the clients just answered
         self._thread = threading.Thread(target=self._work, name="deleaker-batcher", daemon=True)
         self._thread.start()
 
@@ -156,8 +170,8 @@ class Batcher:
                     continue
                 first = self._pending[0]
                 same = [j for j in self._pending if j.key == first.key][: self.max_batch]
-                wait = first.enqueued + self.max_wait_s - time.monotonic()
-                if len(same) >= self.max_batch or wait <= 0 or self._draining:
+                wait = max(first.enqueued + self.max_wait_s, self._last_end + self._return_wait_s) - time.monotonic()
+                if len(same) >= self._expect or wait <= 0 or self._draining:
                     for j in same:
                         self._pending.remove(j)
                     self._running = len(same)
@@ -172,8 +186,17 @@ class Batcher:
                 self.metrics.queue_wait.observe(t0 - j.enqueued)
             self.metrics.running.set(len(batch))
             self.metrics.batch_size.observe(len(batch))
+
+            def stop_if_abandoned(_done, _total, batch=batch):
+                if all(j.future.done() for j in batch):  # each waiter gave up (futures are cancelled then)
+                    raise _Abandoned()
+
             try:
-                results = self.pipe.generate([j.request for j in batch], progress=None, errors="return")
+                results = self.pipe.generate([j.request for j in batch], progress=stop_if_abandoned,
+                                             errors="return")
+            except _Abandoned:
+                log.info("stopped a batch of %d image(s): every one of them was abandoned", len(batch))
+                self.metrics.dropped.labels("abandoned").inc(len(batch))
             except Exception as e:  # a bug, not a bad request (those were rejected at admission)
                 log.exception("batch of %d failed", len(batch))
                 for j in batch:
@@ -186,5 +209,9 @@ class Batcher:
             self._batch_s = 0.8 * self._batch_s + 0.2 * seconds
             with self._cond:
                 self._running = 0
+                self._last_end = time.monotonic()
+                self._return_wait_s = max(self.max_wait_s, RETURN_WAIT_SHARE * seconds)
+                queued = sum(1 for j in self._pending if j.key == batch[0].key)
+                self._expect = max(1, min(self.max_batch, len(batch) + queued))
                 self._cond.notify_all()
             self.metrics.running.set(0)

@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help=f"DeLeaker settings of requests that give none: {', '.join(PRESETS)} "
                                     "(default: the artifact's recorded settings, else flux-dev)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on, 1-65535")
     g = p.add_argument_group("batching and queueing")
     g.add_argument("--max-batch", type=int, default=_D.max_batch, help="images per batch")
     g.add_argument("--max-wait-ms", type=float, default=_D.max_wait_ms,
@@ -50,11 +50,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout-s", type=float, default=_D.timeout_s, help="per-request limit (queue + generation): 504")
     g.add_argument("--drain-timeout-s", type=float, default=_D.drain_timeout_s,
                    help="on SIGTERM/SIGINT: how long accepted work may take to finish")
+    c = p.add_argument_group("connections")
+    c.add_argument("--read-timeout-s", type=float, default=_D.read_timeout_s,
+                   help="a request's headers, then its body, must each arrive within this (else closed / 408)")
+    c.add_argument("--keep-alive-s", type=float, default=_D.keep_alive_s,
+                   help="idle keep-alive connections are closed after this")
+    c.add_argument("--max-connections", type=int, default=_D.max_connections,
+                   help="open connections past this are closed at once")
     lim = p.add_argument_group("request limits")
-    lim.add_argument("--max-body-bytes", type=int, default=_D.max_body_bytes)
-    lim.add_argument("--max-prompt-chars", type=int, default=_D.max_prompt_chars)
+    lim.add_argument("--max-body-bytes", type=int, default=_D.max_body_bytes, help="request body limit (413)")
+    lim.add_argument("--max-prompt-chars", type=int, default=_D.max_prompt_chars, help="prompt length limit")
     lim.add_argument("--max-n", type=int, default=_D.max_n, help="images per request")
-    lim.add_argument("--max-steps", type=int, default=_D.max_steps)
+    lim.add_argument("--max-steps", type=int, default=_D.max_steps, help="largest step count a request may ask")
     lim.add_argument("--steps", type=int, dest="default_steps", help="steps of requests that give none "
                                                                       "(default: the preset's, capped by --max-steps)")
     lim.add_argument("--min-size", type=int, default=_D.min_size,
@@ -62,12 +69,13 @@ def parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-size", type=int, default=_D.max_size, help="largest image side, likewise")
     lim.add_argument("--default-size", default=_D.default_size, help="WIDTHxHEIGHT of requests that give none")
     r = p.add_argument_group("Ray Serve (scale-out)")
-    r.add_argument("--ray", action="store_true", help="run as a Ray Serve application (pip install 'deleaker[ray]')")
+    r.add_argument("--ray", action="store_true",
+                   help="run as a Ray Serve application (in a clone: pip install -e '.[ray]')")
     r.add_argument("--replicas", default="1",
                    help="replicas: N, or MIN-MAX for Ray Serve autoscaling on ongoing requests")
     r.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPUs reserved per replica (default: 1 with --device cuda, else 0)")
-    r.add_argument("--cpus-per-replica", type=float, default=1.0)
+    r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPU slots Ray reserves per replica")
     r.add_argument("--ray-address", default=None, help="connect to this Ray cluster (default: RAY_ADDRESS or local)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--debug", action="store_true", help="show full tracebacks on startup errors")
@@ -129,6 +137,9 @@ def build_local(args, options: ServeOptions):
 def _serve_local(args, options: ServeOptions) -> int:
     import uvicorn
 
+    from .connections import LOOPBACK_HOSTS, bind, uvicorn_limits
+
+    sock = bind(args.host, args.port)  # a busy port or a bad host fails here, before the model loads
     engine, app = build_local(args, options)
 
     class DrainingServer(uvicorn.Server):
@@ -149,21 +160,27 @@ def _serve_local(args, options: ServeOptions) -> int:
 
             threading.Thread(target=finish, name="deleaker-drain", daemon=True).start()
 
-    if args.host not in ("127.0.0.1", "localhost", "::1") and _token() is None:
+    if args.host not in LOOPBACK_HOSTS and _token() is None:
         log.warning("binding %s without DELEAKER_API_TOKEN: anyone who reaches this port can generate", args.host)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=options.drain_timeout_s + 5)
+                            timeout_graceful_shutdown=options.drain_timeout_s + 5, **uvicorn_limits(options))
     server = DrainingServer(config)
     log.info("serving %s on http://%s:%d (max batch %d, max wait %gms, queue %d)", engine.pipe.backend.info.name,
              args.host, args.port, engine.runner.max_batch, options.max_wait_ms, options.max_queue)
-    server.run()
+    server.run(sockets=[sock])
     return 0
 
 
 def _serve(args) -> int:
+    from .connections import LOOPBACK_HOSTS, check_port
+
     options = options_from(args)
+    check_port(args.port)
     _token()  # a bad token fails before the model loads
     if args.ray:
+        if args.ray_address is None and not os.environ.get("RAY_ADDRESS") and args.host in LOOPBACK_HOSTS:
+            # a local Ray for a loopback server: Ray takes 127.0.0.1 as the node address only with this set
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         from .ray_app import serve_ray
 
         return serve_ray(args, options)

@@ -18,6 +18,7 @@ import logging
 import secrets
 import threading
 import time
+from pathlib import Path
 
 from .. import latents as lat
 from .. import tokens as tok
@@ -25,7 +26,7 @@ from ..config import ConfigError, DeLeakerConfig
 from ..pipeline import GenerateRequest, GenerateResult, Pipeline, RequestError, RequestFailed
 from .metrics import Metrics
 from .options import ServeOptions
-from .schema import FieldError, ImageGenerationRequest, parse_size
+from .schema import AUTO_SIZE, FieldError, ImageGenerationRequest, check_text, parse_size
 
 log = logging.getLogger("deleaker.serve")
 
@@ -85,6 +86,9 @@ class Engine:
         lo, hi = self.size_range
         fit = lambda v: min(max(v, -(-lo // 16) * 16), hi // 16 * 16)  # noqa: E731  (multiples of 16 in range)
         self.default_size = (fit(w), fit(h))
+        self.model_id = Path(info.name).name or info.name  # what GET /v1/models lists
+        self.started = int(time.time())
+        self.in_flight = 0  # generation requests between arrival and answer (app.py)
         self._ready = threading.Event()
 
     # -- readiness ------------------------------------------------------------------------------
@@ -96,6 +100,11 @@ class Engine:
     @property
     def draining(self) -> bool:
         return self.runner.draining
+
+    @property
+    def busy(self) -> int:
+        """Generation requests being answered plus images queued or running: 0 once a drain is done."""
+        return self.in_flight + self.runner.depth + self.runner.running
 
     def warm_up(self) -> None:
         """One tiny generation (smallest allowed size, 1 step): loads kernels and caches before traffic."""
@@ -111,6 +120,9 @@ class Engine:
     def admit(self, body: ImageGenerationRequest) -> list[GenerateRequest]:
         """Body -> one GenerateRequest per image; raises FieldError naming the bad field."""
         o, info = self.options, self.pipe.backend.info
+        check_text("prompt", body.prompt)
+        for entity in body.entities:
+            check_text("entities", entity)
         if not body.prompt.strip():
             raise FieldError("prompt", "prompt must be a non-empty string")
         if len(body.prompt) > o.max_prompt_chars:
@@ -118,7 +130,7 @@ class Engine:
                                        f"{o.max_prompt_chars}")
         if not 1 <= body.n <= o.max_n:
             raise FieldError("n", f"n must be in [1, {o.max_n}], got {body.n}")
-        width, height = parse_size(body.size) if body.size is not None else self.default_size
+        width, height = parse_size(body.size) if body.size not in (None, AUTO_SIZE) else self.default_size
         lo, hi = self.size_range
         for side, v in (("width", width), ("height", height)):
             if not lo <= v <= hi:
@@ -150,27 +162,43 @@ class Engine:
 
     async def run(self, requests: list[GenerateRequest], disconnected: asyncio.Future | None = None
                   ) -> list[GenerateResult]:
-        """Queue the images and wait for all of them (QueueFull / Draining / RequestTimeout / ClientGone)."""
+        """Queue the images and wait for all of them (QueueFull / Draining / RequestTimeout / ClientGone).
+        Abandoned images are dropped from the queue and their futures cancelled, so a running batch
+        whose images were all abandoned stops (batcher.py) and no exception is left unretrieved."""
         jobs = self.runner.submit(requests)
-        gathered = asyncio.ensure_future(asyncio.gather(*(j.future for j in jobs)))
-        waiters = {gathered} | ({disconnected} if disconnected is not None else set())
+        futures = [j.future for j in jobs]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.timeout_s
         reason = "timeout"
         try:
-            done, _ = await asyncio.wait(waiters, timeout=self.options.timeout_s, return_when=asyncio.FIRST_COMPLETED)
-            if gathered in done:
-                results = gathered.result()
+            while not all(f.done() for f in futures):
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                waiters = [f for f in futures if not f.done()] + ([disconnected] if disconnected is not None else [])
+                done, _ = await asyncio.wait(waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if disconnected is not None and disconnected in done:
+                    reason = "disconnect"
+                    break
+                if any(f.done() and not f.cancelled() and f.exception() is not None for f in done):
+                    break  # a failed batch: no point waiting for the rest
+            else:
+                results = [f.result() for f in futures]
                 failed = [r for r in results if isinstance(r, RequestFailed)]
                 if failed:  # admission runs the same checks, so this is not expected
                     raise FieldError(None, failed[0].message)
                 return results
-            reason = "disconnect" if disconnected is not None and disconnected in done else "timeout"
+            errors = [f.exception() for f in futures if f.done() and not f.cancelled()]  # all retrieved
+            if any(e is not None for e in errors):
+                raise next(e for e in errors if e is not None)
         except asyncio.CancelledError:
             reason = "cancelled"
             raise
         finally:
-            if not gathered.done():
+            if not all(f.done() for f in futures):
                 self.runner.drop(jobs, reason)
-                gathered.cancel()
+                for f in futures:
+                    f.cancel()
         if reason == "disconnect":
             raise ClientGone()
         raise RequestTimeout()

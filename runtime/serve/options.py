@@ -13,6 +13,10 @@ class ServeOptions:
     max_queue: int = 64  # images waiting (not yet running); past it: 429 + Retry-After
     timeout_s: float = 300.0  # per request, queue wait + generation; past it: 504
     drain_timeout_s: float = 120.0  # on SIGTERM/SIGINT: how long running and queued work may take to finish
+    # connections (slow or idle clients must not hold the server)
+    read_timeout_s: float = 15.0  # a request's headers, and then its body, must each arrive within this
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 512  # open connections past this are closed at once
     # request limits (every violation is a 400 naming the field)
     max_body_bytes: int = 64 * 1024
     max_prompt_chars: int = 2000
@@ -25,13 +29,13 @@ class ServeOptions:
 
     def validate(self) -> "ServeOptions":
         for name in ("max_batch", "max_queue", "max_body_bytes", "max_prompt_chars", "max_n", "max_steps",
-                     "min_size", "max_size"):
+                     "min_size", "max_size", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("timeout_s", "drain_timeout_s"):
+        for name in ("timeout_s", "drain_timeout_s", "read_timeout_s", "keep_alive_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.min_size > self.max_size:

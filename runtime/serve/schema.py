@@ -1,9 +1,11 @@
 """Request and response bodies of POST /v1/images/generations.
 
-The OpenAI images API shape (prompt, n, size "WxH", response_format, seed) plus DeLeaker's
-fields (entities, steps, guidance, deleaker on/off, deleaker_settings). Types are strict (a
-string is not a number) and unknown fields are rejected, so a typo never silently falls back to
-a default. Limits that depend on the server's options and model are checked by the engine.
+The OpenAI images API shape (prompt, n, size "WxH" or "auto", response_format, output_format,
+seed, model) plus DeLeaker's fields (entities, steps, guidance, deleaker on/off,
+deleaker_settings). The OpenAI fields that mean nothing here (IGNORED_FIELDS) are accepted and
+named in the X-Ignored-Fields response header. Types are strict (a string is not a number) and
+unknown fields are rejected, so a typo never silently falls back to a default. Limits that depend
+on the server's options and model are checked by the engine.
 """
 
 from __future__ import annotations
@@ -23,13 +25,21 @@ class FieldError(ValueError):
         self.status = status
 
 
+# OpenAI images API fields with no effect on this server: accepted, and named in IGNORED_HEADER
+IGNORED_FIELDS = ("user", "quality", "style", "background", "moderation", "output_compression")
+IGNORED_HEADER = "X-Ignored-Fields"
+AUTO_SIZE = "auto"  # OpenAI's "let the server choose": the server's default size
+
+
 class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(description="text prompt; every entity must occur in it")
     n: int = Field(1, description="number of images (seeds seed, seed+1, ...)")
-    size: Optional[str] = Field(None, description="WIDTHxHEIGHT in pixels, e.g. 256x256 (default: the server's)")
+    size: Optional[str] = Field(None, description="WIDTHxHEIGHT in pixels, e.g. 256x256, or auto (the server's)")
     response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: the server writes no files")
+    output_format: Literal["png"] = Field("png", description="only png: the images are PNG files")
+    stream: Literal[False] = Field(False, description="streaming is not offered: images come back in one answer")
     seed: Optional[int] = Field(None, description="seed of the first image (default: random, returned per image)")
     model: Optional[str] = Field(None, description="accepted for OpenAI clients; the server serves one model")
     entities: list[str] = Field(default_factory=list, description="entity words of the prompt DeLeaker separates")
@@ -38,6 +48,18 @@ class ImageGenerationRequest(BaseModel):
     deleaker: bool = Field(True, description="false: plain attention on the same engine")
     deleaker_settings: Optional[dict[str, Union[bool, int, float]]] = Field(
         None, description="DeLeakerConfig fields overriding the server's preset for this request")
+    # IGNORED_FIELDS
+    user: Optional[str] = None
+    quality: Optional[str] = None
+    style: Optional[str] = None
+    background: Optional[str] = None
+    moderation: Optional[str] = None
+    output_compression: Optional[int] = None
+
+    def ignored_fields(self, model_id: str) -> list[str]:
+        """The fields this request gave that have no effect (a model other than the one served, too)."""
+        given = [f for f in IGNORED_FIELDS if getattr(self, f) is not None]
+        return given + (["model"] if self.model is not None and self.model != model_id else [])
 
 
 class ImageData(BaseModel):
@@ -54,6 +76,15 @@ class ImageGenerationResponse(BaseModel):
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 
 
+def check_text(param: str, text: str) -> None:
+    """Text that is not valid Unicode (a lone surrogate from a JSON \\ud800 escape) never reaches the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FieldError(param, f"{param} is not valid Unicode text: {text[e.start:e.end]!r} at character "
+                                f"{e.start} (a lone surrogate)") from None
+
+
 def parse_size(size: str) -> tuple[int, int]:
     """'WIDTHxHEIGHT' -> (width, height)."""
     m = _SIZE.match(size)
@@ -64,5 +95,7 @@ def parse_size(size: str) -> tuple[int, int]:
 
 def error_body(message: str, param: str | None, code: str) -> dict:
     """The OpenAI error shape, so OpenAI clients surface the message."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate echoed from input
+    param = None if param is None else param.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": "invalid_request_error" if code == "invalid_request" else code,
                       "param": param, "code": code}}
