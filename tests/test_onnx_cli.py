@@ -112,3 +112,22 @@ def test_aoti_out_inside_model_is_refused(tiny_model_dir, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "lies inside the --model folder" in err and err.count("\n") == 1, err
     assert not (tiny_model_dir / "aoti").exists()
+
+
+def test_long_stage_reports_elapsed_time(caplog):
+    """A stage logs its start, then an elapsed-time line per period until it ends, then stops."""
+    import logging
+    import time
+
+    from deleaker.export.progress import stage
+
+    with caplog.at_level(logging.INFO, logger="deleaker"):
+        with stage("compiling x", every=0.05):
+            time.sleep(0.3)
+        n = len(caplog.records)
+        time.sleep(0.15)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "compiling x ..."
+    still = [m for m in lines[1:] if m.startswith("  ... still compiling x (")]
+    assert len(still) >= 2 and len(still) == len(lines) - 1, lines
+    assert len(caplog.records) == n  # no line after the stage ended

@@ -12,7 +12,6 @@ import argparse
 import logging
 import sys
 
-from deleaker.runtime.errors import run_reporting_errors
 
 log = logging.getLogger("deleaker.eval")
 
@@ -68,6 +67,11 @@ def _check(args) -> int:
     from .data import load_records
 
     res = load_records(args.dataset)
+    if not res.records:
+        for p in res.problems:
+            print(f"bad record {p}")
+        raise ValueError(f"{args.dataset or 'the dataset'} has no usable records"
+                         + (f" ({len(res.problems)} bad, listed above)" if res.problems else " (it is empty)"))
     splits = {}
     for r in res.records:
         splits[r.split] = splits.get(r.split, 0) + 1
@@ -138,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(name)s: %(message)s")
     fn = {"check": _check, "run": _run, "judge": _judge, "report": _report}[args.command]
-    return run_reporting_errors("deleaker eval", lambda: fn(args), args.debug)
+    from deleaker.export.cli import run_cli
+
+    return run_cli("deleaker eval", lambda: fn(args), args.debug)
 
 
 if __name__ == "__main__":
