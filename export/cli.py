@@ -48,7 +48,7 @@ def add_artifact_options(p: argparse.ArgumentParser) -> None:
                    help="CLIP, T5 and VAE weights (T5 overflows in fp16)")
     p.add_argument("--preset", default="flux-dev",
                    help="DeLeaker preset recorded as the artifact's default settings (requests may override)")
-    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
+    p.add_argument("--force", action="store_true", help="replace the artifact already in --out (a folder with manifest.json)")
 
 
 def _parser() -> argparse.ArgumentParser:

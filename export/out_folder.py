@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from deleaker.runtime.artifact import MANIFEST
+
 log = logging.getLogger("deleaker")
 
 
@@ -34,8 +36,8 @@ def _overlap(a: Path, b: Path) -> str | None:
 
 def check_out(out: str | Path, inputs: dict[str, str | Path], force: bool) -> Path:
     """The resolved --out after refusing what would lose data: an --out that is, contains or lies
-    inside one of `inputs` ({option: path}, e.g. {"--model": DIR}), a file, or a non-empty folder
-    without `force`."""
+    inside one of `inputs` ({option: path}, e.g. {"--model": DIR}), a file, a non-empty folder
+    without `force`, or (even with it) a non-empty folder that is not an artifact."""
     out = Path(out).expanduser().resolve()
     for option, path in inputs.items():
         how = _overlap(out, Path(path).expanduser().resolve())
@@ -43,8 +45,12 @@ def check_out(out: str | Path, inputs: dict[str, str | Path], force: bool) -> Pa
             raise OutFolderError(f"--out {out} {how} the {option} folder {path}; choose an --out outside it")
     if out.exists() and not out.is_dir():
         raise OutFolderError(f"--out {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise OutFolderError(f"--out {out} exists and is not empty; pass --force to replace it")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise OutFolderError(f"--out {out} exists and is not empty; pass --force to replace it")
+        if not (out / MANIFEST).is_file():
+            raise OutFolderError(f"--out {out} is not an artifact folder (no {MANIFEST}); --force only replaces "
+                                 "artifacts: choose a new or empty --out")
     existing = next(p for p in out.parents if p.exists())  # the folder the new ones are made in
     if not existing.is_dir():
         raise OutFolderError(f"--out {out}: {existing} is a file, not a folder")

@@ -107,3 +107,14 @@ def test_check_without_usable_records_fails(tmp_path, capsys, content, expect):
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and expect in captured.err, captured.err
     assert "usable record(s):" not in captured.out
+
+
+@pytest.mark.parametrize("bad", [["--concurrency", "0"], ["--retries", "-1"], ["--timeout", "0"]])
+def test_judge_limits_checked_for_every_judge(tmp_path, capsys, bad):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.jsonl").write_text("")
+    assert cli.main(["--quiet", "judge", str(run), "--judge", "lpips", *bad]) == 2
+    err = capsys.readouterr().err
+    assert "--concurrency must be >= 1" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in run.iterdir()) == ["manifest.jsonl"]

@@ -80,7 +80,8 @@ def _tree(root):
     return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*"))
 
 
-@pytest.mark.parametrize("where", ["is_model", "inside_model", "contains_model", "is_a_file", "under_a_file"])
+@pytest.mark.parametrize("where", ["is_model", "inside_model", "contains_model", "is_a_file", "under_a_file",
+                                   "not_an_artifact"])
 def test_out_that_would_lose_data_is_refused(tiny_model_dir, tmp_path, capsys, where):
     """--out that is, lies inside or contains the --model folder is refused (even with --force), before
     any work: the checkpoint stays byte for byte as it was."""
@@ -89,12 +90,15 @@ def test_out_that_would_lose_data_is_refused(tiny_model_dir, tmp_path, capsys, w
     model = tmp_path / "models" / "tiny"
     shutil.copytree(tiny_model_dir, model)
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "letter.txt").write_text("mine")
     out, expect = {
         "is_model": (model, "is the --model folder"),
         "inside_model": (model / "artifact", "lies inside the --model folder"),
         "contains_model": (tmp_path / "models", "contains the --model folder"),
         "is_a_file": (tmp_path / "notes.txt", "exists and is not a folder"),
         "under_a_file": (tmp_path / "notes.txt" / "artifact", "is a file, not a folder"),
+        "not_an_artifact": (tmp_path / "docs", "is not an artifact folder (no manifest.json); --force only replaces"),
     }[where]
     before = _tree(tmp_path)
     rc = main(["onnx", "--model", str(model), "--out", str(out), "--force", "--height", "64", "--width", "64"])

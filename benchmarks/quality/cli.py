@@ -105,13 +105,13 @@ def _judge(args) -> int:
     if not names:
         raise ValueError("--judge is empty")
     classes = [get_judge(n) for n in names]  # unknown names fail before any work
+    if args.concurrency < 1 or args.retries < 0 or not args.timeout > 0:
+        raise ValueError("--concurrency must be >= 1, --retries >= 0, --timeout > 0")
     endpoint = None
     if any(c.needs_endpoint for c in classes):
         if not args.endpoint or not args.model:
             raise ValueError(f"judge(s) {', '.join(c.name for c in classes if c.needs_endpoint)} need --endpoint "
                              "and --model")
-        if args.concurrency < 1 or args.retries < 0 or args.timeout <= 0:
-            raise ValueError("--concurrency must be >= 1, --retries >= 0, --timeout > 0")
         endpoint = EndpointConfig(endpoint=args.endpoint, model=args.model, api_key_env=args.api_key_env,
                                   timeout=args.timeout, retries=args.retries, concurrency=args.concurrency,
                                   structured=not args.no_structured)
