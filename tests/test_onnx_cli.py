@@ -135,3 +135,20 @@ def test_long_stage_reports_elapsed_time(caplog):
     still = [m for m in lines[1:] if m.startswith("  ... still compiling x (")]
     assert len(still) >= 2 and len(still) == len(lines) - 1, lines
     assert len(caplog.records) == n  # no line after the stage ended
+
+
+def test_interrupt_is_one_line_and_exit_130(capsys):
+    """The CLIs (deleaker-export, deleaker-bench, deleaker eval) report Ctrl-C as one line, exit 130,
+    after the work's own clean-up ran."""
+    from deleaker.export.cli import run_cli
+
+    cleaned = []
+
+    def work():
+        try:
+            raise KeyboardInterrupt
+        finally:
+            cleaned.append(True)
+
+    assert run_cli("deleaker-bench", work) == 130
+    assert capsys.readouterr().err == "deleaker-bench: interrupted\n" and cleaned == [True]
