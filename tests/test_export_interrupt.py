@@ -27,7 +27,7 @@ def _temps(out):
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
-def _wait_for(proc, log, text, timeout=120.0):
+def _wait_for(proc, log, text, timeout=300.0):  # start-up alone can take minutes on a busy machine
     """Wait until the export's stderr shows `text` (it is then inside the export work)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
