@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-
-from deleaker.runtime.errors import run_reporting_errors
 
 from .presets import PRESETS, BenchSpec, get_preset
 
@@ -161,6 +160,9 @@ def run(args) -> int:
 
         load_artifact(spec.artifact)
     out = Path(args.out)
+    _check_writable_folder(out, "--out")
+    if args.profile:
+        _check_writable_folder(Path(args.profile), "--profile")
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "results.jsonl"
     jsonl.write_text("")
@@ -193,6 +195,17 @@ def run(args) -> int:
     return 1 if errors else 0
 
 
+def _check_writable_folder(path: Path, option: str) -> None:
+    """A folder the run may create or write into (checked before any output)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} exists and is not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {existing} is not writable")
+
+
 def _serve_mode(argv: list[str]) -> list[str] | None:
     """The remaining arguments when the call is `--mode serve ...` (the HTTP load generator), else None."""
     for i, a in enumerate(argv):
@@ -216,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, spec in PRESETS.items():
             print(f"{name}: {spec.description}")
         return 0
-    return run_reporting_errors("deleaker-bench", lambda: run(args), args.debug)
+    from deleaker.export.cli import run_cli
+
+    return run_cli("deleaker-bench", lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

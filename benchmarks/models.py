@@ -88,24 +88,36 @@ def _check_fits(nbytes: int, device: torch.device, what: str) -> None:
                          f"{free / 2**30:.1f} GiB free")
 
 
+def random_model_name(source: str) -> str:
+    """`random:<name>` -> name (a known one)."""
+    name = source[len(RANDOM_PREFIX):]
+    if name not in RANDOM_MODELS:
+        raise BenchError(f"unknown random model {source!r}; choose from "
+                         f"{', '.join(RANDOM_PREFIX + n for n in RANDOM_MODELS)}")
+    return name
+
+
+def transformer_folder(source: str) -> Path:
+    """The transformer folder of a diffusers-format FLUX folder (or the transformer folder itself)."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise BenchError(f"model folder not found: {source}")
+    if (folder / "transformer" / "config.json").is_file():
+        return folder / "transformer"
+    if (folder / "config.json").is_file():
+        return folder
+    raise BenchError(f"{source} is not a diffusers FLUX folder (no transformer/config.json)")
+
+
 def load_flux_transformer(source: str, device="cpu", dtype=torch.float32):
     """The transformer of a diffusers-format FLUX folder, or `random:<name>`."""
     if source.startswith(RANDOM_PREFIX):
-        name = source[len(RANDOM_PREFIX):]
-        if name not in RANDOM_MODELS:
-            raise BenchError(f"unknown random model {source!r}; choose from "
-                             f"{', '.join(RANDOM_PREFIX + n for n in RANDOM_MODELS)}")
+        name = random_model_name(source)
         _check_fits(random_model_bytes(name, dtype), torch.device(device), source)
         return random_flux_transformer(name, device=device, dtype=dtype)
     from diffusers import FluxTransformer2DModel
 
-    folder = Path(source).expanduser()
-    sub = folder / "transformer"
-    if not (sub / "config.json").is_file():
-        if (folder / "config.json").is_file():
-            sub = folder  # the transformer folder itself
-        else:
-            raise BenchError(f"{source} is not a diffusers FLUX folder (no transformer/config.json)")
+    sub = transformer_folder(source)
     return FluxTransformer2DModel.from_pretrained(sub, torch_dtype=dtype, low_cpu_mem_usage=False).to(device).eval()
 
 

@@ -48,6 +48,10 @@ class BenchSpec:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
+        from deleaker.runtime.backends import backend_class
+
+        for b in self.backends:
+            backend_class(b)  # unknown, or its library is not installed
         for m in self.modes:
             if m not in MODES:
                 raise BenchError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
@@ -75,6 +79,43 @@ class BenchSpec:
         others = [b for b in self.backends if b != "torch"]
         if others and not self.artifact:
             raise BenchError(f"backend(s) {', '.join(others)} need --artifact (a `deleaker-export` folder)")
+        self._validate_sources()
+
+    def _validate_sources(self) -> None:
+        """Names, counts, device and model checked before anything is loaded or written."""
+        import re
+
+        from . import models as M
+        from .runner import deleaker_config
+
+        for impl in self.impls or ():
+            if impl not in M.IMPLS:
+                raise BenchError(f"unknown attention impl {impl!r}; choose from {', '.join(M.IMPLS)}")
+        if self.dtype not in M.DTYPES:
+            raise BenchError(f"unknown dtype {self.dtype!r}; choose from {', '.join(M.DTYPES)}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise BenchError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise BenchError(f"device {self.device!r} requested but torch sees no CUDA GPU")
+        for name in ("text_tokens", "entity_slots"):
+            if getattr(self, name) < 1:
+                raise BenchError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for ents in self.entity_sets:
+            if len(ents) > self.entity_slots:
+                raise BenchError(f"{len(ents)} entities ({', '.join(ents)}) do not fit {self.entity_slots} entity slots")
+        if self.step is not None and self.step < 0:
+            raise BenchError(f"step must be >= 0, got {self.step}")
+        deleaker_config(self)  # unknown DeLeaker preset or setting
+        if "torch" in self.backends and self.model is not None:
+            if self.model.startswith(M.RANDOM_PREFIX):
+                M.random_model_name(self.model)
+                if "e2e" in self.modes:
+                    raise BenchError(f"{self.model} is a transformer only (no text encoders or VAE): use --mode step")
+            else:
+                M.transformer_folder(self.model)
 
 
 PRESETS: dict[str, BenchSpec] = {

@@ -114,13 +114,7 @@ class _Loaded:
             # one copy of the weights: step mode times the e2e backend's own transformer
             return self.pipeline("torch").backend.model.transformer
 
-        def make():
-            import torch
-
-            if spec.device.startswith("cuda") and not torch.cuda.is_available():
-                raise M.BenchError(f"device {spec.device!r} requested but torch sees no CUDA GPU")
-            if spec.dtype not in M.DTYPES:
-                raise M.BenchError(f"unknown dtype {spec.dtype!r}; choose from {', '.join(M.DTYPES)}")
+        def make():  # device, dtype and model were checked by spec.validate()
             source = spec.model
             if source is None:
                 from deleaker.export.tiny_model import ensure_tiny_model

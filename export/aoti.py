@@ -43,7 +43,9 @@ from deleaker.runtime import step_io
 
 from . import reference_op  # noqa: F401  (registers torch.ops.deleaker.attention and its fake)
 from .onnx_export import (_DTYPES, ClipPooled, ExportError, Exported, ExportSpec, T5Embeds, TransformerStep,
-                          VaeDecode, _prepare_out_dir, _publish, _to, step_dynamic_shapes, transformer_example)
+                          VaeDecode, _to, step_dynamic_shapes, transformer_example)
+from .out_folder import check_out, publish, temp_folder
+from .progress import stage
 from .torch_backend import check_op_layout
 from deleaker.runtime.cli_help import DefaultsHelpFormatter
 
@@ -88,15 +90,15 @@ def compile_package(module: torch.nn.Module, kwargs: dict, dynamic_shapes: dict,
                     path: Path, extra: dict | None = None) -> Exported:
     """torch.export `module` on example `kwargs`, compile with AOTInductor into the .pt2 at `path`."""
     t0 = time.perf_counter()
-    log.info("exporting %s (torch.export) ...", path.stem)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)  # pytree deprecation
-        ep = torch.export.export(module, (), kwargs=kwargs, dynamic_shapes=dynamic_shapes)
+        with stage(f"exporting {path.stem} (torch.export)"):
+            ep = torch.export.export(module, (), kwargs=kwargs, dynamic_shapes=dynamic_shapes)
         inputs, outputs = _io_spec(ep, output_names)
         t1 = time.perf_counter()
-        log.info("compiling %s with AOTInductor (C++ compilation: minutes on a CPU) ...", path.stem)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+        with stage(f"compiling {path.stem} with AOTInductor (C++ compilation: minutes on a CPU)"):
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
     seconds = time.perf_counter() - t0
     log.info("compiled %s in %.1fs (export %.1fs, AOTInductor %.1fs)", path.name, seconds, t1 - t0, seconds - t1 + t0)
     del ep
@@ -182,8 +184,8 @@ def export_aoti(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec | N
     spec.validate(multiple=ckpt.vae_scale_factor * 2)
     spec.deleaker.resolved(ckpt.blocks_per_step)  # a bad DeLeaker setting fails before any work
     check_op_layout(device)
-    out = Path(out_dir).expanduser().resolve()
-    tmp = _prepare_out_dir(out, force)
+    out = check_out(out_dir, {"--model": ckpt.root}, force)
+    tmp = temp_folder(out)
     t0 = time.perf_counter()
     exported: dict[str, Exported] = {}
     try:
@@ -213,7 +215,7 @@ def export_aoti(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec | N
         manifest["producer"]["aoti_device"] = torch.device(device).type
         manifest["backends"] = {BACKEND: {name: ex.file for name, ex in exported.items()}}
         mf.write_manifest(tmp, manifest)
-        _publish(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("AOTInductor artifact written to %s in %.1fs", out, time.perf_counter() - t0)
@@ -296,9 +298,7 @@ def run(args) -> int:
     """`deleaker-export aoti` with parsed arguments."""
     from .cli import export_spec
 
-    t0 = time.perf_counter()
-    out = export_aoti(args.model, args.out, export_spec(args), device=args.device, force=args.force)
-    print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
-    return 0
+    export_aoti(args.model, args.out, export_spec(args), device=args.device, force=args.force)
+    return 0  # the last log line names the artifact
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-import time
 
 from deleaker.runtime.errors import run_reporting_errors
 
@@ -48,7 +48,7 @@ def add_artifact_options(p: argparse.ArgumentParser) -> None:
                    help="CLIP, T5 and VAE weights (T5 overflows in fp16)")
     p.add_argument("--preset", default="flux-dev",
                    help="DeLeaker preset recorded as the artifact's default settings (requests may override)")
-    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
+    p.add_argument("--force", action="store_true", help="replace the artifact already in --out (a folder with manifest.json)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,16 +116,17 @@ def export_spec(args):
 def _onnx(args) -> int:
     from .onnx_export import export_artifact
 
-    spec = export_spec(args)
-    t0 = time.perf_counter()
-    out = export_artifact(args.model, args.out, spec, force=args.force)
-    print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
-    return 0
+    export_artifact(args.model, args.out, export_spec(args), force=args.force)
+    return 0  # the last log line names the artifact
 
 
 def _verify(args) -> int:
     from .onnx_verify import verify
 
+    for name in ("atol", "rtol"):
+        v = getattr(args, name)
+        if v is not None and not (v >= 0 and v != float("inf")):
+            raise ValueError(f"--{name} must be a finite number >= 0, got {v}")
     checks = tuple(c.strip() for c in args.checks.split(",") if c.strip()) if args.checks else None
     entities = tuple(e.strip() for e in args.entities.split(",") if e.strip())
     rows = verify(args.artifact, args.model, checks=checks, steps=args.steps, height=args.height, width=args.width,
@@ -135,6 +136,33 @@ def _verify(args) -> int:
     print(f"verify: {len(rows) - len(failed)}/{len(rows)} outputs within tolerance"
           + (f"; FAILED: {', '.join(sorted({f'{r.check}/{r.output}' for r in failed}))}" if failed else ""))
     return 1 if failed else 0
+
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+def run_cli(prog: str, fn, debug: bool = False) -> int:
+    """run_reporting_errors, plus Ctrl-C (and SIGTERM) as one line `prog: interrupted` and exit
+    code 130; the `finally` blocks of the work (temp folders) run first."""
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    owns_signals = _main_thread()  # signal handlers can only be set from the main thread
+    previous = signal.signal(signal.SIGTERM, terminate) if owns_signals else None
+    try:
+        return run_reporting_errors(prog, fn, debug)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    finally:
+        if owns_signals:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             return run(args)
         return _onnx(args) if args.command == "onnx" else _verify(args)
 
-    return run_reporting_errors("deleaker-export", go, args.debug)
+    return run_cli("deleaker-export", go, args.debug)
 
 
 if __name__ == "__main__":

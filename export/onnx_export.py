@@ -25,9 +25,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +40,8 @@ from deleaker.runtime.config import DeLeakerConfig
 from . import onnx_op
 from .checkpoint import export_tokenizer
 from .manifest import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
+from .out_folder import check_out, publish, temp_folder
+from .progress import stage
 from . import reference_op  # noqa: F401  (registers torch.ops.deleaker.attention)
 
 log = logging.getLogger("deleaker")
@@ -280,15 +280,17 @@ def _export(module: nn.Module, kwargs: dict, dynamic_shapes: dict, output_names:
         # harmless exporter chatter: dim names deduplicated, pytree deprecation, diffusers' casts
         warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-        program = torch.onnx.export(module, (), kwargs=kwargs, dynamic_shapes=dynamic_shapes, dynamo=True,
-                                    output_names=output_names, custom_translation_table=translation,
-                                    optimize=True, verbose=False)
+        with stage(f"exporting {path.name} (torch.onnx.export)"):
+            program = torch.onnx.export(module, (), kwargs=kwargs, dynamic_shapes=dynamic_shapes, dynamo=True,
+                                        output_names=output_names, custom_translation_table=translation,
+                                        optimize=True, verbose=False)
     if after is not None:
         after(program)
     graph = program.model.graph
     inputs, outputs = _io_spec(graph.inputs), _io_spec(graph.outputs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(path, external_data=external)
+    with stage(f"saving {path.name}"):
+        program.save(path, external_data=external)
     data = path.name + ".data"
     seconds = time.perf_counter() - t0
     del program
@@ -414,31 +416,6 @@ def export_vae_decoder(vae, path: Path, spec: ExportSpec) -> Exported:
 # The artifact directory
 # --------------------------------------------------------------------------------------------
 
-def _prepare_out_dir(out: Path, force: bool) -> Path:
-    """A fresh temp folder beside `out` (renamed into place at the end: nothing half-written)."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ExportError(f"--out {out} exists and is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets normal permissions
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move a finished artifact folder into place (replacing an old one only once the new one is complete)."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "x")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec | None = None,
                     force: bool = False, components=("transformer", "text_encoder", "text_encoder_2",
                                                      "vae_decoder")) -> Path:
@@ -460,23 +437,27 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec
     missing = {"transformer", "text_encoder", "text_encoder_2", "vae_decoder"} - set(components)
     if missing:
         raise ExportError(f"an artifact needs every component; missing {sorted(missing)}")
-    out = Path(out_dir).expanduser().resolve()
-    tmp = _prepare_out_dir(out, force)
+    out = check_out(out_dir, {"--model": ckpt.root}, force)
+    tmp = temp_folder(out)
     t0 = time.perf_counter()
     exported: dict[str, Exported] = {}
     try:
         tdtype = _DTYPES[spec.dtype]
         edtype = _DTYPES[spec.encoder_dtype]
+        log.info("[1/4] transformer")
         transformer = ckpt.load_transformer(tdtype)
         exported["transformer"] = export_transformer(transformer, tmp / "transformer.onnx", spec)
         del transformer
         gc.collect()  # free one component's weights before loading the next
+        log.info("[2/4] text_encoder_2 (T5)")
         t5 = ckpt.load_text_encoder_2(edtype)
         exported["text_encoder_2"] = export_t5(t5, tmp / "text_encoder_2.onnx", spec)
         del t5
+        log.info("[3/4] text_encoder (CLIP)")
         clip = ckpt.load_text_encoder(edtype)
         exported["text_encoder"] = export_clip(clip, tmp / "text_encoder.onnx", spec, ckpt.clip_max_length)
         del clip
+        log.info("[4/4] vae_decoder")
         vae = ckpt.load_vae(edtype)
         exported["vae_decoder"] = export_vae_decoder(vae, tmp / "vae_decoder.onnx", spec)
         del vae
@@ -489,7 +470,7 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec
         manifest = mf.build_manifest(ckpt=ckpt, spec=spec, exported=exported, tokenizers=tokenizers,
                                      source=str(ckpt.root), opset=OPSET)
         mf.write_manifest(tmp, manifest)
-        _publish(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("artifact written to %s in %.1fs", out, time.perf_counter() - t0)

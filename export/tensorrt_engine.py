@@ -221,6 +221,22 @@ def _plugin_graph(onnx_path: Path) -> Path | None:
     return out
 
 
+def _check_timing_cache(art, timing_cache, plugin) -> None:
+    """--timing-cache is written: refuse a folder, or a file of the artifact (or the plugin) it would overwrite."""
+    if timing_cache is None:
+        return
+    cache = Path(timing_cache).expanduser().resolve()
+    if cache.is_dir():
+        raise EngineError(f"--timing-cache {timing_cache} is a folder; name a file")
+    own = (art.root / ENGINE_DIR / TIMING_CACHE).resolve()
+    inputs = {(art.root / rel).resolve() for rel in art.manifest.get("files", {})} | {(art.root / MANIFEST).resolve()}
+    if plugin is not None:
+        inputs.add(Path(plugin).expanduser().resolve())
+    if cache != own and cache in inputs:
+        raise EngineError(f"--timing-cache {timing_cache} is a file of the artifact or the plugin; writing the "
+                          f"cache there would destroy it (default: ARTIFACT/{ENGINE_DIR}/{TIMING_CACHE})")
+
+
 def build_engines(artifact_dir: str | Path, *, plugin: str | Path | None = None, min_size: str | None = None,
                   opt_size: str | None = None, max_size: str | None = None, max_batch: int | None = None,
                   models=MODELS, timing_cache: str | Path | None = None, workspace_gb: float | None = None) -> Path:
@@ -235,6 +251,7 @@ def build_engines(artifact_dir: str | Path, *, plugin: str | Path | None = None,
     profs = profiles(manifest, size_bounds(manifest, min_size, opt_size, max_size), batch_bounds(manifest, max_batch))
     for m in models:
         art.path("onnxruntime", m)  # the ONNX file must be there (one-line error otherwise)
+    _check_timing_cache(art, timing_cache, plugin)
     trt = trtb.import_tensorrt("building TensorRT engines")
     from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
 
@@ -267,8 +284,11 @@ def build_engines(artifact_dir: str | Path, *, plugin: str | Path | None = None,
             raise EngineError(f"TensorRT could not build the {m} engine (see its log above)")
         rel = f"{ENGINE_DIR}/{m}.plan"
         tmp = art.root / (rel + ".tmp")
-        tmp.write_bytes(bytes(plan))
-        tmp.replace(art.root / rel)  # a plan file is either complete or absent
+        try:
+            tmp.write_bytes(bytes(plan))
+            tmp.replace(art.root / rel)  # a plan file is either complete or absent
+        finally:
+            tmp.unlink(missing_ok=True)
         plans[m], seconds[m] = rel, time.perf_counter() - t0
         log.info("[%d/%d] %s: %s (%.1f MB) in %.0fs", i, len(models), m, rel, len(plan) / 2**20, seconds[m])
     plugin_file = (manifest.get("tensorrt") or {}).get("plugin", {}).get("library")

@@ -415,3 +415,31 @@ def _planted_case_step(tr, cfg):
                            text_dim=32, pooled_dim=16, guidance=True, entities=2, slots=4,
                            step=M.busiest_step(cfg_r), config=cfg_r)
     return dl, M.torch_step_args(arrays, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--model", "MISSING"], "model folder not found"),
+    (["--impl", "sdpa,fast"], "unknown attention impl 'fast'"),
+    (["--backend", "torch,nope"], "unknown backend 'nope'"),
+    (["--device", "gpu"], "device must be cpu, cuda or cuda:N"),
+    (["--model", "random:flux-pro", "--mode", "step"], "unknown random model 'random:flux-pro'"),
+    (["--model", "random:flux-dev"], "is a transformer only"),
+    (["--deleaker-preset", "bogus"], "unknown DeLeaker preset 'bogus'"),
+    (["--set", "no_such_knob=1"], "no_such_knob"),
+    (["--entity-slots", "1"], "do not fit 1 entity slots"),
+    (["--text-tokens", "0"], "text-tokens must be >= 1"),
+    (["--step", "-1"], "step must be >= 0"),
+    (["--out", "FILE"], "exists and is not a folder"),
+    (["--profile", "FILE"], "exists and is not a folder"),
+])
+def test_bad_input_writes_no_output(tmp_path, capsys, extra, expect):
+    """Every option is checked before the output folder is made: one line, exit 2, nothing written."""
+    (tmp_path / "file").write_text("x")
+    extra = [str(tmp_path / "nope") if a == "MISSING" else str(tmp_path / "file") if a == "FILE" else a
+             for a in extra]
+    out = tmp_path / "bench"
+    rc = cli.main(["--preset", "tiny", "--out", str(out), "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("deleaker-bench: error:") and err.count("\n") == 1 and expect in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "x"

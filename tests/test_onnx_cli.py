@@ -74,3 +74,81 @@ def test_default_size_range_covers_generate_defaults(tiny_model_dir, tmp_path):
                                    "--height", "32", "--width", "2048"]))
     wide.validate()
     assert wide.size_range == (32, 2048)
+
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("where", ["is_model", "inside_model", "contains_model", "is_a_file", "under_a_file",
+                                   "not_an_artifact"])
+def test_out_that_would_lose_data_is_refused(tiny_model_dir, tmp_path, capsys, where):
+    """--out that is, lies inside or contains the --model folder is refused (even with --force), before
+    any work: the checkpoint stays byte for byte as it was."""
+    import shutil
+
+    model = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "letter.txt").write_text("mine")
+    out, expect = {
+        "is_model": (model, "is the --model folder"),
+        "inside_model": (model / "artifact", "lies inside the --model folder"),
+        "contains_model": (tmp_path / "models", "contains the --model folder"),
+        "is_a_file": (tmp_path / "notes.txt", "exists and is not a folder"),
+        "under_a_file": (tmp_path / "notes.txt" / "artifact", "is a file, not a folder"),
+        "not_an_artifact": (tmp_path / "docs", "is not an artifact folder (no manifest.json); --force only replaces"),
+    }[where]
+    before = _tree(tmp_path)
+    rc = main(["onnx", "--model", str(model), "--out", str(out), "--force", "--height", "64", "--width", "64"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("deleaker-export: error:") and err.count("\n") == 1, err
+    assert expect in err, err
+    assert _tree(tmp_path) == before  # nothing written, nothing replaced
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_aoti_out_inside_model_is_refused(tiny_model_dir, capsys):
+    rc = main(["aoti", "--model", str(tiny_model_dir), "--out", str(tiny_model_dir / "aoti"), "--force",
+               "--height", "64", "--width", "64"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "lies inside the --model folder" in err and err.count("\n") == 1, err
+    assert not (tiny_model_dir / "aoti").exists()
+
+
+def test_long_stage_reports_elapsed_time(caplog):
+    """A stage logs its start, then an elapsed-time line per period until it ends, then stops."""
+    import logging
+    import time
+
+    from deleaker.export.progress import stage
+
+    with caplog.at_level(logging.INFO, logger="deleaker"):
+        with stage("compiling x", every=0.05):
+            time.sleep(0.3)
+        n = len(caplog.records)
+        time.sleep(0.15)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "compiling x ..."
+    still = [m for m in lines[1:] if m.startswith("  ... still compiling x (")]
+    assert len(still) >= 2 and len(still) == len(lines) - 1, lines
+    assert len(caplog.records) == n  # no line after the stage ended
+
+
+def test_interrupt_is_one_line_and_exit_130(capsys):
+    """The CLIs (deleaker-export, deleaker-bench, deleaker eval) report Ctrl-C as one line, exit 130,
+    after the work's own clean-up ran."""
+    from deleaker.export.cli import run_cli
+
+    cleaned = []
+
+    def work():
+        try:
+            raise KeyboardInterrupt
+        finally:
+            cleaned.append(True)
+
+    assert run_cli("deleaker-bench", work) == 130
+    assert capsys.readouterr().err == "deleaker-bench: interrupted\n" and cleaned == [True]

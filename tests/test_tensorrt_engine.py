@@ -177,6 +177,22 @@ def test_missing_tensorrt_is_one_line(tmp_path):
         trtb.TensorRTBackend.load(str(root))
 
 
+@pytest.mark.parametrize("target", ["transformer.onnx", "manifest.json", "folder"])
+def test_timing_cache_that_would_overwrite_the_artifact_is_refused(tmp_path, target):
+    """--timing-cache is written by the build: naming an artifact file (or a folder) fails before TensorRT."""
+    root = tmp_path / "artifact"
+    root.mkdir()
+    (root / "transformer.onnx").write_bytes(b"x" * 7)
+    m = _manifest()
+    m["backends"]["onnxruntime"] = {"transformer": "transformer.onnx"}
+    write_manifest(root, m)
+    cache = root if target == "folder" else root / target
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    with pytest.raises(te.EngineError, match="is a folder" if target == "folder" else "would destroy it"):
+        te.run(_args(["engine", str(root), "--models", "transformer", "--timing-cache", str(cache)]))
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == before
+
+
 def test_backend_argument_errors():
     with pytest.raises(trtb.TensorRTError, match="pass --artifact"):
         trtb.TensorRTBackend.load(None)

@@ -12,7 +12,6 @@ import argparse
 import logging
 import sys
 
-from deleaker.runtime.errors import run_reporting_errors
 
 log = logging.getLogger("deleaker.eval")
 
@@ -68,6 +67,11 @@ def _check(args) -> int:
     from .data import load_records
 
     res = load_records(args.dataset)
+    if not res.records:
+        for p in res.problems:
+            print(f"bad record {p}")
+        raise ValueError(f"{args.dataset or 'the dataset'} has no usable records"
+                         + (f" ({len(res.problems)} bad, listed above)" if res.problems else " (it is empty)"))
     splits = {}
     for r in res.records:
         splits[r.split] = splits.get(r.split, 0) + 1
@@ -101,13 +105,13 @@ def _judge(args) -> int:
     if not names:
         raise ValueError("--judge is empty")
     classes = [get_judge(n) for n in names]  # unknown names fail before any work
+    if args.concurrency < 1 or args.retries < 0 or not args.timeout > 0:
+        raise ValueError("--concurrency must be >= 1, --retries >= 0, --timeout > 0")
     endpoint = None
     if any(c.needs_endpoint for c in classes):
         if not args.endpoint or not args.model:
             raise ValueError(f"judge(s) {', '.join(c.name for c in classes if c.needs_endpoint)} need --endpoint "
                              "and --model")
-        if args.concurrency < 1 or args.retries < 0 or args.timeout <= 0:
-            raise ValueError("--concurrency must be >= 1, --retries >= 0, --timeout > 0")
         endpoint = EndpointConfig(endpoint=args.endpoint, model=args.model, api_key_env=args.api_key_env,
                                   timeout=args.timeout, retries=args.retries, concurrency=args.concurrency,
                                   structured=not args.no_structured)
@@ -138,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(name)s: %(message)s")
     fn = {"check": _check, "run": _run, "judge": _judge, "report": _report}[args.command]
-    return run_reporting_errors("deleaker eval", lambda: fn(args), args.debug)
+    from deleaker.export.cli import run_cli
+
+    return run_cli("deleaker eval", lambda: fn(args), args.debug)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
@@ -57,17 +58,47 @@ class RunSettings:
         return d
 
 
-def _check_settings(run: RunDir, settings: RunSettings) -> None:
+def check_settings(settings: RunSettings, batch: int) -> None:
+    """What can be checked before loading anything (one-line ValueErrors); the loaded pipeline
+    checks the rest (the model's size range, the settings against its blocks) before any output."""
+    import math
+
+    from deleaker.runtime import latents as lat
+    from deleaker.runtime.backends import backend_class
+    from deleaker.runtime.config import preset
+    from deleaker.runtime.pipeline import MAX_STEPS
+
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"--batch must be an integer >= 1, got {batch!r}")
+    preset(settings.preset).replace(num_steps=max(1, settings.steps))  # unknown preset: one line
+    if not 1 <= settings.steps <= MAX_STEPS:
+        raise ValueError(f"--steps must be in [1, {MAX_STEPS}], got {settings.steps}")
+    lat.geometry(settings.height, settings.width)  # positive multiples of 16
+    if not math.isfinite(settings.guidance) or settings.guidance < 0:
+        raise ValueError(f"--guidance must be a finite number >= 0, got {settings.guidance}")
+    backend_class(settings.backend)  # unknown or not installed
+    if settings.backend != "torch" and settings.dtype != "fp32":
+        raise ValueError(f"--dtype applies to the torch backend; the {settings.backend} backend runs what was exported")
+    if settings.source is not None and not Path(settings.source).expanduser().is_dir():
+        raise FileNotFoundError(f"{settings.source} is not a folder (--model / --artifact)")
+
+
+def _check_resume(run: RunDir, settings: RunSettings) -> None:
+    """An existing run folder must have been made with the same settings (nothing is written here)."""
+    if run.root.exists() and not run.root.is_dir():
+        raise ValueError(f"--out {run.root} exists and is not a folder")
+    if not run.settings.exists():
+        return
     want = settings.identity()
-    if run.settings.exists():
+    try:
         have = json.loads(run.settings.read_text())
-        diff = [k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
-        if diff:
-            k = diff[0]
-            raise ValueError(f"{run.root} was made with {k}={have.get(k)!r}, not {want.get(k)!r}; resume with the "
-                             "same settings or use a new --out folder")
-    else:
-        atomic_write(run.settings, (json.dumps(want, indent=2) + "\n").encode())
+    except ValueError as e:
+        raise ValueError(f"{run.settings} is not valid JSON ({e}); use a new --out folder") from None
+    diff = [k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+    if diff:
+        k = diff[0]
+        raise ValueError(f"{run.root} was made with {k}={have.get(k)!r}, not {want.get(k)!r}; resume with the "
+                         "same settings or use a new --out folder")
 
 
 def _entry(rec: Record, status: str, **kw) -> dict:
@@ -94,15 +125,16 @@ def run_generation(settings: RunSettings, out: str, batch: int = 2, progress: bo
     on_item(entry) is called after each manifest line is written. pipeline: an existing
     Pipeline to use (else one is built from settings).
     """
-    if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
+    # Everything is checked, and the model loaded, before the run folder is made or touched:
+    # a bad option leaves nothing behind (and blocks no later run in that folder).
+    check_settings(settings, batch)
     loaded = load_records(settings.dataset, settings.splits or None)
     if loaded.problems:
         log.warning("%d bad record(s) skipped (listed above)", len(loaded.problems))
     if not loaded.records:
         raise ValueError(f"no usable records in {settings.dataset}")
-    run = RunDir(out).create()
-    _check_settings(run, settings)
+    run = RunDir(out)
+    _check_resume(run, settings)
     todo = pending_items(run, loaded.records)
     counts = {"ok": 0, "error": 0, "skipped": len(loaded.records) - len(todo), "problems": len(loaded.problems)}
     log.info("%d item(s) in %s: %d done before, %d to generate", len(loaded.records), settings.dataset,
@@ -114,6 +146,25 @@ def run_generation(settings: RunSettings, out: str, batch: int = 2, progress: bo
 
     base = GenerateRequest(prompt="-", steps=settings.steps, height=settings.height, width=settings.width,
                            guidance_scale=settings.guidance)
+    # the run's own settings on this model (size range, steps, windows for its blocks); a prompt's
+    # own problems (too long, entity not found) stay per-item errors
+    pipe.check(dataclasses.replace(base, prompt=reference_prompt("object"), deleaker=False))
+    run.create()
+    new_settings = not run.settings.exists()
+    if new_settings:
+        atomic_write(run.settings, (json.dumps(settings.identity(), indent=2) + "\n").encode())
+    try:
+        return _generate_items(run, settings, pipe, base, todo, counts, batch, progress, on_item, RequestFailed)
+    except Exception:
+        # failed before its first item (an interrupt keeps a resumable folder): no half-made folder
+        if new_settings and not run.manifest.exists():
+            run.undo_create()
+            run.settings.unlink(missing_ok=True)
+        raise
+
+
+def _generate_items(run: RunDir, settings: RunSettings, pipe, base, todo: list[Record], counts: dict, batch: int,
+                    progress: bool, on_item, RequestFailed) -> dict:
     # reference images first: items need them, and they are shared between items
     ref_errors: dict[str, str] = {}
     missing = sorted({e for rec in todo for e in rec.entities if not run.ref(e).exists()})

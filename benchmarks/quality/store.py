@@ -92,9 +92,21 @@ class RunDir:
         self.report = self.root / "report"
 
     def create(self) -> "RunDir":
+        """Make the folders; `made` lists the ones this call made (outermost first)."""
+        self.made = [p for p in (*reversed(self.root.parents), self.root) if not p.exists()]
+        self.made += [d for d in (self.images, self.refs, self.judgments) if not d.exists()]
         for d in (self.root, self.images, self.refs, self.judgments):
             d.mkdir(parents=True, exist_ok=True)
         return self
+
+    def undo_create(self) -> None:
+        """Remove the folders create() made, with what was written in them (a failed start)."""
+        import shutil
+
+        for d in getattr(self, "made", [])[:]:
+            if d.exists():
+                shutil.rmtree(d, ignore_errors=True)
+        self.made = []
 
     def require(self) -> "RunDir":
         if not self.manifest.exists():
