@@ -8,6 +8,7 @@ generation differs by ~5e-7, and 1e-5 is far below what DeLeaker changes (> 1e-3
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -18,6 +19,7 @@ import pytest
 ort = pytest.importorskip("onnxruntime")
 ov = pytest.importorskip("openvino")
 
+from deleaker.benchmarks.portable_check import openvino_pipeline  # noqa: E402
 from deleaker.export import onnx_op, onnx_portable  # noqa: E402
 from deleaker.export.cli import main as export_main  # noqa: E402
 from deleaker.runtime import op_schema  # noqa: E402
@@ -35,21 +37,6 @@ def _ov_compile(path):
     core = ov.Core()
     # f32 throughout: some CPUs would otherwise run bf16
     return core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-
-
-class OpenVinoModel:
-    """transformer.onnx compiled by OpenVINO, with the call shape of the onnxruntime backend's models."""
-
-    def __init__(self, path):
-        self.compiled = _ov_compile(path)
-        graph = onnx.load(str(path), load_external_data=False).graph
-        # OpenVINO keeps the ONNX graph's input and output order (its tensor names may differ)
-        self.input_names = [v.name for v in graph.input]
-        self.output_names = [v.name for v in graph.output]
-
-    def run(self, feeds, out_shapes=None):
-        res = self.compiled([np.require(feeds[n], requirements="C") for n in self.input_names])  # keeps 0-d step
-        return {n: np.array(res[i], copy=True) for i, n in enumerate(self.output_names)}
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +90,7 @@ def test_manifest_records_the_portable_form(portable_dir):
 def test_openvino_matches_onnxruntime_on_a_whole_generation(portable_dir):
     """Every step, history included: the OpenVINO-compiled transformer in the same loop."""
     ort_pipe = Pipeline(OnnxRuntimeBackend.load(str(portable_dir), threads=1))
-    ov_backend = OnnxRuntimeBackend.load(str(portable_dir), threads=1)
-    ov_backend.models["transformer"] = OpenVinoModel(ov_backend.artifact.path("onnxruntime", "transformer"))
-    ov_pipe = Pipeline(ov_backend)
+    ov_pipe = openvino_pipeline(str(portable_dir), threads=1)
     reqs = [GenerateRequest("a cat and a cheetah in a field", entities=("cat", "cheetah"), steps=8, height=64,
                             width=64, config=FIRING),
             GenerateRequest("a dog and a bird", entities=("dog", "bird"), seed=3, steps=8, height=64, width=64,
@@ -115,7 +100,7 @@ def test_openvino_matches_onnxruntime_on_a_whole_generation(portable_dir):
         np.testing.assert_allclose(g.latents, w.latents, rtol=0, atol=1e-5)
         np.testing.assert_allclose(g.history, w.history, rtol=0, atol=1e-5)
     assert np.abs(want[0].history).max() > 1e-3
-    off = ort_pipe.generate(reqs[0].__class__(**{**reqs[0].__dict__, "deleaker": False}))
+    off = ort_pipe.generate(dataclasses.replace(reqs[0], deleaker=False))
     assert np.abs(off.latents - want[0].latents).max() > 1e-3  # DeLeaker fired in the compared run
 
 
