@@ -258,7 +258,11 @@ class Installation:
                 match = _Encoded(None, 1, ehs)
             self._call = _Call(match, [e.embeds for e in self._pending if e.embeds is not ehs])
             self._pending = []
-            self._call.inputs = self._start(request, match, kwargs["hidden_states"], kwargs["img_ids"], ehs)
+            hs, img_ids = kwargs.get("hidden_states", args[0] if args else None), kwargs.get("img_ids")
+            if request is not None and (hs is None or img_ids is None or ehs is None):
+                raise IntegrationError("DeLeaker reads hidden_states, encoder_hidden_states and img_ids from the "
+                                       "transformer's keyword arguments, as FluxPipeline passes them")
+            self._call.inputs = self._start(request, match, hs, img_ids, ehs)
         call = self._call
         if call is None or call.inputs is None or any(ehs is n for n in call.negatives):
             return args, {**kwargs, "joint_attention_kwargs": jak}  # the pipeline's own attention
