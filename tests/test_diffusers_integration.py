@@ -9,6 +9,8 @@ so 1e-5 holds, far below what DeLeaker changes (> 1e-3, asserted).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -168,3 +170,32 @@ def test_bad_use_is_one_clear_error(flux, ours):
         di.remove(flux)
     with pytest.raises(di.IntegrationError, match="not installed"):
         di.remove(flux)
+
+
+@torch.no_grad()
+def test_follows_a_scheduler_swapped_in_after_install(flux, ours, tiny_model_dir):
+    """Static shift instead of the checkpoint's dynamic one, on both sides; 6 steps: windows follow."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from deleaker.runtime.scheduler import FlowMatchEuler
+
+    config = {**dict(flux.scheduler.config), "use_dynamic_shifting": False, "shift": 3.0}
+    other = Pipeline(ours.backend, config=EARLY)
+    other.scheduler = FlowMatchEuler.from_config(config)
+    req = GenerateRequest(PROMPTS[0], entities=ENTITIES[0], seed=SEEDS[0], steps=6, height=H, width=W)
+    want = other.generate(req)
+    original = flux.scheduler
+    inst = di.install(flux, config=EARLY)
+    try:
+        flux.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        got = flux(PROMPTS[0], height=H, width=W, num_inference_steps=6, latents=_latents(SEEDS[:1]),
+                   max_sequence_length=ours.backend.info.max_text_tokens, output_type="latent",
+                   joint_attention_kwargs={"deleaker": di.DeLeaker(ENTITIES[0])}).images
+        assert inst._call.num_steps == inst._call.step == 6
+        history = inst.history
+    finally:
+        di.remove(flux)
+        flux.scheduler = original
+    np.testing.assert_allclose(got[0].numpy(), want.latents, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(history[0].numpy(), want.history, rtol=0, atol=1e-5)
+    assert np.abs(want.latents - ours.generate(dataclasses.replace(req, deleaker=False)).latents).max() > 1e-3
