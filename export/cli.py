@@ -2,7 +2,7 @@
 
     deleaker-export onnx --model DIR --out ARTIFACT [--height H --width W] [--min-size S --max-size S]
                          [--max-batch 4] [--max-text-tokens 512] [--entity-slots 4]
-                         [--dtype fp32|fp16|bf16] [--preset flux-dev] [--force]
+                         [--dtype fp32|fp16|bf16] [--preset flux-dev] [--portable] [--force]
 
 An artifact serves every step count and DeLeaker setting (they are per-request inputs of the
 exported step); --preset only records the default settings for requests that bring none.
@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest batch of the manifest's batch profile (TensorRT); ONNX Runtime takes any")
     o.add_argument("--external-data", action="store_true",
                    help="weights in .onnx.data files for every model (default: only for models over 2 GB)")
+    o.add_argument("--portable", action="store_true",
+                   help="inline every DeLeakerAttention node into standard ONNX ops, so any ONNX runtime (e.g. "
+                        "OpenVINO) loads transformer.onnx; no TensorRT plugin path (docs/export.md)")
 
     v = sub.add_parser("verify", formatter_class=DefaultsHelpFormatter, help="compare an artifact in ONNX Runtime with the PyTorch model")
     v.add_argument("artifact", help="artifact folder written by `deleaker-export onnx`")
@@ -110,7 +113,7 @@ def export_spec(args):
     return ExportSpec(height=args.height, width=args.width, min_size=args.min_size, max_size=args.max_size,
                       entity_slots=args.entity_slots, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
                       deleaker=preset(args.preset), external_data=True if getattr(args, "external_data", False) else None,
-                      **kw)
+                      portable=bool(getattr(args, "portable", False)), **kw)
 
 
 def _onnx(args) -> int:

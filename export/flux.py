@@ -84,16 +84,26 @@ def blocks_per_step(transformer) -> int:
     return len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
 
 
+def attention_blocks(transformer) -> list:
+    """Every block with a joint attention, in block-offset order (double blocks first: b = j,
+    then n_double + j)."""
+    return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+
+
+def deleaker_processors(transformer, op_name: str = "reference") -> list[DeLeakerAttnProcessor]:
+    """One DeLeaker processor per attention_blocks() entry, each with its block offset."""
+    bps = blocks_per_step(transformer)
+    return [DeLeakerAttnProcessor(op_schema.node_attributes(offset, bps), op_name) for offset in range(bps)]
+
+
 def install_deleaker(transformer, op_name: str = "reference") -> int:
     """Put a DeLeaker processor on every joint attention, with its block offset. Returns blocks per step.
 
     Nothing request-dependent is baked in: windows and settings arrive per call (op contract v2).
     """
-    bps = blocks_per_step(transformer)
-    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
-    for offset, block in enumerate(blocks):  # double blocks first: b = j, then n_double + j
-        block.attn.set_processor(DeLeakerAttnProcessor(op_schema.node_attributes(offset, bps), op_name))
-    return bps
+    for block, proc in zip(attention_blocks(transformer), deleaker_processors(transformer, op_name), strict=True):
+        block.attn.set_processor(proc)
+    return blocks_per_step(transformer)
 
 
 class DeLeakerFlux(nn.Module):

@@ -37,7 +37,7 @@ from torch import nn
 from deleaker.runtime import op_schema, step_io
 from deleaker.runtime.config import DeLeakerConfig
 
-from . import onnx_op
+from . import onnx_op, onnx_portable
 from .checkpoint import export_tokenizer
 from .manifest import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
 from .out_folder import check_out, publish, temp_folder
@@ -76,6 +76,8 @@ class ExportSpec:
     dtype: str = "fp32"  # transformer weights
     encoder_dtype: str = "fp32"  # CLIP, T5, VAE weights (T5 overflows in fp16)
     external_data: bool | None = None  # weights in a .data file beside each .onnx; None: above ~2 GB only
+    # transformer.onnx with every DeLeakerAttention node inlined into standard ops (export/onnx_portable.py)
+    portable: bool = False
     # the artifact's DEFAULT settings (manifest), for requests that bring none; nothing is baked in
     deleaker: DeLeakerConfig = field(default_factory=DeLeakerConfig)
 
@@ -383,7 +385,14 @@ def export_transformer(transformer, path: Path, spec: ExportSpec) -> Exported:
 
     ex = _export(step, kwargs, dyn, list(step_io.OUTPUT_NAMES), path, spec.external_data, translation_table(),
                  after=finish)
-    ex.extra = {"blocks_per_step": bps, "op_nodes": bps}
+    if spec.portable:
+        form = onnx_portable.make_portable(path)
+    else:
+        import onnx
+
+        form = onnx_portable.manifest_entries(onnx.load(str(path), load_external_data=False).graph,
+                                              onnx_portable.FUNCTION)
+    ex.extra = {"blocks_per_step": bps, **form}
     return ex
 
 

@@ -1,7 +1,11 @@
 """`deleaker-export verify`: ONNX Runtime (the artifact) against PyTorch (the checkpoint).
 
-Three checks, each a polygraphy Comparator run of two runners on the same feeds:
-  op    the DeLeakerAttention function body inside the artifact (in a one-node model) vs the
+First the transformer graph's form is checked against the manifest (function: one
+DeLeakerAttention node per block with the function; portable: standard ops only, see
+export/onnx_portable.py). Then three checks, each a polygraphy Comparator run of two runners on
+the same feeds:
+  op    the DeLeakerAttention function body inside the artifact (in a one-node model; for a
+        portable artifact, that node inlined as the export inlines it) vs the
         reference op, on random inputs with structured entity attention, at block-steps before,
         inside and after the windows, history in and out; a batch of two samples with different
         settings (the artifact's default and a variant), as op contract v2 allows;
@@ -141,6 +145,18 @@ def load_transformer_graph(artifact):
                             f"{artifact.root}`") from None
 
 
+def transformer_form(artifact, blocks_per_step: int) -> str:
+    """The transformer graph's form (function or portable, export/onnx_portable.py) checked against
+    the manifest's record: a one-line description, or a one-line ArtifactError."""
+    from . import onnx_portable
+
+    graph = load_transformer_graph(artifact)
+    try:
+        return onnx_portable.check_form(graph, artifact.tensors("transformer"), blocks_per_step)
+    except onnx_portable.FormError as e:
+        raise ArtifactError(f"{artifact.path('onnxruntime', 'transformer')}: {e}; re-export the artifact") from None
+
+
 # --------------------------------------------------------------------------------------------
 # op: function body vs reference
 # --------------------------------------------------------------------------------------------
@@ -196,16 +212,21 @@ def _op_feeds(configs: list[ResolvedConfig], E: int) -> tuple[list[dict], list[s
 def check_op(artifact, configs: list[ResolvedConfig], atol: float, rtol: float) -> list[OutputResult]:
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    from . import onnx_op
+    from . import onnx_op, onnx_portable
     from .reference_op import deleaker_attention_ref
 
     E = int(artifact.model["entity_slots"])
     bps = int(artifact.model["blocks_per_step"])
-    # the function body inside the artifact itself (graph only; weights stay on disk)
+    # the function body inside the artifact itself (graph only; weights stay on disk); a portable
+    # artifact has none: its nodes are this deleaker's body inlined, so that is what is checked
     graph = load_transformer_graph(artifact)
+    portable = onnx_portable.graph_form(graph) == onnx_portable.PORTABLE
     function = next((f for f in graph.functions if (f.domain, f.name) == (op_schema.ONNX_DOMAIN, op_schema.OP_NAME)),
                     None)
+    opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), onnx_op.DEFAULT_OPSET)
     del graph
+    if portable:
+        function = onnx_op.make_function(E, opset)
     if function is None:
         raise ArtifactError(f"{artifact.path('onnxruntime', 'transformer')} holds no {op_schema.ONNX_DOMAIN}::"
                             f"{op_schema.OP_NAME} function; re-export the artifact")
@@ -214,7 +235,9 @@ def check_op(artifact, configs: list[ResolvedConfig], atol: float, rtol: float) 
     FunctionRunner = _runner_base()
     for feed, name, offset in zip(feeds, names, offsets):
         attrs = op_schema.node_attributes(offset, bps)
-        model = onnx_op.make_single_op_model(E, attrs, function=function).SerializeToString()
+        model = onnx_op.make_single_op_model(E, attrs, function=function, opset=opset)
+        # the portable form: the same node inlined, as `deleaker-export onnx --portable` does
+        model = (onnx_portable.inline_op(model) if portable else model).SerializeToString()
 
         def reference(fd, attrs=attrs):
             t = {k: torch.from_numpy(np.asarray(v)) for k, v in fd.items()}
@@ -340,7 +363,8 @@ def verify(artifact_dir: str | Path, model_dir: str | Path, checks=None, steps: 
         raise ValueError(f"{model_dir} has {ckpt.blocks_per_step} blocks per step, the artifact "
                          f"{bps}: not the checkpoint it was exported from")
     if backend == "onnxruntime":
-        load_transformer_graph(artifact)  # a corrupt graph is one clear error before any check runs
+        # a corrupt graph, or one not in the form the manifest records, is one clear error before any check
+        report(transformer_form(artifact, bps))
     lo, _ = artifact.size_range
     height, width = height or lo, width or lo
     default = artifact.default_config()

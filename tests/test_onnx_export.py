@@ -87,6 +87,8 @@ def test_artifact_layout_and_manifest(artifact_dir, tiny_model_dir):
     assert t["inputs"]["rules"] == {"dtype": "int64", "shape": ["batch", 6]}
     assert t["inputs"]["step"] == {"dtype": "int64", "shape": []}
     assert t["outputs"]["history_out"] == {"dtype": "float32", "shape": ["batch", 3, "image_tokens"]}
+    # the default form: one op node per block with its function (docs/export.md, "Portable ONNX")
+    assert (t["form"], t["runs_on"], t["op_nodes"]) == ("function", "onnxruntime; TensorRT with the deleaker plugin", BPS)
     # the default settings and the op contract; nothing step-count specific
     assert m["deleaker"] == {"config": dataclasses.asdict(preset("flux-dev")),
                              "op_version": op_schema.ONNX_OPSET_VERSION}

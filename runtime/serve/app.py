@@ -88,14 +88,8 @@ class _Guard:
 
     async def _guarded(self, scope, receive, send, path):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-<<<<<<< HEAD
         if self.token is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIX):
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-=======
-        if self.token is not None and path != "/health":
             if not _bearer_ok(headers.get("authorization", ""), self.token):
->>>>>>> h-serve
                 return await _error(401, "missing or wrong bearer token (Authorization: Bearer ...)",
                                     headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
         length = headers.get("content-length")
@@ -185,13 +179,12 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
                 "entity_slots": info.entity_slots, "default_steps": engine.default_steps}
         return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
-<<<<<<< HEAD
     app.mount(OPEN_PREFIX.rstrip("/"), StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
     async def playground():
         return FileResponse(STATIC_DIR / "index.html")
-=======
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [_model_card(engine)]}
@@ -201,7 +194,6 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
         if model_id != engine.model_id:
             return _error(404, f"this server serves one model, {engine.model_id!r}; not {model_id!r}", "model")
         return _model_card(engine)
->>>>>>> h-serve
 
     @app.get("/metrics")
     async def metrics():
