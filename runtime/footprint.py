@@ -8,9 +8,9 @@ the transformer's activations ([B, N, H*D] a few dozen times) and the VAE decode
 feature maps. The estimate is an upper bound meant to refuse what cannot fit, not a profile.
 
 Time: the reference op's work grows with blocks x B x H x N^2 per step; SECONDS_PER_ELEMENT was
-measured on a 2-core CPU (benchmarks/results/cpu2-2026-12-01/footprint.jsonl, the command is in
-docs/api.md). Elsewhere it is a rough guide; the pipeline also logs the measured rate after
-the first step of a long run.
+measured with the embedded model on a busy 2-core CPU (benchmarks/results/cpu-2026-12-01/, which
+names the command), so elsewhere it is a rough guide: after the first step of a long run the
+pipeline also logs what the measured step time predicts.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ WORKSPACE_MAPS = 4  # float32 [H, N, N] maps alive at the op's peak (reference o
 ACTIVATION_COPIES = 32  # [B, N, H*D] float32 tensors alive in one block (q, k, v, MLP 4x, residuals, ...)
 VAE_COPIES = 4  # [B, C0, H, W] float32 feature maps alive in the decoder's last block
 HEADROOM = 0.9  # use at most this share of the memory that is free now
-SECONDS_PER_ELEMENT = 4e-9  # reference op on a 2-core CPU, per attention-map element per block (see above)
+SECONDS_PER_ELEMENT = 6e-8  # reference op, busy 2-core CPU, per attention-map element per block (see above)
 LONG_RUN_SECONDS = 60.0  # runs estimated longer than this are announced in the log
 
 
