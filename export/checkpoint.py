@@ -277,7 +277,7 @@ def open_checkpoint(path: str | Path) -> FluxCheckpoint:
     try:
         FlowMatchEuler.from_config(sched)
     except SchedulerError as e:
-        raise CheckpointError(f"scheduler: {e} ({root / 'scheduler'})") from None
+        raise CheckpointError(f"{root / 'scheduler' / 'scheduler_config.json'}: {e}") from None
     return FluxCheckpoint(
         root=root.resolve(), model_index=index,
         transformer=(root / "transformer").resolve(), text_encoder=(root / "text_encoder").resolve(),

@@ -258,11 +258,17 @@ class TorchBackend(Backend):
             max_text_tokens=max_text_tokens or ckpt.max_sequence_length, clip_max_length=ckpt.clip_max_length,
             entity_slots=entity_slots, guidance_embeds=bool(tcfg.guidance_embeds),
             blocks_per_step=blocks_per_step(ckpt.transformer), scheduler_config=dict(ckpt.scheduler_config),
-            tokenizer_dir=str(ckpt.tokenizer_dir), tokenizer_2_dir=str(ckpt.tokenizer_2_dir))
+            tokenizer_dir=str(ckpt.tokenizer_dir), tokenizer_2_dir=str(ckpt.tokenizer_2_dir),
+            attention_heads=int(tcfg.num_attention_heads), attention_head_dim=int(tcfg.attention_head_dim),
+            vae_base_channels=int(ckpt.vae.config.block_out_channels[0]))
+        self.fused_attention = op == "cuda"  # the fused kernels hold no [T+I, T+I] map (runtime/footprint.py)
 
     @classmethod
     def load(cls, source: str | None = None, *, device: str = "cpu", dtype: str = "fp32", op: str = "reference",
              progress: bool = True, **kw) -> "TorchBackend":
+        from deleaker.runtime.pipeline import check_device
+
+        check_device(device)  # before anything loads; torch.device("tpu") raises a RuntimeError traceback
         if source is None:
             from .tiny_model import ensure_tiny_model
 

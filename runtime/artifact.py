@@ -82,24 +82,72 @@ class Artifact:
 
     @property
     def size_range(self) -> tuple[int, int]:
-        lo, hi = self.manifest["profiles"]["image_side"]
-        return int(lo), int(hi)
+        return _size_range(self.root, self.manifest)
 
     def model_info(self):
         """The runtime's ModelInfo for this artifact (any batch: ONNX Runtime has no batch bound;
         profiles["batch"] is for engines built with optimisation profiles)."""
         from .backends.base import ModelInfo
 
-        m = self.model
+        m = _model_fields(self.root, self.manifest)
         return ModelInfo(
-            name=str(self.root), in_channels=int(m["in_channels"]), latent_channels=int(m["latent_channels"]),
-            vae_scale_factor=int(m["vae_scale_factor"]), vae_scaling_factor=float(m["vae_scaling_factor"]),
-            vae_shift_factor=float(m["vae_shift_factor"]), max_text_tokens=int(m["max_text_tokens"]),
-            clip_max_length=int(m["clip_max_length"]), entity_slots=int(m["entity_slots"]),
-            guidance_embeds=bool(m["guidance_embeds"]), blocks_per_step=int(m["blocks_per_step"]),
-            scheduler_config=dict(m["scheduler_config"]), tokenizer_dir=str(self.tokenizer_dir("tokenizer")),
+            name=str(self.root), **m, tokenizer_dir=str(self.tokenizer_dir("tokenizer")),
             tokenizer_2_dir=str(self.tokenizer_dir("tokenizer_2")), size_range=self.size_range,
-            default_config=dataclasses.asdict(self.default_config()))
+            default_config=dataclasses.asdict(self.default_config()), **_attention_sizes(self.manifest))
+
+
+def _attention_sizes(manifest: dict) -> dict:
+    """Heads and head size from the recorded transformer config (for the memory estimate; optional)."""
+    tcfg = manifest["model"].get("transformer_config")
+    tcfg = tcfg if isinstance(tcfg, dict) else {}
+    out = {}
+    for key, name in (("num_attention_heads", "attention_heads"), ("attention_head_dim", "attention_head_dim")):
+        v = tcfg.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            out[name] = v
+    return out
+
+
+# manifest "model" field -> its type (what ModelInfo takes); every one is required
+_MODEL_FIELDS = {"in_channels": int, "latent_channels": int, "vae_scale_factor": int, "vae_scaling_factor": float,
+                 "vae_shift_factor": float, "max_text_tokens": int, "clip_max_length": int, "entity_slots": int,
+                 "guidance_embeds": bool, "blocks_per_step": int, "scheduler_config": dict}
+
+
+def _model_fields(root: Path, manifest: dict) -> dict:
+    """The manifest's model section as typed values; a missing or mistyped field is one line naming it."""
+    from .scheduler import FlowMatchEuler, SchedulerError
+
+    where = root / MANIFEST
+    m = manifest["model"]
+    if not isinstance(m, dict):
+        raise ArtifactError(f"{where}: 'model' must be an object; {_fix(root)}")
+    out = {}
+    for name, kind in _MODEL_FIELDS.items():
+        if name not in m:
+            raise ArtifactError(f"{where}: model.{name} is missing; {_fix(root)}")
+        v = m[name]
+        ok = (isinstance(v, bool) if kind is bool else isinstance(v, dict) if kind is dict else
+              isinstance(v, int) and not isinstance(v, bool) and v > 0 if kind is int else
+              isinstance(v, (int, float)) and not isinstance(v, bool))
+        if not ok:
+            want = {int: "a positive integer", float: "a number", bool: "true or false", dict: "an object"}[kind]
+            raise ArtifactError(f"{where}: model.{name} must be {want}, got {v!r}; {_fix(root)}")
+        out[name] = float(v) if kind is float else v
+    try:
+        FlowMatchEuler.from_config(out["scheduler_config"])
+    except (SchedulerError, TypeError) as e:
+        raise ArtifactError(f"{where}: model.scheduler_config: {e}; {_fix(root)}") from None
+    return out
+
+
+def _size_range(root: Path, manifest: dict) -> tuple[int, int]:
+    side = manifest["profiles"].get("image_side") if isinstance(manifest["profiles"], dict) else None
+    if not (isinstance(side, (list, tuple)) and len(side) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in side) and side[0] <= side[1]):
+        raise ArtifactError(f"{root / MANIFEST}: profiles.image_side must be [min, max] pixels with "
+                            f"0 < min <= max, got {side!r}; {_fix(root)}")
+    return int(side[0]), int(side[1])
 
 
 def _default_config(root: Path, manifest: dict) -> DeLeakerConfig:
@@ -162,6 +210,8 @@ def load_artifact(path: str | Path, check_files: bool = True) -> Artifact:
         raise ArtifactError(f"artifact {root} holds {op_schema.OP_NAME} op version {op_version!r}, this deleaker "
                             f"runs version {op_schema.ONNX_OPSET_VERSION}: {_fix(root)}")
     _default_config(root, manifest)  # a bad default fails at load, not at the first request
+    _model_fields(root, manifest)
+    _size_range(root, manifest)
     if check_files:
         _check_files(root, manifest)
     return Artifact(root=root.resolve(), manifest=manifest)

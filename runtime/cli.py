@@ -59,29 +59,42 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _generate(args) -> int:
-    import numpy as np
+    from .pipeline import GenerateRequest, check_device, check_request
 
-    from .backends import load_backend
-    from .images import save_png, side_by_side
-    from .pipeline import GenerateRequest, Pipeline
-
-    # Validate everything cheap before loading anything.
+    # Everything that needs no model is checked before loading one (a load takes seconds to minutes).
     cfg = preset(args.preset)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png file, got {args.out}")
     if not out.parent.exists():
         raise FileNotFoundError(f"output folder {out.parent} does not exist")
+    if out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give a .png file path")
     if args.compare and args.no_deleaker:
         raise ValueError("--compare already includes the vanilla image; drop --no-deleaker")
     entities = tuple(e.strip() for e in args.entities.split(",")) if args.entities.strip() else ()
     if any(not e for e in entities):
         raise ValueError(f"--entities has an empty item: {args.entities!r}")
+    check_device(args.device)
+    steps = args.steps if args.steps is not None else cfg.num_steps
+    size_range = None
+    if args.artifact:
+        from .artifact import load_artifact
+
+        size_range = load_artifact(args.artifact, check_files=False).size_range
+    backend_name = args.backend or (_artifact_backend(args.artifact) if args.artifact else "torch")
+    options = _backend_options(args, backend_name)
+    height, width = _size(args, size_range)
+    base = GenerateRequest(prompt=args.prompt, entities=entities, seed=args.seed, steps=steps, height=height,
+                           width=width, guidance_scale=args.guidance, deleaker=not args.no_deleaker,
+                           config=cfg)
+    check_request(base, size_range)
     if not args.no_deleaker and len(entities) < 2:
         log.warning("DeLeaker separates two or more entities; with %d it is plain attention", len(entities))
-    steps = args.steps if args.steps is not None else cfg.num_steps
-    backend_name = args.backend or (_artifact_backend(args.artifact) if args.artifact else "torch")
-    source = args.artifact or args.model
+    return _run(args, backend_name, options, base, out)
+
+
+def _backend_options(args, backend_name: str) -> dict:
     options = dict(device=args.device, progress=not args.quiet)
     if backend_name == "torch":
         options.update(op=args.attention, dtype=args.dtype, compile=args.compile,
@@ -94,11 +107,18 @@ def _generate(args) -> int:
     elif args.attention != "reference":
         raise ValueError(f"--attention applies to the torch and aoti backends; the {backend_name} backend runs "
                          "what was exported")
-    backend = load_backend(backend_name, source, **options)
-    pipe = Pipeline(backend, config=cfg)
-    height, width = _size(args, backend.info)
-    base = GenerateRequest(prompt=args.prompt, entities=entities, seed=args.seed, steps=steps, height=height,
-                           width=width, guidance_scale=args.guidance, deleaker=not args.no_deleaker)
+    return options
+
+
+def _run(args, backend_name: str, options: dict, base, out: Path) -> int:
+    import numpy as np
+
+    from .backends import load_backend
+    from .images import save_png, side_by_side
+    from .pipeline import Pipeline
+
+    backend = load_backend(backend_name, args.artifact or args.model, **options)
+    pipe = Pipeline(backend, config=base.config)
     pipe.check(base)
     if args.compare:
         runs = [(dataclasses.replace(base, deleaker=False), "vanilla"), (base, "DeLeaker")]
@@ -107,11 +127,15 @@ def _generate(args) -> int:
     results = pipe.generate([r for r, _ in runs], progress=not args.quiet)
     if args.compare:
         delta = np.abs(results[0].images.astype(np.int16) - results[1].images.astype(np.int16))
-        log.info("DeLeaker vs vanilla: mean |difference| %.3f, max %d (pixel levels 0-255)", delta.mean(), delta.max())
+        line = f"DeLeaker vs vanilla: mean |difference| {delta.mean():.3f}, max {delta.max()} (pixel levels 0-255)"
+        if delta.max() == 0:
+            log.warning("%s: DeLeaker edited nothing here (%s)", line, pipe.why_no_edit(results[1]))
+        else:
+            log.info("%s", line)
         image = side_by_side([r.images[0] for r in results], [f"{label} (seed {args.seed})" for _, label in runs])
     else:
         image = results[0].images[0]
-    save_png(image, out)
+    save_png(image, out)  # atomic: a temp file renamed into place
     if len(results) > 1 and results[0].batch_size == len(results):  # --compare: both images in one session
         log.info("wrote %s (%s in one batch, %.1fs)", out, " and ".join(label for _, label in runs), results[0].seconds)
     else:
@@ -130,11 +154,11 @@ def _artifact_backend(path: str) -> str:
     return "onnxruntime" if "onnxruntime" in have or not have else sorted(have)[0]
 
 
-def _size(args, info) -> tuple[int, int]:
+def _size(args, size_range: tuple[int, int] | None) -> tuple[int, int]:
     """--height/--width, else the artifact's export size when it fixes a range, else 256 (pixels)."""
     default = DEFAULT_SIDE
-    if info.size_range is not None and not info.size_range[0] <= default <= info.size_range[1]:
-        default = info.size_range[1]
+    if size_range is not None and not size_range[0] <= default <= size_range[1]:
+        default = size_range[1]
     height = args.height if args.height is not None else default
     width = args.width if args.width is not None else height
     return height, width

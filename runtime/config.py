@@ -17,6 +17,16 @@ FLUX_BLOCKS_PER_STEP = 19 + 38
 _HISTORY_FRACTION = 12 / 20
 
 
+# The op reads the knobs as float32 and the windows as int64 (op_schema.pack_settings): a value
+# past float32 would become inf there, so it is refused here.
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_WINDOW = 2 ** 31 - 1  # block-steps; far past any run (1000 steps x 57 blocks is 57000)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 class ConfigError(ValueError):
     """A DeLeaker setting is invalid; the message says which and why."""
 
@@ -40,6 +50,11 @@ class DeLeakerConfig:
 
     def resolved(self, blocks_per_step: int = FLUX_BLOCKS_PER_STEP) -> "ResolvedConfig":
         """Fix the windows for a model with `blocks_per_step` blocks and validate everything."""
+        for name in ("num_steps", "start_aggregating_from", "start_intervention_from", "stop_aggregating_at",
+                     "stop_intervention_at"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ConfigError(f"{name} must be an integer, got {v!r}")
         if blocks_per_step < 1:
             raise ConfigError(f"blocks_per_step must be >= 1, got {blocks_per_step}")
         if self.num_steps < 1:
@@ -92,8 +107,19 @@ class ResolvedConfig:
     def validate(self) -> None:
         for name in ("std_mul_text", "std_mul_image_image", "k_strength"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"{name} must be a finite number, got {v!r}")
+            if not _is_number(v) or not math.isfinite(v) or abs(v) > FLOAT32_MAX:
+                raise ConfigError(f"{name} must be a finite number within float32 range (|x| <= {FLOAT32_MAX:.4g}), "
+                                  f"got {v!r}")
+        for name in ("use_history", "do_smoothing", "do_image_text_weakening", "do_image_text_strengthening",
+                     "do_image_image", "do_text_text_weakening"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):  # "no" would be truthy and switch the rule on
+                raise ConfigError(f"{name} must be True or False, got {v!r}")
+        for name in ("start_aggregating_from", "stop_aggregating_at", "start_intervention_from",
+                     "stop_intervention_at"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v > MAX_WINDOW:
+                raise ConfigError(f"{name} must be an integer <= {MAX_WINDOW}, got {v!r}")
         if self.std_mul_text < 0:
             raise ConfigError(f"std_mul_text (beta1) must be >= 0, got {self.std_mul_text}")
         if self.std_mul_image_image < 0:

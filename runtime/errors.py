@@ -1,8 +1,9 @@
-"""One-line errors for the command-line entry points (deleaker, deleaker-export, deleaker-bench)."""
+"""One-line errors for the command-line entry points (deleaker, deleaker-export, deleaker-bench, deleaker eval)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from typing import Callable
@@ -11,16 +12,30 @@ from typing import Callable
 # and file problems. Anything else is a bug and keeps its traceback (exit code 1).
 USER_ERRORS = (ValueError, OSError)
 USER_ERROR_EXIT_CODE = 2  # argparse's code for bad usage
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # 130: what shells report for Ctrl-C
+
+
+def _debug(debug: bool) -> bool:
+    return debug or bool(os.environ.get("DELEAKER_DEBUG"))
 
 
 def run_reporting_errors(prog: str, fn: Callable[[], int], debug: bool = False) -> int:
-    """Run fn(); a user error becomes `prog: error: message` on stderr and exit code 2.
-    --debug or DELEAKER_DEBUG=1 prints the full traceback first; the exit code stays 2, so
+    """Run fn(); a user error becomes `prog: error: message` on stderr and exit code 2, Ctrl-C
+    (KeyboardInterrupt) becomes `prog: interrupted` and exit code 130. Writers publish their
+    files by rename, so an interrupted command leaves no half-written output.
+    --debug or DELEAKER_DEBUG=1 prints the full traceback first; the exit code stays the same, so
     scripts see bad input the same way with or without it."""
     try:
         return fn()
     except USER_ERRORS as e:
-        if debug or os.environ.get("DELEAKER_DEBUG"):
+        if _debug(debug):
             traceback.print_exc(file=sys.stderr)
         print(f"{prog}: error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
+    except KeyboardInterrupt:
+        if _debug(debug):
+            traceback.print_exc(file=sys.stderr)
+        # a second Ctrl-C while the message is printed must not turn into a traceback either
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE

@@ -16,22 +16,26 @@ import dataclasses
 import io
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
 
 import numpy as np
 
+from . import footprint
 from . import latents as lat
 from . import op_schema
 from . import tokens as tok
 from .backends.base import Backend, SessionInputs
-from .config import ConfigError, DeLeakerConfig, ResolvedConfig, preset
+from .config import FLOAT32_MAX, ConfigError, DeLeakerConfig, ResolvedConfig, preset
 from .scheduler import FlowMatchEuler
 
 log = logging.getLogger("deleaker")
 
 MAX_STEPS = 1000  # a request over this is a mistake, not a setting
+# FLUX embeds guidance x 1000 like a timestep, in float32: past this the embedding is inf (a black image).
+MAX_GUIDANCE = FLOAT32_MAX / 1000
 DEFAULT_PRESET = "flux-dev"
 
 ProgressFn = Callable[[int, int], None]
@@ -107,6 +111,81 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
+def _type_name(v) -> str:
+    return type(v).__name__
+
+
+def check_request(req, size_range: tuple[int, int] | None = None,
+                  vae_scale_factor: int = lat.VAE_SCALE_FACTOR) -> lat.LatentGeometry:
+    """The checks of a request that need no loaded model (types, ranges, float32 limits): a
+    one-line ValueError naming the field. Run before a model loads (the CLI) and again per
+    request. size_range: (min, max) image side where the model fixes one (an exported artifact)."""
+    if not isinstance(req, GenerateRequest):
+        raise RequestError(f"expected a GenerateRequest, got {_type_name(req)}")
+    if not isinstance(req.prompt, str) or not req.prompt.strip():
+        raise RequestError(f"prompt must be a non-empty string, got {_short_repr(req.prompt)}")
+    try:
+        req.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800" (JSON allows it, UTF-8 does not)
+        raise RequestError(f"prompt is not valid Unicode: {e.reason} at character {e.start}") from None
+    if req.entities is not None and (isinstance(req.entities, (str, bytes, dict))
+                                     or not isinstance(req.entities, (tuple, list))
+                                     or not all(isinstance(e, str) and e.strip() for e in req.entities)):
+        raise RequestError(f"entities must be a list of non-empty strings (or None), got {_short_repr(req.entities)}")
+    if not _is_int(req.seed) or not 0 <= req.seed < 2 ** 63:
+        raise RequestError(f"seed must be an integer in [0, 2**63), got {req.seed!r}")
+    if not _is_int(req.steps) or not 1 <= req.steps <= MAX_STEPS:
+        raise RequestError(f"steps must be an integer in [1, {MAX_STEPS}], got {req.steps!r}")
+    g = req.guidance_scale
+    if isinstance(g, (bool, np.bool_)) or not isinstance(g, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
+        raise RequestError(f"guidance_scale must be a finite number in [0, {MAX_GUIDANCE:.4g}] (the model embeds "
+                           f"guidance x 1000 in float32), got {g!r}")
+    if not isinstance(req.deleaker, (bool, np.bool_)):
+        # a string such as "no" is truthy: refuse it rather than run DeLeaker
+        raise RequestError(f"deleaker must be True or False, got {_type_name(req.deleaker)} {req.deleaker!r}")
+    for side in ("height", "width"):
+        if not _is_int(getattr(req, side)):
+            raise RequestError(f"{side} must be an integer, got {getattr(req, side)!r}")
+    if size_range is not None:
+        lo, hi = size_range
+        for side, v in (("height", req.height), ("width", req.width)):
+            if not lo <= v <= hi:
+                raise lat.LatentSizeError(f"{side} {v} is outside the exported range [{lo}, {hi}]; "
+                                          f"re-export with a wider --min-size/--max-size")
+    geo = lat.geometry(req.height, req.width, vae_scale_factor, max_side=size_range[1] if size_range else None)
+    if req.config is not None:
+        if not isinstance(req.config, DeLeakerConfig):
+            raise RequestError(f"config must be a DeLeakerConfig, got {_type_name(req.config)}")
+        req.config.replace(num_steps=req.steps).resolved(1)  # explicit settings are model-independent
+    return geo
+
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def check_device(device) -> str:
+    """cpu, cuda or cuda:N (what every backend takes); anything else is a one-line error."""
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
+def check_pipeline_options(config, max_batch) -> None:
+    """The Pipeline options that need no model (checked again against the model once it loads)."""
+    if config is not None:
+        if not isinstance(config, DeLeakerConfig):
+            raise ConfigError(f"config must be a DeLeakerConfig, got {_type_name(config)}")
+        config.resolved(1)
+    if max_batch is not None and (not _is_int(max_batch) or max_batch < 1):
+        raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+
+
+def _short_repr(v, limit: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 class Pipeline:
     """Tokenizers + scheduler around one backend. Reusable across requests and threads (keep it warm).
 
@@ -115,6 +194,7 @@ class Pipeline:
     """
 
     def __init__(self, backend: Backend, config: DeLeakerConfig | None = None, max_batch: int | None = None):
+        check_pipeline_options(config, max_batch)
         self.backend = backend
         info = backend.info
         self.clip_tok = tok.load_tokenizer(info.tokenizer_dir)
@@ -134,35 +214,25 @@ class Pipeline:
     # -- validation ------------------------------------------------------------------------
 
     def check(self, req: GenerateRequest) -> lat.LatentGeometry:
-        """Validate a request before any work (one-line errors naming the field); returns its geometry."""
-        return self._prepare(req, 0).geo
+        """Validate a request before any work (one-line errors naming the field, or a
+        FootprintError when it cannot fit in memory); returns its geometry."""
+        p = self._prepare(req, 0)
+        self._footprint([p])
+        return p.geo
+
+    def _footprint(self, batch: list[_Prepared]) -> footprint.Footprint:
+        """The batch's memory and time estimate; FootprintError when it cannot fit the device's free memory."""
+        be = self.backend
+        fused = bool(getattr(be, "fused_attention", False) or getattr(be, "op", None) == "cuda"
+                     or be.name == "tensorrt")
+        return footprint.check(be.info, batch[0].geo, len(batch), batch[0].request.steps, fused,
+                               getattr(be, "device", "cpu"))
 
     def _prepare(self, req, index: int) -> _Prepared:
         info = self.backend.info
-        if not isinstance(req, GenerateRequest):
-            raise RequestError(f"expected a GenerateRequest, got {type(req).__name__}")
-        if not isinstance(req.prompt, str) or not req.prompt.strip():
-            raise RequestError("prompt must be a non-empty string")
-        if isinstance(req.entities, str) or not all(isinstance(e, str) and e.strip() for e in req.entities):
-            raise RequestError(f"entities must be a list of non-empty strings, got {req.entities!r}")
-        if not _is_int(req.seed) or not 0 <= req.seed < 2 ** 63:
-            raise RequestError(f"seed must be an integer in [0, 2**63), got {req.seed!r}")
-        if not _is_int(req.steps) or not 1 <= req.steps <= MAX_STEPS:
-            raise RequestError(f"steps must be an integer in [1, {MAX_STEPS}], got {req.steps!r}")
-        if isinstance(req.guidance_scale, bool) or not isinstance(req.guidance_scale, (int, float)) \
-                or not math.isfinite(req.guidance_scale) or req.guidance_scale < 0:
-            raise RequestError(f"guidance_scale must be a finite number >= 0, got {req.guidance_scale!r}")
-        for side in ("height", "width"):
-            if not _is_int(getattr(req, side)):
-                raise RequestError(f"{side} must be an integer, got {getattr(req, side)!r}")
-        if info.size_range is not None:
-            lo, hi = info.size_range
-            for side, v in (("height", req.height), ("width", req.width)):
-                if not lo <= v <= hi:
-                    raise lat.LatentSizeError(f"{side} {v} is outside the exported range [{lo}, {hi}]; "
-                                              f"re-export with a wider --min-size/--max-size")
-        geo = lat.geometry(req.height, req.width, info.vae_scale_factor,
-                           max_side=info.size_range[1] if info.size_range else None)
+        geo = check_request(req, info.size_range, info.vae_scale_factor)
+        if req.entities is None:  # documented: None means no entities
+            req = dataclasses.replace(req, entities=())
         base = req.config if req.config is not None else self.config
         if not isinstance(base, DeLeakerConfig):
             raise RequestError(f"config must be a DeLeakerConfig, got {type(base).__name__}")
@@ -174,7 +244,7 @@ class Pipeline:
             raise tok.TokenizerError(f"the prompt has {n_tokens} T5 tokens but this model keeps {T} tokens; "
                                      f"shorten the prompt (or export with a larger --max-text-tokens)")
         # entities are located even for a vanilla run, so vanilla and DeLeaker reject the same input
-        ent = tok.entity_tokens(self.t5_tok, [req.prompt], list(req.entities), info.entity_slots, T)[0]  # [E, T]
+        ent = tok.entity_tokens(self.t5_tok, [req.prompt], list(req.entities or ()), info.entity_slots, T)[0]  # [E, T]
         if not req.deleaker:
             ent[:] = 0  # every slot inactive: the same engine computes plain attention
         clip_ids = tok.clip_input_ids(self.clip_tok, [req.prompt], info.clip_max_length)[0]  # [77]
@@ -192,6 +262,8 @@ class Pipeline:
         requests become RequestFailed entries; the others run).
         """
         single = isinstance(requests, GenerateRequest)
+        if not single and (isinstance(requests, (str, bytes, dict)) or not hasattr(requests, "__iter__")):
+            raise RequestError(f"requests must be a GenerateRequest or a list of them, got {_type_name(requests)}")
         reqs = [requests] if single else list(requests)
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
@@ -207,6 +279,22 @@ class Pipeline:
                     raise type(e)(str(e) if single else f"request {i}: {e}") from None
                 out[i] = RequestFailed(i, r, str(e))
         batches = self._batches(prepared)
+        estimates = []
+        for batch in list(batches):  # every batch is sized before the first one starts
+            try:
+                estimates.append(self._footprint(batch))
+            except footprint.FootprintError as e:
+                if errors == "raise" or single:
+                    idx = "" if single else f"request {batch[0].index}: "
+                    raise footprint.FootprintError(f"{idx}{e}") from None
+                batches.remove(batch)
+                for p in batch:
+                    out[p.index] = RequestFailed(p.index, p.request, str(e))
+        seconds = sum(f.seconds for f in estimates if f.seconds is not None)
+        if seconds > footprint.LONG_RUN_SECONDS:
+            log.warning("this run is estimated to take about %s (%d image(s), %s)", footprint.describe_seconds(seconds),
+                        sum(len(b) for b in batches), ", ".join(f"{b[0].request.width}x{b[0].request.height} "
+                                                                 f"{b[0].request.steps} steps" for b in batches))
         total = sum(len(b) * b[0].request.steps for b in batches)
         report = _progress(progress, total, any(p.request.deleaker and len(p.request.entities) >= 2
                                                  for p in prepared))
@@ -217,6 +305,26 @@ class Pipeline:
         finally:
             report.close()
         return out[0] if single else out
+
+    def why_no_edit(self, result: GenerateResult) -> str:
+        """Why a DeLeaker result equals its vanilla twin, in words (for the --compare log line)."""
+        req = result.request
+        if not req.deleaker:
+            return "DeLeaker is off for this request"
+        if len(req.entities or ()) < 2:
+            return "it needs two or more entities"
+        bps = self.backend.info.blocks_per_step
+        cfg = (req.config or self.config).replace(num_steps=req.steps).resolved(bps)
+        if not cfg.intervenes_within(req.steps):
+            return (f"its intervention starts at block-step {cfg.start_intervention_from}, after the run's "
+                    f"{req.steps * bps} block-steps end")
+        if not np.any(result.history):
+            return "the entity history stayed empty"
+        if cfg.do_smoothing:
+            return ("the entity masks were empty where it intervenes: smoothing's 3x3 opening erases masks that are "
+                    "not spatially coherent (the embedded random-weight model's are not; --preset tiny turns "
+                    "smoothing off)")
+        return "its edits changed no pixel (the entity masks selected nothing the rules change)"
 
     def _batches(self, prepared: list[_Prepared]) -> list[list[_Prepared]]:
         groups: dict[tuple, list[_Prepared]] = {}
@@ -265,8 +373,13 @@ class Pipeline:
                 session.step(i)
                 step_times.append(time.perf_counter() - ts)
                 report.update(len(batch))
+                if i == 0 and steps > 1 and step_times[0] * steps > footprint.LONG_RUN_SECONDS:
+                    log.info("step 1 of %d took %.1fs: about %s for this batch's steps", steps, step_times[0],
+                             footprint.describe_seconds(step_times[0] * steps))
             x, history = session.result()  # [B, I, C], [B, E, I]
+            _check_finite("denoised latents", x, batch)
             images = be.decode(lat.to_vae_latents(x, geo, info.vae_scaling_factor, info.vae_shift_factor))
+            _check_finite("decoded image", images, batch)
         images = to_uint8(images)  # [B, H, W, 3]
         seconds = time.perf_counter() - t0
         r0 = batch[0].request
@@ -276,6 +389,20 @@ class Pipeline:
         return [GenerateResult(request=p.request, image=images[b], latents=x[b], history=history[b], seconds=seconds,
                                batch_size=len(batch), step_seconds=list(step_times))
                 for b, p in enumerate(batch)]
+
+
+class NonFiniteError(ValueError):
+    """A computation gave NaN or inf (an extreme setting, or a model that overflows in its dtype):
+    an error rather than a black image."""
+
+
+def _check_finite(what: str, x: np.ndarray, batch: list[_Prepared]) -> None:
+    bad = [p for b, p in enumerate(batch) if not np.isfinite(x[b]).all()]
+    if bad:
+        r = bad[0].request
+        raise NonFiniteError(f"request {bad[0].index}: the {what} hold NaN or inf (prompt {r.prompt[:40]!r}, guidance "
+                             f"{r.guidance_scale:g}, {r.steps} steps): no image; an extreme setting or a dtype "
+                             f"that overflows (try --dtype fp32)")
 
 
 class _progress:
@@ -318,6 +445,10 @@ def load_pipeline(model: str | None = None, *, artifact: str | None = None, back
 
     if model is not None and artifact is not None:
         raise ValueError("pass either model or artifact, not both")
+    # everything that needs no model is checked before the (slow) load
+    check_pipeline_options(config, max_batch)
+    if "device" in backend_options:
+        check_device(backend_options["device"])
     name = backend or ("onnxruntime" if artifact is not None else "torch")
     be = load_backend(name, artifact if artifact is not None else model, **backend_options)
     return Pipeline(be, config=config, max_batch=max_batch)

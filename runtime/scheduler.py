@@ -53,6 +53,9 @@ _UNSUPPORTED_OFF = {
 }
 
 
+_KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string"}
+
+
 class SchedulerError(ValueError):
     """The scheduler config or a call is invalid; the message says which and why."""
 
@@ -71,6 +74,19 @@ class FlowMatchEulerConfig:
     time_shift_type: str = "exponential"  # or "linear"
 
     def validate(self) -> None:
+        # a config file may hold anything: a string shift would fail deep inside the schedule
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), f.type
+            if kind == "bool":
+                ok = isinstance(v, bool)
+            elif kind == "int":
+                ok = isinstance(v, int) and not isinstance(v, bool)
+            elif kind == "float":
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            else:
+                ok = isinstance(v, str)
+            if not ok:
+                raise SchedulerError(f"scheduler option {f.name} must be {_KIND_WORDS[kind]}, got {v!r}")
         if self.num_train_timesteps < 1:
             raise SchedulerError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
         if self.time_shift_type not in ("exponential", "linear"):

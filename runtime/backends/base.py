@@ -37,6 +37,10 @@ class ModelInfo:
     size_range: tuple[int, int] | None = None  # (min, max) image side in pixels, where fixed at export
     max_batch: int | None = None  # largest batch one session may hold (None: any)
     default_config: dict | None = None  # DeLeakerConfig fields recorded with the model (artifacts)
+    # sizes the memory and time estimate reads (runtime/footprint.py); None: not known, not counted
+    attention_heads: int | None = None  # H of the joint attention
+    attention_head_dim: int | None = None  # D
+    vae_base_channels: int | None = None  # VAE decoder channels at full image resolution
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,94 @@
+"""Markdown tables of an evaluation's results.json (the numbers docs/toyworld.md quotes).
+
+    python -m deleaker.export.toyworld.tables docs/toyworld/results.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _ci(v, key):
+    lo, hi = v[key + "_ci95"]
+    return f"{v[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _share(ns) -> str:
+    if not ns["n"]:
+        return "-"
+    return f"{100 * ns['share']:.1f}% of {ns['n']} (z {ns['z']:+.1f})"
+
+
+def comparison(ev: dict, title: str) -> str:
+    v, d = ev["vanilla"], ev["deleaker"]
+    chance = v["named_share"]["all"]["chance"]
+    rows = [f"| {title} | vanilla | DeLeaker |", "|---|---|---|"]
+    rows += [f"| leakage (any attribute) | {_ci(v, 'leak')} | {_ci(d, 'leak')} |"]
+    rows += [f"| ... in {a} | {_ci(v, 'leak_' + a)} | {_ci(d, 'leak_' + a)} |" for a in ("colour", "texture", "shape")]
+    rows += [f"| all entities present | {_ci(v, 'all_present')} | {_ci(d, 'all_present')} |",
+             f"| all recognised (every attribute) | {_ci(v, 'all_recognised')} | {_ci(d, 'all_recognised')} |"]
+    for a in ("colour", "texture", "shape", "all"):
+        rows.append(f"| wrong {a if a != 'all' else 'values'} from another named entity (prompt-blind: "
+                    f"{100 * chance:.0f}%) | {_share(v['named_share'][a])} | {_share(d['named_share'][a])} |")
+    if "mask_on_objects" in d:
+        rows.append(f"| entity-mask tokens on an object (objects cover {100 * d['image_on_objects']:.0f}% of "
+                    f"the image; {d['empty_masks']} runs with empty masks) | - | {100 * d['mask_on_objects']:.0f}% |")
+    lo, hi = ev["leak_reduction_ci95"]
+    plo, phi = ev["presence_change_ci95"]
+    o = ev["outcomes"]
+    text = "\n".join(rows) + "\n\n"
+    text += (f"Paired leakage reduction (vanilla - DeLeaker): {ev['leak_reduction']:+.3f}, 95% CI "
+             f"[{lo:+.3f}, {hi:+.3f}]; change in all-entities-present {ev['presence_change']:+.3f} "
+             f"[{plo:+.3f}, {phi:+.3f}].\n\n")
+    if o["leaking_vanilla"]:
+        s = o["share"]
+        text += (f"Paper's outcome categories, over the {o['leaking_vanilla']} leaking vanilla images: mitigation "
+                 f"major {100 * s['mitigation_major']:.1f}%, minor {100 * s['mitigation_minor']:.1f}%, no change "
+                 f"{100 * s['no_change']:.1f}%, degradation minor {100 * s['degradation_minor']:.1f}%, major "
+                 f"{100 * s['degradation_major']:.1f}%; mitigated minus degraded "
+                 f"{100 * o['mitigated_minus_degraded']:+.1f} points (the paper: +37 on FLUX.1-dev); mitigated with "
+                 f"every entity still present {100 * o['mitigated_all_present']:.1f}%.\n")
+    return text
+
+
+def sweep(res: dict) -> str:
+    rows = ["| setting | leak | all present | all recognised |", "|---|---|---|---|"]
+    for name, v in res["sweep"].items():
+        bold = "**" if name == res["chosen"] else ""
+        rows.append(f"| {bold}{name}{bold} | {v['leak']:.3f} | {v['all_present']:.3f} | {v['all_recognised']:.3f} |")
+    return "\n".join(rows) + "\n"
+
+
+def ablation(res: dict) -> str:
+    ab = res["ablation"]
+    rows = [f"| rules (first {ab['pairs']} held-out pairs) | leak reduction [95% CI] | presence change |", "|---|---|---|",
+            f"| W + S + X (the preset) | {ab['full']['leak_reduction']:+.3f} | |"]
+    for k in ("W only", "S only", "X only"):
+        v = ab[k]
+        rows.append(f"| {k} | {v['leak_reduction']:+.3f} [{v['leak_reduction_ci95'][0]:+.3f}, "
+                    f"{v['leak_reduction_ci95'][1]:+.3f}] | {v['presence_change']:+.3f} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    res = json.loads(open(argv[0]).read())
+    if "pilot" in res:
+        print(comparison(res["pilot"], "pilot"))
+        return 0
+    if "sweep" in res:
+        print(sweep(res))
+    print(comparison(res["heldout"], "held-out pairs"))
+    if "ablation" in res:
+        print(ablation(res))
+    if "heldout_triplets" in res:
+        print(comparison(res["heldout_triplets"], "held-out triples"))
+    if "agreement_with_torch" in res:
+        a = res["agreement_with_torch"]
+        print(f"Flags equal to the torch backend's on {100 * a['all_flags_equal']:.1f}% of {a['samples']} pairs.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
