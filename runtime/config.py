@@ -161,7 +161,8 @@ PRESETS: dict[str, DeLeakerConfig] = {
     "tiny": DeLeakerConfig(num_steps=20, do_smoothing=False),
     # The toy-world model (export/toyworld, 5 blocks per step, 10 steps at 32x32): chosen by the
     # recorded sweep of docs/toyworld.md (the authors' windows scaled to 5 blocks per step).
-    "toyworld": DeLeakerConfig(num_steps=10, start_aggregating_from=1, start_intervention_from=2, k_strength=1.2),
+    "toyworld": DeLeakerConfig(num_steps=10, start_aggregating_from=1, start_intervention_from=2, k_strength=2.0,
+                               do_smoothing=False),
 }
 
 

@@ -9,21 +9,8 @@ import pytest
 
 from deleaker.benchmarks import input_audit
 
-# Cases whose fix belongs to another area (export's --out checks, eval, bench, serve start-up).
-OTHER_AREA = {
-    ("export", "onnx --out equal to --model (--force)"), ("export", "onnx --out inside --model"),
-    ("export", "onnx --out containing --model (--force)"),
-    ("eval", "run --steps 0"), ("eval", "run --steps 1001"), ("eval", "run --height 17"),
-    ("eval", "run --preset nope"), ("eval", "run --model missing"), ("eval", "run --guidance 1e38"),
-    ("eval", "check empty .jsonl"),
-    ("bench", "--model missing"), ("bench", "--impl nope"), ("bench", "--device tpu"),
-    ("serve", "--port 99999"), ("serve", "busy --port"),
-}
-
-
 def _param(area, name):
-    marks = [pytest.mark.xfail(reason="fixed in another area", strict=False)] if (area, name) in OTHER_AREA else []
-    return pytest.param(area, name, id=f"{area}: {name}", marks=marks)
+    return pytest.param(area, name, id=f"{area}: {name}")
 
 
 @pytest.fixture(scope="module")

@@ -188,7 +188,7 @@ def test_shipped_model_loads_as_a_flux_checkpoint():
     models = load_checkpoint(MODEL)
     assert models.checkpoint.blocks_per_step == BLOCKS_PER_STEP
     assert models.checkpoint.vae_scale_factor == 1
-    assert models.max_sequence_length == 16
+    assert models.max_sequence_length == 24
 
 
 def test_shipped_model_ignores_the_pooled_text():
@@ -228,19 +228,49 @@ def test_recorded_measurement_reproduces_on_a_fixed_subset():
 
     res = json.loads(open(RESULTS).read())["heldout"]
     cfg = DeLeakerConfig(**res["config"])
-    rows = [r for r in res["per_sample"] if r["seed"] < 4]  # 10 held-out prompts x 4 seeds
+    rows = [r for r in res["per_sample"] if r["seed"] < 2][:40]  # 20 held-out prompts x 2 seeds
     assert len(rows) == 40
-    pairs = {r["prompt"]: tuple(p) for p in E.heldout_prompts() for r in rows
-             if world.caption_for(p) == r["prompt"]}
+    prompts = {world.caption_for(p): p for p in E.heldout_prompts()}
     pipe = Pipeline(load_backend("torch", MODEL), config=cfg, max_batch=40)
-    van = E.run(pipe, [q for r in rows for q in E.requests([pairs[r["prompt"]]], [r["seed"]], None)])
-    dl = E.run(pipe, [q for r in rows for q in E.requests([pairs[r["prompt"]]], [r["seed"]], cfg)])
+    van = E.run(pipe, [q for r in rows for q in E.requests([prompts[r["prompt"]]], [r["seed"]], None)])
+    dl = E.run(pipe, [q for r in rows for q in E.requests([prompts[r["prompt"]]], [r["seed"]], cfg)])
     mismatches = []
     for r, a, b in zip(rows, van, dl):
         for key, got in (("vanilla_leak", a["leak"]), ("deleaker_leak", b["leak"]),
                          ("vanilla_all_present", a["all_present"]), ("deleaker_all_present", b["all_present"])):
             if got != r[key]:
                 mismatches.append((r["prompt"], r["seed"], key))
-    # a judge threshold may flip on a last-bit float difference of another CPU; a changed model,
-    # runtime or judge flips many
+    # a judge threshold may flip on a last-bit float difference of another CPU or batch; a changed
+    # model, runtime or judge flips many
     assert len(mismatches) <= 2, mismatches
+
+
+def test_training_recipe_runs_a_few_steps(tmp_path):
+    """The recipe end to end at a few steps of each stage: a diffusers-format folder the runtime
+    loads and runs, its pooled-text path zero, the loss curve and config beside it."""
+    pytest.importorskip("diffusers")
+    import csv
+    import json
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from deleaker.export.toyworld import train
+    from deleaker.runtime.backends import load_backend
+    from deleaker.runtime.pipeline import GenerateRequest, Pipeline
+
+    out = tmp_path / "m"
+    assert train.main(["--out", str(out), "--steps", "3", "--vae-steps", "2", "--decoder-steps", "2",
+                       "--dataset", "40", "--shared", "0.5", "--threads", "1"]) == 0
+    curves = tmp_path / "m-training"
+    rows = list(csv.DictReader(open(curves / "transformer_loss.csv")))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2] and all(float(r["loss"]) > 0 for r in rows)
+    cfg = json.loads((curves / "train_config.json").read_text())
+    assert cfg["steps"] == 3 and cfg["shared"] == 0.5 and cfg["text_tokens"] == 24
+    tr = FluxTransformer2DModel.from_pretrained(out / "transformer", local_files_only=True)
+    assert torch.count_nonzero(tr.time_text_embed.text_embedder.linear_2.weight) == 0
+    t = world.Thing("red", "dotted", "circle")
+    r = Pipeline(load_backend("torch", str(out), progress=False)).generate(
+        [GenerateRequest(world.caption_for([t, world.Thing("blue", "striped", "square")]),
+                         entities=(t.phrase, "blue striped square"), steps=2, height=32, width=32)])[0]
+    assert r.image.shape == (32, 32, 3)

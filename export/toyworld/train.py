@@ -377,7 +377,7 @@ def write_layout(out: Path, cfg: TrainConfig) -> None:
 
 def check_options(args) -> None:
     """Every option checked before any work or any folder is made (one-line ValueErrors)."""
-    for name in ("threads", "steps", "vae_steps", "dataset", "heads", "stop_after"):
+    for name in ("threads", "steps", "vae_steps", "decoder_steps", "dataset", "heads", "stop_after"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--steps", type=int, default=None, help="transformer steps (default: TrainConfig.steps)")
     ap.add_argument("--vae-steps", type=int, default=None)
+    ap.add_argument("--decoder-steps", type=int, default=None, help="decoder-only refinement steps")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="end the transformer stage after this many steps (same schedule as --steps)")
     ap.add_argument("--reuse", type=Path, default=None,
@@ -430,7 +431,8 @@ def _train(args) -> int:
 
     quiet_libraries()
     torch.set_num_threads(args.threads)
-    given = {"steps": args.steps, "vae_steps": args.vae_steps, "dataset": args.dataset, "heads": args.heads,
+    given = {"steps": args.steps, "vae_steps": args.vae_steps, "decoder_steps": args.decoder_steps,
+             "dataset": args.dataset, "heads": args.heads,
              "shared": args.shared, "pooled_text": args.pooled_text or None}
     cfg = TrainConfig(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     out = args.out.expanduser().resolve()
