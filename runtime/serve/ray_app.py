@@ -152,9 +152,10 @@ def build_app(args: argparse.Namespace, options: ServeOptions):
         actor["runtime_env"] = {"env_vars": {"DELEAKER_API_TOKEN": token}}
     deployment = DeLeakerServe.options(
         name="deleaker", ray_actor_options=actor,
-        # requests reach the replica's own queue (bounded by --max-queue: 429 + Retry-After in the JSON error
-        # shape) before Ray's router would queue them; Ray's own bound (a text/plain 503) is a last resort
-        max_ongoing_requests=options.max_queue + 2 * options.max_batch, max_queued_requests=options.max_queue,
+        # overflow is answered by the replica's own queue (bounded by --max-queue: 429 + Retry-After in the
+        # JSON error shape); Ray's router queue is left unbounded (-1) because its overflow answer is a
+        # text/plain 503 that clients cannot parse; a request waits there only until a replica takes it
+        max_ongoing_requests=options.max_queue + 2 * options.max_batch, max_queued_requests=-1,
         graceful_shutdown_timeout_s=options.drain_timeout_s, health_check_period_s=10,
         **_replicas(args.replicas, options.max_batch))
     keep = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
