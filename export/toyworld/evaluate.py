@@ -411,6 +411,12 @@ def check_options(args) -> None:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.pilot is not None and not 1 <= args.pilot <= HELDOUT_PROMPTS * len(EVAL_SEEDS):
         raise ValueError(f"--pilot takes 1..{HELDOUT_PROMPTS * len(EVAL_SEEDS)} pairs, got {args.pilot}")
+    if args.sweep_seeds < 1:
+        raise ValueError(f"--sweep-seeds must be >= 1, got {args.sweep_seeds}")
+    first_sweep = SWEEP_SEEDS.start
+    if not 0 <= args.heldout_seeds <= first_sweep - len(EVAL_SEEDS):
+        raise ValueError(f"--heldout-seeds takes 0..{first_sweep - len(EVAL_SEEDS)} (held-out image seeds stay "
+                         f"below the sweep's {first_sweep}), got {args.heldout_seeds}")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} exists and is not a folder")
     if not args.model.exists():
@@ -426,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="folder for results.json and the figures (required unless --write-slim)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--sweep-seeds", type=int, default=len(SWEEP_SEEDS), metavar="N",
+                    help=f"image seeds per sweep prompt (seeds {SWEEP_SEEDS.start}..; default %(default)s)")
+    ap.add_argument("--heldout-seeds", type=int, default=EVAL_SEEDS.start, metavar="START",
+                    help=f"first of the {len(EVAL_SEEDS)} held-out image seeds per prompt (pairs and triples; "
+                    "default %(default)s); another START gives a fresh held-out sample of the same prompts")
     ap.add_argument("--pilot", type=int, default=None, metavar="N",
                     help=f"only N held-out pairs, vanilla vs '{PILOT_SETTING}', into pilot.json")
     ap.add_argument("--write-slim", type=Path, default=None, metavar="FILE",
@@ -465,6 +476,8 @@ def _evaluate(args, argv) -> int:
     from deleaker.runtime.pipeline import Pipeline
 
     torch.set_num_threads(args.threads)
+    sweep_seeds = range(SWEEP_SEEDS.start, SWEEP_SEEDS.start + args.sweep_seeds)
+    eval_seeds = range(args.heldout_seeds, args.heldout_seeds + len(EVAL_SEEDS))
     data: dict = {"command": "python -m deleaker.export.toyworld.evaluate " + " ".join(argv or sys.argv[1:]),
                   "backend": args.backend, "steps": STEPS, "size": SIZE}
     pipe = Pipeline(load_backend(args.backend, str(args.model), progress=False), config=TOYWORLD_PRESET,
@@ -472,7 +485,7 @@ def _evaluate(args, argv) -> int:
     args.out.mkdir(parents=True, exist_ok=True)  # after the model loaded: a bad --model leaves nothing
     if args.pilot is not None:
         res = _Results(args.out / "pilot.json", data, 1)
-        prompts, seeds = heldout_prompts(), EVAL_SEEDS
+        prompts, seeds = heldout_prompts(), eval_seeds
         pairs = [(p, s) for p in prompts for s in seeds][:args.pilot]
         van = run(pipe, [q for p, s in pairs for q in requests([p], [s], None)], "pilot, vanilla")
         dl = run(pipe, [q for p, s in pairs for q in requests([p], [s], SWEEP[PILOT_SETTING])], "pilot, DeLeaker")
@@ -483,7 +496,7 @@ def _evaluate(args, argv) -> int:
         return 0
     if args.backend != "torch":
         res = _Results(args.out / f"results-{args.backend}.json", data, 1)
-        data["heldout"], _, _ = heldout(pipe, TOYWORLD_PRESET)
+        data["heldout"], _, _ = heldout(pipe, TOYWORLD_PRESET, seeds=eval_seeds)
         torch_json = args.out / "results.json"
         if torch_json.exists():
             data["agreement_with_torch"] = agreement(data["heldout"]["per_sample"],
@@ -502,10 +515,10 @@ def _evaluate(args, argv) -> int:
     res.stage(f"judge accuracy: renders {data['judge_accuracy']}, after the VAE {data['judge_accuracy_vae']}")
     res.save()
     sp = sweep_prompts()
-    data["sweep_set"] = {"prompts": [world.caption_for(p) for p in sp], "seeds": list(SWEEP_SEEDS)}
-    sweep = {"vanilla": summary(run(pipe, requests(sp, SWEEP_SEEDS, None), "sweep vanilla"))}
+    data["sweep_set"] = {"prompts": [world.caption_for(p) for p in sp], "seeds": list(sweep_seeds)}
+    sweep = {"vanilla": summary(run(pipe, requests(sp, sweep_seeds, None), "sweep vanilla"))}
     for name, cfg in SWEEP.items():
-        sweep[name] = {**summary(run(pipe, requests(sp, SWEEP_SEEDS, cfg), f"sweep {name}")), "config": asdict(cfg)}
+        sweep[name] = {**summary(run(pipe, requests(sp, sweep_seeds, cfg), f"sweep {name}")), "config": asdict(cfg)}
         log.info("  %s: %s", name, {k: round(sweep[name][k], 3) for k in ("leak", "all_present", "all_recognised")})
     best = choose({k: v for k, v in sweep.items() if k != "vanilla"}, sweep["vanilla"])
     data["sweep"], data["chosen"] = sweep, best
@@ -515,7 +528,7 @@ def _evaluate(args, argv) -> int:
     data["preset_matches_sweep"] = chosen_cfg == TOYWORLD_PRESET
     res.stage(f"sweep: chose {best}")
     res.save()
-    data["heldout"], van, dl = heldout(pipe, chosen_cfg)
+    data["heldout"], van, dl = heldout(pipe, chosen_cfg, seeds=eval_seeds)
     res.stage("held-out pairs")
     _log_comparison("held-out pairs", data["heldout"])
     res.save()
@@ -524,7 +537,7 @@ def _evaluate(args, argv) -> int:
     n_abl = ABLATION_PAIRS
     data["ablation"] = {"pairs": n_abl, "full": {"leak_reduction": float(np.mean(
         [float(a["leak"]) - float(b["leak"]) for a, b in zip(van[:n_abl], dl[:n_abl])]))}}
-    reqs = requests(heldout_prompts(), EVAL_SEEDS, None)[:n_abl]
+    reqs = requests(heldout_prompts(), eval_seeds, None)[:n_abl]
     for name, cfg in ablations(chosen_cfg).items():
         abl = run(pipe, [replace(q, deleaker=True, config=cfg) for q in reqs], f"ablation {name}")
         c = compare(van[:n_abl], abl, cfg, 0.25)
@@ -534,7 +547,8 @@ def _evaluate(args, argv) -> int:
     res.stage("per-rule ablation: " + ", ".join(f"{k} {v['leak_reduction']:+.3f}" for k, v in data["ablation"].items()
                                                if isinstance(v, dict) and "leak_reduction" in v))
     res.save()
-    data["heldout_triplets"], _, _ = heldout(pipe, chosen_cfg, heldout_triplets(), TRIPLET_SEEDS, "held-out triples")
+    data["heldout_triplets"], _, _ = heldout(pipe, chosen_cfg, heldout_triplets(),
+                                            range(args.heldout_seeds, args.heldout_seeds + len(TRIPLET_SEEDS)), "held-out triples")
     res.stage("held-out triples")
     _log_comparison("held-out triples", data["heldout_triplets"])
     res.save()
