@@ -38,3 +38,22 @@ def test_script_writes_json_and_counts(tmp_path, tiny_model_dir, capsys):
     with pytest.raises(SystemExit) as exc:
         input_audit.main(["--only", "nope"])
     assert exc.value.code == 2
+
+
+def test_readme_counts_match_the_committed_audit():
+    """README's tried / clean table is the committed raw audit, which covers today's case list."""
+    from collections import Counter
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    raw = json.loads((root / "benchmarks/results/cpu-2026-12-01/input_audit.json").read_text())
+    tried = Counter(o["area"] for o in raw["outcomes"])
+    clean = Counter(o["area"] for o in raw["outcomes"] if o["verdict"] == "clean")
+    assert sorted((o["area"], o["name"]) for o in raw["outcomes"]) == sorted(input_audit.case_names())
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
+             for line in (root / "README.md").read_text().splitlines() if line.startswith("| tried") or
+             line.startswith("| clean") or line.startswith("| area | generate")}
+    areas = lines["area"][:-1]
+    assert sorted(areas) == sorted(input_audit.AREAS)
+    assert lines["tried"] == [str(tried[a]) for a in areas] + [str(raw["counts"]["tried"])]
+    assert lines["clean"] == [str(clean[a]) for a in areas] + [str(raw["counts"]["clean"])]
