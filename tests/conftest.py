@@ -1,8 +1,41 @@
-"""Shared pytest fixtures. Keep this small: one fixture per shared resource."""
+"""Shared pytest fixtures and the one place `gpu` / `tensorrt` tests are skipped with their reason.
+
+Keep this small: one fixture per shared resource.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
+
+
+@functools.cache
+def _no_cuda_reason() -> str | None:
+    try:
+        import torch
+    except ImportError as e:
+        return f"needs a CUDA GPU (torch does not import: {e})"
+    return None if torch.cuda.is_available() else "needs a CUDA GPU (torch sees none)"
+
+
+@functools.cache
+def _no_tensorrt_reason() -> str | None:
+    from deleaker.runtime.backends.tensorrt_backend import TensorRTError, import_tensorrt
+
+    try:
+        import_tensorrt("this test")
+    except TensorRTError as e:
+        return str(e)
+    return _no_cuda_reason()
+
+
+def pytest_runtest_setup(item):
+    """`gpu` tests need CUDA; `tensorrt` tests need TensorRT 10+ and CUDA: skip with the reason."""
+    if item.get_closest_marker("gpu") is not None and (why := _no_cuda_reason()):
+        pytest.skip(why)
+    if item.get_closest_marker("tensorrt") is not None and (why := _no_tensorrt_reason()):
+        pytest.skip(why)
 
 
 @pytest.fixture(scope="session")
@@ -11,3 +44,22 @@ def tiny_model_dir(tmp_path_factory):
     from deleaker.export.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-flux") / "model")
+
+
+@pytest.fixture(scope="session")
+def fused_op():
+    """The fused CUDA op's library, loaded (only in `gpu` tests); skips with the reason it cannot load."""
+    from deleaker.export import cuda_op
+
+    try:
+        return cuda_op.load()
+    except cuda_op.CudaOpUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def tiny_h64_model_dir(tmp_path_factory):
+    """The tiny checkpoint with head dim 64 (what the fused op's kernels take), built once."""
+    from deleaker.export.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-h64") / "model", preset="tiny-h64")

@@ -253,8 +253,6 @@ def test_summary_cites_notes_for_skipped_rows():
 
 @pytest.mark.gpu
 def test_gpu_step_uses_cuda_events_and_reports_device_memory():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     tr = M.random_flux_transformer("flux-dev", device="cuda", dtype=torch.bfloat16, num_layers=1,
                                    num_single_layers=1, num_attention_heads=2, attention_head_dim=64,
                                    axes_dims_rope=(16, 24, 24), joint_attention_dim=64, pooled_projection_dim=32)
@@ -383,8 +381,6 @@ def test_step_edit_counters_match_the_reference_op():
 def test_gpu_fused_counters_equal_the_reference_counters():
     """On a GPU with the fused library: the fused op's counters (its debug path, after timing)
     equal the reference's on the planted step, plus its fallback rows."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     tr = M.random_flux_transformer("flux-dev", device="cuda", dtype=torch.bfloat16, num_layers=1,
                                    num_single_layers=1, num_attention_heads=2, attention_head_dim=64,
                                    axes_dims_rope=(16, 24, 24), joint_attention_dim=64, pooled_projection_dim=32)

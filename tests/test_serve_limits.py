@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
 
-from test_serve_support import SIZE, STEPS, ServerProcess, metric  # noqa: E402
+from serve_support import SIZE, STEPS, ServerProcess, metric  # noqa: E402
 
 GEN = "/v1/images/generations"
 READ_TIMEOUT_S = 2

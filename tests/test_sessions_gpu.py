@@ -1,7 +1,7 @@
 """Device-resident sessions on a GPU: no host<->device copy inside the denoising loop.
 
-Marked `gpu` (skipped with a reason where torch sees no CUDA device or the fused library is not
-built). The CPU side of the session contract (batching, settings per sample, concurrency) is
+Marked `gpu` (tests/conftest.py skips them with the reason where torch sees no CUDA device; the
+`fused_op` fixture where the fused library is not built). The CPU side of the session contract (batching, settings per sample, concurrency) is
 tests/test_pipeline.py.
 """
 
@@ -14,19 +14,10 @@ import torch
 pytestmark = pytest.mark.gpu
 
 
-def _fused_backend(tmp_path_factory, **options):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (torch sees none)")
-    from deleaker.export import cuda_op
-    from deleaker.export.tiny_model import build_tiny_model
+def _fused_backend(model_dir, **options):
     from deleaker.runtime.backends import load_backend
 
-    try:
-        cuda_op.load()
-    except cuda_op.CudaOpUnavailable as e:
-        pytest.skip(str(e))
-    model = build_tiny_model(tmp_path_factory.mktemp("tiny-h64") / "model", preset="tiny-h64")
-    return load_backend("torch", str(model), device="cuda", dtype="bf16", op="cuda", progress=False, **options)
+    return load_backend("torch", str(model_dir), device="cuda", dtype="bf16", op="cuda", progress=False, **options)
 
 
 def _memcpy_events(fn) -> list[str]:
@@ -41,11 +32,11 @@ def _memcpy_events(fn) -> list[str]:
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_steady_steps_copy_nothing_between_host_and_device(tmp_path_factory, cuda_graphs):
+def test_steady_steps_copy_nothing_between_host_and_device(fused_op, tiny_h64_model_dir, cuda_graphs):
     from deleaker.runtime.config import DeLeakerConfig
     from deleaker.runtime.pipeline import GenerateRequest, Pipeline
 
-    be = _fused_backend(tmp_path_factory, cuda_graphs=cuda_graphs)
+    be = _fused_backend(tiny_h64_model_dir, cuda_graphs=cuda_graphs)
     cfg = DeLeakerConfig(start_aggregating_from=0, start_intervention_from=1, do_smoothing=False)
     pipe = Pipeline(be, config=cfg)
     reqs = [GenerateRequest("a cat and a cheetah in a field", entities=("cat", "cheetah"), seed=s, steps=6,
@@ -59,14 +50,14 @@ def test_steady_steps_copy_nothing_between_host_and_device(tmp_path_factory, cud
     assert np.isfinite(x).all() and hist[:, :2].max() > 0  # it ran, with DeLeaker's history filled
 
 
-def test_batched_images_per_second_are_reported(tmp_path_factory):
+def test_batched_images_per_second_are_reported(fused_op, tiny_h64_model_dir):
     """The session loop at batch 1, 2 and 4 (tiny model: a functional check that batching raises
     throughput; FLUX.1-dev-sized figures come from `deleaker-bench --mode e2e --batch 1,2,4`)."""
     import time
 
     from deleaker.runtime.pipeline import GenerateRequest, Pipeline
 
-    pipe = Pipeline(_fused_backend(tmp_path_factory), max_batch=4)
+    pipe = Pipeline(_fused_backend(tiny_h64_model_dir), max_batch=4)
     rates = {}
     for b in (1, 2, 4):
         reqs = [GenerateRequest("a cat and a cheetah in a field", entities=("cat", "cheetah"), seed=s, steps=8,
