@@ -137,7 +137,8 @@ def test_evaluate_bad_options_are_one_line_and_write_nothing(tmp_path, capsys):
     assert E.main(["--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"python -m deleaker.export.toyworld.evaluate: error: checkpoint folder not found: {tmp_path / 'missing'}"]
-    for bad in (["--threads", "0"], ["--max-batch", "0"], ["--pilot", "0"]):
+    for bad in (["--threads", "0"], ["--max-batch", "0"], ["--pilot", "0"], ["--sweep-seeds", "0"],
+                ["--heldout-seeds", "9996"], ["--heldout-seeds", "-1"]):
         assert E.main(["--out", str(out), *bad]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not out.exists()
