@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+
+from . import op_schema
 
 # FLUX.1 block counts (19 double + 38 single blocks).
 FLUX_BLOCKS_PER_STEP = 19 + 38
@@ -17,10 +18,15 @@ FLUX_BLOCKS_PER_STEP = 19 + 38
 _HISTORY_FRACTION = 12 / 20
 
 
-# The op reads the knobs as float32 and the windows as int64 (op_schema.pack_settings): a value
-# past float32 would become inf there, so it is refused here.
-FLOAT32_MAX = 3.4028234663852886e38
-MAX_WINDOW = 2 ** 31 - 1  # block-steps; far past any run (1000 steps x 57 blocks is 57000)
+# Limits of the op's settings types (the knobs travel as float32, the windows as int64).
+FLOAT32_MAX = op_schema.FLOAT32_MAX
+MAX_WINDOW = op_schema.MAX_WINDOW
+
+# Fields of the configs that are not op settings: the step count the derived windows are for,
+# and (once resolved) the model's blocks per step.
+_NUM_STEPS = ("num_steps", int, dataclasses.field(default=20))
+_BLOCKS_PER_STEP = ("blocks_per_step", int)
+_INTEGERS = ("num_steps",) + tuple(s.name for s in op_schema.SETTINGS if s.type == "int")
 
 
 def _is_number(v) -> bool:
@@ -31,27 +37,10 @@ class ConfigError(ValueError):
     """A DeLeaker setting is invalid; the message says which and why."""
 
 
-@dataclass(frozen=True)
-class DeLeakerConfig:
-    std_mul_text: float = 1.0  # beta1: entity-mask threshold mean + beta1 * std
-    std_mul_image_image: float = 1.0  # beta2: image-image cut threshold
-    k_strength: float = 1.2  # alpha: multiplier on own-entity image->text logits
-    start_aggregating_from: int = 12  # a0
-    stop_aggregating_at: int | None = None  # a1; None: derived from steps
-    start_intervention_from: int = 18  # i0
-    stop_intervention_at: int | None = None  # i1 (inclusive); None: derived from steps
-    use_history: bool = True
-    do_smoothing: bool = True
-    do_image_text_weakening: bool = True
-    do_image_text_strengthening: bool = True
-    do_image_image: bool = True
-    do_text_text_weakening: bool = False
-    num_steps: int = 20  # the step count the derived windows are for
-
+class _DeLeakerConfigMethods:
     def resolved(self, blocks_per_step: int = FLUX_BLOCKS_PER_STEP) -> "ResolvedConfig":
         """Fix the windows for a model with `blocks_per_step` blocks and validate everything."""
-        for name in ("num_steps", "start_aggregating_from", "start_intervention_from", "stop_aggregating_at",
-                     "stop_intervention_at"):
+        for name in _INTEGERS:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                 raise ConfigError(f"{name} must be an integer, got {v!r}")
@@ -67,13 +56,9 @@ class DeLeakerConfig:
         i1 = self.stop_intervention_at
         if i1 is None:
             i1 = max(self.num_steps * blocks_per_step, self.start_intervention_from)
-        r = ResolvedConfig(
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in
-               ("stop_aggregating_at", "stop_intervention_at")},
-            stop_aggregating_at=a1,
-            stop_intervention_at=i1,
-            blocks_per_step=blocks_per_step,
-        )
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values.update(stop_aggregating_at=a1, stop_intervention_at=i1, blocks_per_step=blocks_per_step)
+        r = ResolvedConfig(**values)
         r.validate()
         return r
 
@@ -84,53 +69,34 @@ class DeLeakerConfig:
         return dataclasses.replace(self, **changes)
 
 
-@dataclass(frozen=True)
-class ResolvedConfig:
-    """A config with concrete windows for one model; what the op's attributes are made from."""
-
-    std_mul_text: float
-    std_mul_image_image: float
-    k_strength: float
-    start_aggregating_from: int
-    stop_aggregating_at: int
-    start_intervention_from: int
-    stop_intervention_at: int
-    use_history: bool
-    do_smoothing: bool
-    do_image_text_weakening: bool
-    do_image_text_strengthening: bool
-    do_image_image: bool
-    do_text_text_weakening: bool
-    num_steps: int
-    blocks_per_step: int
-
+class _ResolvedConfigMethods:
     def validate(self) -> None:
-        for name in ("std_mul_text", "std_mul_image_image", "k_strength"):
-            v = getattr(self, name)
-            if not _is_number(v) or not math.isfinite(v) or abs(v) > FLOAT32_MAX:
-                raise ConfigError(f"{name} must be a finite number within float32 range (|x| <= {FLOAT32_MAX:.4g}), "
+        by_type = {t: [s for s in op_schema.SETTINGS if s.type == t] for t in op_schema.PY_TYPES}
+        for s in by_type["float"]:
+            v = getattr(self, s.name)
+            if not _is_number(v) or not math.isfinite(v) or abs(v) > s.maximum:
+                raise ConfigError(f"{s.name} must be a finite number within float32 range (|x| <= {s.maximum:.4g}), "
                                   f"got {v!r}")
-        for name in ("use_history", "do_smoothing", "do_image_text_weakening", "do_image_text_strengthening",
-                     "do_image_image", "do_text_text_weakening"):
-            v = getattr(self, name)
+        for s in by_type["bool"]:
+            v = getattr(self, s.name)
             if not isinstance(v, bool):  # "no" would be truthy and switch the rule on
-                raise ConfigError(f"{name} must be True or False, got {v!r}")
-        for name in ("start_aggregating_from", "stop_aggregating_at", "start_intervention_from",
-                     "stop_intervention_at"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v > MAX_WINDOW:
-                raise ConfigError(f"{name} must be an integer <= {MAX_WINDOW}, got {v!r}")
-        if self.std_mul_text < 0:
-            raise ConfigError(f"std_mul_text (beta1) must be >= 0, got {self.std_mul_text}")
-        if self.std_mul_image_image < 0:
-            raise ConfigError(f"std_mul_image_image (beta2) must be >= 0, got {self.std_mul_image_image}")
-        if self.k_strength <= 0:
-            raise ConfigError(f"k_strength (alpha) must be > 0, got {self.k_strength}")
+                raise ConfigError(f"{s.name} must be True or False, got {v!r}")
+        for s in by_type["int"]:
+            v = getattr(self, s.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v > s.maximum:
+                raise ConfigError(f"{s.name} must be an integer <= {s.maximum}, got {v!r}")
+        for s in by_type["float"]:
+            v = getattr(self, s.name)
+            if s.minimum is not None and (v <= s.minimum if s.min_exclusive else v < s.minimum):
+                raise ConfigError(f"{s.name} ({s.symbol}) must be {'>' if s.min_exclusive else '>='} {s.minimum}, "
+                                  f"got {v}")
+        starts = [s for s in by_type["int"] if s.minimum is not None]
+        if any(getattr(self, s.name) < s.minimum for s in starts):
+            floor = min(s.minimum for s in starts)
+            raise ConfigError(f"window starts must be >= {floor} ("
+                              + ", ".join(f"{s.name}={getattr(self, s.name)}" for s in starts) + ")")
         a0, a1 = self.start_aggregating_from, self.stop_aggregating_at
         i0, i1 = self.start_intervention_from, self.stop_intervention_at
-        if a0 < 0 or i0 < 0:
-            raise ConfigError(f"window starts must be >= 0 (start_aggregating_from={a0}, "
-                              f"start_intervention_from={i0})")
         if a1 <= a0:
             raise ConfigError(f"stop_aggregating_at ({a1}) must be > start_aggregating_from ({a0})")
         if i1 < i0:
@@ -146,9 +112,30 @@ class ResolvedConfig:
 
     def settings(self) -> dict:
         """The op's per-sample settings {name: value} (names as in op_schema.SETTINGS)."""
-        from .op_schema import SETTING_NAMES
+        return {name: getattr(self, name) for name in op_schema.SETTING_NAMES}
 
-        return {name: getattr(self, name) for name in SETTING_NAMES}
+
+def _config_field(s: op_schema.SettingSpec):
+    kind = op_schema.PY_TYPES[s.type]
+    return s.name, kind if s.default is not None else kind | None, dataclasses.field(default=s.default)
+
+
+# Both configs are built from op_schema.SETTINGS (names, order, types, defaults): one field per
+# setting, then the fields that are not op settings.
+DeLeakerConfig = dataclasses.make_dataclass(
+    "DeLeakerConfig", [_config_field(s) for s in op_schema.SETTINGS] + [_NUM_STEPS],
+    bases=(_DeLeakerConfigMethods,), frozen=True)
+DeLeakerConfig.__module__ = __name__  # for pickling and repr (make_dataclass has no module= before 3.12)
+DeLeakerConfig.__doc__ = ("Every DeLeaker setting (op_schema.SETTINGS, with its default) and num_steps, the step "
+                          "count the derived windows (None: stop_aggregating_at, stop_intervention_at) are for.")
+
+ResolvedConfig = dataclasses.make_dataclass(
+    "ResolvedConfig", [(s.name, op_schema.PY_TYPES[s.type]) for s in op_schema.SETTINGS]
+    + [_NUM_STEPS[:2], _BLOCKS_PER_STEP],
+    bases=(_ResolvedConfigMethods,), frozen=True)
+ResolvedConfig.__module__ = __name__
+ResolvedConfig.__doc__ = ("A config with concrete windows for one model (every field set); what the op's "
+                          "settings tensors are packed from (op_schema.pack_settings).")
 
 
 PRESETS: dict[str, DeLeakerConfig] = {

@@ -37,40 +37,98 @@ class TensorSpec:
     doc: str
 
 
+# Largest finite float32: the knobs travel as float32, so a larger value would become inf there.
+FLOAT32_MAX = 3.4028234663852886e38
+# Largest window value (block-steps); far past any run (1000 steps x 57 blocks is 57000).
+MAX_WINDOW = 2 ** 31 - 1
+
+
 @dataclass(frozen=True)
 class SettingSpec:
-    """One per-sample DeLeaker setting: column `index` of input tensor `tensor`."""
+    """One per-sample DeLeaker setting: column `index` of input tensor `tensor`.
+
+    Also a field of runtime/config.py's DeLeakerConfig and ResolvedConfig (in SETTINGS order,
+    with this default) and of the fused kernels' Settings struct (named `kernel`)."""
 
     name: str  # DeLeakerConfig / ResolvedConfig field
     tensor: str  # "windows", "knobs" or "rules"
     index: int
     type: str  # "int", "float" or "bool"
+    default: int | float | bool | None  # None: derived from the step count (DeLeakerConfig.resolved)
+    symbol: str  # docs/semantics.md symbol ("" where it has none)
+    kernel: str  # field of the kernels' Settings struct (plugins/deleaker_attention/src/internal.h)
     doc: str
+    minimum: float | None = None  # lower bound (validated by ResolvedConfig)
+    min_exclusive: bool = False  # minimum itself is refused
+    maximum: float | None = None  # upper bound (floats: float32 range)
 
 
-# Order matters: the tensors' columns, the C struct and the TensorRT plugin follow it.
+def _knob(name, index, default, symbol, minimum, min_exclusive, doc):
+    return SettingSpec(name, "knobs", index, "float", default, symbol, symbol, f"{symbol}: {doc}", minimum,
+                       min_exclusive, FLOAT32_MAX)
+
+
+def _window(name, index, default, symbol, doc, minimum=None):
+    return SettingSpec(name, "windows", index, "int", default, symbol, symbol, f"{symbol}: {doc}", minimum,
+                       maximum=MAX_WINDOW)
+
+
+def _rule(name, index, default, kernel, doc, symbol=""):
+    return SettingSpec(name, "rules", index, "bool", default, symbol, kernel, doc)
+
+
+# The public field order of DeLeakerConfig; `index` is the column (the tensors, the C enums and
+# the kernels' loader follow the columns).
 SETTINGS = (
-    SettingSpec("start_aggregating_from", "windows", 0, "int", "a0: first tau of the mask history"),
-    SettingSpec("stop_aggregating_at", "windows", 1, "int", "a1: history frozen from here on"),
-    SettingSpec("start_intervention_from", "windows", 2, "int", "i0: first tau that is edited"),
-    SettingSpec("stop_intervention_at", "windows", 3, "int", "i1: last tau that is edited (inclusive)"),
-    SettingSpec("std_mul_text", "knobs", 0, "float", "beta1: entity-mask threshold mean + beta1 * std"),
-    SettingSpec("std_mul_image_image", "knobs", 1, "float", "beta2: image-image cut threshold"),
-    SettingSpec("k_strength", "knobs", 2, "float", "alpha: multiplier on own-entity image->text logits"),
-    SettingSpec("use_history", "rules", 0, "bool", "masks from the running mean"),
-    SettingSpec("do_smoothing", "rules", 1, "bool", "3x3 open + close of the masks"),
-    SettingSpec("do_image_text_weakening", "rules", 2, "bool", "rule W"),
-    SettingSpec("do_image_text_strengthening", "rules", 3, "bool", "rule S"),
-    SettingSpec("do_image_image", "rules", 4, "bool", "rule X"),
-    SettingSpec("do_text_text_weakening", "rules", 5, "bool", "rule TT"),
+    _knob("std_mul_text", 0, 1.0, "beta1", 0, False, "entity-mask threshold mean + beta1 * std"),
+    _knob("std_mul_image_image", 1, 1.0, "beta2", 0, False, "image-image cut threshold"),
+    _knob("k_strength", 2, 1.2, "alpha", 0, True, "multiplier on own-entity image->text logits"),
+    _window("start_aggregating_from", 0, 12, "a0", "first tau of the mask history", minimum=0),
+    _window("stop_aggregating_at", 1, None, "a1", "history frozen from here on"),
+    _window("start_intervention_from", 2, 18, "i0", "first tau that is edited", minimum=0),
+    _window("stop_intervention_at", 3, None, "i1", "last tau that is edited (inclusive)"),
+    _rule("use_history", 0, True, "use_history", "masks from the running mean"),
+    _rule("do_smoothing", 1, True, "do_smoothing", "3x3 open + close of the masks"),
+    _rule("do_image_text_weakening", 2, True, "do_w", "rule W", "W"),
+    _rule("do_image_text_strengthening", 3, True, "do_s", "rule S", "S"),
+    _rule("do_image_image", 4, True, "do_x", "rule X", "X"),
+    _rule("do_text_text_weakening", 5, False, "do_tt", "rule TT", "TT"),
 )
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
 SETTINGS_TENSORS = ("windows", "knobs", "rules")
 _SETTINGS_DTYPES = {"windows": np.int64, "knobs": np.float32, "rules": np.int64}
+# Python type of each setting type (DeLeakerConfig / ResolvedConfig fields)
+PY_TYPES = {"int": int, "float": float, "bool": bool}
+
+
+def settings_of(tensor: str) -> tuple[SettingSpec, ...]:
+    """The settings carried by one settings tensor, in column order."""
+    return tuple(sorted((s for s in SETTINGS if s.tensor == tensor), key=lambda s: s.index))
+
+
+def settings_by_column() -> tuple[SettingSpec, ...]:
+    """Every setting, tensor by tensor (SETTINGS_TENSORS order), column by column."""
+    return tuple(s for t in SETTINGS_TENSORS for s in settings_of(t))
 
 
 def settings_width(tensor: str) -> int:
     return sum(1 for s in SETTINGS if s.tensor == tensor)
+
+
+def _check_columns() -> None:
+    for t in SETTINGS_TENSORS:
+        cols = [s.index for s in settings_of(t)]
+        if cols != list(range(len(cols))):
+            raise AssertionError(f"op_schema: the {t} columns are {cols}, not 0..{len(cols) - 1}")
+    if len(set(SETTING_NAMES)) != len(SETTINGS) or {s.tensor for s in SETTINGS} != set(SETTINGS_TENSORS):
+        raise AssertionError("op_schema: setting names must be unique, each in one of SETTINGS_TENSORS")
+
+
+_check_columns()
+
+
+def _symbols(tensor: str) -> str:
+    return ", ".join(s.symbol or s.name for s in settings_of(tensor))
 
 
 INPUTS = (
@@ -83,12 +141,12 @@ INPUTS = (
     TensorSpec("step", "int64", "[] (scalar)", "denoising step s; tau = s * blocks_per_step + block_offset"),
     TensorSpec("grid", "int64", "[2]", "latent token grid (h, w), h * w = I"),
     TensorSpec("windows", "int64", f"[B, {settings_width('windows')}]",
-               "per sample: a0, a1, i0, i1 (block-steps; see SETTINGS)"),
-    TensorSpec("knobs", "float32", f"[B, {settings_width('knobs')}]", "per sample: beta1, beta2, alpha"),
-    TensorSpec("rules", "int64", f"[B, {settings_width('rules')}]",
-               "per sample, 0/1: use_history, do_smoothing, W, S, X, TT"),
+               f"per sample: {_symbols('windows')} (block-steps; see SETTINGS)"),
+    TensorSpec("knobs", "float32", f"[B, {settings_width('knobs')}]", f"per sample: {_symbols('knobs')}"),
+    TensorSpec("rules", "int64", f"[B, {settings_width('rules')}]", f"per sample, 0/1: {_symbols('rules')}"),
 )
 INPUT_NAMES = tuple(t.name for t in INPUTS)
+assert INPUT_NAMES[-len(SETTINGS_TENSORS):] == SETTINGS_TENSORS  # the settings tensors close the input list
 
 OUTPUTS = (
     TensorSpec("out", "float", "[B, H, T+I, D]", "attention output, same dtype as q"),
@@ -114,6 +172,40 @@ ATTRIBUTE_NAMES = tuple(a.name for a in ATTRIBUTES)
 def node_attributes(block_offset: int, blocks_per_step: int) -> dict:
     """Attribute dict of one node."""
     return {"block_offset": int(block_offset), "blocks_per_step": int(blocks_per_step)}
+
+
+def attribute_problem(attrs: dict) -> str | None:
+    """Why `attrs` is not exactly the op's attribute dict (None: it is)."""
+    missing = set(ATTRIBUTE_NAMES) - set(attrs)
+    unknown = set(attrs) - set(ATTRIBUTE_NAMES)
+    if missing or unknown:
+        return f"attributes: missing {sorted(missing)}, unknown {sorted(unknown)}"
+    return None
+
+
+def attribute_values(attrs: dict) -> tuple[int, ...]:
+    """The attributes as ints in ATTRIBUTES order (the tail of torch.ops.deleaker.attention's
+    arguments). Raises TypeError if attrs is not exactly the op's attributes."""
+    problem = attribute_problem(attrs)
+    if problem:
+        raise TypeError(problem)
+    return tuple(int(attrs[n]) for n in ATTRIBUTE_NAMES)
+
+
+def split_call(args: Sequence) -> tuple[tuple, dict]:
+    """(inputs, attrs) of a call in the implementations' convention (export/attention_ops.py):
+    fn(*inputs in INPUT_NAMES order, attrs: dict)."""
+    if len(args) != len(INPUTS) + 1 or not isinstance(args[-1], dict):
+        raise TypeError(f"{OP_NAME} takes its {len(INPUTS)} inputs ({', '.join(INPUT_NAMES)}) and then the "
+                        f"attribute dict; got {len(args)} arguments")
+    return tuple(args[:-1]), args[-1]
+
+
+def named_inputs(inputs: Sequence) -> dict:
+    """{name: value} of the op's inputs given in INPUT_NAMES order."""
+    if len(inputs) != len(INPUTS):
+        raise TypeError(f"{OP_NAME} takes {len(INPUTS)} inputs ({', '.join(INPUT_NAMES)}), got {len(inputs)}")
+    return dict(zip(INPUT_NAMES, inputs))
 
 
 def pack_settings(configs: Sequence) -> dict[str, np.ndarray]:
@@ -166,7 +258,7 @@ def markdown() -> str:
     lines += [f"| {i} | `{t.name}` | {t.dtype} | {t.shape} | {t.doc} |" for i, t in enumerate(OUTPUTS)]
     lines += ["", "## Per-sample settings (columns of `windows`, `knobs`, `rules`)", "",
               "| tensor | column | name | type | meaning |", "|---|---|---|---|---|"]
-    lines += [f"| `{s.tensor}` | {s.index} | `{s.name}` | {s.type} | {s.doc} |" for s in SETTINGS]
+    lines += [f"| `{s.tensor}` | {s.index} | `{s.name}` | {s.type} | {s.doc} |" for s in settings_by_column()]
     lines += ["", "## Attributes (structural, in this order)", "", "| # | name | type | meaning |",
               "|---|---|---|---|"]
     lines += [f"| {i} | `{a.name}` | {a.type} | {a.doc} |" for i, a in enumerate(ATTRIBUTES)]

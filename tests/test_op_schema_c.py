@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from deleaker.runtime import op_schema
+from deleaker.runtime import op_schema, op_schema_c
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = REPO / "plugins" / "deleaker_attention" / "include" / "deleaker_attention.h"
+SETTINGS_HEADER = REPO / op_schema_c.SETTINGS_HEADER
 ADAPTER = REPO / "plugins" / "torch_adapter" / "deleaker_torch.cpp"
 KERNEL_SETTINGS = REPO / "plugins" / "deleaker_attention" / "src" / "common.cuh"  # load_settings
 
@@ -53,9 +54,9 @@ def _params_fields(header: str) -> list[tuple[str, str]]:
     return fields
 
 
-def check_header(path: Path) -> list[str]:
-    """Problems of the C header against op_schema (empty: consistent)."""
-    text = _strip_comments(path.read_text())
+def check_header(path: Path, settings: Path = SETTINGS_HEADER) -> list[str]:
+    """Problems of the C header (and its generated settings header) against op_schema (empty: consistent)."""
+    text = _strip_comments(path.read_text() + settings.read_text())
     problems = []
     enums = {name: int(val) for name, val in re.findall(r"\b(DL_(?:WINDOWS|KNOBS|RULES)_\w+)\s*=\s*(\d+)", text)}
     want = {_column_macro(s): s.index for s in op_schema.SETTINGS}
@@ -84,13 +85,10 @@ def check_header(path: Path) -> list[str]:
         want_t = C_TYPES[op_schema._SETTINGS_DTYPES[t].__name__] + "*"
         if types.get(t) != want_t:
             problems.append(f"header: {t} should be {want_t}, is {types.get(t)}")
-    # batch-wide fallbacks: one field per setting, in SETTINGS order
-    order = [n for n in names if n in op_schema.SETTING_NAMES]
-    if order != list(op_schema.SETTING_NAMES):
-        problems.append(f"header: scalar setting fields {order}, op_schema SETTINGS {list(op_schema.SETTING_NAMES)}")
-    for s in op_schema.SETTINGS:
-        if types.get(s.name) != SCALAR_TYPES[s.type]:
-            problems.append(f"header: {s.name} should be {SCALAR_TYPES[s.type]}, is {types.get(s.name)}")
+    # the settings travel as the three arrays only: no scalar per-setting field
+    scalar = [n for n in names if n in op_schema.SETTING_NAMES]
+    if scalar:
+        problems.append(f"header: dl_params_t has scalar setting fields {scalar}; the settings are the arrays")
     return problems
 
 
@@ -101,7 +99,8 @@ def _xmacro(text: str, macro: str) -> list[str] | None:
 
 def check_adapter(path: Path) -> list[str]:
     """Problems of the torch adapter against op_schema (empty: consistent)."""
-    text = _strip_comments(path.read_text())
+    own = _strip_comments(path.read_text())
+    text = _strip_comments(SETTINGS_HEADER.read_text()) + own
     problems = []
     tensors, attrs = _xmacro(text, "DL_OP_TENSORS"), _xmacro(text, "DL_OP_ATTRS")
     if tensors != list(op_schema.INPUT_NAMES):
@@ -120,7 +119,7 @@ def check_adapter(path: Path) -> list[str]:
                 problems.append(f"adapter: {var} checked as {label!r} [B, DL_{width}_WIDTH] at::k{dtype}, "
                                 f"want {var!r} [B, DL_{var.upper()}_WIDTH] at::k{want}")
     # the settings travel as tensors: no per-setting name (a hand-written duplicate list) in the adapter
-    dup = [n for n in op_schema.SETTING_NAMES if re.search(rf"\b{n}\b", text)]
+    dup = [n for n in op_schema.SETTING_NAMES if re.search(rf"\b{n}\b", own)]
     if dup:
         problems.append(f"adapter: names settings one by one ({', '.join(dup)}); pass the settings tensors")
     # its CUDA kernel is registered for the op the reference defines
@@ -139,15 +138,15 @@ def test_adapter_matches_op_schema():
 
 
 def test_kernels_read_every_settings_column():
-    """load_settings reads each column by its header name (a column added to the header and the
-    schema but not read by the kernels fails here)."""
+    """load_settings expands the generated DL_SETTINGS list, which names every column with its
+    tensor's width (a column added to the schema is read by the kernels once regenerated)."""
     text = _strip_comments(KERNEL_SETTINGS.read_text())
     body = text[text.index("load_settings(const Args& a, int b)"):]
     body = body[:body.index("\n}\n")]
-    missing = [_column_macro(s) for s in op_schema.SETTINGS if _column_macro(s) not in body]
-    assert missing == []
-    for t in op_schema.SETTINGS_TENSORS:
-        assert f"DL_{t.upper()}_WIDTH" in body
+    assert "DL_SETTINGS(DL_LOAD_SETTING_)" in body
+    entries = re.findall(r"X\((\w+), (\w+), (\w+), (\w+), (\w+)\)", SETTINGS_HEADER.read_text())
+    assert [(t, c, w) for t, c, w, _, _ in entries] == [
+        (s.tensor, _column_macro(s), f"DL_{s.tensor.upper()}_WIDTH") for s in op_schema.settings_by_column()]
 
 
 def _edited(tmp_path: Path, src: Path, old: str, new: str) -> Path:
@@ -168,17 +167,18 @@ def _edited(tmp_path: Path, src: Path, old: str, new: str) -> Path:
     # attributes reordered
     ("  int64_t block_offset;\n  int64_t blocks_per_step;", "  int64_t blocks_per_step;\n  int64_t block_offset;",
      "attribute fields"),
-    # a fallback field renamed
-    ("int do_text_text_weakening;", "int do_tt;", "scalar setting fields"),
+    # a scalar setting field added back
+    ("  const int64_t* rules; /* 0/1 */", "  const int64_t* rules;\n  float k_strength;", "scalar setting fields"),
 ])
 def test_header_check_rejects_edits(tmp_path, old, new, expect):
-    problems = check_header(_edited(tmp_path, HEADER, old, new))
+    if old in SETTINGS_HEADER.read_text():
+        problems = check_header(HEADER, _edited(tmp_path, SETTINGS_HEADER, old, new))
+    else:
+        problems = check_header(_edited(tmp_path, HEADER, old, new))
     assert any(expect in p for p in problems), problems
 
 
 @pytest.mark.parametrize("old,new,expect", [
-    ("X(windows) X(knobs) X(rules)", "X(knobs) X(windows) X(rules)", "DL_OP_TENSORS"),
-    ("X(block_offset) X(blocks_per_step)", "X(blocks_per_step) X(block_offset)", "DL_OP_ATTRS"),
     ('"knobs", B, DL_KNOBS_WIDTH, at::kFloat', '"knobs", B, DL_KNOBS_WIDTH, at::kDouble', "knobs checked"),
     ('"rules", B, DL_RULES_WIDTH', '"rules", B, DL_WINDOWS_WIDTH', "rules checked"),
     ('m.impl("attention", &attention); }', 'm.impl("attention_fused", &attention); }', "TORCH_LIBRARY_IMPL"),
@@ -188,3 +188,15 @@ def test_header_check_rejects_edits(tmp_path, old, new, expect):
 def test_adapter_check_rejects_edits(tmp_path, old, new, expect):
     problems = check_adapter(_edited(tmp_path, ADAPTER, old, new))
     assert any(expect in p for p in problems), problems
+
+
+def test_generated_headers_are_current():
+    """The committed generated headers equal what op_schema renders now (no drift)."""
+    for rel, text in op_schema_c.render().items():
+        assert (REPO / rel).read_text(encoding="utf-8") == text, f"{rel} is stale: run {op_schema_c.COMMAND}"
+
+
+def test_no_hand_copy_of_a_setting_default_in_the_library():
+    """dl_params_init sets no setting: the settings (and their defaults) live in op_schema only."""
+    api = _strip_comments((REPO / "plugins" / "deleaker_attention" / "src" / "api.cu").read_text())
+    assert [n for n in op_schema.SETTING_NAMES if re.search(rf"\b{n}\b", api)] == []

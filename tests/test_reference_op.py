@@ -489,3 +489,21 @@ def test_unknown_preset_and_setting():
         preset("nope")
     with pytest.raises(ConfigError, match="unknown DeLeaker setting"):
         preset("flux-dev", alpha=2)
+
+
+def test_configs_are_built_from_the_op_schema():
+    """Both configs carry exactly op_schema.SETTINGS (names, order, schema defaults), plus their own
+    non-op fields; a setting added to the schema appears in both."""
+    import dataclasses
+
+    from deleaker.runtime import op_schema
+    from deleaker.runtime.config import ResolvedConfig
+
+    fields = dataclasses.fields(DeLeakerConfig)
+    assert tuple(f.name for f in fields) == op_schema.SETTING_NAMES + ("num_steps",)
+    assert {f.name: f.default for f in fields[:-1]} == {s.name: s.default for s in op_schema.SETTINGS}
+    assert tuple(f.name for f in dataclasses.fields(ResolvedConfig)) == \
+        op_schema.SETTING_NAMES + ("num_steps", "blocks_per_step")
+    r = preset("flux-dev").resolved(57)
+    assert r.settings() == {s.name: getattr(r, s.name) for s in op_schema.SETTINGS}
+    assert type(r.k_strength) is float and type(r.stop_intervention_at) is int

@@ -1,6 +1,6 @@
 """The TensorRT plugin's sources, generated field header and CMake detection (CPU CI).
 
-- deleaker_fields.h equals what plugins/tensorrt/gen_fields.py renders from runtime/op_schema.py;
+- deleaker_fields.h equals what `python -m deleaker.runtime.op_schema_c` renders from runtime/op_schema.py;
 - the plugin compiles to an object against TensorRT headers given in $DELEAKER_TRT_INCLUDE
   (a folder holding NvInferRuntime.h; skipped with the reason when unset) and exports TensorRT's
   plugin-library entry points;
@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from deleaker.runtime import op_schema
+from deleaker.runtime import op_schema, op_schema_c
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = REPO / "plugins" / "tensorrt"
@@ -26,16 +25,9 @@ SOURCE = PLUGIN_DIR / "deleaker_trt_plugin.cpp"
 FIND_MODULE = PLUGIN_DIR / "FindDeleakerTensorRT.cmake"
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("gen_fields", PLUGIN_DIR / "gen_fields.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_fields_header_is_generated_from_op_schema():
     text = (PLUGIN_DIR / "deleaker_fields.h").read_text(encoding="utf-8")
-    assert text == _generator().render(), "deleaker_fields.h is stale: run python plugins/tensorrt/gen_fields.py"
+    assert text == op_schema_c.render_fields(), f"deleaker_fields.h is stale: run {op_schema_c.COMMAND}"
 
 
 def test_fields_header_lists_the_schema_in_order():
@@ -50,13 +42,14 @@ def test_fields_header_lists_the_schema_in_order():
     assert [int(r) for r in ranks.split(",")] == [4, 4, 4, 3, 3, 0, 1, 2, 2, 2]
 
 
-def test_generator_check_mode_detects_a_stale_header(tmp_path, monkeypatch):
-    gen = _generator()
-    stale = tmp_path / "deleaker_fields.h"
-    stale.write_text(gen.render().replace('"blocks_per_step"', '"blocks"'), encoding="utf-8")
-    monkeypatch.setattr(gen, "HEADER", stale)
-    assert gen.main(["--check"]) == 1
-    assert gen.main([]) == 0 and gen.main(["--check"]) == 0
+def test_generator_check_mode_detects_a_stale_header(tmp_path):
+    for rel, text in op_schema_c.render().items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text, encoding="utf-8")
+    stale = tmp_path / op_schema_c.FIELDS_HEADER
+    stale.write_text(op_schema_c.render_fields().replace('"blocks_per_step"', '"blocks"'), encoding="utf-8")
+    assert op_schema_c.main(["--check", "--root", str(tmp_path)]) == 1
+    assert op_schema_c.main(["--root", str(tmp_path)]) == 0 and op_schema_c.main(["--check", "--root", str(tmp_path)]) == 0
 
 
 def test_plugin_compiles_against_tensorrt_headers(tmp_path):

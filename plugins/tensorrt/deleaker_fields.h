@@ -1,5 +1,4 @@
-/* Generated from runtime/op_schema.py by plugins/tensorrt/gen_fields.py: do not edit.
- * Regenerate with `python plugins/tensorrt/gen_fields.py`. */
+/* Generated from runtime/op_schema.py: do not edit. Regenerate with `python -m deleaker.runtime.op_schema_c`. */
 #ifndef DELEAKER_TRT_FIELDS_H
 #define DELEAKER_TRT_FIELDS_H
 
@@ -11,7 +10,7 @@
 /* dtype class of each input/output: q's type (fp16 or bf16), float32, int64 */
 enum { DL_KIND_ATTN = 0, DL_KIND_F32 = 1, DL_KIND_I64 = 2 };
 
-/* inputs, in op order */
+/* inputs, in op order (the settings inputs' widths: deleaker_settings.h) */
 enum {
   DL_IN_Q = 0,
   DL_IN_K = 1,
@@ -38,11 +37,6 @@ enum {
 static const char* const kDlOutputNames[] = {"out", "history_out"};
 static const int kDlOutputKinds[DL_NUM_OUTPUTS] = {DL_KIND_ATTN, DL_KIND_F32};
 static const int kDlOutputRanks[DL_NUM_OUTPUTS] = {4, 3};
-
-/* columns of the per-sample settings inputs */
-#define DL_WINDOWS_WIDTH 4
-#define DL_KNOBS_WIDTH 3
-#define DL_RULES_WIDTH 6
 
 /* attributes = PluginFields (int64, one value each), in op order */
 enum {

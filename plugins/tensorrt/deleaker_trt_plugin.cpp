@@ -1,8 +1,9 @@
 // DeLeakerAttention as a TensorRT 10 IPluginV3 (namespace "deleaker", version "2"), over the C ABI
-// of the fused kernels (plugins/deleaker_attention/include/deleaker_attention.h, ABI v3).
+// of the fused kernels (plugins/deleaker_attention/include/deleaker_attention.h, ABI v4).
 //
-// Inputs, outputs, their dtypes and the attribute fields come from deleaker_fields.h, which is
-// generated from runtime/op_schema.py. Strongly typed networks: out has q's type (fp16/bf16),
+// Inputs, outputs, their dtypes and the attribute fields come from deleaker_fields.h, the settings
+// widths from deleaker_settings.h (via deleaker_attention.h): both generated from
+// runtime/op_schema.py (`python -m deleaker.runtime.op_schema_c`). Strongly typed networks: out has q's type (fp16/bf16),
 // history_out is float32. The per-sample settings (windows, knobs, rules), step and grid stay on
 // the device: enqueue never synchronises, so the engine can be captured in a CUDA graph.
 //
@@ -24,8 +25,8 @@
 #if !defined(NV_TENSORRT_MAJOR) || NV_TENSORRT_MAJOR < 10
 #error "the DeLeakerAttention plugin needs TensorRT 10 or newer (IPluginV3)"
 #endif
-#if DL_ABI_VERSION < 3
-#error "the DeLeakerAttention plugin needs deleaker_attention.h ABI v3 (per-sample windows/knobs/rules pointers)"
+#if DL_ABI_VERSION < 4
+#error "the DeLeakerAttention plugin needs deleaker_attention.h ABI v4 (per-sample windows/knobs/rules arrays only)"
 #endif
 
 using namespace nvinfer1;

@@ -30,10 +30,8 @@
 
 #include "deleaker_attention.h"
 
-// The op's inputs and attributes, in runtime/op_schema.py INPUTS / ATTRIBUTES order (checked by
-// tests/test_op_schema_c.py). Every parameter list and schema below is generated from these two.
-#define DL_OP_TENSORS(X) X(q) X(k) X(v) X(entity_tokens) X(history) X(step) X(grid) X(windows) X(knobs) X(rules)
-#define DL_OP_ATTRS(X) X(block_offset) X(blocks_per_step)
+// The op's inputs and attributes, DL_OP_TENSORS / DL_OP_ATTRS (deleaker_settings.h, generated from
+// runtime/op_schema.py INPUTS / ATTRIBUTES): every parameter list and schema below expands them.
 
 #define DL_DROP_FIRST_(first, ...) __VA_ARGS__
 #define DL_DROP_FIRST(...) DL_DROP_FIRST_(__VA_ARGS__)

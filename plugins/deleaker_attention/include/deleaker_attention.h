@@ -7,8 +7,8 @@
  * Usage: fill a dl_params_t, ask dl_workspace_size() once per shape, give dl_launch() a
  * device workspace of at least that many bytes (no zeroing needed) and a stream. dl_launch
  * enqueues a fixed sequence of kernels: no host synchronisation, no allocation, so it can be
- * captured in a CUDA graph. step, grid and the per-sample settings (windows, knobs, rules) may
- * live on the device (read there) or be passed by value (one setting for the whole batch).
+ * captured in a CUDA graph. The per-sample settings (windows, knobs, rules) live on the device
+ * (read there); step and grid may live there too or be passed by value.
  *
  * No (T+I) x (T+I) tensor is ever formed. Workspace: O(B*(H*(T+I) + E*I + I*I/8)) bytes plus, per
  * sample, a fixed 4.3 MB (column-split partials of the exact-recompute rows) and the rule-X tile
@@ -23,37 +23,17 @@
 #include <stdint.h>
 #include <cuda_runtime_api.h>
 
+/* settings columns DL_WINDOWS_* / DL_KNOBS_* / DL_RULES_*, their DL_*_WIDTH, the op's input and
+ * attribute lists: generated from runtime/op_schema.py */
+#include "deleaker_settings.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-#define DL_ABI_VERSION 3 /* 3: per-sample settings tensors (op contract v2); 2: implementation switches */
+#define DL_ABI_VERSION 4 /* 4: settings tensors only (no batch-wide scalar fields); 3: per-sample settings
+                            tensors (op contract v2); 2: implementation switches */
 #define DL_MAX_ENTITIES 8 /* entity slots per sample (E <= 8) */
-
-/* Columns of the per-sample settings inputs, named and ordered as runtime/op_schema.py SETTINGS
- * (DL_<TENSOR>_<SETTING>); DL_<TENSOR>_WIDTH: columns per sample. */
-enum {
-  DL_WINDOWS_START_AGGREGATING_FROM = 0,  /* a0 */
-  DL_WINDOWS_STOP_AGGREGATING_AT = 1,     /* a1 */
-  DL_WINDOWS_START_INTERVENTION_FROM = 2, /* i0 */
-  DL_WINDOWS_STOP_INTERVENTION_AT = 3,    /* i1, inclusive */
-  DL_WINDOWS_WIDTH = 4
-};
-enum {
-  DL_KNOBS_STD_MUL_TEXT = 0,        /* beta1 */
-  DL_KNOBS_STD_MUL_IMAGE_IMAGE = 1, /* beta2 */
-  DL_KNOBS_K_STRENGTH = 2,          /* alpha */
-  DL_KNOBS_WIDTH = 3
-};
-enum {
-  DL_RULES_USE_HISTORY = 0,
-  DL_RULES_DO_SMOOTHING = 1,
-  DL_RULES_DO_IMAGE_TEXT_WEAKENING = 2,     /* W */
-  DL_RULES_DO_IMAGE_TEXT_STRENGTHENING = 3, /* S */
-  DL_RULES_DO_IMAGE_IMAGE = 4,              /* X */
-  DL_RULES_DO_TEXT_TEXT_WEAKENING = 5,      /* TT */
-  DL_RULES_WIDTH = 6
-};
 
 typedef enum { DL_DTYPE_FP16 = 0, DL_DTYPE_BF16 = 1 } dl_dtype_t;
 
@@ -107,26 +87,12 @@ typedef struct {
   int64_t block_offset;
   int64_t blocks_per_step;
 
-  /* Per-sample settings, contiguous device arrays (columns: the DL_WINDOWS_* / DL_KNOBS_* /
-   * DL_RULES_* enums above), read on the device. NULL: every sample uses the scalar fields below. */
-  const int64_t* windows; /* [B, 4]: a0, a1, i0, i1 */
-  const float* knobs;     /* [B, 3]: beta1, beta2, alpha */
-  const int64_t* rules;   /* [B, 6]: use_history, do_smoothing, W, S, X, TT (0/1) */
-
-  /* One setting for the whole batch, used where the pointer above is NULL (SETTINGS order). */
-  int64_t start_aggregating_from;
-  int64_t stop_aggregating_at;
-  int64_t start_intervention_from;
-  int64_t stop_intervention_at; /* inclusive */
-  float std_mul_text;        /* beta1 */
-  float std_mul_image_image; /* beta2 */
-  float k_strength;          /* alpha */
-  int use_history;
-  int do_smoothing;
-  int do_image_text_weakening;
-  int do_image_text_strengthening;
-  int do_image_image;
-  int do_text_text_weakening;
+  /* Per-sample settings, contiguous device arrays [B, DL_<TENSOR>_WIDTH] (columns: the
+   * DL_WINDOWS_* / DL_KNOBS_* / DL_RULES_* enums of deleaker_settings.h), read on the device.
+   * Required. */
+  const int64_t* windows;
+  const float* knobs;
+  const int64_t* rules; /* 0/1 */
 
   /* Implementation knobs (not part of the op's math). */
   int edit_mode;            /* dl_edit_mode_t */
@@ -142,8 +108,8 @@ typedef struct {
   int fixed_gather; /* gathered tile loads with per-thread fixed chunk columns (0: generic loop) */
 } dl_params_t;
 
-/* Fill every field with defaults: settings pointers NULL, scalar settings the authors' FLUX.1-dev
- * values (57 blocks per step), implementation switches on. */
+/* Fill every field with defaults: pointers NULL (set them, the settings arrays included), 57
+ * blocks per step, implementation switches on. */
 void dl_params_init(dl_params_t* p);
 
 /* Bytes of device workspace dl_launch needs for these shapes (no pointers are read). */

@@ -104,19 +104,6 @@ void dl_params_init(dl_params_t* p) {
   p->dtype = DL_DTYPE_BF16;
   p->block_offset = 0;
   p->blocks_per_step = 57;
-  p->std_mul_text = 1.f;
-  p->std_mul_image_image = 1.f;
-  p->k_strength = 1.2f;
-  p->start_aggregating_from = 12;
-  p->stop_aggregating_at = 12 * 57;
-  p->start_intervention_from = 18;
-  p->stop_intervention_at = 20 * 57;
-  p->use_history = 1;
-  p->do_smoothing = 1;
-  p->do_image_text_weakening = 1;
-  p->do_image_text_strengthening = 1;
-  p->do_image_image = 1;
-  p->do_text_text_weakening = 0;
   p->edit_mode = DL_EDIT_DELTA;
   p->fallback_threshold = 0.25f;
   p->row_order = 1;
@@ -183,6 +170,8 @@ int dl_launch(const dl_params_t* p, void* workspace, size_t workspace_bytes, cud
     return fail(DL_ERR_INVALID_ARGUMENT, "q/k/v/out batch, head and row strides must be multiples of 8 elements");
   if (p->plain_done && !p->lse) return fail(DL_ERR_INVALID_ARGUMENT, "p->plain_done && !p->lse");
   if (p->blocks_per_step < 1) return fail(DL_ERR_INVALID_ARGUMENT, "p->blocks_per_step < 1");
+  if (!p->windows || !p->knobs || !p->rules)
+    return fail(DL_ERR_INVALID_ARGUMENT, "windows/knobs/rules must be device arrays [B, DL_*_WIDTH]");
   if (!aligned8(p->windows) || !aligned8(p->rules) || ((uintptr_t)p->knobs & 3u) != 0)
     return fail(DL_ERR_INVALID_ARGUMENT, "windows/knobs/rules must be aligned to their element size");
   const Layout L = make_layout(p->B, p->H, p->T, p->I, p->E, p->lse == nullptr);
@@ -242,19 +231,6 @@ int dl_launch(const dl_params_t* p, void* workspace, size_t workspace_bytes, cud
   a.windows = p->windows;
   a.knobs = p->knobs;
   a.rules = p->rules;
-  a.fixed.a0 = p->start_aggregating_from;
-  a.fixed.a1 = p->stop_aggregating_at;
-  a.fixed.i0 = p->start_intervention_from;
-  a.fixed.i1 = p->stop_intervention_at;
-  a.fixed.beta1 = p->std_mul_text;
-  a.fixed.beta2 = p->std_mul_image_image;
-  a.fixed.alpha = p->k_strength;
-  a.fixed.use_history = p->use_history != 0;
-  a.fixed.do_smoothing = p->do_smoothing != 0;
-  a.fixed.do_w = p->do_image_text_weakening != 0;
-  a.fixed.do_s = p->do_image_text_strengthening != 0;
-  a.fixed.do_x = p->do_image_image != 0;
-  a.fixed.do_tt = p->do_text_text_weakening != 0;
   a.fallback_threshold = p->fallback_threshold > 0.f ? p->fallback_threshold : 0.25f;
   a.info = reinterpret_cast<SampleInfo*>(ws + L.info);
   a.tok_list = reinterpret_cast<int*>(ws + L.tok_list);
@@ -324,13 +300,11 @@ int dl_launch(const dl_params_t* p, void* workspace, size_t workspace_bytes, cud
   if (p->E >= 2) {
     DL_TRY(launch_compact(a, stream));
     const int npmax = p->E * (p->E - 1) / 2;
-    // rule X passes: with per-sample rules they are always launched and skip on the device per
-    // sample; only a batch-wide "off" (rules == NULL) saves the launches
-    const bool any_x = a.rules != nullptr || a.fixed.do_x;
+    // rule X passes: always launched (the rules are per sample); they skip on the device per sample
     for (int pr = 0; pr < npmax; ++pr) {
       DL_TRY(launch_pair_pass(a, dt, pr, 1, num_sms, stream));
-      if (any_x && a.xpart_tiles > 0) DL_TRY(launch_pair_pass(a, dt, pr, 3, num_sms, stream));
-      if (any_x) DL_TRY(launch_pair_pass(a, dt, pr, 2, num_sms, stream));
+      if (a.xpart_tiles > 0) DL_TRY(launch_pair_pass(a, dt, pr, 3, num_sms, stream));
+      DL_TRY(launch_pair_pass(a, dt, pr, 2, num_sms, stream));
       if (pr < npmax - 1) {  // the next pair's G needs the LSE under this pair's edits
         if (mode == 0) {
           DL_TRY(launch_edit_attention(a, dt, 0, pr, num_sms, stream));

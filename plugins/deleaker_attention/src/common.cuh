@@ -208,32 +208,18 @@ template <auto Kernel> inline cudaError_t ensure_smem(int needed) {
 
 // Sample b's settings: from the device arrays where given (no host sync), else the batch-wide
 // scalars. Fields a kernel does not use are never loaded (dead loads are removed).
+// Sample b's settings from the [B, DL_*_WIDTH] arrays, one load per DL_SETTINGS entry.
+#define DL_LOAD_I64(x) (x)
+#define DL_LOAD_F32(x) (x)
+#define DL_LOAD_FLAG(x) ((x) != 0)
+#define DL_LOAD_SETTING_(tensor, column, width, field, kind) \
+  s.field = DL_LOAD_##kind(a.tensor[(size_t)b * (width) + (column)]);
 __device__ __forceinline__ Settings load_settings(const Args& a, int b) {
-  Settings s = a.fixed;
-  if (a.windows) {
-    const int64_t* w = a.windows + (size_t)b * DL_WINDOWS_WIDTH;
-    s.a0 = w[DL_WINDOWS_START_AGGREGATING_FROM];
-    s.a1 = w[DL_WINDOWS_STOP_AGGREGATING_AT];
-    s.i0 = w[DL_WINDOWS_START_INTERVENTION_FROM];
-    s.i1 = w[DL_WINDOWS_STOP_INTERVENTION_AT];
-  }
-  if (a.knobs) {
-    const float* k = a.knobs + (size_t)b * DL_KNOBS_WIDTH;
-    s.beta1 = k[DL_KNOBS_STD_MUL_TEXT];
-    s.beta2 = k[DL_KNOBS_STD_MUL_IMAGE_IMAGE];
-    s.alpha = k[DL_KNOBS_K_STRENGTH];
-  }
-  if (a.rules) {
-    const int64_t* r = a.rules + (size_t)b * DL_RULES_WIDTH;
-    s.use_history = r[DL_RULES_USE_HISTORY] != 0;
-    s.do_smoothing = r[DL_RULES_DO_SMOOTHING] != 0;
-    s.do_w = r[DL_RULES_DO_IMAGE_TEXT_WEAKENING] != 0;
-    s.do_s = r[DL_RULES_DO_IMAGE_TEXT_STRENGTHENING] != 0;
-    s.do_x = r[DL_RULES_DO_IMAGE_IMAGE] != 0;
-    s.do_tt = r[DL_RULES_DO_TEXT_TEXT_WEAKENING] != 0;
-  }
+  Settings s;
+  DL_SETTINGS(DL_LOAD_SETTING_)
   return s;
 }
+#undef DL_LOAD_SETTING_
 
 __device__ __forceinline__ int64_t read_tau(const Args& a) {
   int64_t s = a.step ? *a.step : a.step_value;

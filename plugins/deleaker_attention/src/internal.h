@@ -93,12 +93,17 @@ struct Layout {
 
 Layout make_layout(int B, int H, int T, int I, int E, bool lse_in_ws);
 
-// One sample's DeLeaker settings (runtime/op_schema.py SETTINGS), as the kernels use them.
+// One sample's DeLeaker settings, as the kernels use them: one field per DL_SETTINGS entry
+// (deleaker_settings.h, generated from runtime/op_schema.py SETTINGS): windows a0, a1 (history
+// from a0 to a1, exclusive), i0, i1 (edits, inclusive); knobs beta1, beta2, alpha; rules 0/1.
+#define DL_CTYPE_I64 int64_t
+#define DL_CTYPE_F32 float
+#define DL_CTYPE_FLAG int
+#define DL_SETTINGS_FIELD_(tensor, column, width, field, kind) DL_CTYPE_##kind field;
 struct Settings {
-  int64_t a0, a1, i0, i1;  // windows: history from a0 to a1 (exclusive), edits from i0 to i1
-  float beta1, beta2, alpha;  // knobs
-  int use_history, do_smoothing, do_w, do_s, do_x, do_tt;  // rules (0/1)
+  DL_SETTINGS(DL_SETTINGS_FIELD_)
 };
+#undef DL_SETTINGS_FIELD_
 
 // Everything a kernel may need; passed by value.
 struct Args {
@@ -121,12 +126,11 @@ struct Args {
   int64_t grid_h, grid_w;
   // attributes (structural)
   int64_t block_offset, blocks_per_step;
-  // per-sample settings: device [B, DL_*_WIDTH] arrays, or NULL (then `fixed` for every sample);
-  // kernels read them through load_settings (common.cuh)
+  // per-sample settings: device [B, DL_*_WIDTH] arrays; kernels read them through load_settings
+  // (common.cuh)
   const int64_t* windows;
   const float* knobs;
   const int64_t* rules;
-  Settings fixed;
   float fallback_threshold;
   // workspace
   SampleInfo* info;
