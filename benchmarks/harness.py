@@ -26,12 +26,12 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from deleaker.runtime import latents as lat
+from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 
 from .measure import PeakMemory, summarize, time_runs
 
 log = logging.getLogger("deleaker.bench")
 
-DEFAULT_SLOTS = 4  # architecture.md: E = 4 entity slots by default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def resolve_config(config, steps: int | None, blocks_per_step: int):
 
 def bench_step_variants(model, impls: Sequence[str] = ("sdpa", "reference", "cuda"), *, height: int = 512,
                         width: int = 512, batch_size: int = 1, text_tokens: int = 512, entities: int = 2,
-                        entity_slots: int = DEFAULT_SLOTS, config=None, steps: int | None = None,
+                        entity_slots: int = DEFAULT_ENTITY_SLOTS, config=None, steps: int | None = None,
                         step: int | None = None, warmup: int = 2, runs: int = 5, seed: int = 0,
                         profile_dir: str | Path | None = None, profile_runs: int = 2, plant=None,
                         counters: bool = True) -> list[dict]:

@@ -33,7 +33,7 @@ from deleaker.runtime import op_schema
 # Default-domain opset of the function body (and of single-op test models). Opset 18 is the
 # first with ReduceMax/ReduceMean axes as inputs; models on a newer opset pass their own.
 DEFAULT_OPSET = 18
-# The two node-only attributes TensorRT uses to bind a node to a plugin (architecture.md).
+# The two node-only attributes TensorRT uses to bind a node to a plugin (docs/architecture.md).
 PLUGIN_ATTRIBUTES = ("plugin_namespace", "plugin_version")
 
 _NEG_INF = float("-inf")

@@ -1,7 +1,7 @@
 """The PyTorch reference DeLeakerAttention op: the oracle every other implementation is tested on.
 
 Plain, materialised, readable: it builds the full (T+I) x (T+I) logits per head in float32 and
-follows ../shared/docs/deleaker-semantics.md line by line, one sample at a time (every
+follows docs/semantics.md line by line, one sample at a time (every
 statistic is per sample, section 7). Speed is not a goal here; exactness is.
 
 Registered as torch.ops.deleaker.attention (schema in deleaker.runtime.op_schema) with a fake

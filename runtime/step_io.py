@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from . import op_schema
 
-# Defaults every layer shares (architecture.md): entity slots E and text tokens T.
+# Defaults every layer shares (docs/architecture.md): entity slots E and text tokens T.
 DEFAULT_ENTITY_SLOTS = 4
 DEFAULT_TEXT_TOKENS = 512
 

@@ -30,9 +30,10 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from .step_io import DEFAULT_ENTITY_SLOTS  # E is fixed at export
+
 T5_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default and upper bound for max_sequence_length
 CLIP_MAX_LENGTH = 77
-DEFAULT_ENTITY_SLOTS = 4  # architecture.md: E is fixed at export, 4 slots by default
 # Bound on the occurrence search (entities x occurrences); far above any real prompt's needs.
 _MAX_PLACEMENT_TRIES = 100_000
 

@@ -206,9 +206,8 @@ template <auto Kernel> inline cudaError_t ensure_smem(int needed) {
   return err;
 }
 
-// Sample b's settings: from the device arrays where given (no host sync), else the batch-wide
-// scalars. Fields a kernel does not use are never loaded (dead loads are removed).
-// Sample b's settings from the [B, DL_*_WIDTH] arrays, one load per DL_SETTINGS entry.
+// Sample b's settings from the [B, DL_*_WIDTH] device arrays (no host sync), one load per
+// DL_SETTINGS entry; fields a kernel does not use are never loaded (dead loads are removed).
 #define DL_LOAD_I64(x) (x)
 #define DL_LOAD_F32(x) (x)
 #define DL_LOAD_FLAG(x) ((x) != 0)
