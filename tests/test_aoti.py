@@ -143,6 +143,16 @@ def test_verify_aoti_passes(artifact, tiny_model_dir):
     assert len(lines) == len(rows)
 
 
+def test_golden_digest(artifact):
+    """The aoti backend's output on the golden requests (tests/golden.py), bit for bit."""
+    import golden
+
+    from deleaker.runtime.backends.aoti_backend import AotiBackend
+    from deleaker.runtime.pipeline import Pipeline
+
+    golden.check("aoti", Pipeline(AotiBackend.load(str(artifact), device="cpu"), max_batch=2))
+
+
 def test_decoder_serves_more_images_than_one_package_call(artifact, tiny_model_dir):
     from deleaker.runtime.backends import load_backend
     from deleaker.runtime.backends.aoti_backend import AotiBackend

@@ -240,6 +240,16 @@ def test_generation_matches_torch_backend(artifact_dir, tiny_model_dir):
     assert backends["onnxruntime"].sessions_opened["transformer"] == 1  # one session served every request
 
 
+def test_golden_digest(artifact_dir):
+    """The onnxruntime backend's output on the golden requests (tests/golden.py), bit for bit."""
+    import golden
+
+    from deleaker.runtime.backends import load_backend
+    from deleaker.runtime.pipeline import Pipeline
+
+    golden.check("onnxruntime", Pipeline(load_backend("onnxruntime", str(artifact_dir), progress=False), max_batch=2))
+
+
 def test_one_artifact_serves_any_step_count_and_a_mixed_batch(artifact_dir, tiny_model_dir):
     """4, 20 and 28 steps and two settings from one transformer session, each equal to torch; a batch of
     three different requests (one without entities) equals each request run alone."""
