@@ -20,9 +20,10 @@ import logging
 import numpy as np
 import torch
 
-from deleaker.runtime import op_schema
+from deleaker.runtime import step_io
 from deleaker.runtime.backends.base import Backend, ModelInfo, Session, SessionInputs
 from deleaker.runtime.config import DeLeakerConfig
+from deleaker.runtime.scheduler import euler_update
 from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 
 from .checkpoint import load_checkpoint
@@ -32,6 +33,7 @@ from .libs import quiet_libraries
 log = logging.getLogger("deleaker")
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TORCH_DTYPES = {"float32": torch.float32, "int64": torch.long}
 
 
 # What the fused kernels support (plugins/deleaker_attention/include/deleaker_attention.h).
@@ -86,11 +88,19 @@ def check_op_layout(device: str = "cpu") -> None:
                            f"op's output; the kernel must return q's memory layout (as the fused CUDA kernel does)")
 
 
+def run_transformer(step_fn, feeds: dict, x, timestep, history, step):
+    """One call of the DeLeaker step on device tensors (step_io names) -> (noise_pred float32, history_out)."""
+    f = {**feeds, "timestep": timestep, "history": history, "step": step}
+    noise, history = step_fn(hidden_states=x.to(f["encoder_hidden_states"].dtype),
+                             **{n: f.get(n) for n in step_io.INPUT_NAMES if n != "hidden_states"})
+    return noise.float(), history  # the Euler state stays in float32 (FlowMatchEuler)
+
+
 class StepGraph:
     """One denoising step (transformer + Euler update) of one (batch, image size), captured in a
-    CUDA graph over static buffers: the step's inputs, the state (x, history), the schedule (up
-    to `capacity` steps) and a step counter, all on the device. A replay reads step i's
-    timestep and dt by indexing the schedule with the counter and advances the counter, so no
+    CUDA graph over static buffers: the step's inputs, the state (x, history), the schedule tables
+    (up to `capacity` steps) and a step counter, all on the device. A replay reads step i's
+    timestep and dt by indexing the tables with the counter and advances the counter, so no
     value crosses from the host during the loop."""
 
     WARMUP = 2  # eager runs on a side stream before capture (allocator and library handles settle)
@@ -98,36 +108,32 @@ class StepGraph:
     def __init__(self, step_fn, like: "TorchSession", capacity: int):
         self.step_fn = step_fn
         self.capacity = capacity
-        self.inputs = {k: torch.empty_like(v) for k, v in like.static_inputs().items() if v is not None}
+        self.feeds = {k: torch.empty_like(v) for k, v in like.feeds.items()}
         self.x = torch.empty_like(like.x)  # [B, I, C] float32
         self.history = torch.empty_like(like.history)  # [B, E, I]
-        B = like.x.shape[0]
-        self.timesteps = torch.zeros(capacity, B, dtype=like.timesteps.dtype, device=like.x.device)  # [cap, B]
-        self.dts = torch.zeros(capacity, dtype=torch.float32, device=like.x.device)  # [cap]
+        # timestep [cap, B], dt [cap]: the session's tables, room for `capacity` steps
+        self.tables = {k: torch.zeros((capacity, *like.tables[k].shape[1:]), dtype=like.tables[k].dtype,
+                                      device=like.x.device) for k in ("timestep", "dt")}
         self.counter = torch.zeros((), dtype=torch.long, device=like.x.device)  # the step index, on the device
         self.graph = None
 
     def load(self, session: "TorchSession") -> None:
         """Copy a session's inputs, state and schedule into the static buffers (device to device)."""
-        for k, v in session.static_inputs().items():
-            if v is not None:
-                self.inputs[k].copy_(v)
+        for k, v in session.feeds.items():
+            self.feeds[k].copy_(v)
         self.x.copy_(session.x)
         self.history.copy_(session.history)
-        S = session.dts.shape[0]
-        self.timesteps[:S].copy_(session.timesteps)
-        self.dts[:S].copy_(session.dts)
+        S = session.num_steps
+        for k, table in self.tables.items():
+            table[:S].copy_(session.tables[k])
         self.counter.zero_()
 
     def body(self) -> None:
         i = self.counter.view(1)
-        t = self.timesteps.index_select(0, i)[0]  # [B]
-        dt = self.dts.index_select(0, i)  # [1]
-        a = self.inputs
-        noise, history = self.step_fn(
-            self.x.to(a["embeds"].dtype), a["embeds"], a["pooled"], t, a["img_ids"], a["txt_ids"], a.get("guidance"),
-            a["entity_tokens"], self.history, self.counter, a["grid"], a["windows"], a["knobs"], a["rules"])
-        self.x.copy_(self.x + dt * noise.float())  # as the eager step: FlowMatchEuler in float32
+        t = self.tables["timestep"].index_select(0, i)[0]  # [B]
+        dt = self.tables["dt"].index_select(0, i)  # [1]
+        noise, history = run_transformer(self.step_fn, self.feeds, self.x, t, self.history, self.counter)
+        self.x.copy_(euler_update(self.x, dt, noise))
         self.history.copy_(history)
         self.counter.add_(1)
 
@@ -152,59 +158,48 @@ class StepGraph:
         self.graph.replay()
 
 
+# the step inputs the transformer reads in the model's dtype (the rest keep their step_io dtype)
+_MODEL_DTYPE_INPUTS = ("img_ids", "txt_ids", "guidance", "timestep")
+
+
 class TorchSession(Session):
     """One batch on the torch device: every input, the schedule and the state stay there."""
 
     def __init__(self, backend: "TorchBackend", inputs: SessionInputs):
-        be, dev, dt = backend, backend.device, backend.dtype
-        self.model = be.model
-        put = lambda x, dtype=dt: torch.from_numpy(np.ascontiguousarray(x)).to(dev, dtype)  # noqa: E731
+        self.backend = backend
+        self.model = backend.model
+        self.step_fn = backend.step_fn
+        self.grid_hw = tuple(int(v) for v in inputs.static["grid"])  # (h, w) on the host: the graph cache key
         with torch.no_grad():
-            self.embeds, self.pooled = be.encode_on_device(put(inputs.clip_ids, torch.long),
-                                                           put(inputs.t5_ids, torch.long))  # [B, T, Dt], [B, Dp]
-        st = inputs.static
-        B = inputs.batch_size
-        self.img_ids, self.txt_ids = put(st["img_ids"]), put(st["txt_ids"])
-        self.guidance = put(st["guidance"]) if "guidance" in st else None  # [B]
-        self.entity_tokens = put(st["entity_tokens"], torch.float32)  # [B, E, T]
-        self.grid = put(st["grid"], torch.long)  # [2]
-        self.grid_hw = tuple(int(v) for v in st["grid"])  # (h, w) on the host: the graph cache key
-        self.windows, self.knobs, self.rules = (put(st[n], torch.long if n != "knobs" else torch.float32)
-                                                for n in op_schema.SETTINGS_TENSORS)  # [B, 4], [B, 3], [B, 6]
-        self.x = put(inputs.latents, torch.float32)  # [B, I, C]: the Euler state stays in float32
-        self.history = put(inputs.history, torch.float32)  # [B, E, I]
-        # the whole schedule up front, so a step reads it on the device (no host -> device copy)
-        self.timesteps = put(np.repeat(inputs.timesteps[:, None], B, axis=1))  # [S, B]
-        sig = inputs.sigmas.astype(np.float32)
-        self.dts = put(sig[1:] - sig[:-1], torch.float32)  # [S] sigma_{i+1} - sigma_i
-        self.steps = torch.arange(inputs.num_steps, dtype=torch.long, device=dev)  # [S]: step i as a 0-d view
-        self.step_fn = be.step_fn
-        self.graph = be.step_graph(self) if be.cuda_graphs else None  # None: eager steps
-        self._next = 0  # the step the graph's counter points at
+            super().__init__(inputs, backend.info.entity_slots)
+            self.graph = backend.step_graph(self) if backend.cuda_graphs else None  # None: eager steps
 
-    def static_inputs(self) -> dict:
-        """The step's inputs that stay fixed for the session (guidance None without guidance embeds)."""
-        return {"embeds": self.embeds, "pooled": self.pooled, "img_ids": self.img_ids, "txt_ids": self.txt_ids,
-                "guidance": self.guidance, "entity_tokens": self.entity_tokens, "grid": self.grid,
-                "windows": self.windows, "knobs": self.knobs, "rules": self.rules}
+    def encode(self, clip_ids, t5_ids):
+        be = self.backend
+        embeds, pooled = be.encode_on_device(be._t(clip_ids, torch.long), be._t(t5_ids, torch.long))
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}  # [B, T, Dt], [B, Dp]
+
+    def put(self, name, value):
+        dtype = self.backend.dtype if name in _MODEL_DTYPE_INPUTS else _TORCH_DTYPES[step_io.by_name(name).dtype]
+        return self.backend._t(value, dtype)
+
+    def put_table(self, name, table):
+        return self.put(name, table) if name != "dt" else self.backend._t(table, torch.float32)
+
+    def transformer(self, x, timestep, history, step):
+        return run_transformer(self.step_fn, self.feeds, x, timestep, history, step)
 
     @torch.no_grad()
-    def step(self, i: int) -> None:
-        if self.graph is not None:
-            if i != self._next:
-                self.graph.seek(i, self.steps)
-            self.graph.replay()
-            self._next = i + 1
-            return
-        noise, self.history = self.step_fn(
-            self.x.to(self.embeds.dtype), self.embeds, self.pooled, self.timesteps[i], self.img_ids, self.txt_ids,
-            self.guidance, self.entity_tokens, self.history, self.steps[i], self.grid, self.windows, self.knobs,
-            self.rules)
-        self.x = self.x + self.dts[i] * noise.float()  # FlowMatchEuler in float32 (runtime/scheduler.py)
+    def advance(self, i: int):
+        if self.graph is None:
+            return super().advance(i)
+        if i != self.done:
+            self.graph.seek(i, self.tables["step"])
+        self.graph.replay()
+        return self.graph.x, self.graph.history
 
-    def result(self):
-        x, history = (self.graph.x, self.graph.history) if self.graph is not None else (self.x, self.history)
-        return x.cpu().numpy(), history.float().cpu().numpy()
+    def fetch(self, value):
+        return value.float().cpu().numpy()
 
 
 def graphs_wanted(requested: bool | None, device: torch.device, op: str) -> bool:
@@ -307,7 +302,7 @@ class TorchBackend(Backend):
         first use and reused by every later session of that shape. None: eager (capture failed)."""
         B, (h, w) = session.x.shape[0], session.grid_hw
         key = (B, h, w)
-        S = session.dts.shape[0]
+        S = session.num_steps
         graph = self._graphs.get(key, False)
         if graph is None:
             return None

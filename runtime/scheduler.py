@@ -9,10 +9,9 @@ Reproduces what diffusers' FluxPipeline does with FlowMatchEulerDiscreteSchedule
               | shift * sigmas / (1 + (shift - 1) * sigmas)      (static shift, e.g. schnell)
     timesteps = sigmas * num_train_timesteps                     (float32, S values)
     sigmas    = [sigmas..., 0.0]                                 (S + 1 values)
-    step i:     x_next = x + (sigmas[i+1] - sigmas[i]) * v       (upcast x to float32, result
-                                                                  in the model output's dtype)
+    step i:     x_next = x + (sigmas[i+1] - sigmas[i]) * v       (float32 state: euler_update)
 
-The transformer is fed `timesteps[i] / 1000` (FluxPipeline divides by 1000; see model_timestep).
+The transformer is fed `timesteps[i] / 1000` (FluxPipeline divides by 1000; see model_timesteps).
 The expressions below are written exactly like diffusers' so numpy rounds the same way.
 """
 
@@ -107,23 +106,27 @@ def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: in
     return mu
 
 
-def euler_step(model_output: np.ndarray, sample: np.ndarray, sigma: np.float32,
-               sigma_next: np.float32) -> np.ndarray:
-    """x_next = x + (sigma_next - sigma) * v, with torch's dtype rules as diffusers applies them.
+def euler_update(x, dt, v):
+    """The denoising loop's Euler step, x_next = x + dt * v with dt = sigmas[i+1] - sigmas[i].
 
-    diffusers upcasts the sample to float32 but multiplies the 0-d float32 dt with the model
-    output in the output's dtype (a 0-d tensor does not promote), adds in float32 and casts
-    the result back to the output's dtype. Casting dt to that dtype reproduces this.
+    Written once for every backend: x and v are float32 arrays on the backend's device (numpy
+    arrays or torch tensors alike) and dt a float32 scalar (or a [1] tensor). In float32 this is
+    FlowMatchEulerDiscreteScheduler.step bit for bit (tests/test_scheduler.py).
     """
-    model_output = np.asarray(model_output)
-    sample = np.asarray(sample)
-    if model_output.shape != sample.shape:
-        raise SchedulerError(f"model_output shape {model_output.shape} != sample shape {sample.shape}")
-    if not np.issubdtype(model_output.dtype, np.floating):
-        raise SchedulerError(f"model_output must be floating point, got {model_output.dtype}")
-    dt = np.float32(sigma_next) - np.float32(sigma)
-    prev = sample.astype(np.float32) + dt.astype(model_output.dtype) * model_output
-    return prev.astype(model_output.dtype, copy=False)
+    return x + dt * v
+
+
+def step_tables(model_timesteps: np.ndarray, sigmas: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """Every per-step value of one loop, moved to the device once and indexed by the step there:
+
+        timestep [S, B] float32  the transformer's timestep input (timesteps / 1000, per sample)
+        step     [S]    int64    the step index the DeLeaker op reads
+        dt       [S]    float32  sigmas[i+1] - sigmas[i], the Euler update's step
+    """
+    ts = np.asarray(model_timesteps, np.float32)
+    sig = np.asarray(sigmas, np.float32)
+    return {"timestep": np.repeat(ts[:, None], batch_size, axis=1), "step": np.arange(ts.shape[0], dtype=np.int64),
+            "dt": sig[1:] - sig[:-1]}
 
 
 @dataclass(frozen=True)
@@ -137,33 +140,25 @@ class Schedule:
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
-    def _check(self, i: int) -> int:
-        if not 0 <= int(i) < self.num_steps:
-            raise SchedulerError(f"step index {i} out of range for a {self.num_steps}-step schedule")
-        return int(i)
-
     def model_timesteps(self) -> np.ndarray:
         """The transformer's timestep input for every step: timesteps / 1000, [S] float32."""
         return self.timesteps / np.float32(1000)
 
-    def model_timestep(self, i: int, batch_size: int = 1) -> np.ndarray:
-        """The transformer's `timestep` input at step i: timesteps[i] / 1000, [batch_size] float32."""
-        return np.full((batch_size,), self.model_timesteps()[self._check(i)], dtype=np.float32)
-
-    def step(self, model_output: np.ndarray, sample: np.ndarray, i: int) -> np.ndarray:
-        """One Euler step from sigmas[i] to sigmas[i+1]."""
-        i = self._check(i)
-        return euler_step(model_output, sample, self.sigmas[i], self.sigmas[i + 1])
+    def tables(self, batch_size: int) -> dict[str, np.ndarray]:
+        """step_tables of this schedule for a batch of `batch_size`."""
+        return step_tables(self.model_timesteps(), self.sigmas, batch_size)
 
 
 class FlowMatchEuler:
-    """Flow-match Euler sampler; `schedule()` makes a schedule (a value), which `step()`s:
+    """Flow-match Euler sampler; `schedule()` makes a schedule (a value), which a loop runs:
 
         sched = FlowMatchEuler.from_config(json.load(open("scheduler_config.json")))
-        plan = sched.schedule(num_steps, image_seq_len)
+        t = sched.schedule(num_steps, image_seq_len).tables(batch_size)
         for i in range(num_steps):
-            v = model(x, plan.model_timestep(i), ...)
-            x = plan.step(v, x, i)
+            v = model(x, t["timestep"][i], ...)
+            x = euler_update(x, t["dt"][i], v)
+
+    (the backends' sessions run this loop on their device: runtime/backends/base.py).
 
     The scheduler keeps no per-run state: one instance serves concurrent callers.
     """

@@ -83,41 +83,35 @@ def load_package(path: str | Path, device: str = "cpu"):
 class AotiSession(Session):
     """One batch on the device: inputs, schedule and state stay there; a step is one package call."""
 
+    error = AotiError
+
     def __init__(self, backend: "AotiBackend", inputs: SessionInputs):
-        torch, dev = backend.torch, backend.device
-        self.torch = torch
+        self.backend, self.torch = backend, backend.torch
         self.model = backend.models["transformer"]
-        E = backend.info.entity_slots
-        if inputs.history.shape[1] != E:
-            raise AotiError(f"history must be [B, {E}, I] for this artifact ({E} entity slots); "
-                            f"got {inputs.history.shape}")
-
-        def put(x, dtype: str):
-            return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).to(dev)
-
-        with torch.no_grad():
-            embeds, pooled = backend.encode_on_device(put(inputs.clip_ids, "int64"), put(inputs.t5_ids, "int64"))
-        B = inputs.batch_size
         self.names = step_io.input_names(backend.info.guidance_embeds)
-        # the static inputs, on the device once: embeds [B, T, Dt], pooled [B, Dp], entity_tokens [B, E, T], ...
-        self.feeds = {"encoder_hidden_states": embeds, "pooled_projections": pooled,
-                      **{k: put(v, step_io.by_name(k).dtype) for k, v in inputs.static.items() if k in self.names}}
-        self.x = put(inputs.latents, "float32")  # [B, I, C]
-        self.history = put(inputs.history, "float32")  # [B, E, I]
-        self.timesteps = put(np.repeat(inputs.timesteps[:, None], B, axis=1), "float32")  # [S, B]
-        sig = inputs.sigmas.astype(np.float32)
-        self.dts = put(sig[1:] - sig[:-1], "float32")  # [S]
-        self.steps = torch.arange(inputs.num_steps, dtype=torch.int64, device=dev)  # [S]: step i as a 0-d view
+        super().__init__(inputs, backend.info.entity_slots)
 
-    def step(self, i: int) -> None:
-        loop = {"hidden_states": self.x, "timestep": self.timesteps[i], "history": self.history, "step": self.steps[i]}
-        feeds = {**self.feeds, **loop}
+    def _put(self, value, dtype: str):
+        return self.torch.from_numpy(np.ascontiguousarray(value, dtype=dtype)).to(self.backend.device)
+
+    def encode(self, clip_ids, t5_ids):
         with self.torch.no_grad():
-            noise, self.history = self.model(**{n: feeds[n] for n in self.names})
-        self.x = self.x + self.dts[i] * noise  # FlowMatchEuler in float32 (runtime/scheduler.py)
+            embeds, pooled = self.backend.encode_on_device(self._put(clip_ids, "int64"), self._put(t5_ids, "int64"))
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
-    def result(self):
-        return self.x.cpu().numpy(), self.history.float().cpu().numpy()
+    def put(self, name, value):
+        return self._put(value, step_io.by_name(name).dtype)
+
+    def put_table(self, name, table):
+        return self._put(table, table.dtype.name)
+
+    def transformer(self, x, timestep, history, step):
+        feeds = {**self.feeds, "hidden_states": x, "timestep": timestep, "history": history, "step": step}
+        with self.torch.no_grad():
+            return self.model(**{n: feeds[n] for n in self.names})
+
+    def fetch(self, value):
+        return value.float().cpu().numpy()
 
 
 class AotiBackend(Backend):

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..scheduler import euler_update, step_tables
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -70,15 +72,70 @@ class SessionInputs:
 
 
 class Session(abc.ABC):
-    """The device-resident state of one batch's denoising loop."""
+    """The device-resident state of one batch's denoising loop; the loop itself is written here once.
 
-    @abc.abstractmethod
+    At the start the session encodes the prompts and moves everything to the device: the static
+    inputs (`feeds`), the latents `x` and `history`, and the whole schedule as per-step tables
+    (scheduler.step_tables: timestep [S, B], step [S], dt [S]). `step(i)` runs the transformer
+    on device buffers and the Euler update (scheduler.euler_update) there. A backend supplies
+    only its buffers and its transformer call: `encode`, `put`, `transformer` and `fetch` (or,
+    where the step is one fused device program, `advance`).
+    """
+
+    error: type[Exception] = ValueError  # the backend's one-line error
+
+    def __init__(self, inputs: SessionInputs, entity_slots: int):
+        E = entity_slots
+        if inputs.history.ndim != 3 or inputs.history.shape[1] != E:
+            raise self.error(f"history must be [B, {E}, I] for this model ({E} entity slots); "
+                             f"got {inputs.history.shape}")
+        self.num_steps = inputs.num_steps
+        # encoder_hidden_states [B, T, Dt], pooled_projections [B, Dp], then entity_tokens, grid, ids, settings
+        self.feeds = self.encode(inputs.clip_ids, inputs.t5_ids)
+        self.feeds.update({n: self.put(n, v) for n, v in inputs.static.items()})
+        tables = step_tables(inputs.timesteps, inputs.sigmas, inputs.batch_size)
+        self.tables = {n: self.put_table(n, v) for n, v in tables.items()}
+        self.x = self.put("hidden_states", inputs.latents)  # [B, I, C] float32: the Euler state
+        self.history = self.put("history", inputs.history)  # [B, E, I]
+        self.done = 0  # steps run
+
     def step(self, i: int) -> None:
         """Run step i: transformer (history threaded through) and the Euler update, on the device."""
+        if not 0 <= i < self.num_steps:
+            raise IndexError(f"step {i} out of range for a {self.num_steps}-step session")
+        self.x, self.history = self.advance(i)
+        self.done = i + 1
 
-    @abc.abstractmethod
+    def advance(self, i: int):
+        """Step i from the current state: (latents, history) after it, on the device."""
+        noise, history = self.transformer(self.x, self.tables["timestep"][i], self.history, self.tables["step"][i])
+        return euler_update(self.x, self.tables["dt"][i], noise), history
+
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(latents [B, I, C], history [B, E, I]) float32 on the host, after the last step."""
+        return self.fetch(self.x), self.fetch(self.history)
+
+    # -- what a backend supplies -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def encode(self, clip_ids: np.ndarray, t5_ids: np.ndarray) -> dict:
+        """Host token ids -> {"encoder_hidden_states", "pooled_projections"} on the device."""
+
+    @abc.abstractmethod
+    def put(self, name: str, value: np.ndarray):
+        """A host array for the step input `name` (step_io) -> its device buffer."""
+
+    def put_table(self, name: str, table: np.ndarray):
+        """A per-step table (step_tables) -> a device buffer whose [i] is step i's value."""
+        return self.put(name, table)
+
+    def transformer(self, x, timestep, history, step):
+        """One transformer call on device buffers -> (noise_pred float32, history_out)."""
+        raise NotImplementedError(f"{type(self).__name__} runs its step in advance()")
+
+    @abc.abstractmethod
+    def fetch(self, value) -> np.ndarray:
+        """A device buffer -> a float32 host array."""
 
 
 class Backend(abc.ABC):

@@ -99,31 +99,29 @@ class OnnxRuntimeSession(Session):
     """One batch through the transformer session. On the CPU provider host memory is the device;
     with the CUDA provider the loop inputs are copied into the bound device buffers each step."""
 
+    error = OnnxRuntimeError
+
     def __init__(self, backend: "OnnxRuntimeBackend", inputs: SessionInputs):
+        self.backend = backend
         self.model = backend.models["transformer"]
-        embeds, pooled = backend.encode_prompt(inputs.clip_ids, inputs.t5_ids)
-        B = inputs.batch_size
-        self.feeds = {"encoder_hidden_states": embeds, "pooled_projections": pooled, **inputs.static}
-        self.x = inputs.latents.astype(np.float32)  # [B, I, C]
-        self.history = inputs.history.astype(np.float32)  # [B, E, I]
-        self.timesteps = np.repeat(inputs.timesteps.astype(np.float32)[:, None], B, axis=1)  # [S, B]
-        sig = inputs.sigmas.astype(np.float32)
-        self.dts = sig[1:] - sig[:-1]  # [S]
-        E = backend.info.entity_slots
-        if self.history.shape[1] != E:
-            raise OnnxRuntimeError(f"history must be [B, {E}, I] for this artifact ({E} entity slots); "
-                                   f"got {self.history.shape}")
+        super().__init__(inputs, backend.info.entity_slots)
 
-    def step(self, i: int) -> None:
-        feeds = {**self.feeds, "hidden_states": self.x, "timestep": self.timesteps[i], "history": self.history,
-                 "step": np.asarray(i, np.int64)}
-        feeds = {k: v for k, v in feeds.items() if k in self.model.input_names}
-        out = self.model.run(feeds, out_shapes={"noise_pred": self.x.shape, "history_out": self.history.shape})
-        self.history = out["history_out"]
-        self.x = self.x + self.dts[i] * out["noise_pred"]  # FlowMatchEuler in float32 (runtime/scheduler.py)
+    def encode(self, clip_ids, t5_ids):
+        embeds, pooled = self.backend.encode_prompt(clip_ids, t5_ids)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
-    def result(self):
-        return self.x, self.history
+    def put(self, name, value):
+        # host arrays: _Model binds them (CPU) or copies them into its device buffers (CUDA)
+        return np.asarray(value, np.float32) if name in ("hidden_states", "history") else np.asarray(value)
+
+    def transformer(self, x, timestep, history, step):
+        feeds = {**self.feeds, "hidden_states": x, "timestep": timestep, "history": history, "step": step}
+        out = self.model.run({k: v for k, v in feeds.items() if k in self.model.input_names},
+                             out_shapes={"noise_pred": x.shape, "history_out": history.shape})
+        return out["noise_pred"], out["history_out"]
+
+    def fetch(self, value):
+        return value
 
 
 class OnnxRuntimeBackend(Backend):

@@ -256,65 +256,72 @@ def _euler_engine(trt, cuda, runtime, transformer: _Engine) -> _Engine:
 
 
 class TensorRTSession(Session):
-    """One batch's loop on the GPU (see the module docstring)."""
+    """One batch's loop on the GPU (see the module docstring). The state lives in the backend's
+    ping-pong buffers; a step (transformer engine + Euler engine, or its CUDA graph) is one
+    device program, so this session supplies `advance` rather than a transformer call."""
+
+    error = TensorRTError
 
     def __init__(self, backend: "TensorRTBackend", inputs: SessionInputs):
         self.b = backend
-        tr, stream = backend.engines["transformer"], backend.stream
-        B, S = inputs.batch_size, inputs.num_steps
-        E = backend.info.entity_slots
-        if inputs.history.ndim != 3 or inputs.history.shape[1] != E:
-            raise TensorRTError(f"history must be [B, {E}, I] for this artifact ({E} entity slots); "
-                                f"got {inputs.history.shape}")
-        backend._encode_into_transformer(inputs.clip_ids, inputs.t5_ids)
+        tr = backend.engines["transformer"]
+        self._keep: list[np.ndarray] = []  # host arrays being uploaded (alive until the stream syncs)
+        super().__init__(inputs, backend.info.entity_slots)
         shapes = {n: np.shape(inputs.static[n]) for n in tr.inputs if n in inputs.static}
         shapes.update(hidden_states=inputs.latents.shape, history=inputs.history.shape)
         shapes["encoder_hidden_states"] = backend.engines["text_encoder_2"].out_shape("encoder_hidden_states")
         shapes["pooled_projections"] = backend.engines["text_encoder"].out_shape("pooled_projections")
-        shapes.update(timestep=(B,), step=())
+        shapes.update(timestep=(inputs.batch_size,), step=())
         tr.set_shapes(shapes)
         backend.euler.set_shapes({"latents": inputs.latents.shape, "noise": inputs.latents.shape, "dt": (1, 1, 1)})
-        keep = [tr.upload(n, inputs.static[n], stream) for n in tr.inputs if n in inputs.static]
-        # the two ping-pong buffers of latents and history (parity 0 starts in the engine's own)
-        keep.append(tr.upload("hidden_states", inputs.latents, stream, backend.latents[0].ptr))
-        keep.append(tr.upload("history", inputs.history, stream, backend.history[0].ptr))
-        # per-step tables, on the device for the whole loop: timestep [S, B], step [S], dt [S]
-        sig = inputs.sigmas.astype(np.float32)
-        self.tables = {
-            "timestep": np.repeat(inputs.timesteps.astype(np.float32)[:, None], B, axis=1),
-            "step": np.arange(S, dtype=np.int64),
-            "dt": (sig[1:] - sig[:-1]).astype(np.float32),
-        }
-        self.dev = {k: backend.cuda.DeviceArray(shape=v.shape, dtype=v.dtype) for k, v in self.tables.items()}
-        for k, v in self.tables.items():
-            self.dev[k].copy_from(v, stream)
-        stream.synchronize()
-        del keep
+        backend.stream.synchronize()
+        self._keep = []
         self.shape_key = (tuple(inputs.latents.shape), tuple(inputs.history.shape))
-        self.done = 0
 
-    def step(self, i: int) -> None:
+    def encode(self, clip_ids, t5_ids):
+        self.b._encode_into_transformer(clip_ids, t5_ids)  # written into the transformer's own inputs
+        return {}
+
+    def put(self, name, value):
+        b = self.b
+        tr = b.engines["transformer"]
+        # latents and history start in ping-pong parity 0, the transformer's own input buffers
+        buf = {"hidden_states": b.latents[0], "history": b.history[0]}.get(name)
+        if buf is not None or name in tr.inputs:
+            self._keep.append(tr.upload(name, value, b.stream, None if buf is None else buf.ptr))
+        return buf
+
+    def put_table(self, name, table):
+        dev = self.b.cuda.DeviceArray(shape=table.shape, dtype=table.dtype)
+        dev.copy_from(table, self.b.stream)
+        self._keep.append(table)
+        return dev, table[0].nbytes  # the buffer and one row's size
+
+    def advance(self, i):
         b, stream = self.b, self.b.stream
-        B = self.tables["timestep"].shape[1]
-        slots = {"timestep": (b.engines["transformer"].buffers["timestep"].ptr, B * 4),
-                 "step": (b.engines["transformer"].buffers["step"].ptr, 8),
-                 "dt": (b.euler.buffers["dt"].ptr, 4)}
-        for k, (dst, nbytes) in slots.items():
-            b.cu.copy_d2d(dst, self.dev[k].ptr + i * nbytes, nbytes, stream)
-        b._run_step(i % 2, self.shape_key)
-        self.done = i + 1
+        slots = {"timestep": b.engines["transformer"].buffers["timestep"].ptr,
+                 "step": b.engines["transformer"].buffers["step"].ptr, "dt": b.euler.buffers["dt"].ptr}
+        for k, dst in slots.items():  # step i's row of each table into the engines' fixed slots
+            dev, nbytes = self.tables[k]
+            b.cu.copy_d2d(dst, dev.ptr + i * nbytes, nbytes, stream)
+        parity = 0 if self.x is b.latents[0] else 1
+        b._run_step(parity, self.shape_key)
+        return b.latents[1 - parity], b.history[1 - parity]
+
+    def fetch(self, value):
+        b = self.b
+        shape = b.engines["transformer"].shapes["hidden_states" if any(value is v for v in b.latents) else "history"]
+        out = np.empty(shape, np.float32)
+        b.cuda.wrapper().memcpy(dst=out.ctypes.data, src=value.ptr, nbytes=out.nbytes,
+                                kind=b.cuda.MemcpyKind.DeviceToHost, stream_ptr=b.stream.ptr)
+        return out
 
     def result(self):
-        b, tr, stream = self.b, self.b.engines["transformer"], self.b.stream
-        p = self.done % 2  # where the last step wrote
-        x = tr.download("hidden_states", stream, b.latents[p].ptr)
-        hist = np.empty(tr.shapes["history"], np.float32)
-        b.cuda.wrapper().memcpy(dst=hist.ctypes.data, src=b.history[p].ptr, nbytes=hist.nbytes,
-                                kind=b.cuda.MemcpyKind.DeviceToHost, stream_ptr=stream.ptr)
-        stream.synchronize()
-        for arr in self.dev.values():
-            arr.free()
-        return x, hist
+        x, history = super().result()
+        self.b.stream.synchronize()
+        for dev, _ in self.tables.values():
+            dev.free()
+        return x, history
 
 
 class TensorRTBackend(Backend):
