@@ -6,6 +6,7 @@ Keep this small: one fixture per shared resource.
 from __future__ import annotations
 
 import functools
+import signal
 
 import pytest
 
@@ -28,6 +29,14 @@ def _no_tensorrt_reason() -> str | None:
     except TensorRTError as e:
         return str(e)
     return _no_cuda_reason()
+
+
+def pytest_configure(config):
+    """A runner started in the background (`cmd &`) ignores SIGINT, and the commands the tests
+    start would inherit that: give the run Python's usual Ctrl-C handling, which children see as
+    the default action (as a user's terminal gives them)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_runtest_setup(item):

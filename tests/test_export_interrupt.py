@@ -17,17 +17,10 @@ from deleaker.export.out_folder import clean_stale
 pytestmark = pytest.mark.slow  # two export subprocesses, each stopped in its first seconds of work
 
 
-def _default_sigint():
-    # a runner started in the background (`cmd &`) ignores SIGINT, and children inherit that:
-    # restore the default so the command under test sees Ctrl-C as a user's terminal sends it
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _start(model, out, log):
     cmd = [sys.executable, "-m", "deleaker.export.cli", "onnx", "--model", str(model), "--out", str(out),
            "--height", "64", "--width", "64"]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            preexec_fn=_default_sigint)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def _temps(out):

@@ -15,15 +15,9 @@ import pytest
 from deleaker.runtime.errors import INTERRUPTED_EXIT_CODE
 
 
-def _default_sigint():
-    # a runner started in the background (`cmd &`) ignores SIGINT, and children inherit that:
-    # restore the default so the command under test sees Ctrl-C as a user's terminal sends it
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _run_until(args, marker: bytes, timeout: float = 240) -> tuple[int, str]:
     """Start the command, send SIGINT once `marker` appears on its stderr; (exit code, stderr)."""
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     buf = bytearray()
 
     def read():
