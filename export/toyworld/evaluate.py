@@ -478,6 +478,7 @@ def _evaluate(args, argv) -> int:
     torch.set_num_threads(args.threads)
     sweep_seeds = range(SWEEP_SEEDS.start, SWEEP_SEEDS.start + args.sweep_seeds)
     eval_seeds = range(args.heldout_seeds, args.heldout_seeds + len(EVAL_SEEDS))
+    triplet_seeds = range(args.heldout_seeds, args.heldout_seeds + len(TRIPLET_SEEDS))
     data: dict = {"command": "python -m deleaker.export.toyworld.evaluate " + " ".join(argv or sys.argv[1:]),
                   "backend": args.backend, "steps": STEPS, "size": SIZE}
     pipe = Pipeline(load_backend(args.backend, str(args.model), progress=False), config=TOYWORLD_PRESET,
@@ -547,8 +548,8 @@ def _evaluate(args, argv) -> int:
     res.stage("per-rule ablation: " + ", ".join(f"{k} {v['leak_reduction']:+.3f}" for k, v in data["ablation"].items()
                                                if isinstance(v, dict) and "leak_reduction" in v))
     res.save()
-    data["heldout_triplets"], _, _ = heldout(pipe, chosen_cfg, heldout_triplets(),
-                                            range(args.heldout_seeds, args.heldout_seeds + len(TRIPLET_SEEDS)), "held-out triples")
+    data["heldout_triplets"], _, _ = heldout(pipe, chosen_cfg, heldout_triplets(), triplet_seeds,
+                                            "held-out triples")
     res.stage("held-out triples")
     _log_comparison("held-out triples", data["heldout_triplets"])
     res.save()
