@@ -146,7 +146,7 @@ def _profile(v: Variant, device, out_dir: Path, name: str, n: int) -> str:
 
 def as_deleaker_model(model):
     """A DeLeakerFlux for `model` (a FluxTransformer2DModel, or a DeLeakerFlux returned as is)."""
-    from deleaker.export.flux import DeLeakerFlux
+    from deleaker.modeling.flux import DeLeakerFlux
 
     return model if isinstance(model, DeLeakerFlux) else DeLeakerFlux(model, op_name="reference")
 

@@ -576,7 +576,7 @@ def run_http_cases(port: int) -> list[Outcome]:
 
 
 IN_PROCESS_AREAS = ("generate", "export", "eval", "bench", "api")
-_WARM_IMPORTS = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "deleaker.export.torch_backend",
+_WARM_IMPORTS = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "deleaker.modeling.torch_backend",
                  "deleaker.export.onnx_export", "deleaker.export.cli", "deleaker.benchmarks.cli",
                  "deleaker.benchmarks.runner", "deleaker.benchmarks.quality.cli", "deleaker.benchmarks.quality.run",
                  "deleaker.runtime.pipeline")
@@ -618,7 +618,7 @@ def audit(model: str | None = None, areas: tuple[str, ...] = AREAS, progress: Ca
           case_timeout: float = CASE_TIMEOUT_S) -> list[Outcome]:
     """Run the cases of `areas` against `model` (None: the embedded tiny model) and classify them."""
     if model is None:
-        from deleaker.export.tiny_model import ensure_tiny_model
+        from deleaker.modeling.tiny_model import ensure_tiny_model
 
         model = ensure_tiny_model()
     say = progress or (lambda msg: None)

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deleaker.export.flux import DeLeakerFlux, install_deleaker
+from deleaker.modeling.flux import DeLeakerFlux, install_deleaker
 from deleaker.runtime import latents as lat
 from deleaker.runtime import op_schema, step_io
 from deleaker.runtime.config import ResolvedConfig
 
-from .presets import BenchError  # noqa: F401 - re-exported (M.BenchError)
+from .errors import BenchError  # noqa: F401 - re-exported (M.BenchError)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -129,7 +129,7 @@ def weights_are_random(source: str | None) -> bool | None:
     if source.startswith(RANDOM_PREFIX):
         return True
     folder = Path(source).expanduser()
-    from deleaker.export.tiny_model import STAMP_FILE
+    from deleaker.modeling.tiny_model import STAMP_FILE
 
     if (folder / STAMP_FILE).is_file():
         return True
@@ -178,7 +178,7 @@ def check_impl_available(impl: str, device: torch.device) -> str | None:
     if device.type != "cuda":
         return "the fused DeLeaker op (impl cuda) needs a CUDA device"
     try:
-        from deleaker.export import cuda_op
+        from deleaker.modeling import cuda_op
 
         cuda_op.load()  # finds and loads the built library (import alone does not)
     except Exception as e:  # noqa: BLE001 - any failure to load the library is a skip, with its message
@@ -286,7 +286,7 @@ def mask_coverage(history: np.ndarray, entities: int, beta1: float, grid: tuple[
     h x w `grid` when `smoothing`; mean over the batch). None when the history is all zero (no
     DeLeaker work reached it). With smoothing on random weights this is often 0: the masks the op
     would edit are empty."""
-    from deleaker.export.reference_op import entity_masks, smooth_masks
+    from deleaker.modeling.reference_op import entity_masks, smooth_masks
 
     h = np.asarray(history, np.float32)[:, :entities]
     if entities == 0 or not np.any(h):

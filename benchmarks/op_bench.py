@@ -122,7 +122,7 @@ def make_inputs(case: Case, seed: int = 0, device="cpu", strength: float = 8.2):
 def settings_for(overrides, device="cpu"):
     """(windows [B, 4], knobs [B, 3], rules [B, 6]) for one dict of DeLeakerConfig overrides per
     sample (FLUX.1-dev defaults otherwise, 57 blocks per step)."""
-    from deleaker.export.reference_op import settings_tensors
+    from deleaker.modeling.reference_op import settings_tensors
     from deleaker.runtime.config import DeLeakerConfig
 
     configs = [DeLeakerConfig().replace(**o).resolved(BLOCKS_PER_STEP) for o in overrides]
@@ -144,7 +144,7 @@ class Recorder:
     they cut."""
 
     def __init__(self):
-        from deleaker.export import reference_op as R
+        from deleaker.modeling import reference_op as R
 
         self.R = R
         self.raw, self.smoothed, self.cuts = [], [], []
@@ -190,7 +190,7 @@ def reference_run(q, k, v, ent, hist, step, grid, windows, knobs, rules, attrs, 
     """The reference op's per-sample code. upcast=False runs it in the inputs' precision (the
     same-precision naive implementation). Returns out [B, H, N, D] float, history_out [B, E, I],
     and per sample {masks, cut} (record=True)."""
-    from deleaker.export import reference_op as R
+    from deleaker.modeling import reference_op as R
     from deleaker.runtime import op_schema
 
     h, w = (int(x) for x in grid)
@@ -238,7 +238,7 @@ def reference_counters(ent: torch.Tensor, recs: list) -> list[dict]:
 def op_counters(q, k, v, ent, hist, step, grid, windows, knobs, rules, attrs, **kw) -> list[dict]:
     """The same counters from the fused op's workspace (one extra debug call), plus its exact
     fallback rows, per sample."""
-    from deleaker.export import cuda_op
+    from deleaker.modeling import cuda_op
 
     d = cuda_op.debug_run(q, k, v, ent, hist, step, grid, windows, knobs, rules, **attrs, **kw)
     out = []
@@ -279,7 +279,7 @@ def bench_case(case: Case, steps=(("inside", 5), ("after", 20)), block_offset: i
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from deleaker.export import cuda_op
+    from deleaker.modeling import cuda_op
 
     cuda_op.load()
     q, k, v, ent, hist = make_inputs(case, seed=seed, device="cuda")
@@ -323,7 +323,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("op_bench: needs a CUDA GPU (torch sees none)", file=sys.stderr)
         return 2
-    from deleaker.export import cuda_op
+    from deleaker.modeling import cuda_op
 
     try:
         cuda_op.load()

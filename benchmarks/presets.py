@@ -6,11 +6,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .errors import BenchError  # noqa: F401 - re-exported (presets.BenchError)
+
 MODES = ("step", "e2e")
-
-
-class BenchError(ValueError):
-    """A benchmark request cannot be run as asked; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -81,12 +79,18 @@ class BenchSpec:
             raise BenchError(f"backend(s) {', '.join(others)} need --artifact (a `deleaker-export` folder)")
         self._validate_sources()
 
+    def deleaker_config(self, steps: int | None = None):
+        """The DeLeaker settings this benchmark runs: its preset with its overrides, for `steps`."""
+        from deleaker.runtime.config import preset
+
+        cfg = preset(self.deleaker_preset, **dict(self.deleaker_overrides))
+        return cfg.replace(num_steps=steps) if steps is not None else cfg
+
     def _validate_sources(self) -> None:
         """Names, counts, device and model checked before anything is loaded or written."""
         import re
 
         from . import models as M
-        from .runner import deleaker_config
 
         for impl in self.impls or ():
             if impl not in M.IMPLS:
@@ -108,7 +112,7 @@ class BenchSpec:
                 raise BenchError(f"{len(ents)} entities ({', '.join(ents)}) do not fit {self.entity_slots} entity slots")
         if self.step is not None and self.step < 0:
             raise BenchError(f"step must be >= 0, got {self.step}")
-        deleaker_config(self)  # unknown DeLeaker preset or setting
+        self.deleaker_config()  # unknown DeLeaker preset or setting
         if "torch" in self.backends and self.model is not None:
             if self.model.startswith(M.RANDOM_PREFIX):
                 M.random_model_name(self.model)

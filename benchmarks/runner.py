@@ -103,7 +103,7 @@ class _Loaded:
             else:
                 be = load_backend(backend, spec.artifact, device=spec.device, progress=False,
                                   **({"threads": spec.threads} if spec.threads else {}))
-            return Pipeline(be, config=deleaker_config(spec), max_batch=max(spec.batch_sizes))
+            return Pipeline(be, config=spec.deleaker_config(), max_batch=max(spec.batch_sizes))
 
         return self.get(("pipeline", backend), make)
 
@@ -117,7 +117,7 @@ class _Loaded:
         def make():  # device, dtype and model were checked by spec.validate()
             source = spec.model
             if source is None:
-                from deleaker.export.tiny_model import ensure_tiny_model
+                from deleaker.modeling.tiny_model import ensure_tiny_model
 
                 source = str(ensure_tiny_model())
             return M.load_flux_transformer(source, device=spec.device, dtype=M.DTYPES[spec.dtype])
@@ -151,18 +151,11 @@ def _quiet_hf():
                 lg.enable_progress_bar()
 
 
-def deleaker_config(spec: BenchSpec, steps: int | None = None):
-    from deleaker.runtime.config import preset
-
-    cfg = preset(spec.deleaker_preset, **dict(spec.deleaker_overrides))
-    return cfg.replace(num_steps=steps) if steps is not None else cfg
-
-
 def _step_index(spec: BenchSpec, steps: int, blocks_per_step: int) -> tuple[int, str]:
     if spec.step is not None:
         return spec.step, ""
     try:
-        return M.busiest_step(deleaker_config(spec, steps).resolved(blocks_per_step)), ""
+        return M.busiest_step(spec.deleaker_config(steps).resolved(blocks_per_step)), ""
     except ValueError as e:
         return 0, f"step 0: DeLeaker windows invalid for {blocks_per_step} blocks per step ({e})"
 
@@ -175,7 +168,7 @@ def _measure(case: Case, spec: BenchSpec, loaded: _Loaded, profile_dir) -> list[
         step, note = _step_index(spec, case.steps, _blocks_per_step(tr))
         rows = harness.bench_step_variants(
             tr, case.impls, batch_size=case.batch_size, text_tokens=spec.text_tokens, entities=n_ent,
-            entity_slots=spec.entity_slots, config=deleaker_config(spec), steps=case.steps, step=step,
+            entity_slots=spec.entity_slots, config=spec.deleaker_config(), steps=case.steps, step=step,
             plant=M.plant_for(spec), profile_dir=profile_dir, **common)
     else:
         pipe = loaded.pipeline(case.backend)
@@ -185,11 +178,11 @@ def _measure(case: Case, spec: BenchSpec, loaded: _Loaded, profile_dir) -> list[
             variants = tuple("deleaker" if i == "engine" else "vanilla" for i in case.impls)
             rows = harness.bench_backend_step_variants(
                 pipe.backend, variants, batch_size=case.batch_size, entities=n_ent, steps=case.steps, step=step,
-                config=deleaker_config(spec), **common)
+                config=spec.deleaker_config(), **common)
         else:
             rows = harness.bench_generate_variants(
                 pipe, case.impls, prompt=spec.prompt, entities=case.entities, steps=case.steps,
-                batch_size=case.batch_size, config=deleaker_config(spec),
+                batch_size=case.batch_size, config=spec.deleaker_config(),
                 profile_dir=profile_dir if case.backend == "torch" else None, **common)
     for r in rows:
         r["note"] = "; ".join(x for x in (r.get("note"), note) if x)
@@ -197,7 +190,7 @@ def _measure(case: Case, spec: BenchSpec, loaded: _Loaded, profile_dir) -> list[
 
 
 def _blocks_per_step(transformer) -> int:
-    from deleaker.export.flux import blocks_per_step
+    from deleaker.modeling.flux import blocks_per_step
 
     return blocks_per_step(transformer)
 

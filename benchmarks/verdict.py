@@ -1,5 +1,5 @@
 """Pass/fail verdict of a DeLeakerAttention implementation on one case, against the float32
-reference (export/reference_op.py), with the rules the case is evidence for.
+reference (modeling/reference_op.py), with the rules the case is evidence for.
 
 A case passes only if
   (a) masks are identical: the same samples are edited and every edited sample's final masks
@@ -88,7 +88,7 @@ def unedited_g():
     """Reference variant: rule X of every pair uses the head-mean of the unedited probabilities
     (the first pair's G) instead of the probabilities edited by the earlier pairs. Enter it
     around op_bench.reference_run (outside its Recorder)."""
-    from deleaker.export import reference_op as R
+    from deleaker.modeling import reference_op as R
 
     orig_cut, orig_int = R._cut_image_image, R._intervene
     first = {}
@@ -196,7 +196,7 @@ class Observed:
 
 
 def observed_from_debug(d: dict) -> Observed:
-    """From deleaker.export.cuda_op.debug_run's result."""
+    """From deleaker.modeling.cuda_op.debug_run's result."""
     return Observed(out=d["out"], history=d["history_out"], intervened=[bool(i["intervene"]) for i in d["info"]],
                     masks=d["masks"], cut=d["cut"])
 

@@ -2,15 +2,15 @@
 
 Each model is captured with torch.export and compiled ahead of time by AOTInductor
 (torch._inductor.aoti_compile_and_package) into one .pt2 package: native code plus weights,
-loaded by the `aoti` backend (runtime/backends/aoti_backend.py) with torch alone, no diffusers,
+loaded by the `aoti` backend (modeling/aoti_backend.py) with torch alone, no diffusers,
 transformers or onnx. The packages are compiled for one device (cpu or cuda) and keep float32
 I/O whatever the weights' dtype, like the ONNX artifact.
 
 The DeLeaker op stays ONE opaque call per joint attention inside the compiled graph
 (torch.ops.deleaker.attention; its fake implementation gives the compiler the shapes). The
 package calls it through the dispatcher at run time: the CPU kernel is the reference op, the
-CUDA kernel the fused library once export/cuda_op.py has loaded it. So the process running a
-package must have the op registered (the aoti backend imports export/reference_op.py, which
+CUDA kernel the fused library once modeling/cuda_op.py has loaded it. So the process running a
+package must have the op registered (the aoti backend imports modeling/reference_op.py, which
 needs only torch).
 
 The step's I/O is runtime/step_io.py's, with batch and image tokens dynamic (one package serves
@@ -25,7 +25,8 @@ VAE decoder dynamic batch, latent height and width. The artifact folder:
     deleaker-export aoti --model DIR --out ARTIFACT [--height H --width W] [--min-size S --max-size S]
                          [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--components ...] [--force]
 
-`verify_aoti` compares an artifact with the torch backend on the same checkpoint (step and loop).
+`deleaker-export verify --backend aoti` (export/verify.py) compares an artifact with the torch backend
+on the same checkpoint (step and loop).
 """
 
 from __future__ import annotations
@@ -41,13 +42,12 @@ import torch
 
 from deleaker.runtime import step_io
 
-from . import reference_op  # noqa: F401  (registers torch.ops.deleaker.attention and its fake)
+from deleaker.modeling import reference_op  # noqa: F401  (registers torch.ops.deleaker.attention and its fake)
 from .onnx_export import (_DTYPES, ClipPooled, ExportError, Exported, ExportSpec, T5Embeds, TransformerStep,
                           VaeDecode, _to, step_dynamic_shapes, transformer_example)
 from .out_folder import check_out, publish, temp_folder
 from .progress import stage
-from .torch_backend import check_op_layout
-from deleaker.runtime.cli_help import DefaultsHelpFormatter
+from deleaker.modeling.torch_backend import check_op_layout
 
 log = logging.getLogger("deleaker")
 
@@ -112,7 +112,7 @@ def _batch_dim():
 
 def compile_transformer(transformer, path: Path, spec: ExportSpec, device: str) -> Exported:
     """The DeLeaker step (step_io I/O), batch and image tokens dynamic, each joint attention one op call."""
-    from .flux import DeLeakerFlux
+    from deleaker.modeling.flux import DeLeakerFlux
 
     dtype = _DTYPES[spec.dtype]
     guidance = bool(transformer.config.guidance_embeds)
@@ -173,7 +173,7 @@ def export_aoti(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec | N
     Components are loaded, compiled and freed one at a time.
     """
     from . import manifest as mf
-    from .checkpoint import export_tokenizer, open_checkpoint
+    from deleaker.modeling.checkpoint import export_tokenizer, open_checkpoint
 
     ckpt = open_checkpoint(model_dir)
     spec = spec or ExportSpec(max_text_tokens=ckpt.max_sequence_length)
@@ -220,85 +220,3 @@ def export_aoti(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec | N
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("AOTInductor artifact written to %s in %.1fs", out, time.perf_counter() - t0)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# verify: the aoti backend against the torch backend
-# --------------------------------------------------------------------------------------------
-
-VERIFY_CHECKS = ("step", "loop")
-
-
-def check_step(artifact, ckpt, configs, height: int, width: int, device: str, atol: float, rtol: float):
-    """transformer.pt2 vs DeLeakerFlux (diffusers + the op), random step inputs, two settings per sample."""
-    from collections import OrderedDict
-
-    from .flux import DeLeakerFlux
-    from deleaker.runtime.backends.aoti_backend import load_package
-
-    from .onnx_verify import _compare, _runner_base
-
-    dtype = artifact.manifest["dtypes"]["transformer"]
-    m = artifact.model
-    spec = ExportSpec(height=height, width=width, max_text_tokens=int(m["max_text_tokens"]),
-                      entity_slots=int(m["entity_slots"]), dtype=dtype)
-    transformer = ckpt.load_transformer(_DTYPES[dtype])
-    guidance = bool(transformer.config.guidance_embeds)
-    step = TransformerStep(DeLeakerFlux(transformer.to(device).eval()), _DTYPES[dtype], guidance).eval()
-    package = load_package(artifact.path(BACKEND, "transformer"), device)
-    names = step_io.input_names(guidance)
-    feeds, feed_names = [], []
-    for block_step in (0, configs[0].start_intervention_from // configs[0].blocks_per_step):
-        torch.manual_seed(block_step)
-        ex = transformer_example(transformer, spec, batch=2, configs=configs)
-        ex["step"] = torch.tensor(block_step, dtype=torch.int64)
-        feeds.append(OrderedDict((k, ex[k].numpy()) for k in names))
-        feed_names.append(f"step {block_step}")
-
-    def run(fn):
-        def call(fd):
-            kw = {k: torch.from_numpy(fd[k]).to(device) for k in names}
-            with torch.no_grad():
-                out = fn(**kw)
-            return {n: o.float().cpu().numpy() for n, o in zip(step_io.OUTPUT_NAMES, out)}
-        return call
-
-    meta = {k: (v.dtype, list(v.shape)) for k, v in feeds[0].items()}
-    Runner = _runner_base()
-    runners = [Runner(run(package), meta, list(step_io.OUTPUT_NAMES), "aoti"),
-               Runner(run(step), meta, list(step_io.OUTPUT_NAMES), "torch")]
-    return _compare("step", runners, feeds, feed_names, atol, rtol)
-
-
-def verify_aoti(artifact_dir: str | Path, model_dir: str | Path, **kw) -> list:
-    """An AOTInductor artifact against the torch backend on its checkpoint (onnx_verify.verify with
-    backend="aoti"): step (the transformer package vs DeLeakerFlux on random inputs) and loop
-    (Pipeline on the aoti backend vs the torch backend, DeLeaker on and off)."""
-    from .onnx_verify import verify
-
-    return verify(artifact_dir, model_dir, backend=BACKEND, **kw)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line (hooked into export/cli.py as `deleaker-export aoti`)
-# --------------------------------------------------------------------------------------------
-
-def add_parser(subparsers):
-    """Add the `aoti` sub-command to deleaker-export's sub-parsers; returns its parser."""
-    from .cli import add_artifact_options
-
-    a = subparsers.add_parser("aoti", formatter_class=DefaultsHelpFormatter,
-                              help="write an AOTInductor artifact (.pt2 packages for the aoti backend)")
-    add_artifact_options(a)
-    a.add_argument("--device", default="cpu", help="cpu or cuda: the device the packages are compiled for")
-    return a
-
-
-def run(args) -> int:
-    """`deleaker-export aoti` with parsed arguments."""
-    from .cli import export_spec
-
-    export_aoti(args.model, args.out, export_spec(args), device=args.device, force=args.force)
-    return 0  # the last log line names the artifact
-
-

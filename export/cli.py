@@ -24,7 +24,7 @@ from deleaker.runtime.errors import run_reporting_errors
 
 from .manifest import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
 
-from .libs import quiet_libraries
+from deleaker.modeling.libs import quiet_libraries
 from deleaker.runtime.cli_help import DefaultsHelpFormatter
 
 log = logging.getLogger("deleaker")
@@ -83,9 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--atol", type=float, help="absolute tolerance for every check (default: per check and dtype)")
     v.add_argument("--rtol", type=float, help="relative tolerance for every check")
 
-    from . import aoti
-
-    a = aoti.add_parser(sub)
+    a = sub.add_parser("aoti", formatter_class=DefaultsHelpFormatter,
+                       help="write an AOTInductor artifact (.pt2 packages for the aoti backend)")
+    add_artifact_options(a)
+    a.add_argument("--device", default="cpu", help="cpu or cuda: the device the packages are compiled for")
     for sp in (o, v, a):
         sp.add_argument("--quiet", action="store_true", help="only errors (and verify's result lines)")
         sp.add_argument("--debug", action="store_true", help="full tracebacks on errors")
@@ -105,7 +106,7 @@ def export_spec(args):
     if args.max_text_tokens is not None:
         kw["max_text_tokens"] = args.max_text_tokens
     else:
-        from .checkpoint import open_checkpoint
+        from deleaker.modeling.checkpoint import open_checkpoint
 
         kw["max_text_tokens"] = open_checkpoint(args.model).max_sequence_length
     if getattr(args, "max_batch", None) is not None:
@@ -123,8 +124,15 @@ def _onnx(args) -> int:
     return 0  # the last log line names the artifact
 
 
+def _aoti(args) -> int:
+    from .aoti import export_aoti
+
+    export_aoti(args.model, args.out, export_spec(args), device=args.device, force=args.force)
+    return 0  # the last log line names the artifact
+
+
 def _verify(args) -> int:
-    from .onnx_verify import verify
+    from .verify import verify
 
     for name in ("atol", "rtol"):
         v = getattr(args, name)
@@ -181,11 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             from .tensorrt_engine import run
 
             return run(args)
-        if args.command == "aoti":
-            from .aoti import run
-
-            return run(args)
-        return _onnx(args) if args.command == "onnx" else _verify(args)
+        return {"onnx": _onnx, "aoti": _aoti, "verify": _verify}[args.command](args)
 
     return run_cli("deleaker-export", go, args.debug)
 

@@ -38,11 +38,11 @@ from deleaker.runtime import op_schema, step_io
 from deleaker.runtime.config import DeLeakerConfig
 
 from . import onnx_op, onnx_portable
-from .checkpoint import export_tokenizer
+from deleaker.modeling.checkpoint import export_tokenizer
 from .manifest import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
 from .out_folder import check_out, publish, temp_folder
 from .progress import stage
-from . import reference_op  # noqa: F401  (registers torch.ops.deleaker.attention)
+from deleaker.modeling import reference_op  # noqa: F401  (registers torch.ops.deleaker.attention)
 
 log = logging.getLogger("deleaker")
 
@@ -305,7 +305,7 @@ def transformer_example(transformer, spec: ExportSpec, batch: int = 2, configs=N
     """Example inputs of the step at spec's size, in step_io.INPUTS order (guidance only for
     guidance-distilled models). batch 2 by default: a dynamic dim must not trace as 1.
     configs: one DeLeakerConfig/ResolvedConfig per sample (default: spec.deleaker for all)."""
-    from .flux import blocks_per_step
+    from deleaker.modeling.flux import blocks_per_step
 
     cfg = transformer.config
     h, w = spec.height // 16, spec.width // 16
@@ -356,7 +356,7 @@ def export_transformer(transformer, path: Path, spec: ExportSpec) -> Exported:
     `transformer` is a diffusers FluxTransformer2DModel; DeLeaker processors are installed on it.
     No DeLeaker setting is baked in: they are the step's windows/knobs/rules inputs.
     """
-    from .flux import DeLeakerFlux
+    from deleaker.modeling.flux import DeLeakerFlux
 
     spec.validate()
     dtype = _DTYPES[spec.dtype]
@@ -434,7 +434,7 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec
     weights plus the exporter's working set.
     """
     from . import manifest as mf
-    from .checkpoint import open_checkpoint
+    from deleaker.modeling.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(model_dir)
     spec = spec or ExportSpec()

@@ -15,18 +15,27 @@ from .cli_help import DefaultsHelpFormatter
 log = logging.getLogger("deleaker")
 
 
-# Subcommands that live in optional parts of the package: name -> (module, one-line help).
-EXTERNAL = {
-    "serve": ("deleaker.runtime.serve.cli", "serve the model over HTTP with dynamic batching"),
-    "eval": ("deleaker.benchmarks.quality.cli", "measure leakage: generate, judge and report (SLIM format)"),
+# Subcommands that live in optional parts of the package register under this entry-point group
+# (pyproject.toml: name = "module:main"), so this module names none of them and imports one only
+# when it is run. Their one-line help, for `deleaker --help` without importing them:
+COMMANDS_GROUP = "deleaker.commands"
+COMMAND_HELP = {
+    "serve": "serve the model over HTTP with dynamic batching",
+    "eval": "measure leakage: generate, judge and report (SLIM format)",
 }
+
+
+def _commands() -> dict:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP)}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deleaker", description="DeLeaker text-to-image runtime")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, (_, help_) in EXTERNAL.items():
-        sub.add_parser(name, help=help_, add_help=False)
+    for name in sorted(_commands()):
+        sub.add_parser(name, help=COMMAND_HELP.get(name, f"see `deleaker {name} --help`"), add_help=False)
     g = sub.add_parser("generate", help="generate an image from a prompt",
                        formatter_class=DefaultsHelpFormatter)
     g.add_argument("--prompt", required=True)
@@ -166,18 +175,15 @@ def _size(args, size_range: tuple[int, int] | None) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTERNAL:
-        import importlib
-
-        module, _ = EXTERNAL[argv[0]]
+    commands = _commands() if argv and argv[0] != "generate" else {}
+    if argv and argv[0] in commands:
         try:
-            mod = importlib.import_module(module)
+            command_main = commands[argv[0]].load()
         except ImportError as e:
-            extra = "serve" if argv[0] == "serve" else "eval"
-            print(f"deleaker {argv[0]}: needs the optional extra ({e}); pip install 'deleaker[{extra}]'",
+            print(f"deleaker {argv[0]}: needs the optional extra ({e}); pip install -e '.[{argv[0]}]'",
                   file=sys.stderr)
             return 2
-        return mod.main(argv[1:])
+        return command_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="deleaker: %(message)s")
     return run_reporting_errors("deleaker", lambda: _generate(args), args.debug)

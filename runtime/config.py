@@ -146,7 +146,7 @@ PRESETS: dict[str, DeLeakerConfig] = {
     # The embedded tiny model has random weights: its attention maps are not spatially coherent,
     # so the 3x3 opening erases every mask. Same rules, no smoothing, so the demo shows an effect.
     "tiny": DeLeakerConfig(num_steps=20, do_smoothing=False),
-    # The toy-world model (export/toyworld, 5 blocks per step, 10 steps at 32x32): chosen by the
+    # The toy-world model (benchmarks/toyworld, 5 blocks per step, 10 steps at 32x32): chosen by the
     # recorded sweep of docs/toyworld.md (the authors' windows scaled to 5 blocks per step).
     "toyworld": DeLeakerConfig(num_steps=10, start_aggregating_from=1, start_intervention_from=2, k_strength=2.0,
                                do_smoothing=False),

@@ -193,7 +193,7 @@ def attribute_values(attrs: dict) -> tuple[int, ...]:
 
 
 def split_call(args: Sequence) -> tuple[tuple, dict]:
-    """(inputs, attrs) of a call in the implementations' convention (export/attention_ops.py):
+    """(inputs, attrs) of a call in the implementations' convention (modeling/attention_ops.py):
     fn(*inputs in INPUT_NAMES order, attrs: dict)."""
     if len(args) != len(INPUTS) + 1 or not isinstance(args[-1], dict):
         raise TypeError(f"{OP_NAME} takes its {len(INPUTS)} inputs ({', '.join(INPUT_NAMES)}) and then the "

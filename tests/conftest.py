@@ -50,7 +50,7 @@ def pytest_runtest_setup(item):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random-weight FLUX checkpoint (diffusers layout), built once per test session."""
-    from deleaker.export.tiny_model import build_tiny_model
+    from deleaker.modeling.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-flux") / "model")
 
@@ -58,7 +58,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fused_op():
     """The fused CUDA op's library, loaded (only in `gpu` tests); skips with the reason it cannot load."""
-    from deleaker.export import cuda_op
+    from deleaker.modeling import cuda_op
 
     try:
         return cuda_op.load()
@@ -69,6 +69,6 @@ def fused_op():
 @pytest.fixture(scope="session")
 def tiny_h64_model_dir(tmp_path_factory):
     """The tiny checkpoint with head dim 64 (what the fused op's kernels take), built once."""
-    from deleaker.export.tiny_model import build_tiny_model
+    from deleaker.modeling.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-h64") / "model", preset="tiny-h64")

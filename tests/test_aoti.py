@@ -1,4 +1,4 @@
-"""AOTInductor: `deleaker-export aoti` on the tiny model, the `aoti` backend, verify_aoti.
+"""AOTInductor: `deleaker-export aoti` on the tiny model, the `aoti` backend, `deleaker-export verify --backend aoti`.
 
 One artifact is compiled per module (64..128 px, dynamic batch and image tokens): AOTInductor's
 C++ compilation is the slow part (minutes on two cores), so every test shares it.
@@ -6,7 +6,6 @@ C++ compilation is the slow part (minutes on two cores), so every test shares it
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -36,14 +35,13 @@ ATOL = 5e-5
 
 @pytest.fixture(scope="module")
 def artifact(tiny_model_dir, tmp_path_factory):
-    """The tiny model compiled through the command-line entry (add_parser + run)."""
+    """The tiny model compiled through the command-line entry (`deleaker-export aoti`)."""
+    from deleaker.export import cli as export_cli
+
     out = tmp_path_factory.mktemp("aoti") / "artifact"
-    parser = argparse.ArgumentParser(prog="deleaker-export")
-    aoti.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["aoti", "--model", str(tiny_model_dir), "--out", str(out), "--height", "64", "--width",
-                              "64", "--min-size", "64", "--max-size", "128"])
     t0 = time.perf_counter()
-    assert aoti.run(args) == 0
+    assert export_cli.main(["aoti", "--model", str(tiny_model_dir), "--out", str(out), "--height", "64", "--width",
+                            "64", "--min-size", "64", "--max-size", "128"]) == 0
     print(f"\naoti export of the tiny model: {time.perf_counter() - t0:.1f}s")
     return out
 
@@ -101,7 +99,7 @@ def test_generate_without_diffusers_matches_torch_backend(artifact, tiny_model_d
     out = tmp_path / "aoti.npz"
     code = BLOCKER + f"""
 import numpy as np
-from deleaker.runtime.backends.aoti_backend import AotiBackend
+from deleaker.modeling.aoti_backend import AotiBackend
 from deleaker.runtime.config import DeLeakerConfig
 from deleaker.runtime.pipeline import GenerateRequest, Pipeline
 pipe = Pipeline(AotiBackend.load({str(artifact)!r}, device='cpu'), max_batch=2)
@@ -137,7 +135,9 @@ assert not heavy, heavy
 
 def test_verify_aoti_passes(artifact, tiny_model_dir):
     lines = []
-    rows = aoti.verify_aoti(artifact, tiny_model_dir, steps=STEPS, report=lines.append)
+    from deleaker.export.verify import verify
+
+    rows = verify(artifact, tiny_model_dir, backend="aoti", steps=STEPS, report=lines.append)
     assert {r.check for r in rows} == {"step", "loop"}
     assert all(r.passed for r in rows), "\n".join(lines)
     assert len(lines) == len(rows)
@@ -147,7 +147,7 @@ def test_golden_digest(artifact):
     """The aoti backend's output on the golden requests (tests/golden.py), bit for bit."""
     import golden
 
-    from deleaker.runtime.backends.aoti_backend import AotiBackend
+    from deleaker.modeling.aoti_backend import AotiBackend
     from deleaker.runtime.pipeline import Pipeline
 
     golden.check("aoti", Pipeline(AotiBackend.load(str(artifact), device="cpu"), max_batch=2))
@@ -155,7 +155,7 @@ def test_golden_digest(artifact):
 
 def test_decoder_serves_more_images_than_one_package_call(artifact, tiny_model_dir):
     from deleaker.runtime.backends import load_backend
-    from deleaker.runtime.backends.aoti_backend import AotiBackend
+    from deleaker.modeling.aoti_backend import AotiBackend
 
     z = np.random.default_rng(0).standard_normal((aoti.VAE_MAX_BATCH + 1, 16, 8, 12)).astype(np.float32)
     got = AotiBackend.load(str(artifact)).decode(z)
@@ -166,13 +166,13 @@ def test_decoder_serves_more_images_than_one_package_call(artifact, tiny_model_d
 
 def test_backend_is_registered():
     from deleaker.runtime.backends import available_backends, backend_class
-    from deleaker.runtime.backends.aoti_backend import AotiBackend
+    from deleaker.modeling.aoti_backend import AotiBackend
 
     assert "aoti" in available_backends() and backend_class("aoti") is AotiBackend
 
 
 def test_device_the_artifact_was_not_compiled_for_is_a_clear_error(artifact):
-    from deleaker.runtime.backends.aoti_backend import AotiBackend, AotiError
+    from deleaker.modeling.aoti_backend import AotiBackend, AotiError
 
     with pytest.raises(AotiError, match="compiled for cpu, not cuda.*--device cpu"):
         AotiBackend.load(str(artifact), device="cuda")
@@ -181,7 +181,7 @@ def test_device_the_artifact_was_not_compiled_for_is_a_clear_error(artifact):
 
 
 def test_artifact_without_packages_is_a_clear_error(artifact, tmp_path):
-    from deleaker.runtime.backends.aoti_backend import AotiBackend
+    from deleaker.modeling.aoti_backend import AotiBackend
 
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)
@@ -204,11 +204,11 @@ def test_export_rejects_an_unknown_device(tiny_model_dir, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_package_with_the_fused_op_matches_torch(tmp_path_factory):
     """bf16 transformer compiled for CUDA, the fused op one opaque call in it, vs the torch backend."""
-    from deleaker.export import cuda_op
+    from deleaker.modeling import cuda_op
     from deleaker.export.onnx_export import ExportSpec
-    from deleaker.export.tiny_model import build_tiny_model
+    from deleaker.modeling.tiny_model import build_tiny_model
     from deleaker.runtime.backends import load_backend
-    from deleaker.runtime.backends.aoti_backend import AotiBackend
+    from deleaker.modeling.aoti_backend import AotiBackend
     from deleaker.runtime.pipeline import Pipeline
 
     if not cuda_op.available():
@@ -223,5 +223,5 @@ def test_cuda_package_with_the_fused_op_matches_torch(tmp_path_factory):
     ref = Pipeline(load_backend("torch", str(model), device="cuda", dtype="bf16", op="cuda")).generate(
         _requests(CASES[:2]))
     for g, r in zip(got, ref):
-        # bf16 activations: one rounding is ~8e-3 relative, compounded over 4 steps (onnx_verify's bf16 loop bound)
+        # bf16 activations: one rounding is ~8e-3 relative, compounded over 4 steps (export/verify.py's bf16 loop bound)
         np.testing.assert_allclose(g.latents, r.latents, atol=2e-1, rtol=1e-1)

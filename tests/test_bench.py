@@ -321,7 +321,7 @@ def test_plant_regions_and_errors():
     grid = reg.view(4, 32, 32)
     rows = grid.any(2).nonzero()[:, 1]
     assert rows.min() >= 3 and rows.max() <= 28  # 3 tokens off the edge: the closing keeps the block
-    from deleaker.export.reference_op import smooth_masks
+    from deleaker.modeling.reference_op import smooth_masks
 
     assert torch.equal(smooth_masks(reg, 32, 32), reg)
     with pytest.raises(M.BenchError, match="too small"):

@@ -32,7 +32,7 @@ from deleaker.benchmarks.op_bench import Case
 def _require_op():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (torch sees none)")
-    from deleaker.export import cuda_op
+    from deleaker.modeling import cuda_op
 
     try:
         cuda_op.load()
@@ -46,7 +46,7 @@ def _require_op():
 # ------------------------------------------------------------------------------------------
 
 def test_missing_library_message(monkeypatch):
-    from deleaker.export import cuda_op
+    from deleaker.modeling import cuda_op
 
     monkeypatch.setattr(cuda_op, "_loaded", None)
     monkeypatch.setattr(cuda_op, "library_path", lambda: None)
@@ -55,7 +55,7 @@ def test_missing_library_message(monkeypatch):
 
 
 def test_impl_switch_bits():
-    from deleaker.export import cuda_op
+    from deleaker.modeling import cuda_op
 
     assert cuda_op.impl_bits(None) == -1  # library defaults (all on)
     assert cuda_op.impl_bits({}) == 0b1111
@@ -297,7 +297,7 @@ def test_cuda_graph_reads_settings_on_the_device():
 def test_cpu_calls_still_run_the_reference():
     """With the fused library loaded, the op's CPU kernel is still the reference."""
     _require_op()
-    from deleaker.export.reference_op import deleaker_attention_ref
+    from deleaker.modeling.reference_op import deleaker_attention_ref
 
     q, k, v, ent, hist = ob.make_inputs(SMALL, seed=2)
     settings = ob.settings_for([{}])

@@ -1,4 +1,4 @@
-"""DeLeaker installed into diffusers' own FluxPipeline (export/diffusers_integration.py), tiny model, fp32.
+"""DeLeaker installed into diffusers' own FluxPipeline (modeling/diffusers_integration.py), tiny model, fp32.
 
 The reference is our Pipeline (torch backend) for the same requests: FluxPipeline gets our
 starting latents through `latents=` and the same max_sequence_length, and its scheduler is the
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from deleaker.export import diffusers_integration as di
-from deleaker.export.checkpoint import open_checkpoint
+from deleaker.modeling import diffusers_integration as di
+from deleaker.modeling.checkpoint import open_checkpoint
 from deleaker.runtime import latents as lat
 from deleaker.runtime.backends import load_backend
 from deleaker.runtime.config import DeLeakerConfig

@@ -122,9 +122,9 @@ def _toy_run(tmp_path, pairs) -> RunDir:
 
 
 def test_toyworld_judge(tmp_path):
-    world = pytest.importorskip("deleaker.export.toyworld.world")
-    pytest.importorskip("deleaker.export.toyworld.judge")
-    from deleaker.export.toyworld.world import Thing, render_object
+    world = pytest.importorskip("deleaker.benchmarks.toyworld.world")
+    pytest.importorskip("deleaker.benchmarks.toyworld.judge")
+    from deleaker.benchmarks.toyworld.world import Thing, render_object
 
     circle, square = Thing("red", "plain", "circle"), Thing("blue", "striped", "square")
     entities = (circle.phrase, square.phrase)

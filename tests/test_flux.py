@@ -1,4 +1,4 @@
-"""DeLeaker inside diffusers' FluxTransformer2DModel (export/flux.py)."""
+"""DeLeaker inside diffusers' FluxTransformer2DModel (modeling/flux.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers import transformer_flux
 
-from deleaker.export.flux import DeLeakerFlux, blocks_per_step
-from deleaker.export.reference_op import deleaker_attention_ref, settings_tensors
+from deleaker.modeling.flux import DeLeakerFlux, blocks_per_step
+from deleaker.modeling.reference_op import deleaker_attention_ref, settings_tensors
 from deleaker.runtime.config import DeLeakerConfig
 
 H_GRID, W_GRID, T, E = 6, 8, 7, 3  # non-square latent grid on purpose

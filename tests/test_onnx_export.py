@@ -25,8 +25,8 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 
 from deleaker.export import onnx_op  # noqa: E402
-from deleaker.export.checkpoint import open_checkpoint  # noqa: E402
-from deleaker.export.flux import DeLeakerFlux  # noqa: E402
+from deleaker.modeling.checkpoint import open_checkpoint  # noqa: E402
+from deleaker.modeling.flux import DeLeakerFlux  # noqa: E402
 from deleaker.export.onnx_export import ExportSpec, export_artifact, transformer_example  # noqa: E402
 from deleaker.runtime import op_schema, step_io  # noqa: E402
 from deleaker.runtime.artifact import FORMAT_VERSION, ArtifactError, load_artifact  # noqa: E402

@@ -30,7 +30,7 @@ def test_flux_dev_width_exports_with_external_data_and_runs(tmp_path):
     from diffusers import FluxTransformer2DModel
 
     from deleaker.export import onnx_op
-    from deleaker.export.flux import DeLeakerFlux
+    from deleaker.modeling.flux import DeLeakerFlux
     from deleaker.export.onnx_export import ExportSpec, export_transformer, transformer_example
     from deleaker.runtime.config import DeLeakerConfig
 

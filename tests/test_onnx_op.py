@@ -29,7 +29,7 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 
 from deleaker.export import onnx_op  # noqa: E402
-from deleaker.export.reference_op import deleaker_attention_ref, settings_tensors  # noqa: E402
+from deleaker.modeling.reference_op import deleaker_attention_ref, settings_tensors  # noqa: E402
 from deleaker.runtime import op_schema  # noqa: E402
 from deleaker.runtime.config import DeLeakerConfig  # noqa: E402
 

@@ -50,7 +50,7 @@ def portable_dir(tiny_model_dir, tmp_path_factory):
 
 def test_single_node_needs_inlining_for_openvino(tmp_path):
     """OpenVINO rejects the function form; the inlined node runs and matches ONNX Runtime."""
-    from deleaker.export.onnx_verify import structured_op_inputs
+    from deleaker.export.verify import structured_op_inputs
 
     attrs = op_schema.node_attributes(1, BPS)
     model = onnx_op.make_single_op_model(3, attrs)
@@ -124,6 +124,6 @@ def test_verify_rejects_a_form_the_graph_does_not_have(portable_dir, tiny_model_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "function form but the graph is portable" in err[0]
     with pytest.raises(ArtifactError, match="portable"):
-        from deleaker.export.onnx_verify import transformer_form
+        from deleaker.export.verify import transformer_form
 
         transformer_form(load_artifact(bad), BPS)

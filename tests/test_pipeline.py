@@ -42,7 +42,7 @@ def test_deterministic_and_deleaker_changes_the_result(pipe):
 @torch.no_grad()
 def test_vanilla_loop_matches_diffusers_flux_pipeline(pipe, tiny_model_dir):
     """Our tokenizers, scheduler, packing, encoders and VAE path vs diffusers' FluxPipeline."""
-    from deleaker.export.checkpoint import open_checkpoint
+    from deleaker.modeling.checkpoint import open_checkpoint
 
     r = req(deleaker=False)
     ours = pipe.generate(r, progress=False)

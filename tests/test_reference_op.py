@@ -1,6 +1,6 @@
 """Hand-computed cases for every rule of deleaker-semantics.md, checked on the reference op.
 
-Expected values are built independently of export/reference_op.py: small numpy float64
+Expected values are built independently of modeling/reference_op.py: small numpy float64
 computations that apply each rule literally to known masks. Inputs are structured so that
 the masks are known: entity e's tokens get key direction u_e, and the image rows meant to
 belong to entity e get query direction u_e, so those rows attend strongly to their entity.
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from deleaker.export import reference_op as ref
+from deleaker.modeling import reference_op as ref
 from deleaker.runtime.config import ConfigError, DeLeakerConfig, preset
 
 ATOL = 2e-5

@@ -38,13 +38,20 @@ def test_op_contract_doc_is_generated_from_schema():
     assert doc == op_schema.markdown(), "regenerate: python -m deleaker.runtime.op_schema > docs/op-contract.md"
 
 
-def test_builtin_backends_are_found_without_entry_points(monkeypatch):
-    """A source checkout on PYTHONPATH (no pip install) has no entry points; the built-ins still load."""
+def test_backends_come_from_entry_points_only(monkeypatch):
+    """The registry is the `deleaker.backends` entry-point group: the installed ones, and any other
+    distribution's, found the same way (here a stand-in distribution registering `mine`)."""
+    from importlib.metadata import EntryPoint
+
+    import pytest
+
     import deleaker.runtime.backends as backends
 
-    monkeypatch.setattr(backends, "entry_points", lambda group: [])
     assert backends.available_backends() == ["aoti", "onnxruntime", "tensorrt", "torch"]
     assert backends.backend_class("onnxruntime").__name__ == "OnnxRuntimeBackend"
-    import pytest
-    with pytest.raises(backends.BackendError, match="unknown backend 'nope'"):
-        backends.backend_class("nope")
+    mine = EntryPoint("mine", "deleaker.runtime.backends.onnxruntime_backend:OnnxRuntimeBackend", backends.GROUP)
+    monkeypatch.setattr(backends, "entry_points", lambda group: [mine] if group == backends.GROUP else [])
+    assert backends.available_backends() == ["mine"]
+    assert backends.backend_class("mine").__name__ == "OnnxRuntimeBackend"
+    with pytest.raises(backends.BackendError, match="unknown backend 'torch'; available: mine"):
+        backends.backend_class("torch")

@@ -233,13 +233,13 @@ def _trt_or_skip():
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_one_node_network_matches_the_reference_op():
-    """q, k, v, ... -> DeLeakerAttention plugin -> out, history_out vs export/reference_op.py."""
+    """q, k, v, ... -> DeLeakerAttention plugin -> out, history_out vs modeling/reference_op.py."""
     trt = _trt_or_skip()
     import torch
     from polygraphy import cuda
     from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network
 
-    from deleaker.export import reference_op
+    from deleaker.modeling import reference_op
     from deleaker.runtime.config import DeLeakerConfig
 
     B, H, T, h, w, D, E, bps = 2, 2, 8, 8, 8, 64, 2, 3
@@ -286,7 +286,7 @@ def test_tiny_model_engines_match_onnxruntime(tmp_path):
     """The tiny model (head dim 64, fp16 transformer): built engines vs ONNX Runtime, one step."""
     _trt_or_skip()
     from deleaker.export.onnx_export import ExportSpec, export_artifact
-    from deleaker.export.tiny_model import ensure_tiny_model
+    from deleaker.modeling.tiny_model import ensure_tiny_model
     from deleaker.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     spec = ExportSpec(height=64, width=64, min_size=32, max_size=64, max_text_tokens=16, entity_slots=2,

@@ -1,5 +1,5 @@
-"""export/tiny_model.py builds a FLUX-layout checkpoint that diffusers, transformers, tokenizers
-and export/checkpoint.py all load; export/checkpoint.py rejects folders that are not FLUX."""
+"""modeling/tiny_model.py builds a FLUX-layout checkpoint that diffusers, transformers, tokenizers
+and modeling/checkpoint.py all load; modeling/checkpoint.py rejects folders that are not FLUX."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from deleaker.export import tiny_model
-from deleaker.export.checkpoint import (CheckpointError, export_tokenizer, load_checkpoint, open_checkpoint,
+from deleaker.modeling import tiny_model
+from deleaker.modeling.checkpoint import (CheckpointError, export_tokenizer, load_checkpoint, open_checkpoint,
                                        resolve_dtype)
 from deleaker.runtime.scheduler import FLUX_DEV_SCHEDULER_CONFIG, FlowMatchEuler
 
@@ -210,12 +210,12 @@ def test_presets_validate():
 
 def test_cli(tmp_path):
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "-m", "deleaker.export.tiny_model", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "deleaker.modeling.tiny_model", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(out.resolve())
     open_checkpoint(out)
-    r = subprocess.run([sys.executable, "-m", "deleaker.export.tiny_model", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "deleaker.modeling.tiny_model", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "not empty" in r.stderr
 

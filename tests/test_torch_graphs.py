@@ -32,7 +32,7 @@ def _reqs(steps=3, size=64, seeds=(0,), deleaker=(True, False)):
 
 def test_op_kernel_and_fake_agree_on_layout():
     # compiled code reads the op's output with the fake's strides: a mismatch is silent garbage
-    from deleaker.export.torch_backend import check_op_layout
+    from deleaker.modeling.torch_backend import check_op_layout
 
     check_op_layout("cpu")
 
@@ -83,13 +83,13 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @pytest.fixture(scope="module")
 def h64_model(tmp_path_factory):
     """A tiny model with head size 64, which the fused kernels support."""
-    from deleaker.export.tiny_model import build_tiny_model
+    from deleaker.modeling.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("h64") / "model", preset="tiny-h64")
 
 
 def _fused():
-    from deleaker.export import cuda_op
+    from deleaker.modeling import cuda_op
 
     if not cuda_op.available():
         pytest.skip("the fused DeLeaker CUDA op library is not built")
@@ -134,5 +134,5 @@ def test_compiled_graph_step_matches_eager_in_bf16(h64_model):
     assert fast.cuda_graphs  # default on CUDA with the fused op: the compiled step is captured
     got, ref = Pipeline(fast).generate(_reqs(steps=4)), Pipeline(eager).generate(_reqs(steps=4))
     for g, r in zip(got, ref):
-        # bf16 activations, ~8e-3 relative per rounding, compounded over 4 steps (onnx_verify's bf16 loop bound)
+        # bf16 activations, ~8e-3 relative per rounding, compounded over 4 steps (export/verify.py's bf16 loop bound)
         np.testing.assert_allclose(g.latents, r.latents, atol=2e-1, rtol=1e-1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deleaker.export.toyworld import judge as J
-from deleaker.export.toyworld import world
+from deleaker.benchmarks.toyworld import judge as J
+from deleaker.benchmarks.toyworld import world
 
 MODEL = world.__file__.rsplit("/", 1)[0] + "/model"
 
@@ -18,7 +18,7 @@ def test_phrases_parse_and_every_attribute_word_is_one_token():
         world.parse_phrase("cyan dotted circle")
     with pytest.raises(ValueError, match="<colour> <texture> <shape>"):
         world.parse_phrase("circle")
-    from deleaker.export.toyworld.train import word_t5_tokenizer
+    from deleaker.benchmarks.toyworld.train import word_t5_tokenizer
 
     tok = word_t5_tokenizer(world.corpus(n=50))
     words = [w for a in world.ATTRIBUTES for w in world.VALUES[a]]
@@ -104,7 +104,7 @@ def test_judge_texture_leak_and_non_leak_mismatch():
 def test_wrong_attributes_split_named_from_unnamed_sources():
     """The evaluator's control for leakage: a wrong value counts as 'named' only when it is another
     entity's of the prompt; the same wrong value with that entity not named is an ordinary error."""
-    from deleaker.export.toyworld.evaluate import named_share, wrong_attributes
+    from deleaker.benchmarks.toyworld.evaluate import named_share, wrong_attributes
 
     blue = world.Thing("blue", TRIANGLE.texture, TRIANGLE.shape)
     named = J.judge(_scene_with([(blue, (2, 2, 13)), (SQUARE, (17, 16, 13))]), ENTITIES)
@@ -117,7 +117,7 @@ def test_wrong_attributes_split_named_from_unnamed_sources():
 
 
 def test_outcomes_among_leaking_vanilla_images():
-    from deleaker.export.toyworld.evaluate import outcomes
+    from deleaker.benchmarks.toyworld.evaluate import outcomes
 
     def rec(leaks, present=True):
         return {"leaks": [["a", "colour", "b"]] * leaks, "leak": leaks > 0, "all_present": present}
@@ -131,12 +131,12 @@ def test_outcomes_among_leaking_vanilla_images():
 
 
 def test_evaluate_bad_options_are_one_line_and_write_nothing(tmp_path, capsys):
-    from deleaker.export.toyworld import evaluate as E
+    from deleaker.benchmarks.toyworld import evaluate as E
 
     out = tmp_path / "eval"
     assert E.main(["--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"python -m deleaker.export.toyworld.evaluate: error: checkpoint folder not found: {tmp_path / 'missing'}"]
+    assert err == [f"python -m deleaker.benchmarks.toyworld.evaluate: error: checkpoint folder not found: {tmp_path / 'missing'}"]
     for bad in (["--threads", "0"], ["--max-batch", "0"], ["--pilot", "0"], ["--sweep-seeds", "0"],
                 ["--heldout-seeds", "9996"], ["--heldout-seeds", "-1"]):
         assert E.main(["--out", str(out), *bad]) == 2
@@ -151,7 +151,7 @@ def test_evaluate_bad_options_are_one_line_and_write_nothing(tmp_path, capsys):
                                      (["--shared", "1.5"], "--shared is a probability"),
                                      (["--reuse", "/nonexistent"], "is not an earlier --out")])
 def test_train_bad_options_are_one_line_and_write_nothing(tmp_path, capsys, bad, msg):
-    from deleaker.export.toyworld import train
+    from deleaker.benchmarks.toyworld import train
 
     out = tmp_path / "m"
     assert train.main(["--out", str(out), *bad]) == 2
@@ -175,7 +175,7 @@ def test_judge_missing_entity_and_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------
-# The shipped model (export/toyworld/model): loads through the checkpoint loader, runs through
+# The shipped model (benchmarks/toyworld/model): loads through the checkpoint loader, runs through
 # the runtime, and keeps the leakage reduction measured in docs/toyworld/results.json.
 
 RESULTS = world.__file__.rsplit("/", 3)[0] + "/docs/toyworld/results.json"
@@ -183,8 +183,8 @@ RESULTS = world.__file__.rsplit("/", 3)[0] + "/docs/toyworld/results.json"
 
 def test_shipped_model_loads_as_a_flux_checkpoint():
     pytest.importorskip("diffusers")
-    from deleaker.export.checkpoint import load_checkpoint
-    from deleaker.export.toyworld.preset import BLOCKS_PER_STEP
+    from deleaker.modeling.checkpoint import load_checkpoint
+    from deleaker.benchmarks.toyworld.preset import BLOCKS_PER_STEP
 
     models = load_checkpoint(MODEL)
     assert models.checkpoint.blocks_per_step == BLOCKS_PER_STEP
@@ -209,8 +209,8 @@ def test_preset_is_the_recorded_sweep_choice():
     import json
     from dataclasses import asdict
 
-    from deleaker.export.toyworld.evaluate import SWEEP
-    from deleaker.export.toyworld.preset import TOYWORLD_PRESET
+    from deleaker.benchmarks.toyworld.evaluate import SWEEP
+    from deleaker.benchmarks.toyworld.preset import TOYWORLD_PRESET
 
     res = json.loads(open(RESULTS).read())
     assert asdict(TOYWORLD_PRESET) == res["heldout"]["config"] == asdict(SWEEP[res["chosen"]])
@@ -222,7 +222,7 @@ def test_recorded_measurement_reproduces_on_a_fixed_subset():
     pytest.importorskip("diffusers")
     import json
 
-    from deleaker.export.toyworld import evaluate as E
+    from deleaker.benchmarks.toyworld import evaluate as E
     from deleaker.runtime.backends import load_backend
     from deleaker.runtime.config import DeLeakerConfig
     from deleaker.runtime.pipeline import Pipeline
@@ -256,7 +256,7 @@ def test_training_recipe_runs_a_few_steps(tmp_path):
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from deleaker.export.toyworld import train
+    from deleaker.benchmarks.toyworld import train
     from deleaker.runtime.backends import load_backend
     from deleaker.runtime.pipeline import GenerateRequest, Pipeline
 

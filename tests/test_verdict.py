@@ -43,7 +43,7 @@ def _stand_in(args, rules=None, ctx=None) -> V.Observed:
 @contextlib.contextmanager
 def _flip_one_mask_row():
     """Broken variant: the first row of entity 0's final mask flipped (after smoothing)."""
-    from deleaker.export import reference_op as R
+    from deleaker.modeling import reference_op as R
 
     orig = R.smooth_masks
 

@@ -1,7 +1,8 @@
 """Backend lookup. Backends register under the `deleaker.backends` entry-point group
 (pyproject.toml), so the runtime never imports a backend library (torch, onnxruntime, tensorrt)
-until one is asked for. The built-in ones are also listed here by module path, so a source
-checkout on PYTHONPATH (no pip install, no entry points) finds them too."""
+or the torch side (modeling/) until one is asked for, and names no module outside
+itself: the torch and aoti backends live in modeling/ and arrive through their entry
+points like any third-party backend."""
 
 from __future__ import annotations
 
@@ -13,13 +14,6 @@ from .base import Backend, ModelInfo
 __all__ = ["Backend", "ModelInfo", "available_backends", "load_backend"]
 
 GROUP = "deleaker.backends"
-# name -> "module:attribute", imported only when that backend is asked for
-BUILTIN = {
-    "aoti": "deleaker.runtime.backends.aoti_backend:AotiBackend",
-    "torch": "deleaker.export.torch_backend:TorchBackend",
-    "onnxruntime": "deleaker.runtime.backends.onnxruntime_backend:OnnxRuntimeBackend",
-    "tensorrt": "deleaker.runtime.backends.tensorrt_backend:TensorRTBackend",
-}
 
 
 class BackendError(ValueError):
@@ -27,9 +21,7 @@ class BackendError(ValueError):
 
 
 def _registered() -> dict[str, str]:
-    found = dict(BUILTIN)
-    found.update({ep.name: ep.value for ep in entry_points(group=GROUP)})
-    return found
+    return {ep.name: ep.value for ep in entry_points(group=GROUP)}
 
 
 def available_backends() -> list[str]:

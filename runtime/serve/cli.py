@@ -17,9 +17,10 @@ import os
 import sys
 import threading
 
-from ..config import PRESETS, preset
+from ..config import PRESETS
 from ..errors import run_reporting_errors
 from ..cli_help import DefaultsHelpFormatter
+from .loading import load_pipeline, api_token
 from .options import ServeOptions
 
 log = logging.getLogger("deleaker.serve")
@@ -87,30 +88,6 @@ def options_from(args) -> ServeOptions:
     return ServeOptions(**{k: v for k, v in vars(args).items() if k in names}).validate()
 
 
-def load_pipeline(args):
-    """The backend and Pipeline the arguments name (shared by the local server and each Ray replica)."""
-    from ..backends import load_backend
-    from ..pipeline import Pipeline
-
-    cfg = preset(args.preset) if args.preset else None
-    backend_name = args.backend or ("onnxruntime" if args.artifact else "torch")
-    options = dict(device=args.device, progress=False)
-    if backend_name == "torch":
-        options.update(op=args.attention, dtype=args.dtype)
-    elif args.attention != "reference" or args.dtype != "fp32":
-        raise ValueError(f"--attention/--dtype apply to the torch backend; the {backend_name} backend runs "
-                         "what was exported")
-    backend = load_backend(backend_name, args.artifact or args.model, **options)
-    return Pipeline(backend, config=cfg, max_batch=args.max_batch)
-
-
-def _token() -> str | None:
-    token = os.environ.get("DELEAKER_API_TOKEN") or None
-    if token is not None and len(token) < 16:
-        raise ValueError("DELEAKER_API_TOKEN is set but shorter than 16 characters; use a long random token")
-    return token
-
-
 def build_local(args, options: ServeOptions):
     """Engine (with its batcher) and FastAPI app for one process; warm-up runs when the app starts."""
     from contextlib import asynccontextmanager
@@ -131,7 +108,7 @@ def build_local(args, options: ServeOptions):
         yield
         engine.runner.stop()
 
-    return engine, create_app(engine, token=_token(), lifespan=lifespan)
+    return engine, create_app(engine, token=api_token(), lifespan=lifespan)
 
 
 def _serve_local(args, options: ServeOptions) -> int:
@@ -160,7 +137,7 @@ def _serve_local(args, options: ServeOptions) -> int:
 
             threading.Thread(target=finish, name="deleaker-drain", daemon=True).start()
 
-    if args.host not in LOOPBACK_HOSTS and _token() is None:
+    if args.host not in LOOPBACK_HOSTS and api_token() is None:
         log.warning("binding %s without DELEAKER_API_TOKEN: anyone who reaches this port can generate", args.host)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=options.drain_timeout_s + 5, **uvicorn_limits(options))
@@ -176,7 +153,7 @@ def _serve(args) -> int:
 
     options = options_from(args)
     check_port(args.port)
-    _token()  # a bad token fails before the model loads
+    api_token()  # a bad token fails before the model loads
     if args.ray:
         if args.ray_address is None and not os.environ.get("RAY_ADDRESS") and args.host in LOOPBACK_HOSTS:
             # a local Ray for a loopback server: Ray takes 127.0.0.1 as the node address only with this set

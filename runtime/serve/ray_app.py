@@ -61,7 +61,7 @@ class DeLeakerServe:
 
     def __init__(self, args: dict, options: ServeOptions):
         from .app import create_app
-        from .cli import _token, load_pipeline
+        from .loading import api_token, load_pipeline
         from .engine import Engine
 
         logging.basicConfig(level=logging.INFO, format="deleaker: %(message)s")
@@ -73,7 +73,7 @@ class DeLeakerServe:
         # the local server's batcher: same batching, queue bound (429 + Retry-After) and drain
         self.engine.runner = Batcher(pipe, options.max_batch, options.max_wait_ms, options.max_queue, metrics)
         self.engine.warm_up()  # the replica counts as started (and gets traffic) only after this
-        self._app = create_app(self.engine, token=_token())
+        self._app = create_app(self.engine, token=api_token())
         threading.Thread(target=self._report, name="deleaker-drain-watch", daemon=True).start()
 
     def _report(self) -> None:

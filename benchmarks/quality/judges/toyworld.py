@@ -1,4 +1,4 @@
-"""The toy world's exact judge (deleaker.export.toyworld.judge), on a run made with the toy model.
+"""The toy world's exact judge (deleaker.benchmarks.toyworld.judge), on a run made with the toy model.
 
 toyworld.judge.judge(image [H, W, 3] uint8, entities) -> dict is called on both images; its
 dicts are kept. The outcome compares the number of leaks (len(dict["leaks"]): attribute values of
@@ -17,7 +17,7 @@ from PIL import Image
 from ..store import RunDir
 from .base import Judge, JudgeUnavailable
 
-MODULE = "deleaker.export.toyworld.judge"
+MODULE = "deleaker.benchmarks.toyworld.judge"
 
 
 def outcome(vanilla: float, deleaker: float) -> str:

@@ -1,6 +1,6 @@
 """The toy-world demo: one prompt, seeds 0-7, vanilla above DeLeaker, every cell judged.
 
-    python -m deleaker.export.toyworld.demo --out demo.png [--model DIR] [--prompt ... --entities ...]
+    python -m deleaker.benchmarks.toyworld.demo --out demo.png [--model DIR] [--prompt ... --entities ...]
 
 Each image goes through the runtime (Pipeline + the torch backend, the toyworld preset); the
 exact judge tags every cell leak / clean / missing, and the counts are logged. The seeds are
@@ -48,7 +48,7 @@ def grid(rows: list[list[np.ndarray]], tags: list[list[str]], labels: list[str],
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deleaker.export.toyworld.demo", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m deleaker.benchmarks.toyworld.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="output PNG")
     ap.add_argument("--model", type=Path, default=Path(__file__).parent / "model", help="toy-world model folder")
     ap.add_argument("--prompt", default=DEMO_PROMPT)

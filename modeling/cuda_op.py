@@ -1,14 +1,14 @@
 """The fused CUDA DeLeakerAttention op (plugins/, built with CMake): the CUDA kernel of the one
 torch op, torch.ops.deleaker.attention (op contract v2, runtime/op_schema.py).
 
-    from deleaker.export import cuda_op
+    from deleaker.modeling import cuda_op
     cuda_op.load()   # once: after this, torch.ops.deleaker.attention on CUDA tensors runs the fused kernels
     out, history_out = cuda_op.call_op(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules,
                                        {"block_offset": b, "blocks_per_step": n})
 
 The library libdeleaker_torch.so is looked for in $DELEAKER_PLUGIN_DIR, then in <repo>/build.
 Loading it adds the CUDA kernel of deleaker::attention (whose schema and CPU reference kernel come
-from export/reference_op.py, imported first) and the ops torch.ops.deleaker_cuda.{attention_ex,
+from modeling/reference_op.py, imported first) and the ops torch.ops.deleaker_cuda.{attention_ex,
 attention_debug, workspace_layout} (implementation switches and intermediates, for tests and
 benchmarks; see plugins/torch_adapter/deleaker_torch.cpp). q, k, v must be CUDA float16/bfloat16
 tensors [B, H, T+I, D] with D in {64, 128}; step, grid, windows, knobs and rules may be CPU or

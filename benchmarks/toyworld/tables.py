@@ -1,6 +1,6 @@
 """Markdown tables of an evaluation's results.json (the numbers docs/toyworld.md quotes).
 
-    python -m deleaker.export.toyworld.tables docs/toyworld/results.json
+    python -m deleaker.benchmarks.toyworld.tables docs/toyworld/results.json
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Measure semantic leakage of the toy-world model, vanilla vs DeLeaker, with the exact judge.
 
-    python -m deleaker.export.toyworld.evaluate --model export/toyworld/model --out docs/toyworld
+    python -m deleaker.benchmarks.toyworld.evaluate --model benchmarks/toyworld/model --out docs/toyworld
 
 Stages (each logged with the overall progress; results.json is rewritten after every stage, so a
 stopped run keeps what it measured):
@@ -137,7 +137,7 @@ def mask_on_objects(result, objects: np.ndarray) -> float | None:
     that lie on `objects` ([I] bool, object_tokens of the image); None for vanilla or an empty mask."""
     import torch
 
-    from deleaker.export.reference_op import entity_masks, smooth_masks
+    from deleaker.modeling.reference_op import entity_masks, smooth_masks
 
     cfg = result.request.config
     if not result.request.deleaker or cfg is None:
@@ -424,7 +424,7 @@ def check_options(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deleaker.export.toyworld.evaluate", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m deleaker.benchmarks.toyworld.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=Path(__file__).parent / "model",
                     help="model folder (torch backend) or exported artifact (other backends)")
     ap.add_argument("--backend", default="torch", help="runtime backend: torch runs the sweep and the held-out "
@@ -479,7 +479,7 @@ def _evaluate(args, argv) -> int:
     sweep_seeds = range(SWEEP_SEEDS.start, SWEEP_SEEDS.start + args.sweep_seeds)
     eval_seeds = range(args.heldout_seeds, args.heldout_seeds + len(EVAL_SEEDS))
     triplet_seeds = range(args.heldout_seeds, args.heldout_seeds + len(TRIPLET_SEEDS))
-    data: dict = {"command": "python -m deleaker.export.toyworld.evaluate " + " ".join(argv or sys.argv[1:]),
+    data: dict = {"command": "python -m deleaker.benchmarks.toyworld.evaluate " + " ".join(argv or sys.argv[1:]),
                   "backend": args.backend, "steps": STEPS, "size": SIZE}
     pipe = Pipeline(load_backend(args.backend, str(args.model), progress=False), config=TOYWORLD_PRESET,
                     max_batch=args.max_batch)

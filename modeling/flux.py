@@ -46,7 +46,7 @@ class DeLeakerAttnProcessor:
                  image_rotary_emb=None, deleaker: DeLeakerCall | None = None):
         if deleaker is None:
             raise RuntimeError("DeLeakerAttnProcessor called without DeLeaker inputs; run the model "
-                               "through deleaker.export.flux.DeLeakerFlux")
+                               "through deleaker.modeling.flux.DeLeakerFlux")
         if attention_mask is not None:
             raise NotImplementedError("attention masks are not supported with DeLeaker attention")
         query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)

@@ -1,6 +1,6 @@
 """Train the toy-world FLUX model on this CPU and write it in diffusers' folder layout.
 
-    python -m deleaker.export.toyworld.train --out DIR [--seed 0] [--threads 2] [--heads 4] [--steps 7000]
+    python -m deleaker.benchmarks.toyworld.train --out DIR [--seed 0] [--threads 2] [--heads 4] [--steps 7000]
 
 Stages (each logged, the transformer checkpointed as it trains, so a stopped run leaves a usable
 folder): tokenizers trained on the world's captions; random frozen CLIP/T5-like encoders; a
@@ -28,7 +28,7 @@ from deleaker.runtime import latents as lat
 from deleaker.runtime import tokens as tok
 from deleaker.runtime.scheduler import FLUX_DEV_SCHEDULER_CONFIG, FlowMatchEuler
 
-from .. import tiny_model as tm
+from deleaker.modeling import tiny_model as tm
 from . import world
 
 log = logging.getLogger("deleaker.toyworld")
@@ -249,7 +249,7 @@ def encode_captions(out: Path, captions: list[str], cfg: TrainConfig):
     """(t5 embeds [C, T, D], pooled [C, Dp]) computed exactly as the runtime computes them."""
     import torch
 
-    from ..checkpoint import load_checkpoint
+    from deleaker.modeling.checkpoint import load_checkpoint
 
     del load_checkpoint  # encoders are loaded directly: the folder is not complete yet
     from transformers import CLIPTextModel, T5EncoderModel
@@ -396,7 +396,7 @@ def check_options(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deleaker.export.toyworld.train", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m deleaker.benchmarks.toyworld.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder to write the model into")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -427,7 +427,7 @@ def _train(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
 
-    from ..libs import quiet_libraries
+    from deleaker.modeling.libs import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(args.threads)

@@ -8,8 +8,8 @@ are trained with `tokenizers` on a built-in corpus of generated sentences about 
 objects, colours and scenes, and are built the way transformers' CLIPTokenizer/T5Tokenizer
 rebuild them, so `tokenizers.Tokenizer.from_file` and transformers load the same tokenizer.
 
-    python -m deleaker.export.tiny_model --out DIR [--preset tiny] [--seed 0] [--force]
-    python -m deleaker.export.tiny_model            # build (once) into the cache, print path
+    python -m deleaker.modeling.tiny_model --out DIR [--preset tiny] [--seed 0] [--force]
+    python -m deleaker.modeling.tiny_model            # build (once) into the cache, print path
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ def ensure_tiny_model(preset: str = "tiny", seed: int = 0, cache_root: str | Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deleaker.export.tiny_model", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m deleaker.modeling.tiny_model", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="folder to build into (default: the cache, built once)")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
 """DeLeaker inside a user's own diffusers FluxPipeline: install once, call the pipeline as usual.
 
-    from deleaker.export.diffusers_integration import DeLeaker, install, remove
+    from deleaker.modeling.diffusers_integration import DeLeaker, install, remove
 
     install(pipe)                                   # pipe: a diffusers FluxPipeline
     image = pipe("a cat and a cheetah in a field",
@@ -9,7 +9,7 @@
 
 What `install` changes, all undone by `remove`:
   processors    each joint attention's processor becomes a switch: the pipeline's own processor
-                for calls without DeLeaker, export/flux.py's DeLeakerAttnProcessor (the
+                for calls without DeLeaker, modeling/flux.py's DeLeakerAttnProcessor (the
                 reference op, or the fused op on CUDA) for calls with it;
   two hooks     on pipe.transformer (forward pre/post hooks): per call they hold the entity
                 tokens, the step counter (transformer calls of this pipeline call), the grid,

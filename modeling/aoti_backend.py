@@ -8,9 +8,9 @@ call of the compiled step and the Euler update in float32.
 
 The compiled step calls the DeLeaker op (torch.ops.deleaker.attention) through the dispatcher,
 so the op must be registered in this process: loading the backend imports its definition
-(deleaker.export.reference_op, which needs only torch: the reference kernel, for every device)
+(deleaker.modeling.reference_op, which needs only torch: the reference kernel, for every device)
 and, for op "cuda" (or "auto" on a GPU where the library is built), the fused CUDA kernel
-library (deleaker.export.cuda_op).
+library (deleaker.modeling.cuda_op).
 
 torch is imported when a backend is created, never at module import.
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import step_io
-from ..artifact import Artifact, ArtifactError, load_artifact
-from .base import Backend, Session, SessionInputs
+from deleaker.runtime import step_io
+from deleaker.runtime.artifact import Artifact, ArtifactError, load_artifact
+from deleaker.runtime.backends.base import Backend, Session, SessionInputs
 
 log = logging.getLogger("deleaker")
 
@@ -51,13 +51,13 @@ def register_op(op: str = "auto", device: str = "cpu") -> str:
     if op not in OPS:
         raise AotiError(f"unknown op {op!r} for the aoti backend; choose from {', '.join(OPS)}")
     # the op's schema, fake and reference kernel (imports torch and deleaker.runtime only)
-    importlib.import_module("deleaker.export.reference_op")
+    importlib.import_module("deleaker.modeling.reference_op")
     on_gpu = device.startswith("cuda")
     if op == "reference" or (op == "auto" and not on_gpu):
         return "reference"
     if not on_gpu:
         raise AotiError("op 'cuda' (the fused kernels) runs on a GPU: use --device cuda")
-    cuda_op = importlib.import_module("deleaker.export.cuda_op")
+    cuda_op = importlib.import_module("deleaker.modeling.cuda_op")
     try:
         cuda_op.load()
     except cuda_op.CudaOpUnavailable as e:

@@ -213,7 +213,7 @@ def check_op(artifact, configs: list[ResolvedConfig], atol: float, rtol: float) 
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     from . import onnx_op, onnx_portable
-    from .reference_op import deleaker_attention_ref
+    from deleaker.modeling.reference_op import deleaker_attention_ref
 
     E = int(artifact.model["entity_slots"])
     bps = int(artifact.model["blocks_per_step"])
@@ -259,7 +259,7 @@ def check_step(artifact, ckpt, configs: list[ResolvedConfig], height: int, width
                rtol: float) -> list[OutputResult]:
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    from .flux import DeLeakerFlux
+    from deleaker.modeling.flux import DeLeakerFlux
     from .onnx_export import ExportSpec, TransformerStep, _DTYPES, transformer_example
 
     dtype = artifact.manifest["dtypes"]["transformer"]
@@ -329,6 +329,51 @@ def check_loop(artifact, model_dir: Path, config: DeLeakerConfig, prompt: str, e
 
 
 # --------------------------------------------------------------------------------------------
+# the aoti engine: its transformer package against DeLeakerFlux
+
+AOTI_CHECKS = ("step", "loop")  # the aoti backend has no op of its own to check
+
+
+def check_aoti_step(artifact, ckpt, configs, height: int, width: int, device: str, atol: float, rtol: float):
+    """transformer.pt2 vs DeLeakerFlux (diffusers + the op), random step inputs, two settings per sample."""
+    from deleaker.modeling.aoti_backend import load_package
+    from deleaker.modeling.flux import DeLeakerFlux
+
+    from .onnx_export import _DTYPES, ExportSpec, TransformerStep, transformer_example
+
+    dtype = artifact.manifest["dtypes"]["transformer"]
+    m = artifact.model
+    spec = ExportSpec(height=height, width=width, max_text_tokens=int(m["max_text_tokens"]),
+                      entity_slots=int(m["entity_slots"]), dtype=dtype)
+    transformer = ckpt.load_transformer(_DTYPES[dtype])
+    guidance = bool(transformer.config.guidance_embeds)
+    step = TransformerStep(DeLeakerFlux(transformer.to(device).eval()), _DTYPES[dtype], guidance).eval()
+    package = load_package(artifact.path("aoti", "transformer"), device)
+    names = step_io.input_names(guidance)
+    feeds, feed_names = [], []
+    for block_step in (0, configs[0].start_intervention_from // configs[0].blocks_per_step):
+        torch.manual_seed(block_step)
+        ex = transformer_example(transformer, spec, batch=2, configs=configs)
+        ex["step"] = torch.tensor(block_step, dtype=torch.int64)
+        feeds.append(OrderedDict((k, ex[k].numpy()) for k in names))
+        feed_names.append(f"step {block_step}")
+
+    def run(fn):
+        def call(fd):
+            kw = {k: torch.from_numpy(fd[k]).to(device) for k in names}
+            with torch.no_grad():
+                out = fn(**kw)
+            return {n: o.float().cpu().numpy() for n, o in zip(step_io.OUTPUT_NAMES, out)}
+        return call
+
+    meta = {k: (v.dtype, list(v.shape)) for k, v in feeds[0].items()}
+    Runner = _runner_base()
+    runners = [Runner(run(package), meta, list(step_io.OUTPUT_NAMES), "aoti"),
+               Runner(run(step), meta, list(step_io.OUTPUT_NAMES), "torch")]
+    return _compare("step", runners, feeds, feed_names, atol, rtol)
+
+
+# --------------------------------------------------------------------------------------------
 
 def verify(artifact_dir: str | Path, model_dir: str | Path, checks=None, steps: int | None = None,
            height: int | None = None, width: int | None = None, device: str = "cpu",
@@ -339,12 +384,10 @@ def verify(artifact_dir: str | Path, model_dir: str | Path, checks=None, steps: 
     output. Returns every row (see OutputResult.passed). onnxruntime: op, step, loop; aoti: step, loop."""
     from polygraphy.logger import G_LOGGER
 
-    from .checkpoint import open_checkpoint
+    from deleaker.modeling.checkpoint import open_checkpoint
 
     if backend == "aoti":
-        from . import aoti
-
-        step_fn, available = aoti.check_step, aoti.VERIFY_CHECKS
+        step_fn, available = check_aoti_step, AOTI_CHECKS
     elif backend == "onnxruntime":
         step_fn, available = check_step, CHECKS
     else:

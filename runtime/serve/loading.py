@@ -1,0 +1,32 @@
+"""What a server process loads, shared by the local server (cli.py) and each Ray replica
+(ray_app.py): the Pipeline the command-line arguments name, and the API token from the environment."""
+
+from __future__ import annotations
+
+import os
+
+from ..config import preset
+
+
+def load_pipeline(args):
+    """The backend and Pipeline the arguments name (shared by the local server and each Ray replica)."""
+    from ..backends import load_backend
+    from ..pipeline import Pipeline
+
+    cfg = preset(args.preset) if args.preset else None
+    backend_name = args.backend or ("onnxruntime" if args.artifact else "torch")
+    options = dict(device=args.device, progress=False)
+    if backend_name == "torch":
+        options.update(op=args.attention, dtype=args.dtype)
+    elif args.attention != "reference" or args.dtype != "fp32":
+        raise ValueError(f"--attention/--dtype apply to the torch backend; the {backend_name} backend runs "
+                         "what was exported")
+    backend = load_backend(backend_name, args.artifact or args.model, **options)
+    return Pipeline(backend, config=cfg, max_batch=args.max_batch)
+
+
+def api_token() -> str | None:
+    token = os.environ.get("DELEAKER_API_TOKEN") or None
+    if token is not None and len(token) < 16:
+        raise ValueError("DELEAKER_API_TOKEN is set but shorter than 16 characters; use a long random token")
+    return token
