@@ -50,7 +50,7 @@ class GenerateRequest:
     prompt: str
     entities: tuple[str, ...] = ()
     seed: int = 0
-    steps: int = 20
+    steps: int | None = None  # None: the DeLeaker settings' num_steps (the request's config, else the pipeline's)
     height: int = 256
     width: int = 256
     guidance_scale: float = 3.5
@@ -104,7 +104,12 @@ class _Prepared:
 
     @property
     def key(self) -> tuple[int, int, int]:
-        return self.request.height, self.request.width, self.request.steps
+        return batch_key(self.request)
+
+
+def batch_key(req: GenerateRequest) -> tuple[int, int, int]:
+    """Requests that may share a batch have the same key: (height, width, steps)."""
+    return req.height, req.width, req.steps
 
 
 def _is_int(v) -> bool:
@@ -134,8 +139,8 @@ def check_request(req, size_range: tuple[int, int] | None = None,
         raise RequestError(f"entities must be a list of non-empty strings (or None), got {_short_repr(req.entities)}")
     if not _is_int(req.seed) or not 0 <= req.seed < 2 ** 63:
         raise RequestError(f"seed must be an integer in [0, 2**63), got {req.seed!r}")
-    if not _is_int(req.steps) or not 1 <= req.steps <= MAX_STEPS:
-        raise RequestError(f"steps must be an integer in [1, {MAX_STEPS}], got {req.steps!r}")
+    if req.steps is not None and (not _is_int(req.steps) or not 1 <= req.steps <= MAX_STEPS):
+        raise RequestError(f"steps must be an integer in [1, {MAX_STEPS}] (or None: the settings'), got {req.steps!r}")
     g = req.guidance_scale
     if isinstance(g, (bool, np.bool_)) or not isinstance(g, (int, float, np.floating, np.integer)) \
             or not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
@@ -157,7 +162,8 @@ def check_request(req, size_range: tuple[int, int] | None = None,
     if req.config is not None:
         if not isinstance(req.config, DeLeakerConfig):
             raise RequestError(f"config must be a DeLeakerConfig, got {_type_name(req.config)}")
-        req.config.replace(num_steps=req.steps).resolved(1)  # explicit settings are model-independent
+        steps = req.steps if req.steps is not None else req.config.num_steps
+        req.config.replace(num_steps=steps).resolved(1)  # explicit settings are model-independent
     return geo
 
 
@@ -236,6 +242,8 @@ class Pipeline:
         base = req.config if req.config is not None else self.config
         if not isinstance(base, DeLeakerConfig):
             raise RequestError(f"config must be a DeLeakerConfig, got {type(base).__name__}")
+        if req.steps is None:  # the one place a request's step count is defaulted
+            req = dataclasses.replace(req, steps=base.num_steps)
         cfg = base.replace(num_steps=req.steps).resolved(info.blocks_per_step)
         T = info.max_text_tokens
         n_tokens = len(self.t5_tok.ids(req.prompt, add_special_tokens=True))

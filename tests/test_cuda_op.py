@@ -3,7 +3,7 @@
 GPU cases (`pytest -m gpu tests/test_cuda_op.py`, after building the library: plugins/README.md)
 run on structured inputs (benchmarks/op_bench.make_inputs: planted entities, clear-cut masks;
 some with planted leakage and text pull so rules W and TT have work). Per case and plain/edit
-variant, benchmarks/verdict.py decides: no NaN in the outputs, history equal to the float32
+variant, tests/verdict.py decides: no NaN in the outputs, history equal to the float32
 reference, (a) the window decision and final masks equal to the reference's exactly, (b) rule-X
 cut sets within a few pairs, (c) the output error against the float32 reference within 4x the
 output-rounding floor, a bound below the effect of every rule the case is counted for. Each
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from deleaker.benchmarks import op_bench as ob
-from deleaker.benchmarks import verdict as V
+import verdict as V
 from deleaker.benchmarks.op_bench import Case
 
 

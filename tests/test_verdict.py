@@ -1,4 +1,4 @@
-"""The fused op's verdict (benchmarks/verdict.py), checked on CPU with the reference op standing
+"""The fused op's verdict (tests/verdict.py), checked on CPU with the reference op standing
 in for the op under test: the reference itself passes; deliberately broken variants (rule W
 dropped, rule TT dropped, the unedited G for later pairs, one mask row flipped) fail, although
 the former bound (2x the error of the reference run in bf16) passes some of them; a rule whose
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deleaker.benchmarks import op_bench as ob
-from deleaker.benchmarks import verdict as V
+import verdict as V
 from deleaker.benchmarks.op_bench import Case
 
 SMALL = dict(H=4, D=64, T=64, h=24, w=24)

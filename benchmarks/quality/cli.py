@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend)")
     r.add_argument("--backend", help="torch (default with --model), onnxruntime (default with --artifact)")
     r.add_argument("--preset", default="flux-dev", help="DeLeaker preset (deleaker generate --help lists them)")
-    r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
     r.add_argument("--height", type=int, default=512)
     r.add_argument("--width", type=int, default=512)
     r.add_argument("--guidance", type=float, default=3.5)

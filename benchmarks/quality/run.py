@@ -41,7 +41,7 @@ class RunSettings:
     source: str | None  # model folder (torch) or artifact folder (onnxruntime); None: tiny model
     backend: str = "torch"
     preset: str = "flux-dev"
-    steps: int = 20
+    steps: int | None = None  # None: the preset's num_steps (resolved before the run starts)
     height: int = 512
     width: int = 512
     guidance: float = 3.5
@@ -70,8 +70,9 @@ def check_settings(settings: RunSettings, batch: int) -> None:
 
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"--batch must be an integer >= 1, got {batch!r}")
-    preset(settings.preset).replace(num_steps=max(1, settings.steps))  # unknown preset: one line
-    if not 1 <= settings.steps <= MAX_STEPS:
+    preset(settings.preset)  # unknown preset: one line
+    if settings.steps is not None and (isinstance(settings.steps, bool) or not isinstance(settings.steps, int)
+                                       or not 1 <= settings.steps <= MAX_STEPS):
         raise ValueError(f"--steps must be in [1, {MAX_STEPS}], got {settings.steps}")
     lat.geometry(settings.height, settings.width)  # positive multiples of 16
     if not math.isfinite(settings.guidance) or settings.guidance < 0:
@@ -128,6 +129,10 @@ def run_generation(settings: RunSettings, out: str, batch: int = 2, progress: bo
     # Everything is checked, and the model loaded, before the run folder is made or touched:
     # a bad option leaves nothing behind (and blocks no later run in that folder).
     check_settings(settings, batch)
+    if settings.steps is None:  # the run folder records the step count it ran
+        from deleaker.runtime.config import preset
+
+        settings = dataclasses.replace(settings, steps=preset(settings.preset).num_steps)
     loaded = load_records(settings.dataset, settings.splits or None)
     if loaded.problems:
         log.warning("%d bad record(s) skipped (listed above)", len(loaded.problems))

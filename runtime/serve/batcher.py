@@ -22,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..pipeline import GenerateRequest, Pipeline
+from ..pipeline import GenerateRequest, Pipeline, batch_key
 from .metrics import Metrics
 
 log = logging.getLogger("deleaker.serve")
@@ -53,7 +53,7 @@ class Job:
 
     @property
     def key(self) -> tuple[int, int, int]:
-        return self.request.height, self.request.width, self.request.steps
+        return batch_key(self.request)  # the engine gives every request its step count
 
     def resolve(self, result=None, error: BaseException | None = None) -> None:
         def _set():

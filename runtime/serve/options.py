@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..pipeline import MAX_STEPS
+
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -38,6 +40,8 @@ class ServeOptions:
         for name in ("timeout_s", "drain_timeout_s", "read_timeout_s", "keep_alive_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.max_steps > MAX_STEPS:  # the server's cap lies inside the pipeline's one range
+            raise ValueError(f"max-steps must be <= {MAX_STEPS} (the pipeline's limit), got {self.max_steps}")
         if self.min_size > self.max_size:
             raise ValueError(f"min-size {self.min_size} is larger than max-size {self.max_size}")
         if self.default_steps is not None and not 1 <= self.default_steps <= self.max_steps:

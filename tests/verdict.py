@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import op_bench as ob
+from deleaker.benchmarks import op_bench as ob
 
 # edit rules and their column in the per-sample rules input (op_schema: use_history,
 # do_smoothing, W, S, X, TT); use_history and do_smoothing act through the masks, checked by (a)
