@@ -28,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Draining, QueueFull
-from .engine import ClientGone, Engine, RequestTimeout
+from .engine import SETTING_KINDS, ClientGone, Engine, RequestTimeout
 from .schema import (IGNORED_HEADER, FieldError, ImageData, ImageGenerationRequest, ImageGenerationResponse,
                      error_body)
 
@@ -176,7 +176,9 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
         status = "draining" if engine.draining else "ready" if engine.ready else "warming_up"
         body = {"status": status, "backend": engine.pipe.backend.name, "max_batch": engine.runner.max_batch,
                 "queue_depth": engine.runner.depth, "size_range": list(engine.size_range),
-                "entity_slots": info.entity_slots, "default_steps": engine.default_steps}
+                "entity_slots": info.entity_slots, "default_steps": engine.default_steps,
+                # what `deleaker_settings` may hold: the playground builds its fields from this
+                "deleaker_settings": {name: kind.__name__ for name, kind in SETTING_KINDS.items()}}
         return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
     app.mount(OPEN_PREFIX.rstrip("/"), StaticFiles(directory=STATIC_DIR), name="static")

@@ -6,22 +6,20 @@
 
 const GENERATE = "v1/images/generations"; // relative: works behind a path prefix too
 const HEALTH = "health";
-// DeLeakerConfig fields a request may set (the server's SETTING_KINDS; a test keeps them equal)
-const SETTINGS = [
-  ["std_mul_text", "float"], ["std_mul_image_image", "float"], ["k_strength", "float"],
-  ["start_aggregating_from", "int"], ["stop_aggregating_at", "int"],
-  ["start_intervention_from", "int"], ["stop_intervention_at", "int"],
-  ["use_history", "bool"], ["do_smoothing", "bool"], ["do_image_text_weakening", "bool"],
-  ["do_image_text_strengthening", "bool"], ["do_image_image", "bool"], ["do_text_text_weakening", "bool"],
-];
 const MAX_RANDOM_SEED = 2 ** 31;
 
 const $ = (id) => document.getElementById(id);
 const form = $("form");
 const field = (name) => form.elements.namedItem(name);
 
-function buildSettings() {
+// One field per DeLeaker setting a request may set: the server's list ({name: "float" | "int" | "bool"},
+// from /health), so the page has no copy of its own.
+let SETTINGS = [];
+
+function buildSettings(kinds) {
+  SETTINGS = Object.entries(kinds || {});
   const box = $("settings");
+  box.replaceChildren();
   for (const [name, kind] of SETTINGS) {
     const label = document.createElement("label");
     label.textContent = name + " ";
@@ -187,19 +185,23 @@ async function run() {
   if (parts.length) $("timing").textContent = `${parts.join(" · ")} · both ${seconds(wall)} (round trips, sent together)`;
 }
 
+// Returns the health body (null when the server cannot be reached).
 async function checkHealth() {
   const h = $("health");
   try {
     const resp = await fetch(HEALTH);
     const info = await resp.json();
+    if (!SETTINGS.length) buildSettings(info.deleaker_settings);
     h.dataset.state = info.status;
     h.textContent = `${info.status} · ${info.backend} · max batch ${info.max_batch} · sizes ` +
       `${info.size_range.join("–")} px · ${info.entity_slots} entity slots · ${info.default_steps} steps by default`;
     field("steps").placeholder = String(info.default_steps);
     if (info.status === "warming_up") setTimeout(checkHealth, 2000);
+    return info;
   } catch (e) {
     h.dataset.state = "unreachable";
     h.textContent = `cannot reach the server: ${e.message}`;
+    return null;
   }
 }
 
@@ -222,13 +224,12 @@ function applyParams() {
 }
 
 async function main() {
-  buildSettings();
-  const { autorun, bad } = applyParams();
   form.addEventListener("submit", (e) => {
     e.preventDefault();
     run();
   });
-  await checkHealth();
+  await checkHealth(); // builds the settings fields, so URL parameters can fill them
+  const { autorun, bad } = applyParams();
   if (bad.length) {
     setStatus("error", "not sent");
     showError(bad.join("; "));
