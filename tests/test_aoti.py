@@ -201,19 +201,14 @@ def test_export_rejects_an_unknown_device(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_package_with_the_fused_op_matches_torch(tmp_path_factory):
+def test_cuda_package_with_the_fused_op_matches_torch(tmp_path_factory, tiny_h64_model_dir, fused_op):
     """bf16 transformer compiled for CUDA, the fused op one opaque call in it, vs the torch backend."""
-    from deleaker.modeling import cuda_op
     from deleaker.export.onnx_export import ExportSpec
-    from deleaker.modeling.tiny_model import build_tiny_model
     from deleaker.runtime.backends import load_backend
     from deleaker.modeling.aoti_backend import AotiBackend
     from deleaker.runtime.pipeline import Pipeline
 
-    if not cuda_op.available():
-        pytest.skip("the fused DeLeaker CUDA op library is not built")
-    model = build_tiny_model(tmp_path_factory.mktemp("h64") / "model", preset="tiny-h64")
+    model = tiny_h64_model_dir
     out = tmp_path_factory.mktemp("aoti-cuda") / "artifact"
     aoti.export_aoti(model, out, ExportSpec(height=64, width=64, min_size=64, max_size=128, max_text_tokens=512,
                                             dtype="bf16"), device="cuda")

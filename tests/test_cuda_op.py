@@ -29,15 +29,9 @@ import verdict as V
 from deleaker.benchmarks.op_bench import Case
 
 
-def _require_op():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (torch sees none)")
+def _cuda_op():
     from deleaker.modeling import cuda_op
 
-    try:
-        cuda_op.load()
-    except cuda_op.CudaOpUnavailable as e:
-        pytest.skip(str(e))
     return cuda_op
 
 
@@ -196,8 +190,8 @@ def _check_against_reference(cuda_op, name, args, exp, variants=VARIANTS):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CASES))
-def test_fused_matches_reference(name):
-    cuda_op = _require_op()
+def test_fused_matches_reference(name, fused_op):
+    cuda_op = _cuda_op()  # loaded by the fused_op fixture
     args, exp = _expected_case(name)
     _check_against_reference(cuda_op, name, args, exp)
 
@@ -206,8 +200,6 @@ def test_fused_matches_reference(name):
 def test_matrix_demonstrates_every_rule():
     """Over the case matrix each edit rule (and rule X's G after earlier pairs) has an effect
     above margin x bound somewhere: the verdicts are evidence for all of them."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (torch sees none)")
     shown = {}
     for name in CASES:
         for r in _expected_case(name)[1].demonstrated:
@@ -218,10 +210,10 @@ def test_matrix_demonstrates_every_rule():
 
 
 @pytest.mark.gpu
-def test_mixed_settings_batch_matches_each_sample_alone():
+def test_mixed_settings_batch_matches_each_sample_alone(fused_op):
     """One batch whose samples differ in windows, alpha, thresholds and rules, one with no entity:
     each sample's output, history and masks as the reference gives for that sample alone."""
-    cuda_op = _require_op()
+    cuda_op = _cuda_op()  # loaded by the fused_op fixture
     case = Case(B=4, H=8, T=512, h=24, w=32, E=3,
                 spec=(((0, 0), (1, 1), (2, 2)), ((0, 1), (1, 3)), ((0, 3), (2, 0)), ()))
     overrides = [
@@ -244,10 +236,10 @@ def test_mixed_settings_batch_matches_each_sample_alone():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("E", [2, 3])
-def test_impl_switches_same_result(E):
+def test_impl_switches_same_result(E, fused_op):
     """Every implementation switch off (the v4 paths) and on give the same masks and history and
     outputs equal to rounding (only summation orders differ)."""
-    cuda_op = _require_op()
+    cuda_op = _cuda_op()  # loaded by the fused_op fixture
     case = Case(T=128, H=4, h=16, w=24, E=E, spec=(tuple((s, s) for s in range(E)),))
     q, k, v, ent, hist = ob.make_inputs(case, seed=40 + E, device="cuda")
     settings = ob.settings_for([{}], device="cuda")
@@ -260,9 +252,8 @@ def test_impl_switches_same_result(E):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_reads_settings_on_the_device():
+def test_cuda_graph_reads_settings_on_the_device(fused_op):
     """The op captured once in a CUDA graph follows settings changed in place on the device."""
-    _require_op()
     case = Case(**A1536, spec=TWO)
     q, k, v, ent, hist = ob.make_inputs(case, seed=5, device="cuda")
     windows, knobs, rules = ob.settings_for([{}], device="cuda")
@@ -294,9 +285,8 @@ def test_cuda_graph_reads_settings_on_the_device():
 
 
 @pytest.mark.gpu
-def test_cpu_calls_still_run_the_reference():
+def test_cpu_calls_still_run_the_reference(fused_op):
     """With the fused library loaded, the op's CPU kernel is still the reference."""
-    _require_op()
     from deleaker.modeling.reference_op import deleaker_attention_ref
 
     q, k, v, ent, hist = ob.make_inputs(SMALL, seed=2)

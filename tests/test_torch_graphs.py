@@ -77,31 +77,11 @@ def test_compiled_step_matches_eager_on_cpu(tiny_model_dir):
 # GPU
 # ------------------------------------------------------------------------------------------
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module")
-def h64_model(tmp_path_factory):
-    """A tiny model with head size 64, which the fused kernels support."""
-    from deleaker.modeling.tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("h64") / "model", preset="tiny-h64")
-
-
-def _fused():
-    from deleaker.modeling import cuda_op
-
-    if not cuda_op.available():
-        pytest.skip("the fused DeLeaker CUDA op library is not built")
-
-
 @pytest.mark.gpu
-@gpu
-def test_graph_replay_equals_eager_bit_for_bit(h64_model):
+def test_graph_replay_equals_eager_bit_for_bit(tiny_h64_model_dir, fused_op):
     """The fused op inside the captured step; two sessions of one shape reuse one graph."""
-    _fused()
-    graphs = load_backend("torch", str(h64_model), device="cuda", dtype="bf16", op="cuda", cuda_graphs=True)
-    eager = load_backend("torch", str(h64_model), device="cuda", dtype="bf16", op="cuda", cuda_graphs=False)
+    graphs = load_backend("torch", str(tiny_h64_model_dir), device="cuda", dtype="bf16", op="cuda", cuda_graphs=True)
+    eager = load_backend("torch", str(tiny_h64_model_dir), device="cuda", dtype="bf16", op="cuda", cuda_graphs=False)
     assert graphs.cuda_graphs and not eager.cuda_graphs
     pg, pe = Pipeline(graphs, max_batch=2), Pipeline(eager, max_batch=2)
     for seeds in ((0,), (1,)):  # second round: same (batch, size), a different request
@@ -118,19 +98,16 @@ def test_graph_replay_equals_eager_bit_for_bit(h64_model):
 
 
 @pytest.mark.gpu
-@gpu
-def test_reference_op_on_cuda_runs_eagerly(h64_model, caplog):
+def test_reference_op_on_cuda_runs_eagerly(tiny_h64_model_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="deleaker"):
-        be = load_backend("torch", str(h64_model), device="cuda", op="reference", cuda_graphs=True)
+        be = load_backend("torch", str(tiny_h64_model_dir), device="cuda", op="reference", cuda_graphs=True)
     assert not be.cuda_graphs and "reads the step and grid on the host" in caplog.text
 
 
 @pytest.mark.gpu
-@gpu
-def test_compiled_graph_step_matches_eager_in_bf16(h64_model):
-    _fused()
-    fast = load_backend("torch", str(h64_model), device="cuda", dtype="bf16", op="cuda", compile=True)
-    eager = load_backend("torch", str(h64_model), device="cuda", dtype="bf16", op="cuda", cuda_graphs=False)
+def test_compiled_graph_step_matches_eager_in_bf16(tiny_h64_model_dir, fused_op):
+    fast = load_backend("torch", str(tiny_h64_model_dir), device="cuda", dtype="bf16", op="cuda", compile=True)
+    eager = load_backend("torch", str(tiny_h64_model_dir), device="cuda", dtype="bf16", op="cuda", cuda_graphs=False)
     assert fast.cuda_graphs  # default on CUDA with the fused op: the compiled step is captured
     got, ref = Pipeline(fast).generate(_reqs(steps=4)), Pipeline(eager).generate(_reqs(steps=4))
     for g, r in zip(got, ref):
