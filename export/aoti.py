@@ -23,7 +23,7 @@ VAE decoder dynamic batch, latent height and width. The artifact folder:
       tokenizer/ tokenizer_2/
 
     deleaker-export aoti --model DIR --out ARTIFACT [--height H --width W] [--min-size S --max-size S]
-                         [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--components ...] [--force]
+                         [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--force]
 
 `deleaker-export verify --backend aoti` (export/verify.py) compares an artifact with the torch backend
 on the same checkpoint (step and loop).
@@ -52,7 +52,7 @@ from deleaker.modeling.torch_backend import check_op_layout
 log = logging.getLogger("deleaker")
 
 BACKEND = "aoti"
-MODELS = ("transformer", "text_encoder", "text_encoder_2", "vae_decoder")
+MODELS = step_io.MODEL_NAMES
 FILES = {name: f"{name}.pt2" for name in MODELS}
 DEVICES = ("cpu", "cuda")
 VAE_MAX_BATCH = 16  # images one decoder call takes (the pipeline decodes one batch at a time)
@@ -128,15 +128,17 @@ def compile_clip(text_encoder, path: Path, spec: ExportSpec, device: str, max_le
     enc = ClipPooled(_to(text_encoder, _DTYPES[spec.encoder_dtype]).to(device)).eval()
     ids = torch.zeros(2, max_length, dtype=torch.int64, device=device)  # [B, 77]
     ids[:, -1] = text_encoder.config.eos_token_id
-    return compile_package(enc, {"input_ids": ids}, {"input_ids": {0: _batch_dim()}}, ["pooled_projections"], path,
+    io = step_io.TEXT_ENCODER
+    return compile_package(enc, {io.input: ids}, {io.input: {0: _batch_dim()}}, [io.output], path,
                            extra={"dynamic": ["batch"]})
 
 
 def compile_t5(text_encoder, path: Path, spec: ExportSpec, device: str) -> Exported:
     enc = T5Embeds(_to(text_encoder, _DTYPES[spec.encoder_dtype]).to(device)).eval()
     ids = torch.ones(2, spec.max_text_tokens, dtype=torch.int64, device=device)  # [B, T]
-    return compile_package(enc, {"input_ids": ids}, {"input_ids": {0: _batch_dim()}}, ["encoder_hidden_states"],
-                           path, extra={"dynamic": ["batch"]})
+    io = step_io.TEXT_ENCODER_2
+    return compile_package(enc, {io.input: ids}, {io.input: {0: _batch_dim()}}, [io.output], path,
+                           extra={"dynamic": ["batch"]})
 
 
 def compile_vae_decoder(vae, path: Path, spec: ExportSpec, device: str) -> Exported:
@@ -146,10 +148,11 @@ def compile_vae_decoder(vae, path: Path, spec: ExportSpec, device: str) -> Expor
     lo, hi = spec.size_range
     # bounded by the recorded size range, and a batch of at most VAE_MAX_BATCH (the compiled
     # convolutions' index arithmetic is 32-bit: the exporter asks for a bound)
-    dyn = {"latents": {0: torch.export.Dim("batch", min=1, max=VAE_MAX_BATCH),
-                       2: torch.export.Dim("latent_height", min=max(2, lo // f), max=hi // f),
-                       3: torch.export.Dim("latent_width", min=max(2, lo // f), max=hi // f)}}
-    return compile_package(dec, {"latents": z}, dyn, ["images"], path,
+    io = step_io.VAE_DECODER
+    dyn = {io.input: {0: torch.export.Dim("batch", min=1, max=VAE_MAX_BATCH),
+                      2: torch.export.Dim("latent_height", min=max(2, lo // f), max=hi // f),
+                      3: torch.export.Dim("latent_width", min=max(2, lo // f), max=hi // f)}}
+    return compile_package(dec, {io.input: z}, dyn, [io.output], path,
                            extra={"dynamic": ["batch", "latent_height", "latent_width"], "max_batch": VAE_MAX_BATCH})
 
 

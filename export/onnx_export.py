@@ -400,15 +400,17 @@ def export_clip(text_encoder, path: Path, spec: ExportSpec, max_length: int = 77
     enc = ClipPooled(_to(text_encoder, _DTYPES[spec.encoder_dtype])).eval()
     ids = torch.zeros(2, max_length, dtype=torch.int64)
     ids[:, -1] = text_encoder.config.eos_token_id
-    return _export(enc, {"input_ids": ids}, {"input_ids": {0: torch.export.Dim("batch", min=1, max=1024)}},
-                   ["pooled_projections"], path, spec.external_data)
+    io = step_io.TEXT_ENCODER
+    return _export(enc, {io.input: ids}, {io.input: {0: torch.export.Dim("batch", min=1, max=1024)}},
+                   [io.output], path, spec.external_data)
 
 
 def export_t5(text_encoder, path: Path, spec: ExportSpec) -> Exported:
     enc = T5Embeds(_to(text_encoder, _DTYPES[spec.encoder_dtype])).eval()
     ids = torch.ones(2, spec.max_text_tokens, dtype=torch.int64)
-    return _export(enc, {"input_ids": ids}, {"input_ids": {0: torch.export.Dim("batch", min=1, max=1024)}},
-                   ["encoder_hidden_states"], path, spec.external_data)
+    io = step_io.TEXT_ENCODER_2
+    return _export(enc, {io.input: ids}, {io.input: {0: torch.export.Dim("batch", min=1, max=1024)}},
+                   [io.output], path, spec.external_data)
 
 
 def export_vae_decoder(vae, path: Path, spec: ExportSpec) -> Exported:
@@ -417,8 +419,9 @@ def export_vae_decoder(vae, path: Path, spec: ExportSpec) -> Exported:
     z = torch.randn(2, vae.config.latent_channels, spec.height // f, spec.width // f)
     dim_h = torch.export.Dim("latent_height", min=2, max=4096)
     dim_w = torch.export.Dim("latent_width", min=2, max=4096)
-    return _export(dec, {"latents": z}, {"latents": {0: torch.export.Dim("batch", min=1, max=1024), 2: dim_h,
-                                                     3: dim_w}}, ["images"], path, spec.external_data)
+    io = step_io.VAE_DECODER
+    return _export(dec, {io.input: z}, {io.input: {0: torch.export.Dim("batch", min=1, max=1024), 2: dim_h, 3: dim_w}},
+                   [io.output], path, spec.external_data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,8 +429,7 @@ def export_vae_decoder(vae, path: Path, spec: ExportSpec) -> Exported:
 # --------------------------------------------------------------------------------------------
 
 def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec | None = None,
-                    force: bool = False, components=("transformer", "text_encoder", "text_encoder_2",
-                                                     "vae_decoder")) -> Path:
+                    force: bool = False) -> Path:
     """Export a diffusers-format FLUX folder into an artifact directory (manifest.json + ONNX + tokenizers).
 
     Components are loaded and exported one at a time, so peak memory is about one component's
@@ -443,9 +445,6 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec
                           f"allows ({ckpt.max_sequence_length})")
     spec.validate(multiple=ckpt.vae_scale_factor * 2)
     spec.deleaker.resolved(ckpt.blocks_per_step)  # a bad DeLeaker setting fails before any work
-    missing = {"transformer", "text_encoder", "text_encoder_2", "vae_decoder"} - set(components)
-    if missing:
-        raise ExportError(f"an artifact needs every component; missing {sorted(missing)}")
     out = check_out(out_dir, {"--model": ckpt.root}, force)
     tmp = temp_folder(out)
     t0 = time.perf_counter()
@@ -453,23 +452,21 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec
     try:
         tdtype = _DTYPES[spec.dtype]
         edtype = _DTYPES[spec.encoder_dtype]
-        log.info("[1/4] transformer")
-        transformer = ckpt.load_transformer(tdtype)
-        exported["transformer"] = export_transformer(transformer, tmp / "transformer.onnx", spec)
-        del transformer
-        gc.collect()  # free one component's weights before loading the next
-        log.info("[2/4] text_encoder_2 (T5)")
-        t5 = ckpt.load_text_encoder_2(edtype)
-        exported["text_encoder_2"] = export_t5(t5, tmp / "text_encoder_2.onnx", spec)
-        del t5
-        log.info("[3/4] text_encoder (CLIP)")
-        clip = ckpt.load_text_encoder(edtype)
-        exported["text_encoder"] = export_clip(clip, tmp / "text_encoder.onnx", spec, ckpt.clip_max_length)
-        del clip
-        log.info("[4/4] vae_decoder")
-        vae = ckpt.load_vae(edtype)
-        exported["vae_decoder"] = export_vae_decoder(vae, tmp / "vae_decoder.onnx", spec)
-        del vae
+        # step_io.MODELS, one at a time: (load, export) per model name
+        steps = {
+            "transformer": (lambda: ckpt.load_transformer(tdtype), lambda m, p: export_transformer(m, p, spec)),
+            "text_encoder": (lambda: ckpt.load_text_encoder(edtype),
+                             lambda m, p: export_clip(m, p, spec, ckpt.clip_max_length)),
+            "text_encoder_2": (lambda: ckpt.load_text_encoder_2(edtype), lambda m, p: export_t5(m, p, spec)),
+            "vae_decoder": (lambda: ckpt.load_vae(edtype), lambda m, p: export_vae_decoder(m, p, spec)),
+        }
+        for i, name in enumerate(step_io.MODEL_NAMES):
+            log.info("[%d/%d] %s", i + 1, len(step_io.MODEL_NAMES), name)
+            load, export = steps[name]
+            model = load()
+            exported[name] = export(model, tmp / f"{name}.onnx")
+            del model
+            gc.collect()  # free one model's weights before loading the next
         tokenizers = {}
         for name in ("tokenizer", "tokenizer_2"):
             # as transformers builds it (FluxPipeline's tokenization), saved as tokenizer.json for

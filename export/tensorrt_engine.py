@@ -100,7 +100,7 @@ def _dims(manifest: dict) -> dict[str, int]:
     tcfg = m.get("transformer_config", {})
     dims = {"C": int(m["in_channels"]), "T": int(prof["text_tokens"]), "E": int(prof["entity_slots"])}
     shapes = manifest.get("models", {}).get("transformer", {}).get("inputs", {})
-    for name, key in (("encoder_hidden_states", "Dt"), ("pooled_projections", "Dp")):
+    for name, key in ((step_io.TEXT_ENCODER_2.output, "Dt"), (step_io.TEXT_ENCODER.output, "Dp")):
         shape = shapes.get(name, {}).get("shape")
         if shape and isinstance(shape[-1], int):
             dims[key] = int(shape[-1])
@@ -132,11 +132,12 @@ def profiles(manifest: dict, sizes: dict[str, tuple[int, int]], batch: tuple[int
                     raise EngineError(f"step input {t.name} has dim {d!r} the manifest does not give; re-export")
             shapes.append(tuple(shape))
         out["transformer"][t.name] = tuple(shapes)
-    out["text_encoder"] = {"input_ids": tuple((b, int(m["clip_max_length"])) for b in batch)}
-    out["text_encoder_2"] = {"input_ids": tuple((b, int(m["max_text_tokens"])) for b in batch)}
+    clip, t5, vae = step_io.TEXT_ENCODER, step_io.TEXT_ENCODER_2, step_io.VAE_DECODER
+    out[clip.name] = {clip.input: tuple((b, int(m["clip_max_length"])) for b in batch)}
+    out[t5.name] = {t5.input: tuple((b, int(m["max_text_tokens"])) for b in batch)}
     f = int(m["vae_scale_factor"])
-    out["vae_decoder"] = {"latents": tuple((b, int(m["latent_channels"]), h // f, w // f)
-                                           for b, (h, w) in zip(batch, (sizes["min"], sizes["opt"], sizes["max"])))}
+    out[vae.name] = {vae.input: tuple((b, int(m["latent_channels"]), h // f, w // f)
+                                      for b, (h, w) in zip(batch, (sizes["min"], sizes["opt"], sizes["max"])))}
     return out
 
 

@@ -97,7 +97,7 @@ class AotiSession(Session):
     def encode(self, clip_ids, t5_ids):
         with self.torch.no_grad():
             embeds, pooled = self.backend.encode_on_device(self._put(clip_ids, "int64"), self._put(t5_ids, "int64"))
-        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        return dict(zip(step_io.ENCODER_OUTPUTS, (embeds, pooled)))
 
     def put(self, name, value):
         return self._put(value, step_io.by_name(name).dtype)
@@ -136,7 +136,7 @@ class AotiBackend(Backend):
         self.vae_max_batch = int(artifact.manifest["models"].get("vae_decoder", {}).get("max_batch") or 0)
         self.op = register_op(op, str(self.device))
         self.models = {name: load_package(artifact.path(BACKEND, name), str(self.device))
-                       for name in ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")}
+                       for name in step_io.MODEL_NAMES}
         log.info("aoti: loaded %s on %s (DeLeaker op: %s kernel)", artifact.root, self.device, self.op)
 
     @classmethod
@@ -155,8 +155,9 @@ class AotiBackend(Backend):
         T = self.info.max_text_tokens
         if t5_ids.shape[-1] != T:
             raise AotiError(f"T5 ids have {t5_ids.shape[-1]} tokens; this artifact was exported for {T}")
-        pooled = self.models["text_encoder"](input_ids=clip_ids)  # one output: the tensor itself
-        embeds = self.models["text_encoder_2"](input_ids=t5_ids)
+        clip, t5 = step_io.TEXT_ENCODER, step_io.TEXT_ENCODER_2
+        pooled = self.models[clip.name](**{clip.input: clip_ids})  # one output: the tensor itself
+        embeds = self.models[t5.name](**{t5.input: t5_ids})
         return embeds, pooled
 
     def encode_prompt(self, clip_ids: np.ndarray, t5_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -174,5 +175,6 @@ class AotiBackend(Backend):
         z = torch.from_numpy(np.ascontiguousarray(vae_latents, np.float32)).to(self.device)  # [B, 16, h, w]
         chunk = self.vae_max_batch or z.shape[0]
         with torch.no_grad():
-            images = [self.models["vae_decoder"](latents=part) for part in z.split(chunk)]  # [b, 3, H, W] each
+            vae = step_io.VAE_DECODER
+            images = [self.models[vae.name](**{vae.input: part}) for part in z.split(chunk)]  # [b, 3, H, W] each
         return torch.cat(images).cpu().numpy()

@@ -1,8 +1,9 @@
-"""The compiled transformer step's I/O, defined once.
+"""The compiled models' I/O, defined once: the transformer step, both text encoders, the VAE decoder.
 
 Names, dtypes, symbolic shapes and dynamic axes of one denoising step of the DeLeaker
-transformer; the exporter (dynamic shapes, output names), the manifest, every backend, verify
-and the benchmarks read them from here. The DeLeaker op's own settings inputs (windows, knobs,
+transformer, and of the three other models an artifact holds (MODELS, one ModelIO each); the
+exporters (dynamic shapes, input and output names), the manifest, every backend, verify and the
+benchmarks read them from here. The DeLeaker op's own settings inputs (windows, knobs,
 rules) come from op_schema, so the step and the op cannot drift apart.
 
     inputs:  hidden_states [B, I, C], encoder_hidden_states [B, T, Dt], pooled_projections [B, Dp],
@@ -10,6 +11,9 @@ rules) come from op_schema, so the step and the op cannot drift apart.
              entity_tokens [B, E, T], history [B, E, I], step [], grid [2],
              windows [B, 4], knobs [B, 3], rules [B, 6]
     outputs: noise_pred [B, I, C], history_out [B, E, I]
+    text_encoder (CLIP):  input_ids [B, L] int64 -> pooled_projections [B, Dp]
+    text_encoder_2 (T5):  input_ids [B, T] int64 -> encoder_hidden_states [B, T, Dt]
+    vae_decoder:          latents [B, Cl, h, w] (scaled and shifted) -> images [B, 3, H, W] in [-1, 1]
 """
 
 from __future__ import annotations
@@ -72,6 +76,49 @@ STATIC_INPUTS = ("encoder_hidden_states", "pooled_projections", "img_ids", "txt_
                  "grid") + op_schema.SETTINGS_TENSORS
 # Inputs that change every step.
 LOOP_INPUTS = ("hidden_states", "timestep", "history", "step")
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """One compiled model of an artifact: its name (the artifact's file stem) and its tensors."""
+
+    name: str
+    inputs: tuple[StepTensor, ...]
+    outputs: tuple[StepTensor, ...]
+
+    @property
+    def input(self) -> str:
+        """The name of the only input (encoders, VAE decoder)."""
+        (t,) = self.inputs
+        return t.name
+
+    @property
+    def output(self) -> str:
+        """The name of the only output (encoders, VAE decoder)."""
+        (t,) = self.outputs
+        return t.name
+
+
+TRANSFORMER = ModelIO("transformer", INPUTS, OUTPUTS)
+TEXT_ENCODER = ModelIO(
+    "text_encoder",
+    (StepTensor("input_ids", "int64", (_B, "L"), "CLIP token ids (L = 77)"),),
+    (StepTensor("pooled_projections", "float32", (_B, "Dp"), "pooled CLIP embedding"),),
+)
+TEXT_ENCODER_2 = ModelIO(
+    "text_encoder_2",
+    (StepTensor("input_ids", "int64", (_B, "T"), "T5 token ids"),),
+    (StepTensor("encoder_hidden_states", "float32", (_B, "T", "Dt"), "T5 embeddings"),),
+)
+VAE_DECODER = ModelIO(
+    "vae_decoder",
+    (StepTensor("latents", "float32", (_B, "Cl", "h", "w"), "unpacked latents, scaled and shifted for the VAE"),),
+    (StepTensor("images", "float32", (_B, 3, "H", "W"), "decoded images in [-1, 1]"),),
+)
+MODELS = (TRANSFORMER, TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER)
+MODEL_NAMES = tuple(m.name for m in MODELS)
+# what Backend.encode returns: the two encoders' outputs, which are transformer inputs
+ENCODER_OUTPUTS = (TEXT_ENCODER_2.output, TEXT_ENCODER.output)
 
 
 def inputs_for(guidance_embeds: bool) -> tuple[StepTensor, ...]:

@@ -18,6 +18,7 @@ import logging
 
 import numpy as np
 
+from .. import step_io
 from ..artifact import Artifact, ArtifactError, load_artifact
 from .base import Backend, Session, SessionInputs
 
@@ -108,7 +109,7 @@ class OnnxRuntimeSession(Session):
 
     def encode(self, clip_ids, t5_ids):
         embeds, pooled = self.backend.encode_prompt(clip_ids, t5_ids)
-        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        return dict(zip(step_io.ENCODER_OUTPUTS, (embeds, pooled)))
 
     def put(self, name, value):
         # host arrays: _Model binds them (CPU) or copies them into its device buffers (CUDA)
@@ -148,8 +149,7 @@ class OnnxRuntimeBackend(Backend):
             self.options.intra_op_num_threads = threads
         self.options.log_severity_level = 3  # errors only: the function body's shape warnings are noise
         self.sessions_opened: dict[str, int] = {}  # model name -> sessions opened (one each, ever)
-        self.models = {name: self._open(name) for name in ("text_encoder", "text_encoder_2", "vae_decoder",
-                                                            "transformer")}
+        self.models = {name: self._open(name) for name in step_io.MODEL_NAMES}
 
     @classmethod
     def load(cls, source: str | None = None, *, device: str = "cpu", threads: int | None = None,
@@ -177,8 +177,9 @@ class OnnxRuntimeBackend(Backend):
         T = self.info.max_text_tokens
         if t5_ids.shape[-1] != T:
             raise OnnxRuntimeError(f"T5 ids have {t5_ids.shape[-1]} tokens; this artifact was exported for {T}")
-        pooled = self.models["text_encoder"].run({"input_ids": clip_ids})["pooled_projections"]
-        embeds = self.models["text_encoder_2"].run({"input_ids": t5_ids})["encoder_hidden_states"]
+        clip, t5 = step_io.TEXT_ENCODER, step_io.TEXT_ENCODER_2
+        pooled = self.models[clip.name].run({clip.input: clip_ids})[clip.output]
+        embeds = self.models[t5.name].run({t5.input: t5_ids})[t5.output]
         return embeds, pooled
 
     def start_session(self, inputs: SessionInputs) -> OnnxRuntimeSession:
@@ -187,5 +188,6 @@ class OnnxRuntimeBackend(Backend):
     def decode(self, vae_latents: np.ndarray) -> np.ndarray:
         b, _, h, w = vae_latents.shape
         f = self.info.vae_scale_factor
-        return self.models["vae_decoder"].run({"latents": vae_latents}, out_shapes={"images": (b, 3, h * f, w * f)})[
-            "images"]
+        vae = step_io.VAE_DECODER
+        return self.models[vae.name].run({vae.input: vae_latents}, out_shapes={vae.output: (b, 3, h * f, w * f)})[
+            vae.output]

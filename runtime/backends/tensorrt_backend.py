@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import op_schema
+from .. import op_schema, step_io
 from ..artifact import Artifact, load_artifact
 from .base import Backend, Session, SessionInputs
 
@@ -34,7 +34,7 @@ log = logging.getLogger("deleaker")
 
 BACKEND = "tensorrt"
 PLUGIN_LIBRARY = "libdeleaker_trt_plugin.so"
-MODELS = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
+MODELS = step_io.MODEL_NAMES
 _REPO = Path(__file__).resolve().parents[2]
 BUILD_HINT = ("build it with `cmake -S . -B build -DTensorRT_ROOT=/path/to/TensorRT && cmake --build build -j` "
               "(docs/tensorrt.md), or point DELEAKER_PLUGIN_DIR at the folder holding " + PLUGIN_LIBRARY)
@@ -269,8 +269,8 @@ class TensorRTSession(Session):
         super().__init__(inputs, backend.info.entity_slots)
         shapes = {n: np.shape(inputs.static[n]) for n in tr.inputs if n in inputs.static}
         shapes.update(hidden_states=inputs.latents.shape, history=inputs.history.shape)
-        shapes["encoder_hidden_states"] = backend.engines["text_encoder_2"].out_shape("encoder_hidden_states")
-        shapes["pooled_projections"] = backend.engines["text_encoder"].out_shape("pooled_projections")
+        for enc in (step_io.TEXT_ENCODER_2, step_io.TEXT_ENCODER):  # their outputs are transformer inputs
+            shapes[enc.output] = backend.engines[enc.name].out_shape(enc.output)
         shapes.update(timestep=(inputs.batch_size,), step=())
         tr.set_shapes(shapes)
         backend.euler.set_shapes({"latents": inputs.latents.shape, "noise": inputs.latents.shape, "dt": (1, 1, 1)})
@@ -372,11 +372,10 @@ class TensorRTBackend(Backend):
             self._encode_locked(tr, clip_ids, t5_ids)
 
     def _encode_locked(self, tr: _Engine, clip_ids: np.ndarray, t5_ids: np.ndarray) -> None:
-        for model, inp, out in (("text_encoder", clip_ids, "pooled_projections"),
-                                ("text_encoder_2", t5_ids, "encoder_hidden_states")):
-            eng = self.engines[model]
-            eng.set_shapes({"input_ids": inp.shape})
-            keep = eng.upload("input_ids", inp, self.stream)
+        for io, ids in ((step_io.TEXT_ENCODER, clip_ids), (step_io.TEXT_ENCODER_2, t5_ids)):
+            eng, out = self.engines[io.name], io.output
+            eng.set_shapes({io.input: ids.shape})
+            keep = eng.upload(io.input, ids, self.stream)
             eng.enqueue(self.stream)
             nbytes = int(np.prod(eng.out_shape(out))) * eng.dtypes[out].itemsize
             self.cu.copy_d2d(tr.buffers[out].ptr, eng.buffers[out].ptr, nbytes, self.stream)
@@ -413,8 +412,9 @@ class TensorRTBackend(Backend):
         if t5_ids.shape[-1] != T:
             raise TensorRTError(f"T5 ids have {t5_ids.shape[-1]} tokens; this artifact was exported for {T}")
         with self._io_lock:
-            pooled = self.engines["text_encoder"].run({"input_ids": clip_ids}, self.stream)["pooled_projections"]
-            embeds = self.engines["text_encoder_2"].run({"input_ids": t5_ids}, self.stream)["encoder_hidden_states"]
+            clip, t5 = step_io.TEXT_ENCODER, step_io.TEXT_ENCODER_2
+            pooled = self.engines[clip.name].run({clip.input: clip_ids}, self.stream)[clip.output]
+            embeds = self.engines[t5.name].run({t5.input: t5_ids}, self.stream)[t5.output]
         return embeds, pooled
 
     def start_session(self, inputs: SessionInputs) -> TensorRTSession:
@@ -422,7 +422,8 @@ class TensorRTBackend(Backend):
 
     def decode(self, vae_latents: np.ndarray) -> np.ndarray:
         with self._io_lock:
-            return self.engines["vae_decoder"].run({"latents": vae_latents}, self.stream)["images"]
+            vae = step_io.VAE_DECODER
+            return self.engines[vae.name].run({vae.input: vae_latents}, self.stream)[vae.output]
 
     def run_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One transformer call on host arrays (step_io names): for verification against other backends."""
