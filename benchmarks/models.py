@@ -449,13 +449,14 @@ def step_edit_counters(model: DeLeakerFlux, impl: str, args: tuple) -> dict:
     per_call: list[list[dict]] = []
 
     def counting(op):
-        def run(q, k, v, ent, hist, step, grid, windows, knobs, rules, attrs):
+        def run(*args):  # the op's inputs, then the attribute dict (op_schema.split_call)
             if impl == "cuda":
-                per_call.append(ob.op_counters(q, k, v, ent, hist, step, grid, windows, knobs, rules, attrs))
+                per_call.append(ob.op_counters(*args))
             else:
-                _, _, recs = ob.reference_run(q, k, v, ent, hist, step, grid, windows, knobs, rules, attrs)
-                per_call.append(ob.reference_counters(ent, recs))
-            return op(q, k, v, ent, hist, step, grid, windows, knobs, rules, attrs)
+                inputs, _ = op_schema.split_call(args)
+                _, _, recs = ob.reference_run(*args)
+                per_call.append(ob.reference_counters(op_schema.named_inputs(inputs)["entity_tokens"], recs))
+            return op(*args)
         return run
 
     procs = [b.attn.processor for b in blocks]

@@ -355,7 +355,7 @@ def attach_function(model: onnx.ModelProto, num_slots: int) -> onnx.ModelProto:
 
 
 _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
-_SETTINGS_ELEM = {"windows": TensorProto.INT64, "knobs": TensorProto.FLOAT, "rules": TensorProto.INT64}
+_SCHEMA_ELEM = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}  # op_schema's fixed dtypes
 
 
 def make_single_op_model(num_slots: int, attrs: dict, dtype: str = "float32", opset: int = DEFAULT_OPSET,
@@ -365,18 +365,15 @@ def make_single_op_model(num_slots: int, attrs: dict, dtype: str = "float32", op
 
     `function`: use this FunctionProto (e.g. the one inside an exported artifact, with its
     opset) instead of building one."""
-    elem = _ELEM[dtype]
-    qkv = ["B", "H", "N", "D"]
-    inputs = [helper.make_tensor_value_info(n, elem, qkv) for n in ("q", "k", "v")] + [
-        helper.make_tensor_value_info("entity_tokens", TensorProto.FLOAT, ["B", num_slots, "T"]),
-        helper.make_tensor_value_info("history", TensorProto.FLOAT, ["B", num_slots, "I"]),
-        helper.make_tensor_value_info("step", TensorProto.INT64, []),
-        helper.make_tensor_value_info("grid", TensorProto.INT64, [2]),
-    ] + [helper.make_tensor_value_info(name, _SETTINGS_ELEM[name], ["B", op_schema.settings_width(name)])
-         for name in op_schema.SETTINGS_TENSORS]
-    assert tuple(i.name for i in inputs) == op_schema.INPUT_NAMES
-    outputs = [helper.make_tensor_value_info("out", elem, qkv),
-               helper.make_tensor_value_info("history_out", TensorProto.FLOAT, ["B", num_slots, "I"])]
+    def value_info(t: op_schema.TensorSpec):
+        # the schema's shape "[B, E, T]" with the fixed sizes filled in: E = num_slots, T+I = N
+        dims = [d.strip() for d in t.shape.split("]")[0].strip("[").split(",") if d.strip()]
+        dims = [num_slots if d == "E" else "N" if d == "T+I" else int(d) if d.isdigit() else d for d in dims]
+        return helper.make_tensor_value_info(t.name, _ELEM[dtype] if t.dtype == "float" else _SCHEMA_ELEM[t.dtype],
+                                             dims)
+
+    inputs = [value_info(t) for t in op_schema.INPUTS]  # q, k, v [B, H, N, D] ... rules [B, 6]
+    outputs = [value_info(t) for t in op_schema.OUTPUTS]  # out [B, H, N, D], history_out [B, E, I]
     node = make_node([i.name for i in inputs], [o.name for o in outputs], attrs, name="deleaker_attention_0",
                      plugin=plugin)
     graph = helper.make_graph([node], "deleaker_attention_single", inputs, outputs)

@@ -100,22 +100,21 @@ def _register_fakes() -> None:
             pass
 
 
-def _attr_values(attrs: dict) -> list:
-    missing = set(op_schema.ATTRIBUTE_NAMES) - set(attrs)
-    unknown = set(attrs) - set(op_schema.ATTRIBUTE_NAMES)
-    if missing or unknown:
-        raise TypeError(f"attributes: missing {sorted(missing)}, unknown {sorted(unknown)}")
-    return [int(attrs[n]) for n in op_schema.ATTRIBUTE_NAMES]
-
-
 def _as_tensor(x, dtype=torch.int64) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype)
 
 
-def _op_args(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, attrs: dict) -> list:
-    """Positional arguments of the op (op_schema.INPUTS, then ATTRIBUTES)."""
-    return [q, k, v, entity_tokens, history, _as_tensor(step), _as_tensor(grid), _as_tensor(windows),
-            _as_tensor(knobs, torch.float32), _as_tensor(rules), *_attr_values(attrs)]
+_TORCH_DTYPES = {"int64": torch.int64, "float32": torch.float32}
+
+
+def _op_args(*args) -> list:
+    """Positional arguments of the op from the attention_ops convention (op_schema.INPUTS in order,
+    then the attribute dict): plain Python / numpy values of the int64 / float32 inputs become
+    tensors of the schema's dtype, the attributes ints in op_schema.ATTRIBUTES order."""
+    inputs, attrs = op_schema.split_call(args)
+    tensors = [x if t.dtype not in _TORCH_DTYPES else _as_tensor(x, _TORCH_DTYPES[t.dtype])
+               for t, x in zip(op_schema.INPUTS, inputs)]
+    return [*tensors, *op_schema.attribute_values(attrs)]
 
 
 def impl_bits(impl: dict | None) -> int:
@@ -148,11 +147,11 @@ def deleaker_attention_cuda(q, k, v, entity_tokens, history, step, grid, windows
     return torch.ops.deleaker_cuda.attention_ex(*args, PLAIN_BACKENDS[plain], EDIT_MODES[edit], bits)
 
 
-def call_op(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, attrs: dict):
-    """attention_ops calling convention (as reference_op.call_op): attributes as one dict."""
+def call_op(*args):
+    """attention_ops calling convention (as reference_op.call_op): the op's inputs, then the
+    attributes as one dict."""
     load()
-    return torch.ops.deleaker.attention(*_op_args(q, k, v, entity_tokens, history, step, grid, windows, knobs,
-                                                  rules, attrs))
+    return torch.ops.deleaker.attention(*_op_args(*args))
 
 
 INFO_FIELDS = ("tau_lo", "tau_hi", "need_p", "hist_update", "intervene", "n_active", "n_rows", "n_tt", "npairs",

@@ -219,10 +219,11 @@ def _(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, block_
     return torch.empty_like(q), torch.empty_like(history, dtype=torch.float32)
 
 
-def call_op(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, attrs: dict):
-    """Call torch.ops.deleaker.attention with the node attributes as a dict (op_schema.ATTRIBUTES)."""
-    return torch.ops.deleaker.attention(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules,
-                                        *(attrs[n] for n in op_schema.ATTRIBUTE_NAMES))
+def call_op(*args):
+    """Call torch.ops.deleaker.attention in the attention_ops convention: the op's inputs
+    (op_schema.INPUTS order), then the node attributes as one dict (op_schema.ATTRIBUTES)."""
+    inputs, attrs = op_schema.split_call(args)
+    return torch.ops.deleaker.attention(*inputs, *op_schema.attribute_values(attrs))
 
 
 def settings_tensors(configs, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
