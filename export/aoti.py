@@ -31,7 +31,6 @@ on the same checkpoint (step and loop).
 
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
 import time
@@ -45,6 +44,7 @@ from deleaker.runtime import step_io
 from deleaker.modeling import reference_op  # noqa: F401  (registers torch.ops.deleaker.attention and its fake)
 from .onnx_export import (_DTYPES, ClipPooled, ExportError, Exported, ExportSpec, T5Embeds, TransformerStep,
                           VaeDecode, _to, step_dynamic_shapes, transformer_example)
+from .artifact_writer import export_models, write_tokenizers_and_manifest
 from .out_folder import check_out, publish, temp_folder
 from .progress import stage
 from deleaker.modeling.torch_backend import check_op_layout
@@ -175,8 +175,7 @@ def export_aoti(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec | N
 
     Components are loaded, compiled and freed one at a time.
     """
-    from . import manifest as mf
-    from deleaker.modeling.checkpoint import export_tokenizer, open_checkpoint
+    from deleaker.modeling.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(model_dir)
     spec = spec or ExportSpec(max_text_tokens=ckpt.max_sequence_length)
@@ -190,10 +189,9 @@ def export_aoti(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec | N
     out = check_out(out_dir, {"--model": ckpt.root}, force)
     tmp = temp_folder(out)
     t0 = time.perf_counter()
-    exported: dict[str, Exported] = {}
     try:
         tdtype, edtype = _DTYPES[spec.dtype], _DTYPES[spec.encoder_dtype]
-        loaders = {
+        steps = {
             "transformer": (lambda: ckpt.load_transformer(tdtype),
                             lambda m, p: compile_transformer(m, p, spec, device)),
             "text_encoder": (lambda: ckpt.load_text_encoder(edtype),
@@ -201,23 +199,14 @@ def export_aoti(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec | N
             "text_encoder_2": (lambda: ckpt.load_text_encoder_2(edtype), lambda m, p: compile_t5(m, p, spec, device)),
             "vae_decoder": (lambda: ckpt.load_vae(edtype), lambda m, p: compile_vae_decoder(m, p, spec, device)),
         }
-        for i, name in enumerate(MODELS):
-            log.info("[%d/%d] %s", i + 1, len(MODELS), name)
-            load, compile_ = loaders[name]
-            module = load()
-            exported[name] = compile_(module, tmp / FILES[name])
-            del module
-            gc.collect()  # free one component's weights before loading the next
-        tokenizers = {}
-        for name in ("tokenizer", "tokenizer_2"):
-            export_tokenizer(getattr(ckpt, name), tmp / name)  # as the ONNX artifact (tokenizer.json)
-            tokenizers[name] = name
-        manifest = mf.build_manifest(ckpt=ckpt, spec=spec, exported=exported, tokenizers=tokenizers,
-                                     source=str(ckpt.root), opset=None)
-        manifest["producer"].pop("onnx_opset", None)
-        manifest["producer"]["aoti_device"] = torch.device(device).type
-        manifest["backends"] = {BACKEND: {name: ex.file for name, ex in exported.items()}}
-        mf.write_manifest(tmp, manifest)
+        exported = export_models(steps, tmp, ".pt2")
+
+        def aoti_fields(manifest: dict) -> None:
+            manifest["producer"].pop("onnx_opset", None)
+            manifest["producer"]["aoti_device"] = torch.device(device).type
+            manifest["backends"] = {BACKEND: {name: ex.file for name, ex in exported.items()}}
+
+        write_tokenizers_and_manifest(tmp, ckpt, spec, exported, None, edit=aoti_fields)
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -23,7 +23,6 @@ dynamic; the text length T and the entity slots E are fixed at export.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import shutil
 import time
@@ -38,8 +37,8 @@ from deleaker.runtime import op_schema, step_io
 from deleaker.runtime.config import DeLeakerConfig
 
 from . import onnx_op, onnx_portable
-from deleaker.modeling.checkpoint import export_tokenizer
 from .manifest import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
+from .artifact_writer import export_models, write_tokenizers_and_manifest
 from .out_folder import check_out, publish, temp_folder
 from .progress import stage
 from deleaker.modeling import reference_op  # noqa: F401  (registers torch.ops.deleaker.attention)
@@ -435,7 +434,6 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec
     Components are loaded and exported one at a time, so peak memory is about one component's
     weights plus the exporter's working set.
     """
-    from . import manifest as mf
     from deleaker.modeling.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(model_dir)
@@ -448,11 +446,9 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec
     out = check_out(out_dir, {"--model": ckpt.root}, force)
     tmp = temp_folder(out)
     t0 = time.perf_counter()
-    exported: dict[str, Exported] = {}
     try:
         tdtype = _DTYPES[spec.dtype]
         edtype = _DTYPES[spec.encoder_dtype]
-        # step_io.MODELS, one at a time: (load, export) per model name
         steps = {
             "transformer": (lambda: ckpt.load_transformer(tdtype), lambda m, p: export_transformer(m, p, spec)),
             "text_encoder": (lambda: ckpt.load_text_encoder(edtype),
@@ -460,22 +456,8 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec
             "text_encoder_2": (lambda: ckpt.load_text_encoder_2(edtype), lambda m, p: export_t5(m, p, spec)),
             "vae_decoder": (lambda: ckpt.load_vae(edtype), lambda m, p: export_vae_decoder(m, p, spec)),
         }
-        for i, name in enumerate(step_io.MODEL_NAMES):
-            log.info("[%d/%d] %s", i + 1, len(step_io.MODEL_NAMES), name)
-            load, export = steps[name]
-            model = load()
-            exported[name] = export(model, tmp / f"{name}.onnx")
-            del model
-            gc.collect()  # free one model's weights before loading the next
-        tokenizers = {}
-        for name in ("tokenizer", "tokenizer_2"):
-            # as transformers builds it (FluxPipeline's tokenization), saved as tokenizer.json for
-            # the runtime's `tokenizers`-only loader; FLUX.1-dev's CLIP folder has no tokenizer.json
-            export_tokenizer(getattr(ckpt, name), tmp / name)
-            tokenizers[name] = name
-        manifest = mf.build_manifest(ckpt=ckpt, spec=spec, exported=exported, tokenizers=tokenizers,
-                                     source=str(ckpt.root), opset=OPSET)
-        mf.write_manifest(tmp, manifest)
+        exported = export_models(steps, tmp, ".onnx")
+        write_tokenizers_and_manifest(tmp, ckpt, spec, exported, OPSET)
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
