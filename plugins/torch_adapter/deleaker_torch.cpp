@@ -1,9 +1,9 @@
 // PyTorch op adapter over the DeLeaker C ABI (plugins/deleaker_attention/include).
 //
 // The CUDA kernel of the ONE DeLeaker op, torch.ops.deleaker.attention (op contract v2; schema
-// defined in Python by export/reference_op.py, whose CPU kernel is the reference): a call with
+// defined in Python by modeling/reference_op.py, whose CPU kernel is the reference): a call with
 // CUDA tensors runs the fused kernels (eager, CUDA graphs, torch.compile, AOTInductor alike).
-// export/cuda_op.load() imports the reference op before loading this library.
+// modeling/cuda_op.py load() imports the reference op before loading this library.
 //
 // Also registers, in namespace deleaker_cuda (tests and benchmarks):
 //   attention_ex(<op inputs and attributes>, int plain_backend, int edit_mode, int impl=-1) -> (out, history_out)
@@ -259,7 +259,7 @@ std::vector<int64_t> workspace_layout(int64_t B, int64_t H, int64_t T, int64_t I
 
 }  // namespace
 
-// The schema of deleaker::attention is the Python custom op's (export/reference_op.py); this only
+// The schema of deleaker::attention is the Python custom op's (modeling/reference_op.py); this only
 // adds the CUDA kernel (its int attributes match the schema's SymInt ones).
 TORCH_LIBRARY_IMPL(deleaker, CUDA, m) { m.impl("attention", &attention); }
 
