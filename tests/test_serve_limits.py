@@ -105,7 +105,7 @@ def test_timeout_stops_the_abandoned_batch_without_stray_errors(limited):
         if metric(m, "deleaker_dropped_images_total", 'reason="abandoned"') == 1:
             break
         time.sleep(0.1)
-    assert metric(m, "deleaker_dropped_images_total", 'reason="abandoned"') == 1
+    assert metric(m, "deleaker_dropped_images_total", 'reason="abandoned"') == 1, m + limited.log_text()
     assert metric(m, "deleaker_running_images") == 0
     assert httpx.post(limited.url + GEN, json=FAST, timeout=60).status_code == 200
     log = limited.log_text()
