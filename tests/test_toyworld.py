@@ -138,10 +138,28 @@ def test_evaluate_bad_options_are_one_line_and_write_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"python -m deleaker.benchmarks.toyworld.evaluate: error: checkpoint folder not found: {tmp_path / 'missing'}"]
     for bad in (["--threads", "0"], ["--max-batch", "0"], ["--pilot", "0"], ["--sweep-seeds", "0"],
-                ["--heldout-seeds", "9996"], ["--heldout-seeds", "-1"]):
+                ["--heldout-seeds", "9996"], ["--heldout-seeds", "-1"], ["--limit", "5"],
+                ["--backend", "onnxruntime", "--limit", "0"], ["--backend", "onnxruntime", "--limit", "1001"]):
         assert E.main(["--out", str(out), *bad]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_agreement_counts_equal_flags_per_sample_and_per_flag():
+    from deleaker.benchmarks.toyworld import evaluate as E
+
+    def row(prompt, seed, *flags):
+        return {"prompt": prompt, "seed": seed, **dict(zip(E.FLAG_KEYS, flags))}
+
+    ref = [row("p", 0, True, False, True, False), row("p", 1, False, False, True, True),
+           row("q", 0, True, True, False, False)]
+    got = [row("q", 0, True, True, False, False), row("p", 0, True, True, True, False)]  # any order, a subset
+    a = E.agreement(got, ref)
+    assert a["samples"] == 2 and a["samples_all_flags_equal"] == 1 and a["all_flags_equal"] == 0.5
+    assert a["flags_equal"] == {"vanilla_leak": 2, "deleaker_leak": 1, "vanilla_all_present": 2,
+                                "deleaker_all_present": 2}
+    with pytest.raises(ValueError, match="no sample"):
+        E.agreement([row("p", 7, True, True, True, True)], ref)
 
 
 @pytest.mark.parametrize("bad,msg", [(["--threads", "0"], "--threads must be >= 1"),
@@ -244,6 +262,67 @@ def test_recorded_measurement_reproduces_on_a_fixed_subset():
     # a judge threshold may flip on a last-bit float difference of another CPU or batch; a changed
     # model, runtime or judge flips many
     assert len(mismatches) <= 2, mismatches
+
+
+ORT_RESULTS = RESULTS.replace("results.json", "results-onnxruntime.json")
+SLIM_RUN = RESULTS.replace("results.json", "slim-run")
+
+
+def test_recorded_slim_run_judges_the_evaluators_images(capsys):
+    """docs/toyworld/slim-run (`deleaker eval run/judge/report` on the shipped model): every item's
+    flags equal the evaluator's for the same prompt and seed, and the report's outcome shares are
+    the judgments' counts."""
+    import json
+
+    from deleaker.benchmarks.quality.judges.base import OUTCOMES
+    from deleaker.benchmarks.toyworld import tables
+
+    c = tables.slim_vs_evaluator(SLIM_RUN, json.loads(open(RESULTS).read()))
+    assert c["items"] == 200 and c["all_flags_equal"] == 200 and set(c["flags_equal"].values()) == {200}
+    judged = tables._latest(SLIM_RUN + "/judgments/toyworld.jsonl")
+    summary = json.loads(open(SLIM_RUN + "/report/summary.json").read())
+    overall = next(g for g in summary["groups"] if g["name"] == "overall")
+    for k in OUTCOMES:
+        share = 100 * sum(j["outcome"] == k for j in judged.values()) / len(judged)
+        assert overall["outcomes_percent"][k]["value"] == pytest.approx(share)
+    assert tables.main(["--slim", SLIM_RUN, RESULTS]) == 0
+    assert "all four flags equal to the evaluator's on 200" in capsys.readouterr().out
+
+
+def test_recorded_onnxruntime_samples_reproduce_from_a_fresh_export(tmp_path):
+    """The shipped model exported as `deleaker-export onnx` does (32x32, the toyworld preset) and
+    run on the onnxruntime backend gives the flags recorded in results-onnxruntime.json, on
+    samples where DeLeaker changed the verdict (vanilla leaks, DeLeaker does not): an artifact
+    whose DeLeaker edit were lost, or whose images drifted, fails here."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import json
+
+    from deleaker.benchmarks.toyworld import evaluate as E
+    from deleaker.benchmarks.toyworld.preset import SIZE, TOYWORLD_PRESET
+    from deleaker.export.onnx_export import ExportSpec, export_artifact
+    from deleaker.runtime.backends import load_backend
+    from deleaker.runtime.pipeline import Pipeline
+
+    res = json.loads(open(ORT_RESULTS).read())["heldout"]
+    assert res["config"] == json.loads(open(RESULTS).read())["heldout"]["config"]
+    rows = [r for r in res["per_sample"] if r["vanilla_leak"] and not r["deleaker_leak"]][:4]
+    assert len(rows) == 4
+    spec = ExportSpec(height=SIZE, width=SIZE, max_text_tokens=24, max_batch=8, deleaker=TOYWORLD_PRESET)
+    art = export_artifact(MODEL, tmp_path / "toy-art", spec)
+    prompts = {world.caption_for(p): p for p in E.heldout_prompts()}
+    pipe = Pipeline(load_backend("onnxruntime", str(art), threads=2), config=TOYWORLD_PRESET, max_batch=8)
+    reqs = [q for r in rows for cfg in (None, TOYWORLD_PRESET)
+            for q in E.requests([prompts[r["prompt"]]], [r["seed"]], cfg)]
+    got = E.run(pipe, reqs)
+    mismatches = [(r["prompt"], r["seed"], k) for r, a, b in zip(rows, got[0::2], got[1::2])
+                  for k, v in (("vanilla_leak", a["leak"]), ("deleaker_leak", b["leak"]),
+                               ("vanilla_all_present", a["all_present"]), ("deleaker_all_present", b["all_present"]))
+                  if v != r[k]]
+    # a judge threshold may flip on a last-bit difference of another CPU or batch; DeLeaker lost in
+    # the artifact flips the four deleaker_leak flags
+    assert len(mismatches) <= 1, mismatches
 
 
 def test_training_recipe_runs_a_few_steps(tmp_path):

@@ -12,7 +12,8 @@ stopped run keeps what it measured):
    then three entities;
 4. leakage.png (rates with intervals) and examples.png (vanilla | DeLeaker).
 Every image goes through the runtime: Pipeline + the torch backend (`--backend onnxruntime`
-with an exported artifact: step 3's pairs only, into results-onnxruntime.json). `--pilot N`
+with an exported artifact: step 3's pairs only, or the first --limit of them, into
+results-onnxruntime.json, with the share of samples whose flags equal the torch run's). `--pilot N`
 runs only N held-out pairs with one setting, for choosing a world or recipe.
 """
 
@@ -369,23 +370,38 @@ def compare(van, dl, config: DeLeakerConfig, chance: float) -> dict:
                            for a, b in zip(van, dl)]}
 
 
-def heldout(pipe, config: DeLeakerConfig, prompts=None, seeds=EVAL_SEEDS, label: str = "held-out pairs"):
+def heldout(pipe, config: DeLeakerConfig, prompts=None, seeds=EVAL_SEEDS, label: str = "held-out pairs",
+            limit: int | None = None):
     """Vanilla and `config` on held-out prompts (default: the held-out pairs) and seeds: summary
-    dict, both record lists."""
+    dict, both record lists. limit: only the first `limit` (prompt, seed) samples, in the order
+    prompt-major (each prompt's seeds together), so the prompts covered are the first ones."""
     prompts = heldout_prompts() if prompts is None else prompts
+    if limit is not None:
+        prompts = prompts[:-(-limit // len(seeds))]  # the prompts the first `limit` samples use
     chance = (len(prompts[0]) - 1) / 4  # of the 4 wrong values of an attribute, E-1 are named
-    van = run(pipe, requests(prompts, seeds, None), f"{label}, vanilla")
-    dl = run(pipe, requests(prompts, seeds, config), f"{label}, DeLeaker")
-    res = {"prompts": [world.caption_for(p) for p in prompts], "seeds": list(seeds), **compare(van, dl, config, chance)}
+    van = run(pipe, requests(prompts, seeds, None)[:limit], f"{label}, vanilla")
+    dl = run(pipe, requests(prompts, seeds, config)[:limit], f"{label}, DeLeaker")
+    res = {"prompts": [world.caption_for(p) for p in prompts], "seeds": list(seeds), "samples": len(van),
+           **compare(van, dl, config, chance)}
     return res, van, dl
 
 
+FLAG_KEYS = ("vanilla_leak", "deleaker_leak", "vanilla_all_present", "deleaker_all_present")
+
+
 def agreement(per_sample: list[dict], reference: list[dict]) -> dict:
-    """Fraction of held-out samples whose flags equal those of another run (e.g. torch vs onnxruntime)."""
-    keys = ("vanilla_leak", "deleaker_leak", "vanilla_all_present", "deleaker_all_present")
+    """How far held-out samples' flags equal those of another run on the same (prompt, seed) (e.g.
+    onnxruntime vs torch): the fraction of samples with all four flags equal, and per flag the
+    number of samples where it is equal."""
     ref = {(r["prompt"], r["seed"]): r for r in reference}
-    same = [all(a[k] == ref[(a["prompt"], a["seed"])][k] for k in keys) for a in per_sample]
-    return {"samples": len(same), "all_flags_equal": float(np.mean(same))}
+    missing = [a for a in per_sample if (a["prompt"], a["seed"]) not in ref]
+    if missing:
+        raise ValueError(f"the reference run has no sample ({missing[0]['prompt']!r}, seed {missing[0]['seed']}); "
+                         "compare runs of the same held-out seeds")
+    pairs = [(a, ref[(a["prompt"], a["seed"])]) for a in per_sample]
+    same = [all(a[k] == r[k] for k in FLAG_KEYS) for a, r in pairs]
+    return {"samples": len(same), "all_flags_equal": float(np.mean(same)), "samples_all_flags_equal": int(sum(same)),
+            "flags_equal": {k: sum(a[k] == r[k] for a, r in pairs) for k in FLAG_KEYS}}
 
 
 SLIM_PAIRS, SLIM_TRIPLES = 200, 100  # records of write_slim: held-out prompts, seed 0
@@ -411,6 +427,11 @@ def check_options(args) -> None:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.pilot is not None and not 1 <= args.pilot <= HELDOUT_PROMPTS * len(EVAL_SEEDS):
         raise ValueError(f"--pilot takes 1..{HELDOUT_PROMPTS * len(EVAL_SEEDS)} pairs, got {args.pilot}")
+    if args.limit is not None:
+        if args.backend == "torch" or args.pilot is not None:
+            raise ValueError("--limit applies to a backend other than torch (the held-out pairs with the preset)")
+        if not 1 <= args.limit <= HELDOUT_PROMPTS * len(EVAL_SEEDS):
+            raise ValueError(f"--limit takes 1..{HELDOUT_PROMPTS * len(EVAL_SEEDS)} pairs, got {args.limit}")
     if args.sweep_seeds < 1:
         raise ValueError(f"--sweep-seeds must be >= 1, got {args.sweep_seeds}")
     first_sweep = SWEEP_SEEDS.start
@@ -439,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                     "default %(default)s); another START gives a fresh held-out sample of the same prompts")
     ap.add_argument("--pilot", type=int, default=None, metavar="N",
                     help=f"only N held-out pairs, vanilla vs '{PILOT_SETTING}', into pilot.json")
+    ap.add_argument("--limit", type=int, default=None, metavar="N",
+                    help="with a backend other than torch: only the first N held-out pairs (prompt-major: the "
+                    "first prompts, each with its seeds)")
     ap.add_argument("--write-slim", type=Path, default=None, metavar="FILE",
                     help="only write the held-out prompts as SLIM-format jsonl (for `deleaker eval`) and exit")
     args = ap.parse_args(argv)
@@ -481,7 +505,8 @@ def _evaluate(args, argv) -> int:
     triplet_seeds = range(args.heldout_seeds, args.heldout_seeds + len(TRIPLET_SEEDS))
     data: dict = {"command": "python -m deleaker.benchmarks.toyworld.evaluate " + " ".join(argv or sys.argv[1:]),
                   "backend": args.backend, "steps": STEPS, "size": SIZE}
-    pipe = Pipeline(load_backend(args.backend, str(args.model), progress=False), config=TOYWORLD_PRESET,
+    threads = {} if args.backend == "torch" else {"threads": args.threads}  # torch: set_num_threads above
+    pipe = Pipeline(load_backend(args.backend, str(args.model), progress=False, **threads), config=TOYWORLD_PRESET,
                     max_batch=args.max_batch)
     args.out.mkdir(parents=True, exist_ok=True)  # after the model loaded: a bad --model leaves nothing
     if args.pilot is not None:
@@ -497,17 +522,19 @@ def _evaluate(args, argv) -> int:
         return 0
     if args.backend != "torch":
         res = _Results(args.out / f"results-{args.backend}.json", data, 1)
-        data["heldout"], _, _ = heldout(pipe, TOYWORLD_PRESET, seeds=eval_seeds)
+        data["heldout"], _, _ = heldout(pipe, TOYWORLD_PRESET, seeds=eval_seeds, limit=args.limit)
+        res.stage("held-out pairs with the preset")
+        res.save()  # before the comparison, which may refuse (another run's seeds): the images stay measured
         torch_json = args.out / "results.json"
-        if torch_json.exists():
+        if torch_json.exists():  # the torch run of the same held-out seeds, in the same --out
             data["agreement_with_torch"] = agreement(data["heldout"]["per_sample"],
                                                      json.loads(torch_json.read_text())["heldout"]["per_sample"])
-        res.stage("held-out pairs with the preset")
-        res.save()
+            res.save()
         _log_comparison(f"held-out ({args.backend})", data["heldout"])
         if "agreement_with_torch" in data:
-            log.info("flags equal to the torch backend's on %.1f%% of %d samples",
-                     100 * data["agreement_with_torch"]["all_flags_equal"], data["agreement_with_torch"]["samples"])
+            a = data["agreement_with_torch"]
+            log.info("flags equal to the torch backend's on %.1f%% of %d samples (per flag: %s)",
+                     100 * a["all_flags_equal"], a["samples"], a["flags_equal"])
         return 0
 
     res = _Results(args.out / "results.json", data, 6)

@@ -1,6 +1,10 @@
 """Markdown tables of an evaluation's results.json (the numbers docs/toyworld.md quotes).
 
     python -m deleaker.benchmarks.toyworld.tables docs/toyworld/results.json
+    python -m deleaker.benchmarks.toyworld.tables --slim RUN docs/toyworld/results.json
+
+--slim RUN: a `deleaker eval` run folder judged with `--judge toyworld` (its manifest.jsonl and
+judgments/toyworld.jsonl), set against results.json item by item on the same (prompt, seed).
 """
 
 from __future__ import annotations
@@ -71,8 +75,60 @@ def ablation(res: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+FLAGS = ("vanilla_leak", "deleaker_leak", "vanilla_all_present", "deleaker_all_present")
+OUTCOMES = ("mitigation_major", "mitigation_minor", "no_change", "degradation_minor", "degradation_major")
+
+
+def _latest(path) -> dict:
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    return {r["id"]: r for r in rows}  # the last line of an id wins, as in the run folder
+
+
+def slim_vs_evaluator(run: str, results: dict) -> dict:
+    """A judged `deleaker eval` run against the evaluator's held-out per-sample flags on the same
+    (prompt, seed): how many items have all four flags equal (and per flag), the leakage rates,
+    and the paper's outcomes among the items whose vanilla image leaks (the evaluator's basis)."""
+    from pathlib import Path
+
+    items = {k: e for k, e in _latest(Path(run) / "manifest.jsonl").items() if e["status"] == "ok"}
+    judged = _latest(Path(run) / "judgments" / "toyworld.jsonl")
+    ref = {(r["prompt"], r["seed"]): r for r in results["heldout"]["per_sample"]}
+    eq = {k: 0 for k in FLAGS}
+    same, leaking = 0, []
+    n = {"vanilla": 0, "deleaker": 0}
+    for iid, e in items.items():
+        j = judged[iid]
+        got = {f"{v}_{k}": j[v][k] for v in ("vanilla", "deleaker") for k in ("leak", "all_present")}
+        r = ref[(e["prompt"], e["seed"])]
+        for k in FLAGS:
+            eq[k] += got[k] == r[k]
+        same += all(got[k] == r[k] for k in FLAGS)
+        n["vanilla"] += got["vanilla_leak"]
+        n["deleaker"] += got["deleaker_leak"]
+        if got["vanilla_leak"]:
+            leaking.append(j["outcome"])
+    return {"items": len(items), "all_flags_equal": same, "flags_equal": eq,
+            "leak": {k: v / len(items) for k, v in n.items()}, "leaking_vanilla": len(leaking),
+            "outcomes_among_leaking": {k: leaking.count(k) / len(leaking) if leaking else None for k in OUTCOMES}}
+
+
+def slim_text(c: dict) -> str:
+    o = c["outcomes_among_leaking"]
+    return (f"{c['items']} items; all four flags equal to the evaluator's on {c['all_flags_equal']} "
+            f"(per flag: {', '.join(f'{k} {v}' for k, v in c['flags_equal'].items())}); leakage vanilla "
+            f"{c['leak']['vanilla']:.3f}, DeLeaker {c['leak']['deleaker']:.3f}; outcomes over the "
+            f"{c['leaking_vanilla']} leaking vanilla images: "
+            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in o.items() if v is not None) + ".")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--slim":
+        if len(argv) != 3:
+            print("usage: python -m deleaker.benchmarks.toyworld.tables --slim RUN RESULTS_JSON", file=sys.stderr)
+            return 2
+        print(slim_text(slim_vs_evaluator(argv[1], json.loads(open(argv[2]).read()))))
+        return 0
     res = json.loads(open(argv[0]).read())
     if "pilot" in res:
         print(comparison(res["pilot"], "pilot"))
@@ -86,7 +142,9 @@ def main(argv=None) -> int:
         print(comparison(res["heldout_triplets"], "held-out triples"))
     if "agreement_with_torch" in res:
         a = res["agreement_with_torch"]
-        print(f"Flags equal to the torch backend's on {100 * a['all_flags_equal']:.1f}% of {a['samples']} pairs.")
+        per_flag = ", ".join(f"{k} {v}" for k, v in a.get("flags_equal", {}).items())
+        print(f"Flags equal to the torch backend's on {100 * a['all_flags_equal']:.1f}% of {a['samples']} pairs"
+              f"{' (per flag: ' + per_flag + ')' if per_flag else ''}.")
     return 0
 
 
