@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deleaker.benchmarks.quality.judges.base import OUTCOMES
 from deleaker.runtime.config import DeLeakerConfig
 
 from . import judge as J
@@ -235,8 +236,7 @@ def outcomes(van, dl) -> dict:
     leaking = [(a, b) for a, b in zip(van, dl) if a["leak"]]
     cats = Counter(outcome(len(a["leaks"]), len(b["leaks"])) for a, b in leaking)
     n = len(leaking)
-    share = {k: (cats[k] / n if n else None) for k in
-             ("mitigation_major", "mitigation_minor", "no_change", "degradation_minor", "degradation_major")}
+    share = {k: (cats[k] / n if n else None) for k in OUTCOMES}
     mitigated = [(a, b) for a, b in leaking if len(b["leaks"]) < len(a["leaks"])]
     out = {"leaking_vanilla": n, "counts": dict(cats), "share": share}
     if n:

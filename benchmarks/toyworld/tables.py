@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
+from deleaker.benchmarks.quality.judges.base import OUTCOMES  # the paper's five categories, defined once
+
 
 def _ci(v, key):
     lo, hi = v[key + "_ci95"]
@@ -76,7 +78,6 @@ def ablation(res: dict) -> str:
 
 
 FLAGS = ("vanilla_leak", "deleaker_leak", "vanilla_all_present", "deleaker_all_present")
-OUTCOMES = ("mitigation_major", "mitigation_minor", "no_change", "degradation_minor", "degradation_major")
 
 
 def _latest(path) -> dict:
