@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -191,7 +192,16 @@ def main(argv: list[str] | None = None) -> int:
             return run(args)
         return {"onnx": _onnx, "aoti": _aoti, "verify": _verify}[args.command](args)
 
-    return run_cli("deleaker-export", go, args.debug)
+    code = run_cli("deleaker-export", go, args.debug)
+    if code == INTERRUPTED_EXIT_CODE and argv is None:  # the command's own process
+        # CPython ends a process by SIGINT (-2, not 130) when a library ran Python code through its
+        # C API (PyRun_*) while Ctrl-C arrived, whatever main returns; the temp folders are gone
+        # by now (the work's finally blocks), so end with the documented code ourselves.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

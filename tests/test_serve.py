@@ -166,7 +166,8 @@ def test_request_timeout_drops_its_queued_image(pipe):
     patient = Engine(pipe, ServeOptions(max_batch=1, max_wait_ms=0, timeout_s=600), metrics)
     engine = Engine(pipe, ServeOptions(max_batch=1, max_wait_ms=0, timeout_s=0.3), metrics)
     patient.runner = engine.runner = runner
-    slow = GenerateRequest(prompt="a cat", steps=50, height=256, width=256)
+    # several seconds even on a fast CPU, far longer than the short request's 0.3 s
+    slow = GenerateRequest(prompt="a cat", steps=50, height=512, width=512)
     fast = GenerateRequest(prompt="a cat", steps=STEPS, height=64, width=64)
 
     async def go():
@@ -180,7 +181,7 @@ def test_request_timeout_drops_its_queued_image(pipe):
 
     try:
         (result,) = asyncio.run(go())
-        assert result.image.shape[:2] == (256, 256)
+        assert result.image.shape[:2] == (512, 512)
         m = metrics.render().decode()
         assert metric(m, "deleaker_dropped_images_total", 'reason="timeout"') == 1
         assert metric(m, "deleaker_dropped_images_total", 'reason="abandoned"') == 0

@@ -96,8 +96,10 @@ def test_connection_cap(limited):
 
 def test_timeout_stops_the_abandoned_batch_without_stray_errors(limited):
     """A request past --timeout-s gets 504; its batch (all of whose images are abandoned) stops after
-    the current step instead of running its 50 steps, and nothing is logged as never retrieved."""
-    r = httpx.post(limited.url + GEN, json={"prompt": "a cat", "size": "256x256", "steps": 50}, timeout=60)
+    the current step instead of running its 50 steps, and nothing is logged as never retrieved.
+    512x512: its 50 steps take several seconds on a fast CPU (256x256 took 1.0 s, as long as the
+    timeout, so its last step could end before the timeout and the batch finish unabandoned)."""
+    r = httpx.post(limited.url + GEN, json={"prompt": "a cat", "size": "512x512", "steps": 50}, timeout=60)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
