@@ -9,8 +9,8 @@ the same feeds:
         reference op, on random inputs with structured entity attention, at block-steps before,
         inside and after the windows, history in and out; a batch of two samples with different
         settings (the artifact's default and a variant), as op contract v2 allows;
-  step  transformer.onnx vs DeLeakerFlux (diffusers + reference op), random step inputs, the same
-        two settings per sample;
+  step  transformer.onnx (or an AOTInductor artifact's transformer.pt2) vs DeLeakerFlux
+        (diffusers + reference op), random step inputs, the same two settings per sample;
   loop  the whole denoising loop through the public Pipeline API on the onnxruntime backend
         (the artifact) vs the torch backend (the checkpoint): final latents and history,
         DeLeaker on and off, with the artifact's default settings.
@@ -33,6 +33,8 @@ from deleaker.runtime.artifact import ArtifactError, load_artifact
 from deleaker.runtime.config import DeLeakerConfig, ResolvedConfig
 
 CHECKS = ("op", "step", "loop")
+# the checks of each engine kind (the aoti backend has no op of its own to check)
+BACKEND_CHECKS = {"onnxruntime": CHECKS, "aoti": ("step", "loop")}
 # (atol, rtol) per check and weight dtype. fp32: both sides compute in float32 and differ only in
 # summation order (~1e-6 after a softmax); a step adds ~60 blocks of that, a loop compounds it
 # over the steps through the scheduler. Half precision: one rounding of the activations is ~1e-3
@@ -252,13 +254,13 @@ def check_op(artifact, configs: list[ResolvedConfig], atol: float, rtol: float) 
 
 
 # --------------------------------------------------------------------------------------------
-# step: transformer.onnx vs DeLeakerFlux
+# step: the transformer engine (transformer.onnx or transformer.pt2) vs DeLeakerFlux
 # --------------------------------------------------------------------------------------------
 
 def check_step(artifact, ckpt, configs: list[ResolvedConfig], height: int, width: int, device: str, atol: float,
-               rtol: float) -> list[OutputResult]:
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-
+               rtol: float, backend: str = "onnxruntime") -> list[OutputResult]:
+    """The artifact's transformer engine (transformer.onnx in ONNX Runtime, or transformer.pt2) vs
+    DeLeakerFlux on the checkpoint, on random step inputs with one setting per sample of `configs`."""
     from deleaker.modeling.flux import DeLeakerFlux
     from .onnx_export import ExportSpec, TransformerStep, _DTYPES, transformer_example
 
@@ -271,27 +273,39 @@ def check_step(artifact, ckpt, configs: list[ResolvedConfig], height: int, width
                       max_text_tokens=int(m["max_text_tokens"]), entity_slots=int(m["entity_slots"]))
     bps = int(m["blocks_per_step"])
     i0 = configs[0].start_intervention_from
+    names = step_io.input_names(guidance)
     torch.manual_seed(0)
-    feeds, names = [], []
+    feeds, feed_names = [], []
     # step 0 crosses a0 and i0 inside one forward for FLUX's defaults; the next step is all inside
     for s in sorted({0, i0 // bps, i0 // bps + 1}):
         x = transformer_example(transformer, spec, batch=len(configs), configs=configs)
         x["step"] = torch.tensor(s, dtype=torch.int64)
-        feeds.append(OrderedDict((k, v.numpy()) for k, v in x.items()))
-        names.append(f"step {s}")
+        feeds.append(OrderedDict((k, x[k].numpy()) for k in names))
+        feed_names.append(f"step {s}")
 
-    def torch_step(fd):
-        t = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in fd.items()}
-        with torch.no_grad():
-            noise, hist = step_module(**{k: t[k] for k in step_io.input_names(guidance)})
-        return {"noise_pred": noise.float().cpu().numpy(), "history_out": hist.float().cpu().numpy()}
+    def torch_call(fn):  # a module or an AOTInductor package, called with the step's inputs by name
+        def call(fd):
+            kw = {k: torch.from_numpy(np.asarray(fd[k])).to(device) for k in names}
+            with torch.no_grad():
+                out = fn(**kw)
+            return {n: o.float().cpu().numpy() for n, o in zip(step_io.OUTPUT_NAMES, out)}
+        return call
 
-    providers = ["cuda", "cpu"] if device.startswith("cuda") else ["cpu"]
     meta = {k: (v.dtype, list(v.shape)) for k, v in feeds[0].items()}
-    runners = [OnnxrtRunner(SessionFromOnnx(str(artifact.path("onnxruntime", "transformer")), providers=providers),
-                            name="onnxruntime"),
-               _runner_base()(torch_step, meta, list(step_io.OUTPUT_NAMES), "torch")]
-    return _compare("step", runners, feeds, names, atol, rtol)
+    FunctionRunner = _runner_base()
+    if backend == "aoti":
+        from deleaker.modeling.aoti_backend import load_package
+
+        package = load_package(artifact.path("aoti", "transformer"), device)
+        engine = FunctionRunner(torch_call(package), meta, list(step_io.OUTPUT_NAMES), "aoti")
+    else:
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+        providers = ["cuda", "cpu"] if device.startswith("cuda") else ["cpu"]
+        engine = OnnxrtRunner(SessionFromOnnx(str(artifact.path("onnxruntime", "transformer")), providers=providers),
+                              name="onnxruntime")
+    runners = [engine, FunctionRunner(torch_call(step_module), meta, list(step_io.OUTPUT_NAMES), "torch")]
+    return _compare("step", runners, feeds, feed_names, atol, rtol)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,51 +343,6 @@ def check_loop(artifact, model_dir: Path, config: DeLeakerConfig, prompt: str, e
 
 
 # --------------------------------------------------------------------------------------------
-# the aoti engine: its transformer package against DeLeakerFlux
-
-AOTI_CHECKS = ("step", "loop")  # the aoti backend has no op of its own to check
-
-
-def check_aoti_step(artifact, ckpt, configs, height: int, width: int, device: str, atol: float, rtol: float):
-    """transformer.pt2 vs DeLeakerFlux (diffusers + the op), random step inputs, two settings per sample."""
-    from deleaker.modeling.aoti_backend import load_package
-    from deleaker.modeling.flux import DeLeakerFlux
-
-    from .onnx_export import _DTYPES, ExportSpec, TransformerStep, transformer_example
-
-    dtype = artifact.manifest["dtypes"]["transformer"]
-    m = artifact.model
-    spec = ExportSpec(height=height, width=width, max_text_tokens=int(m["max_text_tokens"]),
-                      entity_slots=int(m["entity_slots"]), dtype=dtype)
-    transformer = ckpt.load_transformer(_DTYPES[dtype])
-    guidance = bool(transformer.config.guidance_embeds)
-    step = TransformerStep(DeLeakerFlux(transformer.to(device).eval()), _DTYPES[dtype], guidance).eval()
-    package = load_package(artifact.path("aoti", "transformer"), device)
-    names = step_io.input_names(guidance)
-    feeds, feed_names = [], []
-    for block_step in (0, configs[0].start_intervention_from // configs[0].blocks_per_step):
-        torch.manual_seed(block_step)
-        ex = transformer_example(transformer, spec, batch=2, configs=configs)
-        ex["step"] = torch.tensor(block_step, dtype=torch.int64)
-        feeds.append(OrderedDict((k, ex[k].numpy()) for k in names))
-        feed_names.append(f"step {block_step}")
-
-    def run(fn):
-        def call(fd):
-            kw = {k: torch.from_numpy(fd[k]).to(device) for k in names}
-            with torch.no_grad():
-                out = fn(**kw)
-            return {n: o.float().cpu().numpy() for n, o in zip(step_io.OUTPUT_NAMES, out)}
-        return call
-
-    meta = {k: (v.dtype, list(v.shape)) for k, v in feeds[0].items()}
-    Runner = _runner_base()
-    runners = [Runner(run(package), meta, list(step_io.OUTPUT_NAMES), "aoti"),
-               Runner(run(step), meta, list(step_io.OUTPUT_NAMES), "torch")]
-    return _compare("step", runners, feeds, feed_names, atol, rtol)
-
-
-# --------------------------------------------------------------------------------------------
 
 def verify(artifact_dir: str | Path, model_dir: str | Path, checks=None, steps: int | None = None,
            height: int | None = None, width: int | None = None, device: str = "cpu",
@@ -386,12 +355,9 @@ def verify(artifact_dir: str | Path, model_dir: str | Path, checks=None, steps: 
 
     from deleaker.modeling.checkpoint import open_checkpoint
 
-    if backend == "aoti":
-        step_fn, available = check_aoti_step, AOTI_CHECKS
-    elif backend == "onnxruntime":
-        step_fn, available = check_step, CHECKS
-    else:
+    if backend not in BACKEND_CHECKS:
         raise ValueError(f"verify checks the onnxruntime or aoti engines of an artifact, not {backend!r}")
+    available = BACKEND_CHECKS[backend]
     checks = tuple(checks or available)
     unknown = set(checks) - set(available)
     if unknown:
@@ -423,7 +389,7 @@ def verify(artifact_dir: str | Path, model_dir: str | Path, checks=None, steps: 
         if check == "op":
             new = check_op(artifact, configs, a, r)
         elif check == "step":
-            new = step_fn(artifact, ckpt, configs, height, width, device, a, r)
+            new = check_step(artifact, ckpt, configs, height, width, device, a, r, backend=backend)
         else:
             new = check_loop(artifact, Path(model_dir), default.replace(num_steps=steps), prompt, entities, steps,
                              height, width, device, a, r, backend=backend)
