@@ -31,10 +31,10 @@ def _commands() -> dict:
     return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP)}
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(commands: dict) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deleaker", description="DeLeaker text-to-image runtime")
     sub = p.add_subparsers(dest="command", required=True)
-    for name in sorted(_commands()):
+    for name in sorted(commands):
         sub.add_parser(name, help=COMMAND_HELP.get(name, f"see `deleaker {name} --help`"), add_help=False)
     g = sub.add_parser("generate", help="generate an image from a prompt",
                        formatter_class=DefaultsHelpFormatter)
@@ -175,7 +175,7 @@ def _size(args, size_range: tuple[int, int] | None) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = _commands() if argv and argv[0] != "generate" else {}
+    commands = _commands()  # read once: for dispatch and for the parser's list
     if argv and argv[0] in commands:
         try:
             command_main = commands[argv[0]].load()
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         return command_main(argv[1:])
-    args = _parser().parse_args(argv)
+    args = _parser(commands).parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="deleaker: %(message)s")
     return run_reporting_errors("deleaker", lambda: _generate(args), args.debug)
 
