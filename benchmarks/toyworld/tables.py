@@ -77,7 +77,6 @@ def ablation(res: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-FLAGS = ("vanilla_leak", "deleaker_leak", "vanilla_all_present", "deleaker_all_present")
 
 
 def _latest(path) -> dict:
@@ -91,25 +90,18 @@ def slim_vs_evaluator(run: str, results: dict) -> dict:
     and the paper's outcomes among the items whose vanilla image leaks (the evaluator's basis)."""
     from pathlib import Path
 
+    from .evaluate import agreement
+
     items = {k: e for k, e in _latest(Path(run) / "manifest.jsonl").items() if e["status"] == "ok"}
     judged = _latest(Path(run) / "judgments" / "toyworld.jsonl")
-    ref = {(r["prompt"], r["seed"]): r for r in results["heldout"]["per_sample"]}
-    eq = {k: 0 for k in FLAGS}
-    same, leaking = 0, []
-    n = {"vanilla": 0, "deleaker": 0}
-    for iid, e in items.items():
-        j = judged[iid]
-        got = {f"{v}_{k}": j[v][k] for v in ("vanilla", "deleaker") for k in ("leak", "all_present")}
-        r = ref[(e["prompt"], e["seed"])]
-        for k in FLAGS:
-            eq[k] += got[k] == r[k]
-        same += all(got[k] == r[k] for k in FLAGS)
-        n["vanilla"] += got["vanilla_leak"]
-        n["deleaker"] += got["deleaker_leak"]
-        if got["vanilla_leak"]:
-            leaking.append(j["outcome"])
-    return {"items": len(items), "all_flags_equal": same, "flags_equal": eq,
-            "leak": {k: v / len(items) for k, v in n.items()}, "leaking_vanilla": len(leaking),
+    per_sample = [{"prompt": e["prompt"], "seed": e["seed"],
+                   **{f"{v}_{k}": judged[iid][v][k] for v in ("vanilla", "deleaker") for k in ("leak", "all_present")}}
+                  for iid, e in items.items()]
+    a = agreement(per_sample, results["heldout"]["per_sample"])
+    leaking = [judged[iid]["outcome"] for iid, s in zip(items, per_sample) if s["vanilla_leak"]]
+    return {"items": len(items), "all_flags_equal": a["samples_all_flags_equal"], "flags_equal": a["flags_equal"],
+            "leak": {v: sum(s[f"{v}_leak"] for s in per_sample) / len(items) for v in ("vanilla", "deleaker")},
+            "leaking_vanilla": len(leaking),
             "outcomes_among_leaking": {k: leaking.count(k) / len(leaking) if leaking else None for k in OUTCOMES}}
 
 
