@@ -147,8 +147,9 @@ PRESETS: dict[str, DeLeakerConfig] = {
     # so the 3x3 opening erases every mask. Same rules, no smoothing, so the demo shows an effect.
     "tiny": DeLeakerConfig(num_steps=20, do_smoothing=False),
     # The toy-world model (benchmarks/toyworld, 5 blocks per step, 10 steps at 32x32): chosen by the
-    # recorded sweep of docs/toyworld.md (the authors' windows scaled to 5 blocks per step).
-    "toyworld": DeLeakerConfig(num_steps=10, start_aggregating_from=1, start_intervention_from=2, k_strength=2.0,
+    # recorded sweep of docs/toyworld.md (windows from the first, second and third step, strengths
+    # 1.2 and 2.0, smoothing on and off).
+    "toyworld": DeLeakerConfig(num_steps=10, start_aggregating_from=10, start_intervention_from=12, k_strength=2.0,
                                do_smoothing=False),
 }
 

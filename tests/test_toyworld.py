@@ -206,7 +206,7 @@ def test_shipped_model_loads_as_a_flux_checkpoint():
 
     models = load_checkpoint(MODEL)
     assert models.checkpoint.blocks_per_step == BLOCKS_PER_STEP
-    assert models.checkpoint.vae_scale_factor == 1
+    assert models.checkpoint.vae_scale_factor == 2  # 32x32 px -> 8x8 image tokens
     assert models.max_sequence_length == 24
 
 
@@ -341,14 +341,22 @@ def test_training_recipe_runs_a_few_steps(tmp_path):
 
     out = tmp_path / "m"
     assert train.main(["--out", str(out), "--steps", "3", "--vae-steps", "2", "--decoder-steps", "2",
-                       "--dataset", "40", "--shared", "0.5", "--threads", "1"]) == 0
+                       "--dataset", "40", "--shared", "0.5", "--threads", "1", "--ema", "0.5"]) == 0
     curves = tmp_path / "m-training"
     rows = list(csv.DictReader(open(curves / "transformer_loss.csv")))
     assert [int(r["step"]) for r in rows] == [0, 1, 2] and all(float(r["loss"]) > 0 for r in rows)
     cfg = json.loads((curves / "train_config.json").read_text())
-    assert cfg["steps"] == 3 and cfg["shared"] == 0.5 and cfg["text_tokens"] == 24
+    assert cfg["steps"] == 3 and cfg["shared"] == 0.5 and cfg["text_tokens"] == 24 and cfg["ema"] == 0.5
     tr = FluxTransformer2DModel.from_pretrained(out / "transformer", local_files_only=True)
     assert torch.count_nonzero(tr.time_text_embed.text_embedder.linear_2.weight) == 0
+    # the saved weights are the EMA: the same seeded run without it saves other weights
+    plain = tmp_path / "plain"
+    assert train.main(["--out", str(plain), "--steps", "3", "--vae-steps", "2", "--decoder-steps", "2",
+                       "--dataset", "40", "--shared", "0.5", "--threads", "1", "--ema", "0"]) == 0
+    w = "transformer_blocks.0.attn.to_q.weight"
+    raw = FluxTransformer2DModel.from_pretrained(plain / "transformer", local_files_only=True).state_dict()[w]
+    assert not torch.allclose(tr.state_dict()[w], raw)
+    assert train.TrainConfig().grid == (8, 8)
     t = world.Thing("red", "dotted", "circle")
     r = Pipeline(load_backend("torch", str(out), progress=False)).generate(
         [GenerateRequest(world.caption_for([t, world.Thing("blue", "striped", "square")]),

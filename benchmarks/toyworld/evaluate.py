@@ -46,7 +46,6 @@ HELDOUT_PROMPT_SEED, HELDOUT_PROMPTS, EVAL_SEEDS = 2, 200, range(0, 5)
 TRIPLE_PROMPT_SEED, TRIPLE_PROMPTS, TRIPLET_SEEDS = 3, 100, range(0, 5)
 ABLATION_PAIRS = 300  # held-out pairs (the first prompts' seeds) for the per-rule ablation
 JUDGE_CHECK_SEEDS = range(2_000_000, 2_000_300)
-GRID = (SIZE // 2, SIZE // 2)  # image tokens (VAE factor 1, 2x2 packing)
 
 
 def _cfg(a0: int, i0: int, k: float, smoothing: bool = True) -> DeLeakerConfig:
@@ -128,13 +127,20 @@ def wrong_attributes(verdict: dict, entities) -> list[tuple[str, bool]]:
     return out
 
 
-def object_tokens(image: np.ndarray) -> np.ndarray:
-    """[I] bool: image tokens (2x2 pixel patches) that touch an object."""
-    h, w = GRID
-    return J.foreground(image).reshape(h, 2, w, 2).any(axis=(1, 3)).reshape(-1)
+def token_grid(vae_scale_factor: int) -> tuple[int, int]:
+    """Image tokens (height, width) of a SIZE x SIZE image: the VAE's factor, then FLUX's 2x2 packing."""
+    side = SIZE // (2 * vae_scale_factor)
+    return (side, side)
 
 
-def mask_on_objects(result, objects: np.ndarray) -> float | None:
+def object_tokens(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """[I] bool: image tokens (patches of SIZE / grid pixels) that touch an object."""
+    h, w = grid
+    ph, pw = image.shape[0] // h, image.shape[1] // w
+    return J.foreground(image).reshape(h, ph, w, pw).any(axis=(1, 3)).reshape(-1)
+
+
+def mask_on_objects(result, objects: np.ndarray, grid: tuple[int, int]) -> float | None:
     """Fraction of the entity-mask tokens (the final history's masks, smoothed as configured)
     that lie on `objects` ([I] bool, object_tokens of the image); None for vanilla or an empty mask."""
     import torch
@@ -147,7 +153,7 @@ def mask_on_objects(result, objects: np.ndarray) -> float | None:
     hist = torch.from_numpy(np.asarray(result.history[:len(result.request.entities)], np.float32))  # [E, I]
     masks = entity_masks(hist, cfg.std_mul_text)
     if cfg.do_smoothing:
-        masks = smooth_masks(masks, *GRID)
+        masks = smooth_masks(masks, *grid)
     m = masks.numpy().any(axis=0)  # [I]
     return float(objects[m].mean()) if m.any() else None
 
@@ -156,14 +162,15 @@ def run(pipe, reqs, label: str = "") -> list[dict]:
     """Generate and judge; one record per request."""
     out = []
     t0 = time.time()
+    grid = token_grid(pipe.backend.info.vae_scale_factor)
     for r in pipe.generate(reqs):
         v = J.judge(r.image, r.request.entities)
-        objects = object_tokens(r.image)
+        objects = object_tokens(r.image, grid)
         out.append({"prompt": r.request.prompt, "entities": list(r.request.entities), "seed": r.request.seed,
                     "image": r.image, "leak": v["leak"], "all_present": v["all_present"],
                     "all_recognised": v["all_recognised"], "leaks": v["leaks"],
                     "wrong": wrong_attributes(v, r.request.entities), "object_share": float(objects.mean()),
-                    "mask_on_objects": mask_on_objects(r, objects)})
+                    "mask_on_objects": mask_on_objects(r, objects, grid)})
     if label:
         log.info("  %s: %d images in %.0fs", label, len(out), time.time() - t0)
     return out

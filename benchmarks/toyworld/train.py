@@ -1,14 +1,15 @@
 """Train the toy-world FLUX model on this CPU and write it in diffusers' folder layout.
 
-    python -m deleaker.benchmarks.toyworld.train --out DIR [--seed 0] [--threads 2] [--heads 4] [--steps 7000]
+    python -m deleaker.benchmarks.toyworld.train --out DIR [--seed 0] [--threads 2] [--steps 15000]
 
 Stages (each logged, the transformer checkpointed as it trains, so a stopped run leaves a usable
 folder): tokenizers trained on the world's captions; random frozen CLIP/T5-like encoders; a
-1-level AutoencoderKL (no downsampling, 16 latent channels: 32x32 px -> 16x16 tokens) trained on renders, with its latent
-shift/scale measured; then a FluxTransformer2DModel trained with rectified flow (velocity
-target noise - x0, sigmas logit-normal then shifted exactly as the runtime's scheduler shifts
-them for this image size), its pooled-text path zeroed and frozen (TrainConfig.pooled_text).
-Loss curves, the config and the wall time go to DIR-training/ beside DIR.
+2-level AutoencoderKL (factor 2, 16 latent channels: 32x32 px -> 16x16 latents -> 8x8 tokens)
+trained on renders, with its latent shift/scale measured; then a FluxTransformer2DModel trained
+with rectified flow (velocity target noise - x0, sigmas logit-normal then shifted exactly as the
+runtime's scheduler shifts them for this image size), its pooled-text path zeroed and frozen
+(TrainConfig.pooled_text), an EMA of its weights saved. TrainConfig's defaults are the shipped
+model's recipe. Loss curves, the config and the wall time go to DIR-training/ beside DIR.
 """
 
 from __future__ import annotations
@@ -42,13 +43,15 @@ class TrainConfig:
     t5_d_model: int = 64
     clip_hidden: int = 32
     # VAE
-    vae_channels: tuple[int, ...] = (16,)
-    vae_steps: int = 150
+    # one level: no downsampling (32x32 px -> 16x16 tokens); two levels: factor 2 (-> 8x8 tokens,
+    # a quarter of the transformer's work per step)
+    vae_channels: tuple[int, ...] = (16, 32)
+    vae_steps: int = 1500
     vae_batch: int = 16
     vae_lr: float = 3e-3
     vae_crop: int = 16  # the VAE is convolutional: train on crops, 4x cheaper
     vae_kl: float = 1e-6
-    decoder_steps: int = 400  # decoder-only refinement, encoder frozen
+    decoder_steps: int = 1500  # decoder-only refinement, encoder frozen
     decoder_lr: float = 1e-3
     # transformer
     num_layers: int = 2
@@ -60,14 +63,27 @@ class TrainConfig:
     # the image only through joint attention to the text tokens, where FLUX binds words to regions
     # (a pooled vector naming every kind lets a small model draw them without attending to words).
     pooled_text: bool = False
-    dataset: int = 8000  # distinct training scenes (latents cached once)
+    dataset: int = 20000  # distinct training scenes (latents cached once)
     # probability that a training scene's objects share one attribute value (world.sample)
-    shared: float = world.SHARED
-    steps: int = 7000
+    shared: float = 0.5
+    steps: int = 15000
     batch: int = 16
     lr: float = 2e-3
     warmup: int = 50
     checkpoint_every: int = 100
+    # exponential moving average of the transformer's weights (0 = off); the EMA weights are the
+    # ones saved, the usual way a diffusion model is sampled
+    ema: float = 0.999
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Image tokens (height, width): the VAE's factor, then FLUX's 2x2 packing."""
+        side = world.IMAGE_SIZE // (2 * self.vae_factor)
+        return (side, side)
 
 
 def word_t5_tokenizer(corpus: list[str]):
@@ -233,15 +249,15 @@ def encode_dataset(vae, cfg: TrainConfig) -> tuple[Dataset, float, float]:
             seeds = range(start, min(start + 256, cfg.dataset))
             samples = [world.sample(s, cfg.shared) for s in seeds]
             x = np.stack([s.image for s in samples]).astype(np.float32) / 127.5 - 1.0
-            z = vae.encode(torch.from_numpy(x.transpose(0, 3, 1, 2))).latent_dist.mode()  # [b, 16, 32, 32] (VAE factor 1)
+            z = vae.encode(torch.from_numpy(x.transpose(0, 3, 1, 2))).latent_dist.mode()  # [b, 16, 32/f, 32/f]
             means.append(z.numpy())
             caps += [cidx.setdefault(s.caption, len(cidx)) for s in samples]
-    z = np.concatenate(means)  # [N, 16, 32, 32]
+    z = np.concatenate(means)  # [N, 16, 32/f, 32/f]
     shift = float(z.mean())
     scaling = float(1.0 / z.std())
     log.info("encoded %d scenes (%d distinct captions) in %.0fs; latent shift %.4f scaling %.4f", len(z), len(cidx),
              time.time() - t0, shift, scaling)
-    packed = lat.pack_latents((z - shift) * scaling).astype(np.float32)  # [N, 256, 64]
+    packed = lat.pack_latents((z - shift) * scaling).astype(np.float32)  # [N, (16/f)^2, 64]
     return Dataset(packed, np.asarray(caps), list(cidx), shift, scaling), shift, scaling
 
 
@@ -298,11 +314,16 @@ def train_transformer(out: Path, cfg: TrainConfig, data: Dataset, embeds, pooled
         torch.nn.init.zeros_(proj.linear_2.bias)
         proj.requires_grad_(False)  # stays zero: pooled_projections has no effect
     n_params = sum(p.numel() for p in model.parameters())
+    ema = None
+    if cfg.ema:
+        import copy
+
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
     log.info("transformer: %d double + %d single blocks, width %d, %.2fM parameters", cfg.num_layers,
              cfg.num_single_layers, cfg.heads * cfg.head_dim, n_params / 1e6)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0,
                             betas=(0.9, 0.99))
-    grid = (world.IMAGE_SIZE // 2, world.IMAGE_SIZE // 2)  # VAE factor 1, 2x2 packing
+    grid = cfg.grid
     mu = FlowMatchEuler.from_config(FLUX_DEV_SCHEDULER_CONFIG).mu(grid[0] * grid[1])
     img_ids = torch.from_numpy(lat.image_ids(grid))
     txt_ids = torch.from_numpy(lat.text_ids(cfg.text_tokens))
@@ -330,6 +351,9 @@ def train_transformer(out: Path, cfg: TrainConfig, data: Dataset, embeds, pooled
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - cfg.ema)
             run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
             w.writerow([it, f"{loss.item():.5f}", f"{lr:.6f}", f"{time.time() - t0:.1f}"])
             if it % 25 == 0:
@@ -338,10 +362,10 @@ def train_transformer(out: Path, cfg: TrainConfig, data: Dataset, embeds, pooled
                          time.time() - t0)
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 in (cfg.steps, stop_after):
                 model.eval()
-                model.save_pretrained(out / "transformer")
+                (ema or model).save_pretrained(out / "transformer")
                 model.train()
                 log.info("checkpoint at step %d written to %s", it + 1, out / "transformer")
-    return model
+    return ema or model
 
 
 def plot_loss(curves: Path, png: Path) -> None:
@@ -377,10 +401,17 @@ def write_layout(out: Path, cfg: TrainConfig) -> None:
 
 def check_options(args) -> None:
     """Every option checked before any work or any folder is made (one-line ValueErrors)."""
-    for name in ("threads", "steps", "vae_steps", "decoder_steps", "dataset", "heads", "stop_after"):
+    for name in ("threads", "steps", "vae_steps", "decoder_steps", "dataset", "heads", "stop_after", "batch"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.ema is not None and not 0.0 <= args.ema < 1.0:
+        raise ValueError(f"--ema is a decay in [0, 1), got {args.ema}")
+    if args.lr is not None and not 0.0 < args.lr < 1.0:
+        raise ValueError(f"--lr must be in (0, 1), got {args.lr}")
+    if args.vae_channels is not None and (len(args.vae_channels) not in (1, 2) or min(args.vae_channels) < 8
+                                          or any(c % 8 for c in args.vae_channels)):
+        raise ValueError(f"--vae-channels takes 1 or 2 levels of multiples of 8 channels, got {args.vae_channels}")
     if args.shared is not None and not 0.0 <= args.shared <= 1.0:
         raise ValueError(f"--shared is a probability in [0, 1], got {args.shared}")
     out = args.out.expanduser()
@@ -393,6 +424,13 @@ def check_options(args) -> None:
             raise ValueError(f"--reuse {args.reuse} is not an earlier --out of this script (no {', '.join(missing)})")
         if args.reuse.expanduser().resolve() == out.resolve():
             raise ValueError("--reuse and --out must be different folders")
+
+
+def _channels(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated channel counts such as 16,32, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -414,6 +452,13 @@ def main(argv: list[str] | None = None) -> int:
                          " (default: TrainConfig.shared)")
     ap.add_argument("--pooled-text", action="store_true",
                     help="train the pooled-CLIP conditioning path too (default: zeroed and frozen)")
+    ap.add_argument("--vae-channels", type=_channels, default=None, metavar="C[,C]",
+                    help="the VAE's channels per level: 16 = one level, no downsampling (16x16 tokens); 16,32 = two"
+                         " levels, factor 2 (8x8 tokens) (default: TrainConfig.vae_channels)")
+    ap.add_argument("--ema", type=float, default=None,
+                    help="EMA decay of the saved transformer weights, 0 = off (default: TrainConfig.ema)")
+    ap.add_argument("--batch", type=int, default=None, help="transformer batch (default: TrainConfig.batch)")
+    ap.add_argument("--lr", type=float, default=None, help="transformer peak learning rate (default: TrainConfig.lr)")
     ap.add_argument("--heads", type=int, default=None,
                     help="transformer attention heads of 32 channels, i.e. width / 32 (default: TrainConfig.heads)")
     args = ap.parse_args(argv)
@@ -433,7 +478,9 @@ def _train(args) -> int:
     torch.set_num_threads(args.threads)
     given = {"steps": args.steps, "vae_steps": args.vae_steps, "decoder_steps": args.decoder_steps,
              "dataset": args.dataset, "heads": args.heads,
-             "shared": args.shared, "pooled_text": args.pooled_text or None}
+             "shared": args.shared, "pooled_text": args.pooled_text or None, "ema": args.ema,
+             "batch": args.batch, "lr": args.lr,
+             "vae_channels": tuple(args.vae_channels) if args.vae_channels else None}
     cfg = TrainConfig(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     out = args.out.expanduser().resolve()
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
@@ -450,9 +497,12 @@ def _train(args) -> int:
             shutil.copytree(args.reuse / sub, out / sub, dirs_exist_ok=True)
         log.info("reusing tokenizers, encoders and VAE from %s", args.reuse)
         vae = AutoencoderKL.from_pretrained(out / "vae", local_files_only=True).eval()
+        if tuple(vae.config.block_out_channels) != tuple(cfg.vae_channels):
+            raise ValueError(f"--reuse {args.reuse}: its VAE has channels {list(vae.config.block_out_channels)},"
+                             f" this run's are {list(cfg.vae_channels)} (--vae-channels)")
         data, _, _ = encode_dataset(vae, cfg)  # latents normalised with the saved shift/scale below
         data.latents = lat.pack_latents(
-            (lat.unpack_latents(data.latents, (world.IMAGE_SIZE // 2,) * 2) / data.scaling + data.shift
+            (lat.unpack_latents(data.latents, cfg.grid) / data.scaling + data.shift
              - vae.config.shift_factor) * vae.config.scaling_factor).astype(np.float32)
     else:
         build_tokenizers(out, cfg)
