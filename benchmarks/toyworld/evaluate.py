@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from deleaker.benchmarks.quality.judges.base import OUTCOMES
+from deleaker.runtime import latents as lat
 from deleaker.runtime.config import DeLeakerConfig
 
 from . import judge as J
@@ -127,12 +128,6 @@ def wrong_attributes(verdict: dict, entities) -> list[tuple[str, bool]]:
     return out
 
 
-def token_grid(vae_scale_factor: int) -> tuple[int, int]:
-    """Image tokens (height, width) of a SIZE x SIZE image: the VAE's factor, then FLUX's 2x2 packing."""
-    side = SIZE // (2 * vae_scale_factor)
-    return (side, side)
-
-
 def object_tokens(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """[I] bool: image tokens (patches of SIZE / grid pixels) that touch an object."""
     h, w = grid
@@ -162,7 +157,7 @@ def run(pipe, reqs, label: str = "") -> list[dict]:
     """Generate and judge; one record per request."""
     out = []
     t0 = time.time()
-    grid = token_grid(pipe.backend.info.vae_scale_factor)
+    grid = lat.geometry(SIZE, SIZE, pipe.backend.info.vae_scale_factor).grid  # image tokens (h, w)
     for r in pipe.generate(reqs):
         v = J.judge(r.image, r.request.entities)
         objects = object_tokens(r.image, grid)

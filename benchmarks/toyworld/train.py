@@ -76,14 +76,10 @@ class TrainConfig:
     ema: float = 0.999
 
     @property
-    def vae_factor(self) -> int:
-        return 2 ** (len(self.vae_channels) - 1)
-
-    @property
     def grid(self) -> tuple[int, int]:
-        """Image tokens (height, width): the VAE's factor, then FLUX's 2x2 packing."""
-        side = world.IMAGE_SIZE // (2 * self.vae_factor)
-        return (side, side)
+        """Image tokens (height, width) of a scene: the VAE's factor (one per extra level), then
+        FLUX's 2x2 packing."""
+        return lat.geometry(world.IMAGE_SIZE, world.IMAGE_SIZE, 2 ** (len(self.vae_channels) - 1)).grid
 
 
 def word_t5_tokenizer(corpus: list[str]):
@@ -314,11 +310,12 @@ def train_transformer(out: Path, cfg: TrainConfig, data: Dataset, embeds, pooled
         torch.nn.init.zeros_(proj.linear_2.bias)
         proj.requires_grad_(False)  # stays zero: pooled_projections has no effect
     n_params = sum(p.numel() for p in model.parameters())
+    saved = model  # what the checkpoints write: the EMA copy when cfg.ema is set
     ema = None
     if cfg.ema:
         import copy
 
-        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        ema = saved = copy.deepcopy(model).eval().requires_grad_(False)
     log.info("transformer: %d double + %d single blocks, width %d, %.2fM parameters", cfg.num_layers,
              cfg.num_single_layers, cfg.heads * cfg.head_dim, n_params / 1e6)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0,
@@ -362,10 +359,10 @@ def train_transformer(out: Path, cfg: TrainConfig, data: Dataset, embeds, pooled
                          time.time() - t0)
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 in (cfg.steps, stop_after):
                 model.eval()
-                (ema or model).save_pretrained(out / "transformer")
+                saved.save_pretrained(out / "transformer")
                 model.train()
                 log.info("checkpoint at step %d written to %s", it + 1, out / "transformer")
-    return ema or model
+    return saved
 
 
 def plot_loss(curves: Path, png: Path) -> None:
