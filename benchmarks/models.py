@@ -121,11 +121,22 @@ def load_flux_transformer(source: str, device="cpu", dtype=torch.float32):
     return FluxTransformer2DModel.from_pretrained(sub, torch_dtype=dtype, low_cpu_mem_usage=False).to(device).eval()
 
 
+def torch_source(model: str | None) -> str:
+    """The model folder the torch backend loads: `model`, or (None) the tiny offline model. The
+    measurement tools default to the tiny model, whose 64-1024 px range and random weights make a
+    smoke test of every mode; the product's default (the toy-world model) draws only 32x32."""
+    if model is not None:
+        return model
+    from deleaker.modeling.tiny_model import ensure_tiny_model
+
+    return str(ensure_tiny_model())
+
+
 def weights_are_random(source: str | None) -> bool | None:
     """True for random:<name> and the tiny offline model; False for other model folders; from
     manifest.json for an artifact where it says; None when unknown."""
     if source is None:
-        return True  # the backends' default is the tiny offline model
+        return True  # the measurement tools' default is the tiny offline model (torch_source)
     if source.startswith(RANDOM_PREFIX):
         return True
     folder = Path(source).expanduser()

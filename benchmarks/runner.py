@@ -98,7 +98,7 @@ class _Loaded:
                 if spec.model and spec.model.startswith(M.RANDOM_PREFIX):
                     raise M.BenchError(f"{spec.model} is a transformer only (no text encoders or VAE): "
                                        f"no end-to-end generation")
-                be = load_backend("torch", spec.model, device=spec.device, dtype=spec.dtype, progress=False,
+                be = load_backend("torch", M.torch_source(spec.model), device=spec.device, dtype=spec.dtype, progress=False,
                                   cuda_graphs=spec.cuda_graphs, compile=spec.compile)
             else:
                 be = load_backend(backend, spec.artifact, device=spec.device, progress=False,
@@ -115,12 +115,7 @@ class _Loaded:
             return self.pipeline("torch").backend.model.transformer
 
         def make():  # device, dtype and model were checked by spec.validate()
-            source = spec.model
-            if source is None:
-                from deleaker.modeling.tiny_model import ensure_tiny_model
-
-                source = str(ensure_tiny_model())
-            return M.load_flux_transformer(source, device=spec.device, dtype=M.DTYPES[spec.dtype])
+            return M.load_flux_transformer(M.torch_source(spec.model), device=spec.device, dtype=M.DTYPES[spec.dtype])
 
         return self.get(("transformer",), make)
 

@@ -15,7 +15,7 @@ requests, ok, errors by status, latency p50/p95/p99 (seconds, successful request
 --deleaker-settings JSON gives every request DeLeaker settings (e.g. windows inside a short run).
 --compare adds the batch sizes the server ran (from /metrics) and `inprocess_images_per_s`: the same
 number of batches of each size, same requests, through Pipeline.generate here (--model, default
-the embedded tiny model), and `server_vs_inprocess`, the ratio of the two rates.
+the embedded default model), and `server_vs_inprocess`, the ratio of the two rates.
 """
 
 from __future__ import annotations
@@ -180,7 +180,9 @@ def inprocess_rate(spec: LoadSpec, counts: dict[int, int], model: str | None) ->
     from deleaker.runtime.serve.schema import parse_size
 
     pipe = load_pipeline(model, progress=False)
-    w, h = parse_size(spec.size) if spec.size else (256, 256)
+    card = pipe.backend.info.card  # the server's default size is the model card's, else 256x256
+    default = (card.width or card.height, card.height) if card is not None and card.height else (256, 256)
+    w, h = parse_size(spec.size) if spec.size else default
     config = pipe.config.replace(**spec.deleaker_settings) if spec.deleaker_settings else None
     steps = spec.steps if spec.steps is not None else pipe.config.num_steps
 
@@ -216,8 +218,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="bearer token (default: DELEAKER_API_TOKEN)")
     p.add_argument("--compare", action="store_true",
                    help="also time the server's batches through the Pipeline in this process")
-    p.add_argument("--model", help="with --compare: the model folder the server runs (default: the embedded tiny "
-                                   "model)")
+    p.add_argument("--model", help="with --compare: the model folder the server runs (default: the embedded "
+                                   "toy-world model, which `deleaker serve` runs without --model)")
     p.add_argument("--out", help="write one JSON line per request here")
     return p
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
 from pathlib import Path
 from typing import Callable
 
 from deleaker.runtime import step_io
+from deleaker.runtime.model_card import CARD_FILE
 
 from . import manifest as mf
 
@@ -45,6 +47,9 @@ def write_tokenizers_and_manifest(folder: Path, ckpt, spec, exported: dict, opse
     for name in ("tokenizer", "tokenizer_2"):
         export_tokenizer(getattr(ckpt, name), folder / name)
         tokenizers[name] = name
+    card = Path(ckpt.root) / CARD_FILE
+    if card.is_file():  # the model's declared preset, size and words travel with its engines
+        shutil.copyfile(card, folder / CARD_FILE)
     manifest = mf.build_manifest(ckpt=ckpt, spec=spec, exported=exported, tokenizers=tokenizers,
                                  source=str(ckpt.root), opset=opset)
     if edit is not None:

@@ -47,8 +47,8 @@ def add_artifact_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="transformer weights")
     p.add_argument("--encoder-dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="CLIP, T5 and VAE weights (T5 overflows in fp16)")
-    p.add_argument("--preset", default="flux-dev",
-                   help="DeLeaker preset recorded as the artifact's default settings (requests may override)")
+    p.add_argument("--preset", help="DeLeaker preset recorded as the artifact's default settings (requests may "
+                   "override; default: the one the model's card names, else flux-dev)")
     p.add_argument("--force", action="store_true", help="replace the artifact already in --out (a folder with manifest.json)")
 
 
@@ -97,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _card_preset(model: str) -> str:
+    """The preset the model folder's card names, else the runtime's default."""
+    from deleaker.runtime.config import DEFAULT_PRESET
+    from deleaker.runtime.model_card import read_card
+
+    card = read_card(model)
+    return card.preset if card is not None and card.preset else DEFAULT_PRESET
+
+
 def export_spec(args):
     """The ExportSpec of `deleaker-export onnx|aoti` arguments (the checkpoint is read for its text length)."""
     from deleaker.runtime.config import preset
@@ -114,7 +123,7 @@ def export_spec(args):
         kw["max_batch"] = args.max_batch
     return ExportSpec(height=args.height, width=args.width, min_size=args.min_size, max_size=args.max_size,
                       entity_slots=args.entity_slots, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
-                      deleaker=preset(args.preset), external_data=True if getattr(args, "external_data", False) else None,
+                      deleaker=preset(args.preset or _card_preset(args.model)), external_data=True if getattr(args, "external_data", False) else None,
                       portable=bool(getattr(args, "portable", False)), **kw)
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from deleaker.runtime import tokens as tok
-from deleaker.runtime.config import DeLeakerConfig, preset
+from deleaker.runtime.config import DEFAULT_PRESET, DeLeakerConfig, preset
 from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 
 from .flux import DeLeakerCall, attention_blocks, blocks_per_step, deleaker_processors
@@ -47,7 +47,6 @@ from .reference_op import settings_tensors
 log = logging.getLogger("deleaker")
 
 KEY = "deleaker"  # the joint_attention_kwargs key (also the DeLeaker processor's keyword)
-DEFAULT_PRESET = "flux-dev"
 _ATTR = "_deleaker_installation"  # where the installation lives on the pipeline
 
 

@@ -23,6 +23,7 @@ import torch
 from deleaker.runtime import step_io
 from deleaker.runtime.backends.base import Backend, ModelInfo, Session, SessionInputs
 from deleaker.runtime.config import DeLeakerConfig
+from deleaker.runtime.model_card import card_config, read_card
 from deleaker.runtime.scheduler import euler_update
 from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 
@@ -245,6 +246,7 @@ class TorchBackend(Backend):
         log.info("torch backend: %s on %s, op %s%s%s", ckpt.path, self.device, op, ", compiled" if compile else "",
                  ", CUDA graphs" if self.cuda_graphs else "")
         tcfg = ckpt.transformer.config
+        card = read_card(ckpt.path)  # None for a plain FLUX folder
         self.info = ModelInfo(
             name=str(ckpt.path), in_channels=tcfg.in_channels, latent_channels=ckpt.vae.config.latent_channels,
             vae_scale_factor=2 ** (len(ckpt.vae.config.block_out_channels) - 1),
@@ -255,7 +257,8 @@ class TorchBackend(Backend):
             blocks_per_step=blocks_per_step(ckpt.transformer), scheduler_config=dict(ckpt.scheduler_config),
             tokenizer_dir=str(ckpt.tokenizer_dir), tokenizer_2_dir=str(ckpt.tokenizer_2_dir),
             attention_heads=int(tcfg.num_attention_heads), attention_head_dim=int(tcfg.attention_head_dim),
-            vae_base_channels=int(ckpt.vae.config.block_out_channels[0]))
+            vae_base_channels=int(ckpt.vae.config.block_out_channels[0]),
+            card=card, default_config=card_config(card))
         self.fused_attention = op == "cuda"  # the fused kernels hold no [T+I, T+I] map (runtime/footprint.py)
 
     @classmethod
@@ -265,10 +268,11 @@ class TorchBackend(Backend):
 
         check_device(device)  # before anything loads; torch.device("tpu") raises a RuntimeError traceback
         if source is None:
-            from .tiny_model import ensure_tiny_model
+            from deleaker.runtime.embedded import default_model_dir
 
-            source = ensure_tiny_model()
-            log.info("using the embedded tiny offline model at %s (random weights: images are noise-like)", source)
+            source = str(default_model_dir())
+            log.info("using the embedded toy-world model at %s (it knows only its world's words; docs/toyworld.md)",
+                     source)
         quiet_libraries()
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPES)}")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import op_schema
 from .config import ConfigError, DeLeakerConfig
+from .model_card import read_card
 
 FORMAT = "deleaker-artifact"
 # 2: op contract v2 (DeLeaker settings are per-sample inputs of the step, not node attributes).
@@ -93,7 +94,8 @@ class Artifact:
         return ModelInfo(
             name=str(self.root), **m, tokenizer_dir=str(self.tokenizer_dir("tokenizer")),
             tokenizer_2_dir=str(self.tokenizer_dir("tokenizer_2")), size_range=self.size_range,
-            default_config=dataclasses.asdict(self.default_config()), **_attention_sizes(self.manifest))
+            default_config=dataclasses.asdict(self.default_config()), card=read_card(self.root),
+            **_attention_sizes(self.manifest))
 
 
 def _attention_sizes(manifest: dict) -> dict:

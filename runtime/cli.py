@@ -8,9 +8,11 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import PRESETS, preset
-from .errors import run_reporting_errors
 from .cli_help import DefaultsHelpFormatter
+from .config import DEFAULT_PRESET, PRESETS, preset
+from .embedded import default_model_dir
+from .errors import run_reporting_errors
+from .model_card import read_card
 
 log = logging.getLogger("deleaker")
 
@@ -41,15 +43,17 @@ def _parser(commands: dict) -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--entities", default="", help="comma-separated entity words that occur in the prompt")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--model", help="diffusers-format FLUX folder (torch backend); default: the tiny offline model")
+    src.add_argument("--model", help="diffusers-format FLUX folder (torch backend); default: the embedded toy-world "
+                     "model (32x32, its own words only: docs/toyworld.md)")
     src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend)")
     g.add_argument("--backend", help="torch (default with --model), onnxruntime (default with --artifact), aoti "
                                      "(an artifact of `deleaker-export aoti`), tensorrt")
-    g.add_argument("--preset", default="flux-dev", help=f"DeLeaker preset: {', '.join(PRESETS)}")
+    g.add_argument("--preset", help=f"DeLeaker preset: {', '.join(PRESETS)} (default: the one the model's card "
+                   f"names, e.g. toyworld for the embedded model; else {DEFAULT_PRESET})")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
-    g.add_argument("--height", type=int, help="image height in pixels, a multiple of 16 (default: 256, or the "
-                                             "artifact's export size)")
+    g.add_argument("--height", type=int, help="image height in pixels, a multiple of 16 (default: the model card's "
+                                             "size, e.g. 32 for the embedded model; else 256, or the artifact's export size)")
     g.add_argument("--width", type=int, help="image width in pixels (default: as --height)")
     g.add_argument("--guidance", type=float, default=3.5, help="guidance scale (guidance-distilled models)")
     g.add_argument("--device", default="cpu", help="torch/onnxruntime device: cpu or cuda")
@@ -71,7 +75,10 @@ def _generate(args) -> int:
     from .pipeline import GenerateRequest, check_device, check_request
 
     # Everything that needs no model is checked before loading one (a load takes seconds to minutes).
-    cfg = preset(args.preset)
+    if args.model is None and not args.artifact:
+        args.model = str(default_model_dir())
+    card = read_card(args.model or args.artifact)  # the declared preset, size and words (None: no card)
+    cfg = preset(args.preset or (card.preset if card and card.preset else DEFAULT_PRESET))
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png file, got {args.out}")
@@ -93,7 +100,9 @@ def _generate(args) -> int:
         size_range = load_artifact(args.artifact, check_files=False).size_range
     backend_name = args.backend or (_artifact_backend(args.artifact) if args.artifact else "torch")
     options = _backend_options(args, backend_name)
-    height, width = _size(args, size_range)
+    height, width = _size(args, size_range, card)
+    if card is not None and (err := card.vocabulary_error(args.prompt)):
+        raise ValueError(err)
     base = GenerateRequest(prompt=args.prompt, entities=entities, seed=args.seed, steps=steps, height=height,
                            width=width, guidance_scale=args.guidance, deleaker=not args.no_deleaker,
                            config=cfg)
@@ -163,8 +172,11 @@ def _artifact_backend(path: str) -> str:
     return "onnxruntime" if "onnxruntime" in have or not have else sorted(have)[0]
 
 
-def _size(args, size_range: tuple[int, int] | None) -> tuple[int, int]:
-    """--height/--width, else the artifact's export size when it fixes a range, else 256 (pixels)."""
+def _size(args, size_range: tuple[int, int] | None, card=None) -> tuple[int, int]:
+    """--height/--width, else the model card's size, else the artifact's export size when it fixes
+    a range, else 256 (pixels)."""
+    if card is not None and card.height is not None and args.height is None and args.width is None:
+        return card.height, card.width or card.height
     default = DEFAULT_SIDE
     if size_range is not None and not size_range[0] <= default <= size_range[1]:
         default = size_range[1]

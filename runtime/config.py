@@ -138,19 +138,21 @@ ResolvedConfig.__doc__ = ("A config with concrete windows for one model (every f
                           "settings tensors are packed from (op_schema.pack_settings).")
 
 
+DEFAULT_PRESET = "flux-dev"  # settings of a model that names none (no card, no recorded artifact settings)
+
 PRESETS: dict[str, DeLeakerConfig] = {
     # The authors' defaults, tuned for FLUX.1-dev at 20 steps.
     "flux-dev": DeLeakerConfig(num_steps=20),
     # FLUX.1-schnell runs 4 steps: same thresholds, windows scaled to 4 steps.
     "flux-schnell": DeLeakerConfig(num_steps=4),
-    # The embedded tiny model has random weights: its attention maps are not spatially coherent,
+    # The tests' tiny model has random weights: its attention maps are not spatially coherent,
     # so the 3x3 opening erases every mask. Same rules, no smoothing, so the demo shows an effect.
     "tiny": DeLeakerConfig(num_steps=20, do_smoothing=False),
     # The toy-world model (benchmarks/toyworld, 5 blocks per step, 10 steps at 32x32): chosen by the
-    # recorded sweep of docs/toyworld.md (windows from the first, second and third step, strengths
-    # 1.2 and 2.0, smoothing on and off).
-    "toyworld": DeLeakerConfig(num_steps=10, start_aggregating_from=10, start_intervention_from=12, k_strength=2.0,
-                               do_smoothing=False),
+    # recorded sweep of docs/toyworld.md (windows from the first, second and third step; all rules,
+    # W + S, W + X or W alone; strengths 1.2 and 2.0; no smoothing on its 8x8 token grid).
+    "toyworld": DeLeakerConfig(num_steps=10, start_aggregating_from=5, start_intervention_from=7, k_strength=1.2,
+                               do_smoothing=False, do_image_image=False),
 }
 
 

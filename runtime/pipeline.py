@@ -28,7 +28,7 @@ from . import latents as lat
 from . import op_schema
 from . import tokens as tok
 from .backends.base import Backend, SessionInputs
-from .config import FLOAT32_MAX, ConfigError, DeLeakerConfig, ResolvedConfig, preset
+from .config import DEFAULT_PRESET, FLOAT32_MAX, ConfigError, DeLeakerConfig, ResolvedConfig, preset
 from .scheduler import FlowMatchEuler
 
 log = logging.getLogger("deleaker")
@@ -36,7 +36,6 @@ log = logging.getLogger("deleaker")
 MAX_STEPS = 1000  # a request over this is a mistake, not a setting
 # FLUX embeds guidance x 1000 like a timestep, in float32: past this the embedding is inf (a black image).
 MAX_GUIDANCE = FLOAT32_MAX / 1000
-DEFAULT_PRESET = "flux-dev"
 
 ProgressFn = Callable[[int, int], None]
 
@@ -196,7 +195,7 @@ class Pipeline:
     """Tokenizers + scheduler around one backend. Reusable across requests and threads (keep it warm).
 
     config: the DeLeaker settings of requests that give none (default: the model's recorded
-    settings, else the flux-dev preset). max_batch: the most requests one session holds.
+    settings or its card's preset, else the flux-dev preset). max_batch: the most requests one session holds.
     """
 
     def __init__(self, backend: Backend, config: DeLeakerConfig | None = None, max_batch: int | None = None):
@@ -245,6 +244,8 @@ class Pipeline:
         if req.steps is None:  # the one place a request's step count is defaulted
             req = dataclasses.replace(req, steps=base.num_steps)
         cfg = base.replace(num_steps=req.steps).resolved(info.blocks_per_step)
+        if info.card is not None and (err := info.card.vocabulary_error(req.prompt)):
+            raise tok.TokenizerError(err)  # before the token count: a foreign word tokenizes into letters
         T = info.max_text_tokens
         n_tokens = len(self.t5_tok.ids(req.prompt, add_special_tokens=True))
         if n_tokens > T:
@@ -330,7 +331,7 @@ class Pipeline:
             return "the entity history stayed empty"
         if cfg.do_smoothing:
             return ("the entity masks were empty where it intervenes: smoothing's 3x3 opening erases masks that are "
-                    "not spatially coherent (the embedded random-weight model's are not; --preset tiny turns "
+                    "not spatially coherent (the random-weight tiny model's are not; --preset tiny turns "
                     "smoothing off)")
         return "its edits changed no pixel (the entity masks selected nothing the rules change)"
 
@@ -446,7 +447,7 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def load_pipeline(model: str | None = None, *, artifact: str | None = None, backend: str | None = None,
                   config: DeLeakerConfig | None = None, max_batch: int | None = None, **backend_options) -> Pipeline:
-    """A ready Pipeline: `model` (a diffusers-format FLUX folder; None: the embedded tiny model) runs on
+    """A ready Pipeline: `model` (a diffusers-format FLUX folder; None: the embedded toy-world model) runs on
     the torch backend, `artifact` (a `deleaker-export` folder) on onnxruntime, unless `backend` names
     another. backend_options go to the backend (e.g. device="cuda", dtype="bf16", op="cuda")."""
     from .backends import load_backend

@@ -95,4 +95,4 @@ def test_help_shows_defaults(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     out = capsys.readouterr().out
-    assert "(default: flux-dev)" in out and "(default: 3.5)" in out and "(default: None)" not in out
+    assert "else flux-dev)" in out and "(default: 3.5)" in out and "(default: None)" not in out

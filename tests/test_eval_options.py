@@ -57,7 +57,7 @@ def test_failed_start_leaves_no_half_made_folder(tiny_model_dir, dataset, tmp_pa
 
     class Broken:
         def __init__(self, pipe):
-            self.pipe = pipe
+            self.pipe, self.backend = pipe, pipe.backend
 
         def check(self, req):
             return self.pipe.check(req)

@@ -165,8 +165,8 @@ def test_checkpoint_scheduler_config_with_a_string_shift(tiny_model_dir, tmp_pat
 
 
 def test_compare_says_when_deleaker_edited_nothing(tiny_model_dir, tmp_path, caplog):
-    """The README's --compare example on the embedded model: the flux-dev preset smooths every
-    mask away, the images are equal, and the log line says so."""
+    """--compare on the random-weight tiny model: the flux-dev preset smooths every mask away, the
+    images are equal, and the log line says so (README: `--preset tiny` turns smoothing off)."""
     out = tmp_path / "both.png"
     with caplog.at_level(logging.INFO, logger="deleaker"):
         assert main(["generate", "--model", str(tiny_model_dir), "--prompt", PROMPT, "--entities", "cat,cheetah",

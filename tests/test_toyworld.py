@@ -8,7 +8,9 @@ import pytest
 from deleaker.benchmarks.toyworld import judge as J
 from deleaker.benchmarks.toyworld import world
 
-MODEL = world.__file__.rsplit("/", 1)[0] + "/model"
+from deleaker.runtime.embedded import default_model_dir
+
+MODEL = str(default_model_dir())  # the shipped toy-world model is the embedded default
 
 
 def test_phrases_parse_and_every_attribute_word_is_one_token():
@@ -193,7 +195,7 @@ def test_judge_missing_entity_and_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------
-# The shipped model (benchmarks/toyworld/model): loads through the checkpoint loader, runs through
+# The shipped model (runtime/models/toyworld): loads through the checkpoint loader, runs through
 # the runtime, and keeps the leakage reduction measured in docs/toyworld/results.json.
 
 RESULTS = world.__file__.rsplit("/", 3)[0] + "/docs/toyworld/results.json"
@@ -247,7 +249,8 @@ def test_recorded_measurement_reproduces_on_a_fixed_subset():
 
     res = json.loads(open(RESULTS).read())["heldout"]
     cfg = DeLeakerConfig(**res["config"])
-    rows = [r for r in res["per_sample"] if r["seed"] < 2][:40]  # 20 held-out prompts x 2 seeds
+    first = res["seeds"][0]
+    rows = [r for r in res["per_sample"] if r["seed"] < first + 2][:40]  # 20 held-out prompts x 2 seeds
     assert len(rows) == 40
     prompts = {world.caption_for(p): p for p in E.heldout_prompts()}
     pipe = Pipeline(load_backend("torch", MODEL), config=cfg, max_batch=40)
@@ -311,6 +314,7 @@ def test_recorded_onnxruntime_samples_reproduce_from_a_fresh_export(tmp_path):
     assert len(rows) == 4
     spec = ExportSpec(height=SIZE, width=SIZE, max_text_tokens=24, max_batch=8, deleaker=TOYWORLD_PRESET)
     art = export_artifact(MODEL, tmp_path / "toy-art", spec)
+    assert (art / "deleaker.json").is_file()  # the model card travels with the artifact
     prompts = {world.caption_for(p): p for p in E.heldout_prompts()}
     pipe = Pipeline(load_backend("onnxruntime", str(art), threads=2), config=TOYWORLD_PRESET, max_batch=8)
     reqs = [q for r in rows for cfg in (None, TOYWORLD_PRESET)
@@ -357,6 +361,10 @@ def test_training_recipe_runs_a_few_steps(tmp_path):
     raw = FluxTransformer2DModel.from_pretrained(plain / "transformer", local_files_only=True).state_dict()[w]
     assert not torch.allclose(tr.state_dict()[w], raw)
     assert train.TrainConfig().grid == (8, 8)
+    from deleaker.runtime.model_card import read_card
+
+    card, shipped = read_card(out), read_card(MODEL)  # the recipe writes the card the shipped model has
+    assert card == shipped and card.preset == "toyworld" and (card.height, card.width) == (32, 32)
     t = world.Thing("red", "dotted", "circle")
     r = Pipeline(load_backend("torch", str(out), progress=False)).generate(
         [GenerateRequest(world.caption_for([t, world.Thing("blue", "striped", "square")]),

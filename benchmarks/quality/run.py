@@ -26,11 +26,18 @@ from .store import RunDir, append_jsonl, atomic_write
 log = logging.getLogger("deleaker.eval")
 
 REF_TEMPLATE = "a photo of {article} {entity}"
+# for a model whose card limits its words (the toy world's): the entity alone, in the model's words
+PLAIN_REF_TEMPLATE = "{article} {entity}"
 
 
-def reference_prompt(entity: str) -> str:
+def reference_prompt(entity: str, card=None) -> str:
+    """The prompt of an entity's reference image; `card` (the model's ModelCard) picks the plain
+    template when the photo template's words are outside the model's vocabulary."""
     article = "an" if entity[:1].lower() in "aeiou" else "a"
-    return REF_TEMPLATE.format(article=article, entity=entity)
+    prompt = REF_TEMPLATE.format(article=article, entity=entity)
+    if card is not None and card.unknown_words(prompt):
+        prompt = PLAIN_REF_TEMPLATE.format(article=article, entity=entity)
+    return prompt
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,9 @@ def run_generation(settings: RunSettings, out: str, batch: int = 2, progress: bo
                            guidance_scale=settings.guidance)
     # the run's own settings on this model (size range, steps, windows for its blocks); a prompt's
     # own problems (too long, entity not found) stay per-item errors
-    pipe.check(dataclasses.replace(base, prompt=reference_prompt("object"), deleaker=False))
+    card = pipe.backend.info.card
+    probe = next((e for rec in loaded.records for e in rec.entities), "object")
+    pipe.check(dataclasses.replace(base, prompt=reference_prompt(probe, card), deleaker=False))
     run.create()
     new_settings = not run.settings.exists()
     if new_settings:
@@ -175,7 +184,7 @@ def _generate_items(run: RunDir, settings: RunSettings, pipe, base, todo: list[R
     missing = sorted({e for rec in todo for e in rec.entities if not run.ref(e).exists()})
     for i in tqdm(range(0, len(missing), batch), desc="reference images", unit="batch", disable=not progress):
         chunk = missing[i:i + batch]
-        reqs = [dataclasses.replace(base, prompt=reference_prompt(e), seed=settings.ref_seed, deleaker=False)
+        reqs = [dataclasses.replace(base, prompt=reference_prompt(e, pipe.backend.info.card), seed=settings.ref_seed, deleaker=False)
                 for e in chunk]
         for e, res in zip(chunk, _generate(pipe, reqs)):
             if isinstance(res, RequestFailed):
@@ -248,5 +257,10 @@ def _pipeline(settings: RunSettings, batch: int):
         options["dtype"] = settings.dtype
     elif settings.dtype != "fp32":
         raise ValueError(f"--dtype applies to the torch backend; the {settings.backend} backend runs what was exported")
-    backend = load_backend(settings.backend, settings.source, **options)
+    source = settings.source
+    if source is None:  # the eval tools' default: the tiny offline model (see docs/eval.md)
+        from deleaker.benchmarks.models import torch_source
+
+        source = torch_source(None)
+    backend = load_backend(settings.backend, source, **options)
     return Pipeline(backend, config=cfg, max_batch=batch)

@@ -1,6 +1,6 @@
 """Measure semantic leakage of the toy-world model, vanilla vs DeLeaker, with the exact judge.
 
-    python -m deleaker.benchmarks.toyworld.evaluate --model benchmarks/toyworld/model --out docs/toyworld
+    python -m deleaker.benchmarks.toyworld.evaluate --out docs/toyworld --max-batch 40 --heldout-seeds 5
 
 Stages (each logged with the overall progress; results.json is rewritten after every stage, so a
 stopped run keeps what it measured):
@@ -33,6 +33,7 @@ import numpy as np
 from deleaker.benchmarks.quality.judges.base import OUTCOMES
 from deleaker.runtime import latents as lat
 from deleaker.runtime.config import DeLeakerConfig
+from deleaker.runtime.embedded import default_model_dir
 
 from . import judge as J
 from . import world
@@ -42,30 +43,38 @@ log = logging.getLogger("deleaker.toyworld")
 
 # Prompt sets are drawn from disjoint generator seeds and then de-duplicated against each other,
 # so the sweep never sees a held-out prompt; image seeds are disjoint too.
-SWEEP_PROMPT_SEED, SWEEP_PROMPTS, SWEEP_SEEDS = 1, 40, range(10_000, 10_003)
+SWEEP_PROMPT_SEED, SWEEP_PROMPTS, SWEEP_SEEDS = 1, 80, range(10_000, 10_005)
 HELDOUT_PROMPT_SEED, HELDOUT_PROMPTS, EVAL_SEEDS = 2, 200, range(0, 5)
 TRIPLE_PROMPT_SEED, TRIPLE_PROMPTS, TRIPLET_SEEDS = 3, 100, range(0, 5)
 ABLATION_PAIRS = 300  # held-out pairs (the first prompts' seeds) for the per-rule ablation
 JUDGE_CHECK_SEEDS = range(2_000_000, 2_000_300)
 
 
-def _cfg(a0: int, i0: int, k: float, smoothing: bool = True) -> DeLeakerConfig:
-    """A candidate: history from block-step a0, intervention from i0, own-entity strength k,
-    mask smoothing on/off; the derived stops (history to 60% of the steps, intervention to the
-    end) and everything else as the authors' defaults."""
+RULES = ("do_image_text_weakening", "do_image_text_strengthening", "do_image_image")  # W, S, X
+
+
+def _cfg(a0: int, i0: int, k: float, rules: str = "WSX") -> DeLeakerConfig:
+    """A candidate: history from block-step a0, intervention from i0, own-entity strength k, the
+    rules in `rules` (W, S, X) on and the others off, no mask smoothing; the derived stops
+    (history to 60% of the steps, intervention to the end) and everything else as the authors'
+    defaults."""
     return DeLeakerConfig(num_steps=STEPS, start_aggregating_from=a0, start_intervention_from=i0, k_strength=k,
-                          do_smoothing=smoothing)
+                          do_smoothing=False, **{f: c in rules for f, c in zip(RULES, "WSX")})
 
 
 # Candidate settings (block-steps tau = step * 5 + block): windows from the first step (the
 # authors' FLUX.1-dev windows, blocks 12 and 18 of 57, scaled to 5 blocks per step), from the
-# second and from the third step; the authors' strength and a stronger one; smoothing on/off.
+# second and from the third step; all three rules with the authors' strength and a stronger one,
+# W + S with both strengths, W + X and W alone (k acts only through S). No smoothing: on the
+# 8x8 token grid of the factor-2 VAE the 3x3 opening erases most masks (the previous sweep: every
+# smoothed setting within 0.02 of vanilla's leakage).
 WINDOWS = {"a0=1 i0=2": (1, 2), "a0=5 i0=7": (5, 7), "a0=10 i0=12": (10, 12)}
+CANDIDATES = {"WSX k=1.2": ("WSX", 1.2), "WSX k=2.0": ("WSX", 2.0), "WS k=1.2": ("WS", 1.2), "WS k=2.0": ("WS", 2.0),
+              "WX": ("WX", 1.2), "W": ("W", 1.2)}
 SWEEP: dict[str, DeLeakerConfig] = {
-    f"{w} k={k}{'' if sm else ' no-smoothing'}": _cfg(a0, i0, k, sm)
-    for w, (a0, i0) in WINDOWS.items() for k in (1.2, 2.0) for sm in (True, False)
+    f"{w} {c}": _cfg(a0, i0, k, rules) for w, (a0, i0) in WINDOWS.items() for c, (rules, k) in CANDIDATES.items()
 }
-PILOT_SETTING = "a0=1 i0=2 k=1.2"  # the authors' windows scaled; used by --pilot
+PILOT_SETTING = "a0=1 i0=2 WSX k=1.2"  # the authors' windows scaled, all rules; used by --pilot
 
 
 def ablations(cfg: DeLeakerConfig) -> dict[str, DeLeakerConfig]:
@@ -347,11 +356,13 @@ def example_grid(vanilla, deleaker, path: Path, n: int = 8, scale: int = 4) -> N
 PRESENCE_SLACK = 0.05
 
 
-def choose(sweep: dict, vanilla: dict) -> str:
-    """The lowest-leakage setting whose all-entities-present rate is within PRESENCE_SLACK of
-    vanilla's (so leakage does not fall just because objects vanish); if none qualifies, the
-    one with the highest presence minus leakage."""
-    ok = [k for k, v in sweep.items() if v["all_present"] >= vanilla["all_present"] - PRESENCE_SLACK]
+def choose(sweep: dict) -> str:
+    """The lowest-leakage setting for which the sweep shows, at 95%, that the all-entities-present
+    rate stays within PRESENCE_SLACK of vanilla's (the lower end of the paired interval of the
+    presence change >= -PRESENCE_SLACK), so leakage does not fall just because objects vanish and
+    the sweep's sampling error is not spent on the held-out set; if none qualifies, the one with
+    the highest presence minus leakage."""
+    ok = [k for k, v in sweep.items() if v["presence_change_ci95"][0] >= -PRESENCE_SLACK]
     if ok:
         return min(ok, key=lambda k: (sweep[k]["leak"], -sweep[k]["all_present"]))
     return max(sweep, key=lambda k: sweep[k]["all_present"] - sweep[k]["leak"])
@@ -406,18 +417,26 @@ def agreement(per_sample: list[dict], reference: list[dict]) -> dict:
             "flags_equal": {k: sum(a[k] == r[k] for a, r in pairs) for k in FLAG_KEYS}}
 
 
-SLIM_PAIRS, SLIM_TRIPLES = 200, 100  # records of write_slim: held-out prompts, seed 0
+SLIM_PAIRS, SLIM_TRIPLES = 200, 100  # records of write_slim: held-out prompts, one seed each
 
 
-def write_slim(path: Path) -> int:
+def write_slim(path: Path, seed: int = EVAL_SEEDS.start) -> int:
     """The held-out prompts as SLIM-format records (jsonl), for `deleaker eval run/judge/report
-    --judge toyworld`: the first SLIM_PAIRS pairs and SLIM_TRIPLES triples, seed 0 each."""
-    rows = [{"prompt": world.caption_for(p), "entities": [t.phrase for t in p], "seed": 0, "dataset": split,
+    --judge toyworld`: the first SLIM_PAIRS pairs and SLIM_TRIPLES triples, image seed `seed` each
+    (the first held-out seed, so the run's images are the evaluator's at that seed)."""
+    rows = [{"prompt": world.caption_for(p), "entities": [t.phrase for t in p], "seed": seed, "dataset": split,
              "model": "toyworld", "leakage": None}
             for split, prompts in (("toy_pairs", heldout_prompts()[:SLIM_PAIRS]),
                                    ("toy_triples", heldout_triplets()[:SLIM_TRIPLES])) for p in prompts]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return len(rows)
+
+
+def check_heldout_seeds(start: int) -> None:
+    first_sweep = SWEEP_SEEDS.start
+    if not 0 <= start <= first_sweep - len(EVAL_SEEDS):
+        raise ValueError(f"--heldout-seeds takes 0..{first_sweep - len(EVAL_SEEDS)} (held-out image seeds stay "
+                         f"below the sweep's {first_sweep}), got {start}")
 
 
 def check_options(args) -> None:
@@ -436,10 +455,7 @@ def check_options(args) -> None:
             raise ValueError(f"--limit takes 1..{HELDOUT_PROMPTS * len(EVAL_SEEDS)} pairs, got {args.limit}")
     if args.sweep_seeds < 1:
         raise ValueError(f"--sweep-seeds must be >= 1, got {args.sweep_seeds}")
-    first_sweep = SWEEP_SEEDS.start
-    if not 0 <= args.heldout_seeds <= first_sweep - len(EVAL_SEEDS):
-        raise ValueError(f"--heldout-seeds takes 0..{first_sweep - len(EVAL_SEEDS)} (held-out image seeds stay "
-                         f"below the sweep's {first_sweep}), got {args.heldout_seeds}")
+    check_heldout_seeds(args.heldout_seeds)
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} exists and is not a folder")
     if not args.model.exists():
@@ -448,7 +464,7 @@ def check_options(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deleaker.benchmarks.toyworld.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, default=Path(__file__).parent / "model",
+    ap.add_argument("--model", type=Path, default=default_model_dir(),
                     help="model folder (torch backend) or exported artifact (other backends)")
     ap.add_argument("--backend", default="torch", help="runtime backend: torch runs the sweep and the held-out "
                     "set; any other (onnxruntime) runs the held-out set with the preset, into results-BACKEND.json")
@@ -466,14 +482,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="with a backend other than torch: only the first N held-out pairs (prompt-major: the "
                     "first prompts, each with its seeds)")
     ap.add_argument("--write-slim", type=Path, default=None, metavar="FILE",
-                    help="only write the held-out prompts as SLIM-format jsonl (for `deleaker eval`) and exit")
+                    help="only write the held-out prompts as SLIM-format jsonl (for `deleaker eval`; image seed: the first "
+                    "held-out seed, --heldout-seeds) and exit")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from deleaker.runtime.errors import run_reporting_errors
 
     if args.write_slim is not None:
-        return run_reporting_errors(ap.prog, lambda: log.info("%d records written to %s", write_slim(args.write_slim),
-                                                              args.write_slim) or 0)
+        def slim() -> int:
+            check_heldout_seeds(args.heldout_seeds)
+            log.info("%d records written to %s", write_slim(args.write_slim, args.heldout_seeds), args.write_slim)
+            return 0
+
+        return run_reporting_errors(ap.prog, slim)
     return run_reporting_errors(ap.prog, lambda: _evaluate(args, argv))
 
 
@@ -546,11 +567,17 @@ def _evaluate(args, argv) -> int:
     res.save()
     sp = sweep_prompts()
     data["sweep_set"] = {"prompts": [world.caption_for(p) for p in sp], "seeds": list(sweep_seeds)}
-    sweep = {"vanilla": summary(run(pipe, requests(sp, sweep_seeds, None), "sweep vanilla"))}
+    van = run(pipe, requests(sp, sweep_seeds, None), "sweep vanilla")
+    sweep = {"vanilla": summary(van)}
     for name, cfg in SWEEP.items():
-        sweep[name] = {**summary(run(pipe, requests(sp, sweep_seeds, cfg), f"sweep {name}")), "config": asdict(cfg)}
-        log.info("  %s: %s", name, {k: round(sweep[name][k], 3) for k in ("leak", "all_present", "all_recognised")})
-    best = choose({k: v for k, v in sweep.items() if k != "vanilla"}, sweep["vanilla"])
+        dl = run(pipe, requests(sp, sweep_seeds, cfg), f"sweep {name}")
+        pres = [float(b["all_present"]) - float(a["all_present"]) for a, b in zip(van, dl)]
+        sweep[name] = {**summary(dl), "config": asdict(cfg), "presence_change": float(np.mean(pres)),
+                       "presence_change_ci95": bootstrap(pres)}
+        log.info("  %s: %s, presence change %+.3f %s", name,
+                 {k: round(sweep[name][k], 3) for k in ("leak", "all_present", "all_recognised")},
+                 sweep[name]["presence_change"], [round(x, 3) for x in sweep[name]["presence_change_ci95"]])
+    best = choose({k: v for k, v in sweep.items() if k != "vanilla"})
     data["sweep"], data["chosen"] = sweep, best
     chosen_cfg = SWEEP[best]
     if chosen_cfg != TOYWORLD_PRESET:

@@ -10,9 +10,10 @@ from deleaker.runtime.config import PRESETS
 
 BLOCKS_PER_STEP = 5
 STEPS = 10
-SIZE = 32  # pixels (16x16 image tokens)
+SIZE = 32  # pixels (8x8 image tokens through the factor-2 VAE)
 
-TOYWORLD_PRESET = PRESETS["toyworld"]  # defined once, with the other presets
+PRESET_NAME = "toyworld"
+TOYWORLD_PRESET = PRESETS[PRESET_NAME]  # defined once, with the other presets
 assert TOYWORLD_PRESET.num_steps == STEPS
 
 # The demo's prompt (fixed before any result was seen; its values differ on every attribute).

@@ -26,6 +26,13 @@ def _share(ns) -> str:
     return f"{100 * ns['share']:.1f}% of {ns['n']} (z {ns['z']:+.1f})"
 
 
+def _rules(config: dict) -> str:
+    """'W + S + X', 'W + S', ...: the rules a recorded config has on."""
+    on = [c for c, k in (("W", "do_image_text_weakening"), ("S", "do_image_text_strengthening"),
+                         ("X", "do_image_image")) if config.get(k, True)]
+    return " + ".join(on) or "none"
+
+
 def comparison(ev: dict, title: str) -> str:
     v, d = ev["vanilla"], ev["deleaker"]
     chance = v["named_share"]["all"]["chance"]
@@ -59,17 +66,23 @@ def comparison(ev: dict, title: str) -> str:
 
 
 def sweep(res: dict) -> str:
-    rows = ["| setting | leak | all present | all recognised |", "|---|---|---|---|"]
+    paired = any("presence_change_ci95" in v for v in res["sweep"].values())  # recorded since the second sweep
+    rows = ["| setting | leak | all present | all recognised |" + (" presence change [95% CI] |" if paired else ""),
+            "|---|---|---|---|" + ("---|" if paired else "")]
     for name, v in res["sweep"].items():
         bold = "**" if name == res["chosen"] else ""
-        rows.append(f"| {bold}{name}{bold} | {v['leak']:.3f} | {v['all_present']:.3f} | {v['all_recognised']:.3f} |")
+        row = f"| {bold}{name}{bold} | {v['leak']:.3f} | {v['all_present']:.3f} | {v['all_recognised']:.3f} |"
+        if paired:
+            ci = v.get("presence_change_ci95")
+            row += f" {v['presence_change']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] |" if ci else " |"
+        rows.append(row)
     return "\n".join(rows) + "\n"
 
 
 def ablation(res: dict) -> str:
     ab = res["ablation"]
     rows = [f"| rules (first {ab['pairs']} held-out pairs) | leak reduction [95% CI] | presence change |", "|---|---|---|",
-            f"| W + S + X (the preset) | {ab['full']['leak_reduction']:+.3f} | |"]
+            f"| the preset ({_rules(res['heldout']['config'])}) | {ab['full']['leak_reduction']:+.3f} | |"]
     for k in ("W only", "S only", "X only"):
         v = ab[k]
         rows.append(f"| {k} | {v['leak_reduction']:+.3f} [{v['leak_reduction_ci95'][0]:+.3f}, "

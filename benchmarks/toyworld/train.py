@@ -31,6 +31,7 @@ from deleaker.runtime.scheduler import FLUX_DEV_SCHEDULER_CONFIG, FlowMatchEuler
 
 from deleaker.modeling import tiny_model as tm
 from . import world
+from .preset import DEMO_ENTITIES, DEMO_PROMPT, PRESET_NAME
 
 log = logging.getLogger("deleaker.toyworld")
 
@@ -394,6 +395,19 @@ def write_layout(out: Path, cfg: TrainConfig) -> None:
     sched = {**FLUX_DEV_SCHEDULER_CONFIG, "_diffusers_version": diffusers.__version__}
     tm._write_json(out / "scheduler" / "scheduler_config.json", sched)
     tm._write_json(out / "model_index.json", tm._model_index())
+    write_card(out, cfg)
+
+
+def write_card(out: Path, cfg: TrainConfig) -> None:
+    """deleaker.json (runtime/model_card.py): the preset, the size, the world's words and the demo
+    prompt, so the runtime serves this model with its own defaults and refuses foreign words."""
+    from deleaker.runtime.model_card import CARD_FILE
+
+    words = sorted({w for c in world.corpus(seed=cfg.seed) for w in c.replace(",", " ").split()})
+    tm._write_json(out / CARD_FILE, {
+        "preset": PRESET_NAME, "height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE, "vocabulary": words,
+        "example": {"prompt": DEMO_PROMPT, "entities": list(DEMO_ENTITIES)},
+        "about": "the toy world (docs/toyworld.md): coloured, textured shapes on a grey ground"})
 
 
 def check_options(args) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..model_card import ModelCard
 from ..scheduler import euler_update, step_tables
 
 
@@ -38,7 +39,8 @@ class ModelInfo:
     tokenizer_2_dir: str = ""  # T5 tokenizer folder
     size_range: tuple[int, int] | None = None  # (min, max) image side in pixels, where fixed at export
     max_batch: int | None = None  # largest batch one session may hold (None: any)
-    default_config: dict | None = None  # DeLeakerConfig fields recorded with the model (artifacts)
+    default_config: dict | None = None  # DeLeakerConfig fields recorded with the model (artifacts, a card's preset)
+    card: ModelCard | None = None  # what the model folder declares about its use (runtime/model_card.py)
     # sizes the memory and time estimate reads (runtime/footprint.py); None: not known, not counted
     attention_heads: int | None = None  # H of the joint attention
     attention_head_dim: int | None = None  # D

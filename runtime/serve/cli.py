@@ -32,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deleaker serve", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="diffusers-format FLUX folder (torch backend); default: the tiny offline model")
+    src.add_argument("--model", help="diffusers-format FLUX folder (torch backend); default: the embedded toy-world "
+                     "model (32x32, its own words only: docs/toyworld.md)")
     src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend)")
     p.add_argument("--backend", help="torch (default with --model), onnxruntime (default with --artifact)")
     p.add_argument("--device", default="cpu", help="torch/onnxruntime device: cpu or cuda")
@@ -68,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
     lim.add_argument("--min-size", type=int, default=_D.min_size,
                      help="smallest image side (pixels) when the backend fixes no range (artifacts fix their own)")
     lim.add_argument("--max-size", type=int, default=_D.max_size, help="largest image side, likewise")
-    lim.add_argument("--default-size", default=_D.default_size, help="WIDTHxHEIGHT of requests that give none")
+    lim.add_argument("--default-size", default=_D.default_size, help="WIDTHxHEIGHT of requests that give none "
+                     "(default: the model card's size, e.g. 32x32 for the embedded model; else 256x256)")
     r = p.add_argument_group("Ray Serve (scale-out)")
     r.add_argument("--ray", action="store_true",
                    help="run as a Ray Serve application (in a clone: pip install -e '.[ray]')")

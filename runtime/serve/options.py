@@ -25,9 +25,9 @@ class ServeOptions:
     max_n: int = 4
     max_steps: int = 50
     default_steps: int | None = None  # None: the DeLeaker preset's step count
-    min_size: int = 64  # image side range when the backend fixes none (artifacts fix their own)
+    min_size: int = 16  # image side range when the backend fixes none (artifacts fix their own)
     max_size: int = 1024
-    default_size: str = "256x256"
+    default_size: str | None = None  # WIDTHxHEIGHT; None: the model card's size, else 256x256
 
     def validate(self) -> "ServeOptions":
         for name in ("max_batch", "max_queue", "max_body_bytes", "max_prompt_chars", "max_n", "max_steps",
