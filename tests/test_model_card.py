@@ -78,3 +78,27 @@ def test_a_folder_without_a_card_has_none(tmp_path):
     (tmp_path / CARD_FILE).write_text("{not json")
     with pytest.raises(CardError, match="cannot read"):
         read_card(tmp_path)
+
+
+def test_serve_without_model_serves_the_toy_world(tmp_path):
+    """`deleaker serve` with no --model: warms up on the card's example, answers at the card's
+    32x32 by default, and refuses a foreign word with a 400 naming the prompt field."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    import httpx
+    from serve_support import ServerProcess
+
+    s = ServerProcess([], tmp_path / "server.log")
+    try:
+        r = httpx.post(s.url + "/v1/images/generations", timeout=120,
+                       json={"prompt": DEMO[0], "entities": DEMO[1].split(","), "seed": 0})
+        assert r.status_code == 200, r.text
+        assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (32, 32)
+        r = httpx.post(s.url + "/v1/images/generations", timeout=60,
+                       json={"prompt": "a cat and a dog", "entities": ["cat", "dog"]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert "knows only the words of its world" in r.json()["error"]["message"]
+    finally:
+        s.stop()

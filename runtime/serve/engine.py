@@ -113,7 +113,9 @@ class Engine:
         side = max(self.size_range[0], 16)
         side = -(-side // 16) * 16  # FLUX latents need multiples of 16 pixels
         t0 = time.perf_counter()
-        self.pipe.generate(GenerateRequest(prompt="warm-up", steps=1, height=side, width=side), progress=None)
+        card = self.pipe.backend.info.card  # a model that knows only its own words warms up on its example
+        prompt = card.example_prompt if card is not None and card.example_prompt else "warm-up"
+        self.pipe.generate(GenerateRequest(prompt=prompt, steps=1, height=side, width=side), progress=None)
         log.info("warm-up generation (%dx%d, 1 step) took %.2fs; ready", side, side, time.perf_counter() - t0)
         self._ready.set()
 
