@@ -177,12 +177,14 @@ def batch_counts(metrics_before: str, metrics_after: str) -> dict[int, int]:
 def inprocess_rate(spec: LoadSpec, counts: dict[int, int], model: str | None) -> float:
     """Images/s of Pipeline.generate here on the same batches (sizes and counts) and the same requests."""
     from deleaker.runtime import GenerateRequest, load_pipeline
+    from deleaker.runtime.model_card import default_size
     from deleaker.runtime.serve.schema import parse_size
 
     pipe = load_pipeline(model, progress=False)
-    card = pipe.backend.info.card  # the server's default size is the model card's, else 256x256
-    default = (card.width or card.height, card.height) if card is not None and card.height else (256, 256)
-    w, h = parse_size(spec.size) if spec.size else default
+    if spec.size:
+        w, h = parse_size(spec.size)
+    else:  # the server's default: the model card's size, else DEFAULT_SIDE square
+        h, w = default_size(pipe.backend.info.card)
     config = pipe.config.replace(**spec.deleaker_settings) if spec.deleaker_settings else None
     steps = spec.steps if spec.steps is not None else pipe.config.num_steps
 

@@ -97,18 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _card_preset(model: str) -> str:
-    """The preset the model folder's card names, else the runtime's default."""
-    from deleaker.runtime.config import DEFAULT_PRESET
-    from deleaker.runtime.model_card import read_card
-
-    card = read_card(model)
-    return card.preset if card is not None and card.preset else DEFAULT_PRESET
-
-
 def export_spec(args):
     """The ExportSpec of `deleaker-export onnx|aoti` arguments (the checkpoint is read for its text length)."""
     from deleaker.runtime.config import preset
+    from deleaker.runtime.model_card import default_preset, read_card
 
     from .onnx_export import ExportSpec
 
@@ -123,7 +115,7 @@ def export_spec(args):
         kw["max_batch"] = args.max_batch
     return ExportSpec(height=args.height, width=args.width, min_size=args.min_size, max_size=args.max_size,
                       entity_slots=args.entity_slots, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
-                      deleaker=preset(args.preset or _card_preset(args.model)), external_data=True if getattr(args, "external_data", False) else None,
+                      deleaker=preset(args.preset or default_preset(read_card(args.model))), external_data=True if getattr(args, "external_data", False) else None,
                       portable=bool(getattr(args, "portable", False)), **kw)
 
 

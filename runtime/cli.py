@@ -12,7 +12,7 @@ from .cli_help import DefaultsHelpFormatter
 from .config import DEFAULT_PRESET, PRESETS, preset
 from .embedded import default_model_dir
 from .errors import run_reporting_errors
-from .model_card import read_card
+from .model_card import DEFAULT_SIDE, default_preset, default_size, read_card
 
 log = logging.getLogger("deleaker")
 
@@ -78,7 +78,7 @@ def _generate(args) -> int:
     if args.model is None and not args.artifact:
         args.model = str(default_model_dir())
     card = read_card(args.model or args.artifact)  # the declared preset, size and words (None: no card)
-    cfg = preset(args.preset or (card.preset if card and card.preset else DEFAULT_PRESET))
+    cfg = preset(args.preset or default_preset(card))
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png file, got {args.out}")
@@ -161,9 +161,6 @@ def _run(args, backend_name: str, options: dict, base, out: Path) -> int:
     return 0
 
 
-DEFAULT_SIDE = 256
-
-
 def _artifact_backend(path: str) -> str:
     """The backend an artifact is served with by default: onnxruntime, else the one it has files for."""
     from .artifact import load_artifact
@@ -176,7 +173,7 @@ def _size(args, size_range: tuple[int, int] | None, card=None) -> tuple[int, int
     """--height/--width, else the model card's size, else the artifact's export size when it fixes
     a range, else 256 (pixels)."""
     if card is not None and card.height is not None and args.height is None and args.width is None:
-        return card.height, card.width or card.height
+        return default_size(card)
     default = DEFAULT_SIDE
     if size_range is not None and not size_range[0] <= default <= size_range[1]:
         default = size_range[1]

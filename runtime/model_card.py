@@ -20,9 +20,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PRESETS
+from .config import DEFAULT_PRESET, PRESETS
 
 CARD_FILE = "deleaker.json"
+DEFAULT_SIDE = 256  # image side (pixels) of a model whose card names no size
 _FIELDS = {"preset", "height", "width", "vocabulary", "example", "about"}
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")  # what a prompt's words are, for the vocabulary check
 
@@ -109,6 +110,18 @@ def read_card(folder: str | Path) -> ModelCard | None:
         raise CardError(f"{path}: the example prompt has words outside the vocabulary: "
                         f"{', '.join(card.unknown_words(card.example_prompt))}")
     return card
+
+
+def default_preset(card: ModelCard | None) -> str:
+    """The preset the card names, else the runtime's default."""
+    return card.preset if card is not None and card.preset else DEFAULT_PRESET
+
+
+def default_size(card: ModelCard | None) -> tuple[int, int]:
+    """(height, width) the card names (width defaults to height), else DEFAULT_SIDE square."""
+    if card is None or card.height is None:
+        return DEFAULT_SIDE, DEFAULT_SIDE
+    return card.height, card.width or card.height
 
 
 def card_config(card: ModelCard | None) -> dict | None:

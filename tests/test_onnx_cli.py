@@ -62,7 +62,7 @@ def test_default_size_range_covers_generate_defaults(tiny_model_dir, tmp_path):
     """`deleaker-export onnx --model M --out A` with no size flags records a range that holds
     `deleaker generate`'s default size, so `deleaker generate --artifact A` needs no size flags."""
     from deleaker.export.cli import export_spec, parse_args
-    from deleaker.runtime.cli import DEFAULT_SIDE
+    from deleaker.runtime.model_card import DEFAULT_SIDE
 
     spec = export_spec(parse_args(["onnx", "--model", str(tiny_model_dir), "--out", str(tmp_path / "a")]))
     spec.validate()

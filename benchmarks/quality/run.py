@@ -182,9 +182,10 @@ def _generate_items(run: RunDir, settings: RunSettings, pipe, base, todo: list[R
     # reference images first: items need them, and they are shared between items
     ref_errors: dict[str, str] = {}
     missing = sorted({e for rec in todo for e in rec.entities if not run.ref(e).exists()})
+    card = pipe.backend.info.card  # a model that knows only its own words gets plain reference prompts
     for i in tqdm(range(0, len(missing), batch), desc="reference images", unit="batch", disable=not progress):
         chunk = missing[i:i + batch]
-        reqs = [dataclasses.replace(base, prompt=reference_prompt(e, pipe.backend.info.card), seed=settings.ref_seed, deleaker=False)
+        reqs = [dataclasses.replace(base, prompt=reference_prompt(e, card), seed=settings.ref_seed, deleaker=False)
                 for e in chunk]
         for e, res in zip(chunk, _generate(pipe, reqs)):
             if isinstance(res, RequestFailed):

@@ -37,7 +37,7 @@ from deleaker.runtime.embedded import default_model_dir
 
 from . import judge as J
 from . import world
-from .preset import SIZE, STEPS, TOYWORLD_PRESET
+from .preset import RULES, SIZE, STEPS, TOYWORLD_PRESET
 
 log = logging.getLogger("deleaker.toyworld")
 
@@ -50,16 +50,13 @@ ABLATION_PAIRS = 300  # held-out pairs (the first prompts' seeds) for the per-ru
 JUDGE_CHECK_SEEDS = range(2_000_000, 2_000_300)
 
 
-RULES = ("do_image_text_weakening", "do_image_text_strengthening", "do_image_image")  # W, S, X
-
-
 def _cfg(a0: int, i0: int, k: float, rules: str = "WSX") -> DeLeakerConfig:
     """A candidate: history from block-step a0, intervention from i0, own-entity strength k, the
     rules in `rules` (W, S, X) on and the others off, no mask smoothing; the derived stops
     (history to 60% of the steps, intervention to the end) and everything else as the authors'
     defaults."""
     return DeLeakerConfig(num_steps=STEPS, start_aggregating_from=a0, start_intervention_from=i0, k_strength=k,
-                          do_smoothing=False, **{f: c in rules for f, c in zip(RULES, "WSX")})
+                          do_smoothing=False, **{f: c in rules for c, f in RULES.items()})
 
 
 # Candidate settings (block-steps tau = step * 5 + block): windows from the first step (the
@@ -368,14 +365,20 @@ def choose(sweep: dict) -> str:
     return max(sweep, key=lambda k: sweep[k]["all_present"] - sweep[k]["leak"])
 
 
+def presence_change(van, dl) -> dict:
+    """Paired change of the all-entities-present flag (DeLeaker - vanilla, same (prompt, seed)
+    list): its mean and bootstrap 95% interval."""
+    pres = [float(b["all_present"]) - float(a["all_present"]) for a, b in zip(van, dl)]
+    return {"presence_change": float(np.mean(pres)), "presence_change_ci95": bootstrap(pres)}
+
+
 def compare(van, dl, config: DeLeakerConfig, chance: float) -> dict:
     """Vanilla vs DeLeaker records of the same (prompt, seed) list: summaries with intervals, the
     paired leakage reduction, the paper's outcomes, per-sample flags."""
     diff = [float(a["leak"]) - float(b["leak"]) for a, b in zip(van, dl)]
-    pres = [float(b["all_present"]) - float(a["all_present"]) for a, b in zip(van, dl)]
     return {"config": asdict(config), "vanilla": summary(van, True, chance), "deleaker": summary(dl, True, chance),
             "leak_reduction": float(np.mean(diff)), "leak_reduction_ci95": bootstrap(diff),
-            "presence_change": float(np.mean(pres)), "presence_change_ci95": bootstrap(pres),
+            **presence_change(van, dl),
             "outcomes": outcomes(van, dl),
             "per_sample": [{"prompt": a["prompt"], "entities": a["entities"], "seed": a["seed"],
                             "vanilla_leak": a["leak"], "deleaker_leak": b["leak"],
@@ -571,9 +574,7 @@ def _evaluate(args, argv) -> int:
     sweep = {"vanilla": summary(van)}
     for name, cfg in SWEEP.items():
         dl = run(pipe, requests(sp, sweep_seeds, cfg), f"sweep {name}")
-        pres = [float(b["all_present"]) - float(a["all_present"]) for a, b in zip(van, dl)]
-        sweep[name] = {**summary(dl), "config": asdict(cfg), "presence_change": float(np.mean(pres)),
-                       "presence_change_ci95": bootstrap(pres)}
+        sweep[name] = {**summary(dl), "config": asdict(cfg), **presence_change(van, dl)}
         log.info("  %s: %s, presence change %+.3f %s", name,
                  {k: round(sweep[name][k], 3) for k in ("leak", "all_present", "all_recognised")},
                  sweep[name]["presence_change"], [round(x, 3) for x in sweep[name]["presence_change_ci95"]])

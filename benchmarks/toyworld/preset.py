@@ -12,6 +12,11 @@ BLOCKS_PER_STEP = 5
 STEPS = 10
 SIZE = 32  # pixels (8x8 image tokens through the factor-2 VAE)
 
+# DeLeaker's three rules by the letters the sweep and the tables name them with
+RULES = {"W": "do_image_text_weakening",  # cut image -> the other entity's words
+         "S": "do_image_text_strengthening",  # strengthen image -> own words
+         "X": "do_image_image"}  # cut image <-> image across entities
+
 PRESET_NAME = "toyworld"
 TOYWORLD_PRESET = PRESETS[PRESET_NAME]  # defined once, with the other presets
 assert TOYWORLD_PRESET.num_steps == STEPS

@@ -14,6 +14,8 @@ import sys
 
 from deleaker.benchmarks.quality.judges.base import OUTCOMES  # the paper's five categories, defined once
 
+from .preset import RULES
+
 
 def _ci(v, key):
     lo, hi = v[key + "_ci95"]
@@ -28,8 +30,7 @@ def _share(ns) -> str:
 
 def _rules(config: dict) -> str:
     """'W + S + X', 'W + S', ...: the rules a recorded config has on."""
-    on = [c for c, k in (("W", "do_image_text_weakening"), ("S", "do_image_text_strengthening"),
-                         ("X", "do_image_image")) if config.get(k, True)]
+    on = [c for c, k in RULES.items() if config.get(k, True)]
     return " + ".join(on) or "none"
 
 

@@ -83,6 +83,11 @@ class TrainConfig:
         return lat.geometry(world.IMAGE_SIZE, world.IMAGE_SIZE, 2 ** (len(self.vae_channels) - 1)).grid
 
 
+def caption_words(corpus: list[str]) -> list[str]:
+    """The words of the world's captions, sorted (what the T5 tokenizer keeps whole and the card lists)."""
+    return sorted({w for c in corpus for w in c.replace(",", " ").split()})
+
+
 def word_t5_tokenizer(corpus: list[str]):
     """A T5-style Unigram tokenizer with one piece per word of the world (plus single characters
     for anything else), so every attribute word is one token: a trained Unigram vocabulary this
@@ -91,7 +96,7 @@ def word_t5_tokenizer(corpus: list[str]):
 
     from tokenizers import AddedToken, Tokenizer, models
 
-    words = sorted({w for c in corpus for w in c.replace(",", " ").split()})
+    words = caption_words(corpus)
     specials = (tm.T5_PAD, tm.T5_EOS, tm.T5_UNK)
     chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
     pieces = ([(t, 0.0) for t in specials] + [("\u2581" + w, -1.0) for w in words] + [("\u2581", -5.0)]
@@ -403,9 +408,9 @@ def write_card(out: Path, cfg: TrainConfig) -> None:
     prompt, so the runtime serves this model with its own defaults and refuses foreign words."""
     from deleaker.runtime.model_card import CARD_FILE
 
-    words = sorted({w for c in world.corpus(seed=cfg.seed) for w in c.replace(",", " ").split()})
     tm._write_json(out / CARD_FILE, {
-        "preset": PRESET_NAME, "height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE, "vocabulary": words,
+        "preset": PRESET_NAME, "height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE,
+        "vocabulary": caption_words(world.corpus(seed=cfg.seed)),
         "example": {"prompt": DEMO_PROMPT, "entities": list(DEMO_ENTITIES)},
         "about": "the toy world (docs/toyworld.md): coloured, textured shapes on a grey ground"})
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from .. import latents as lat
 from .. import tokens as tok
 from ..config import ConfigError, DeLeakerConfig
+from ..model_card import default_size
 from ..pipeline import GenerateRequest, GenerateResult, Pipeline, RequestError, RequestFailed
 from .metrics import Metrics
 from .options import ServeOptions
@@ -82,9 +83,10 @@ class Engine:
         info = pipe.backend.info
         self.size_range = tuple(info.size_range) if info.size_range else (options.min_size, options.max_size)
         self.default_steps = options.default_steps or min(pipe.config.num_steps, options.max_steps)
-        card = info.card
-        card_size = f"{card.width or card.height}x{card.height}" if card is not None and card.height else None
-        w, h = parse_size(options.default_size or card_size or "256x256")
+        if options.default_size:
+            w, h = parse_size(options.default_size)
+        else:
+            h, w = default_size(info.card)
         lo, hi = self.size_range
         fit = lambda v: min(max(v, -(-lo // 16) * 16), hi // 16 * 16)  # noqa: E731  (multiples of 16 in range)
         self.default_size = (fit(w), fit(h))
