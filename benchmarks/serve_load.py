@@ -6,16 +6,26 @@ throughput and errors of a running server.
     # open loop: requests arrive at 4/s (Poisson) whatever the server does
     python -m deleaker.benchmarks.serve_load --url http://127.0.0.1:8000 --requests 200 --rate 4
 
-    # server vs the Pipeline in this process on the same batches (read from the server's /metrics)
-    python -m deleaker.benchmarks.serve_load --url http://127.0.0.1:8000 --requests 200 --concurrency 16 --compare
+    # server vs the Pipeline in this process on the same batches (read from the server's /metrics),
+    # in 8 rounds of 80 requests, each round's load followed by its in-process pass
+    python -m deleaker.benchmarks.serve_load --url http://127.0.0.1:8000 --requests 80 --rounds 8 --concurrency 16 --compare
 
 Writes one JSON line per request (--out FILE, or nothing) and prints a JSON summary line:
 requests, ok, errors by status, latency p50/p95/p99 (seconds, successful requests), throughput
-(images/s over the whole run). Bounded by --requests and --max-seconds (whichever comes first).
---deleaker-settings JSON gives every request DeLeaker settings (e.g. windows inside a short run).
---compare adds the batch sizes the server ran (from /metrics) and `inprocess_images_per_s`: the same
-number of batches of each size, same requests, through Pipeline.generate here (--model, default
-the embedded default model), and `server_vs_inprocess`, the ratio of the two rates.
+(images/s over the time the load ran). Each round is bounded by --requests and --max-seconds
+(whichever comes first). --deleaker-settings JSON gives every request DeLeaker settings (e.g.
+windows inside a short run).
+--compare: after each round's load, the same number of batches of each size that the server ran
+in that round (from /metrics), same requests, through Pipeline.generate here (--model, default the
+embedded default model; loaded once, each batch size warmed up once before it is timed). The
+summary gives per round the server's and the in-process rate and their ratio, and over all rounds
+`server_vs_inprocess` (the median of the rounds' ratios), its range, and
+`server_vs_inprocess_pooled` (all server images over all load time, against the same for the
+in-process passes). Pairing each round with its own in-process pass keeps the machine's drift
+(seconds to minutes, tens of percent on a shared CPU) out of the ratio. `inprocess_edited` counts
+the in-process images whose DeLeaker history is nonzero: proof that the timed work ran the op.
+`client_cpu_s` per round: this process's CPU time during the load (on a machine it shares with the
+server, the load generator's cost is taken from the server).
 """
 
 from __future__ import annotations
@@ -24,11 +34,13 @@ import argparse
 import asyncio
 import json
 import random
+import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 
@@ -43,6 +55,7 @@ class Sample:
     status: int  # HTTP status; 0: no answer (connection error / client timeout)
     images: int
     error: str | None = None
+    round: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,25 +106,30 @@ def summarize(samples: list[Sample], wall_s: float) -> dict:
             "requests_per_s": len(ok) / wall_s if wall_s > 0 else None}
 
 
-async def _one(http: httpx.AsyncClient, spec: LoadSpec, i: int, t0: float) -> Sample:
+async def _one(http: aiohttp.ClientSession, spec: LoadSpec, i: int, t0: float, round_: int) -> Sample:
     body = request_body(spec.prompt, n=spec.n, size=spec.size, seed=spec.seed + i * spec.n,
                         entities=spec.entities, steps=spec.steps, deleaker_settings=spec.deleaker_settings)
     start = time.perf_counter()
     try:
-        r = await http.post("/v1/images/generations", json=body)
-        status, images = r.status_code, (len(r.json()["data"]) if r.status_code == 200 else 0)
-        error = None if status == 200 else r.text[:300]
-    except httpx.HTTPError as e:
+        async with http.post("/v1/images/generations", json=body) as r:
+            status = r.status
+            if status == 200:
+                images, error = len((await r.json())["data"]), None
+            else:
+                images, error = 0, (await r.text())[:300]
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         status, images, error = 0, 0, f"{type(e).__name__}: {e}"
-    return Sample(i, start - t0, time.perf_counter() - start, status, images, error)
+    return Sample(i, start - t0, time.perf_counter() - start, status, images, error, round_)
 
 
-async def run_load(spec: LoadSpec, on_sample=None) -> tuple[list[Sample], dict]:
-    """Run the load; on_sample(sample) is called as each answer arrives. Returns (samples, summary)."""
+async def run_load(spec: LoadSpec, on_sample=None, round_: int = 0) -> tuple[list[Sample], dict]:
+    """Run the load; on_sample(sample) is called as each answer arrives. Returns (samples, summary).
+    round_: recorded in each sample; round r's request i uses seed spec.seed + (r * requests + i) * n.
+    The client is aiohttp: about a quarter of httpx's CPU per request, which matters when the load
+    generator shares the server's cores."""
     spec.validate()
     headers = {"Authorization": f"Bearer {spec.token}"} if spec.token else {}
     n_conn = spec.concurrency or 256
-    limits = httpx.Limits(max_connections=n_conn, max_keepalive_connections=n_conn)
     samples: list[Sample] = []
     t0 = time.perf_counter()
     deadline = t0 + spec.max_seconds
@@ -121,8 +139,8 @@ async def run_load(spec: LoadSpec, on_sample=None) -> tuple[list[Sample], dict]:
         if on_sample is not None:
             on_sample(s)
 
-    async with httpx.AsyncClient(base_url=spec.url, headers=headers, limits=limits,
-                                 timeout=spec.client_timeout_s) as http:
+    async with aiohttp.ClientSession(spec.url, headers=headers, connector=aiohttp.TCPConnector(limit=n_conn),
+                                     timeout=aiohttp.ClientTimeout(total=spec.client_timeout_s)) as http:
         if spec.concurrency is not None:
             counter = iter(range(spec.requests))
 
@@ -130,7 +148,7 @@ async def run_load(spec: LoadSpec, on_sample=None) -> tuple[list[Sample], dict]:
                 for i in counter:  # shared iterator: each index is taken once
                     if time.perf_counter() > deadline:
                         return
-                    record(await _one(http, spec, i, t0))
+                    record(await _one(http, spec, round_ * spec.requests + i, t0, round_))
 
             await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
         else:
@@ -142,7 +160,7 @@ async def run_load(spec: LoadSpec, on_sample=None) -> tuple[list[Sample], dict]:
                 if next_at > deadline:
                     break
                 await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-                tasks.append(asyncio.ensure_future(_one(http, spec, i, t0)))
+                tasks.append(asyncio.ensure_future(_one(http, spec, round_ * spec.requests + i, t0, round_)))
                 tasks[-1].add_done_callback(lambda t: record(t.result()))
             left = max(0.0, deadline - time.perf_counter())
             if tasks:
@@ -174,38 +192,80 @@ def batch_counts(metrics_before: str, metrics_after: str) -> dict[int, int]:
     return counts
 
 
-def inprocess_rate(spec: LoadSpec, counts: dict[int, int], model: str | None) -> float:
-    """Images/s of Pipeline.generate here on the same batches (sizes and counts) and the same requests."""
-    from deleaker.runtime import GenerateRequest, load_pipeline
-    from deleaker.runtime.model_card import default_size
-    from deleaker.runtime.serve.schema import parse_size
+class InProcess:
+    """The Pipeline in this process, timed on the batches a server ran (same requests and settings)."""
 
-    pipe = load_pipeline(model, progress=False)
-    if spec.size:
-        w, h = parse_size(spec.size)
-    else:  # the server's default: the model card's size, else DEFAULT_SIDE square
-        h, w = default_size(pipe.backend.info.card)
-    config = pipe.config.replace(**spec.deleaker_settings) if spec.deleaker_settings else None
-    steps = spec.steps if spec.steps is not None else pipe.config.num_steps
+    def __init__(self, spec: LoadSpec, model: str | None):
+        from deleaker.runtime import load_pipeline
+        from deleaker.runtime.model_card import default_size
+        from deleaker.runtime.serve.schema import parse_size
 
-    def batch(k: int, seed: int) -> list:
-        return [GenerateRequest(spec.prompt, entities=spec.entities, seed=seed + j, steps=steps, height=h, width=w,
-                                config=config) for j in range(k)]
+        self.spec = spec
+        self.pipe = load_pipeline(model, progress=False)
+        if spec.size:
+            self.width, self.height = parse_size(spec.size)
+        else:  # the server's default: the model card's size, else DEFAULT_SIDE square
+            self.height, self.width = default_size(self.pipe.backend.info.card)
+        self.config = self.pipe.config.replace(**spec.deleaker_settings) if spec.deleaker_settings else None
+        self.steps = spec.steps if spec.steps is not None else self.pipe.config.num_steps
+        self._warm: set[int] = set()  # batch sizes run once untimed (the server's warm-up load did the same)
+        self._seed = 0
 
-    pipe.generate(batch(max(counts), 0), progress=None)  # warm-up, as the server's
-    images, t0, seed = 0, time.perf_counter(), 0
-    for k, n in counts.items():
-        for _ in range(n):
-            pipe.generate(batch(k, seed), progress=None)
-            images, seed = images + k, seed + k
-    return images / (time.perf_counter() - t0)
+    def _batch(self, k: int) -> list:
+        from deleaker.runtime import GenerateRequest
+
+        reqs = [GenerateRequest(self.spec.prompt, entities=self.spec.entities, seed=self._seed + j, steps=self.steps,
+                                height=self.height, width=self.width, config=self.config) for j in range(k)]
+        self._seed += k
+        return reqs
+
+    def run(self, counts: dict[int, int]) -> dict:
+        """counts: batch size -> batches. Returns images, seconds (timed batches only) and edited
+        (images whose final DeLeaker history is nonzero, i.e. the op aggregated attention)."""
+        for k in counts:
+            if k not in self._warm:
+                self.pipe.generate(self._batch(k), progress=None)
+                self._warm.add(k)
+        images = edited = 0
+        seconds = 0.0
+        for k, n in counts.items():
+            for _ in range(n):
+                batch = self._batch(k)
+                t0 = time.perf_counter()
+                results = self.pipe.generate(batch, progress=None)
+                seconds += time.perf_counter() - t0
+                images += k
+                edited += sum(1 for r in results if np.any(r.history != 0))
+        return {"images": images, "seconds": seconds, "edited": edited}
+
+
+def compare_summary(rounds: list[dict]) -> dict:
+    """Per-round server and in-process rates -> the median ratio, its range, and the pooled ratio."""
+    ratios = [r["server_vs_inprocess"] for r in rounds if r.get("server_vs_inprocess") is not None]
+    out: dict = {"inprocess_edited": sum(r["inprocess_edited"] for r in rounds),
+                 "inprocess_images": sum(r["inprocess_images"] for r in rounds)}
+    if ratios:
+        out["server_vs_inprocess"] = float(np.median(ratios))
+        out["server_vs_inprocess_range"] = [min(ratios), max(ratios)]
+        server = sum(r["images"] for r in rounds) / sum(r["wall_s"] for r in rounds)
+        inproc = sum(r["inprocess_images"] for r in rounds) / sum(r["inprocess_s"] for r in rounds)
+        out["inprocess_images_per_s"] = inproc
+        out["server_vs_inprocess_pooled"] = server / inproc
+    return out
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deleaker-bench --mode serve", description=__doc__.split("\n")[0])
     d = LoadSpec()
     p.add_argument("--url", default=d.url)
-    p.add_argument("--requests", type=int, default=d.requests, help="how many requests to send (at most)")
+    p.add_argument("--requests", type=int, default=d.requests, help="how many requests to send per round (at most)")
+    p.add_argument("--rounds", type=int, default=1, help="run the load this many times (with --compare: each "
+                                                         "round followed by its in-process pass)")
     loop = p.add_mutually_exclusive_group()
     loop.add_argument("--concurrency", type=int, help="closed loop: this many clients in parallel (default 8)")
     loop.add_argument("--rate", type=float, help="open loop: mean arrivals per second (Poisson)")
@@ -219,7 +279,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--deleaker-settings", type=json.loads, help="JSON object of DeLeaker settings for every request")
     p.add_argument("--token", help="bearer token (default: DELEAKER_API_TOKEN)")
     p.add_argument("--compare", action="store_true",
-                   help="also time the server's batches through the Pipeline in this process")
+                   help="after each round, time the server's batches of that round through the Pipeline in "
+                        "this process")
     p.add_argument("--model", help="with --compare: the model folder the server runs (default: the embedded "
                                    "toy-world model, which `deleaker serve` runs without --model)")
     p.add_argument("--out", help="write one JSON line per request here")
@@ -243,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
                         deleaker_settings=args.deleaker_settings)
         if spec.concurrency is None and spec.rate is None:
             spec = LoadSpec(**{**asdict(spec), "concurrency": 8})
+        spec.validate()
+        if args.rounds < 1:
+            raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+        if args.model and not args.compare:
+            raise ValueError("--model is the model of the in-process pass: give it with --compare")
+        local = InProcess(spec, args.model) if args.compare else None  # before any output: a bad --model fails here
         out = open(args.out, "w") if args.out else None  # noqa: SIM115  (closed below)
         try:
             def write(s: Sample):
@@ -251,15 +318,37 @@ def main(argv: list[str] | None = None) -> int:
 
             headers = {"Authorization": f"Bearer {spec.token}"} if spec.token else {}
             metrics = (lambda: httpx.get(spec.url + "/metrics", headers=headers, timeout=30).text)  # noqa: E731
-            before = metrics() if args.compare else ""
-            _, summary = asyncio.run(run_load(spec, write))
-            if args.compare:
-                counts = batch_counts(before, metrics())
-                summary["batches"] = {str(k): v for k, v in counts.items()}
-                if counts:
-                    rate = inprocess_rate(spec, counts, args.model)
-                    summary["inprocess_images_per_s"] = rate
-                    summary["server_vs_inprocess"] = summary["images_per_s"] / rate
+            samples, rounds, wall = [], [], 0.0
+            for r in range(args.rounds):
+                before = metrics() if local else ""
+                cpu0 = _cpu_s()
+                got, part = asyncio.run(run_load(spec, write, round_=r))
+                client_cpu = _cpu_s() - cpu0  # the load generator's own share of the machine
+                samples += got
+                wall += part["wall_s"]
+                row = {"round": r, "images": sum(s.images for s in got if s.status == 200), "wall_s": part["wall_s"],
+                       "images_per_s": part["images_per_s"], "client_cpu_s": client_cpu}
+                if local:
+                    counts = batch_counts(before, metrics())
+                    row["batches"] = {str(k): v for k, v in counts.items()}
+                    ran = local.run(counts)
+                    row.update(inprocess_images=ran["images"], inprocess_s=ran["seconds"], inprocess_edited=ran["edited"],
+                               inprocess_images_per_s=ran["images"] / ran["seconds"] if ran["seconds"] else None)
+                    row["server_vs_inprocess"] = (row["images_per_s"] / row["inprocess_images_per_s"]
+                                                  if row["inprocess_images_per_s"] and row["images_per_s"] else None)
+                rounds.append(row)
+                if args.rounds > 1:
+                    print("round %d/%d: %s" % (r + 1, args.rounds, json.dumps(row)), file=sys.stderr, flush=True)
+            summary = summarize(samples, wall)
+            if args.rounds > 1 or local:
+                summary["rounds"] = rounds
+            if local:
+                batches: dict[str, int] = {}
+                for row in rounds:
+                    for k, v in row["batches"].items():
+                        batches[k] = batches.get(k, 0) + v
+                summary["batches"] = dict(sorted(batches.items(), key=lambda kv: int(kv[0])))
+                summary.update(compare_summary(rounds))
         finally:
             if out is not None:
                 out.close()

@@ -383,3 +383,49 @@ def test_batches_fill_under_steady_concurrency(pipe):
         batcher.stop()
     assert sum(sizes) == 24
     assert sizes[-4:-1] == [4] * 3, sizes  # in step by then; the last batch takes whoever is left
+
+
+def test_the_model_thread_loads_warms_up_and_runs_every_batch(tiny_model_dir):
+    """Loading, the warm-up and every batch run on the batcher's one model thread (a CPU's OpenMP
+    pool belongs to the thread that first runs parallel work; batcher.py says why); a loader's
+    error comes back on the caller's thread, and a model call after stop() is refused."""
+    from deleaker.runtime.serve.batcher import Batcher
+    from deleaker.runtime.serve.engine import Engine
+    from deleaker.runtime.serve.options import ServeOptions
+
+    seen: list[tuple[str, int]] = []
+
+    class Recording(Pipeline):
+        def generate(self, requests, *a, **k):
+            seen.append(("generate", threading.get_ident()))
+            return super().generate(requests, *a, **k)
+
+    def load():
+        seen.append(("load", threading.get_ident()))
+        return Recording(load_backend("torch", str(tiny_model_dir), progress=False))
+
+    batcher = Batcher(load, 2, 0, 8)
+    try:
+        engine = Engine(batcher.pipe, ServeOptions(max_batch=2, max_wait_ms=0), batcher.metrics, batcher)
+        engine.warm_up()
+        req = GenerateRequest(prompt="a cat", steps=STEPS, height=64, width=64)
+
+        async def go():
+            return await asyncio.gather(*(engine.run([req]) for _ in range(3)))
+
+        results = asyncio.run(go())
+        assert len(results) == 3 and all(r[0].image.shape[:2] == (64, 64) for r in results)
+        model_thread = batcher._thread.ident
+        assert [what for what, _ in seen][:2] == ["load", "generate"]  # loaded, then warmed up
+        assert len(seen) >= 3  # the warm-up and at least one batch
+        assert {ident for _, ident in seen} == {model_thread} != {threading.get_ident()}
+    finally:
+        batcher.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        batcher.call(lambda: None)
+
+    def broken():
+        raise ValueError("no model here")
+
+    with pytest.raises(ValueError, match="no model here"):
+        Batcher(broken, 2, 0, 8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
+from ..allocator import tune_host_allocator
 from .base import Backend, ModelInfo
 
 __all__ = ["Backend", "ModelInfo", "available_backends", "load_backend"]
@@ -42,4 +43,6 @@ def backend_class(name: str):
 
 def load_backend(name: str, source: str | None = None, **options) -> Backend:
     """Instantiate backend `name` on `source` (a model folder or artifact; None: its default)."""
-    return backend_class(name).load(source, **options)
+    cls = backend_class(name)
+    tune_host_allocator()  # before the model's buffers exist (allocator.py says why)
+    return cls.load(source, **options)

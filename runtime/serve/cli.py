@@ -97,12 +97,10 @@ def build_local(args, options: ServeOptions):
     from .app import create_app
     from .batcher import Batcher
     from .engine import Engine
-    from .metrics import Metrics
 
-    pipe = load_pipeline(args)
-    metrics = Metrics(min(options.max_batch, pipe.max_batch))
-    engine = Engine(pipe, options, metrics)
-    engine.runner = Batcher(pipe, options.max_batch, options.max_wait_ms, options.max_queue, metrics)
+    # the batcher's model thread loads the model and runs all of its work (batcher.py)
+    runner = Batcher(lambda: load_pipeline(args), options.max_batch, options.max_wait_ms, options.max_queue)
+    engine = Engine(runner.pipe, options, runner.metrics, runner)
 
     @asynccontextmanager
     async def lifespan(_app):

@@ -5,9 +5,9 @@ with Pipeline.check, so a bad request is answered 400 at once and never reaches 
 run(): queue the images on the runner and wait for them, up to the request timeout, or until
 the client disconnects (its queued images are then dropped).
 
-A runner is the local Batcher (batcher.py) or, under Ray Serve, a @serve.batch runner
-(ray_app.py); both give `submit(requests) -> jobs` (each with an asyncio `future`), `drop`,
-`depth`, `draining` and `begin_drain`.
+The runner is the Batcher (batcher.py), in the local server and in each Ray Serve replica alike:
+`submit(requests) -> jobs` (each with an asyncio `future`), `drop`, `depth`, `draining`,
+`begin_drain`, and `call(fn)`, which runs fn on the model thread.
 """
 
 from __future__ import annotations
@@ -117,7 +117,9 @@ class Engine:
         t0 = time.perf_counter()
         card = self.pipe.backend.info.card  # a model that knows only its own words warms up on its example
         prompt = card.example_prompt if card is not None and card.example_prompt else "warm-up"
-        self.pipe.generate(GenerateRequest(prompt=prompt, steps=1, height=side, width=side), progress=None)
+        request = GenerateRequest(prompt=prompt, steps=1, height=side, width=side)
+        # on the runner's model thread, where every batch runs (batcher.py says why)
+        self.runner.call(lambda: self.pipe.generate(request, progress=None))
         log.info("warm-up generation (%dx%d, 1 step) took %.2fs; ready", side, side, time.perf_counter() - t0)
         self._ready.set()
 

@@ -23,7 +23,6 @@ from ray import serve
 
 from .batcher import Batcher
 from .connections import LOOPBACK_HOSTS
-from .metrics import Metrics
 from .options import ServeOptions
 
 log = logging.getLogger("deleaker.serve")
@@ -67,11 +66,11 @@ class DeLeakerServe:
         logging.basicConfig(level=logging.INFO, format="deleaker: %(message)s")
         if args.get("ray_loopback"):
             _bind_replica_grpc_to_loopback()
-        pipe = load_pipeline(argparse.Namespace(**args))
-        metrics = Metrics(min(options.max_batch, pipe.max_batch))
-        self.engine = Engine(pipe, options, metrics)
-        # the local server's batcher: same batching, queue bound (429 + Retry-After) and drain
-        self.engine.runner = Batcher(pipe, options.max_batch, options.max_wait_ms, options.max_queue, metrics)
+        # the local server's batcher: same batching, queue bound (429 + Retry-After) and drain; its model
+        # thread loads the model and runs all of its work (batcher.py)
+        runner = Batcher(lambda: load_pipeline(argparse.Namespace(**args)), options.max_batch, options.max_wait_ms,
+                         options.max_queue)
+        self.engine = Engine(runner.pipe, options, runner.metrics, runner)
         self.engine.warm_up()  # the replica counts as started (and gets traffic) only after this
         self._app = create_app(self.engine, token=api_token())
         threading.Thread(target=self._report, name="deleaker-drain-watch", daemon=True).start()

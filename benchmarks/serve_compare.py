@@ -1,0 +1,224 @@
+"""Server vs in-process Pipeline on the same batches, over fresh processes.
+
+    python -m deleaker.benchmarks.serve_compare --out DIR --rounds 8
+
+Each round starts a fresh `deleaker serve` (--model, --max-batch), warms it up, and for each
+concurrency level runs a fresh `deleaker-bench --mode serve --compare --rounds K` (serve_load.py):
+K closed-loop loads, each followed by the same batches (sizes and counts read from the server's
+/metrics) through Pipeline.generate in the load generator's own process. The server is then
+stopped (SIGTERM, drained).
+
+Why fresh processes: on a shared CPU, one process's speed differs from the next one's by 10-20%
+(measured: the same in-process batch loop gives 0.08-0.12 s per batch depending on the process),
+so a ratio from one server and one client carries that offset in every round; over several
+process pairs the offsets average out and the spread of the ratios shows them.
+
+Writes DIR/rounds.jsonl (one line per round and concurrency: the bench summary), DIR/rR-cC.jsonl
+(per-request lines), DIR/server-rR.log, DIR/load.txt (load averages), DIR/table.md (the table,
+also printed). Per concurrency: server and in-process images/s (median and range over the
+process pairs), the ratio server / in-process (median of the pairs' pooled ratios, its range, and
+pooled over everything), the batch sizes the server ran, and how many in-process images DeLeaker
+edited (nonzero history: proof that the timed work ran the op).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# windows inside 2 steps, so DeLeaker edits in the short runs this protocol times
+EDITING_SETTINGS = {"start_aggregating_from": 0, "start_intervention_from": 1, "do_smoothing": False}
+
+
+@dataclass(frozen=True)
+class CompareSpec:
+    rounds: int = 8  # fresh server + fresh clients per round
+    levels: tuple[tuple[int, int], ...] = ((1, 16), (4, 64), (16, 128))  # (concurrency, requests per load)
+    loads: int = 2  # paired loads (load, then in-process pass) per client process
+    model: str | None = None  # default: the tiny offline model
+    size: str = "64x64"
+    steps: int = 2
+    max_batch: int = 4
+    prompt: str = "a cat and a cheetah in a field"
+    entities: tuple[str, ...] = ("cat", "cheetah")
+    ready_timeout_s: float = 300.0
+
+    def validate(self) -> "CompareSpec":
+        if self.rounds < 1 or self.loads < 1:
+            raise ValueError(f"--rounds and --loads must be >= 1, got {self.rounds} and {self.loads}")
+        if not self.levels or any(c < 1 or n < 1 for c, n in self.levels):
+            raise ValueError(f"--levels must be CONCURRENCY:REQUESTS pairs of positive integers, got {self.levels}")
+        if self.max_batch < 1 or self.steps < 1:
+            raise ValueError("--max-batch and --steps must be >= 1")
+        return self
+
+
+def parse_levels(s: str) -> tuple[tuple[int, int], ...]:
+    """'1:16,4:64' -> ((1, 16), (4, 64))."""
+    try:
+        return tuple((int(c), int(n)) for c, n in (item.split(":") for item in s.split(",")))
+    except ValueError:
+        raise ValueError(f"--levels must look like 1:16,4:64,16:128 (concurrency:requests), got {s!r}") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before it was ready; see {log}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the server was not ready within {timeout_s:g}s; see {log}")
+
+
+def _bench(url: str, spec: CompareSpec, model: str, concurrency: int, requests: int, loads: int,
+           out: Path | None) -> dict:
+    """One fresh `deleaker-bench --mode serve` process; returns its summary."""
+    cmd = [sys.executable, "-m", "deleaker.benchmarks.serve_load", "--url", url, "--requests", str(requests),
+           "--concurrency", str(concurrency), "--size", spec.size, "--steps", str(spec.steps),
+           "--prompt", spec.prompt, "--entities", ",".join(spec.entities),
+           "--deleaker-settings", json.dumps(EDITING_SETTINGS), "--rounds", str(loads)]
+    if out is not None:
+        cmd += ["--compare", "--model", model, "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"deleaker-bench failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["summary"]
+
+
+def run_round(spec: CompareSpec, model: str, r: int, out: Path, say=print) -> list[dict]:
+    url_port = _free_port()
+    url = f"http://127.0.0.1:{url_port}"
+    log = out / f"server-r{r}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "deleaker.runtime.serve.cli", "--model", model,
+                                 "--port", str(url_port), "--max-batch", str(spec.max_batch)],
+                                stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(url, proc, log, spec.ready_timeout_s)
+            # first batches of every size the loads use, uncounted
+            _bench(url, spec, model, max(c for c, _ in spec.levels), 2 * spec.max_batch * 4, 1, None)
+            rows = []
+            for concurrency, requests in spec.levels:
+                s = _bench(url, spec, model, concurrency, requests, spec.loads, out / f"r{r}-c{concurrency}.jsonl")
+                rows.append({"round": r, "concurrency": concurrency, **s})
+                say(f"round {r}/{spec.rounds} concurrency {concurrency}: server {s['images_per_s']:.1f} images/s, "
+                    f"in-process {s['inprocess_images_per_s']:.1f}, ratio {s['server_vs_inprocess_pooled']:.3f}")
+            return rows
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _range(values: list[float]) -> str:
+    return f"{np.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def table(rows: list[dict]) -> str:
+    """The per-concurrency table of docs/serving.md from rounds.jsonl rows."""
+    lines = ["| concurrency | process pairs | server images/s, median (range) | in-process images/s, median (range) "
+             "| server / in-process, median [min, max] | pooled | batches of max size | in-process images edited |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in sorted({row["concurrency"] for row in rows}):
+        mine = [row for row in rows if row["concurrency"] == c]
+        ratios = [row["server_vs_inprocess_pooled"] for row in mine]
+        server_images = sum(row["ok"] for row in mine)  # n = 1: one image per request
+        server_s = sum(row["wall_s"] for row in mine)
+        inproc_images = sum(round_["inprocess_images"] for row in mine for round_ in row["rounds"])
+        inproc_s = sum(round_["inprocess_s"] for row in mine for round_ in row["rounds"])
+        batches: dict[int, int] = {}
+        for row in mine:
+            for k, v in row["batches"].items():
+                batches[int(k)] = batches.get(int(k), 0) + v
+        top = max(batches)
+        edited = sum(row["inprocess_edited"] for row in mine)
+        lines.append(f"| {c} | {len(mine)} | {_range([row['images_per_s'] for row in mine])} "
+                     f"| {_range([row['inprocess_images_per_s'] for row in mine])} "
+                     f"| {np.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] "
+                     f"| {(server_images / server_s) / (inproc_images / inproc_s):.3f} "
+                     f"| {batches[top]} of {sum(batches.values())} (size {top}) | {edited} of {inproc_images} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deleaker.runtime.errors import run_reporting_errors
+
+    p = argparse.ArgumentParser(prog="python -m deleaker.benchmarks.serve_compare", description=__doc__.split("\n")[0])
+    d = CompareSpec()
+    p.add_argument("--out", required=True, help="folder for the raw outputs and table.md (created)")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="fresh server + fresh clients per round")
+    p.add_argument("--levels", default=",".join(f"{c}:{n}" for c, n in d.levels),
+                   help="CONCURRENCY:REQUESTS per load, comma-separated")
+    p.add_argument("--loads", type=int, default=d.loads, help="paired loads per client process")
+    p.add_argument("--model", help="model folder (default: the tiny offline model)")
+    p.add_argument("--size", default=d.size)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--max-batch", type=int, default=d.max_batch)
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        spec = CompareSpec(rounds=args.rounds, levels=parse_levels(args.levels), loads=args.loads, model=args.model,
+                           size=args.size, steps=args.steps, max_batch=args.max_batch).validate()
+        if args.model is not None and not Path(args.model).is_dir():
+            raise ValueError(f"--model {args.model} is not a folder")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a folder")
+        if args.model is None:
+            from deleaker.modeling.tiny_model import ensure_tiny_model
+            model = str(ensure_tiny_model())
+        else:
+            model = args.model
+        out.mkdir(parents=True, exist_ok=True)
+        rows: list[dict] = []
+        with open(out / "rounds.jsonl", "w") as fh, open(out / "load.txt", "w") as load:
+            for r in range(1, spec.rounds + 1):
+                load.write(f"before round {r}: load average {' '.join('%.2f' % x for x in os.getloadavg())}\n")
+                for row in run_round(spec, model, r, out, say=lambda m: print(m, file=sys.stderr, flush=True)):
+                    fh.write(json.dumps(row) + "\n")
+                    fh.flush()
+                    rows.append(row)
+            load.write(f"after: load average {' '.join('%.2f' % x for x in os.getloadavg())}\n")
+        text = table(rows)
+        (out / "table.md").write_text(text)
+        print(text, end="")
+        return 0
+
+    def guarded() -> int:
+        try:
+            return go()
+        except RuntimeError as e:  # a server or a bench process failed: its log says why
+            print(f"serve_compare: error: {e}", file=sys.stderr)
+            return 1
+
+    return run_reporting_errors("serve_compare", guarded)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

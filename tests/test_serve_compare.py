@@ -1,0 +1,59 @@
+"""The server-vs-in-process protocol (benchmarks/serve_compare.py): one small real round on
+127.0.0.1, and the table's arithmetic on known rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
+pytest.importorskip("aiohttp", reason="the bench extra (aiohttp) is not installed")
+
+from deleaker.benchmarks import serve_compare as sc  # noqa: E402
+
+
+def _row(c, ok, wall, inproc_images, inproc_s, batches, edited):
+    return {"concurrency": c, "ok": ok, "wall_s": wall, "images_per_s": ok / wall,
+            "inprocess_images_per_s": inproc_images / inproc_s, "server_vs_inprocess_pooled":
+            (ok / wall) / (inproc_images / inproc_s), "batches": batches, "inprocess_edited": edited,
+            "rounds": [{"inprocess_images": inproc_images, "inprocess_s": inproc_s}]}
+
+
+def test_table_medians_pooled_ratio_and_batches():
+    rows = [_row(16, 40, 2.0, 40, 1.0, {"4": 10}, 40),  # 20 vs 40 images/s: 0.5
+            _row(16, 40, 1.0, 40, 1.0, {"4": 9, "2": 2}, 40),  # 40 vs 40: 1.0
+            _row(16, 40, 1.0, 40, 2.0, {"4": 10}, 39)]  # 40 vs 20: 2.0
+    line = sc.table(rows).splitlines()[2]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[0] == "16" and cells[1] == "3"
+    assert cells[2] == "40.0 (20.0-40.0)"  # server images/s median (range)
+    assert cells[4] == "1.000 [0.500, 2.000]"  # median of the pairs' ratios
+    assert cells[5] == "1.000"  # pooled: 120 images / 4 s against 120 / 4 s
+    assert cells[6] == "29 of 31 (size 4)"
+    assert cells[7] == "119 of 120"
+
+
+def test_bad_options_are_one_line_errors(tmp_path, capsys):
+    assert sc.main(["--out", str(tmp_path / "o"), "--levels", "4"]) == 2
+    assert "--levels must look like" in capsys.readouterr().err
+    assert sc.main(["--out", str(tmp_path / "o"), "--rounds", "0"]) == 2
+    assert sc.main(["--out", str(tmp_path / "o"), "--model", str(tmp_path / "missing")]) == 2
+    assert not (tmp_path / "o").exists()  # nothing written before the options are checked
+
+
+def test_one_round_on_a_real_server(tiny_model_dir, tmp_path):
+    out = tmp_path / "cmp"
+    assert sc.main(["--out", str(out), "--rounds", "1", "--levels", "1:3,4:8", "--loads", "1",
+                    "--model", str(tiny_model_dir)]) == 0
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["concurrency"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["ok"] == r["requests"] and r["server_errors"] == 0
+        inproc = r["rounds"][0]["inprocess_images"]
+        assert inproc == r["ok"]  # the same images, in the same batch sizes
+        assert sum(int(k) * v for k, v in r["batches"].items()) == r["ok"]
+        assert r["inprocess_edited"] == inproc  # DeLeaker edited every timed in-process image
+        assert r["server_vs_inprocess_pooled"] > 0
+    assert (out / "server-r1.log").read_text().count("generated") >= 2
+    assert "| 4 | 1 |" in (out / "table.md").read_text()
