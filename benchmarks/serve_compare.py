@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .input_audit import free_port
 
 # windows inside 2 steps, so DeLeaker edits in the short runs this protocol times
 EDITING_SETTINGS = {"start_aggregating_from": 0, "start_intervention_from": 1, "do_smoothing": False}
@@ -71,12 +72,6 @@ def parse_levels(s: str) -> tuple[tuple[int, int], ...]:
         raise ValueError(f"--levels must look like 1:16,4:64,16:128 (concurrency:requests), got {s!r}") from None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
     import httpx
 
@@ -109,7 +104,7 @@ def _bench(url: str, spec: CompareSpec, model: str, concurrency: int, requests: 
 
 
 def run_round(spec: CompareSpec, model: str, r: int, out: Path, say=print) -> list[dict]:
-    url_port = _free_port()
+    url_port = free_port()
     url = f"http://127.0.0.1:{url_port}"
     log = out / f"server-r{r}.log"
     with open(log, "w") as fh:
