@@ -2,7 +2,8 @@
 
     python -m deleaker.benchmarks.serve_compare --out DIR --rounds 8
 
-Each round starts a fresh `deleaker serve` (--model, --max-batch), warms it up, and for each
+Each round starts a fresh `deleaker serve` (--model, --max-batch; with --ray, one Ray Serve
+replica), warms it up, and for each
 concurrency level runs a fresh `deleaker-bench --mode serve --compare --rounds K` (serve_load.py):
 K closed-loop loads, each followed by the same batches (sizes and counts read from the server's
 /metrics) through Pipeline.generate in the load generator's own process. The server is then
@@ -52,6 +53,7 @@ class CompareSpec:
     max_batch: int = 4
     prompt: str = "a cat and a cheetah in a field"
     entities: tuple[str, ...] = ("cat", "cheetah")
+    ray: bool = False  # the server as one Ray Serve replica (deleaker serve --ray --replicas 1)
     ready_timeout_s: float = 300.0
 
     def validate(self) -> "CompareSpec":
@@ -107,10 +109,14 @@ def run_round(spec: CompareSpec, model: str, r: int, out: Path, say=print) -> li
     url_port = free_port()
     url = f"http://127.0.0.1:{url_port}"
     log = out / f"server-r{r}.log"
+    cmd = [sys.executable, "-m", "deleaker.runtime.serve.cli", "--model", model, "--port", str(url_port),
+           "--max-batch", str(spec.max_batch)]
+    env = dict(os.environ)
+    if spec.ray:
+        cmd += ["--ray", "--replicas", "1"]
+        env["RAY_AUTH_MODE"] = "disabled"  # a throwaway local Ray on 127.0.0.1, as the Ray tests start it
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "deleaker.runtime.serve.cli", "--model", model,
-                                 "--port", str(url_port), "--max-batch", str(spec.max_batch)],
-                                stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         try:
             _wait_ready(url, proc, log, spec.ready_timeout_s)
             # first batches of every size the loads use, uncounted
@@ -175,11 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default=d.size)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--max-batch", type=int, default=d.max_batch)
+    p.add_argument("--ray", action="store_true", help="serve as one Ray Serve replica (needs the ray extra)")
     args = p.parse_args(argv)
 
     def go() -> int:
         spec = CompareSpec(rounds=args.rounds, levels=parse_levels(args.levels), loads=args.loads, model=args.model,
-                           size=args.size, steps=args.steps, max_batch=args.max_batch).validate()
+                           size=args.size, steps=args.steps, max_batch=args.max_batch, ray=args.ray).validate()
         if args.model is not None and not Path(args.model).is_dir():
             raise ValueError(f"--model {args.model} is not a folder")
         out = Path(args.out)

@@ -13,6 +13,7 @@ under its own lock (callers queue; a server batches them instead, see runtime/se
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import logging
 import math
@@ -34,6 +35,7 @@ from .scheduler import FlowMatchEuler
 log = logging.getLogger("deleaker")
 
 MAX_STEPS = 1000  # a request over this is a mistake, not a setting
+TOKEN_CACHE_SIZE = 1024  # prompts (with their entities) whose token arrays a Pipeline keeps
 # FLUX embeds guidance x 1000 like a timestep, in float32: past this the embedding is inf (a black image).
 MAX_GUIDANCE = FLOAT32_MAX / 1000
 
@@ -211,6 +213,9 @@ class Pipeline:
             raise ConfigError(f"config must be a DeLeakerConfig, got {type(config).__name__}")
         config.resolved(info.blocks_per_step)  # a bad default fails now, not in the first request
         self.config = config
+        # tokenizing is pure, and a server checks each request at admission and again in its batch;
+        # errors are not cached (lru_cache stores only returned values)
+        self._tokenized = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self._tokenize)
         limits = [m for m in (max_batch, info.max_batch) if m is not None]
         self.max_batch = min(limits) if limits else 8
         if not _is_int(self.max_batch) or self.max_batch < 1:
@@ -246,19 +251,28 @@ class Pipeline:
         cfg = base.replace(num_steps=req.steps).resolved(info.blocks_per_step)
         if info.card is not None and (err := info.card.vocabulary_error(req.prompt)):
             raise tok.TokenizerError(err)  # before the token count: a foreign word tokenizes into letters
+        # entities are located even for a vanilla run, so vanilla and DeLeaker reject the same input
+        ent, clip_ids, t5_ids = self._tokenized(req.prompt, tuple(req.entities or ()))
+        if not req.deleaker:
+            ent = np.zeros_like(ent)  # every slot inactive: the same engine computes plain attention
+        return _Prepared(index, req, geo, cfg, ent, clip_ids, t5_ids)
+
+    def _tokenize(self, prompt: str, entities: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(entity_tokens [E, T] float32, clip_ids [77] int64, t5_ids [T] int64), read-only; raises
+        a TokenizerError / EntityError for a prompt or entity the model cannot take."""
+        info = self.backend.info
         T = info.max_text_tokens
-        n_tokens = len(self.t5_tok.ids(req.prompt, add_special_tokens=True))
+        n_tokens = len(self.t5_tok.ids(prompt, add_special_tokens=True))
         if n_tokens > T:
             # FluxPipeline truncates silently; a runtime serving DeLeaker says so instead
             raise tok.TokenizerError(f"the prompt has {n_tokens} T5 tokens but this model keeps {T} tokens; "
                                      f"shorten the prompt (or export with a larger --max-text-tokens)")
-        # entities are located even for a vanilla run, so vanilla and DeLeaker reject the same input
-        ent = tok.entity_tokens(self.t5_tok, [req.prompt], list(req.entities or ()), info.entity_slots, T)[0]  # [E, T]
-        if not req.deleaker:
-            ent[:] = 0  # every slot inactive: the same engine computes plain attention
-        clip_ids = tok.clip_input_ids(self.clip_tok, [req.prompt], info.clip_max_length)[0]  # [77]
-        t5_ids = tok.t5_input_ids(self.t5_tok, [req.prompt], T)[0]  # [T]
-        return _Prepared(index, req, geo, cfg, ent, clip_ids, t5_ids)
+        ent = tok.entity_tokens(self.t5_tok, [prompt], list(entities), info.entity_slots, T)[0]  # [E, T]
+        clip_ids = tok.clip_input_ids(self.clip_tok, [prompt], info.clip_max_length)[0]  # [77]
+        t5_ids = tok.t5_input_ids(self.t5_tok, [prompt], T)[0]  # [T]
+        for a in (ent, clip_ids, t5_ids):
+            a.flags.writeable = False  # shared by every request with this prompt (the cache below)
+        return ent, clip_ids, t5_ids
 
     # -- generation --------------------------------------------------------------------------
 

@@ -155,3 +155,28 @@ def test_step_count_defaults_to_the_settings_once(pipe):
     assert pipe.generate(req(steps=None, config=three, height=32, width=32)).request.steps == 3
     with pytest.raises(ValueError, match=r"steps must be an integer in \[1, 1000\]"):
         pipe.generate(req(steps=0))
+
+
+def test_tokenization_is_cached_per_prompt_and_never_shared_mutably(pipe):
+    """A server checks a request at admission and prepares it again in its batch: the second
+    time the prompt's token arrays come from the cache. A vanilla request gets zeroed entity
+    tokens without touching the cached ones, and a rejected prompt is not cached."""
+    from deleaker.runtime import tokens as tok
+
+    pipe._tokenized.cache_clear()
+    req = GenerateRequest("a cat and a dog", entities=("cat", "dog"), steps=2, height=64, width=64)
+    first = pipe._prepare(req, 0)
+    second = pipe._prepare(req, 1)
+    info = pipe._tokenized.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    assert second.entity_tokens is first.entity_tokens and not first.entity_tokens.flags.writeable
+    vanilla = pipe._prepare(GenerateRequest("a cat and a dog", entities=("cat", "dog"), deleaker=False,
+                                            steps=2, height=64, width=64), 2)
+    assert not vanilla.entity_tokens.any() and first.entity_tokens.any()  # the cached copy is intact
+    with pytest.raises(tok.EntityError):
+        pipe._prepare(GenerateRequest("a cat and a dog", entities=("cow",), steps=2, height=64, width=64), 3)
+    assert pipe._tokenized.cache_info().currsize == 1  # the error was not cached
+    # a batch from cached arrays equals one tokenized afresh
+    pipe._tokenized.cache_clear()
+    fresh = pipe.generate(req, progress=False).image
+    np.testing.assert_array_equal(pipe.generate(req, progress=False).image, fresh)
