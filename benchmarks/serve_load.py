@@ -125,8 +125,8 @@ async def _one(http: aiohttp.ClientSession, spec: LoadSpec, i: int, t0: float, r
 async def run_load(spec: LoadSpec, on_sample=None, round_: int = 0) -> tuple[list[Sample], dict]:
     """Run the load; on_sample(sample) is called as each answer arrives. Returns (samples, summary).
     round_: recorded in each sample; round r's request i uses seed spec.seed + (r * requests + i) * n.
-    The client is aiohttp: about a quarter of httpx's CPU per request, which matters when the load
-    generator shares the server's cores."""
+    The client is aiohttp, whose CPU time per round is reported (client_cpu_s): on a machine the load
+    generator shares with the server, it is taken from the server."""
     spec.validate()
     headers = {"Authorization": f"Bearer {spec.token}"} if spec.token else {}
     n_conn = spec.concurrency or 256

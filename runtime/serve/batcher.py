@@ -13,9 +13,9 @@ current step once every image in it was abandoned.
 
 The worker thread is the model thread: it loads the model (given a loader), runs the warm-up and
 any other model call (call()) and every batch, so no other thread of a server runs model code. On
-a CPU, torch's OpenMP pool belongs to the thread that first runs parallel work; a second thread
-with its own pool makes every pool spin less before sleeping, and small operations pay a wake-up
-each (measured on 2 cores: a 16x64 @ 64x64 matmul 10x slower, a whole batch about 1.35x slower).
+a CPU, torch's OpenMP pool belongs to the thread that runs parallel work: one model thread keeps
+one pool, where a load on one thread and batches on another would keep two pools of workers on
+the same cores.
 """
 
 from __future__ import annotations
