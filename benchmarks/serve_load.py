@@ -21,8 +21,8 @@ embedded default model; loaded once, each batch size warmed up once before it is
 summary gives per round the server's and the in-process rate and their ratio, and over all rounds
 `server_vs_inprocess` (the median of the rounds' ratios), its range, and
 `server_vs_inprocess_pooled` (all server images over all load time, against the same for the
-in-process passes). Pairing each round with its own in-process pass keeps the machine's drift
-(seconds to minutes, tens of percent on a shared CPU) out of the ratio. `inprocess_edited` counts
+in-process passes). Pairing each round with its own in-process pass keeps slow drift of the machine
+out of the ratio; differences between processes need several process pairs (serve_compare.py). `inprocess_edited` counts
 the in-process images whose DeLeaker history is nonzero: proof that the timed work ran the op.
 `client_cpu_s` per round: this process's CPU time during the load (on a machine it shares with the
 server, the load generator's cost is taken from the server).
