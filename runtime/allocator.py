@@ -4,10 +4,10 @@ A denoising step allocates and frees the same host tensors over and over. With g
 buffer over 128 KiB may be mmap'ed and one freed at the top of the heap is trimmed back to the
 kernel, so the next step faults the same pages in again; which regime a process lands in depends
 on its allocation history. Measured on the 2-core CPU with the tiny model (64x64, batches of 4,
-five fresh processes each; `python -m deleaker.benchmarks.allocator_check`): 0.077-0.109 s per
-batch and about 38,000 minor page faults per batch untuned, against 0.054-0.056 s and 25 with the
-tuning below, peak RSS unchanged (0.58 GB); the embedded toy-world model was unaffected (0.14 s
-either way).
+five fresh processes each; command and raw output: docs/api.md, "Host memory"): 0.077-0.109 s
+per batch and about 38,000 minor page faults per batch untuned, against 0.054-0.056 s and 25 with
+the tuning below, peak RSS unchanged (0.58 GB); the embedded toy-world model was unaffected
+(0.14 s either way).
 
 tune_host_allocator() keeps buffers up to 32 MiB (glibc's largest mmap threshold on 64-bit) in the
 heap and returns freed memory to the kernel only when more than 1 GiB of it sits at the heap's
