@@ -69,19 +69,22 @@ class ScriptedVLM:
                 if self.path != "/v1/chat/completions" or self.headers.get("Authorization") != f"Bearer {KEY}":
                     return self._send(401, {"error": {"message": "bad path or key"}})
                 status, payload, delay = vlm.answer(body)
-                # concurrency is counted over answered calls (a timed-out one is abandoned by the client)
+                # concurrency is counted over answered calls (a timed-out one is abandoned by the client);
+                # a call leaves the count before its answer is written, since once the answer is out the
+                # client's next call may arrive before this thread runs again
                 counted = delay == 0
                 with vlm.lock:
                     vlm.in_flight += counted
                     vlm.max_in_flight = max(vlm.max_in_flight, vlm.in_flight)
                 try:
                     time.sleep(delay or 0.02)  # a little latency, so concurrent calls overlap
-                    self._send(status, payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout)
                 finally:
                     with vlm.lock:
                         vlm.in_flight -= counted
+                try:
+                    self._send(status, payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout)
 
             def _send(self, status, payload):
                 data = json.dumps(payload).encode()
