@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from .presets import EDITING_SETTINGS
+
 
 def _child(model: str, seconds: float, size: int, batch: int) -> dict:
     from deleaker.runtime import GenerateRequest, load_pipeline
@@ -34,8 +36,7 @@ def _child(model: str, seconds: float, size: int, batch: int) -> dict:
     else:
         pipe = load_pipeline(model, progress=False)
         prompt, entities, steps = "a cat and a cheetah in a field", ("cat", "cheetah"), 2
-        # windows inside 2 steps, so DeLeaker edits
-        cfg = pipe.config.replace(start_aggregating_from=0, start_intervention_from=1, do_smoothing=False)
+        cfg = pipe.config.replace(**EDITING_SETTINGS)
 
     def requests(seed: int) -> list:
         return [GenerateRequest(prompt, entities=entities, seed=seed + j, steps=steps, height=size, width=size,

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .serve_process import ServeProcess, deleaker_bin, free_port
+
 PROMPT = "a cat and a cheetah in a field"
 CASE_TIMEOUT_S = 20.0  # a bad input is refused in seconds (imports excluded); past this it was accepted
 SERVE_START_TIMEOUT_S = 240.0
@@ -330,17 +332,12 @@ def cli_cases() -> list[CliCase]:
 # -- serve start-up cases (subprocesses: a server that starts does not return) -------------------
 
 
-def _deleaker_bin() -> list[str]:
-    exe = Path(sys.executable).parent / "deleaker"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "deleaker.runtime.cli"]
-
-
 def serve_cases(scratch: Scratch) -> list[tuple[str, list[str]]]:
-    base = [*_deleaker_bin(), "serve", "--model", str(scratch.model), "--log-level", "warning"]
+    base = [*deleaker_bin(), "serve", "--model", str(scratch.model), "--log-level", "warning"]
     cases = [("--port 99999", base + ["--port", "99999"]),
              ("--max-batch 0", base + ["--port", str(free_port()), "--max-batch", "0"]),
              ("--preset nope", base + ["--port", str(free_port()), "--preset", "nope"]),
-             ("--model missing", [*_deleaker_bin(), "serve", "--model", str(scratch.root / "no-model"),
+             ("--model missing", [*deleaker_bin(), "serve", "--model", str(scratch.root / "no-model"),
                                   "--port", str(free_port())])]
     if scratch.busy_port is not None:
         cases.append(("busy --port", base + ["--port", str(scratch.busy_port)]))
@@ -452,51 +449,11 @@ def run_api_cases(model: Path) -> list[Outcome]:
 # -- HTTP cases --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class AuditServer:
+def audit_server(model: Path, log_path: Path) -> ServeProcess:
     """A real `deleaker serve` on 127.0.0.1 (the given model, small limits). Started at once;
     wait_ready() blocks until /health answers 200, so other cases run while it warms up."""
-
-    def __init__(self, model: Path, log_path: Path):
-        self.port = free_port()
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [*_deleaker_bin(), "serve", "--model", str(model), "--port", str(self.port), "--max-batch", "2",
-             "--max-size", "128", "--min-size", "16", "--default-size", "32x32", "--log-level", "warning"],
-            stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = SERVE_START_TIMEOUT_S) -> int:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the audit server exited ({self.proc.returncode}): "
-                                   f"{self.log_path.read_text()[-500:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return self.port
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the audit server was not ready in {timeout:g}s")
-            time.sleep(0.5)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+    return ServeProcess(["--model", str(model), "--max-batch", "2", "--max-size", "128", "--min-size", "16",
+                         "--default-size", "32x32", "--log-level", "warning"], log_path, name="the audit server")
 
 
 def _json(body: dict) -> bytes:
@@ -633,7 +590,7 @@ def audit(model: str | None = None, areas: tuple[str, ...] = AREAS, progress: Ca
         server = None
         if "http" in areas:
             say("starting deleaker serve for the http cases")
-            server = AuditServer(scratch.model, scratch.root / "serve.log")
+            server = audit_server(scratch.model, scratch.root / "serve.log")
             stack.callback(server.close)
         if "serve" in areas:
             busy = stack.enter_context(socket.socket())
@@ -650,7 +607,7 @@ def audit(model: str | None = None, areas: tuple[str, ...] = AREAS, progress: Ca
             outcomes += [Outcome(**o) for o in json.loads(result.read_text())["outcomes"]]
             say(f"{', '.join(local)} cases done")
         if server is not None:
-            outcomes += run_http_cases(server.wait_ready())
+            outcomes += run_http_cases(server.wait_ready(SERVE_START_TIMEOUT_S))
             say("http cases done")
         if serving:
             outcomes += finish_serve_cases(serving)

@@ -122,6 +122,10 @@ class BenchSpec:
                 M.transformer_folder(self.model)
 
 
+# DeLeaker settings whose windows open in the first steps, so DeLeaker edits even in a 2-step run
+# of the tiny model (the measurement tools use them to prove the timed work ran the op)
+EDITING_SETTINGS = {"start_aggregating_from": 0, "start_intervention_from": 1, "do_smoothing": False}
+
 PRESETS: dict[str, BenchSpec] = {
     # CPU smoke, used by CI: the tiny offline model, both modes, two sizes, batch 1..2, 2 steps.
     # Windows open at the first block (the tiny model has 4 blocks per step, the flux-dev

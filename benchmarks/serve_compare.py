@@ -9,10 +9,10 @@ K closed-loop loads, each followed by the same batches (sizes and counts read fr
 /metrics) through Pipeline.generate in the load generator's own process. The server is then
 stopped (SIGTERM, drained).
 
-Why fresh processes: on a shared CPU, one process's speed differs from the next one's by 10-20%
-(measured: the same in-process batch loop gives 0.08-0.12 s per batch depending on the process),
-so a ratio from one server and one client carries that offset in every round; over several
-process pairs the offsets average out and the spread of the ratios shows them.
+Why fresh processes: one process's speed can differ from the next one's (before the host allocator
+tuning, the same in-process batch loop took 0.08-0.12 s per batch depending on the process), so a
+ratio from one server and one client carries that offset in every round; over several process
+pairs the offsets average out and the spread of the ratios shows them.
 
 Writes DIR/rounds.jsonl (one line per round and concurrency: the bench summary), DIR/rR-cC.jsonl
 (per-request lines), DIR/server-rR.log, DIR/load.txt (load averages), DIR/table.md (the table,
@@ -27,19 +27,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .input_audit import free_port
+from .presets import EDITING_SETTINGS
+from .serve_process import ServeProcess
 
-# windows inside 2 steps, so DeLeaker edits in the short runs this protocol times
-EDITING_SETTINGS = {"start_aggregating_from": 0, "start_intervention_from": 1, "do_smoothing": False}
 
 
 @dataclass(frozen=True)
@@ -74,22 +71,6 @@ def parse_levels(s: str) -> tuple[tuple[int, int], ...]:
         raise ValueError(f"--levels must look like 1:16,4:64,16:128 (concurrency:requests), got {s!r}") from None
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode} before it was ready; see {log}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"the server was not ready within {timeout_s:g}s; see {log}")
-
-
 def _bench(url: str, spec: CompareSpec, model: str, concurrency: int, requests: int, loads: int,
            out: Path | None) -> dict:
     """One fresh `deleaker-bench --mode serve` process; returns its summary."""
@@ -106,35 +87,25 @@ def _bench(url: str, spec: CompareSpec, model: str, concurrency: int, requests: 
 
 
 def run_round(spec: CompareSpec, model: str, r: int, out: Path, say=print) -> list[dict]:
-    url_port = free_port()
-    url = f"http://127.0.0.1:{url_port}"
-    log = out / f"server-r{r}.log"
-    cmd = [sys.executable, "-m", "deleaker.runtime.serve.cli", "--model", model, "--port", str(url_port),
-           "--max-batch", str(spec.max_batch)]
     env = dict(os.environ)
+    args = ["--model", model, "--max-batch", str(spec.max_batch)]
     if spec.ray:
-        cmd += ["--ray", "--replicas", "1"]
+        args += ["--ray", "--replicas", "1"]
         env["RAY_AUTH_MODE"] = "disabled"  # a throwaway local Ray on 127.0.0.1, as the Ray tests start it
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        try:
-            _wait_ready(url, proc, log, spec.ready_timeout_s)
-            # first batches of every size the loads use, uncounted
-            _bench(url, spec, model, max(c for c, _ in spec.levels), 2 * spec.max_batch * 4, 1, None)
-            rows = []
-            for concurrency, requests in spec.levels:
-                s = _bench(url, spec, model, concurrency, requests, spec.loads, out / f"r{r}-c{concurrency}.jsonl")
-                rows.append({"round": r, "concurrency": concurrency, **s})
-                say(f"round {r}/{spec.rounds} concurrency {concurrency}: server {s['images_per_s']:.1f} images/s, "
-                    f"in-process {s['inprocess_images_per_s']:.1f}, ratio {s['server_vs_inprocess_pooled']:.3f}")
-            return rows
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    server = ServeProcess(args, out / f"server-r{r}.log", env=env)
+    try:
+        server.wait_ready(spec.ready_timeout_s)
+        # first batches of every size the loads use, uncounted
+        _bench(server.url, spec, model, max(c for c, _ in spec.levels), 2 * spec.max_batch * 4, 1, None)
+        rows = []
+        for concurrency, requests in spec.levels:
+            s = _bench(server.url, spec, model, concurrency, requests, spec.loads, out / f"r{r}-c{concurrency}.jsonl")
+            rows.append({"round": r, "concurrency": concurrency, **s})
+            say(f"round {r}/{spec.rounds} concurrency {concurrency}: server {s['images_per_s']:.1f} images/s, "
+                f"in-process {s['inprocess_images_per_s']:.1f}, ratio {s['server_vs_inprocess_pooled']:.3f}")
+        return rows
+    finally:
+        server.close()
 
 
 def _range(values: list[float]) -> str:
