@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deleaker.runtime.serve.options import HTTP_PARSERS
+
 from .presets import EDITING_SETTINGS
 from .serve_process import ServeProcess
 
@@ -51,6 +53,7 @@ class CompareSpec:
     prompt: str = "a cat and a cheetah in a field"
     entities: tuple[str, ...] = ("cat", "cheetah")
     ray: bool = False  # the server as one Ray Serve replica (deleaker serve --ray --replicas 1)
+    http: tuple[str, ...] = ("auto",)  # server HTTP parsers (deleaker serve --http); several: one server each per round
     ready_timeout_s: float = 300.0
 
     def validate(self) -> "CompareSpec":
@@ -60,6 +63,10 @@ class CompareSpec:
             raise ValueError(f"--levels must be CONCURRENCY:REQUESTS pairs of positive integers, got {self.levels}")
         if self.max_batch < 1 or self.steps < 1:
             raise ValueError("--max-batch and --steps must be >= 1")
+        if not self.http or any(h not in HTTP_PARSERS for h in self.http):
+            raise ValueError(f"--http must list parsers among {', '.join(HTTP_PARSERS)}, got {','.join(self.http)}")
+        if self.ray and self.http != ("auto",):
+            raise ValueError("--http applies to the local server; Ray Serve runs its own HTTP proxy")
         return self
 
 
@@ -86,22 +93,24 @@ def _bench(url: str, spec: CompareSpec, model: str, concurrency: int, requests: 
     return json.loads(done.stdout.strip().splitlines()[-1])["summary"]
 
 
-def run_round(spec: CompareSpec, model: str, r: int, out: Path, say=print) -> list[dict]:
+def run_round(spec: CompareSpec, model: str, r: int, out: Path, http: str = "auto", say=print) -> list[dict]:
     env = dict(os.environ)
-    args = ["--model", model, "--max-batch", str(spec.max_batch)]
+    args = ["--model", model, "--max-batch", str(spec.max_batch), "--http", http]
+    tag = "" if len(spec.http) == 1 else f"-{http}"
     if spec.ray:
         args += ["--ray", "--replicas", "1"]
         env["RAY_AUTH_MODE"] = "disabled"  # a throwaway local Ray on 127.0.0.1, as the Ray tests start it
-    server = ServeProcess(args, out / f"server-r{r}.log", env=env)
+    server = ServeProcess(args, out / f"server-r{r}{tag}.log", env=env)
     try:
         server.wait_ready(spec.ready_timeout_s)
         # first batches of every size the loads use, uncounted
         _bench(server.url, spec, model, max(c for c, _ in spec.levels), 2 * spec.max_batch * 4, 1, None)
         rows = []
         for concurrency, requests in spec.levels:
-            s = _bench(server.url, spec, model, concurrency, requests, spec.loads, out / f"r{r}-c{concurrency}.jsonl")
-            rows.append({"round": r, "concurrency": concurrency, **s})
-            say(f"round {r}/{spec.rounds} concurrency {concurrency}: server {s['images_per_s']:.1f} images/s, "
+            s = _bench(server.url, spec, model, concurrency, requests, spec.loads,
+                       out / f"r{r}-c{concurrency}{tag}.jsonl")
+            rows.append({"round": r, "concurrency": concurrency, "http": http, **s})
+            say(f"round {r}/{spec.rounds} {http} concurrency {concurrency}: server {s['images_per_s']:.1f} images/s, "
                 f"in-process {s['inprocess_images_per_s']:.1f}, ratio {s['server_vs_inprocess_pooled']:.3f}")
         return rows
     finally:
@@ -114,11 +123,12 @@ def _range(values: list[float]) -> str:
 
 def table(rows: list[dict]) -> str:
     """The per-concurrency table of docs/serving.md from rounds.jsonl rows."""
-    lines = ["| concurrency | process pairs | server images/s, median (range) | in-process images/s, median (range) "
+    parsers = sorted({row.get("http", "auto") for row in rows})
+    lines = ["| concurrency |" + (" HTTP parser |" if len(parsers) > 1 else "") + " process pairs | server images/s, median (range) | in-process images/s, median (range) "
              "| server / in-process, median [min, max] | pooled | batches of max size | in-process images edited |",
-             "|---|---|---|---|---|---|---|---|"]
-    for c in sorted({row["concurrency"] for row in rows}):
-        mine = [row for row in rows if row["concurrency"] == c]
+             "|---" * (8 + (len(parsers) > 1)) + "|"]
+    for c, http in sorted({(row["concurrency"], row.get("http", "auto")) for row in rows}):
+        mine = [row for row in rows if row["concurrency"] == c and row.get("http", "auto") == http]
         ratios = [row["server_vs_inprocess_pooled"] for row in mine]
         server_images = sum(row["ok"] for row in mine)  # n = 1: one image per request
         server_s = sum(row["wall_s"] for row in mine)
@@ -130,7 +140,7 @@ def table(rows: list[dict]) -> str:
                 batches[int(k)] = batches.get(int(k), 0) + v
         top = max(batches)
         edited = sum(row["inprocess_edited"] for row in mine)
-        lines.append(f"| {c} | {len(mine)} | {_range([row['images_per_s'] for row in mine])} "
+        lines.append(f"| {c} |" + (f" {http} |" if len(parsers) > 1 else "") + f" {len(mine)} | {_range([row['images_per_s'] for row in mine])} "
                      f"| {_range([row['inprocess_images_per_s'] for row in mine])} "
                      f"| {np.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] "
                      f"| {(server_images / server_s) / (inproc_images / inproc_s):.3f} "
@@ -153,11 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--ray", action="store_true", help="serve as one Ray Serve replica (needs the ray extra)")
+    p.add_argument("--http", default="auto", help="server HTTP parser(s), comma-separated, e.g. h11,httptools: "
+                   "each round then starts one server per parser, in turn")
     args = p.parse_args(argv)
 
     def go() -> int:
         spec = CompareSpec(rounds=args.rounds, levels=parse_levels(args.levels), loads=args.loads, model=args.model,
-                           size=args.size, steps=args.steps, max_batch=args.max_batch, ray=args.ray).validate()
+                           size=args.size, steps=args.steps, max_batch=args.max_batch, ray=args.ray,
+                           http=tuple(args.http.split(","))).validate()
         if args.model is not None and not Path(args.model).is_dir():
             raise ValueError(f"--model {args.model} is not a folder")
         out = Path(args.out)
@@ -173,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(out / "rounds.jsonl", "w") as fh, open(out / "load.txt", "w") as load:
             for r in range(1, spec.rounds + 1):
                 load.write(f"before round {r}: load average {' '.join('%.2f' % x for x in os.getloadavg())}\n")
-                for row in run_round(spec, model, r, out, say=lambda m: print(m, file=sys.stderr, flush=True)):
-                    fh.write(json.dumps(row) + "\n")
-                    fh.flush()
-                    rows.append(row)
+                for http in spec.http:
+                    for row in run_round(spec, model, r, out, http, say=lambda m: print(m, file=sys.stderr, flush=True)):
+                        fh.write(json.dumps(row) + "\n")
+                        fh.flush()
+                        rows.append(row)
             load.write(f"after: load average {' '.join('%.2f' % x for x in os.getloadavg())}\n")
         text = table(rows)
         (out / "table.md").write_text(text)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 
 from .latents import LatentGeometry
@@ -63,9 +64,26 @@ def estimate(info, geo: LatentGeometry, batch: int, steps: int, fused: bool) -> 
     return Footprint(workspace, activations, vae, seconds)
 
 
-def available_bytes(device) -> int | None:
+FREE_MEMORY_MAX_AGE_S = 0.5  # a reading of free memory is reused this long (a server checks every request)
+_readings: dict[str, tuple[float, int | None]] = {}  # device kind -> (monotonic time, bytes)
+
+
+def available_bytes(device, max_age_s: float = FREE_MEMORY_MAX_AGE_S) -> int | None:
     """Memory free now on `device` (a torch.device, "cpu", "cuda[:N]" or None): the GPU's free
-    memory on CUDA (when torch can say), else the host's MemAvailable. None: unknown."""
+    memory on CUDA (when torch can say), else the host's MemAvailable. None: unknown.
+    A reading younger than max_age_s is reused: a server checks every request it admits, reading
+    /proc/meminfo costs more than the rest of the check, and free memory moves slowly next to that."""
+    key = str(device) if device is not None else "cpu"
+    now = time.monotonic()
+    seen = _readings.get(key)
+    if seen is not None and now - seen[0] < max_age_s:
+        return seen[1]
+    free = _read_available(device)
+    _readings[key] = (now, free)
+    return free
+
+
+def _read_available(device) -> int | None:
     kind = getattr(device, "type", None) or (str(device).split(":")[0] if device is not None else "cpu")
     if kind == "cuda":
         try:
@@ -75,9 +93,9 @@ def available_bytes(device) -> int | None:
         except Exception:  # no torch or no CUDA here: nothing to check against
             return None
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
+        with open("/proc/meminfo", "rb") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(b"MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

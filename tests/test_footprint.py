@@ -60,8 +60,19 @@ def test_check_refuses_and_names_the_size_that_fits(monkeypatch):
 
 
 def test_available_bytes_reads_the_host():
-    free = footprint.available_bytes("cpu")
+    free = footprint.available_bytes("cpu", max_age_s=0)
     assert free is not None and 0 < free <= __import__("os").sysconf("SC_PHYS_PAGES") * 4096 * 2
+
+
+def test_a_free_memory_reading_is_reused_only_while_young(monkeypatch):
+    reads = []
+    monkeypatch.setattr(footprint, "_readings", {})
+    monkeypatch.setattr(footprint, "_read_available", lambda device: reads.append(device) or 1000 * len(reads))
+    assert footprint.available_bytes("cpu", max_age_s=60) == 1000
+    assert footprint.available_bytes("cpu", max_age_s=60) == 1000  # reused
+    assert footprint.available_bytes("cuda:0", max_age_s=60) == 2000  # each device has its own reading
+    assert footprint.available_bytes("cpu", max_age_s=0) == 3000  # too old: read again
+    assert reads == ["cpu", "cuda:0", "cpu"]
 
 
 def test_a_request_that_cannot_fit_is_refused_before_allocating(tiny_model_dir):

@@ -13,8 +13,8 @@ pytest.importorskip("aiohttp", reason="the bench extra (aiohttp) is not installe
 from deleaker.benchmarks import serve_compare as sc  # noqa: E402
 
 
-def _row(c, ok, wall, inproc_images, inproc_s, batches, edited):
-    return {"concurrency": c, "ok": ok, "wall_s": wall, "images_per_s": ok / wall,
+def _row(c, ok, wall, inproc_images, inproc_s, batches, edited, http="auto"):
+    return {"concurrency": c, "http": http, "ok": ok, "wall_s": wall, "images_per_s": ok / wall,
             "inprocess_images_per_s": inproc_images / inproc_s, "server_vs_inprocess_pooled":
             (ok / wall) / (inproc_images / inproc_s), "batches": batches, "inprocess_edited": edited,
             "rounds": [{"inprocess_images": inproc_images, "inprocess_s": inproc_s}]}
@@ -34,20 +34,34 @@ def test_table_medians_pooled_ratio_and_batches():
     assert cells[7] == "119 of 120"
 
 
+def test_table_has_a_row_per_parser_when_several_ran():
+    rows = [_row(16, 40, 2.0, 40, 1.0, {"4": 10}, 40, "h11"), _row(16, 40, 1.0, 40, 1.0, {"4": 10}, 40, "httptools")]
+    lines = sc.table(rows).splitlines()
+    assert "| HTTP parser |" in lines[0] and lines[1].count("---") == 9
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [(c[0], c[1], c[5]) for c in cells] == [("16", "h11", "0.500 [0.500, 0.500]"),
+                                                   ("16", "httptools", "1.000 [1.000, 1.000]")]
+
+
 def test_bad_options_are_one_line_errors(tmp_path, capsys):
     assert sc.main(["--out", str(tmp_path / "o"), "--levels", "4"]) == 2
     assert "--levels must look like" in capsys.readouterr().err
     assert sc.main(["--out", str(tmp_path / "o"), "--rounds", "0"]) == 2
     assert sc.main(["--out", str(tmp_path / "o"), "--model", str(tmp_path / "missing")]) == 2
+    assert sc.main(["--out", str(tmp_path / "o"), "--http", "h11,h2"]) == 2
+    assert "--http must list parsers among auto, httptools, h11, got h11,h2" in capsys.readouterr().err
+    assert sc.main(["--out", str(tmp_path / "o"), "--ray", "--http", "h11"]) == 2
     assert not (tmp_path / "o").exists()  # nothing written before the options are checked
 
 
-def test_one_round_on_a_real_server(tiny_model_dir, tmp_path):
+def test_one_round_on_a_real_server_per_parser(tiny_model_dir, tmp_path):
+    pytest.importorskip("httptools", reason="httptools is not installed (the serve extra installs it)")
     out = tmp_path / "cmp"
-    assert sc.main(["--out", str(out), "--rounds", "1", "--levels", "1:3,4:8", "--loads", "1",
+    assert sc.main(["--out", str(out), "--rounds", "1", "--levels", "1:3,4:8", "--loads", "1", "--http", "h11,httptools",
                     "--model", str(tiny_model_dir)]) == 0
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    assert [r["concurrency"] for r in rows] == [1, 4]
+    assert [(r["concurrency"], r["http"]) for r in rows] == [(1, "h11"), (4, "h11"), (1, "httptools"),
+                                                             (4, "httptools")]
     for r in rows:
         assert r["ok"] == r["requests"] and r["server_errors"] == 0
         inproc = r["rounds"][0]["inprocess_images"]
@@ -55,5 +69,7 @@ def test_one_round_on_a_real_server(tiny_model_dir, tmp_path):
         assert sum(int(k) * v for k, v in r["batches"].items()) == r["ok"]
         assert r["inprocess_edited"] == inproc  # DeLeaker edited every timed in-process image
         assert r["server_vs_inprocess_pooled"] > 0
-    assert (out / "server-r1.log").read_text().count("generated") >= 2
-    assert "| 4 | 1 |" in (out / "table.md").read_text()
+    for http in ("h11", "httptools"):
+        log = (out / f"server-r1-{http}.log").read_text()
+        assert log.count("generated") >= 2 and f"queue 64, {http})" in log
+        assert f"| 4 | {http} | 1 |" in (out / "table.md").read_text()

@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
 
+from deleaker.runtime.serve.options import HTTP_PARSERS  # noqa: E402
 from serve_support import SIZE, STEPS, ServerProcess, metric  # noqa: E402
 
 GEN = "/v1/images/generations"
@@ -22,12 +23,27 @@ READ_TIMEOUT_S = 2
 FAST = {"prompt": "a cat and a dog", "entities": ["cat", "dog"], "size": SIZE, "steps": STEPS}
 
 
+def _limited_server(tiny_model_dir, tmp_path_factory, http: str) -> ServerProcess:
+    return ServerProcess(["--model", str(tiny_model_dir), "--max-batch", "1", "--max-wait-ms", "0", "--steps",
+                          str(STEPS), "--default-size", SIZE, "--read-timeout-s", str(READ_TIMEOUT_S),
+                          "--keep-alive-s", "1", "--timeout-s", "1", "--max-connections", "300", "--http", http],
+                         tmp_path_factory.mktemp(f"serve-limits-{http}") / "server.log")
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def limited(tiny_model_dir, tmp_path_factory, request):
+    """One server per HTTP parser: the header timeout and the connection cap sit on each one's protocol."""
+    if request.param == "httptools":
+        pytest.importorskip("httptools", reason="httptools is not installed (the serve extra installs it)")
+    s = _limited_server(tiny_model_dir, tmp_path_factory, request.param)
+    assert f"queue 64, {request.param})" in s.log_text()  # the parser asked for is the one serving
+    yield s
+    s.stop()
+
+
 @pytest.fixture(scope="module")
-def limited(tiny_model_dir, tmp_path_factory):
-    s = ServerProcess(["--model", str(tiny_model_dir), "--max-batch", "1", "--max-wait-ms", "0", "--steps", str(STEPS),
-                       "--default-size", SIZE, "--read-timeout-s", str(READ_TIMEOUT_S), "--keep-alive-s", "1",
-                       "--timeout-s", "1", "--max-connections", "300"],
-                      tmp_path_factory.mktemp("serve-limits") / "server.log")
+def limited_auto(tiny_model_dir, tmp_path_factory):
+    s = _limited_server(tiny_model_dir, tmp_path_factory, "auto")
     yield s
     s.stop()
 
@@ -94,23 +110,23 @@ def test_connection_cap(limited):
     assert httpx.post(limited.url + GEN, json=FAST, timeout=60).status_code == 200
 
 
-def test_timeout_stops_the_abandoned_batch_without_stray_errors(limited):
+def test_timeout_stops_the_abandoned_batch_without_stray_errors(limited_auto):
     """A request past --timeout-s gets 504; its batch (all of whose images are abandoned) stops after
     the current step instead of running its 50 steps, and nothing is logged as never retrieved.
     512x512: its 50 steps take several seconds on a fast CPU (256x256 took 1.0 s, as long as the
     timeout, so its last step could end before the timeout and the batch finish unabandoned)."""
-    r = httpx.post(limited.url + GEN, json={"prompt": "a cat", "size": "512x512", "steps": 50}, timeout=60)
+    r = httpx.post(limited_auto.url + GEN, json={"prompt": "a cat", "size": "512x512", "steps": 50}, timeout=60)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        m = httpx.get(limited.url + "/metrics", timeout=10).text
+        m = httpx.get(limited_auto.url + "/metrics", timeout=10).text
         if metric(m, "deleaker_dropped_images_total", 'reason="abandoned"') == 1:
             break
         time.sleep(0.1)
-    assert metric(m, "deleaker_dropped_images_total", 'reason="abandoned"') == 1, m + limited.log_text()
+    assert metric(m, "deleaker_dropped_images_total", 'reason="abandoned"') == 1, m + limited_auto.log_text()
     assert metric(m, "deleaker_running_images") == 0
-    assert httpx.post(limited.url + GEN, json=FAST, timeout=60).status_code == 200
-    log = limited.log_text()
+    assert httpx.post(limited_auto.url + GEN, json=FAST, timeout=60).status_code == 200
+    log = limited_auto.log_text()
     assert "never retrieved" not in log and "Traceback" not in log, log
 
 
@@ -136,10 +152,19 @@ def test_bad_or_busy_port_fails_in_one_line_before_loading():
         assert time.monotonic() - t0 < 30
 
 
+def test_http_parser_is_checked_before_loading():
+    r = _serve_cli("--http", "nghttp2")
+    assert r.returncode == 2 and "argument --http: invalid choice: 'nghttp2'" in r.stderr, r.stderr
+    r = _serve_cli("--ray", "--http", "h11")
+    assert r.returncode == 2 and r.stderr.strip() == ("deleaker serve: error: --http applies to the local server; "
+                                                      "Ray Serve's proxy parses HTTP itself"), r.stderr
+
+
 def test_help_shows_defaults():
     r = _serve_cli("--help")
     text = " ".join(r.stdout.split())
     for option, default in (("--port", "8000"), ("--max-body-bytes", "65536"), ("--read-timeout-s", "15.0"),
-                            ("--keep-alive-s", "5.0"), ("--max-connections", "512")):
-        after = text.rsplit(f"{option} {option.lstrip('-').upper().replace('-', '_')} ", 1)[1][:200]  # its help
+                            ("--keep-alive-s", "5.0"), ("--max-connections", "512"), ("--http", "auto")):
+        metavar = "{" + ",".join(HTTP_PARSERS) + "}" if option == "--http" else option.lstrip("-").upper().replace("-", "_")
+        after = text.rsplit(f"{option} {metavar} ", 1)[1][:200]  # its help
         assert f"(default: {default})" in after, (option, after)

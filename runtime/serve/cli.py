@@ -21,7 +21,7 @@ from ..config import PRESETS
 from ..errors import run_reporting_errors
 from ..cli_help import DefaultsHelpFormatter
 from .loading import load_pipeline, api_token
-from .options import ServeOptions
+from .options import HTTP_PARSERS, ServeOptions
 
 log = logging.getLogger("deleaker.serve")
 
@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
                    help="idle keep-alive connections are closed after this")
     c.add_argument("--max-connections", type=int, default=_D.max_connections,
                    help="open connections past this are closed at once")
+    c.add_argument("--http", default=_D.http, choices=HTTP_PARSERS,
+                   help="HTTP/1.1 parser of the local server: auto takes httptools (C) when installed, else h11 "
+                        "(pure Python)")
     lim = p.add_argument_group("request limits")
     lim.add_argument("--max-body-bytes", type=int, default=_D.max_body_bytes, help="request body limit (413)")
     lim.add_argument("--max-prompt-chars", type=int, default=_D.max_prompt_chars, help="prompt length limit")
@@ -117,6 +120,7 @@ def _serve_local(args, options: ServeOptions) -> int:
     from .connections import LOOPBACK_HOSTS, bind, uvicorn_limits
 
     sock = bind(args.host, args.port)  # a busy port or a bad host fails here, before the model loads
+    limits = uvicorn_limits(options)  # likewise a missing httptools
     engine, app = build_local(args, options)
 
     class DrainingServer(uvicorn.Server):
@@ -140,10 +144,11 @@ def _serve_local(args, options: ServeOptions) -> int:
     if args.host not in LOOPBACK_HOSTS and api_token() is None:
         log.warning("binding %s without DELEAKER_API_TOKEN: anyone who reaches this port can generate", args.host)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=options.drain_timeout_s + 5, **uvicorn_limits(options))
+                            timeout_graceful_shutdown=options.drain_timeout_s + 5, **limits)
     server = DrainingServer(config)
-    log.info("serving %s on http://%s:%d (max batch %d, max wait %gms, queue %d)", engine.pipe.backend.info.name,
-             args.host, args.port, engine.runner.max_batch, options.max_wait_ms, options.max_queue)
+    log.info("serving %s on http://%s:%d (max batch %d, max wait %gms, queue %d, %s)", engine.pipe.backend.info.name,
+             args.host, args.port, engine.runner.max_batch, options.max_wait_ms, options.max_queue,
+             limits["http"].__name__.removeprefix("Limited").removesuffix("Protocol").lower())
     server.run(sockets=[sock])
     return 0
 
@@ -155,6 +160,8 @@ def _serve(args) -> int:
     check_port(args.port)
     api_token()  # a bad token fails before the model loads
     if args.ray:
+        if options.http != "auto":
+            raise ValueError("--http applies to the local server; Ray Serve's proxy parses HTTP itself")
         if args.ray_address is None and not os.environ.get("RAY_ADDRESS") and args.host in LOOPBACK_HOSTS:
             # a local Ray for a loopback server: Ray takes 127.0.0.1 as the node address only with this set
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -1,5 +1,5 @@
-"""Connection limits of the local server: the listening socket, a header-read timeout and a
-connection cap on uvicorn's h11 protocol, and the keep-alive timeout.
+"""Connections of the local server: the listening socket, the HTTP parser (httptools or h11), a
+header-read timeout and a connection cap on uvicorn's protocol for it, and the keep-alive timeout.
 
 uvicorn closes idle keep-alive connections (timeout_keep_alive) but waits forever for a request's
 headers, and its limit_concurrency still accepts every connection. The body-read timeout is in
@@ -9,9 +9,6 @@ the ASGI layer (app.py), where the body is read.
 from __future__ import annotations
 
 import socket
-
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .options import ServeOptions
 
@@ -44,43 +41,88 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def protocol_class(options: ServeOptions) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with --read-timeout-s for headers and --max-connections."""
-    header_timeout_s, cap = options.read_timeout_s, options.max_connections
+def _httptools_available() -> bool:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    class LimitedH11Protocol(H11Protocol):
-        _header_timer = None
 
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            if len(self.connections) > cap:
-                self.logger.warning("over --max-connections=%d: closing a new connection", cap)
-                transport.close()
-                return
-            self._arm_header_timer()
+def parser_name(choice: str) -> str:
+    """--http (one of HTTP_PARSERS): auto picks httptools (C, llhttp) when it is installed, else h11
+    (pure Python)."""
+    if choice == "auto":
+        return "httptools" if _httptools_available() else "h11"
+    if choice == "httptools" and not _httptools_available():
+        raise ValueError("--http httptools: the httptools package is not installed (pip install httptools)")
+    return choice
 
-        def connection_lost(self, exc) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-            super().connection_lost(exc)
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._arm_header_timer()  # the next request on this connection gets the same limit
+class _Limits:
+    """Mixed into a uvicorn HTTP protocol: --max-connections and a header-read timer, armed when a
+    connection opens and again after each response. The protocol says whether a request head is
+    still awaited (awaiting_head)."""
 
-        def _arm_header_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-            self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+    header_timeout_s: float
+    cap: int
+    _header_timer = None
 
-        def _header_timeout(self) -> None:
-            # IDLE: no complete request head yet (a request whose head arrived is past this state)
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self.transport.close()
+    def awaiting_head(self) -> bool:
+        raise NotImplementedError
 
-    return LimitedH11Protocol
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.cap:
+            self.logger.warning("over --max-connections=%d: closing a new connection", self.cap)
+            transport.close()
+            return
+        self._arm_header_timer()
+
+    def connection_lost(self, exc) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_timer()  # the next request on this connection gets the same limit
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _header_timeout(self) -> None:
+        if self.awaiting_head() and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _httptools_awaiting_head(self) -> bool:
+    # a request whose head arrived has a cycle until its response is done, or waits in the pipeline
+    return (self.cycle is None or self.cycle.response_complete) and not self.pipeline
+
+
+def _h11_awaiting_head(self) -> bool:
+    import h11
+
+    return self.conn.their_state is h11.IDLE  # past IDLE once a complete request head arrived
+
+
+def protocol_class(options: ServeOptions, parser: str = "auto") -> type:
+    """uvicorn's HTTP protocol (httptools or h11, see parser_name) with --read-timeout-s for
+    headers and --max-connections."""
+    if parser_name(parser) == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+        awaiting_head = _httptools_awaiting_head
+    else:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+        awaiting_head = _h11_awaiting_head
+    return type(f"Limited{base.__name__}", (_Limits, base),
+                {"header_timeout_s": options.read_timeout_s, "cap": options.max_connections,
+                 "awaiting_head": awaiting_head})
 
 
 def uvicorn_limits(options: ServeOptions) -> dict:
-    """uvicorn.Config keyword arguments for the connection limits."""
-    return {"http": protocol_class(options), "timeout_keep_alive": options.keep_alive_s}
+    """uvicorn.Config keyword arguments for the HTTP parser and the connection limits."""
+    return {"http": protocol_class(options, options.http), "timeout_keep_alive": options.keep_alive_s}

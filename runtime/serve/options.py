@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from ..pipeline import MAX_STEPS
 
+HTTP_PARSERS = ("auto", "httptools", "h11")  # auto: httptools when installed, else h11 (connections.py)
+
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -19,6 +21,7 @@ class ServeOptions:
     read_timeout_s: float = 15.0  # a request's headers, and then its body, must each arrive within this
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 512  # open connections past this are closed at once
+    http: str = "auto"  # HTTP/1.1 parser, one of HTTP_PARSERS
     # request limits (every violation is a 400 naming the field)
     max_body_bytes: int = 64 * 1024
     max_prompt_chars: int = 2000
@@ -42,6 +45,8 @@ class ServeOptions:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.max_steps > MAX_STEPS:  # the server's cap lies inside the pipeline's one range
             raise ValueError(f"max-steps must be <= {MAX_STEPS} (the pipeline's limit), got {self.max_steps}")
+        if self.http not in HTTP_PARSERS:
+            raise ValueError(f"http must be one of {', '.join(HTTP_PARSERS)}, got {self.http!r}")
         if self.min_size > self.max_size:
             raise ValueError(f"min-size {self.min_size} is larger than max-size {self.max_size}")
         if self.default_steps is not None and not 1 <= self.default_steps <= self.max_steps:
