@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deleaker.runtime.serve.options import HTTP_PARSERS
+from deleaker.runtime.serve.options import HTTP_PARSERS, RAY_HTTP_ERROR
 
 from .presets import EDITING_SETTINGS
 from .serve_process import ServeProcess
@@ -66,7 +66,7 @@ class CompareSpec:
         if not self.http or any(h not in HTTP_PARSERS for h in self.http):
             raise ValueError(f"--http must list parsers among {', '.join(HTTP_PARSERS)}, got {','.join(self.http)}")
         if self.ray and self.http != ("auto",):
-            raise ValueError("--http applies to the local server; Ray Serve runs its own HTTP proxy")
+            raise ValueError(RAY_HTTP_ERROR)
         return self
 
 
@@ -123,10 +123,11 @@ def _range(values: list[float]) -> str:
 
 def table(rows: list[dict]) -> str:
     """The per-concurrency table of docs/serving.md from rounds.jsonl rows."""
-    parsers = sorted({row.get("http", "auto") for row in rows})
-    lines = ["| concurrency |" + (" HTTP parser |" if len(parsers) > 1 else "") + " process pairs | server images/s, median (range) | in-process images/s, median (range) "
-             "| server / in-process, median [min, max] | pooled | batches of max size | in-process images edited |",
-             "|---" * (8 + (len(parsers) > 1)) + "|"]
+    several = len({row.get("http", "auto") for row in rows}) > 1  # then a column names each row's parser
+    lines = ["| concurrency |" + (" HTTP parser |" if several else "") + " process pairs | server images/s, median "
+             "(range) | in-process images/s, median (range) | server / in-process, median [min, max] | pooled "
+             "| batches of max size | in-process images edited |",
+             "|---" * (8 + several) + "|"]
     for c, http in sorted({(row["concurrency"], row.get("http", "auto")) for row in rows}):
         mine = [row for row in rows if row["concurrency"] == c and row.get("http", "auto") == http]
         ratios = [row["server_vs_inprocess_pooled"] for row in mine]
@@ -140,7 +141,8 @@ def table(rows: list[dict]) -> str:
                 batches[int(k)] = batches.get(int(k), 0) + v
         top = max(batches)
         edited = sum(row["inprocess_edited"] for row in mine)
-        lines.append(f"| {c} |" + (f" {http} |" if len(parsers) > 1 else "") + f" {len(mine)} | {_range([row['images_per_s'] for row in mine])} "
+        lines.append(f"| {c} |" + (f" {http} |" if several else "") + f" {len(mine)} "
+                     f"| {_range([row['images_per_s'] for row in mine])} "
                      f"| {_range([row['inprocess_images_per_s'] for row in mine])} "
                      f"| {np.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] "
                      f"| {(server_images / server_s) / (inproc_images / inproc_s):.3f} "
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(1, spec.rounds + 1):
                 load.write(f"before round {r}: load average {' '.join('%.2f' % x for x in os.getloadavg())}\n")
                 for http in spec.http:
-                    for row in run_round(spec, model, r, out, http, say=lambda m: print(m, file=sys.stderr, flush=True)):
+                    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+                    for row in run_round(spec, model, r, out, http, say=say):
                         fh.write(json.dumps(row) + "\n")
                         fh.flush()
                         rows.append(row)

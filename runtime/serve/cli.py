@@ -21,7 +21,7 @@ from ..config import PRESETS
 from ..errors import run_reporting_errors
 from ..cli_help import DefaultsHelpFormatter
 from .loading import load_pipeline, api_token
-from .options import HTTP_PARSERS, ServeOptions
+from .options import HTTP_PARSERS, RAY_HTTP_ERROR, ServeOptions
 
 log = logging.getLogger("deleaker.serve")
 
@@ -148,7 +148,7 @@ def _serve_local(args, options: ServeOptions) -> int:
     server = DrainingServer(config)
     log.info("serving %s on http://%s:%d (max batch %d, max wait %gms, queue %d, %s)", engine.pipe.backend.info.name,
              args.host, args.port, engine.runner.max_batch, options.max_wait_ms, options.max_queue,
-             limits["http"].__name__.removeprefix("Limited").removesuffix("Protocol").lower())
+             limits["http"].parser)
     server.run(sockets=[sock])
     return 0
 
@@ -161,7 +161,7 @@ def _serve(args) -> int:
     api_token()  # a bad token fails before the model loads
     if args.ray:
         if options.http != "auto":
-            raise ValueError("--http applies to the local server; Ray Serve's proxy parses HTTP itself")
+            raise ValueError(RAY_HTTP_ERROR)
         if args.ray_address is None and not os.environ.get("RAY_ADDRESS") and args.host in LOOPBACK_HOSTS:
             # a local Ray for a loopback server: Ray takes 127.0.0.1 as the node address only with this set
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

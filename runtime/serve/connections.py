@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import socket
 
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from .options import ServeOptions
 
 PORT_RANGE = (1, 65535)
@@ -64,6 +67,7 @@ class _Limits:
     connection opens and again after each response. The protocol says whether a request head is
     still awaited (awaiting_head)."""
 
+    parser: str  # httptools or h11
     header_timeout_s: float
     cap: int
     _header_timer = None
@@ -104,22 +108,20 @@ def _httptools_awaiting_head(self) -> bool:
 
 
 def _h11_awaiting_head(self) -> bool:
-    import h11
-
     return self.conn.their_state is h11.IDLE  # past IDLE once a complete request head arrived
 
 
 def protocol_class(options: ServeOptions, parser: str = "auto") -> type:
     """uvicorn's HTTP protocol (httptools or h11, see parser_name) with --read-timeout-s for
     headers and --max-connections."""
-    if parser_name(parser) == "httptools":
+    name = parser_name(parser)
+    if name == "httptools":  # imports httptools, which may be missing
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
         awaiting_head = _httptools_awaiting_head
     else:
-        from uvicorn.protocols.http.h11_impl import H11Protocol as base
-        awaiting_head = _h11_awaiting_head
+        base, awaiting_head = H11Protocol, _h11_awaiting_head
     return type(f"Limited{base.__name__}", (_Limits, base),
-                {"header_timeout_s": options.read_timeout_s, "cap": options.max_connections,
+                {"parser": name, "header_timeout_s": options.read_timeout_s, "cap": options.max_connections,
                  "awaiting_head": awaiting_head})
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..pipeline import MAX_STEPS
 
 HTTP_PARSERS = ("auto", "httptools", "h11")  # auto: httptools when installed, else h11 (connections.py)
+RAY_HTTP_ERROR = "--http applies to the local server; Ray Serve's proxy parses HTTP itself"
 
 
 @dataclass(frozen=True)
