@@ -5,55 +5,35 @@ from __future__ import annotations
 import io
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
+
+from deleaker.benchmarks.presets import EDITING_SETTINGS
+from deleaker.benchmarks.serve_process import ServeProcess
 
 # every image small and short, so the tests stay fast on two CPU cores
 SIZE, STEPS = "64x64", 2
 # windows open in the first steps so DeLeaker edits something even in 2 steps of the tiny model
-EARLY = {"start_aggregating_from": 0, "start_intervention_from": 1, "do_smoothing": False}
+EARLY = EDITING_SETTINGS
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ServerProcess(ServeProcess):
+    """The measurement tools' server process, for the tests: one OpenMP thread, ready on creation
+    (else stopped, with its log in the error), log_text(), rss_bytes() and stop() -> exit code."""
 
-
-class ServerProcess:
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None, ready_timeout_s: float = 180):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "deleaker.runtime.serve.cli", "--port", str(self.port), *args]
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-        self.log = open(log_path, "w")  # noqa: SIM115  (closed in stop)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
-        self._wait_ready(ready_timeout_s)
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server not ready within {timeout_s}s:\n{self.log_text()}")
+        super().__init__(args, log_path, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, name="server")
+        try:
+            self.wait_ready(ready_timeout_s)
+        except RuntimeError as e:
+            self.stop()
+            raise RuntimeError(f"{e}:\n{self.log_text()}") from None
 
     def log_text(self) -> str:
-        self.log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()[-4000:]
 
     def rss_bytes(self) -> int:
@@ -61,14 +41,7 @@ class ServerProcess:
         return int(m.group(1)) * 1024
 
     def stop(self, timeout_s: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        self.close(timeout_s)
         return self.proc.returncode
 
 

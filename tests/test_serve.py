@@ -164,9 +164,8 @@ def test_request_timeout_drops_its_queued_image(pipe):
 
     metrics = Metrics(1)
     runner = Batcher(pipe, 1, 0, 4, metrics)
-    patient = Engine(pipe, ServeOptions(max_batch=1, max_wait_ms=0, timeout_s=600), metrics)
-    engine = Engine(pipe, ServeOptions(max_batch=1, max_wait_ms=0, timeout_s=0.3), metrics)
-    patient.runner = engine.runner = runner
+    patient = Engine(pipe, ServeOptions(max_batch=1, max_wait_ms=0, timeout_s=600), metrics, runner)
+    engine = Engine(pipe, ServeOptions(max_batch=1, max_wait_ms=0, timeout_s=0.3), metrics, runner)
     # several seconds even on a fast CPU, far longer than the short request's 0.3 s
     slow = GenerateRequest(prompt="a cat", steps=50, height=512, width=512)
     fast = GenerateRequest(prompt="a cat", steps=STEPS, height=64, width=64)

@@ -34,6 +34,7 @@ from .metrics import Metrics
 
 log = logging.getLogger("deleaker.serve")
 
+STOPPED = "the server stopped before this model call ran"  # call() after stop(), or queued when it came
 RETURN_WAIT_SHARE = 0.25  # of the last batch's time: how long to wait for the clients just answered
 
 
@@ -110,7 +111,7 @@ class Batcher:
         done, box = threading.Event(), {}
         with self._cond:
             if self._stopping:  # the model thread has ended or is ending: nobody would run fn
-                raise RuntimeError("the server stopped before this model call ran")
+                raise RuntimeError(STOPPED)
             self._calls.append((fn, done, box))
             self._cond.notify_all()
         done.wait()
@@ -196,7 +197,7 @@ class Batcher:
                 if self._stopping:
                     while self._calls:  # nobody will run them: their callers get an error
                         _, done, box = self._calls.popleft()
-                        box["error"] = RuntimeError("the server stopped before this model call ran")
+                        box["error"] = RuntimeError(STOPPED)
                         done.set()
                     return None
                 if self._calls:

@@ -75,11 +75,11 @@ def _check_setting(name: str, value) -> None:
 
 
 class Engine:
-    def __init__(self, pipe: Pipeline, options: ServeOptions, metrics: Metrics, runner=None):
+    def __init__(self, pipe: Pipeline, options: ServeOptions, metrics: Metrics, runner):
         self.pipe = pipe
         self.options = options
         self.metrics = metrics
-        self.runner = runner  # set by the caller when the runner needs the engine's metrics first
+        self.runner = runner  # the Batcher (its model thread runs every model call)
         info = pipe.backend.info
         self.size_range = tuple(info.size_range) if info.size_range else (options.min_size, options.max_size)
         self.default_steps = options.default_steps or min(pipe.config.num_steps, options.max_steps)
