@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install browser demo test plugin clean
+.PHONY: install tools demo test plugin clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,19 +17,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Headless Chromium for the HTML report test (Debian's package); the test skips with a reason without it.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+# Debian's headless Chromium (the HTML report and playground tests) and hey (the load generator
+# tests); a test whose tool is missing skips with a reason.
+tools:
+	@missing=""; for t in chromium hey; do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq install -y chromium >/dev/null; \
-		else echo "make: no chromium and no root apt-get: the browser test will skip"; fi; }
+			apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq install -y $$missing >/dev/null; \
+		else echo "make: no$$missing and no root apt-get: their tests will skip"; fi; fi
 
 # The embedded default model (the toy world): one prompt, seeds 0-7, vanilla above DeLeaker,
 # every cell tagged by the exact judge (leak / clean / missing); the counts are printed.
 demo: $(STAMP)
 	$(BIN)/python -m deleaker.benchmarks.toyworld.demo --out demo.png
 
-test: $(STAMP) browser
+test: $(STAMP) tools
 	$(BIN)/python -m pytest -q -ra tests
 
 plugin:

@@ -504,8 +504,10 @@ def http_cases() -> list[tuple[str, str, bytes, dict]]:
 def run_http_cases(port: int) -> list[Outcome]:
     import httpx
 
+    from deleaker.runtime.serve.client import GENERATE_PATH
+
     out = []
-    url = f"http://127.0.0.1:{port}/v1/images/generations"
+    url = f"http://127.0.0.1:{port}{GENERATE_PATH}"
     with httpx.Client(timeout=120) as client:
         for name, method, body, headers in http_cases():
             try:

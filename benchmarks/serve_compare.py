@@ -1,6 +1,7 @@
 """Server vs in-process Pipeline on the same batches, over fresh processes.
 
     python -m deleaker.benchmarks.serve_compare --out DIR --rounds 8
+    python -m deleaker.benchmarks.serve_compare --table DIR1 DIR2    # one table over earlier runs
 
 Each round starts a fresh `deleaker serve` (--model, --max-batch; with --ray, one Ray Serve
 replica), warms it up, and for each
@@ -18,8 +19,12 @@ Writes DIR/rounds.jsonl (one line per round and concurrency: the bench summary),
 (per-request lines), DIR/server-rR.log, DIR/load.txt (load averages), DIR/table.md (the table,
 also printed). Per concurrency: server and in-process images/s (median and range over the
 process pairs), the ratio server / in-process (median of the pairs' pooled ratios, its range, and
-pooled over everything), the batch sizes the server ran, and how many in-process images DeLeaker
-edited (nonzero history: proof that the timed work ran the op).
+pooled over everything), the same ratio against the in-process passes that also encode every
+image to PNG as the server does (what is left is the cost of HTTP serving), the batch sizes the
+server ran, and how many in-process images DeLeaker edited (nonzero history: proof that the timed
+work ran the op). --device runs the server and the in-process passes there (cpu, cuda).
+--client aiohttp,hey runs every load once per load generator against the same server (the order
+alternates from round to round), tagging rows and files with the client.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
+from deleaker.runtime.pipeline import check_device
 from deleaker.runtime.serve.options import HTTP_PARSERS, RAY_HTTP_ERROR
 
 from .presets import EDITING_SETTINGS
+from .serve_load import CLIENTS
 from .serve_process import ServeProcess
 
 
@@ -54,6 +61,8 @@ class CompareSpec:
     entities: tuple[str, ...] = ("cat", "cheetah")
     ray: bool = False  # the server as one Ray Serve replica (deleaker serve --ray --replicas 1)
     http: tuple[str, ...] = ("auto",)  # server HTTP parsers (deleaker serve --http); several: one server each per round
+    device: str = "cpu"  # the server's and the in-process passes' device
+    clients: tuple[str, ...] = ("aiohttp",)  # load generators (serve_load --client); several: each load per client
     ready_timeout_s: float = 300.0
 
     def validate(self) -> "CompareSpec":
@@ -67,6 +76,10 @@ class CompareSpec:
             raise ValueError(f"--http must list parsers among {', '.join(HTTP_PARSERS)}, got {','.join(self.http)}")
         if self.ray and self.http != ("auto",):
             raise ValueError(RAY_HTTP_ERROR)
+        if not self.clients or any(c not in CLIENTS for c in self.clients) or len(set(self.clients)) < len(self.clients):
+            raise ValueError(f"--client must list load generators among {', '.join(CLIENTS)}, got "
+                             f"{','.join(self.clients)}")
+        check_device(self.device)
         return self
 
 
@@ -79,14 +92,15 @@ def parse_levels(s: str) -> tuple[tuple[int, int], ...]:
 
 
 def _bench(url: str, spec: CompareSpec, model: str, concurrency: int, requests: int, loads: int,
-           out: Path | None) -> dict:
+           out: Path | None, client: str = "aiohttp") -> dict:
     """One fresh `deleaker-bench --mode serve` process; returns its summary."""
-    cmd = [sys.executable, "-m", "deleaker.benchmarks.serve_load", "--url", url, "--requests", str(requests),
+    cmd = [sys.executable, "-m", "deleaker.benchmarks.serve_load", "--url", url, "--client", client,
+           "--requests", str(requests),
            "--concurrency", str(concurrency), "--size", spec.size, "--steps", str(spec.steps),
            "--prompt", spec.prompt, "--entities", ",".join(spec.entities),
            "--deleaker-settings", json.dumps(EDITING_SETTINGS), "--rounds", str(loads)]
     if out is not None:
-        cmd += ["--compare", "--model", model, "--out", str(out)]
+        cmd += ["--compare", "--model", model, "--device", spec.device, "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"deleaker-bench failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -95,7 +109,7 @@ def _bench(url: str, spec: CompareSpec, model: str, concurrency: int, requests: 
 
 def run_round(spec: CompareSpec, model: str, r: int, out: Path, http: str = "auto", say=print) -> list[dict]:
     env = dict(os.environ)
-    args = ["--model", model, "--max-batch", str(spec.max_batch), "--http", http]
+    args = ["--model", model, "--device", spec.device, "--max-batch", str(spec.max_batch), "--http", http]
     tag = "" if len(spec.http) == 1 else f"-{http}"
     if spec.ray:
         args += ["--ray", "--replicas", "1"]
@@ -106,12 +120,17 @@ def run_round(spec: CompareSpec, model: str, r: int, out: Path, http: str = "aut
         # first batches of every size the loads use, uncounted
         _bench(server.url, spec, model, max(c for c, _ in spec.levels), 2 * spec.max_batch * 4, 1, None)
         rows = []
+        clients = spec.clients if r % 2 else spec.clients[::-1]  # neither client always goes first
         for concurrency, requests in spec.levels:
-            s = _bench(server.url, spec, model, concurrency, requests, spec.loads,
-                       out / f"r{r}-c{concurrency}{tag}.jsonl")
-            rows.append({"round": r, "concurrency": concurrency, "http": http, **s})
-            say(f"round {r}/{spec.rounds} {http} concurrency {concurrency}: server {s['images_per_s']:.1f} images/s, "
-                f"in-process {s['inprocess_images_per_s']:.1f}, ratio {s['server_vs_inprocess_pooled']:.3f}")
+            for client in clients:
+                ctag = tag + ("" if len(spec.clients) == 1 else f"-{client}")
+                s = _bench(server.url, spec, model, concurrency, requests, spec.loads,
+                           out / f"r{r}-c{concurrency}{ctag}.jsonl", client)
+                rows.append({"round": r, "concurrency": concurrency, "http": http, "client": client, **s})
+                say(f"round {r}/{spec.rounds} {http} {client} concurrency {concurrency}: server "
+                    f"{s['images_per_s']:.1f} images/s, in-process {s['inprocess_images_per_s']:.1f}, ratio "
+                    f"{s['server_vs_inprocess_pooled']:.3f}; in-process with PNG "
+                    f"{s['inprocess_png_images_per_s']:.1f}, ratio {s['server_vs_inprocess_png_pooled']:.3f}")
         return rows
     finally:
         server.close()
@@ -121,31 +140,47 @@ def _range(values: list[float]) -> str:
     return f"{np.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
+# row fields that tell runs of one protocol apart: (value in rows that lack it, table heading)
+_TAGS = {"http": ("auto", "HTTP parser"), "client": ("aiohttp", "load generator")}
+
+
 def table(rows: list[dict]) -> str:
     """The per-concurrency table of docs/serving.md from rounds.jsonl rows."""
-    several = len({row.get("http", "auto") for row in rows}) > 1  # then a column names each row's parser
-    lines = ["| concurrency |" + (" HTTP parser |" if several else "") + " process pairs | server images/s, median "
+    # a column names each row's HTTP parser / load generator where several ran
+    tags = [t for t in _TAGS if len({row.get(t, _TAGS[t][0]) for row in rows}) > 1]
+
+    def key_of(row: dict) -> tuple:
+        return (row["concurrency"], *(row.get(t, _TAGS[t][0]) for t in tags))
+
+    lines = ["| concurrency |" + "".join(f" {_TAGS[t][1]} |" for t in tags) + " process pairs | server images/s, median "
              "(range) | in-process images/s, median (range) | server / in-process, median [min, max] | pooled "
-             "| batches of max size | in-process images edited |",
-             "|---" * (8 + several) + "|"]
-    for c, http in sorted({(row["concurrency"], row.get("http", "auto")) for row in rows}):
-        mine = [row for row in rows if row["concurrency"] == c and row.get("http", "auto") == http]
+             "| server / in-process with PNG, median [min, max] (pooled) | batches of max size "
+             "| in-process images edited |",
+             "|---" * (9 + len(tags)) + "|"]
+    for key in sorted({key_of(row) for row in rows}):
+        c = key[0]
+        mine = [row for row in rows if key_of(row) == key]
         ratios = [row["server_vs_inprocess_pooled"] for row in mine]
+        png_ratios = [row["server_vs_inprocess_png_pooled"] for row in mine]
         server_images = sum(row["ok"] for row in mine)  # n = 1: one image per request
         server_s = sum(row["wall_s"] for row in mine)
         inproc_images = sum(round_["inprocess_images"] for row in mine for round_ in row["rounds"])
         inproc_s = sum(round_["inprocess_s"] for row in mine for round_ in row["rounds"])
+        png_images = sum(round_["inprocess_png_images"] for row in mine for round_ in row["rounds"])
+        png_s = sum(round_["inprocess_png_s"] for row in mine for round_ in row["rounds"])
         batches: dict[int, int] = {}
         for row in mine:
             for k, v in row["batches"].items():
                 batches[int(k)] = batches.get(int(k), 0) + v
         top = max(batches)
         edited = sum(row["inprocess_edited"] for row in mine)
-        lines.append(f"| {c} |" + (f" {http} |" if several else "") + f" {len(mine)} "
+        lines.append(f"| {c} |" + "".join(f" {v} |" for v in key[1:]) + f" {len(mine)} "
                      f"| {_range([row['images_per_s'] for row in mine])} "
                      f"| {_range([row['inprocess_images_per_s'] for row in mine])} "
                      f"| {np.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] "
                      f"| {(server_images / server_s) / (inproc_images / inproc_s):.3f} "
+                     f"| {np.median(png_ratios):.3f} [{min(png_ratios):.3f}, {max(png_ratios):.3f}] "
+                     f"({(server_images / server_s) / (png_images / png_s):.3f}) "
                      f"| {batches[top]} of {sum(batches.values())} (size {top}) | {edited} of {inproc_images} |")
     return "\n".join(lines) + "\n"
 
@@ -155,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m deleaker.benchmarks.serve_compare", description=__doc__.split("\n")[0])
     d = CompareSpec()
-    p.add_argument("--out", required=True, help="folder for the raw outputs and table.md (created)")
+    p.add_argument("--out", help="folder for the raw outputs and table.md (created)")
+    p.add_argument("--table", nargs="+", metavar="DIR", help="print one table over the rounds.jsonl of earlier "
+                                                             "runs' folders (their process pairs pooled) and exit")
     p.add_argument("--rounds", type=int, default=d.rounds, help="fresh server + fresh clients per round")
     p.add_argument("--levels", default=",".join(f"{c}:{n}" for c, n in d.levels),
                    help="CONCURRENCY:REQUESTS per load, comma-separated")
@@ -164,15 +201,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default=d.size)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--max-batch", type=int, default=d.max_batch)
+    p.add_argument("--device", default=d.device, help="the server's and the in-process passes' device: cpu, cuda "
+                                                      "or cuda:N")
     p.add_argument("--ray", action="store_true", help="serve as one Ray Serve replica (needs the ray extra)")
     p.add_argument("--http", default="auto", help="server HTTP parser(s), comma-separated, e.g. h11,httptools: "
                    "each round then starts one server per parser, in turn")
+    p.add_argument("--client", default="aiohttp", help="load generator(s), comma-separated, e.g. aiohttp,hey: each "
+                   "load then runs once per load generator, against the same server")
     args = p.parse_args(argv)
 
     def go() -> int:
+        if args.table:
+            rows = []
+            for folder in args.table:
+                path = Path(folder) / "rounds.jsonl"
+                if not path.is_file():
+                    raise ValueError(f"--table {folder}: no rounds.jsonl there")
+                rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            print(table(rows), end="")
+            return 0
+        if args.out is None:
+            raise ValueError("give --out (a folder for the raw outputs), or --table DIR... to print earlier runs")
         spec = CompareSpec(rounds=args.rounds, levels=parse_levels(args.levels), loads=args.loads, model=args.model,
                            size=args.size, steps=args.steps, max_batch=args.max_batch, ray=args.ray,
-                           http=tuple(args.http.split(","))).validate()
+                           http=tuple(args.http.split(",")), device=args.device,
+                           clients=tuple(args.client.split(","))).validate()
         if args.model is not None and not Path(args.model).is_dir():
             raise ValueError(f"--model {args.model} is not a folder")
         out = Path(args.out)

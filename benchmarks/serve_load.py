@@ -24,18 +24,33 @@ summary gives per round the server's and the in-process rate and their ratio, an
 in-process passes). Pairing each round with its own in-process pass keeps slow drift of the machine
 out of the ratio; differences between processes need several process pairs (serve_compare.py). `inprocess_edited` counts
 the in-process images whose DeLeaker history is nonzero: proof that the timed work ran the op.
-`client_cpu_s` per round: this process's CPU time during the load (on a machine it shares with the
-server, the load generator's cost is taken from the server).
+Each round then times the same batches once more with every image encoded to PNG in a thread pool
+while the next batch runs, as the server encodes its answers (`inprocess_png_images_per_s`,
+`server_vs_inprocess_png`): both sides then encode, so what that ratio lacks of 1 is the cost of
+HTTP serving alone. --device: the device of the in-process passes (the server's).
+`client_cpu_s` per round: the load generator's CPU time during the load (on a machine it shares with
+the server, the load generator's cost is taken from the server).
+--client hey (closed loop only): the load comes from hey (Debian's load generator, written in Go) in a
+child process instead of aiohttp here; it takes less CPU per request. hey sends the same body every
+time (one seed per load), does not read the answers (a 200 counts n images) and leaves the requests
+that got no answer out of its output (counted here as status 0); --max-seconds bounds the whole run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import csv
+import io
 import json
+import math
 import random
 import resource
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +59,11 @@ import aiohttp
 import httpx
 import numpy as np
 
-from deleaker.runtime.serve.client import request_body
+from deleaker.runtime.serve.client import GENERATE_PATH, request_body
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CLIENTS = ("aiohttp", "hey")  # the load generator: aiohttp in this process, or the hey command
 
 
 @dataclass
@@ -74,6 +93,7 @@ class LoadSpec:
     token: str | None = None
     client_timeout_s: float = 600.0
     deleaker_settings: dict | None = None
+    client: str = "aiohttp"  # CLIENTS
 
     def validate(self) -> "LoadSpec":
         if (self.concurrency is None) == (self.rate is None):
@@ -84,6 +104,16 @@ class LoadSpec:
             raise ValueError(f"--concurrency must be >= 1, got {self.concurrency}")
         if self.rate is not None and self.rate <= 0:
             raise ValueError(f"--rate must be > 0, got {self.rate}")
+        if self.client not in CLIENTS:
+            raise ValueError(f"--client must be one of {', '.join(CLIENTS)}, got {self.client!r}")
+        if self.client == "hey":
+            if self.concurrency is None:
+                raise ValueError("--client hey runs a closed loop: give --concurrency, not --rate")
+            if self.requests < self.concurrency:
+                raise ValueError(f"--client hey sends at least one request per client: --requests {self.requests} "
+                                 f"is below --concurrency {self.concurrency}")
+            if shutil.which("hey") is None:
+                raise ValueError("--client hey: the hey command is not installed (Debian package hey)")
         return self
 
 
@@ -111,7 +141,7 @@ async def _one(http: aiohttp.ClientSession, spec: LoadSpec, i: int, t0: float, r
                         entities=spec.entities, steps=spec.steps, deleaker_settings=spec.deleaker_settings)
     start = time.perf_counter()
     try:
-        async with http.post("/v1/images/generations", json=body) as r:
+        async with http.post(GENERATE_PATH, json=body) as r:
             status = r.status
             if status == 200:
                 images, error = len((await r.json())["data"]), None
@@ -122,12 +152,47 @@ async def _one(http: aiohttp.ClientSession, spec: LoadSpec, i: int, t0: float, r
     return Sample(i, start - t0, time.perf_counter() - start, status, images, error, round_)
 
 
+def run_hey(spec: LoadSpec, round_: int = 0) -> tuple[list[Sample], float]:
+    """The closed-loop load from the hey command; returns (samples in start order, wall seconds from
+    the first request's start to the last answer). Every request is round r's first body."""
+    body = request_body(spec.prompt, n=spec.n, size=spec.size, seed=spec.seed + round_ * spec.requests * spec.n,
+                        entities=spec.entities, steps=spec.steps, deleaker_settings=spec.deleaker_settings)
+    with tempfile.TemporaryDirectory(prefix="deleaker-hey-") as tmp:
+        path = Path(tmp) / "body.json"
+        path.write_text(json.dumps(body))
+        cmd = ["hey", "-n", str(spec.requests), "-c", str(spec.concurrency), "-m", "POST", "-T", "application/json",
+               "-D", str(path), "-t", str(math.ceil(spec.client_timeout_s)), "-o", "csv"]
+        if spec.token:
+            cmd += ["-H", f"Authorization: Bearer {spec.token}"]
+        try:
+            done = subprocess.run([*cmd, spec.url.rstrip("/") + GENERATE_PATH], capture_output=True, text=True,
+                                  timeout=spec.max_seconds)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"hey did not finish within --max-seconds {spec.max_seconds:g}") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"hey failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-500:]}")
+    # columns: response-time, DNS+dialup, DNS, Request-write, Response-delay, Response-read, status-code, offset
+    rows = sorted(csv.DictReader(io.StringIO(done.stdout)), key=lambda row: float(row["offset"]))
+    first = round_ * spec.requests
+    samples = [Sample(first + i, float(row["offset"]), float(row["response-time"]), int(row["status-code"]),
+                      spec.n if row["status-code"] == "200" else 0, round=round_) for i, row in enumerate(rows)]
+    wall = max((s.start_s + s.latency_s for s in samples), default=0.0)
+    samples += [Sample(first + i, wall, 0.0, 0, 0, "no answer (hey lists only answered requests)", round_)
+                for i in range(len(rows), spec.requests)]
+    return samples, wall
+
+
 async def run_load(spec: LoadSpec, on_sample=None, round_: int = 0) -> tuple[list[Sample], dict]:
-    """Run the load; on_sample(sample) is called as each answer arrives. Returns (samples, summary).
-    round_: recorded in each sample; round r's request i uses seed spec.seed + (r * requests + i) * n.
-    The client is aiohttp, whose CPU time per round is reported (client_cpu_s): on a machine the load
-    generator shares with the server, it is taken from the server."""
+    """Run the load; on_sample(sample) is called as each answer arrives (with hey: when it ends).
+    Returns (samples, summary). round_: recorded in each sample; round r's request i uses seed
+    spec.seed + (r * requests + i) * n (with hey every request uses request 0's seed)."""
     spec.validate()
+    if spec.client == "hey":
+        samples, wall = await asyncio.to_thread(run_hey, spec, round_)
+        for s in samples:
+            if on_sample is not None:
+                on_sample(s)
+        return samples, summarize(samples, wall)
     headers = {"Authorization": f"Bearer {spec.token}"} if spec.token else {}
     n_conn = spec.concurrency or 256
     samples: list[Sample] = []
@@ -195,13 +260,17 @@ def batch_counts(metrics_before: str, metrics_after: str) -> dict[int, int]:
 class InProcess:
     """The Pipeline in this process, timed on the batches a server ran (same requests and settings)."""
 
-    def __init__(self, spec: LoadSpec, model: str | None):
+    def __init__(self, spec: LoadSpec, model: str | None, device: str = "cpu"):
         from deleaker.runtime import load_pipeline
+        from deleaker.runtime.gc_freeze import freeze_loaded_objects
         from deleaker.runtime.model_card import default_size
         from deleaker.runtime.serve.schema import parse_size
 
         self.spec = spec
-        self.pipe = load_pipeline(model, progress=False)
+        self.pipe = load_pipeline(model, progress=False, device=device)
+        freeze_loaded_objects()  # as the server does after loading: both sides collect garbage alike
+        # the server encodes answers in asyncio's default executor: a pool of the same default size
+        self._encoder = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="png")
         if spec.size:
             self.width, self.height = parse_size(spec.size)
         else:  # the server's default: the model card's size, else DEFAULT_SIDE square
@@ -219,44 +288,61 @@ class InProcess:
         self._seed += k
         return reqs
 
-    def run(self, counts: dict[int, int]) -> dict:
+    def run(self, counts: dict[int, int], png: bool = False) -> dict:
         """counts: batch size -> batches. Returns images, seconds (timed batches only) and edited
-        (images whose final DeLeaker history is nonzero, i.e. the op aggregated attention)."""
+        (images whose final DeLeaker history is nonzero, i.e. the op aggregated attention).
+        png: encode each batch's images to PNG in the pool while the next batch runs; the timed
+        span of each batch size then ends when its last image is encoded (encoded: PNGs made)."""
         for k in counts:
             if k not in self._warm:
                 self.pipe.generate(self._batch(k), progress=None)
                 self._warm.add(k)
-        images = edited = 0
+        images = edited = encoded = 0
         seconds = 0.0
         for k, n in counts.items():
+            pending = []
             for _ in range(n):
                 batch = self._batch(k)
                 t0 = time.perf_counter()
                 results = self.pipe.generate(batch, progress=None)
+                if png:  # encoded while the next batch runs, as the server's answers are
+                    pending += [self._encoder.submit(r.png_bytes) for r in results]
                 seconds += time.perf_counter() - t0
                 images += k
                 edited += sum(1 for r in results if np.any(r.history != 0))
-        return {"images": images, "seconds": seconds, "edited": edited}
+            t0 = time.perf_counter()
+            encoded += sum(1 for f in pending if f.result()[:8] == PNG_SIGNATURE)
+            seconds += time.perf_counter() - t0
+        out = {"images": images, "seconds": seconds, "edited": edited}
+        if png:
+            out["encoded"] = encoded
+        return out
 
 
 def compare_summary(rounds: list[dict]) -> dict:
-    """Per-round server and in-process rates -> the median ratio, its range, and the pooled ratio."""
-    ratios = [r["server_vs_inprocess"] for r in rounds if r.get("server_vs_inprocess") is not None]
+    """Per-round server and in-process rates -> the median ratio, its range, and the pooled ratio;
+    the same against the in-process passes that encode PNG (keys with _png)."""
     out: dict = {"inprocess_edited": sum(r["inprocess_edited"] for r in rounds),
                  "inprocess_images": sum(r["inprocess_images"] for r in rounds)}
-    if ratios:
-        out["server_vs_inprocess"] = float(np.median(ratios))
-        out["server_vs_inprocess_range"] = [min(ratios), max(ratios)]
-        server = sum(r["images"] for r in rounds) / sum(r["wall_s"] for r in rounds)
-        inproc = sum(r["inprocess_images"] for r in rounds) / sum(r["inprocess_s"] for r in rounds)
-        out["inprocess_images_per_s"] = inproc
-        out["server_vs_inprocess_pooled"] = server / inproc
+    if any("inprocess_png_images" in r for r in rounds):
+        out["inprocess_png_encoded"] = sum(r.get("inprocess_png_encoded", 0) for r in rounds)
+    for tag in ("", "_png"):
+        ratios = [r["server_vs_inprocess" + tag] for r in rounds if r.get("server_vs_inprocess" + tag) is not None]
+        if ratios:  # each ratio needs a server rate and an in-process rate: no zero times below
+            server = sum(r["images"] for r in rounds) / sum(r["wall_s"] for r in rounds)
+            inproc = (sum(r[f"inprocess{tag}_images"] for r in rounds)
+                      / sum(r[f"inprocess{tag}_s"] for r in rounds))
+            out[f"server_vs_inprocess{tag}"] = float(np.median(ratios))
+            out[f"server_vs_inprocess{tag}_range"] = [min(ratios), max(ratios)]
+            out[f"inprocess{tag}_images_per_s"] = inproc
+            out[f"server_vs_inprocess{tag}_pooled"] = server / inproc
     return out
 
 
 def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    """This process's CPU time and that of its finished children (hey)."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -278,11 +364,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deleaker-settings", type=json.loads, help="JSON object of DeLeaker settings for every request")
     p.add_argument("--token", help="bearer token (default: DELEAKER_API_TOKEN)")
+    p.add_argument("--client", default="aiohttp", choices=CLIENTS,
+                   help="the load generator: aiohttp in this process, or the hey command (closed loop only; "
+                        "less CPU per request)")
     p.add_argument("--compare", action="store_true",
                    help="after each round, time the server's batches of that round through the Pipeline in "
                         "this process")
     p.add_argument("--model", help="with --compare: the model folder the server runs (default: the embedded "
                                    "toy-world model, which `deleaker serve` runs without --model)")
+    p.add_argument("--device", default="cpu", help="with --compare: the device of the in-process pass (the "
+                                                   "server's --device)")
     p.add_argument("--out", help="write one JSON line per request here")
     return p
 
@@ -291,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from deleaker.runtime.errors import run_reporting_errors
+    from deleaker.runtime.pipeline import check_device
 
     args = _parser().parse_args(argv)
 
@@ -301,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                         rate=args.rate, max_seconds=args.max_seconds, prompt=args.prompt, entities=entities,
                         size=args.size, steps=args.steps, n=args.n, seed=args.seed,
                         token=args.token or os.environ.get("DELEAKER_API_TOKEN"),
-                        deleaker_settings=args.deleaker_settings)
+                        deleaker_settings=args.deleaker_settings, client=args.client)
         if spec.concurrency is None and spec.rate is None:
             spec = LoadSpec(**{**asdict(spec), "concurrency": 8})
         spec.validate()
@@ -309,7 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
         if args.model and not args.compare:
             raise ValueError("--model is the model of the in-process pass: give it with --compare")
-        local = InProcess(spec, args.model) if args.compare else None  # before any output: a bad --model fails here
+        if args.device != "cpu" and not args.compare:
+            raise ValueError("--device is the device of the in-process pass: give it with --compare")
+        check_device(args.device)
+        local = InProcess(spec, args.model, args.device) if args.compare else None  # before any output: a bad --model fails here
         out = open(args.out, "w") if args.out else None  # noqa: SIM115  (closed below)
         try:
             def write(s: Sample):
@@ -336,6 +431,13 @@ def main(argv: list[str] | None = None) -> int:
                                inprocess_images_per_s=ran["images"] / ran["seconds"] if ran["seconds"] else None)
                     row["server_vs_inprocess"] = (row["images_per_s"] / row["inprocess_images_per_s"]
                                                   if row["inprocess_images_per_s"] and row["images_per_s"] else None)
+                    ran = local.run(counts, png=True)
+                    row.update(inprocess_png_images=ran["images"], inprocess_png_s=ran["seconds"],
+                               inprocess_png_encoded=ran["encoded"],
+                               inprocess_png_images_per_s=ran["images"] / ran["seconds"] if ran["seconds"] else None)
+                    row["server_vs_inprocess_png"] = (row["images_per_s"] / row["inprocess_png_images_per_s"]
+                                                      if row["inprocess_png_images_per_s"] and row["images_per_s"]
+                                                      else None)
                 rounds.append(row)
                 if args.rounds > 1:
                     print("round %d/%d: %s" % (r + 1, args.rounds, json.dumps(row)), file=sys.stderr, flush=True)
@@ -357,7 +459,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {Path(args.out)}", file=sys.stderr)
         return 0 if summary["server_errors"] == 0 and summary["ok"] > 0 else 1
 
-    return run_reporting_errors("deleaker-bench", go)
+    def guarded() -> int:
+        try:
+            return go()
+        except RuntimeError as e:  # the hey command failed or ran past --max-seconds
+            print(f"deleaker-bench: error: {e}", file=sys.stderr)
+            return 1
+
+    return run_reporting_errors("deleaker-bench", guarded)
 
 
 if __name__ == "__main__":

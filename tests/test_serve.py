@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import gc
 import json
+import re
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -242,16 +246,56 @@ def test_bounded_load_no_server_errors_and_flat_memory(server):
     rss = []  # (request index, server RSS) sampled as answers arrive
     spec = LoadSpec(url=server.url, requests=200, concurrency=16, max_seconds=300, prompt=FAST["prompt"],
                     entities=tuple(FAST["entities"]), size=SIZE, steps=STEPS, token=TOKEN)
+    # the warm-up froze what was loaded: the collector's oldest generation no longer walks the model
+    assert re.search(r"garbage collector: \d{5,} objects frozen; ready", server.log_text())
     samples, summary = asyncio.run(run_load(spec, lambda s: rss.append(server.rss_bytes())))
     print("\nserve load (tiny model, 64x64, 2 steps, concurrency 16):", json.dumps(summary))
     assert summary["requests"] == 200, "the run hit --max-seconds before sending every request"
     assert summary["server_errors"] == 0 and summary["ok"] == 200, summary["errors"]
     assert summary["p50_s"] <= summary["p95_s"] <= summary["p99_s"]
+    m = _metrics(server.url, AUTH)  # collections were timed: young ones ran during the load
+    assert metric(m, "deleaker_gc_pause_seconds_count", 'generation="0"') > 0
     q = len(rss) // 4
     first, last = np.median(rss[:q]), np.median(rss[-q:])
     print(f"server RSS: first quarter {first / 2**20:.1f} MiB, last quarter {last / 2**20:.1f} MiB")
     # 32 MiB over ~100 requests: a leak of ~300 KB per request (a 64x64 batch's tensors) would show
     assert last - first < 32 * 2**20
+
+
+def test_hey_load_counts_every_answer(server):
+    """The hey load generator (serve_load --client hey): its CSV becomes one sample per request,
+    200s and refusals alike, and the server's own image count agrees."""
+    if shutil.which("hey") is None:
+        pytest.skip("hey is not installed (Debian package hey; make test installs it as root)")
+    from deleaker.benchmarks.serve_load import LoadSpec, run_load
+
+    spec = LoadSpec(url=server.url, requests=12, concurrency=4, prompt=FAST["prompt"], entities=tuple(FAST["entities"]),
+                    size=SIZE, steps=STEPS, token=TOKEN, client="hey")
+    before = _metrics(server.url, AUTH)
+    samples, summary = asyncio.run(run_load(spec, round_=1))
+    after = _metrics(server.url, AUTH)
+    assert summary["ok"] == 12 and summary["errors"] == {} and summary["images_per_s"] > 0
+    assert [s.index for s in samples] == list(range(12, 24)) and all(s.images == 1 for s in samples)
+    assert all(s.latency_s > 0 for s in samples) and summary["wall_s"] >= max(s.latency_s for s in samples)
+    assert metric(after, "deleaker_images_total") - metric(before, "deleaker_images_total") == 12
+
+    wrong = dataclasses.replace(spec, requests=4, token="wrong")
+    samples, summary = asyncio.run(run_load(wrong))
+    assert summary["ok"] == 0 and summary["errors"] == {"401": 4} and all(s.images == 0 for s in samples)
+
+
+def test_hey_load_options_are_checked(monkeypatch):
+    from deleaker.benchmarks.serve_load import LoadSpec
+
+    with pytest.raises(ValueError, match="closed loop: give --concurrency, not --rate"):
+        LoadSpec(concurrency=None, rate=2.0, client="hey").validate()
+    with pytest.raises(ValueError, match="--requests 2 is below --concurrency 4"):
+        LoadSpec(requests=2, concurrency=4, client="hey").validate()
+    with pytest.raises(ValueError, match="--client must be one of aiohttp, hey, got 'curl'"):
+        LoadSpec(client="curl").validate()
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ValueError, match="the hey command is not installed"):
+        LoadSpec(client="hey").validate()
 
 
 def test_client_disconnect_drops_the_queued_image(small_server):
@@ -385,7 +429,7 @@ def test_batches_fill_under_steady_concurrency(pipe):
     assert sizes[-4:-1] == [4] * 3, sizes  # in step by then; the last batch takes whoever is left
 
 
-def test_the_model_thread_loads_warms_up_and_runs_every_batch(tiny_model_dir):
+def test_the_model_thread_loads_warms_up_and_runs_every_batch(tiny_model_dir, monkeypatch):
     """Loading, the warm-up and every batch run on the batcher's one model thread (a CPU's OpenMP
     pool belongs to the thread that first runs parallel work; batcher.py says why); a loader's
     error comes back on the caller's thread, and a model call after stop() is refused."""
@@ -393,6 +437,7 @@ def test_the_model_thread_loads_warms_up_and_runs_every_batch(tiny_model_dir):
     from deleaker.runtime.serve.engine import Engine
     from deleaker.runtime.serve.options import ServeOptions
 
+    monkeypatch.setenv("DELEAKER_GC_FREEZE", "0")  # the warm-up would freeze this test process's heap
     seen: list[tuple[str, int]] = []
 
     class Recording(Pipeline):
@@ -405,8 +450,8 @@ def test_the_model_thread_loads_warms_up_and_runs_every_batch(tiny_model_dir):
         return Recording(load_backend("torch", str(tiny_model_dir), progress=False))
 
     batcher = Batcher(load, 2, 0, 8)
+    engine = Engine(batcher.pipe, ServeOptions(max_batch=2, max_wait_ms=0), batcher.metrics, batcher)
     try:
-        engine = Engine(batcher.pipe, ServeOptions(max_batch=2, max_wait_ms=0), batcher.metrics, batcher)
         engine.warm_up()
         req = GenerateRequest(prompt="a cat", steps=STEPS, height=64, width=64)
 
@@ -419,8 +464,10 @@ def test_the_model_thread_loads_warms_up_and_runs_every_batch(tiny_model_dir):
         assert [what for what, _ in seen][:2] == ["load", "generate"]  # loaded, then warmed up
         assert len(seen) >= 3  # the warm-up and at least one batch
         assert {ident for _, ident in seen} == {model_thread} != {threading.get_ident()}
+        assert engine.metrics._on_gc in gc.callbacks  # the warm-up started timing collections
     finally:
-        batcher.stop()
+        engine.close()
+    assert engine.metrics._on_gc not in gc.callbacks
     with pytest.raises(RuntimeError, match="stopped"):
         batcher.call(lambda: None)
 

@@ -109,7 +109,7 @@ def build_local(args, options: ServeOptions):
     async def lifespan(_app):
         threading.Thread(target=engine.warm_up, name="deleaker-warm-up", daemon=True).start()
         yield
-        engine.runner.stop()
+        engine.close()
 
     return engine, create_app(engine, token=api_token(), lifespan=lifespan)
 

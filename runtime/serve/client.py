@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import httpx
 
+# the generation endpoint (OpenAI's images API path), for the server's routes and every client
+GENERATE_PATH = "/v1/images/generations"
+
 
 class ServeError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, retry_after: float | None = None):
@@ -101,7 +104,7 @@ class Client:
             time.sleep(0.2)
 
     def generate(self, prompt: str, **fields) -> Generated:
-        r = self.http.post("/v1/images/generations", json=request_body(prompt, **fields))
+        r = self.http.post(GENERATE_PATH, json=request_body(prompt, **fields))
         raise_for_error(r)
         return decode_response(r.json())
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from .. import latents as lat
 from .. import tokens as tok
 from ..config import ConfigError, DeLeakerConfig
+from ..gc_freeze import freeze_loaded_objects
 from ..model_card import default_size
 from ..pipeline import GenerateRequest, GenerateResult, Pipeline, RequestError, RequestFailed
 from .metrics import Metrics
@@ -120,8 +121,17 @@ class Engine:
         request = GenerateRequest(prompt=prompt, steps=1, height=side, width=side)
         # on the runner's model thread, where every batch runs (batcher.py says why)
         self.runner.call(lambda: self.pipe.generate(request, progress=None))
-        log.info("warm-up generation (%dx%d, 1 step) took %.2fs; ready", side, side, time.perf_counter() - t0)
+        # what lives as long as the server is loaded now: collections stop walking it (gc_freeze.py)
+        frozen = freeze_loaded_objects()
+        self.metrics.watch_gc()  # until close()
+        log.info("warm-up generation (%dx%d, 1 step) took %.2fs; garbage collector: %s; ready", side, side,
+                 time.perf_counter() - t0, frozen)
         self._ready.set()
+
+    def close(self) -> None:
+        """Stop the model thread and the garbage collection timing (warm_up started it)."""
+        self.metrics.unwatch_gc()
+        self.runner.stop()
 
     # -- admission --------------------------------------------------------------------------
 

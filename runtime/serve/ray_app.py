@@ -93,11 +93,11 @@ class DeLeakerServe:
             time.sleep(REPORT_EVERY_S)
 
     def __del__(self):
-        runner = getattr(getattr(self, "engine", None), "runner", None)
-        if runner is not None:
-            runner.begin_drain()
-            runner.wait_idle(10)
-            runner.stop()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.runner.begin_drain()
+            engine.runner.wait_idle(10)
+            engine.close()
 
     def __serve_build_asgi_app__(self):
         return self._app
