@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
@@ -67,7 +66,7 @@ async def _receive_by(receive, deadline: float):
 
 class _Guard:
     """Pure ASGI middleware at the edge: bearer token, body size limit, body read timeout, and
-    counting of answers. Runs before FastAPI parses anything, so an unauthorized client learns
+    counting of answers. Runs before any route reads the body, so an unauthorized client learns
     nothing about the API."""
 
     def __init__(self, app, engine: Engine, token: str | None):
@@ -135,12 +134,10 @@ class _Guard:
 
 
 def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """Pydantic's (or FastAPI's) first error -> (one-line message, the field it is about)."""
+    """Pydantic's first error -> (one-line message, the field it is about)."""
     err = errors[0]
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    loc = [str(x) for x in err.get("loc", ())]
     kind = err.get("type", "")
-    if kind == "json_invalid":
-        return f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}", "body"
     if kind == "extra_forbidden":
         return f"unknown field {'.'.join(loc)!r}", loc[0] if loc else None
     if not loc and kind in ("missing", "model_type", "model_attributes_type", "dict_type"):
@@ -192,13 +189,6 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Guard, engine=engine, token=token)
     m = engine.metrics
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        if "json" not in request.headers.get("content-type", ""):
-            return _error(400, "send the body as JSON with Content-Type: application/json", "body")
-        message, param = _validation_message(exc.errors())
-        return _error(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, exc: StarletteHTTPException):
