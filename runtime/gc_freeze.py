@@ -3,8 +3,8 @@
 A process that holds a loaded model holds hundreds of thousands of Python objects (torch modules
 and parameters, the tokenizers, the web stack). Python's oldest-generation collection walks every
 one of them, holding the interpreter lock all the while, so the model thread and the event loop
-both stop; a server under load triggers one every so often (docs/serving.md gives the measured
-pause and how often it came).
+both stop, and when one comes depends on the process's allocation history (docs/serving.md gives
+the measured pause).
 
 freeze_loaded_objects() collects once (garbage from loading is freed, not kept) and then moves every
 object that exists into the permanent generation (gc.freeze), which collections skip. Frozen objects

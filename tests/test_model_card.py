@@ -90,13 +90,15 @@ def test_serve_without_model_serves_the_toy_world(tmp_path):
     import httpx
     from serve_support import ServerProcess
 
+    from deleaker.runtime.serve.client import GENERATE_PATH
+
     s = ServerProcess([], tmp_path / "server.log")
     try:
-        r = httpx.post(s.url + "/v1/images/generations", timeout=120,
+        r = httpx.post(s.url + GENERATE_PATH, timeout=120,
                        json={"prompt": DEMO[0], "entities": DEMO[1].split(","), "seed": 0})
         assert r.status_code == 200, r.text
         assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (32, 32)
-        r = httpx.post(s.url + "/v1/images/generations", timeout=60,
+        r = httpx.post(s.url + GENERATE_PATH, timeout=60,
                        json={"prompt": "a cat and a dog", "entities": ["cat", "dog"]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
         assert "knows only the words of its world" in r.json()["error"]["message"]

@@ -31,13 +31,13 @@ websockets_sync = pytest.importorskip("websockets.sync.client", reason="needs we
 from serve_support import EARLY, SIZE, STEPS, ServerProcess, metric, png_pixels  # noqa: E402
 
 from deleaker.runtime.serve.app import STATIC_DIR  # noqa: E402
+from deleaker.runtime.serve.client import GENERATE_PATH as GEN  # noqa: E402
 from deleaker.runtime.serve.engine import SETTING_KINDS  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs headless Chromium at "
                                     "/usr/bin/chromium (apt-get install -y chromium)")
 TOKEN = "playground-token-0123456789"
-GEN = "/v1/images/generations"
 PROMPT, ENTITIES = "a cat and a dog in a field", "cat,dog"
 # strong enough on the random-weight model that DeLeaker moves pixels by several levels in 2 steps
 KNOBS = {**EARLY, "std_mul_text": 0.0, "std_mul_image_image": 0.0, "k_strength": 5.0}

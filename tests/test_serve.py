@@ -25,10 +25,10 @@ from serve_support import EARLY, SIZE, STEPS, ServerProcess, metric, png_pixels 
 
 from deleaker.runtime.backends import load_backend  # noqa: E402
 from deleaker.runtime.pipeline import GenerateRequest, Pipeline  # noqa: E402
+from deleaker.runtime.serve.client import GENERATE_PATH as GEN  # noqa: E402
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-GEN = "/v1/images/generations"
 # slow enough to keep the small server's one worker busy past a 0.5 s client timeout: 50 steps at
 # 512x512 take 2.3 s on one idle core (256x256 took 0.54 s once the host allocator was tuned)
 SLOW = {"prompt": "a cat", "size": "512x512", "steps": 50}

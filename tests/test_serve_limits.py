@@ -15,10 +15,10 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
 
+from deleaker.runtime.serve.client import GENERATE_PATH as GEN  # noqa: E402
 from deleaker.runtime.serve.options import HTTP_PARSERS  # noqa: E402
 from serve_support import SIZE, STEPS, ServerProcess, metric  # noqa: E402
 
-GEN = "/v1/images/generations"
 READ_TIMEOUT_S = 2
 FAST = {"prompt": "a cat and a dog", "entities": ["cat", "dog"], "size": SIZE, "steps": STEPS}
 

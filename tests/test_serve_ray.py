@@ -21,6 +21,7 @@ from serve_support import EARLY, SIZE, STEPS, ServerProcess, listening_addresses
 
 from deleaker.runtime.backends import load_backend  # noqa: E402
 from deleaker.runtime.pipeline import GenerateRequest, Pipeline  # noqa: E402
+from deleaker.runtime.serve.client import GENERATE_PATH as GEN  # noqa: E402
 
 pytestmark = pytest.mark.slow  # starting Ray and two replicas takes a minute or more on two cores
 
@@ -40,7 +41,7 @@ def test_ray_serve_two_replicas_same_images_json_overflow_loopback_and_drain(tin
                   for s in range(4)] + [{"prompt": "a red car and a bird", "entities": ["car", "bird"], "seed": 9,
                                          "deleaker": False}]
         with ThreadPoolExecutor(len(bodies)) as ex:
-            responses = list(ex.map(lambda b: httpx.post(server.url + "/v1/images/generations", json=b,
+            responses = list(ex.map(lambda b: httpx.post(server.url + GEN, json=b,
                                                          timeout=300), bodies))
         for body, r in zip(bodies, responses):
             assert r.status_code == 200, r.text
@@ -52,7 +53,7 @@ def test_ray_serve_two_replicas_same_images_json_overflow_loopback_and_drain(tin
             alone = pipe.generate(req, progress=False).image.astype(int)
             # as in test_serve: a batch may round one pixel level differently on the CPU, nothing more
             assert np.abs(got - alone).max() <= 1 and (got != alone).mean() < 1e-3, body
-        bad = httpx.post(server.url + "/v1/images/generations", json={"prompt": "a cat", "entities": ["zebra"]},
+        bad = httpx.post(server.url + GEN, json={"prompt": "a cat", "entities": ["zebra"]},
                          timeout=60)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "entities"
 
@@ -86,7 +87,7 @@ def test_ray_serve_two_replicas_same_images_json_overflow_loopback_and_drain(tin
 
 def _post(url: str, body: dict):
     try:
-        r = httpx.post(url + "/v1/images/generations", json=body, timeout=300)
+        r = httpx.post(url + GEN, json=body, timeout=300)
     except httpx.HTTPError as e:
         return 0, str(e), {}
     try:
