@@ -38,7 +38,7 @@ class Stage:
 STAGES = (
     Stage("env", 10, 30, "GPU, driver, torch, CUDA, cuDNN"),
     Stage("plugin", 80, 60, "build the fused op library (`make plugin`)"),
-    Stage("pytest_gpu", 60, 60, "`pytest -m gpu` with the verdict report"),
+    Stage("pytest_gpu", 60, 150, "`pytest -m gpu` with the verdict report"),
     Stage("op_bench", 25, 30, "op vs cuDNN SDPA, E = 2 and 3, inside / outside the window"),
     Stage("anchor", 50, 60, "FLUX.1-dev-sized step at 512 and 1024, vanilla vs fused DeLeaker: eager and "
                             "CUDA-graph replay"),

@@ -20,32 +20,11 @@ import sys
 import time
 import traceback
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from .gpu_verify_result import NO_GPU, Result, failed, passed, skipped
+
 REPO = Path(__file__).resolve().parents[1]  # the source tree (an editable install maps the package here)
-NO_GPU = "no GPU"
-
-
-@dataclass
-class Result:
-    status: str
-    reason: str = ""
-    numbers: dict = field(default_factory=dict)
-
-
-def passed(**numbers) -> Result:
-    return Result("passed", "", numbers)
-
-
-def failed(reason: str, **numbers) -> Result:
-    return Result("failed", reason, numbers)
-
-
-def skipped(reason: str, **numbers) -> Result:
-    return Result("skipped", reason, numbers)
-
-
 def _cuda() -> bool:
     import torch
 

@@ -12,7 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .gpu_verify_stages import NO_GPU, Result, failed, passed, skipped
+from .gpu_verify_result import NO_GPU, Result, failed, passed, skipped
 
 # FLUX's block structure at tiny widths (the tiny offline model's sizes), for the dry run
 TINY_FLUX = dict(num_layers=1, num_single_layers=2, num_attention_heads=2, attention_head_dim=16,
