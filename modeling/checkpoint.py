@@ -144,8 +144,19 @@ class FluxCheckpoint:
         folder = getattr(self, what)
 
         def load():
-            model, info = cls.from_pretrained(folder, local_files_only=True, dtype=resolve_dtype(dtype),
-                                              output_loading_info=True, ignore_mismatched_sizes=True)
+            try:
+                model, info = cls.from_pretrained(folder, local_files_only=True, dtype=resolve_dtype(dtype),
+                                                  output_loading_info=True, ignore_mismatched_sizes=True)
+            except Exception as e:  # a library that fails on a weight it cannot copy: name the weight
+                stored = [(k, f, t["dtype"]) for k, (f, t) in _headers(Path(folder)).items()
+                          if _ST_KINDS[t["dtype"]] != "float"]
+                if not stored:
+                    raise
+                names = ", ".join(f"{k} {d}" for k, _, d in sorted(stored)[:_NAMES_SHOWN])
+                more = f" (+{len(stored) - _NAMES_SHOWN} more)" if len(stored) > _NAMES_SHOWN else ""
+                raise CheckpointError(f"{folder}: weights do not match {cls.__name__}: {stored[0][1]} stores "
+                                      f"{len(stored)} tensor(s) in a dtype the model cannot take: {names}{more} "
+                                      f"({type(e).__name__} in the loader)") from e
             check_loaded_weights(folder, model, info)
             return model.eval()
         return self._load(what, load)
