@@ -10,9 +10,9 @@ A command-line case is clean when it exits with the expected code (2 for bad inp
 exactly one `error:` line and no traceback, and leaves no new file in its scratch folder (the
 output path included). An API case is clean when it raises a ValueError with a one-line
 message (or, where the documented behaviour is to accept the input, runs). An HTTP case is
-clean when the answer is a 4xx with a JSON error body of at most MAX_ECHO characters. Anything else is reported as what it is:
-traceback, accepted (exit 0 or still running at the time limit), partial files, wrong code,
-server error. The exit code is 0 when every case tried is clean, else 1.
+clean when the answer is a 4xx with a JSON error body of at most MAX_ECHO characters. Anything
+else is reported as what it is: traceback, accepted (exit 0 or still running at the time limit),
+partial files, wrong code, long echo, server error. The exit code is 0 when every case tried is clean, else 1.
 """
 
 from __future__ import annotations
@@ -679,8 +679,7 @@ def run_http_cases(port: int) -> list[Outcome]:
 # -- the audit ---------------------------------------------------------------------------------
 
 
-IN_PROCESS_MAX_ECHO = 1000  # characters of an HTTP error message: past this it echoes the input
-AREAS = ("generate", "export", "eval", "bench", "api")
+IN_PROCESS_AREAS = ("generate", "export", "eval", "bench", "api")
 _WARM_IMPORTS = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "deleaker.modeling.torch_backend",
                  "deleaker.export.onnx_export", "deleaker.export.cli", "deleaker.benchmarks.cli",
                  "deleaker.benchmarks.runner", "deleaker.benchmarks.quality.cli", "deleaker.benchmarks.quality.run",

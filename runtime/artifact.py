@@ -246,6 +246,15 @@ def load_artifact(path: str | Path, check_files: bool = True) -> Artifact:
     for key in ("model", "models", "backends", "files", "tokenizers", "profiles", "deleaker"):
         if key not in manifest:
             raise ArtifactError(f"{mpath} lacks the {key!r} section; {_fix(root)}")
+        if not isinstance(manifest[key], dict):
+            raise ArtifactError(f"{mpath}: the {key!r} section must be an object, got {type(manifest[key]).__name__}; "
+                                f"{_fix(root)}")
+    sizes = manifest["files"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values()):
+        raise ArtifactError(f"{mpath}: files must map each path to its byte size; {_fix(root)}")
+    for which in ("tokenizer", "tokenizer_2"):
+        if which not in manifest["tokenizers"]:
+            raise ArtifactError(f"{mpath}: tokenizers.{which} is missing; {_fix(root)}")
     op_version = manifest["deleaker"].get("op_version")
     if op_version != op_schema.ONNX_OPSET_VERSION:
         raise ArtifactError(f"artifact {root} holds {op_schema.OP_NAME} op version {op_version!r}, this deleaker "

@@ -26,7 +26,8 @@ def test_the_embedded_model_has_a_card():
     assert card.preset == "toyworld" and (card.height, card.width) == (32, 32)
     assert card.example_prompt == DEMO[0] and ",".join(card.example_entities) == DEMO[1]
     assert card.unknown_words(DEMO[0]) == []
-    assert card.unknown_words("a red cat, a Red DOG and a cat") == ["cat", "dog"]
+    # every character is checked: unknown words, and punctuation with its code point
+    assert card.unknown_words("a red cat, a Red DOG and a cat") == ["'cat'", "',' (U+002C COMMA)", "'dog'"]
 
 
 def test_generate_without_model_draws_the_toy_world(tmp_path):

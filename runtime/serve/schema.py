@@ -77,7 +77,7 @@ class ImageGenerationResponse(BaseModel):
     data: list[ImageData]
 
 
-_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$", re.ASCII)  # ASCII digits only
 
 
 def check_text(param: str, text: str) -> None:
