@@ -252,9 +252,6 @@ def load_artifact(path: str | Path, check_files: bool = True) -> Artifact:
     sizes = manifest["files"]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values()):
         raise ArtifactError(f"{mpath}: files must map each path to its byte size; {_fix(root)}")
-    for which in ("tokenizer", "tokenizer_2"):
-        if which not in manifest["tokenizers"]:
-            raise ArtifactError(f"{mpath}: tokenizers.{which} is missing; {_fix(root)}")
     op_version = manifest["deleaker"].get("op_version")
     if op_version != op_schema.ONNX_OPSET_VERSION:
         raise ArtifactError(f"artifact {root} holds {op_schema.OP_NAME} op version {op_version!r}, this deleaker "
@@ -264,6 +261,9 @@ def load_artifact(path: str | Path, check_files: bool = True) -> Artifact:
     _default_config(root, manifest)  # a bad default fails at load, not at the first request
     _model_fields(root, manifest)
     _size_range(root, manifest)
+    for which in ("tokenizer", "tokenizer_2"):
+        if which not in manifest["tokenizers"]:
+            raise ArtifactError(f"{mpath}: tokenizers.{which} is missing; {_fix(root)}")
     if check_files:
         _check_files(root, manifest)
     return Artifact(root=root.resolve(), manifest=manifest)

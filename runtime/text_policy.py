@@ -4,9 +4,9 @@
   and no bidirectional-override or isolate characters (they make the text shown to a reader
   differ from the text the model reads); the refusal names the code point.
 - A model with a vocabulary (its card, runtime/model_card.py): every character is checked, so
-  the prompt is the model's words separated by white space; anything else (a word it does not
-  know, a digit, punctuation, an emoji) is refused, named, with its code point when it is a
-  single character.
+  the prompt is the model's words separated by white space (or ", " between two words, how the
+  toy world lists three objects); anything else (a word it does not know, a digit, other
+  punctuation, an emoji) is refused, named, with its code point when it is a single character.
 - Messages quote user text through `short()`, so an error never echoes more than a bounded
   excerpt of a prompt or an entity.
 """
@@ -21,6 +21,7 @@ _ALLOWED_CONTROLS = frozenset("\t\n\r")
 # Unicode bidi embedding/override/isolate controls and the implicit marks (Bidi_Control property)
 BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")  # a word, for the vocabulary check
+LIST_SEPARATOR = re.compile(r",\s+")  # between two words: how a vocabulary model's prompts list objects
 
 
 class TextError(ValueError):
@@ -76,6 +77,8 @@ def outside_vocabulary(text: str, vocabulary: frozenset[str]) -> list[str]:
     pos = 0
     for m in list(WORD.finditer(lowered)) + [None]:
         gap = lowered[pos:m.start() if m else len(lowered)]
+        if pos > 0 and m is not None and LIST_SEPARATOR.fullmatch(gap):
+            gap = ""  # "a red circle, a blue square and ...": the comma that joins a list of objects
         for ch in gap:
             if not ch.isspace():
                 item = f"{ch!r} ({code_point(ch)})"

@@ -159,7 +159,8 @@ def test_verify_runs_the_same_graph_check(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("prompt, named", [
     ("a red striped circle \U0001F600", "U+1F600"),
     ("a red striped circle!", "U+0021"),
-    ("a red striped circle, a blue dotted square", "U+002C"),
+    ("a red striped circle; a blue dotted square", "U+003B"),
+    ("a red striped circle ,a blue dotted square", "U+002C"),
     ("a red \u202e striped circle", "U+202E"),
     ("a red striped circle 2", "'2'"),
 ])
