@@ -13,6 +13,7 @@ from .config import DEFAULT_PRESET, PRESETS, preset
 from .embedded import default_model_dir
 from .errors import run_reporting_errors
 from .model_card import DEFAULT_SIDE, default_preset, default_size, read_card
+from .outputs import check_output
 
 log = logging.getLogger("deleaker")
 
@@ -86,6 +87,7 @@ def _generate(args) -> int:
         raise FileNotFoundError(f"output folder {out.parent} does not exist")
     if out.is_dir():
         raise ValueError(f"--out {args.out} is a folder; give a .png file path")
+    check_output(out, {"--model": args.model, "--artifact": args.artifact})
     if args.compare and args.no_deleaker:
         raise ValueError("--compare already includes the vanilla image; drop --no-deleaker")
     entities = tuple(e.strip() for e in args.entities.split(",")) if args.entities.strip() else ()

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .outputs import write_atomic
+
 LABEL_HEIGHT = 18
 
 
@@ -29,13 +31,5 @@ def save_png(image: Image.Image | np.ndarray, path: str | os.PathLike) -> Path:
         image = Image.fromarray(image)
     if path.parent and not path.parent.exists():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
-    # a hidden sibling created with the process umask (mkstemp would make it owner-only)
-    tmp = path.with_name(f".deleaker-{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "xb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, lambda f: image.save(f, format="PNG"))  # short temp name, fsync, rename
     return path

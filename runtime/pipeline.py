@@ -17,6 +17,7 @@ import functools
 import io
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import numpy as np
 from . import footprint
 from . import latents as lat
 from . import op_schema
+from . import text_policy
 from . import tokens as tok
 from .backends.base import Backend, SessionInputs
 from .config import DEFAULT_PRESET, FLOAT32_MAX, ConfigError, DeLeakerConfig, ResolvedConfig, preset
@@ -138,6 +140,7 @@ def check_request(req, size_range: tuple[int, int] | None = None,
                                      or not isinstance(req.entities, (tuple, list))
                                      or not all(isinstance(e, str) and e.strip() for e in req.entities)):
         raise RequestError(f"entities must be a list of non-empty strings (or None), got {_short_repr(req.entities)}")
+    text_policy.check_request_text(req.prompt, req.entities or ())
     if not _is_int(req.seed) or not 0 <= req.seed < 2 ** 63:
         raise RequestError(f"seed must be an integer in [0, 2**63), got {req.seed!r}")
     if req.steps is not None and (not _is_int(req.steps) or not 1 <= req.steps <= MAX_STEPS):
@@ -289,7 +292,9 @@ class Pipeline:
             raise RequestError(f"requests must be a GenerateRequest or a list of them, got {_type_name(requests)}")
         reqs = [requests] if single else list(requests)
         if errors not in ("raise", "return"):
-            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+            raise ValueError(f"errors must be 'raise' or 'return', got {_short_repr(errors)}")
+        if not (progress is None or isinstance(progress, bool) or callable(progress)):
+            raise ValueError(f"progress must be None, True/False or a callable(done, total), got {_short_repr(progress)}")
         if not reqs:
             return []
         prepared: list[_Prepared] = []
@@ -396,6 +401,9 @@ class Pipeline:
                 session.step(i)
                 step_times.append(time.perf_counter() - ts)
                 report.update(len(batch))
+                if i == 0:  # a broken model shows at once: name it and the step, not after the whole run
+                    _check_finite("denoised latents", session.fetch(session.x), batch, f"after step 1 of {steps}",
+                                  info.name)
                 if i == 0 and steps > 1 and step_times[0] * steps > footprint.LONG_RUN_SECONDS:
                     log.info("step 1 of %d took %.1fs: about %s for this batch's steps", steps, step_times[0],
                              footprint.describe_seconds(step_times[0] * steps))
@@ -419,13 +427,15 @@ class NonFiniteError(ValueError):
     an error rather than a black image."""
 
 
-def _check_finite(what: str, x: np.ndarray, batch: list[_Prepared]) -> None:
+def _check_finite(what: str, x: np.ndarray, batch: list[_Prepared], when: str = "", model: str = "") -> None:
     bad = [p for b, p in enumerate(batch) if not np.isfinite(x[b]).all()]
     if bad:
         r = bad[0].request
-        raise NonFiniteError(f"request {bad[0].index}: the {what} hold NaN or inf (prompt {r.prompt[:40]!r}, guidance "
-                             f"{r.guidance_scale:g}, {r.steps} steps): no image; an extreme setting or a dtype "
-                             f"that overflows (try --dtype fp32)")
+        cause = (f"model {model} gives non-finite values at its first step: its weights are broken or its dtype "
+                 "overflows (try --dtype fp32)" if model else "an extreme setting or a dtype that overflows "
+                 "(try --dtype fp32)")
+        raise NonFiniteError(f"request {bad[0].index}: the {what} hold NaN or inf{' ' + when if when else ''} (prompt "
+                             f"{r.prompt[:40]!r}, guidance {r.guidance_scale:g}, {r.steps} steps): no image; {cause}")
 
 
 class _progress:
@@ -468,6 +478,9 @@ def load_pipeline(model: str | None = None, *, artifact: str | None = None, back
 
     if model is not None and artifact is not None:
         raise ValueError("pass either model or artifact, not both")
+    for what, v in (("model", model), ("artifact", artifact)):
+        if v is not None and not isinstance(v, (str, os.PathLike)):
+            raise ValueError(f"{what} must be a folder path (str or os.PathLike), got {_type_name(v)} {_short_repr(v)}")
     # everything that needs no model is checked before the (slow) load
     check_pipeline_options(config, max_batch)
     if "device" in backend_options:

@@ -20,6 +20,8 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from deleaker.runtime.outputs import check_output
+
 from .data import Record, load_records
 from .store import RunDir, append_jsonl, atomic_write
 
@@ -146,6 +148,8 @@ def run_generation(settings: RunSettings, out: str, batch: int = 2, progress: bo
     if not loaded.records:
         raise ValueError(f"no usable records in {settings.dataset}")
     run = RunDir(out)
+    check_output(out, {"--model / --artifact": settings.source, "--dataset": Path(settings.dataset).parent
+                       if Path(settings.dataset).is_file() else settings.dataset}, folder=True)
     _check_resume(run, settings)
     todo = pending_items(run, loaded.records)
     counts = {"ok": 0, "error": 0, "skipped": len(loaded.records) - len(todo), "problems": len(loaded.problems)}

@@ -41,6 +41,9 @@ STATIC_DIR = Path(__file__).with_name("static")
 # open without a token: the health probe, and the playground's static files (it holds no data)
 OPEN_PATHS, OPEN_PREFIX = ("/health", "/"), "/static/"
 # status -> (error code in the body, metrics kind); 499: the client closed the connection first
+# a request is an object holding lists and one object of settings: 2 levels; anything much deeper is
+# not a request, and stays away from the validator's recursion
+MAX_BODY_DEPTH = 8
 _KINDS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
           408: "request_timeout", 413: "body_too_large", 429: "queue_full", 499: "client_disconnected",
           500: "internal_error", 503: "unavailable", 504: "timeout"}
@@ -162,13 +165,32 @@ def parse_body(raw: bytes, content_type: str | None) -> ImageGenerationRequest:
         raise FieldError("body", "the body must be a JSON object")
     try:
         data = json.loads(raw)
+    except RecursionError:  # nested past the parser's limit (thousands of levels)
+        raise FieldError("body", f"the JSON body nests too deep; a request nests at most {MAX_BODY_DEPTH} levels") \
+            from None
     except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
         raise FieldError("body", f"malformed JSON body: {getattr(e, 'msg', e)}") from None
+    depth = json_depth(data)
+    if depth > MAX_BODY_DEPTH:
+        raise FieldError("body", f"the JSON body nests {depth} levels deep; a request nests at most {MAX_BODY_DEPTH}")
     try:
         return ImageGenerationRequest.model_validate(data)
     except ValidationError as e:
         message, param = _validation_message(e.errors())
         raise FieldError(param, message) from None
+    except (ValueError, TypeError, RecursionError) as e:  # anything else the validator meets is the body's fault
+        raise FieldError("body", f"the body cannot be read as a request: {type(e).__name__}") from None
+
+
+def json_depth(value) -> int:
+    """How deep the lists and dicts of a parsed JSON value nest (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 async def _client_gone(request: Request) -> None:

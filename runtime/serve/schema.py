@@ -15,6 +15,10 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..text_policy import short
+
+MAX_MESSAGE_CHARS = 500  # an error message never echoes more of the request than this
+
 
 class FieldError(ValueError):
     """A request field is invalid; `param` names it (as in the OpenAI error body)."""
@@ -73,7 +77,7 @@ class ImageGenerationResponse(BaseModel):
     data: list[ImageData]
 
 
-_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$", re.ASCII)  # ASCII digits only
 
 
 def check_text(param: str, text: str) -> None:
@@ -89,13 +93,15 @@ def parse_size(size: str) -> tuple[int, int]:
     """'WIDTHxHEIGHT' -> (width, height)."""
     m = _SIZE.match(size)
     if not m:
-        raise FieldError("size", f"size must be WIDTHxHEIGHT in pixels, e.g. 256x256; got {size!r}")
+        raise FieldError("size", f"size must be WIDTHxHEIGHT in pixels, e.g. 256x256; got {short(size)}")
     return int(m.group(1)), int(m.group(2))
 
 
 def error_body(message: str, param: str | None, code: str) -> dict:
     """The OpenAI error shape, so OpenAI clients surface the message."""
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate echoed from input
+    if len(message) > MAX_MESSAGE_CHARS:  # the messages quote input through text_policy.short; this is the bound
+        message = message[:MAX_MESSAGE_CHARS - 3] + "..."
     param = None if param is None else param.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": "invalid_request_error" if code == "invalid_request" else code,
                       "param": param, "code": code}}
