@@ -71,7 +71,8 @@ def dependency_closure(extras=EXTRAS) -> dict[str, metadata.Distribution]:
 def _link_into(dist: metadata.Distribution, site: Path) -> None:
     """Every top-level file or folder of an installed distribution, linked into `site`."""
     base = Path(dist.locate_file(""))
-    for top in sorted({Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}):
+    tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")} - {"__pycache__"}
+    for top in sorted(tops):
         src, dst = base / top, site / top
         if src.exists() and not dst.exists():
             dst.symlink_to(src, target_is_directory=src.is_dir())
