@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install tools demo test plugin clean
+.PHONY: install tools demo test plugin clean toyworld-artifact
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ tools:
 # every cell tagged by the exact judge (leak / clean / missing); the counts are printed.
 demo: $(STAMP)
 	$(BIN)/python -m deleaker.benchmarks.toyworld.demo --out demo.png
+
+# The embedded model's shipped artifact (runtime/models/toyworld-onnx), exported again from its
+# diffusers folder (runtime/models/toyworld) with the options in export/embedded.py.
+toyworld-artifact: $(STAMP)
+	$(BIN)/python -m deleaker.export.embedded
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest -q -ra tests

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .cli_help import DefaultsHelpFormatter
 from .config import DEFAULT_PRESET, PRESETS, preset
-from .embedded import default_model_dir
+from .embedded import default_source
 from .errors import run_reporting_errors
 from .model_card import DEFAULT_SIDE, default_preset, default_size, read_card
 from .outputs import check_output
@@ -45,10 +45,12 @@ def _parser(commands: dict) -> argparse.ArgumentParser:
     g.add_argument("--entities", default="", help="comma-separated entity words that occur in the prompt")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", help="diffusers-format FLUX folder (torch backend); default: the embedded toy-world "
-                     "model (32x32, its own words only: docs/toyworld.md)")
+                     "model (32x32, its own words only: docs/toyworld.md), as its exported artifact on onnxruntime")
     src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend)")
-    g.add_argument("--backend", help="torch (default with --model), onnxruntime (default with --artifact), aoti "
-                                     "(an artifact of `deleaker-export aoti`), tensorrt")
+    g.add_argument("--backend", help="torch (default with --model; without --model or --artifact: the embedded "
+                                     "model's diffusers folder), onnxruntime (default with --artifact or neither), "
+                                     "openvino (a --portable artifact), aoti (an artifact of `deleaker-export aoti`), "
+                                     "tensorrt")
     g.add_argument("--preset", help=f"DeLeaker preset: {', '.join(PRESETS)} (default: the one the model's card "
                    f"names, e.g. toyworld for the embedded model; else {DEFAULT_PRESET})")
     g.add_argument("--seed", type=int, default=0)
@@ -76,8 +78,8 @@ def _generate(args) -> int:
     from .pipeline import GenerateRequest, check_device, check_request
 
     # Everything that needs no model is checked before loading one (a load takes seconds to minutes).
-    if args.model is None and not args.artifact:
-        args.model = str(default_model_dir())
+    if args.model is None and not args.artifact:  # the embedded model: its artifact, or its folder for torch
+        args.backend, args.model, args.artifact = default_source(args.backend)
     card = read_card(args.model or args.artifact)  # the declared preset, size and words (None: no card)
     cfg = preset(args.preset or default_preset(card))
     out = Path(args.out)

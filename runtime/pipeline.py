@@ -471,16 +471,20 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def load_pipeline(model: str | None = None, *, artifact: str | None = None, backend: str | None = None,
                   config: DeLeakerConfig | None = None, max_batch: int | None = None, **backend_options) -> Pipeline:
-    """A ready Pipeline: `model` (a diffusers-format FLUX folder; None: the embedded toy-world model) runs on
-    the torch backend, `artifact` (a `deleaker-export` folder) on onnxruntime, unless `backend` names
-    another. backend_options go to the backend (e.g. device="cuda", dtype="bf16", op="cuda")."""
+    """A ready Pipeline: `model` (a diffusers-format FLUX folder) runs on the torch backend, `artifact` (a
+    `deleaker-export` folder) on onnxruntime, unless `backend` names another. Neither: the embedded
+    toy-world model, its exported artifact on onnxruntime (backend="torch": its diffusers folder).
+    backend_options go to the backend (e.g. device="cuda", dtype="bf16", op="cuda")."""
     from .backends import load_backend
+    from .embedded import default_source
 
     if model is not None and artifact is not None:
         raise ValueError("pass either model or artifact, not both")
     for what, v in (("model", model), ("artifact", artifact)):
         if v is not None and not isinstance(v, (str, os.PathLike)):
             raise ValueError(f"{what} must be a folder path (str or os.PathLike), got {_type_name(v)} {_short_repr(v)}")
+    if model is None and artifact is None:
+        backend, model, artifact = default_source(backend)
     # everything that needs no model is checked before the (slow) load
     check_pipeline_options(config, max_batch)
     if "device" in backend_options:

@@ -517,3 +517,20 @@ def test_runtime_side_imports_nothing_heavy():
     r = _run(code + "import deleaker.runtime.artifact, deleaker.runtime.backends.onnxruntime_backend\n"
                     "try:\n    import onnxruntime\nexcept ImportError:\n    print('ok')\n")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_openvino_backend_refuses_the_function_form(artifact_dir, tmp_path, capsys):
+    """OpenVINO cannot convert the DeLeakerAttention node: the openvino backend says which form it
+    runs and how to export it, in one line, before compiling anything."""
+    pytest.importorskip("openvino")
+    from deleaker.runtime.backends import load_backend
+    from deleaker.runtime.backends.openvino_backend import OpenVinoError
+    from deleaker.runtime.cli import main
+
+    with pytest.raises(OpenVinoError, match="holds the function form.*deleaker-export onnx --portable"):
+        load_backend("openvino", str(artifact_dir))
+    out = tmp_path / "x.png"
+    assert main(["generate", "--artifact", str(artifact_dir), "--backend", "openvino", "--prompt", "a cat and a dog",
+                 "--height", "64", "--width", "64", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the openvino backend runs the portable form" in err[0] and not out.exists()

@@ -33,9 +33,11 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=DefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="diffusers-format FLUX folder (torch backend); default: the embedded toy-world "
-                     "model (32x32, its own words only: docs/toyworld.md)")
+                     "model (32x32, its own words only: docs/toyworld.md), as its exported artifact on onnxruntime")
     src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend)")
-    p.add_argument("--backend", help="torch (default with --model), onnxruntime (default with --artifact)")
+    p.add_argument("--backend", help="torch (default with --model; without --model or --artifact: the embedded "
+                                     "model's diffusers folder), onnxruntime (default with --artifact or neither), "
+                                     "openvino (a --portable artifact)")
     p.add_argument("--device", default="cpu", help="torch/onnxruntime device: cpu or cuda")
     p.add_argument("--attention", default="reference", choices=("reference", "cuda"),
                    help="torch backend: DeLeaker op implementation")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from ..config import preset
+from ..embedded import default_source
 
 
 def load_pipeline(args):
@@ -14,6 +15,8 @@ def load_pipeline(args):
     from ..pipeline import Pipeline
 
     cfg = preset(args.preset) if args.preset else None
+    if args.model is None and not args.artifact:  # the embedded model: its artifact, or its folder for torch
+        args.backend, args.model, args.artifact = default_source(args.backend)
     backend_name = args.backend or ("onnxruntime" if args.artifact else "torch")
     options = dict(device=args.device, progress=False)
     if backend_name == "torch":
