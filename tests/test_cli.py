@@ -63,7 +63,8 @@ def test_bad_input_one_line_error_no_file(tiny_model_dir, tmp_path, capsys, extr
             "--steps", "2", "--height", "64", "--width", "64", "--out", str(out), "--quiet"]
     for flag, value in zip(extra[::2], extra[1::2]):
         if value == "NOT_A_CHECKPOINT":
-            value = str(tmp_path)  # an existing folder that is not a FLUX checkpoint
+            value = str(tmp_path / "not_a_model")  # an existing folder that is not a FLUX checkpoint
+            (tmp_path / "not_a_model").mkdir()
         if value.startswith("missing_dir"):
             value = str(tmp_path / value)
         i = args.index(flag) if flag in args else None
