@@ -236,6 +236,7 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
                 "entity_slots": info.entity_slots,
                 # what `deleaker_settings` may hold: the playground builds its fields from this
                 "deleaker_settings": {name: kind.__name__ for name, kind in SETTING_KINDS.items()},
+                "default_guidance": ImageGenerationRequest.model_fields["guidance"].default,
                 **engine.model_card()}
         return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
