@@ -121,3 +121,20 @@ def test_one_access_line_per_request(server):
     phases = ["loading model toyworld", "preparing sessions", "warm-up: one", "ready in"]
     at = [next(i for i, m in enumerate(messages) if m.startswith(p) or p in m) for p in phases]
     assert at == sorted(at), messages[:20]
+
+
+def test_bench_serve_takes_the_servers_example_and_names_the_first_error(server):
+    bench = str(Path(sys.executable).parent / "deleaker-bench")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DELEAKER_API_TOKEN": TOKEN}
+    args = [bench, "--mode", "serve", "--url", server.url, "--requests", "2", "--concurrency", "1", "--steps", "2"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.splitlines()[-1])["summary"]
+    assert summary["ok"] == 2 and summary["first_error"] is None, summary
+    assert f"prompt {PROMPT!r}" in r.stderr and "the server's example" in r.stderr, r.stderr
+    r = subprocess.run(args + ["--prompt", "a cat and a dog in a field"], capture_output=True, text=True,
+                       timeout=300, env=env)
+    summary = json.loads(r.stdout.splitlines()[-1])["summary"]
+    assert r.returncode == 1 and summary["errors"] == {"400": 2}, summary
+    assert summary["first_error"]["message"].startswith("this model knows only the words of its world")
+    assert "deleaker-bench: first error: HTTP 400: this model knows only the words" in r.stderr, r.stderr
