@@ -111,7 +111,8 @@ def _generate(args) -> int:
     base = GenerateRequest(prompt=args.prompt, entities=entities, seed=args.seed, steps=steps, height=height,
                            width=width, guidance_scale=args.guidance, deleaker=not args.no_deleaker,
                            config=cfg)
-    check_request(base, geometry)  # the checks the Pipeline runs again once the model is loaded
+    # the checks the Pipeline runs again once the model is loaded (the size rule where the folder states it)
+    check_request(base, geometry if geometry is not None and geometry.vae_scale_factor else None)
     if not args.no_deleaker and len(entities) < 2:
         log.warning("DeLeaker separates two or more entities; with %d it is plain attention", len(entities))
     return _run(args, backend_name, options, base, out)
@@ -182,7 +183,10 @@ def _declared_geometry(args):
     if args.artifact:
         from .artifact import load_artifact
 
-        return load_artifact(args.artifact, check_files=False).model_info()
+        art = load_artifact(args.artifact, check_files=False)
+        factor = art.manifest.get("model", {}).get("vae_scale_factor")
+        return SimpleNamespace(vae_scale_factor=factor if isinstance(factor, int) and factor > 0 else None,
+                               size_range=art.size_range)
     try:
         vae = json.loads((Path(args.model) / "vae" / "config.json").read_text(encoding="utf-8"))
         levels = len(vae["block_out_channels"])

@@ -178,7 +178,7 @@ class Pipeline:
         cfg = base.replace(num_steps=req.steps).resolved(info.blocks_per_step)
         if info.card is not None and (err := info.card.vocabulary_error(req.prompt)):
             # before the token count: a foreign word tokenizes into letters
-            raise RequestError(err, "prompt")
+            raise tok.TokenizerError(err, "prompt")
         # entities are located even for a vanilla run, so vanilla and DeLeaker reject the same input
         ent, clip_ids, t5_ids = self._tokenized(req.prompt, tuple(req.entities or ()))
         if not req.deleaker:

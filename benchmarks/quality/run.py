@@ -70,7 +70,6 @@ def check_settings(settings: RunSettings, batch: int) -> None:
     checks the rest (the model's size range, the settings against its blocks) before any output."""
     import math
 
-    from deleaker.runtime import latents as lat
     from deleaker.runtime.backends import backend_class
     from deleaker.runtime.config import preset
     from deleaker.runtime.pipeline import MAX_STEPS
@@ -81,7 +80,10 @@ def check_settings(settings: RunSettings, batch: int) -> None:
     if settings.steps is not None and (isinstance(settings.steps, bool) or not isinstance(settings.steps, int)
                                        or not 1 <= settings.steps <= MAX_STEPS):
         raise ValueError(f"--steps must be in [1, {MAX_STEPS}], got {settings.steps}")
-    lat.geometry(settings.height, settings.width)  # positive multiples of 16
+    for name, side in (("--height", settings.height), ("--width", settings.width)):
+        # the size rule is the model's own (runtime/request.py): the loaded pipeline checks it before any output
+        if isinstance(side, bool) or not isinstance(side, int) or side < 1:
+            raise ValueError(f"{name} must be a positive number of pixels, got {side!r}")
     if not math.isfinite(settings.guidance) or settings.guidance < 0:
         raise ValueError(f"--guidance must be a finite number >= 0, got {settings.guidance}")
     backend_class(settings.backend)  # unknown or not installed
