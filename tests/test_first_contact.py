@@ -24,8 +24,7 @@ from deleaker.runtime.serve.client import GENERATE_PATH  # noqa: E402
 EXE = str(Path(sys.executable).parent / "deleaker")
 PROMPT = "a red striped circle and a blue dotted square"
 ENTITIES = ["red striped circle", "blue dotted square"]
-TOKEN = "first-contact-token-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH: dict = {}  # the server runs as a new user starts it: no token (the token path: tests/test_serve.py)
 # the embedded model's image token is 4 px (VAE scale factor 2 x patch 2): 40 is a size, 30 is not
 RULE = ("size 30x30: width and height must be positive multiples of 4 pixels for this model (one image token: "
         "VAE scale factor 2 x patch 2); nearest valid: 28x28")
@@ -37,7 +36,7 @@ FITS = re.compile(r"the largest square size that fits this model now is (\d+)x\1
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     s = ServerProcess(["--log-format", "json", "--steps", "1"], tmp_path_factory.mktemp("first-contact") / "server.log",
-                      env={"DELEAKER_API_TOKEN": TOKEN})
+                      env={"DELEAKER_API_TOKEN": ""})
     yield s
     s.stop()
 
@@ -95,7 +94,7 @@ def test_one_access_line_per_request(server):
     calls = [("GET", "/health", {}, None, 200),
              ("POST", GENERATE_PATH, AUTH, {"prompt": PROMPT, "entities": ENTITIES, "n": 2, "steps": 2}, 200),
              ("POST", GENERATE_PATH, AUTH, {"prompt": "a cat"}, 400),
-             ("POST", GENERATE_PATH, {}, {"prompt": PROMPT}, 401),
+             ("POST", GENERATE_PATH, AUTH, {"prompt": PROMPT, "n": "two"}, 400),
              ("GET", "/v1/models/nope", AUTH, None, 404),
              ("GET", "/v1/models", AUTH, None, 200)]
     sent = {}
@@ -125,7 +124,7 @@ def test_one_access_line_per_request(server):
 
 def test_bench_serve_takes_the_servers_example_and_names_the_first_error(server):
     bench = str(Path(sys.executable).parent / "deleaker-bench")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DELEAKER_API_TOKEN": TOKEN}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DELEAKER_API_TOKEN": ""}
     args = [bench, "--mode", "serve", "--url", server.url, "--requests", "2", "--concurrency", "1", "--steps", "2"]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
@@ -138,3 +137,32 @@ def test_bench_serve_takes_the_servers_example_and_names_the_first_error(server)
     assert r.returncode == 1 and summary["errors"] == {"400": 2}, summary
     assert summary["first_error"]["message"].startswith("this model knows only the words of its world")
     assert "deleaker-bench: first error: HTTP 400: this model knows only the words" in r.stderr, r.stderr
+
+
+def test_every_serving_md_example_runs_against_the_default_model(server, tmp_path):
+    """docs/serving.md's curl and Python client examples, as written but for the server's address,
+    against a server with no --model: each writes a 32x32 PNG (not an error answer)."""
+    from test_docs import ROOT, code_blocks
+
+    blocks = code_blocks(ROOT / "docs" / "serving.md")
+    here = server.url.removeprefix("http://")
+    shell = next(b for b in blocks if b.lang == "bash" and "curl " in b.text)
+    # the client side of the block: what is not a server start or an install
+    script = "\n".join(line for line in shell.text.splitlines()
+                       if not line.lstrip().startswith(("deleaker ", "pip ", "#")))
+    r = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script.replace("127.0.0.1:8000", here)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    assert Image.open(tmp_path / "out.png").size == (32, 32)
+    python = [b for b in blocks if b.lang == "python" and "127.0.0.1:8000" in b.text]
+    assert len(python) == 2  # the Client and the OpenAI client
+    for i, b in enumerate(python):
+        if "openai" in b.text:
+            pytest.importorskip("openai", reason="the OpenAI client is not installed")
+        code = b.text.replace("127.0.0.1:8000", here)
+        (tmp_path / f"ex{i}.py").write_text(code + "\nprint('ran')\n")
+        r = subprocess.run([sys.executable, f"ex{i}.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "DELEAKER_API_TOKEN": ""})
+        assert r.returncode == 0 and r.stdout.strip().endswith("ran"), (b.where, r.stderr[-2000:])
