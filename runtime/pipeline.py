@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import io
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass, field
