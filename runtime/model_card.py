@@ -57,8 +57,10 @@ class ModelCard:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         msg = (f"this model knows only the words of its world ({', '.join(sorted(self.vocabulary))}); "
                f"the prompt has {shown}")
-        if self.example_prompt:
-            msg += f"; e.g. --prompt {self.example_prompt!r} --entities {','.join(self.example_entities)!r}"
+        if self.example_prompt:  # words that read the same on the command line, in the API and on a web page
+            msg += f"; for example the prompt {self.example_prompt!r}"
+            if self.example_entities:
+                msg += f" with the entities {', '.join(repr(e) for e in self.example_entities)}"
         return msg
 
 

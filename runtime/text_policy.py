@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from .errors import FieldError
+
 ECHO_LIMIT = 60  # characters of user text an error message quotes
 _ALLOWED_CONTROLS = frozenset("\t\n\r")
 # Unicode bidi embedding/override/isolate controls and the implicit marks (Bidi_Control property)
@@ -24,8 +26,9 @@ WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")  # a word, for the vocabulary check
 LIST_SEPARATOR = re.compile(r",\s+")  # between two words: how a vocabulary model's prompts list objects
 
 
-class TextError(ValueError):
-    """Text a model must not read; the message names the field and the character."""
+class TextError(FieldError):
+    """Text a model must not read; the message names the field and the character, `field` the
+    request field (prompt or entities)."""
 
 
 def short(text, limit: int = ECHO_LIMIT) -> str:
@@ -47,13 +50,13 @@ def forbidden_character(text: str) -> tuple[int, str] | None:
     return None
 
 
-def check_text(text: str, what: str = "prompt") -> None:
+def check_text(text: str, what: str = "prompt", field: str = "prompt") -> None:
     """Refuse control and bidi-control characters in any model's input text."""
     bad = forbidden_character(text)
     if bad is not None:
         i, ch = bad
         kind = "a bidirectional-control" if ch in BIDI_CONTROLS else "a control"
-        raise TextError(f"{what} holds {kind} character {code_point(ch)} at character {i}; remove it")
+        raise TextError(f"{what} holds {kind} character {code_point(ch)} at character {i}; remove it", field)
 
 
 def check_request_text(prompt: str, entities=()) -> None:
@@ -64,8 +67,9 @@ def check_request_text(prompt: str, entities=()) -> None:
         try:
             e.encode("utf-8")
         except UnicodeEncodeError as err:
-            raise TextError(f"entity {i} is not valid Unicode: {err.reason} at character {err.start}") from None
-        check_text(e, f"entity {i} {short(e)}")
+            raise TextError(f"entity {i} is not valid Unicode: {err.reason} at character {err.start}",
+                            "entities") from None
+        check_text(e, f"entity {i} {short(e)}", "entities")
 
 
 def outside_vocabulary(text: str, vocabulary: frozenset[str]) -> list[str]:

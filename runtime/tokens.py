@@ -30,6 +30,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from .errors import FieldError
 from .step_io import DEFAULT_ENTITY_SLOTS  # E is fixed at export
 from .text_policy import ECHO_LIMIT, short
 
@@ -45,12 +46,15 @@ _CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p
                r"""|[^\s\p{L}\p{N}]+""")
 
 
-class TokenizerError(ValueError):
-    """A tokenizer folder is missing or unusable; the message names it."""
+class TokenizerError(FieldError):
+    """A tokenizer folder is missing or unusable, or a prompt does not fit it (field "prompt"); the message
+    names it."""
 
 
-class EntityError(ValueError):
+class EntityError(FieldError):
     """An entity cannot be placed in the prompt's tokens; one-line message naming both."""
+
+    field = "entities"
 
 
 def _short(text: str, limit: int = 120) -> str:

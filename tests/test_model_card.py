@@ -49,7 +49,7 @@ def test_generate_refuses_foreign_words_in_one_line(tmp_path):
     assert r.returncode == 2 and not out.exists()
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("deleaker: error: this model knows only the words of its world")
-    assert "'cat', 'cheetah', 'in', 'field'" in lines[0] and f"--prompt '{DEMO[0]}'" in lines[0]
+    assert "'cat', 'cheetah', 'in', 'field'" in lines[0] and f"for example the prompt '{DEMO[0]}'" in lines[0]
 
 
 def test_library_default_uses_the_cards_preset_and_words():
