@@ -28,8 +28,9 @@ AUTH: dict = {}  # the server runs as a new user starts it: no token (the token 
 # the embedded model's image token is 4 px (VAE scale factor 2 x patch 2): 40 is a size, 30 is not
 RULE = ("size 30x30: width and height must be positive multiples of 4 pixels for this model (one image token: "
         "VAE scale factor 2 x patch 2); nearest valid: 28x28")
-TOO_BIG = ("size 5000x5000: height 5000 is larger than the maximum image side of 4096 pixels (max_side; default "
-           "deleaker.runtime.latents.MAX_IMAGE_SIDE = 4096)")
+# the default runs as an exported artifact whose manifest fixes the range of sides it takes
+TOO_BIG = ("size 5000x5000: height 5000 is outside the exported range [16, 1024]; re-export with a wider "
+           "--min-size/--max-size")
 FITS = re.compile(r"the largest square size that fits this model now is (\d+)x\1")
 
 

@@ -205,7 +205,7 @@ def test_deep_json_is_a_400_naming_the_body(depth):
     raw = b'{"prompt": "a cat", "user": ' + b"[" * depth + b"]" * depth + b"}"
     with pytest.raises(FieldError) as exc:
         parse_body(raw, "application/json")
-    assert exc.value.param == "body" and "nest" in str(exc.value)
+    assert exc.value.field == "body" and "nest" in str(exc.value)
 
 
 # -- outputs ----------------------------------------------------------------------------------------
