@@ -240,14 +240,28 @@ def test_generation_matches_torch_backend(artifact_dir, tiny_model_dir):
     assert backends["onnxruntime"].sessions_opened["transformer"] == 1  # one session served every request
 
 
-def test_golden_digest(artifact_dir):
-    """The onnxruntime backend's output on the golden requests (tests/golden.py), bit for bit."""
+@pytest.fixture(scope="module")
+def golden_run(artifact_dir):
     import golden
 
     from deleaker.runtime.backends import load_backend
     from deleaker.runtime.pipeline import Pipeline
 
-    golden.check("onnxruntime", Pipeline(load_backend("onnxruntime", str(artifact_dir), progress=False), max_batch=2))
+    return golden.generate(Pipeline(load_backend("onnxruntime", str(artifact_dir), progress=False), max_batch=2))
+
+
+def test_golden_within_bound(golden_run):
+    """The onnxruntime backend's output on the golden requests (tests/golden.py) within the bound of the recorded one."""
+    import golden
+
+    golden.check_bound("onnxruntime", golden_run)
+
+
+def test_golden_digest(golden_run):
+    """... and bit for bit, where the environment is the recorded one."""
+    import golden
+
+    golden.check_digest("onnxruntime", golden_run)
 
 
 def test_one_artifact_serves_any_step_count_and_a_mixed_batch(artifact_dir, tiny_model_dir):
