@@ -41,11 +41,13 @@ def check_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | N
     for name, path in inputs.items():
         if path is None:
             continue
-        how = overlap(resolved, Path(path).expanduser().resolve())
+        other = Path(path).expanduser().resolve()
+        how = overlap(resolved, other)
         if how == "contains" and not folder:
             continue  # a file cannot contain a folder
         if how:
-            raise OutputError(f"{option} {resolved} {how} the {name} folder {path}; choose an {option} outside it "
+            kind = "file" if other.is_file() else "folder"
+            raise OutputError(f"{option} {resolved} {how} the {name} {kind} {path}; choose an {option} outside it "
                               "(a command never writes into what it reads)")
     return resolved
 

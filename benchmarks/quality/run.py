@@ -155,8 +155,8 @@ def run_generation(settings: RunSettings, out: str, batch: int = 2, progress: bo
     if not loaded.records:
         raise ValueError(f"no usable records in {settings.dataset}")
     run = RunDir(out)
-    check_output(out, {"--model / --artifact": settings.source, "--dataset": Path(settings.dataset).parent
-                       if Path(settings.dataset).is_file() else settings.dataset}, folder=True)
+    # a dataset file's own folder is no input: runs may live beside the file, never on it or around it
+    check_output(out, {"--model / --artifact": settings.source, "--dataset": settings.dataset}, folder=True)
     _check_resume(run, settings)
     todo = pending_items(run, loaded.records, references)
     counts = {"ok": 0, "error": 0, "skipped": len(loaded.records) - len(todo), "problems": len(loaded.problems)}
