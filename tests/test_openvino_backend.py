@@ -57,7 +57,7 @@ def test_openvino_matches_onnxruntime_on_the_default_model(pipes):
 def test_generate_with_backend_openvino_runs_the_default_artifact(tmp_path, pipes):
     out = tmp_path / "ov.png"
     r = subprocess.run([EXE, "generate", "--backend", "openvino", "--prompt", PROMPT, "--entities", ",".join(ENTITIES),
-                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+                        "--scale", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "openvino backend:" in r.stderr and "(10 steps, openvino," in r.stderr
     want = pipes["onnxruntime"].generate(GenerateRequest(PROMPT, entities=ENTITIES, height=32, width=32)).image
