@@ -353,8 +353,9 @@ def onnx_graph_io(path: Path) -> tuple[list[GraphTensor], list[GraphTensor]]:
     try:
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception as e:  # onnx raises DecodeError and friends
-        raise ArtifactError(f"cannot read {path} as ONNX: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                            ) from e
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{path} is not a readable ONNX model ({type(e).__name__}: {msg}); copy the artifact "
+                            f"again or re-export it with `deleaker-export onnx`") from None
 
     def tensors(values):
         out = []
