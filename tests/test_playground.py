@@ -246,7 +246,7 @@ def test_default_server_page_generates_its_prefilled_example_with_no_edit(defaul
     vanilla/DeLeaker pair that differ."""
     health = httpx.get(default_server.url + "/health", timeout=10).json()
     example = health["example"]
-    assert example and health["vocabulary"] and health["model"] == "toyworld"
+    assert example and health["vocabulary"] and health["model"] == "toyworld-onnx"  # the embedded default artifact's folder
     models = httpx.get(default_server.url + "/v1/models", timeout=10).json()["data"][0]
     assert models["deleaker"]["example"] == example and models["deleaker"]["vocabulary"] == health["vocabulary"]
     page = browser.run_page(default_server.url + "/?autorun=1")  # the prefilled page, run as it is
