@@ -3,7 +3,7 @@
 The transformer is traced with torch.onnx.export (dynamo) around `DeLeakerFlux`, with every
 joint attention the custom op torch.ops.deleaker.attention. A custom translation turns each
 such call into ONE node `deleaker::DeLeakerAttention` (op contract v2: the per-sample settings
-windows/knobs/rules are inputs, only block_offset/blocks_per_step are attributes, plus
+windows/knobs/rules are inputs, only block_offset/blocks_per_step/layout are attributes, plus
 plugin_namespace/plugin_version for TensorRT); the exporter would inline a local function, so
 the FunctionProto with the op's standard-ONNX body (export/onnx_op.py) is attached to the model
 afterwards. ONNX Runtime then runs the model with no plugin; TensorRT binds the plugin.
