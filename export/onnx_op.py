@@ -223,7 +223,8 @@ def _canonical_order(b: _Body, layout: str, T: str, I: str, N: str) -> str:
                                                      [len(op_schema.LAYOUTS), 3, 3], table))
     X = b.op("Sub", N, b.op("Add", T, I))  # [1]
     lengths = b.op("Concat", T, I, X, axis=0)  # [3] in SEGMENTS order
-    starts = b.sum(b.op("Mul", b.op("Gather", coef, layout, axis=0), lengths), [1], keepdims=0)  # [3] per canonical segment
+    # [3]: the start of each canonical segment in the model's order
+    starts = b.sum(b.op("Mul", b.op("Gather", coef, layout, axis=0), lengths), [1], keepdims=0)
     parts = []
     for j, seg in enumerate(op_schema.CANONICAL):
         start = b.gather(starts, j, axis=0)  # 0-d

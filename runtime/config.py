@@ -210,7 +210,8 @@ PRESETS: dict[str, DeLeakerConfig] = {
     "toyworld": DeLeakerConfig(num_steps=10, start_aggregating_from=5, start_intervention_from=7, k_strength=1.2,
                                do_smoothing=False, do_image_image=False),
 }
-PRESETS.update({name: carried_over(PRESETS["flux-dev"], steps, bps) for name, (steps, bps) in FAMILY_PRESET_RUNS.items()})
+PRESETS.update({name: carried_over(PRESETS["flux-dev"], steps, bps)
+                for name, (steps, bps) in FAMILY_PRESET_RUNS.items()})
 
 
 def preset(name: str, **overrides) -> DeLeakerConfig:

@@ -165,7 +165,8 @@ def segment_lengths(layout: int, T: int, I: int, N: int) -> dict[str, int]:
         raise ValueError(f"layout must be 0..{len(LAYOUTS) - 1} ({', '.join(LAYOUT_NAMES)}), got {layout}")
     X = N - T - I
     if X < 0 or (X and "excluded" not in LAYOUTS[layout]):
-        raise ValueError(f"layout {LAYOUT_NAMES[layout]}: {T} text + {I} image tokens do not make a sequence of {N}")
+        raise ValueError(f"layout {LAYOUT_NAMES[layout]}: {T} text + {I} image tokens do not make a sequence "
+                         f"of {N}")
     return {"text": T, "image": I, "excluded": X}
 
 

@@ -1,0 +1,63 @@
+"""Qwen-Image (QwenImageTransformer2DModel): all blocks double-stream, text first.
+
+Joint sequence: [text (T) ; image (I)] (QwenDoubleStreamAttnProcessor2_0), layout text_image.
+The text is Qwen2.5-VL's hidden states of the prompt inside the pipeline's chat template, with
+the template's first `prompt_template_encode_start_idx` (34) tokens dropped: an entity's tokens
+are its run among the prompt's tokens, at the prompt's place in the templated sequence minus
+the dropped ones. Guidance: true CFG as two transformer calls per step (conditional, then the
+negative prompt); DeLeaker edits the conditional call, the negative one runs the pipeline's own
+attention. A padded text batch (prompts of different token lengths) carries an attention mask,
+which the op does not take: one prompt per call, or prompts of equal length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import CFG_SEPARATE, Family, OpProcessor
+
+
+class QwenDeLeakerProcessor(OpProcessor):
+    """QwenDoubleStreamAttnProcessor2_0 with the op as its attention."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None, deleaker=None):
+        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+        if attention_mask is not None or encoder_hidden_states_mask is not None:
+            raise NotImplementedError("DeLeaker attention takes no attention mask: Qwen-Image masks a padded text "
+                                      "batch; run one prompt per call (or prompts of equal token length)")
+        head_dim = attn.inner_dim // attn.heads
+        iq, ik, iv = (f(hidden_states).unflatten(-1, (-1, head_dim)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        tq, tk, tv = (f(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+                      for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if attn.norm_q is not None:
+            iq = attn.norm_q(iq)
+        if attn.norm_k is not None:
+            ik = attn.norm_k(ik)
+        if attn.norm_added_q is not None:
+            tq = attn.norm_added_q(tq)
+        if attn.norm_added_k is not None:
+            tk = attn.norm_added_k(tk)
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            iq, ik = (apply_rotary_emb_qwen(x, img_freqs, use_real=False) for x in (iq, ik))
+            tq, tk = (apply_rotary_emb_qwen(x, txt_freqs, use_real=False) for x in (tq, tk))
+        # text first: [B, T+I, H, D] (layout text_image)
+        out = self.attend(torch.cat([tq, iq], dim=1), torch.cat([tk, ik], dim=1), torch.cat([tv, iv], dim=1),
+                          deleaker)
+        T = encoder_hidden_states.shape[1]
+        txt, img = out[:, :T], out[:, T:]
+        img = attn.to_out[0](img.contiguous())
+        if len(attn.to_out) > 1:
+            img = attn.to_out[1](img)
+        return img, attn.to_add_out(txt.contiguous())
+
+
+FAMILY = Family(
+    name="qwenimage", title="Qwen-Image", transformer_class="QwenImageTransformer2DModel",
+    pipeline_classes=("QwenImagePipeline",), layout="text_image", guidance=CFG_SEPARATE,
+    text_encoder="Qwen2.5-VL (chat template, first 34 tokens dropped)", kwargs_name="attention_kwargs",
+    preset="qwen-image",
+    attention_modules=lambda t: [b.attn for b in t.transformer_blocks],
+    processor=lambda m, attrs, op: QwenDeLeakerProcessor(attrs, op))

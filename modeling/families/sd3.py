@@ -1,0 +1,64 @@
+"""SD3 / SD3.5 (SD3Transformer2DModel): every block one joint attention, image tokens first.
+
+Joint sequence: [image (I) ; text (T)] (diffusers' JointAttnProcessor2_0 concatenates the
+context after the sample), so the layout is image_text. The text is CLIP-L and CLIP-G (77 tokens,
+features concatenated) followed by T5 (max_sequence_length tokens): an entity's tokens are its
+run in the CLIP part (found with `tokenizer`, the CLIP-L one) and its run in the T5 part
+(`tokenizer_3`, offset by 77). SD3.5 Medium's second, image-only attention (attn2) is not joint:
+it keeps its own processor and is not a block of the clock. Guidance: classic CFG on one batch
+[unconditional ; conditional]; DeLeaker edits the conditional rows (the unconditional rows get no
+active entity slot, which the op computes as plain attention).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import CFG_BATCHED, Family, OpProcessor
+
+CLIP_TOKENS = 77  # SD3's CLIP part of the joint text
+
+
+class SD3DeLeakerProcessor(OpProcessor):
+    """JointAttnProcessor2_0 with the op as its attention (same projections, norms, split)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, deleaker=None):
+        if attention_mask is not None:
+            raise NotImplementedError("attention masks are not supported with DeLeaker attention")
+        B = hidden_states.shape[0]
+        head_dim = attn.to_k.out_features // attn.heads
+
+        def heads(x):  # [B, S, H*D] -> [B, S, H, D]
+            return x.view(B, -1, attn.heads, head_dim)
+
+        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), \
+            heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        eq, ek, ev = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states)), \
+            heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            eq = attn.norm_added_q(eq)
+        if attn.norm_added_k is not None:
+            ek = attn.norm_added_k(ek)
+        # image first, then text: [B, I+T, H, D] (layout image_text)
+        out = self.attend(torch.cat([query, eq], dim=1), torch.cat([key, ek], dim=1), torch.cat([value, ev], dim=1),
+                          deleaker)
+        img, txt = out[:, :hidden_states.shape[1]], out[:, hidden_states.shape[1]:]
+        if not attn.context_pre_only:
+            txt = attn.to_add_out(txt)
+        img = attn.to_out[1](attn.to_out[0](img))
+        return img, txt
+
+
+def attention_modules(transformer) -> list:
+    return [block.attn for block in transformer.transformer_blocks]
+
+
+FAMILY = Family(
+    name="sd3", title="SD3 / SD3.5", transformer_class="SD3Transformer2DModel",
+    pipeline_classes=("StableDiffusion3Pipeline",), layout="image_text", guidance=CFG_BATCHED,
+    text_encoder="CLIP-L + CLIP-G (77 tokens) then T5-XXL", kwargs_name="joint_attention_kwargs", preset="sd3.5-large",
+    attention_modules=attention_modules, processor=lambda m, attrs, op: SD3DeLeakerProcessor(attrs, op))
