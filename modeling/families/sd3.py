@@ -12,6 +12,7 @@ active entity slot, which the op computes as plain attention).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .base import CFG_BATCHED, Family, OpProcessor
@@ -62,3 +63,49 @@ FAMILY = Family(
     pipeline_classes=("StableDiffusion3Pipeline",), layout="image_text", guidance=CFG_BATCHED,
     text_encoder="CLIP-L + CLIP-G (77 tokens) then T5-XXL", kwargs_name="joint_attention_kwargs", preset="sd3.5-large",
     attention_modules=attention_modules, processor=lambda m, attrs, op: SD3DeLeakerProcessor(attrs, op))
+
+
+# ---- the diffusers drop-in's hooks (modeling/families/dropin.py) --------------------------------
+
+def tokenizers(pipe, error) -> dict:
+    """The CLIP-L tokenizer (positions 0..76) and, when the pipeline has T5, the T5 tokenizer."""
+    from .dropin import text_tokenizer
+
+    out = {"clip": text_tokenizer(pipe.tokenizer, "pipe.tokenizer", error)}
+    if getattr(pipe, "tokenizer_3", None) is not None and getattr(pipe, "text_encoder_3", None) is not None:
+        out["t5"] = text_tokenizer(pipe.tokenizer_3, "pipe.tokenizer_3", error)
+    return out
+
+
+def prompt_texts(a: dict) -> dict:
+    """encode_prompt's arguments -> the texts each encoder saw (prompt_2/prompt_3 default to prompt)."""
+    def listed(x):
+        return [x] if isinstance(x, str) else list(x)
+
+    prompt = listed(a["prompt"])
+    return {"clip": prompt, "clip_g": listed(a.get("prompt_2") or prompt), "t5": listed(a.get("prompt_3") or prompt)}
+
+
+def prompt_count(texts: dict) -> int:
+    return len(texts["clip"])
+
+
+def grid(transformer, kwargs) -> tuple[int, int]:
+    """The latent token grid: hidden_states [B, C, H, W] in patches of patch_size."""
+    hs = kwargs["hidden_states"]
+    p = transformer.config.patch_size
+    return hs.shape[-2] // p, hs.shape[-1] // p
+
+
+def entity_tokens(toks: dict, texts: dict, entities: list, slots: int, T: int) -> np.ndarray:
+    """[P, slots, T]: each entity's run in the CLIP part and in the T5 part of SD3's joint text.
+
+    CLIP-G reads prompt_2 at the same positions as CLIP-L reads prompt; the entity runs are found
+    in prompt (CLIP-L), which is the whole CLIP part when prompt_2 is the prompt."""
+    from deleaker.runtime import tokens as tok
+
+    out = np.zeros((len(texts["clip"]), slots, T), np.float32)  # [P, E, T]
+    out[:, :, :CLIP_TOKENS] = tok.entity_tokens(toks["clip"], texts["clip"], entities, slots, CLIP_TOKENS)
+    if "t5" in toks and T > CLIP_TOKENS:
+        out[:, :, CLIP_TOKENS:] = tok.entity_tokens(toks["t5"], texts["t5"], entities, slots, T - CLIP_TOKENS)
+    return out
