@@ -1,14 +1,19 @@
-"""DeLeaker installed into the tiny SD3 checkpoint's own StableDiffusion3Pipeline (modeling/families).
+"""DeLeaker installed into the tiny SD3 and Qwen-Image checkpoints' own diffusers pipelines.
 
-The tiny SD3 model (python -m deleaker.modeling.tiny_model --family sd3) is loaded by diffusers'
-StableDiffusion3Pipeline.from_pretrained, like a real SD3.5 folder. Checks: DeLeaker off (no
-request, enabled=False, and after remove) is bit-identical to the stock pipeline (the switch
-hands every call to the pipeline's own processor); on, the masks fire on the conditional rows
-only (history filled there, zero on the unconditional rows of the CFG batch) and the image moves
-by far more than float noise; an unknown pipeline is refused in one line.
+Each tiny model (python -m deleaker.modeling.tiny_model --family sd3|qwenimage) is loaded by its
+pipeline class's from_pretrained, like a real checkpoint folder, and run with classifier-free
+guidance (SD3: one batch [unconditional ; conditional]; Qwen-Image: true CFG, a separate
+negative-prompt call per step). Checks: DeLeaker off (no request, enabled=False, and after
+remove) is bit-identical to the stock pipeline (the switch hands every call to the pipeline's own
+processor); on, the masks fire on the conditional branch only (history filled there; SD3's
+unconditional rows stay zero; Qwen-Image's negative calls are not counted as steps) and the
+image moves by far more than float noise (> 1e-3 on [0, 1] pixels); an unknown pipeline is
+refused in one line.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,43 +27,60 @@ PROMPT = "a cat and a cheetah in a field"
 EARLY = DeLeakerConfig(start_aggregating_from=0, start_intervention_from=1, num_steps=STEPS, do_smoothing=False)
 
 
+# family: (pipeline class, the call's guidance arguments, the kwargs argument that reaches the processors)
+FAMILIES = {
+    "sd3": ("StableDiffusion3Pipeline", dict(guidance_scale=5.0, max_sequence_length=16), "joint_attention_kwargs"),
+    "qwenimage": ("QwenImagePipeline", dict(negative_prompt="blurry", true_cfg_scale=4.0), "attention_kwargs"),
+}
+_PIPES: dict = {}
+
+
+def _pipe(name, tmp_path_factory):
+    if name not in _PIPES:
+        import diffusers
+
+        from deleaker.modeling.tiny_model import build_tiny_family
+
+        folder = build_tiny_family(tmp_path_factory.mktemp(f"tiny-{name}") / "model", name)
+        pipe = getattr(diffusers, FAMILIES[name][0]).from_pretrained(str(folder), dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        _PIPES[name] = pipe
+    return _PIPES[name]
+
+
 @pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    from deleaker.modeling.tiny_model import build_tiny_family
-
-    return build_tiny_family(tmp_path_factory.mktemp("tiny-sd3") / "model", "sd3")
-
-
-@pytest.fixture(scope="module")
-def sd3(sd3_dir):
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def sd3(tmp_path_factory):
+    return _pipe("sd3", tmp_path_factory)
 
 
 @torch.no_grad()
-def _run(pipe, **kw):
-    return pipe(PROMPT, height=H, width=W, num_inference_steps=STEPS, guidance_scale=5.0, max_sequence_length=16,
-                generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
+def _run(pipe, request=None, name="sd3"):
+    _, guidance, key = FAMILIES[name]
+    extra = {} if request is None else {key: {"deleaker": request}}
+    return pipe(PROMPT, height=H, width=W, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                output_type="np", **guidance, **extra).images
 
 
-def test_off_is_stock_and_on_edits_the_conditional_branch(sd3):
-    stock = _run(sd3)
-    inst = di.install(sd3, config=EARLY)
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_off_is_stock_and_on_edits_the_conditional_branch(name, tmp_path_factory):
+    pipe = _pipe(name, tmp_path_factory)
+    stock = _run(pipe, name=name)
+    inst = di.install(pipe, config=EARLY)
     try:
-        np.testing.assert_array_equal(_run(sd3), stock)  # installed, no request
-        np.testing.assert_array_equal(_run(sd3, joint_attention_kwargs={"deleaker": di.DeLeaker(
-            ("cat", "cheetah"), enabled=False)}), stock)
-        edited = _run(sd3, joint_attention_kwargs={"deleaker": di.DeLeaker(("cat", "cheetah"))})
-        hist = inst.history  # [2, E, I]: the CFG batch [unconditional ; conditional]
-        assert hist.shape[0] == 2 and hist[0].abs().sum() == 0 and hist[1, :2].abs().sum() > 0
-        assert hist[1, 2:].abs().sum() == 0  # unused slots stay inactive
+        np.testing.assert_array_equal(_run(pipe, name=name), stock)  # installed, no request
+        np.testing.assert_array_equal(_run(pipe, di.DeLeaker(("cat", "cheetah"), enabled=False), name), stock)
+        edited = _run(pipe, di.DeLeaker(("cat", "cheetah")), name)
+        hist = inst.history  # [B, E, I]
+        cond = hist[-1]  # SD3: [unconditional ; conditional]; Qwen-Image: the conditional call's batch
+        assert cond[:2].abs().sum() > 0 and cond[2:].abs().sum() == 0  # two live slots, unused ones inactive
+        if name == "sd3":
+            assert hist.shape[0] == 2 and hist[0].abs().sum() == 0
+        else:
+            assert hist.shape[0] == 1 and inst._call.step == STEPS  # the negative calls ran stock, uncounted
         assert np.abs(edited - stock).max() > 1e-3
     finally:
-        di.remove(sd3)
-    np.testing.assert_array_equal(_run(sd3), stock)  # removed: the stock pipeline again
+        di.remove(pipe)
+    np.testing.assert_array_equal(_run(pipe, name=name), stock)  # removed: the stock pipeline again
 
 
 def test_entity_not_in_prompt_and_unknown_pipeline_are_one_line(sd3):
@@ -67,7 +89,7 @@ def test_entity_not_in_prompt_and_unknown_pipeline_are_one_line(sd3):
     di.install(sd3, config=EARLY)
     try:
         with pytest.raises(EntityError, match="zebra"):
-            _run(sd3, joint_attention_kwargs={"deleaker": di.DeLeaker(("cat", "zebra"))})
+            _run(sd3, di.DeLeaker(("cat", "zebra")))
         with pytest.raises(di.IntegrationError, match="already installed"):
             di.install(sd3)
     finally:
@@ -79,3 +101,13 @@ def test_entity_not_in_prompt_and_unknown_pipeline_are_one_line(sd3):
     with pytest.raises(di.IntegrationError) as e:
         di.install(Other())
     assert "\n" not in str(e.value) and "supported families: flux1 (FluxTransformer2DModel)" in str(e.value)
+
+
+def test_deleaker_generate_refuses_another_family_in_one_line(sd3):
+    """The FLUX.1 runtime (deleaker generate, export) is pointed at the drop-in, before any weight loads."""
+    from deleaker.modeling.checkpoint import CheckpointError, open_checkpoint
+
+    folder = Path(sd3.transformer.config._name_or_path).parent  # the checkpoint folder
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(folder)
+    assert "\n" not in str(e.value) and "SD3 / SD3.5 runs through the diffusers drop-in" in str(e.value)

@@ -18,8 +18,8 @@ from .base import CFG_BATCHED, CFG_SEPARATE, DISTILLED, Family, OpProcessor
 FAMILIES: dict[str, Family] = {f.name: f for f in (flux1.FAMILY, sd3.FAMILY, qwenimage.FAMILY, flux2.FAMILY)}
 _BY_CLASS = {f.transformer_class: f for f in FAMILIES.values()}
 
-__all__ = ["FAMILIES", "Family", "OpProcessor", "UnsupportedModel", "family_of", "family_of_class", "family_of_folder",
-           "supported", "DISTILLED", "CFG_BATCHED", "CFG_SEPARATE"]
+__all__ = ["FAMILIES", "Family", "OpProcessor", "UnsupportedModel", "family_note", "family_of", "family_of_class",
+           "family_of_folder", "supported", "DISTILLED", "CFG_BATCHED", "CFG_SEPARATE"]
 
 
 class UnsupportedModel(ValueError):
@@ -37,6 +37,15 @@ def family_of_class(class_name: str) -> Family:
         raise UnsupportedModel(f"DeLeaker does not support the transformer {class_name}; supported families: "
                                f"{supported()}")
     return family
+
+
+def family_note(class_name: str | None) -> str:
+    """For a folder the FLUX runtime cannot run: what DeLeaker offers for its transformer class."""
+    family = _BY_CLASS.get(class_name or "")
+    if family is None:
+        return f"DeLeaker supports the families {supported()}"
+    return (f"{family.title} runs through the diffusers drop-in (modeling/diffusers_integration.install), "
+            f"see docs/models.md")
 
 
 def family_of(transformer) -> Family:

@@ -1,4 +1,4 @@
-"""DeLeaker installed into a diffusers pipeline of a family other than FLUX.1 (SD3/3.5 today).
+"""DeLeaker installed into a diffusers pipeline of a family other than FLUX.1 (SD3/3.5, Qwen-Image).
 
 modeling/diffusers_integration.py's install(pipe) comes here for those families (FLUX.1 keeps its
 own Installation there); the user-facing calls are the same:
@@ -13,7 +13,9 @@ processor with them); two hooks on pipe.transformer hold one call's DeLeaker inp
 history block to block and step to step; pipe.encode_prompt is wrapped so a call's prompt text
 and images per prompt are known. Guidance (modeling/families/base.py): with CFG on one batch
 [unconditional ; conditional] (SD3) only the conditional rows get entity tokens, so the
-unconditional rows compute plain attention inside the same op call; a skip-layer-guidance call
+unconditional rows compute plain attention inside the same op call; with true CFG as a separate
+negative-prompt call (Qwen-Image) that call runs the pipeline's own attention and is not counted
+as a step; a skip-layer-guidance call
 (SD3's extra transformer call per step) runs the pipeline's own attention and is not counted.
 """
 
@@ -32,12 +34,14 @@ from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 
 from ..flux import DeLeakerCall
 from ..reference_op import settings_tensors
-from .base import CFG_BATCHED, Family
+from .base import CFG_BATCHED, CFG_SEPARATE, Family
 
 
 class _Switch:
     """A joint attention's processor: the pipeline's own without DeLeaker inputs, DeLeaker's with them.
-    Positional and keyword arguments pass through unchanged, so one switch serves every family."""
+    Arguments pass through unchanged. diffusers hands a processor only the keyword arguments its
+    __call__ signature names, so each switch presents its DeLeaker processor's signature (the
+    family processor's parameters plus `deleaker`): see _switch."""
 
     def __init__(self, original, deleaker_processor):
         self.original = original
@@ -47,6 +51,15 @@ class _Switch:
         if deleaker is None:
             return self.original(attn, *args, **kwargs)
         return self.deleaker(attn, *args, deleaker=deleaker, **kwargs)
+
+
+def _switch(original, deleaker_processor) -> _Switch:
+    def call(self, *args, **kwargs):
+        return _Switch.__call__(self, *args, **kwargs)
+
+    call.__signature__ = inspect.signature(type(deleaker_processor).__call__)
+    cls = type(f"DeLeakerSwitch_{type(deleaker_processor).__name__}", (_Switch,), {"__call__": call})
+    return cls(original, deleaker_processor)
 
 
 def text_tokenizer(hf_tokenizer, what: str, error) -> tok.TextTokenizer:
@@ -68,11 +81,13 @@ def text_tokenizer(hf_tokenizer, what: str, error) -> tok.TextTokenizer:
 class _Encoded:
     texts: dict | None  # the family's prompt texts of one encode_prompt call (None: prompt_embeds given)
     per_prompt: int
+    embeds: torch.Tensor  # what it returned first (the prompt embeddings)
 
 
 @dataclass
 class _Call:
     encoded: _Encoded
+    negatives: list  # embeddings of a separate negative-prompt call (CFG_SEPARATE): those calls run stock
     inputs: DeLeakerCall | None = None
     cond_rows: slice | None = None
     num_steps: int = 0
@@ -85,12 +100,12 @@ class FamilyInstallation:
 
     def __init__(self, pipe, family: Family, config: DeLeakerConfig | None, op: str, error, request_type,
                  key: str, attr: str):
-        from . import sd3
+        from . import qwenimage, sd3
 
-        self.hooks = {"sd3": sd3}.get(family.name)
+        self.hooks = {"sd3": sd3, "qwenimage": qwenimage}.get(family.name)
         if self.hooks is None:
-            raise error(f"the diffusers drop-in supports FLUX.1 and SD3/3.5 pipelines so far; {family.title} "
-                        f"({type(pipe).__name__}) is not one")
+            raise error(f"the diffusers drop-in supports FLUX.1, SD3/3.5 and Qwen-Image pipelines so far; "
+                        f"{family.title} ({type(pipe).__name__}) is not one")
         self.pipe, self.family, self.error, self.request_type, self.key, self.attr = \
             pipe, family, error, request_type, key, attr
         self.transformer = pipe.transformer
@@ -107,7 +122,7 @@ class FamilyInstallation:
         modules = family.attention_modules(self.transformer)
         self._originals = [m.processor for m in modules]
         for m, original, proc in zip(modules, self._originals, family.processors(self.transformer, op), strict=True):
-            m.set_processor(_Switch(original, proc))
+            m.set_processor(_switch(original, proc))
         self._hooks = [self.transformer.register_forward_pre_hook(self._before, with_kwargs=True),
                        self.transformer.register_forward_hook(self._after, with_kwargs=True)]
         encode = pipe.encode_prompt
@@ -120,7 +135,7 @@ class FamilyInstallation:
             bound.apply_defaults()
             a = bound.arguments
             texts = None if a.get("prompt_embeds") is not None else self.hooks.prompt_texts(a)
-            self._pending.append(_Encoded(texts, int(a.get("num_images_per_prompt") or 1)))
+            self._pending.append(_Encoded(texts, int(a.get("num_images_per_prompt") or 1), out[0]))
             return out
 
         pipe.encode_prompt = encode_prompt
@@ -191,15 +206,21 @@ class FamilyInstallation:
         request = jak.pop(self.key, self.default)
         if kwargs.get("skip_layers") is not None:  # SD3 skip-layer guidance: the pipeline's own attention
             return args, {**kwargs, name: jak}
+        ehs = kwargs.get("encoder_hidden_states")
         if self._pending:  # the first transformer call after encode_prompt: a new pipeline call
-            self._call = _Call(self._pending[0])
-            self._pending = []
-            if "encoder_hidden_states" not in kwargs:
+            if ehs is None:
                 raise self.error("DeLeaker reads the transformer's inputs from its keyword arguments, as the "
                                  "pipeline passes them")
-            self._call.inputs = self._start(request, self._call.encoded, kwargs)
+            # the call whose embeddings these are (CFG_SEPARATE: the others are the negative prompt's);
+            # CFG_BATCHED pipelines concatenate [negative ; positive], so the first call is the prompt's
+            match = next((e for e in self._pending if e.embeds is ehs), self._pending[0])
+            negatives = [e.embeds for e in self._pending if e is not match] if self.family.guidance == CFG_SEPARATE \
+                else []
+            self._call = _Call(match, negatives)
+            self._pending = []
+            self._call.inputs = self._start(request, match, kwargs)
         call = self._call
-        if call is None or call.inputs is None:
+        if call is None or call.inputs is None or any(ehs is n for n in call.negatives):
             return args, {**kwargs, name: jak}
         if call.step >= call.num_steps:
             raise self.error(f"transformer call {call.step + 1} of a {call.num_steps}-step schedule: DeLeaker "

@@ -12,6 +12,7 @@ which the op does not take: one prompt per call, or prompts of equal length.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .base import CFG_SEPARATE, Family, OpProcessor
@@ -61,3 +62,58 @@ FAMILY = Family(
     preset="qwen-image",
     attention_modules=lambda t: [b.attn for b in t.transformer_blocks],
     processor=lambda m, attrs, op: QwenDeLeakerProcessor(attrs, op))
+
+
+# ---- the diffusers drop-in's hooks (modeling/families/dropin.py) --------------------------------
+
+def tokenizers(pipe, error) -> dict:
+    """The pipeline's tokenizer, its prompt template and how many leading template tokens it drops."""
+    from .dropin import text_tokenizer
+
+    return {"text": text_tokenizer(pipe.tokenizer, "pipe.tokenizer", error), "template": pipe.prompt_template_encode,
+            "drop": int(pipe.prompt_template_encode_start_idx), "error": error}
+
+
+def prompt_texts(a: dict) -> dict:
+    prompt = a["prompt"]
+    return {"prompt": [prompt] if isinstance(prompt, str) else list(prompt)}
+
+
+def prompt_count(texts: dict) -> int:
+    return len(texts["prompt"])
+
+
+def grid(transformer, kwargs) -> tuple[int, int]:
+    """img_shapes: one [(frames, h, w)] per sample (already in patches); one image shape only."""
+    shapes = kwargs.get("img_shapes")
+    first = shapes[0] if shapes else None
+    first = list(first) if isinstance(first, list) else [first]
+    if not shapes or len(first) != 1 or first[0] is None or first[0][0] != 1:
+        raise ValueError(f"DeLeaker needs one image shape per sample in img_shapes, got {shapes!r}")
+    return int(first[0][1]), int(first[0][2])
+
+
+def entity_tokens(toks: dict, texts: dict, entities: list, slots: int, T: int) -> np.ndarray:
+    """[P, slots, T]: each entity's run among the prompt's tokens, at the prompt's place in the
+    templated sequence less the dropped template tokens."""
+    from deleaker.runtime import tokens as tok
+
+    tt, template, drop = toks["text"], toks["template"], toks["drop"]
+    prefix, suffix = template.split("{}")
+    prefix_ids = tt.ids(prefix, add_special_tokens=False)
+    out = np.zeros((len(texts["prompt"]), slots, T), np.float32)  # [P, E, T]
+    for b, prompt in enumerate(texts["prompt"]):
+        ents = entities if all(isinstance(e, str) for e in entities) else list(entities[b])
+        if len(ents) > slots:
+            raise tok.EntityError(f"{len(ents)} entities for one prompt but only {slots} entity slots")
+        prompt_ids = tt.ids(prompt, add_special_tokens=False)
+        if tt.ids(template.format(prompt), add_special_tokens=False)[:len(prefix_ids) + len(prompt_ids)] != \
+                prefix_ids + prompt_ids:
+            raise toks["error"]("the tokenizer does not keep the prompt's tokens apart from the template's; "
+                                "DeLeaker cannot place the entities")
+        shift = len(prefix_ids) - drop  # prompt token j is at joint text position j + shift
+        for e, span in enumerate(tok.locate_entities(tt, prompt, ents, tok.T5_MAX_SEQUENCE_LENGTH)):
+            if span.end + shift > T:
+                raise tok.EntityError(f"entity {span.entity!r} is beyond the {T} text tokens the transformer sees")
+            out[b, e, span.start + shift:span.end + shift] = 1.0
+    return out
