@@ -111,3 +111,33 @@ def test_deleaker_generate_refuses_another_family_in_one_line(sd3):
     with pytest.raises(CheckpointError) as e:
         open_checkpoint(folder)
     assert "\n" not in str(e.value) and "SD3 / SD3.5 runs through the diffusers drop-in" in str(e.value)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_entity_positions_are_the_entity_tokens_the_transformer_sees(name, tmp_path_factory):
+    """The positions DeLeaker marks hold the entity's token ids in the sequence the text encoder
+    embeds, at the index the transformer sees them (SD3: CLIP part then T5 part; Qwen-Image: the
+    templated prompt less its first 34 tokens)."""
+    from deleaker.modeling.families import FAMILIES as REGISTRY
+    from deleaker.modeling.families import qwenimage, sd3
+
+    pipe = _pipe(name, tmp_path_factory)
+    hooks = {"sd3": sd3, "qwenimage": qwenimage}[name]
+    toks = hooks.tokenizers(pipe, di.IntegrationError)
+    texts = hooks.prompt_texts({"prompt": PROMPT})
+    if name == "sd3":
+        clip = pipe.tokenizer(PROMPT, padding="max_length", max_length=77).input_ids
+        t5 = pipe.tokenizer_3(PROMPT, padding="max_length", max_length=16).input_ids
+        seen, want = clip + t5, {"cat": [pipe.tokenizer(" cat", add_special_tokens=False).input_ids,
+                                         pipe.tokenizer_3("cat", add_special_tokens=False).input_ids],
+                                 "cheetah": [pipe.tokenizer("cheetah", add_special_tokens=False).input_ids,
+                                             pipe.tokenizer_3("cheetah", add_special_tokens=False).input_ids]}
+    else:
+        seen = pipe.tokenizer(pipe.prompt_template_encode.format(PROMPT)).input_ids[34:]
+        want = {"cat": [pipe.tokenizer(" cat").input_ids], "cheetah": [pipe.tokenizer(" cheetah").input_ids]}
+    ent = hooks.entity_tokens(toks, texts, ["cat", "cheetah"], 4, len(seen))[0]  # [E, T]
+    assert REGISTRY[name].layout in ("image_text", "text_image")
+    for e, word in enumerate(("cat", "cheetah")):
+        marked = [seen[i] for i in ent[e].nonzero()[0]]
+        assert marked == [i for run in want[word] for i in run], (word, marked)
+    assert ent[2:].sum() == 0
