@@ -46,8 +46,14 @@ class FamilyStep(nn.Module):
 
 
 def export_step(step: FamilyStep, example: dict, path: str | Path) -> Path:
-    """Trace `step` on `example` (its forward's keyword arguments) into the ONNX file `path`."""
+    """Trace `step` on `example` (its forward's keyword arguments) into the ONNX file `path`.
+    Qwen-Image's complex rotary embedding is precomputed for the example's shapes first
+    (modeling/families/qwenimage.py: export_ready), since ONNX has no complex type."""
     path = Path(path)
+    if step.family.name == "qwenimage":
+        from deleaker.modeling.families.qwenimage import export_ready
+
+        export_ready(step.transformer, step.static, example)
     num_slots = int(example["entity_tokens"].shape[1])
     with torch.no_grad(), onnx_export._quiet_exporter():
         program = torch.onnx.export(step, (), kwargs=example, dynamo=True, output_names=["out", "history_out"],

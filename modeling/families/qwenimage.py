@@ -42,8 +42,8 @@ class QwenDeLeakerProcessor(OpProcessor):
             tk = attn.norm_added_k(tk)
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
-            iq, ik = (apply_rotary_emb_qwen(x, img_freqs, use_real=False) for x in (iq, ik))
-            tq, tk = (apply_rotary_emb_qwen(x, txt_freqs, use_real=False) for x in (tq, tk))
+            iq, ik = (_rope(x, img_freqs, apply_rotary_emb_qwen) for x in (iq, ik))
+            tq, tk = (_rope(x, txt_freqs, apply_rotary_emb_qwen) for x in (tq, tk))
         # text first: [B, T+I, H, D] (layout text_image)
         out = self.attend(torch.cat([tq, iq], dim=1), torch.cat([tk, ik], dim=1), torch.cat([tv, iv], dim=1),
                           deleaker)
@@ -53,6 +53,37 @@ class QwenDeLeakerProcessor(OpProcessor):
         if len(attn.to_out) > 1:
             img = attn.to_out[1](img)
         return img, attn.to_add_out(txt.contiguous())
+
+
+def _rope(x, freqs, apply_complex):
+    """Qwen's rotary embedding: diffusers' complex form, or the same rotation in real arithmetic
+    when freqs is view_as_real of it ([S, D/2, 2], see RealRope: ONNX has no complex type)."""
+    if freqs.is_complex():
+        return apply_complex(x, freqs, use_real=False)
+    c, s = freqs[None, :, None, :, 0], freqs[None, :, None, :, 1]  # [1, S, 1, D/2]
+    x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)  # [B, S, H, D/2]: (real, imag) pairs
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(3).type_as(x)
+
+
+class RealRope(torch.nn.Module):
+    """A transformer's pos_embed for one fixed image shape and text length, precomputed, as real
+    tensors: what the DeLeaker processors take for export (QwenEmbedRope computes complex ones)."""
+
+    def __init__(self, pos_embed, img_shapes, text_len: int):
+        super().__init__()
+        with torch.no_grad():
+            img, txt = pos_embed(img_shapes, max_txt_seq_len=text_len, device=torch.device("cpu"))
+        self.register_buffer("img", torch.view_as_real(img).contiguous(), persistent=False)  # [I, D/2, 2]
+        self.register_buffer("txt", torch.view_as_real(txt).contiguous(), persistent=False)  # [T, D/2, 2]
+
+    def forward(self, *args, **kwargs):
+        return self.img, self.txt
+
+
+def export_ready(transformer, static: dict, example: dict) -> None:
+    """Make the transformer traceable to ONNX for these static arguments (fixed img_shapes and text length)."""
+    transformer.pos_embed = RealRope(transformer.pos_embed, static["img_shapes"],
+                                     example["encoder_hidden_states"].shape[1])
 
 
 FAMILY = Family(
