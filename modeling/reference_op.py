@@ -228,13 +228,15 @@ def deleaker_attention_ref(q, k, v, entity_tokens, history, step, grid, windows,
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, entity_tokens: torch.Tensor,
               history: torch.Tensor, step: torch.Tensor, grid: torch.Tensor, windows: torch.Tensor,
               knobs: torch.Tensor, rules: torch.Tensor, block_offset: int,
-              blocks_per_step: int, layout: int) -> tuple[torch.Tensor, torch.Tensor]:
+              blocks_per_step: int, layout: int = op_schema.DEFAULT_LAYOUT) -> tuple[torch.Tensor, torch.Tensor]:
+    # layout defaults to text_image: callers from before layouts (FLUX.1) pass two attributes
     return deleaker_attention_ref(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules,
                                   block_offset=block_offset, blocks_per_step=blocks_per_step, layout=layout)
 
 
 @attention.register_fake
-def _(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, block_offset, blocks_per_step, layout):
+def _(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, block_offset, blocks_per_step,
+      layout=op_schema.DEFAULT_LAYOUT):
     return torch.empty_like(q), torch.empty_like(history, dtype=torch.float32)
 
 

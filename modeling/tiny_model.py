@@ -392,7 +392,7 @@ def ensure_tiny_model(preset: str = "tiny", seed: int = 0, cache_root: str | Pat
 
 # Model families with a tiny checkpoint here: flux1 is this module's; the others' builders are
 # modeling/families/tiny_<family>.py (build(folder, seed)).
-TINY_FAMILIES = ("flux1", "sd3", "qwenimage")
+TINY_FAMILIES = ("flux1", "sd3", "qwenimage", "flux2")
 
 
 def _family_builder(family: str):

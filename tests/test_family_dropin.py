@@ -7,8 +7,9 @@ negative-prompt call per step). Checks: DeLeaker off (no request, enabled=False,
 remove) is bit-identical to the stock pipeline (the switch hands every call to the pipeline's own
 processor); on, the masks fire on the conditional branch only (history filled there; SD3's
 unconditional rows stay zero; Qwen-Image's negative calls are not counted as steps) and the
-image moves by far more than float noise (> 1e-3 on [0, 1] pixels); an unknown pipeline is
-refused in one line.
+image moves by more than 100x the float noise of the op's path (DeLeaker on with no entity: the
+op's float32 attention instead of SDPA, < 1e-5 on [0, 1] pixels) and by more than 1e-4; an
+unknown pipeline is refused in one line.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ EARLY = DeLeakerConfig(start_aggregating_from=0, start_intervention_from=1, num_
 FAMILIES = {
     "sd3": ("StableDiffusion3Pipeline", dict(guidance_scale=5.0, max_sequence_length=16), "joint_attention_kwargs"),
     "qwenimage": ("QwenImagePipeline", dict(negative_prompt="blurry", true_cfg_scale=4.0), "attention_kwargs"),
+    "flux2": ("Flux2Pipeline", dict(guidance_scale=4.0, max_sequence_length=64), "attention_kwargs"),
 }
 _PIPES: dict = {}
 
@@ -57,7 +59,7 @@ def sd3(tmp_path_factory):
 def _run(pipe, request=None, name="sd3"):
     _, guidance, key = FAMILIES[name]
     extra = {} if request is None else {key: {"deleaker": request}}
-    return pipe(PROMPT, height=H, width=W, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+    return pipe(prompt=PROMPT, height=H, width=W, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                 output_type="np", **guidance, **extra).images
 
 
@@ -69,15 +71,17 @@ def test_off_is_stock_and_on_edits_the_conditional_branch(name, tmp_path_factory
     try:
         np.testing.assert_array_equal(_run(pipe, name=name), stock)  # installed, no request
         np.testing.assert_array_equal(_run(pipe, di.DeLeaker(("cat", "cheetah"), enabled=False), name), stock)
+        inactive = _run(pipe, di.DeLeaker(()), name)  # the op in every block, no entity: its float noise only
         edited = _run(pipe, di.DeLeaker(("cat", "cheetah")), name)
         hist = inst.history  # [B, E, I]
         cond = hist[-1]  # SD3: [unconditional ; conditional]; Qwen-Image: the conditional call's batch
         assert cond[:2].abs().sum() > 0 and cond[2:].abs().sum() == 0  # two live slots, unused ones inactive
         if name == "sd3":
             assert hist.shape[0] == 2 and hist[0].abs().sum() == 0
-        else:
-            assert hist.shape[0] == 1 and inst._call.step == STEPS  # the negative calls ran stock, uncounted
-        assert np.abs(edited - stock).max() > 1e-3
+        else:  # Qwen-Image: the negative calls ran stock, uncounted; FLUX.2: one branch
+            assert hist.shape[0] == 1 and inst._call.step == STEPS
+        noise = np.abs(inactive - stock).max()
+        assert noise < 1e-5 and np.abs(edited - stock).max() > max(1e-4, 100 * noise)
     finally:
         di.remove(pipe)
     np.testing.assert_array_equal(_run(pipe, name=name), stock)  # removed: the stock pipeline again
@@ -119,10 +123,10 @@ def test_entity_positions_are_the_entity_tokens_the_transformer_sees(name, tmp_p
     embeds, at the index the transformer sees them (SD3: CLIP part then T5 part; Qwen-Image: the
     templated prompt less its first 34 tokens)."""
     from deleaker.modeling.families import FAMILIES as REGISTRY
-    from deleaker.modeling.families import qwenimage, sd3
+    from deleaker.modeling.families import flux2, qwenimage, sd3
 
     pipe = _pipe(name, tmp_path_factory)
-    hooks = {"sd3": sd3, "qwenimage": qwenimage}[name]
+    hooks = {"sd3": sd3, "qwenimage": qwenimage, "flux2": flux2}[name]
     toks = hooks.tokenizers(pipe, di.IntegrationError)
     texts = hooks.prompt_texts({"prompt": PROMPT})
     if name == "sd3":
@@ -132,12 +136,49 @@ def test_entity_positions_are_the_entity_tokens_the_transformer_sees(name, tmp_p
                                          pipe.tokenizer_3("cat", add_special_tokens=False).input_ids],
                                  "cheetah": [pipe.tokenizer("cheetah", add_special_tokens=False).input_ids,
                                              pipe.tokenizer_3("cheetah", add_special_tokens=False).input_ids]}
-    else:
+    elif name == "qwenimage":
         seen = pipe.tokenizer(pipe.prompt_template_encode.format(PROMPT)).input_ids[34:]
         want = {"cat": [pipe.tokenizer(" cat").input_ids], "cheetah": [pipe.tokenizer(" cheetah").input_ids]}
+    else:  # the padded chat-templated ids Flux2Pipeline gives its text encoder
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        seen = pipe.tokenizer.apply_chat_template(format_input([PROMPT], pipe.system_message), tokenize=True,
+                                                  return_dict=True, padding="max_length", truncation=True,
+                                                  max_length=64)["input_ids"][0]
+        want = {"cat": [pipe.tokenizer(" cat", add_special_tokens=False).input_ids],
+                "cheetah": [pipe.tokenizer(" cheetah", add_special_tokens=False).input_ids]}
     ent = hooks.entity_tokens(toks, texts, ["cat", "cheetah"], 4, len(seen))[0]  # [E, T]
-    assert REGISTRY[name].layout in ("image_text", "text_image")
+    assert REGISTRY[name].layout in ("image_text", "text_image", "text_image_excluded")
     for e, word in enumerate(("cat", "cheetah")):
         marked = [seen[i] for i in ent[e].nonzero()[0]]
         assert marked == [i for run in want[word] for i in run], (word, marked)
     assert ent[2:].sum() == 0
+
+
+def test_flux2_reference_image_tokens_are_excluded(tmp_path_factory):
+    """FLUX.2 with a reference image: its tokens follow the generated image's in the joint sequence
+    (layout text_image_excluded); the grid and the history cover the generated image only."""
+    from PIL import Image
+
+    pipe = _pipe("flux2", tmp_path_factory)
+    ref = Image.fromarray((np.random.RandomState(0).rand(H, W, 3) * 255).astype(np.uint8))
+
+    @torch.no_grad()
+    def run(request=None):
+        extra = {} if request is None else {"attention_kwargs": {"deleaker": request}}
+        return pipe(prompt=PROMPT, image=[ref], height=H, width=W, num_inference_steps=STEPS, guidance_scale=4.0,
+                    max_sequence_length=64, generator=torch.Generator().manual_seed(0), output_type="np",
+                    **extra).images
+
+    stock = run()
+    inst = di.install(pipe, config=EARLY)
+    try:
+        np.testing.assert_array_equal(run(), stock)
+        inactive = run(di.DeLeaker(()))
+        edited = run(di.DeLeaker(("cat", "cheetah")))
+        assert tuple(inst.history.shape) == (1, 4, (H // 16) * (W // 16))  # the generated image's tokens only
+        assert inst.history[0, :2].abs().sum() > 0
+        noise = np.abs(inactive - stock).max()
+        assert noise < 1e-5 and np.abs(edited - stock).max() > max(1e-4, 100 * noise)
+    finally:
+        di.remove(pipe)

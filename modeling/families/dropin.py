@@ -1,4 +1,4 @@
-"""DeLeaker installed into a diffusers pipeline of a family other than FLUX.1 (SD3/3.5, Qwen-Image).
+"""DeLeaker installed into a diffusers pipeline of a family other than FLUX.1 (SD3/3.5, Qwen-Image, FLUX.2).
 
 modeling/diffusers_integration.py's install(pipe) comes here for those families (FLUX.1 keeps its
 own Installation there); the user-facing calls are the same:
@@ -100,12 +100,9 @@ class FamilyInstallation:
 
     def __init__(self, pipe, family: Family, config: DeLeakerConfig | None, op: str, error, request_type,
                  key: str, attr: str):
-        from . import qwenimage, sd3
+        from . import flux2, qwenimage, sd3
 
-        self.hooks = {"sd3": sd3, "qwenimage": qwenimage}.get(family.name)
-        if self.hooks is None:
-            raise error(f"the diffusers drop-in supports FLUX.1, SD3/3.5 and Qwen-Image pipelines so far; "
-                        f"{family.title} ({type(pipe).__name__}) is not one")
+        self.hooks = {"sd3": sd3, "qwenimage": qwenimage, "flux2": flux2}[family.name]
         self.pipe, self.family, self.error, self.request_type, self.key, self.attr = \
             pipe, family, error, request_type, key, attr
         self.transformer = pipe.transformer

@@ -10,6 +10,7 @@ Text: Mistral Small 3.1 hidden states of the chat-templated prompt. Guidance: di
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .base import DISTILLED, Family, OpProcessor
@@ -79,3 +80,63 @@ FAMILY = Family(
     name="flux2", title="FLUX.2", transformer_class="Flux2Transformer2DModel", pipeline_classes=("Flux2Pipeline",),
     layout="text_image_excluded", guidance=DISTILLED, text_encoder="Mistral Small 3.1 (chat template)",
     kwargs_name="joint_attention_kwargs", preset="flux2-dev", attention_modules=attention_modules, processor=_processor)
+
+
+# ---- the diffusers drop-in's hooks (modeling/families/dropin.py) --------------------------------
+
+def tokenizers(pipe, error) -> dict:
+    """The pipeline's chat-template tokenizer (FLUX.2 [dev]: a PixtralProcessor; its text tokenizer
+    finds the entity runs) and its system message."""
+    from .dropin import text_tokenizer
+
+    chat = pipe.tokenizer
+    return {"chat": chat, "text": text_tokenizer(getattr(chat, "tokenizer", chat), "pipe.tokenizer", error),
+            "system": pipe.system_message, "error": error}
+
+
+def prompt_texts(a: dict) -> dict:
+    prompt = a["prompt"] if a["prompt"] is not None else ""
+    return {"prompt": [prompt] if isinstance(prompt, str) else list(prompt)}
+
+
+def prompt_count(texts: dict) -> int:
+    return len(texts["prompt"])
+
+
+def grid(transformer, kwargs) -> tuple[int, int]:
+    """The generated image's token grid from img_ids [B, N, 4] (t, h, w, l): its tokens have t = 0,
+    reference-image tokens (after them) a later t."""
+    ids = kwargs["img_ids"]
+    ids = ids[0] if ids.dim() == 3 else ids
+    own = ids[ids[:, 0] == 0]
+    h, w = int(own[:, 1].max()) + 1, int(own[:, 2].max()) + 1
+    if h * w != own.shape[0]:
+        raise ValueError(f"cannot read the image's token grid from img_ids {tuple(kwargs['img_ids'].shape)}")
+    return h, w
+
+
+def entity_tokens(toks: dict, texts: dict, entities: list, slots: int, T: int) -> np.ndarray:
+    """[P, slots, T]: each entity's run among the prompt's tokens, at the prompt's place in the
+    chat-templated, padded sequence of T tokens the text encoder reads (as Flux2Pipeline builds it)."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    from deleaker.runtime import tokens as tok
+
+    tt = toks["text"]
+    out = np.zeros((len(texts["prompt"]), slots, T), np.float32)  # [P, E, T]
+    for b, prompt in enumerate(texts["prompt"]):
+        ents = entities if all(isinstance(e, str) for e in entities) else list(entities[b])
+        if len(ents) > slots:
+            raise tok.EntityError(f"{len(ents)} entities for one prompt but only {slots} entity slots")
+        seen = toks["chat"].apply_chat_template(
+            format_input(prompts=[prompt], system_message=toks["system"]), add_generation_prompt=False,
+            tokenize=True, return_dict=True, padding="max_length", truncation=True, max_length=T)["input_ids"][0]
+        seen = [int(i) for i in seen]
+        run = tt.ids(prompt.replace("[IMG]", ""), add_special_tokens=False)
+        start = next((s for s in range(len(seen) - len(run) + 1) if seen[s:s + len(run)] == run), None)
+        if start is None:
+            raise toks["error"](f"the prompt's tokens are not whole in the {T} tokens the text encoder reads "
+                                f"(truncated, or the chat template merges them); DeLeaker cannot place the entities")
+        for e, span in enumerate(tok.locate_entities(tt, prompt, ents, tok.T5_MAX_SEQUENCE_LENGTH)):
+            out[b, e, span.start + start:span.end + start] = 1.0
+    return out
