@@ -343,7 +343,7 @@ _LAYOUT_CHOICE = [
     "transformer blocks, so a per-sample value could only ever repeat one number. An attribute says "
     "so in the graph, is checked once when a node is built or a plugin is created, and lets an "
     "engine specialise on it (the fused kernels and the TensorRT plugin take `text_image` and refuse "
-    "the rest at build time, not mid-run).",
+    "the rest in one line, the plugin when the engine is built).",
     "- What does vary per request stays dynamic: the segment lengths are read from the shapes "
     "(T from `entity_tokens`, I from `grid`, X from N), so one engine serves every resolution and "
     "every number of reference images. An attribute holding offsets would have pinned those.",

@@ -53,6 +53,7 @@ class OpProcessor:
 class Family:
     """One supported model family (see the module docstring)."""
 
+    module: str  # the adapter module (its diffusers drop-in hooks: modeling/families/dropin.py)
     name: str  # registry key, e.g. "sd3"
     title: str  # e.g. "SD3 / SD3.5"
     transformer_class: str  # diffusers class name of its transformer

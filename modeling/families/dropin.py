@@ -22,13 +22,13 @@ as a step; a skip-layer-guidance call
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from deleaker.runtime import tokens as tok
 from deleaker.runtime.config import DeLeakerConfig, preset
 from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 
@@ -62,21 +62,6 @@ def _switch(original, deleaker_processor) -> _Switch:
     return cls(original, deleaker_processor)
 
 
-def text_tokenizer(hf_tokenizer, what: str, error) -> tok.TextTokenizer:
-    """A pipeline's (fast) tokenizer as the runtime's TextTokenizer, without padding/truncation."""
-    from tokenizers import Tokenizer
-
-    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise error(f"DeLeaker locates entities with a fast tokenizer; {what} is {type(hf_tokenizer).__name__} "
-                    f"(load the pipeline with its tokenizer.json, use_fast=True)")
-    copy = Tokenizer.from_str(backend.to_str())
-    copy.no_padding()
-    copy.no_truncation()
-    return tok.TextTokenizer(None, copy, int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token),
-                             hf_tokenizer.model_max_length)
-
-
 @dataclass
 class _Encoded:
     texts: dict | None  # the family's prompt texts of one encode_prompt call (None: prompt_embeds given)
@@ -100,9 +85,7 @@ class FamilyInstallation:
 
     def __init__(self, pipe, family: Family, config: DeLeakerConfig | None, op: str, error, request_type,
                  key: str, attr: str):
-        from . import flux2, qwenimage, sd3
-
-        self.hooks = {"sd3": sd3, "qwenimage": qwenimage, "flux2": flux2}[family.name]
+        self.hooks = importlib.import_module(family.module)  # the adapter module's drop-in hooks
         self.pipe, self.family, self.error, self.request_type, self.key, self.attr = \
             pipe, family, error, request_type, key, attr
         self.transformer = pipe.transformer

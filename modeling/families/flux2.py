@@ -77,6 +77,7 @@ def _processor(module, attrs: dict, op_name: str = "reference"):
 
 
 FAMILY = Family(
+    module=__name__,
     name="flux2", title="FLUX.2", transformer_class="Flux2Transformer2DModel", pipeline_classes=("Flux2Pipeline",),
     layout="text_image_excluded", guidance=DISTILLED, text_encoder="Mistral Small 3.1 (chat template)",
     kwargs_name="joint_attention_kwargs", preset="flux2-dev", attention_modules=attention_modules, processor=_processor)
@@ -87,7 +88,7 @@ FAMILY = Family(
 def tokenizers(pipe, error) -> dict:
     """The pipeline's chat-template tokenizer (FLUX.2 [dev]: a PixtralProcessor; its text tokenizer
     finds the entity runs) and its system message."""
-    from .dropin import text_tokenizer
+    from .text import text_tokenizer
 
     chat = pipe.tokenizer
     return {"chat": chat, "text": text_tokenizer(getattr(chat, "tokenizer", chat), "pipe.tokenizer", error),

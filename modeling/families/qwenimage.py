@@ -87,6 +87,7 @@ def export_ready(transformer, static: dict, example: dict) -> None:
 
 
 FAMILY = Family(
+    module=__name__,
     name="qwenimage", title="Qwen-Image", transformer_class="QwenImageTransformer2DModel",
     pipeline_classes=("QwenImagePipeline",), layout="text_image", guidance=CFG_SEPARATE,
     text_encoder="Qwen2.5-VL (chat template, first 34 tokens dropped)", kwargs_name="attention_kwargs",
@@ -99,7 +100,7 @@ FAMILY = Family(
 
 def tokenizers(pipe, error) -> dict:
     """The pipeline's tokenizer, its prompt template and how many leading template tokens it drops."""
-    from .dropin import text_tokenizer
+    from .text import text_tokenizer
 
     return {"text": text_tokenizer(pipe.tokenizer, "pipe.tokenizer", error), "template": pipe.prompt_template_encode,
             "drop": int(pipe.prompt_template_encode_start_idx), "error": error}

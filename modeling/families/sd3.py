@@ -59,6 +59,7 @@ def attention_modules(transformer) -> list:
 
 
 FAMILY = Family(
+    module=__name__,
     name="sd3", title="SD3 / SD3.5", transformer_class="SD3Transformer2DModel",
     pipeline_classes=("StableDiffusion3Pipeline",), layout="image_text", guidance=CFG_BATCHED,
     text_encoder="CLIP-L + CLIP-G (77 tokens) then T5-XXL", kwargs_name="joint_attention_kwargs", preset="sd3.5-large",
@@ -69,7 +70,7 @@ FAMILY = Family(
 
 def tokenizers(pipe, error) -> dict:
     """The CLIP-L tokenizer (positions 0..76) and, when the pipeline has T5, the T5 tokenizer."""
-    from .dropin import text_tokenizer
+    from .text import text_tokenizer
 
     out = {"clip": text_tokenizer(pipe.tokenizer, "pipe.tokenizer", error)}
     if getattr(pipe, "tokenizer_3", None) is not None and getattr(pipe, "text_encoder_3", None) is not None:
