@@ -57,7 +57,10 @@ def sd3(tmp_path_factory):
 
 @torch.no_grad()
 def _run(pipe, request=None, name="sd3"):
+    from deleaker.modeling.families import FAMILIES as REGISTRY
+
     _, guidance, key = FAMILIES[name]
+    assert key == REGISTRY[name].pipeline_kwargs_name
     extra = {} if request is None else {key: {"deleaker": request}}
     return pipe(prompt=PROMPT, height=H, width=W, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                 output_type="np", **guidance, **extra).images
@@ -182,3 +185,22 @@ def test_flux2_reference_image_tokens_are_excluded(tmp_path_factory):
         assert noise < 1e-5 and np.abs(edited - stock).max() > max(1e-4, 100 * noise)
     finally:
         di.remove(pipe)
+
+
+@pytest.mark.parametrize("name", ["sd3", "qwenimage"])
+def test_family_generate_command(name, tmp_path_factory, tmp_path, capsys):
+    """python -m deleaker.modeling.families: the folder's own pipeline with DeLeaker, a PNG, one line."""
+    from deleaker.modeling.families.__main__ import main
+
+    folder = Path(_pipe(name, tmp_path_factory).transformer.config._name_or_path).parent
+    out = tmp_path / "x.png"
+    # 20 steps: the preset's windows (carried over from FLUX.1-dev) start inside the run on 2 blocks per step
+    assert main(["--model", str(folder), "--prompt", PROMPT, "--entities", "cat,cheetah", "--out", str(out),
+                 "--steps", "20", "--size", "64", "64"]) == 0
+    assert out.stat().st_size > 0 and "DeLeaker edited for entities ['cat', 'cheetah']" in capsys.readouterr().out
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text('{"_class_name": "HiDreamImagePipeline", '
+                                                       '"transformer": ["diffusers", "HiDreamImageTransformer2DModel"]}')
+    assert main(["--model", str(tmp_path / "other"), "--prompt", "a cat", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "does not support the transformer HiDreamImageTransformer2DModel" in err

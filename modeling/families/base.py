@@ -63,6 +63,7 @@ class Family:
     text_encoder: str  # what the joint attention's text tokens come from (docs)
     preset: str  # runtime/config.py PRESETS name for real checkpoints
     kwargs_name: str  # the transformer's forward argument that reaches the attention processors
+    pipeline_kwargs_name: str  # the pipeline __call__ argument a DeLeaker request travels in
     # transformer -> its joint attention modules (diffusers Attention), in block-offset order
     attention_modules: Callable[[torch.nn.Module], list]
     # (attention module, attrs, op_name) -> the DeLeaker processor of that joint attention

@@ -12,7 +12,7 @@ from ..flux import DeLeakerAttnProcessor, attention_blocks
 from .base import DISTILLED, Family
 
 FAMILY = Family(
-    module=__name__,
+    module=__name__, pipeline_kwargs_name="joint_attention_kwargs",
     name="flux1", title="FLUX.1", transformer_class="FluxTransformer2DModel", pipeline_classes=("FluxPipeline",),
     layout="text_image", guidance=DISTILLED, text_encoder="T5-XXL (CLIP gives the pooled vector only)",
     kwargs_name="joint_attention_kwargs", preset="flux-dev",

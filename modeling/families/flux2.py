@@ -77,7 +77,7 @@ def _processor(module, attrs: dict, op_name: str = "reference"):
 
 
 FAMILY = Family(
-    module=__name__,
+    module=__name__, pipeline_kwargs_name="attention_kwargs",
     name="flux2", title="FLUX.2", transformer_class="Flux2Transformer2DModel", pipeline_classes=("Flux2Pipeline",),
     layout="text_image_excluded", guidance=DISTILLED, text_encoder="Mistral Small 3.1 (chat template)",
     kwargs_name="joint_attention_kwargs", preset="flux2-dev", attention_modules=attention_modules, processor=_processor)

@@ -87,7 +87,7 @@ def export_ready(transformer, static: dict, example: dict) -> None:
 
 
 FAMILY = Family(
-    module=__name__,
+    module=__name__, pipeline_kwargs_name="attention_kwargs",
     name="qwenimage", title="Qwen-Image", transformer_class="QwenImageTransformer2DModel",
     pipeline_classes=("QwenImagePipeline",), layout="text_image", guidance=CFG_SEPARATE,
     text_encoder="Qwen2.5-VL (chat template, first 34 tokens dropped)", kwargs_name="attention_kwargs",

@@ -59,7 +59,7 @@ def attention_modules(transformer) -> list:
 
 
 FAMILY = Family(
-    module=__name__,
+    module=__name__, pipeline_kwargs_name="joint_attention_kwargs",
     name="sd3", title="SD3 / SD3.5", transformer_class="SD3Transformer2DModel",
     pipeline_classes=("StableDiffusion3Pipeline",), layout="image_text", guidance=CFG_BATCHED,
     text_encoder="CLIP-L + CLIP-G (77 tokens) then T5-XXL", kwargs_name="joint_attention_kwargs", preset="sd3.5-large",
