@@ -199,8 +199,8 @@ def test_family_generate_command(name, tmp_path_factory, tmp_path, capsys):
                  "--steps", "20", "--size", "64", "64"]) == 0
     assert out.stat().st_size > 0 and "DeLeaker edited for entities ['cat', 'cheetah']" in capsys.readouterr().out
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "model_index.json").write_text('{"_class_name": "HiDreamImagePipeline", '
-                                                       '"transformer": ["diffusers", "HiDreamImageTransformer2DModel"]}')
+    (tmp_path / "other" / "model_index.json").write_text(
+        '{"_class_name": "HiDreamImagePipeline", "transformer": ["diffusers", "HiDreamImageTransformer2DModel"]}')
     assert main(["--model", str(tmp_path / "other"), "--prompt", "a cat", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "does not support the transformer HiDreamImageTransformer2DModel" in err
