@@ -74,7 +74,6 @@ class _Call:
     encoded: _Encoded
     negatives: list  # embeddings of a separate negative-prompt call (CFG_SEPARATE): those calls run stock
     inputs: DeLeakerCall | None = None
-    cond_rows: slice | None = None
     num_steps: int = 0
     step: int = 0
     steps: torch.Tensor | None = field(default=None, repr=False)
@@ -174,7 +173,6 @@ class FamilyInstallation:
         windows, knobs, rules = settings_tensors([cfg] * B, dev)
         self._call.num_steps = num_steps
         self._call.steps = torch.arange(num_steps, dtype=torch.long, device=dev)
-        self._call.cond_rows = cond
         return DeLeakerCall(entity_tokens=torch.from_numpy(ent).to(dev),
                             history=torch.zeros(B, slots, h * w, device=dev), step=self._call.steps[0],
                             grid=torch.tensor([h, w], dtype=torch.long, device=dev), windows=windows, knobs=knobs,
