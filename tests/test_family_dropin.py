@@ -90,6 +90,17 @@ def test_off_is_stock_and_on_edits_the_conditional_branch(name, tmp_path_factory
     np.testing.assert_array_equal(_run(pipe, name=name), stock)  # removed: the stock pipeline again
 
 
+def test_qwen_padded_prompt_batch_is_one_line(tmp_path_factory):
+    pipe = _pipe("qwenimage", tmp_path_factory)
+    di.install(pipe, config=EARLY)
+    try:
+        with pytest.raises(di.IntegrationError, match="give one prompt per call"), torch.no_grad():
+            pipe(prompt=[PROMPT, "a dog"], height=H, width=W, num_inference_steps=STEPS,
+                 attention_kwargs={"deleaker": di.DeLeaker(("cat",))}, output_type="np")
+    finally:
+        di.remove(pipe)
+
+
 def test_entity_not_in_prompt_and_unknown_pipeline_are_one_line(sd3):
     from deleaker.runtime.tokens import EntityError
 

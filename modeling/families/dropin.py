@@ -153,6 +153,9 @@ class FamilyInstallation:
             raise self.error(f"DeLeaker config must be a DeLeakerConfig, got {type(base).__name__}")
         cfg = base.replace(num_steps=num_steps).resolved(self.blocks_per_step)
         ehs = kwargs["encoder_hidden_states"]
+        if kwargs.get("encoder_hidden_states_mask") is not None:
+            raise self.error(f"DeLeaker's attention takes no mask, and {self.family.title} masks a batch of prompts of "
+                             f"different token lengths: give one prompt per call (or prompts of equal length)")
         B, T = ehs.shape[:2]
         h, w = self.hooks.grid(self.transformer, kwargs)
         prompts = self.hooks.prompt_count(encoded.texts)
