@@ -462,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="model family (default flux1; --preset applies to flux1 only)")
     args = ap.parse_args(argv)
     if args.family != "flux1":
+        if args.preset != "tiny":
+            ap.error(f"--preset {args.preset} sizes the flux1 tiny model; --family {args.family} has one size")
         try:
             path = ensure_tiny_family(args.family, args.seed) if args.out is None else \
                 build_tiny_family(args.out, args.family, args.seed, overwrite=args.force)

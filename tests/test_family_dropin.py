@@ -14,6 +14,7 @@ unknown pipeline is refused in one line.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +216,15 @@ def test_family_generate_command(name, tmp_path_factory, tmp_path, capsys):
     assert main(["--model", str(tmp_path / "other"), "--prompt", "a cat", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "does not support the transformer HiDreamImageTransformer2DModel" in err
+
+
+def test_tiny_model_command_for_a_family(tmp_path, capsys):
+    """python -m deleaker.modeling.tiny_model --family F --out DIR builds that family's folder and prints it."""
+    from deleaker.modeling import tiny_model
+
+    assert tiny_model.main(["--family", "sd3", "--out", str(tmp_path / "m")]) == 0
+    assert capsys.readouterr().out.strip() == str((tmp_path / "m").resolve())
+    assert json.loads((tmp_path / "m" / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    with pytest.raises(SystemExit):  # a flux1 size preset with another family: an argparse error
+        tiny_model.main(["--family", "sd3", "--preset", "small"])
+    assert "--family sd3 has one size" in capsys.readouterr().err
