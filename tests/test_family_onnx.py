@@ -62,3 +62,53 @@ def test_step_in_onnx_runtime_matches_torch(name, tmp_path):
     # inactive slots: the stock transformer (for Qwen-Image through the real-valued RoPE the export takes)
     torch.testing.assert_close(want, stock, atol=1e-5, rtol=1e-5)
     assert (edited - want).abs().max() > 1e-3 and hist.abs().sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sd3", "qwenimage", "flux2"])
+def test_pipeline_generates_with_the_exported_step(name, tmp_path, tmp_path_factory):
+    """The family's own diffusers pipeline with DeLeaker, its transformer steps run by ONNX Runtime on
+    the exported step (OnnxStepRunner), gives torch's image within atol 1e-4 (FLUX.1's end-to-end
+    tolerance on latents; here on [0, 1] pixels, measured ~1e-6), every DeLeaker step in the session."""
+    import copy
+
+    from test_family_dropin import EARLY, STEPS, _pipe, _run
+
+    from deleaker.export.family_onnx import OnnxStepRunner
+    from deleaker.modeling import diffusers_integration as di
+
+    pipe = _pipe(name, tmp_path_factory)
+    request = di.DeLeaker(("cat", "cheetah"))
+    example = {}
+
+    def grab(module, args, kwargs):  # the first DeLeaker call's inputs: the export's example and static args
+        call = (kwargs.get(FAMILIES[name].kwargs_name) or {}).get("deleaker")
+        if call is not None and not example:
+            example.update({k: v for k, v in kwargs.items() if torch.is_tensor(v)},
+                           **{k: getattr(call, k).clone() for k in ("entity_tokens", "history", "step", "grid",
+                                                                    "windows", "knobs", "rules")})
+            example["_static"] = {k: v for k, v in kwargs.items() if k == "img_shapes"}
+
+    stock = _run(pipe, name=name)
+    di.install(pipe, config=EARLY)
+    hook = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        want = _run(pipe, request, name)
+    finally:
+        hook.remove()
+        di.remove(pipe)
+    static = example.pop("_static")
+    step = FamilyStep(copy.deepcopy(pipe.transformer), FAMILIES[name], static)
+    path = export_step(step, example, tmp_path / "step.onnx")
+    di.install(pipe, config=EARLY)
+    runner = OnnxStepRunner(pipe, path)
+    try:
+        got = _run(pipe, request, name)
+    finally:
+        runner.remove()
+        di.remove(pipe)
+    assert runner.calls == STEPS
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    # the session's steps edited, by more than the tolerance (tiny FLUX.2's edit is the smallest: ~7e-4)
+    assert np.abs(got - stock).max() > 5 * ATOL
+    print(f"{name}: ONNX Runtime vs torch {np.abs(got - want).max():.2e}, edit {np.abs(got - stock).max():.2e}")
