@@ -3,17 +3,31 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
+# What CI and `make` install: requirements/ci.lock pins every package (`make lock` refreshes it).
+# `make LOCK= install` installs today's releases within pyproject.toml's ranges instead.
+LOCK ?= requirements/ci.lock
+# Without the lock: the CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
+# Where the CPU torch wheel lies (pip's find-links); the lock resolves torch from there.
+FIND_LINKS ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
+UV_PIN ?= uv==0.13.10
 
-.PHONY: install tools demo test plugin clean
+.PHONY: install tools demo test plugin clean lock toyworld-artifact
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --upgrade $(if $(LOCK),-c $(LOCK)) pip
+	$(BIN)/python -m pip install -q $(if $(LOCK),-c $(LOCK),$(TORCH_PIN)) -e '.[test]'
 	touch $(STAMP)
+
+# Re-resolve the lock to today's releases (uv, from PyPI and FIND_LINKS): pyproject.toml's [test]
+# extra plus requirements/ci.in (torch's CPU build, pip), for CPython 3.11 on x86_64 Linux.
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(UV_PIN)
+	$(BIN)/uv pip compile pyproject.toml requirements/ci.in --extra test --upgrade --find-links $(FIND_LINKS) \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
+		-o $(LOCK)
 
 install: $(STAMP)
 
@@ -30,6 +44,11 @@ tools:
 # every cell tagged by the exact judge (leak / clean / missing); the counts are printed.
 demo: $(STAMP)
 	$(BIN)/python -m deleaker.benchmarks.toyworld.demo --out demo.png
+
+# The embedded model's shipped artifact (runtime/models/toyworld-onnx), exported again from its
+# diffusers folder (runtime/models/toyworld) with the options in export/embedded.py.
+toyworld-artifact: $(STAMP)
+	$(BIN)/python -m deleaker.export.embedded
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest -q -ra tests

@@ -30,7 +30,8 @@ def _child(model: str, seconds: float, size: int, batch: int) -> dict:
     from deleaker.runtime.allocator import tune_host_allocator
 
     if model == "toyworld":
-        pipe = load_pipeline(None, progress=False)  # the embedded default: its card's size and preset
+        # the embedded model from its diffusers folder on torch: what allocator-toyworld.jsonl recorded
+        pipe = load_pipeline(None, backend="torch", progress=False)
         prompt, entities, steps, cfg = ("a red striped circle and a blue dotted square",
                                         ("red striped circle", "blue dotted square"), 10, None)
     else:

@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from deleaker.runtime.outputs import check_output
+
 from .presets import PRESETS, BenchSpec, get_preset
 
 log = logging.getLogger("deleaker.bench")
@@ -160,6 +162,7 @@ def run(args) -> int:
 
         load_artifact(spec.artifact)
     out = Path(args.out)
+    check_output(out, {"--model": spec.model, "--artifact": spec.artifact}, folder=True)
     _check_writable_folder(out, "--out")
     if args.profile:
         _check_writable_folder(Path(args.profile), "--profile")

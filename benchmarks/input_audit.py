@@ -10,9 +10,9 @@ A command-line case is clean when it exits with the expected code (2 for bad inp
 exactly one `error:` line and no traceback, and leaves no new file in its scratch folder (the
 output path included). An API case is clean when it raises a ValueError with a one-line
 message (or, where the documented behaviour is to accept the input, runs). An HTTP case is
-clean when the answer is a 4xx with a JSON error body. Anything else is reported as what it is:
-traceback, accepted (exit 0 or still running at the time limit), partial files, wrong code,
-server error. The exit code is 0 when every case tried is clean, else 1.
+clean when the answer is a 4xx with a JSON error body of at most MAX_ECHO characters. Anything
+else is reported as what it is: traceback, accepted (exit 0 or still running at the time limit),
+partial files, wrong code, long echo, server error. The exit code is 0 when every case tried is clean, else 1.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ PROMPT = "a cat and a cheetah in a field"
 CASE_TIMEOUT_S = 20.0  # a bad input is refused in seconds (imports excluded); past this it was accepted
 SERVE_START_TIMEOUT_S = 240.0
 SERVE_CASE_TIMEOUT_S = 60.0  # a refused start-up ends well within this, model load included
+MAX_ECHO = 1000  # characters of an HTTP error message: past this it echoes the input
 AREAS = ("generate", "export", "eval", "bench", "serve", "api", "http")
 
 
@@ -205,6 +206,116 @@ def _write_manifest(edit: Callable[[dict], None]):
     return prepare
 
 
+def write_io_artifact(folder: Path, model: Path, graph: dict | None = None,
+                      edit: Callable[[dict], None] | None = None) -> Path:
+    """An onnxruntime artifact whose four graphs have the step contract's I/O (identity bodies:
+    made to be opened, not run) and a manifest that matches them, then `edit`ed. graph:
+    {E, T, L} of the graphs (default 4, 64, 77); tokenizers are copied from `model`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from deleaker.runtime import step_io
+    from deleaker.runtime.scheduler import FLUX_DEV_SCHEDULER_CONFIG
+
+    g = {"E": 4, "T": 64, "L": 77, **(graph or {})}
+    dims = {**g, "C": 64, "Cl": 16, "Dt": 32, "Dp": 32, "h": "h", "w": "w", "H": "H", "W": "W"}
+    types = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
+
+    def info(t):
+        return helper.make_tensor_value_info(t.name, types[t.dtype], [dims.get(d, d) if isinstance(d, str) else d
+                                                                      for d in t.shape])
+    folder.mkdir(parents=True)
+    models, files = {}, {}
+    for m in step_io.MODELS:
+        ins = step_io.inputs_for(True) if m.name == "transformer" else m.inputs
+        nodes = []
+        for o in m.outputs:  # each output shaped from the model's first input (a body made to be opened)
+            src = ins[0]
+            if len(src.shape) == len(o.shape) and m.name == "transformer":
+                nodes.append(helper.make_node("Identity", [next(t.name for t in ins if t.name in (o.name, "history")
+                                                                and t.shape == o.shape) if o.name == "history_out"
+                                                           else src.name], [o.name]))
+                continue
+            # Cast -> ReduceSum(axis 1) or Unsqueeze(axis 2) -> Expand to the output's fixed sizes
+            x = f"{o.name}_f"
+            nodes.append(helper.make_node("Cast", [src.name], [x], to=TensorProto.FLOAT))
+            axes = helper.make_tensor(f"{o.name}_axes", TensorProto.INT64, [1], [1 if len(o.shape) <= len(src.shape)
+                                                                              else 2])
+            target = [dims.get(d, d) if isinstance(d, str) else d for d in o.shape]
+            shape = helper.make_tensor(f"{o.name}_shape", TensorProto.INT64, [len(o.shape)],
+                                       [1] + [d if isinstance(d, int) and i == 1 else 1
+                                              for i, d in enumerate(target[1:], 1)] if len(o.shape) <= len(src.shape)
+                                       else [1, 1, target[2]])
+            nodes.append(helper.make_node("Constant", [], [f"{o.name}_a"], value=axes))
+            nodes.append(helper.make_node("Constant", [], [f"{o.name}_s"], value=shape))
+            op = "ReduceSum" if len(o.shape) <= len(src.shape) else "Unsqueeze"
+            kw = {"keepdims": 1} if op == "ReduceSum" else {}
+            nodes.append(helper.make_node(op, [x, f"{o.name}_a"], [f"{o.name}_r"], **kw))
+            nodes.append(helper.make_node("Expand", [f"{o.name}_r", f"{o.name}_s"], [o.name]))
+        graph_proto = helper.make_graph(nodes, m.name, [info(t) for t in ins], [info(t) for t in m.outputs])
+        proto = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 17)])
+        proto.ir_version = 8
+        onnx.save(proto, str(folder / f"{m.name}.onnx"))
+        models[m.name] = {"file": f"{m.name}.onnx", "external_data": None,
+                          "inputs": {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in ins},
+                          "outputs": {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in m.outputs}}
+        files[f"{m.name}.onnx"] = (folder / f"{m.name}.onnx").stat().st_size
+    for tok in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(model / tok, folder / tok)
+    m = {"format": "deleaker-artifact", "format_version": 2,
+         "model": {"in_channels": 64, "latent_channels": 16, "vae_scale_factor": 8, "vae_scaling_factor": 0.36,
+                   "vae_shift_factor": 0.11, "max_text_tokens": g["T"], "clip_max_length": g["L"],
+                   "entity_slots": g["E"], "guidance_embeds": True, "blocks_per_step": 4,
+                   "scheduler_config": dict(FLUX_DEV_SCHEDULER_CONFIG)},
+         "models": models, "backends": {"onnxruntime": {n: f"{n}.onnx" for n in step_io.MODEL_NAMES}},
+         "files": files, "tokenizers": {"tokenizer": "tokenizer", "tokenizer_2": "tokenizer_2"},
+         "profiles": {"image_side": [32, 128]}, "deleaker": {"config": {}, "op_version": 2}}
+    if edit is not None:
+        edit(m)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return folder
+
+
+def _io_artifact(edit: Callable[[dict], None] | None = None, **graph):
+    def prepare(d: Path, s: Scratch) -> None:
+        write_io_artifact(d / "art", s.model, graph, edit)
+    return prepare
+
+
+def _swap_backend_files(a: str, b: str):
+    def edit(m: dict) -> None:
+        files = m["backends"]["onnxruntime"]
+        files[a], files[b] = files[b], files[a]
+    return edit
+
+
+def _broken_model(how: str):
+    """A copy of the model with one defect: swapped text-encoder weights, a transformer tensor
+    removed, a transformer file cut short, or the two text-encoder folders swapped."""
+    def prepare(d: Path, s: Scratch) -> None:
+        m = s.model_copy(d)
+        if how == "swapped encoder weights":
+            a, b = m / "text_encoder" / "model.safetensors", m / "text_encoder_2" / "model.safetensors"
+            tmp = d / "w"
+            os.replace(a, tmp), os.replace(b, a), os.replace(tmp, b)
+        elif how == "swapped encoder folders":
+            os.replace(m / "text_encoder", d / "te"), os.replace(m / "text_encoder_2", m / "text_encoder")
+            os.replace(d / "te", m / "text_encoder_2")
+        elif how == "transformer tensor missing":
+            from safetensors.numpy import load_file, save_file
+
+            f = m / "transformer" / "diffusion_pytorch_model.safetensors"
+            tensors = load_file(f)
+            tensors.pop(sorted(tensors)[-1])
+            save_file(tensors, f, metadata={"format": "pt"})
+        elif how == "transformer file cut short":
+            f = m / "transformer" / "diffusion_pytorch_model.safetensors"
+            os.truncate(f, f.stat().st_size - 1000)
+        else:
+            raise ValueError(how)
+    return prepare
+
+
 def _model_scheduler_shift(d: Path, s: Scratch) -> None:
     m = s.model_copy(d)
     p = m / "scheduler" / "scheduler_config.json"
@@ -277,6 +388,27 @@ def cli_cases() -> list[CliCase]:
           prepare=_write_manifest(lambda m: m["model"]["scheduler_config"].update(shift="abc"))),
         g("--artifact manifest not JSON", "--artifact", "{d}/art", model=False,
           prepare=lambda d, s: ((d / "art").mkdir(), (d / "art" / "manifest.json").write_text("{"))),
+        # models that lie: each loads "with warnings" or runs on random weights unless refused
+        *(g(f"--model {how}", "--model", "{d}/model", prepare=_broken_model(how))
+          for how in ("swapped encoder weights", "swapped encoder folders", "transformer tensor missing",
+                      "transformer file cut short")),
+        # artifacts whose manifest disagrees with the graphs
+        g("--artifact manifest names swapped encoder graphs", "--artifact", "{d}/art", model=False,
+          prepare=_io_artifact(_swap_backend_files("text_encoder", "text_encoder_2"))),
+        g("--artifact manifest entity_slots 3 (graph 4)", "--artifact", "{d}/art", model=False,
+          prepare=_io_artifact(lambda m: m["model"].update(entity_slots=3))),
+        g("--artifact manifest max_text_tokens 32 (graph 64)", "--artifact", "{d}/art", model=False,
+          prepare=_io_artifact(lambda m: m["model"].update(max_text_tokens=32))),
+        g("--artifact manifest path ../outside.onnx", "--artifact", "{d}/art", model=False,
+          prepare=_io_artifact(lambda m: m["backends"]["onnxruntime"].update(transformer="../outside.onnx"))),
+        # text the vocabulary check never saw (the embedded default model has a vocabulary)
+        g("--prompt emoji (default model)", "--prompt", "a red striped circle \U0001F600", "--entities", "",
+          model=False),
+        g("--prompt U+202E (default model)", "--prompt", "a red \u202e striped circle", "--entities", "", model=False),
+        g("--prompt punctuation (default model)", "--prompt", "a red striped circle!", "--entities", "", model=False),
+        g("--prompt control character", "--prompt", PROMPT + "\x07", "--entities", "cat"),
+        # output paths
+        g("--out inside --model", "--model", "{d}/model", "--out", "{d}/model/x.png", prepare=_copy_model),
     ]
     x = lambda name, argv, prepare=None: CliCase("export", name, argv, tool="deleaker-export",  # noqa: E731
                                                  prepare=prepare)
@@ -313,6 +445,10 @@ def cli_cases() -> list[CliCase]:
         e("check missing dataset", lambda d, s: ["eval", "check", "--dataset", str(d / "none.jsonl")]),
         e("judge missing run", lambda d, s: ["eval", "judge", str(d / "no-run")]),
         e("report missing run", lambda d, s: ["eval", "report", str(d / "no-run")]),
+        e("run --out is the --model folder", lambda d, s: run(d, s, "--model", str(d / "model"), "--out",
+                                                             str(d / "model")), _copy_model),
+        e("run --out inside the --model folder", lambda d, s: run(d, s, "--model", str(d / "model"), "--out",
+                                                                 str(d / "model" / "vae" / "run")), _copy_model),
     ]
     b = lambda name, *a: CliCase("bench", name, lambda d, s: [*(x.format(d=d, model=s.model) for x in a),  # noqa: E731
                                                               "--out", str(d / "bench"), "--quiet"],
@@ -427,6 +563,8 @@ def api_cases(model: Path) -> list[tuple[str, Callable[[], object], bool]]:
         ("load_pipeline(max_batch=0)", lambda: load_pipeline(str(model), max_batch=0), False),
         ("load_pipeline(missing folder)", lambda: load_pipeline(str(model) + "-missing"), False),
         ("load_pipeline(backend='nope')", lambda: load_pipeline(str(model), backend="nope"), False),
+        ("load_pipeline(123)", lambda: load_pipeline(123), False),
+        ("generate(progress='yes')", lambda: pipe().generate(r(), progress="yes"), False),
     ]
 
 
@@ -498,6 +636,11 @@ def http_cases() -> list[tuple[str, str, bytes, dict]]:
         ("body not JSON content type", "POST", _json(ok), {"Content-Type": "text/plain"}),
         ("body over the size limit", "POST", _json({**ok, "prompt": "a" * 70_000}), j),
         ("GET the generate route", "GET", b"", {}),
+        ("body nested 30000 deep", "POST", b'{"prompt": "a cat", "entities": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", j),
+        ("body nested 200 deep", "POST", b'{"prompt": "a cat", "user": ' + b"[" * 200 + b"]" * 200 + b"}", j),
+        c("entity of 50 KB (echo bounded)", entities=["cat", "z" * 50_000]),
+        c("prompt U+202E", prompt="a cat \u202e and a cheetah in a field"),
+        c("prompt control character", prompt="a cat and a cheetah\x1b[31m in a field"),
     ]
 
 
@@ -519,7 +662,9 @@ def run_http_cases(port: int) -> list[Outcome]:
                 message = resp.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = None
-            if 400 <= resp.status_code < 500 and isinstance(message, str) and message:
+            if 400 <= resp.status_code < 500 and isinstance(message, str) and len(message) > MAX_ECHO:
+                verdict = "long echo"
+            elif 400 <= resp.status_code < 500 and isinstance(message, str) and message:
                 verdict = "clean"
             elif resp.status_code >= 500:
                 verdict = "server error"

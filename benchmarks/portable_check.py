@@ -4,8 +4,8 @@
 
 ART folders are `deleaker-export onnx` artifacts of one checkpoint, without and with --portable.
 Runs the same requests through the public Pipeline three ways: ONNX Runtime on the function
-form, ONNX Runtime on the portable form, OpenVINO (CPU, f32) on the portable form's transformer
-(the encoders and VAE stay on ONNX Runtime), and prints the largest latent and history
+form, ONNX Runtime on the portable form, the openvino backend (CPU, f32) on the portable form
+(encoders, transformer and VAE compiled by OpenVINO), and prints the largest latent and history
 differences from the first, and the mean seconds per denoising step of each.
 """
 
@@ -26,35 +26,11 @@ from deleaker.runtime.pipeline import GenerateRequest, Pipeline
 FIRING = dict(start_aggregating_from=2, start_intervention_from=3, do_smoothing=False)
 
 
-class OpenVinoModel:
-    """transformer.onnx compiled by OpenVINO, called like the onnxruntime backend's models."""
-
-    def __init__(self, path, threads: int | None = None):
-        import onnx
-        import openvino as ov
-
-        core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": "f32"}  # some CPUs would otherwise run bf16
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-        graph = onnx.load(str(path), load_external_data=False).graph
-        # OpenVINO keeps the ONNX graph's input and output order (its tensor names may differ)
-        self.input_names = [v.name for v in graph.input]
-        self.output_names = [v.name for v in graph.output]
-
-    def run(self, feeds, out_shapes=None):
-        res = self.compiled([np.require(feeds[n], requirements="C") for n in self.input_names])  # keeps 0-d step
-        return {n: np.array(res[i], copy=True) for i, n in enumerate(self.output_names)}
-
-
 def openvino_pipeline(artifact: str, threads: int | None = None) -> Pipeline:
-    """A Pipeline over the onnxruntime backend whose transformer is OpenVINO's."""
-    from deleaker.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    """A Pipeline over the openvino backend (every model of the portable artifact compiled by OpenVINO)."""
+    from deleaker.runtime.backends.openvino_backend import OpenVinoBackend
 
-    be = OnnxRuntimeBackend.load(artifact, threads=threads)
-    be.models["transformer"] = OpenVinoModel(be.artifact.path("onnxruntime", "transformer"), threads)
-    return Pipeline(be)
+    return Pipeline(OpenVinoBackend.load(artifact, threads=threads))
 
 
 def main(argv=None) -> int:

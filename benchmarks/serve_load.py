@@ -117,6 +117,24 @@ class LoadSpec:
         return self
 
 
+def error_message(text: str) -> str:
+    """The server's one-line error message (the OpenAI error body), else the answer's start."""
+    try:
+        return str(json.loads(text)["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return text[:300]
+
+
+def server_example(url: str, headers: dict) -> tuple[str, tuple[str, ...]] | None:
+    """The served model's example prompt and entities (its card, from /health); None: it has none."""
+    try:
+        ex = httpx.get(url + "/health", headers=headers, timeout=30).json().get("example")
+    except (httpx.HTTPError, ValueError) as e:
+        raise ValueError(f"cannot read {url}/health for the served model's example prompt ({e}); give --prompt") \
+            from None
+    return (ex["prompt"], tuple(ex.get("entities", ()))) if ex else None
+
+
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -128,7 +146,10 @@ def summarize(samples: list[Sample], wall_s: float) -> dict:
     for s in samples:
         if s.status != 200:
             errors[str(s.status)] = errors.get(str(s.status), 0) + 1
+    first = next((s for s in samples if s.status != 200), None)
     return {"requests": len(samples), "ok": len(ok), "errors": errors,
+            # the first failure's own words: "errors": {"400": 12} alone does not say what was wrong
+            "first_error": None if first is None else {"status": first.status, "message": first.error},
             "server_errors": sum(1 for s in samples if s.status >= 500),
             "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95), "p99_s": percentile(lat, 99),
             "mean_s": float(np.mean(lat)) if lat else None, "wall_s": wall_s,
@@ -146,7 +167,7 @@ async def _one(http: aiohttp.ClientSession, spec: LoadSpec, i: int, t0: float, r
             if status == 200:
                 images, error = len((await r.json())["data"]), None
             else:
-                images, error = 0, (await r.text())[:300]
+                images, error = 0, error_message(await r.text())
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         status, images, error = 0, 0, f"{type(e).__name__}: {e}"
     return Sample(i, start - t0, time.perf_counter() - start, status, images, error, round_)
@@ -356,8 +377,10 @@ def _parser() -> argparse.ArgumentParser:
     loop.add_argument("--concurrency", type=int, help="closed loop: this many clients in parallel (default 8)")
     loop.add_argument("--rate", type=float, help="open loop: mean arrivals per second (Poisson)")
     p.add_argument("--max-seconds", type=float, default=d.max_seconds, help="stop sending after this long")
-    p.add_argument("--prompt", default=d.prompt)
-    p.add_argument("--entities", default=",".join(d.entities), help="comma-separated entity words")
+    p.add_argument("--prompt", help="default: the served model's example (its card, from /health), else "
+                                    f"{d.prompt!r}")
+    p.add_argument("--entities", help="comma-separated entity words (default: with the default prompt, its "
+                                      "entities; else none)")
     p.add_argument("--size", help="WIDTHxHEIGHT (default: the server's)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the server's)")
     p.add_argument("--n", type=int, default=1, help="images per request")
@@ -387,12 +410,19 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def go() -> int:
-        entities = tuple(e.strip() for e in args.entities.split(",") if e.strip())
+        token = args.token or os.environ.get("DELEAKER_API_TOKEN")
+        prompt, entities = args.prompt, tuple(e.strip() for e in (args.entities or "").split(",") if e.strip())
+        if prompt is None:  # the served model's own example: a model of a few words refuses any other
+            example = server_example(args.url, {"Authorization": f"Bearer {token}"} if token else {})
+            prompt, default_entities = example or (LoadSpec.prompt, LoadSpec.entities)
+            entities = entities if args.entities is not None else default_entities
+            print(f"deleaker-bench: prompt {prompt!r}, entities {list(entities)} (the server's example)"
+                  if example else f"deleaker-bench: prompt {prompt!r} (the server's model has no example)",
+                  file=sys.stderr)
         spec = LoadSpec(url=args.url, requests=args.requests,
                         concurrency=args.concurrency if args.rate is None else None,
-                        rate=args.rate, max_seconds=args.max_seconds, prompt=args.prompt, entities=entities,
-                        size=args.size, steps=args.steps, n=args.n, seed=args.seed,
-                        token=args.token or os.environ.get("DELEAKER_API_TOKEN"),
+                        rate=args.rate, max_seconds=args.max_seconds, prompt=prompt, entities=entities,
+                        size=args.size, steps=args.steps, n=args.n, seed=args.seed, token=token,
                         deleaker_settings=args.deleaker_settings, client=args.client)
         if spec.concurrency is None and spec.rate is None:
             spec = LoadSpec(**{**asdict(spec), "concurrency": 8})
@@ -455,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
             if out is not None:
                 out.close()
         print(json.dumps({"summary": summary}))
+        if summary["first_error"] is not None:
+            e = summary["first_error"]
+            print(f"deleaker-bench: first error: HTTP {e['status']}: {e['message']}", file=sys.stderr)
         if args.out:
             print(f"wrote {Path(args.out)}", file=sys.stderr)
         return 0 if summary["server_errors"] == 0 and summary["ok"] > 0 else 1

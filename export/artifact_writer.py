@@ -37,10 +37,11 @@ def export_models(steps: Steps, folder: Path, suffix: str) -> dict:
 
 
 def write_tokenizers_and_manifest(folder: Path, ckpt, spec, exported: dict, opset: int | None,
-                                  edit: Callable[[dict], None] | None = None) -> None:
+                                  edit: Callable[[dict], None] | None = None, source: str | None = None) -> None:
     """The tokenizers (as transformers builds them, saved as tokenizer.json for the runtime's
     `tokenizers`-only loader; FLUX.1-dev's CLIP folder has none) and the manifest, which `edit`
-    may complete (an exporter's own fields) before it is written."""
+    may complete (an exporter's own fields) before it is written. source: the checkpoint as the
+    manifest names it (default: its absolute path)."""
     from deleaker.modeling.checkpoint import export_tokenizer
 
     tokenizers = {}
@@ -51,7 +52,7 @@ def write_tokenizers_and_manifest(folder: Path, ckpt, spec, exported: dict, opse
     if card.is_file():  # the model's declared preset, size and words travel with its engines
         shutil.copyfile(card, folder / CARD_FILE)
     manifest = mf.build_manifest(ckpt=ckpt, spec=spec, exported=exported, tokenizers=tokenizers,
-                                 source=str(ckpt.root), opset=opset)
+                                 source=source or str(ckpt.root), opset=opset)
     if edit is not None:
         edit(manifest)
     mf.write_manifest(folder, manifest)

@@ -278,6 +278,9 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
 def _export(module: nn.Module, kwargs: dict, dynamic_shapes: dict, output_names: list[str], path: Path,
             external_data: bool | None, translation: dict | None = None, after=None) -> Exported:
     t0 = time.perf_counter()
@@ -293,6 +296,10 @@ def _export(module: nn.Module, kwargs: dict, dynamic_shapes: dict, output_names:
     if after is not None:
         after(program)
     graph = program.model.graph
+    for node in graph.all_nodes():
+        # the exporter's per-node Python stack trace names this machine's files: without it the
+        # same checkpoint and library versions give the same bytes wherever the export runs
+        node.metadata_props.pop(STACK_TRACE_KEY, None)
     inputs, outputs = _io_spec(graph.inputs), _io_spec(graph.outputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     with stage(f"saving {path.name}"):
@@ -433,8 +440,9 @@ def export_vae_decoder(vae, path: Path, spec: ExportSpec) -> Exported:
 # --------------------------------------------------------------------------------------------
 
 def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec | None = None,
-                    force: bool = False) -> Path:
+                    force: bool = False, source: str | None = None) -> Path:
     """Export a diffusers-format FLUX folder into an artifact directory (manifest.json + ONNX + tokenizers).
+    source: how the manifest names the checkpoint (default: its absolute path).
 
     Components are loaded and exported one at a time, so peak memory is about one component's
     weights plus the exporter's working set.
@@ -462,7 +470,7 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec
             "vae_decoder": (lambda: ckpt.load_vae(edtype), lambda m, p: export_vae_decoder(m, p, spec)),
         }
         exported = export_models(steps, tmp, ".onnx")
-        write_tokenizers_and_manifest(tmp, ckpt, spec, exported, OPSET)
+        write_tokenizers_and_manifest(tmp, ckpt, spec, exported, OPSET, source=source)
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,9 +1,11 @@
-"""The --out folder of an export: checked before any work, written in a temp folder beside it and
-renamed into place at the end, so an artifact is either complete or absent.
+"""The --out folder of an export: checked before any work (runtime/outputs.py's rule, shared by
+every command that writes), written in a temp folder beside it, fsynced and renamed into place
+at the end, so an artifact is either complete or absent.
 
 Temp folders are named `.NAME.tmp-PID-XXXX` (the export being written) and `.NAME.old-PID-XXXX`
-(the artifact being replaced); the PID lets the next export to the same --out remove the ones
-of exports that were killed (a folder of a live process is left alone).
+(the artifact being replaced), NAME cut to its first 48 bytes so any valid --out name fits; the
+PID lets the next export to the same --out remove the ones of exports that were killed (a
+folder of a live process is left alone).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from deleaker.runtime.artifact import MANIFEST
+from deleaker.runtime.outputs import check_output, fsync_folder, fsync_tree
 
 log = logging.getLogger("deleaker")
 
@@ -24,25 +27,14 @@ class OutFolderError(ValueError):
     """--out cannot be written as asked; the message says why."""
 
 
-def _overlap(a: Path, b: Path) -> str | None:
-    if a == b:
-        return "is"
-    if b in a.parents:
-        return "lies inside"
-    if a in b.parents:
-        return "contains"
-    return None
-
-
 def check_out(out: str | Path, inputs: dict[str, str | Path], force: bool) -> Path:
     """The resolved --out after refusing what would lose data: an --out that is, contains or lies
     inside one of `inputs` ({option: path}, e.g. {"--model": DIR}), a file, a non-empty folder
     without `force`, or (even with it) a non-empty folder that is not an artifact."""
-    out = Path(out).expanduser().resolve()
-    for option, path in inputs.items():
-        how = _overlap(out, Path(path).expanduser().resolve())
-        if how:
-            raise OutFolderError(f"--out {out} {how} the {option} folder {path}; choose an --out outside it")
+    try:
+        out = check_output(out, dict(inputs), folder=True)
+    except ValueError as e:
+        raise OutFolderError(str(e)) from None
     if out.exists() and not out.is_dir():
         raise OutFolderError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
@@ -59,8 +51,16 @@ def check_out(out: str | Path, inputs: dict[str, str | Path], force: bool) -> Pa
     return out
 
 
+_OWNER = "out-name"  # in an .old- folder: the full --out name it belongs to
+_STEM_BYTES = 48  # of --out's name in a temp folder's name: short enough beside any valid name
+
+
+def _stem(out: Path) -> str:
+    return out.name.encode("utf-8", "surrogateescape")[:_STEM_BYTES].decode("utf-8", "ignore")
+
+
 def _pattern(out: Path) -> re.Pattern:
-    return re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[^/]*$")
+    return re.compile(rf"^\.{re.escape(_stem(out))}\.(tmp|old)-(\d+)-[^/]*$")
 
 
 def _alive(pid: int) -> bool:
@@ -88,7 +88,9 @@ def clean_stale(out: Path) -> list[Path]:
         if not m or not p.is_dir() or _alive(int(m.group(2))):
             continue
         kept = p / "x"
-        if m.group(1) == "old" and kept.is_dir() and not out.exists():
+        owner = p / _OWNER
+        mine = not owner.is_file() or owner.read_text(encoding="utf-8", errors="replace") == out.name
+        if m.group(1) == "old" and kept.is_dir() and not out.exists() and mine:
             os.replace(kept, out)
             log.info("restored %s from %s (an export was killed while replacing it)", out, p.name)
         shutil.rmtree(p, ignore_errors=True)
@@ -103,7 +105,7 @@ def temp_folder(out: Path) -> Path:
     """A fresh temp folder beside `out` (after removing dead exports' ones)."""
     clean_stale(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out)}.tmp-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets normal permissions
@@ -111,11 +113,15 @@ def temp_folder(out: Path) -> Path:
 
 
 def publish(tmp: Path, out: Path) -> None:
-    """Move a finished artifact folder into place (replacing an old one only once the new one is complete)."""
+    """Move a finished artifact folder into place (replacing an old one only once the new one is
+    complete); its files and folders are fsynced first and the parent folder after the rename."""
+    fsync_tree(tmp)
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{_stem(out)}.old-{os.getpid()}-", dir=out.parent))
+        (old / _OWNER).write_text(out.name, encoding="utf-8", errors="surrogateescape")  # names share a stem
         os.replace(out, old / "x")
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+    fsync_folder(out.parent)

@@ -30,6 +30,7 @@ import torch
 
 from deleaker.runtime import op_schema, step_io
 from deleaker.runtime.artifact import ArtifactError, load_artifact
+from deleaker.runtime.artifact_check import GraphTensor, check_graph
 from deleaker.runtime.config import DeLeakerConfig, ResolvedConfig
 
 CHECKS = ("op", "step", "loop")
@@ -344,6 +345,36 @@ def check_loop(artifact, model_dir: Path, config: DeLeakerConfig, prompt: str, e
 
 # --------------------------------------------------------------------------------------------
 
+def onnx_graph_io(path: Path) -> tuple[list[GraphTensor], list[GraphTensor]]:
+    """(inputs, outputs) of an ONNX file as the runtime's graph check reads them (no weights loaded)."""
+    import onnx
+
+    _ELEM = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 9: "bool", 16: "bfloat16"}
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # onnx raises DecodeError and friends
+        raise ArtifactError(f"cannot read {path} as ONNX: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                            ) from e
+
+    def tensors(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+            out.append(GraphTensor(v.name, _ELEM.get(t.elem_type, str(t.elem_type)), dims))
+        return out
+    initializers = {i.name for i in graph.initializer}
+    return tensors(v for v in graph.input if v.name not in initializers), tensors(graph.output)
+
+
+def check_graphs(artifact) -> None:
+    """Every ONNX graph of the artifact against its manifest: the check the onnxruntime backend runs
+    when it opens the artifact (runtime/artifact_check.py), one line per mismatch."""
+    for name in step_io.MODEL_NAMES:
+        path = artifact.path("onnxruntime", name)
+        check_graph(artifact, name, *onnx_graph_io(path), path)
+
+
 def verify(artifact_dir: str | Path, model_dir: str | Path, checks=None, steps: int | None = None,
            height: int | None = None, width: int | None = None, device: str = "cpu",
            prompt: str = "a cat and a cheetah in a field", entities: tuple[str, ...] = ("cat", "cheetah"),
@@ -372,6 +403,7 @@ def verify(artifact_dir: str | Path, model_dir: str | Path, checks=None, steps: 
         raise ValueError(f"{model_dir} has {ckpt.blocks_per_step} blocks per step, the artifact "
                          f"{bps}: not the checkpoint it was exported from")
     if backend == "onnxruntime":
+        check_graphs(artifact)  # graph I/O against the manifest: the same check as the backend's at load
         # a corrupt graph, or one not in the form the manifest records, is one clear error before any check
         report(transformer_form(artifact, bps))
     lo, _ = artifact.size_range

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,8 @@ FORMAT = "deleaker-artifact"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MODEL_NAMES = ("transformer", "text_encoder", "text_encoder_2", "vae_decoder")
+
+log = logging.getLogger("deleaker")
 
 
 class ArtifactError(ValueError):
@@ -63,14 +67,14 @@ class Artifact:
         files = self.backend_files(backend)
         if model not in files:
             raise ArtifactError(f"artifact {self.root} has no {model} for backend {backend!r}; {_fix(self.root)}")
-        return self.root / files[model]
+        return inside(self.root, files[model], f"backends.{backend}.{model}")
 
     def tensors(self, model: str) -> dict:
         """{"inputs": {name: {"dtype", "shape"}}, "outputs": {...}} of one exported model."""
         return self.manifest["models"][model]
 
     def tokenizer_dir(self, which: str) -> Path:
-        return self.root / self.manifest["tokenizers"][which]
+        return inside(self.root, self.manifest["tokenizers"][which], f"tokenizers.{which}")
 
     @property
     def deleaker(self) -> dict:
@@ -165,10 +169,45 @@ def _default_config(root: Path, manifest: dict) -> DeLeakerConfig:
         raise ArtifactError(f"{root / MANIFEST}: bad default deleaker config ({e}); {_fix(root)}") from None
 
 
+def inside(root: Path, rel, where: str) -> Path:
+    """root / rel for a path the manifest names, refused unless it is a relative path that stays
+    inside the artifact folder (no "..", no absolute path, no symlink out of it)."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\x00" in rel:
+        raise ArtifactError(f"{root / MANIFEST}: {where} must be a relative path inside the artifact, got {rel!r}")
+    path = root / rel
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, top]) != top:
+        raise ArtifactError(f"{root / MANIFEST}: {where} {rel!r} points outside the artifact folder {root}; "
+                            f"an artifact reads only its own files: {_fix(root)}")
+    return path
+
+
+def _manifest_paths(manifest: dict):
+    """(where, relative path) of every file or folder the manifest names."""
+    files = manifest.get("files")
+    for rel in (files if isinstance(files, dict) else {}):
+        yield f"files[{rel!r}]", rel
+    backends = manifest.get("backends")
+    for backend, entries in (backends.items() if isinstance(backends, dict) else ()):
+        if not isinstance(entries, dict):
+            raise ArtifactError(f"manifest backends.{backend} must be an object of model -> file")
+        for model, rel in entries.items():
+            yield f"backends.{backend}.{model}", rel
+    tokenizers = manifest.get("tokenizers")
+    for which, rel in (tokenizers.items() if isinstance(tokenizers, dict) else ()):
+        yield f"tokenizers.{which}", rel
+    models = manifest.get("models")
+    for name, m in (models.items() if isinstance(models, dict) else ()):
+        if isinstance(m, dict):
+            for key in ("file", "external_data"):
+                if m.get(key) is not None:
+                    yield f"models.{name}.{key}", m[key]
+
+
 def _check_files(root: Path, manifest: dict) -> None:
     """Every listed file exists with the byte size the exporter recorded (catches partial copies)."""
     for rel, size in sorted(manifest.get("files", {}).items()):
-        p = root / rel
+        p = inside(root, rel, f"files[{rel!r}]")
         if not p.is_file():
             raise ArtifactError(f"artifact {root} is missing {rel} (listed in {MANIFEST}): the export was "
                                 f"interrupted or the folder was copied partially; copy it again or {_fix(root)}")
@@ -207,13 +246,24 @@ def load_artifact(path: str | Path, check_files: bool = True) -> Artifact:
     for key in ("model", "models", "backends", "files", "tokenizers", "profiles", "deleaker"):
         if key not in manifest:
             raise ArtifactError(f"{mpath} lacks the {key!r} section; {_fix(root)}")
+        if not isinstance(manifest[key], dict):
+            raise ArtifactError(f"{mpath}: the {key!r} section must be an object, got {type(manifest[key]).__name__}; "
+                                f"{_fix(root)}")
+    sizes = manifest["files"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values()):
+        raise ArtifactError(f"{mpath}: files must map each path to its byte size; {_fix(root)}")
     op_version = manifest["deleaker"].get("op_version")
     if op_version != op_schema.ONNX_OPSET_VERSION:
         raise ArtifactError(f"artifact {root} holds {op_schema.OP_NAME} op version {op_version!r}, this deleaker "
                             f"runs version {op_schema.ONNX_OPSET_VERSION}: {_fix(root)}")
+    for where, rel in _manifest_paths(manifest):
+        inside(root, rel, where)
     _default_config(root, manifest)  # a bad default fails at load, not at the first request
     _model_fields(root, manifest)
     _size_range(root, manifest)
+    for which in ("tokenizer", "tokenizer_2"):
+        if which not in manifest["tokenizers"]:
+            raise ArtifactError(f"{mpath}: tokenizers.{which} is missing; {_fix(root)}")
     if check_files:
         _check_files(root, manifest)
     return Artifact(root=root.resolve(), manifest=manifest)

@@ -10,9 +10,11 @@ from pathlib import Path
 
 from .cli_help import DefaultsHelpFormatter
 from .config import DEFAULT_PRESET, PRESETS, preset
-from .embedded import default_model_dir
+from .embedded import default_source
 from .errors import run_reporting_errors
+from .images import MIN_SHOWN_SIDE
 from .model_card import DEFAULT_SIDE, default_preset, default_size, read_card
+from .outputs import check_output
 
 log = logging.getLogger("deleaker")
 
@@ -44,16 +46,19 @@ def _parser(commands: dict) -> argparse.ArgumentParser:
     g.add_argument("--entities", default="", help="comma-separated entity words that occur in the prompt")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", help="diffusers-format FLUX folder (torch backend); default: the embedded toy-world "
-                     "model (32x32, its own words only: docs/toyworld.md)")
+                     "model (32x32, its own words only: docs/toyworld.md), as its exported artifact on onnxruntime")
     src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend)")
-    g.add_argument("--backend", help="torch (default with --model), onnxruntime (default with --artifact), aoti "
-                                     "(an artifact of `deleaker-export aoti`), tensorrt")
+    g.add_argument("--backend", help="torch (default with --model; without --model or --artifact: the embedded "
+                                     "model's diffusers folder), onnxruntime (default with --artifact or neither), "
+                                     "openvino (a --portable artifact), aoti (an artifact of `deleaker-export aoti`), "
+                                     "tensorrt")
     g.add_argument("--preset", help=f"DeLeaker preset: {', '.join(PRESETS)} (default: the one the model's card "
                    f"names, e.g. toyworld for the embedded model; else {DEFAULT_PRESET})")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
-    g.add_argument("--height", type=int, help="image height in pixels, a multiple of 16 (default: the model card's "
-                                             "size, e.g. 32 for the embedded model; else 256, or the artifact's export size)")
+    g.add_argument("--height", type=int, help="image height in pixels, a multiple of the model's image token (16 for "
+                   "FLUX.1, 4 for the embedded model; docs/api.md#sizes) (default: the model card's size, e.g. 32 for "
+                   "the embedded model; else 256, or the artifact's export size)")
     g.add_argument("--width", type=int, help="image width in pixels (default: as --height)")
     g.add_argument("--guidance", type=float, default=3.5, help="guidance scale (guidance-distilled models)")
     g.add_argument("--device", default="cpu", help="torch/onnxruntime device: cpu or cuda")
@@ -66,17 +71,21 @@ def _parser(commands: dict) -> argparse.ArgumentParser:
     g.add_argument("--no-deleaker", action="store_true", help="plain attention (same engine, no entity active)")
     g.add_argument("--compare", action="store_true", help="write vanilla and DeLeaker side by side")
     g.add_argument("--out", required=True, help="output PNG path")
+    g.add_argument("--scale", type=int, help="write each image enlarged this many times, pixel for pixel (no "
+                   f"smoothing); default: enough to make images smaller than {MIN_SHOWN_SIDE} px at least that "
+                   "(1: the model's own pixels)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or logs")
     g.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
 
 
 def _generate(args) -> int:
-    from .pipeline import GenerateRequest, check_device, check_request
+    from .request import GenerateRequest, check_request
+    from .pipeline import check_device
 
     # Everything that needs no model is checked before loading one (a load takes seconds to minutes).
-    if args.model is None and not args.artifact:
-        args.model = str(default_model_dir())
+    if args.model is None and not args.artifact:  # the embedded model: its artifact, or its folder for torch
+        args.backend, args.model, args.artifact = default_source(args.backend)
     card = read_card(args.model or args.artifact)  # the declared preset, size and words (None: no card)
     cfg = preset(args.preset or default_preset(card))
     out = Path(args.out)
@@ -86,18 +95,18 @@ def _generate(args) -> int:
         raise FileNotFoundError(f"output folder {out.parent} does not exist")
     if out.is_dir():
         raise ValueError(f"--out {args.out} is a folder; give a .png file path")
+    check_output(out, {"--model": args.model, "--artifact": args.artifact})
     if args.compare and args.no_deleaker:
         raise ValueError("--compare already includes the vanilla image; drop --no-deleaker")
     entities = tuple(e.strip() for e in args.entities.split(",")) if args.entities.strip() else ()
     if any(not e for e in entities):
         raise ValueError(f"--entities has an empty item: {args.entities!r}")
     check_device(args.device)
+    if args.scale is not None and not 1 <= args.scale <= 64:
+        raise ValueError(f"--scale must be an integer in [1, 64], got {args.scale}")
     steps = args.steps if args.steps is not None else cfg.num_steps
-    size_range = None
-    if args.artifact:
-        from .artifact import load_artifact
-
-        size_range = load_artifact(args.artifact, check_files=False).size_range
+    geometry = _declared_geometry(args)  # the model's size rule, read before its weights load
+    size_range = geometry.size_range if geometry is not None else None
     backend_name = args.backend or (_artifact_backend(args.artifact) if args.artifact else "torch")
     options = _backend_options(args, backend_name)
     height, width = _size(args, size_range, card)
@@ -106,7 +115,8 @@ def _generate(args) -> int:
     base = GenerateRequest(prompt=args.prompt, entities=entities, seed=args.seed, steps=steps, height=height,
                            width=width, guidance_scale=args.guidance, deleaker=not args.no_deleaker,
                            config=cfg)
-    check_request(base, size_range)
+    # the checks the Pipeline runs again once the model is loaded (the size rule where the folder states it)
+    check_request(base, geometry if geometry is not None and geometry.vae_scale_factor else None)
     if not args.no_deleaker and len(entities) < 2:
         log.warning("DeLeaker separates two or more entities; with %d it is plain attention", len(entities))
     return _run(args, backend_name, options, base, out)
@@ -132,7 +142,7 @@ def _run(args, backend_name: str, options: dict, base, out: Path) -> int:
     import numpy as np
 
     from .backends import load_backend
-    from .images import save_png, side_by_side
+    from .images import display_scale, enlarge, save_png, side_by_side
     from .pipeline import Pipeline
 
     backend = load_backend(backend_name, args.artifact or args.model, **options)
@@ -150,15 +160,43 @@ def _run(args, backend_name: str, options: dict, base, out: Path) -> int:
             log.warning("%s: DeLeaker edited nothing here (%s)", line, pipe.why_no_edit(results[1]))
         else:
             log.info("%s", line)
-        image = side_by_side([r.images[0] for r in results], [f"{label} (seed {args.seed})" for _, label in runs])
+    h, w = results[0].image.shape[:2]
+    scale = args.scale if args.scale is not None else display_scale(h, w)
+    if args.compare:
+        image = side_by_side([r.image for r in results], [f"{label} (seed {args.seed})" for _, label in runs], scale)
     else:
-        image = results[0].images[0]
+        image = enlarge(results[0].image, scale)
     save_png(image, out)  # atomic: a temp file renamed into place
+    if scale > 1:
+        log.info("%dx%d images written %dx larger (%dx%d, each pixel a block: no smoothing; --scale 1 keeps the "
+                 "model's pixels)", w, h, scale, w * scale, h * scale)
     if len(results) > 1 and results[0].batch_size == len(results):  # --compare: both images in one session
         log.info("wrote %s (%s in one batch, %.1fs)", out, " and ".join(label for _, label in runs), results[0].seconds)
     else:
         log.info("wrote %s (%s)", out, " + ".join(f"{label} {r.seconds:.1f}s" for (_, label), r in zip(runs, results)))
     return 0
+
+
+def _declared_geometry(args):
+    """What fixes the size rule (a ModelInfo's vae_scale_factor and size_range), read without
+    loading weights: an artifact's manifest, or a diffusers folder's vae/config.json (VAE scale
+    factor 2^(levels - 1)). None when the folder does not say (the loaded model is checked anyway)."""
+    import json
+    from types import SimpleNamespace
+
+    if args.artifact:
+        from .artifact import load_artifact
+
+        art = load_artifact(args.artifact, check_files=False)
+        factor = art.manifest.get("model", {}).get("vae_scale_factor")
+        return SimpleNamespace(vae_scale_factor=factor if isinstance(factor, int) and factor > 0 else None,
+                               size_range=art.size_range)
+    try:
+        vae = json.loads((Path(args.model) / "vae" / "config.json").read_text(encoding="utf-8"))
+        levels = len(vae["block_out_channels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not a readable diffusers folder: loading it says why
+    return SimpleNamespace(vae_scale_factor=2 ** (levels - 1), size_range=None)
 
 
 def _artifact_backend(path: str) -> str:

@@ -13,6 +13,7 @@ import dataclasses
 import math
 
 from . import op_schema
+from .errors import FieldError
 
 # FLUX.1 block counts (19 double + 38 single blocks).
 FLUX_BLOCKS_PER_STEP = 19 + 38
@@ -35,8 +36,10 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-class ConfigError(ValueError):
+class ConfigError(FieldError):
     """A DeLeaker setting is invalid; the message says which and why."""
+
+    field = "config"
 
 
 class _DeLeakerConfigMethods:

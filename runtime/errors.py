@@ -15,6 +15,20 @@ USER_ERROR_EXIT_CODE = 2  # argparse's code for bad usage
 INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # 130: what shells report for Ctrl-C
 
 
+class FieldError(ValueError):
+    """Bad input that one field of a request is to blame for. `field` names it, as the Python API
+    spells it (prompt, entities, seed, steps, size, guidance_scale, deleaker, config; a subclass
+    sets the field it is always about); the server answers it as the API field (runtime/request.py,
+    API_FIELDS). None: the input as a whole."""
+
+    field: str | None = None
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        if field is not None:
+            self.field = field
+
+
 def _debug(debug: bool) -> bool:
     return debug or bool(os.environ.get("DELEAKER_DEBUG"))
 

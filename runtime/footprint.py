@@ -20,7 +20,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from .latents import LatentGeometry
+from .errors import FieldError
+from .latents import PATCH, LatentGeometry
 
 FLOAT32_BYTES = 4
 WORKSPACE_MAPS = 4  # float32 [H, N, N] maps alive at the op's peak (reference op)
@@ -31,8 +32,10 @@ SECONDS_PER_ELEMENT = 6e-8  # reference op, busy 2-core CPU, per attention-map e
 LONG_RUN_SECONDS = 60.0  # runs estimated longer than this are announced in the log
 
 
-class FootprintError(ValueError):
+class FootprintError(FieldError):
     """A request needs more memory than the device has free; the message says what would fit."""
+
+    field = "size"
 
 
 @dataclass(frozen=True)
@@ -105,12 +108,18 @@ def _read_available(device) -> int | None:
         return None
 
 
-def largest_square_side(info, batch: int, steps: int, fused: bool, budget: int, multiple: int = 16) -> int:
-    """The largest square image side (a multiple of `multiple`) whose footprint fits `budget` bytes; 0: none."""
-    lo, hi = 0, 1 << 10  # in units of `multiple`
-    fits = lambda k: estimate(info, LatentGeometry(k * multiple, k * multiple, max_side=k * multiple),  # noqa: E731
-                              batch, steps, fused).total_bytes <= budget
-    while fits(hi):
+def largest_square_side(info, batch: int, steps: int, fused: bool, budget: int, max_side: int | None = None) -> int:
+    """The largest square image side whose footprint fits `budget` bytes, in the model's own geometry
+    (a multiple of its VAE scale factor x patch size, at most max_side); 0: none."""
+    multiple = info.vae_scale_factor * PATCH  # pixels per image-token side
+    geo = lambda k: LatentGeometry(k * multiple, k * multiple, info.vae_scale_factor,  # noqa: E731
+                                   max_side=k * multiple)
+    fits = lambda k: estimate(info, geo(k), batch, steps, fused).total_bytes <= budget  # noqa: E731
+    top = None if max_side is None else max_side // multiple  # in units of `multiple`
+    if top is not None and fits(top):
+        return top * multiple
+    lo, hi = 0, (1 << 10) if top is None else top
+    while top is None and fits(hi):
         hi *= 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -128,14 +137,24 @@ def check(info, geo: LatentGeometry, batch: int, steps: int, fused: bool, device
     free = available_bytes(device)
     if free is None or fp.total_bytes <= HEADROOM * free:
         return fp
-    budget = int(HEADROOM * free)
-    side = largest_square_side(info, batch, steps, fused, budget, multiple=geo.multiple)
+    side = largest_fitting_side(info, batch, steps, fused, device, geo.max_side)
     where = "GPU" if "cuda" in str(device) else "host"
-    fit = (f"the largest square size that fits is {side}x{side}" + (f" at batch {batch}" if batch > 1 else "")
-           if side else "no size fits at this batch")
-    raise FootprintError(f"{geo.width}x{geo.height} needs about {_gib(fp.total_bytes)} (the DeLeaker op's attention "
-                         f"maps: {_gib(fp.workspace_bytes)}) but {_gib(free)} of {where} memory is free: {fit}"
-                         + ("" if fused else "; on a GPU the fused op (--attention cuda) keeps no attention map"))
+    fit = (f"the largest square size that fits this model now is {side}x{side}"
+           + (f" at batch {batch}" if batch > 1 else "") if side else "no size fits at this batch")
+    raise FootprintError(f"size {geo.width}x{geo.height} needs about {_gib(fp.total_bytes)} (the DeLeaker op's "
+                         f"attention maps: {_gib(fp.workspace_bytes)}) but {_gib(free)} of {where} memory is free: "
+                         f"{fit}" + ("" if fused else "; on a GPU the fused op (--attention cuda) keeps no attention "
+                                                     "map"))
+
+
+def largest_fitting_side(info, batch: int, steps: int, fused: bool, device, max_side: int | None = None
+                         ) -> int | None:
+    """The largest square side of model `info` that fits the memory free now on `device` (None:
+    free memory unknown, so no limit but max_side)."""
+    free = available_bytes(device)
+    if free is None:
+        return max_side
+    return largest_square_side(info, batch, steps, fused, int(HEADROOM * free), max_side)
 
 
 def describe_seconds(seconds: float) -> str:

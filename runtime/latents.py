@@ -28,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .errors import FieldError
+
 # FLUX's VAE: 8x spatial compression, 16 latent channels; packing adds another factor 2.
 VAE_SCALE_FACTOR = 8
 LATENT_CHANNELS = 16
@@ -37,8 +39,10 @@ PATCH = 2
 MAX_IMAGE_SIDE = 4096
 
 
-class LatentSizeError(ValueError):
+class LatentSizeError(FieldError):
     """Image size or latent shape does not fit FLUX's packing; the message says which."""
+
+    field = "size"
 
 
 def _positive_int(name: str, value) -> int:
@@ -62,17 +66,18 @@ class LatentGeometry:
         height = _positive_int("height", self.height)
         width = _positive_int("width", self.width)
         max_side = _positive_int("max_side", self.max_side)
+        # sizes are written WIDTHxHEIGHT, as the server's `size` is
         for side, v in (("height", height), ("width", width)):
             if v > max_side:
                 raise LatentSizeError(
-                    f"{side} {v} is larger than the maximum image side of {max_side} pixels (max_side; default"
-                    f" deleaker.runtime.latents.MAX_IMAGE_SIDE = {MAX_IMAGE_SIDE})")
+                    f"size {width}x{height}: {side} {v} is larger than the maximum image side of {max_side} pixels "
+                    f"(max_side; default deleaker.runtime.latents.MAX_IMAGE_SIDE = {MAX_IMAGE_SIDE})")
         multiple = self.multiple
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise LatentSizeError(
-                f"height and width must be positive multiples of {multiple}, got {height}x{width}"
-                f" (nearest valid: {max(multiple, height // multiple * multiple)}x"
-                f"{max(multiple, width // multiple * multiple)})")
+                f"size {width}x{height}: width and height must be positive multiples of {multiple} pixels for this "
+                f"model (one image token: VAE scale factor {self.vae_scale_factor} x patch {PATCH}); nearest valid: "
+                f"{max(multiple, width // multiple * multiple)}x{max(multiple, height // multiple * multiple)}")
 
     @property
     def multiple(self) -> int:

@@ -16,16 +16,15 @@ prompt outside its words gets a one-line error instead of a noise image.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DEFAULT_PRESET, PRESETS
+from .text_policy import WORD, outside_vocabulary
 
 CARD_FILE = "deleaker.json"
 DEFAULT_SIDE = 256  # image side (pixels) of a model whose card names no size
 _FIELDS = {"preset", "height", "width", "vocabulary", "example", "about"}
-_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")  # what a prompt's words are, for the vocabulary check
 
 
 class CardError(ValueError):
@@ -43,25 +42,25 @@ class ModelCard:
     about: str = ""
 
     def unknown_words(self, prompt: str) -> list[str]:
-        """The words of `prompt` outside the vocabulary, in order, each once ([] when any word goes)."""
+        """What of `prompt` the vocabulary does not cover, in order, each once ([] when any text
+        goes): unknown words and every other character that is not white space
+        (text_policy.outside_vocabulary), each quoted."""
         if self.vocabulary is None:
             return []
-        out: list[str] = []
-        for w in _WORD.findall(prompt.lower()):
-            if w not in self.vocabulary and w not in out:
-                out.append(w)
-        return out
+        return outside_vocabulary(prompt, self.vocabulary)
 
     def vocabulary_error(self, prompt: str) -> str | None:
-        """A one-line error for a prompt with unknown words, naming them and the words the model knows."""
+        """A one-line error for a prompt with unknown words or characters, naming them and the words the model knows."""
         unknown = self.unknown_words(prompt)
         if not unknown:
             return None
-        shown = ", ".join(repr(w) for w in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         msg = (f"this model knows only the words of its world ({', '.join(sorted(self.vocabulary))}); "
                f"the prompt has {shown}")
-        if self.example_prompt:
-            msg += f"; e.g. --prompt {self.example_prompt!r} --entities {','.join(self.example_entities)!r}"
+        if self.example_prompt:  # words that read the same on the command line, in the API and on a web page
+            msg += f"; for example the prompt {self.example_prompt!r}"
+            if self.example_entities:
+                msg += f" with the entities {', '.join(repr(e) for e in self.example_entities)}"
         return msg
 
 
@@ -93,7 +92,7 @@ def read_card(folder: str | Path) -> ModelCard | None:
         raise CardError(f"{path}: preset {name!r} is not a known preset ({', '.join(sorted(PRESETS))})")
     vocab = data.get("vocabulary")
     if vocab is not None and (not isinstance(vocab, list) or not vocab
-                              or not all(isinstance(w, str) and _WORD.fullmatch(w.lower()) for w in vocab)):
+                              or not all(isinstance(w, str) and WORD.fullmatch(w.lower()) for w in vocab)):
         raise CardError(f"{path}: vocabulary must be a non-empty list of words")
     ex = data.get("example") or {}
     if not isinstance(ex, dict) or not isinstance(ex.get("prompt", ""), str) \

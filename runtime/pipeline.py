@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import io
 import logging
-import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -29,34 +29,15 @@ from . import latents as lat
 from . import op_schema
 from . import tokens as tok
 from .backends.base import Backend, SessionInputs
-from .config import DEFAULT_PRESET, FLOAT32_MAX, ConfigError, DeLeakerConfig, ResolvedConfig, preset
+from .config import DEFAULT_PRESET, ConfigError, DeLeakerConfig, ResolvedConfig, preset
+from .request import MAX_GUIDANCE, MAX_STEPS, GenerateRequest, RequestError, _short_repr, check_request  # noqa: F401 (API)
 from .scheduler import FlowMatchEuler
 
 log = logging.getLogger("deleaker")
 
-MAX_STEPS = 1000  # a request over this is a mistake, not a setting
 TOKEN_CACHE_SIZE = 1024  # prompts (with their entities) whose token arrays a Pipeline keeps
-# FLUX embeds guidance x 1000 like a timestep, in float32: past this the embedding is inf (a black image).
-MAX_GUIDANCE = FLOAT32_MAX / 1000
 
 ProgressFn = Callable[[int, int], None]
-
-
-class RequestError(ValueError):
-    """A request is invalid; the message says which field and why (nothing was computed)."""
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    prompt: str
-    entities: tuple[str, ...] = ()
-    seed: int = 0
-    steps: int | None = None  # None: the DeLeaker settings' num_steps (the request's config, else the pipeline's)
-    height: int = 256
-    width: int = 256
-    guidance_scale: float = 3.5
-    deleaker: bool = True  # False: every entity slot inactive (plain attention), same engine
-    config: DeLeakerConfig | None = None  # DeLeaker settings of this request; None: the pipeline's
 
 
 @dataclass
@@ -121,53 +102,6 @@ def _type_name(v) -> str:
     return type(v).__name__
 
 
-def check_request(req, size_range: tuple[int, int] | None = None,
-                  vae_scale_factor: int = lat.VAE_SCALE_FACTOR) -> lat.LatentGeometry:
-    """The checks of a request that need no loaded model (types, ranges, float32 limits): a
-    one-line ValueError naming the field. Run before a model loads (the CLI) and again per
-    request. size_range: (min, max) image side where the model fixes one (an exported artifact)."""
-    if not isinstance(req, GenerateRequest):
-        raise RequestError(f"expected a GenerateRequest, got {_type_name(req)}")
-    if not isinstance(req.prompt, str) or not req.prompt.strip():
-        raise RequestError(f"prompt must be a non-empty string, got {_short_repr(req.prompt)}")
-    try:
-        req.prompt.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800" (JSON allows it, UTF-8 does not)
-        raise RequestError(f"prompt is not valid Unicode: {e.reason} at character {e.start}") from None
-    if req.entities is not None and (isinstance(req.entities, (str, bytes, dict))
-                                     or not isinstance(req.entities, (tuple, list))
-                                     or not all(isinstance(e, str) and e.strip() for e in req.entities)):
-        raise RequestError(f"entities must be a list of non-empty strings (or None), got {_short_repr(req.entities)}")
-    if not _is_int(req.seed) or not 0 <= req.seed < 2 ** 63:
-        raise RequestError(f"seed must be an integer in [0, 2**63), got {req.seed!r}")
-    if req.steps is not None and (not _is_int(req.steps) or not 1 <= req.steps <= MAX_STEPS):
-        raise RequestError(f"steps must be an integer in [1, {MAX_STEPS}] (or None: the settings'), got {req.steps!r}")
-    g = req.guidance_scale
-    if isinstance(g, (bool, np.bool_)) or not isinstance(g, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
-        raise RequestError(f"guidance_scale must be a finite number in [0, {MAX_GUIDANCE:.4g}] (the model embeds "
-                           f"guidance x 1000 in float32), got {g!r}")
-    if not isinstance(req.deleaker, (bool, np.bool_)):
-        # a string such as "no" is truthy: refuse it rather than run DeLeaker
-        raise RequestError(f"deleaker must be True or False, got {_type_name(req.deleaker)} {req.deleaker!r}")
-    for side in ("height", "width"):
-        if not _is_int(getattr(req, side)):
-            raise RequestError(f"{side} must be an integer, got {getattr(req, side)!r}")
-    if size_range is not None:
-        lo, hi = size_range
-        for side, v in (("height", req.height), ("width", req.width)):
-            if not lo <= v <= hi:
-                raise lat.LatentSizeError(f"{side} {v} is outside the exported range [{lo}, {hi}]; "
-                                          f"re-export with a wider --min-size/--max-size")
-    geo = lat.geometry(req.height, req.width, vae_scale_factor, max_side=size_range[1] if size_range else None)
-    if req.config is not None:
-        if not isinstance(req.config, DeLeakerConfig):
-            raise RequestError(f"config must be a DeLeakerConfig, got {_type_name(req.config)}")
-        steps = req.steps if req.steps is not None else req.config.num_steps
-        req.config.replace(num_steps=steps).resolved(1)  # explicit settings are model-independent
-    return geo
-
-
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -186,11 +120,6 @@ def check_pipeline_options(config, max_batch) -> None:
         config.resolved(1)
     if max_batch is not None and (not _is_int(max_batch) or max_batch < 1):
         raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
-
-
-def _short_repr(v, limit: int = 80) -> str:
-    r = repr(v)
-    return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
 class Pipeline:
@@ -240,17 +169,16 @@ class Pipeline:
 
     def _prepare(self, req, index: int) -> _Prepared:
         info = self.backend.info
-        geo = check_request(req, info.size_range, info.vae_scale_factor)
+        geo = check_request(req, info)
         if req.entities is None:  # documented: None means no entities
             req = dataclasses.replace(req, entities=())
         base = req.config if req.config is not None else self.config
-        if not isinstance(base, DeLeakerConfig):
-            raise RequestError(f"config must be a DeLeakerConfig, got {type(base).__name__}")
-        if req.steps is None:  # the one place a request's step count is defaulted
-            req = dataclasses.replace(req, steps=base.num_steps)
+        if req.steps is None:  # the one place a request's step count is defaulted: the pipeline's, never its config's
+            req = dataclasses.replace(req, steps=self.config.num_steps)
         cfg = base.replace(num_steps=req.steps).resolved(info.blocks_per_step)
         if info.card is not None and (err := info.card.vocabulary_error(req.prompt)):
-            raise tok.TokenizerError(err)  # before the token count: a foreign word tokenizes into letters
+            # before the token count: a foreign word tokenizes into letters
+            raise tok.TokenizerError(err, "prompt")
         # entities are located even for a vanilla run, so vanilla and DeLeaker reject the same input
         ent, clip_ids, t5_ids = self._tokenized(req.prompt, tuple(req.entities or ()))
         if not req.deleaker:
@@ -266,7 +194,7 @@ class Pipeline:
         if n_tokens > T:
             # FluxPipeline truncates silently; a runtime serving DeLeaker says so instead
             raise tok.TokenizerError(f"the prompt has {n_tokens} T5 tokens but this model keeps {T} tokens; "
-                                     f"shorten the prompt (or export with a larger --max-text-tokens)")
+                                     f"shorten the prompt (or export with a larger --max-text-tokens)", "prompt")
         ent = tok.entity_tokens(self.t5_tok, [prompt], list(entities), info.entity_slots, T)[0]  # [E, T]
         clip_ids = tok.clip_input_ids(self.clip_tok, [prompt], info.clip_max_length)[0]  # [77]
         t5_ids = tok.t5_input_ids(self.t5_tok, [prompt], T)[0]  # [T]
@@ -286,10 +214,13 @@ class Pipeline:
         """
         single = isinstance(requests, GenerateRequest)
         if not single and (isinstance(requests, (str, bytes, dict)) or not hasattr(requests, "__iter__")):
-            raise RequestError(f"requests must be a GenerateRequest or a list of them, got {_type_name(requests)}")
+            raise RequestError(f"requests must be a GenerateRequest or a list of them, got {_type_name(requests)}",
+                               "request")
         reqs = [requests] if single else list(requests)
         if errors not in ("raise", "return"):
-            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+            raise ValueError(f"errors must be 'raise' or 'return', got {_short_repr(errors)}")
+        if not (progress is None or isinstance(progress, bool) or callable(progress)):
+            raise ValueError(f"progress must be None, True/False or a callable(done, total), got {_short_repr(progress)}")
         if not reqs:
             return []
         prepared: list[_Prepared] = []
@@ -299,7 +230,7 @@ class Pipeline:
                 prepared.append(self._prepare(r, i))
             except ValueError as e:
                 if errors == "raise" or single:
-                    raise type(e)(str(e) if single else f"request {i}: {e}") from None
+                    raise e if single else _prefixed(e, f"request {i}: ") from None
                 out[i] = RequestFailed(i, r, str(e))
         batches = self._batches(prepared)
         estimates = []
@@ -308,8 +239,7 @@ class Pipeline:
                 estimates.append(self._footprint(batch))
             except footprint.FootprintError as e:
                 if errors == "raise" or single:
-                    idx = "" if single else f"request {batch[0].index}: "
-                    raise footprint.FootprintError(f"{idx}{e}") from None
+                    raise e if single else _prefixed(e, f"request {batch[0].index}: ") from None
                 batches.remove(batch)
                 for p in batch:
                     out[p.index] = RequestFailed(p.index, p.request, str(e))
@@ -320,7 +250,7 @@ class Pipeline:
                                                                  f"{b[0].request.steps} steps" for b in batches))
         total = sum(len(b) * b[0].request.steps for b in batches)
         report = _progress(progress, total, any(p.request.deleaker and len(p.request.entities) >= 2
-                                                 for p in prepared))
+                                                 for p in prepared), batches)
         try:
             for batch in batches:
                 for p, res in zip(batch, self._run(batch, report)):
@@ -396,6 +326,9 @@ class Pipeline:
                 session.step(i)
                 step_times.append(time.perf_counter() - ts)
                 report.update(len(batch))
+                if i == 0:  # a broken model shows at once: name it and the step, not after the whole run
+                    _check_finite("denoised latents", session.fetch(session.x), batch, f"after step 1 of {steps}",
+                                  info.name)
                 if i == 0 and steps > 1 and step_times[0] * steps > footprint.LONG_RUN_SECONDS:
                     log.info("step 1 of %d took %.1fs: about %s for this batch's steps", steps, step_times[0],
                              footprint.describe_seconds(step_times[0] * steps))
@@ -414,37 +347,53 @@ class Pipeline:
                 for b, p in enumerate(batch)]
 
 
+def _prefixed(e: ValueError, prefix: str) -> ValueError:
+    """The same error (type and blamed field) with its message prefixed, e.g. by "request 2: "."""
+    out = type(e)(prefix + str(e))
+    if getattr(e, "field", None) is not None:
+        out.field = e.field
+    return out
+
+
 class NonFiniteError(ValueError):
     """A computation gave NaN or inf (an extreme setting, or a model that overflows in its dtype):
     an error rather than a black image."""
 
 
-def _check_finite(what: str, x: np.ndarray, batch: list[_Prepared]) -> None:
+def _check_finite(what: str, x: np.ndarray, batch: list[_Prepared], when: str = "", model: str = "") -> None:
     bad = [p for b, p in enumerate(batch) if not np.isfinite(x[b]).all()]
     if bad:
         r = bad[0].request
-        raise NonFiniteError(f"request {bad[0].index}: the {what} hold NaN or inf (prompt {r.prompt[:40]!r}, guidance "
-                             f"{r.guidance_scale:g}, {r.steps} steps): no image; an extreme setting or a dtype "
-                             f"that overflows (try --dtype fp32)")
+        cause = (f"model {model} gives non-finite values at its first step: its weights are broken or its dtype "
+                 "overflows (try --dtype fp32)" if model else "an extreme setting or a dtype that overflows "
+                 "(try --dtype fp32)")
+        raise NonFiniteError(f"request {bad[0].index}: the {what} hold NaN or inf{' ' + when if when else ''} (prompt "
+                             f"{r.prompt[:40]!r}, guidance {r.guidance_scale:g}, {r.steps} steps): no image; {cause}")
 
 
 class _progress:
-    """Steps done over all batches: a tqdm bar, a callback, or nothing."""
+    """Steps done over all batches: a tqdm bar, a callback, or nothing. The callback counts image
+    steps (a step of a batch of 2 is 2); the bar counts the steps the sessions run, and says how
+    many images each carries ("2 images x 10 steps": a 10-step pair reads 10/10, not 20/20)."""
 
-    def __init__(self, progress, total: int, deleaker: bool):
+    def __init__(self, progress, total: int, deleaker: bool, batches: list | None = None):
         self.done, self.total = 0, total
         self.fn: ProgressFn | None = progress if callable(progress) else None
         self.bar = None
         if progress is True:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc="denoise" + (" (DeLeaker)" if deleaker else ""), unit="step",
-                            leave=False)
+            batches = batches or []
+            shapes = sorted({(len(b), b[0].request.steps) for b in batches})
+            what = ", ".join(f"{n} image{'s' if n > 1 else ''} x {s} steps" for n, s in shapes)
+            self.bar = tqdm(total=sum(b[0].request.steps for b in batches),
+                            desc="denoise" + (" (DeLeaker)" if deleaker else "") + (f" {what}" if what else ""),
+                            unit="step", leave=False)
 
     def update(self, n: int) -> None:
         self.done += n
         if self.bar is not None:
-            self.bar.update(n)
+            self.bar.update(1)  # one session step, whatever its batch size
         if self.fn is not None:
             self.fn(self.done, self.total)
 
@@ -461,13 +410,20 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def load_pipeline(model: str | None = None, *, artifact: str | None = None, backend: str | None = None,
                   config: DeLeakerConfig | None = None, max_batch: int | None = None, **backend_options) -> Pipeline:
-    """A ready Pipeline: `model` (a diffusers-format FLUX folder; None: the embedded toy-world model) runs on
-    the torch backend, `artifact` (a `deleaker-export` folder) on onnxruntime, unless `backend` names
-    another. backend_options go to the backend (e.g. device="cuda", dtype="bf16", op="cuda")."""
+    """A ready Pipeline: `model` (a diffusers-format FLUX folder) runs on the torch backend, `artifact` (a
+    `deleaker-export` folder) on onnxruntime, unless `backend` names another. Neither: the embedded
+    toy-world model, its exported artifact on onnxruntime (backend="torch": its diffusers folder).
+    backend_options go to the backend (e.g. device="cuda", dtype="bf16", op="cuda")."""
     from .backends import load_backend
+    from .embedded import default_source
 
     if model is not None and artifact is not None:
         raise ValueError("pass either model or artifact, not both")
+    for what, v in (("model", model), ("artifact", artifact)):
+        if v is not None and not isinstance(v, (str, os.PathLike)):
+            raise ValueError(f"{what} must be a folder path (str or os.PathLike), got {_type_name(v)} {_short_repr(v)}")
+    if model is None and artifact is None:
+        backend, model, artifact = default_source(backend)
     # everything that needs no model is checked before the (slow) load
     check_pipeline_options(config, max_batch)
     if "device" in backend_options:

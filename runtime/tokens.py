@@ -30,7 +30,9 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from .errors import FieldError
 from .step_io import DEFAULT_ENTITY_SLOTS  # E is fixed at export
+from .text_policy import ECHO_LIMIT, short
 
 T5_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default and upper bound for max_sequence_length
 CLIP_MAX_LENGTH = 77
@@ -44,18 +46,20 @@ _CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p
                r"""|[^\s\p{L}\p{N}]+""")
 
 
-class TokenizerError(ValueError):
-    """A tokenizer folder is missing or unusable; the message names it."""
+class TokenizerError(FieldError):
+    """A tokenizer folder is missing or unusable, or a prompt does not fit it (field "prompt"); the message
+    names it."""
 
 
-class EntityError(ValueError):
+class EntityError(FieldError):
     """An entity cannot be placed in the prompt's tokens; one-line message naming both."""
+
+    field = "entities"
 
 
 def _short(text: str, limit: int = 120) -> str:
     """repr() of text for one-line messages: escapes newlines, cuts very long prompts."""
-    r = repr(text)
-    return r if len(r) <= limit else r[: limit - 4] + "...'"
+    return short(text, limit)
 
 
 def _token_content(value) -> str | None:
@@ -261,7 +265,7 @@ class _Candidates:
 def _candidates(tok: TextTokenizer, prompt: str, entity: str, content: list[int],
                 prompt_offsets: list[tuple[int, int]], kept: int, max_len: int, offset: int) -> _Candidates:
     if not isinstance(entity, str) or not entity.strip():
-        raise EntityError(f"empty entity {entity!r} for prompt {_short(prompt)}")
+        raise EntityError(f"empty entity {_short(entity, ECHO_LIMIT)} for prompt {_short(prompt)}")
     survives = False
     for variant in _variants(entity):
         run = tok.ids(variant, add_special_tokens=False)
@@ -280,7 +284,7 @@ def _candidates(tok: TextTokenizer, prompt: str, entity: str, content: list[int]
             usable = [o for o in occ if o[1] <= kept]
             if not usable:
                 start, end = occ[0]
-                raise EntityError(f"entity {entity!r} is cut off by truncation to {max_len} tokens in prompt"
+                raise EntityError(f"entity {_short(entity, ECHO_LIMIT)} is cut off by truncation to {max_len} tokens in prompt"
                                   f" {_short(prompt)} (its tokens are at {start + offset}..{end + offset - 1})")
             return _Candidates(entity, variant, occ, usable)
     if not survives:
@@ -288,9 +292,9 @@ def _candidates(tok: TextTokenizer, prompt: str, entity: str, content: list[int]
         unk = tok.backend.id_to_token(tok.unk_id) if tok.unk_id is not None else None
         tokens = [unk if i == tok.unk_id else t for i, t in zip(enc.ids, enc.tokens)]
         what = f"only unknown or empty tokens {tokens}" if tokens else "no tokens"
-        raise EntityError(f"entity {entity!r} does not survive tokenization (the T5 tokenizer turns it into {what});"
+        raise EntityError(f"entity {_short(entity, ECHO_LIMIT)} does not survive tokenization (the T5 tokenizer turns it into {what});"
                           f" name it with words the tokenizer knows, in prompt {_short(prompt)}")
-    raise EntityError(f"entity {entity!r} not found in prompt {_short(prompt)} (also tried lower-case"
+    raise EntityError(f"entity {_short(entity, ECHO_LIMIT)} not found in prompt {_short(prompt)} (also tried lower-case"
                       " and a leading space)")
 
 
@@ -347,10 +351,11 @@ def locate_entities(tok: TextTokenizer, prompt: str, entities: Sequence[str],
                 b0, b1 = first[j]
                 if a0 < b1 and b0 < a1:
                     raise EntityError(
-                        f"entities {cands[i].entity!r} and {cands[j].entity!r} overlap in prompt {_short(prompt)}"
+                        f"entities {_short(cands[i].entity, ECHO_LIMIT)} and {_short(cands[j].entity, ECHO_LIMIT)}"
+                        f" overlap in prompt {_short(prompt)}"
                         f" (tokens {a0 + offset}..{a1 + offset - 1} and {b0 + offset}..{b1 + offset - 1}) and no"
                         " other occurrences keep them apart")
-        raise EntityError(f"entities {[c.entity for c in cands]} cannot be placed without overlap in prompt"
+        raise EntityError(f"entities {_short([c.entity for c in cands])} cannot be placed without overlap in prompt"
                           f" {_short(prompt)}")
     spans = []
     for c, (s, t) in zip(cands, placed):

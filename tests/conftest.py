@@ -6,9 +6,17 @@ Keep this small: one fixture per shared resource.
 from __future__ import annotations
 
 import functools
+import os
 import signal
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property-based tests (Hypothesis): "ci" (the default) runs a few hundred examples per property,
+# fast enough for `make test`; DELEAKER_HYPOTHESIS=long runs thousands, on demand.
+settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("DELEAKER_HYPOTHESIS", "ci"))
 
 
 @functools.cache

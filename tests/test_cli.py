@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from deleaker.runtime.cli import main
-from deleaker.runtime.images import LABEL_HEIGHT
+from deleaker.runtime.images import GAP, LABEL_HEIGHT
 
 PROMPT = "a cat and a cheetah in a field"
 
@@ -34,8 +36,30 @@ def test_compare_writes_both_images_in_one_file(tiny_model_dir, tmp_path):
     out = tmp_path / "both.png"
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", PROMPT, "--entities", "cat,cheetah",
                  "--steps", "4", "--height", "64", "--width", "96", "--compare", "--out", str(out), "--quiet"]) == 0
-    img = Image.open(out)
-    assert img.size == (2 * 96, 64 + LABEL_HEIGHT)
+    img = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    # 64 px images are enlarged 2x (to 128 px), GAP apart, labels in a strip beneath both
+    assert img.shape == (128 + LABEL_HEIGHT, 2 * 192 + GAP, 3)
+    left, right = img[:128, :192], img[:128, 192 + GAP:]
+    for panel in (left, right):
+        # nearest: every 2x2 block is one model pixel (smoothing would blend neighbours)
+        assert (panel[0::2, 0::2] == panel[1::2, 1::2]).all() and (panel[0::2, 0::2] == panel[0::2, 1::2]).all()
+    assert (img[:128, 192:192 + GAP] == 255).all()  # the gap is white: the panels do not touch
+    strip = img[128:]
+    assert (strip < 128).any()  # the labels are drawn beneath the images ...
+    for x0, x1 in ((0, 192), (192 + GAP, 2 * 192 + GAP)):  # ... one per panel, inside its width
+        assert (strip[:, x0:x1] < 128).any()
+    assert (strip[:, 192:192 + GAP] == 255).all()  # no label crosses into the gap (no overlap)
+
+
+def test_compare_progress_bar_counts_the_pairs_steps(tiny_model_dir, tmp_path):
+    """A 4-step pair runs as one session of 2 images: the bar reads 4/4 and says 2 images x 4 steps."""
+    r = subprocess.run([str(Path(sys.executable).parent / "deleaker"), "generate", "--model", str(tiny_model_dir),
+                        "--prompt", PROMPT, "--entities", "cat,cheetah", "--steps", "4", "--height", "32",
+                        "--width", "32", "--compare", "--out", str(tmp_path / "p.png")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # the bar's total is the session's 4 steps (tqdm redraws at most every 0.1 s: the last count drawn may be lower)
+    assert "2 images x 4 steps" in r.stderr and re.search(r" \d/4 \[", r.stderr) and "/8 [" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -63,7 +87,8 @@ def test_bad_input_one_line_error_no_file(tiny_model_dir, tmp_path, capsys, extr
             "--steps", "2", "--height", "64", "--width", "64", "--out", str(out), "--quiet"]
     for flag, value in zip(extra[::2], extra[1::2]):
         if value == "NOT_A_CHECKPOINT":
-            value = str(tmp_path)  # an existing folder that is not a FLUX checkpoint
+            value = str(tmp_path / "not_a_model")  # an existing folder that is not a FLUX checkpoint
+            (tmp_path / "not_a_model").mkdir()
         if value.startswith("missing_dir"):
             value = str(tmp_path / value)
         i = args.index(flag) if flag in args else None
@@ -87,7 +112,7 @@ def test_one_token_grid_runs_quietly(tiny_model_dir, tmp_path):
                         "--steps", "8", "--preset", "tiny", "--quiet", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stderr == "", r.stderr
-    assert Image.open(out).size == (16, 16)
+    assert Image.open(out).size == (128, 128)  # 16 px is too small to see: written 8x larger, pixel for pixel
 
 
 def test_help_shows_defaults(capsys, monkeypatch):

@@ -20,10 +20,14 @@ Documents: README.md and docs/*.md.
   stopped) and a command that talks to a running server (--url).
 - ```python blocks of the documents in PYTHON_DOCS run in order in one fresh interpreter per
   document (a block preceded by `<!-- gpu-only -->` is skipped).
+- Output: a block fenced as ```output right after a ```python block is what that block prints,
+  and is compared with what it printed when run: line by line, exactly, except that a line ending
+  in `...` matches any line that starts with what comes before the `...`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -39,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PYTHON_DOCS = [ROOT / "docs" / "api.md", ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "models.md"]  # documents whose ```python examples are complete programs
 GPU_MARK = "<!-- gpu-only -->"
+OUTPUT_LANG = "output"  # a block fenced ```output shows what the code block before it prints
 COMMAND_TIMEOUT_S = 300
 # CI keeps the documented commands to smoke-test cost: options a command does not set itself are
 # added (fewer steps and timed runs; sizes are never changed). DELEAKER_DOCS_AS_WRITTEN=1 runs
@@ -65,6 +70,7 @@ class Block:
     line: int  # 1-based line of the opening fence
     text: str
     gpu_only: bool
+    output: "Block | None" = None  # the ```output block right after this one: what it prints
 
     @property
     def where(self) -> str:
@@ -90,8 +96,20 @@ def code_blocks(doc: Path) -> list[Block]:
             body.append(lines[i])
             i += 1
         i += 1  # closing fence
-        blocks.append(Block(doc, lang, start + 1, textwrap.dedent("\n".join(body)), prev == GPU_MARK))
+        block = Block(doc, lang, start + 1, textwrap.dedent("\n".join(body)), prev == GPU_MARK)
+        if lang == OUTPUT_LANG and blocks and prev.startswith(("```", "~~~")):  # right after a code block
+            blocks[-1].output = block
+        else:
+            blocks.append(block)
     return blocks
+
+
+def output_matches(expected: str, got: str) -> bool:
+    """Line by line; an expected line ending in `...` matches any line starting with the rest."""
+    want, have = expected.rstrip("\n").splitlines(), got.rstrip("\n").splitlines()
+    return len(want) == len(have) and all(
+        h.rstrip().startswith(w[:-3].rstrip()) if w.rstrip().endswith("...") else h.rstrip() == w.rstrip()
+        for w, h in zip(want, have))
 
 
 def prose(doc: Path) -> str:
@@ -319,18 +337,22 @@ def test_documented_command_runs(block, line, argv, comment, tiny_model_dir, tmp
 
 # --- (c) Python examples --------------------------------------------------------------------------
 
+# each block's stdout is captured and reported on its "ok:" line (JSON), for the output blocks
 _RUNNER = r'''
-import sys, traceback
+import contextlib, io, json, sys, traceback
 blocks = {blocks!r}
 ns = {{"__name__": "__main__"}}
 for i, (where, code) in enumerate(blocks):
+    out = io.StringIO()
     try:
-        exec(compile(code, where, "exec"), ns)
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, where, "exec"), ns)
     except BaseException:
+        sys.stdout.write(out.getvalue())
         traceback.print_exc()
         print(f"FAILED: python block at {{where}}", file=sys.stderr)
         sys.exit(1)
-    print(f"ok: {{where}}", flush=True)
+    print("ok: " + json.dumps([where, out.getvalue()]), flush=True)
 '''
 
 
@@ -346,4 +368,25 @@ def test_python_examples_run(doc, tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=COMMAND_TIMEOUT_S)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert proc.stdout.count("ok: ") == len(blocks)
+    printed = dict(json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ok: "))
+    assert len(printed) == len(blocks)
+    wrong = [f"{b.where}: the doc shows\n{b.output.text}\nbut it printed\n{printed[b.where]}"
+             for b in blocks if b.output is not None and not output_matches(b.output.text, printed[b.where])]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_output_blocks_follow_code_blocks():
+    """An ```output block belongs to the code block just before it; one anywhere else is a mistake."""
+    for doc in DOCS:
+        lines = doc.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if line.strip() == "```" + OUTPUT_LANG:
+                prev = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+                assert prev.startswith("```"), f"{rel(doc)}:{i + 1}: an output block must follow a code block"
+
+
+def test_output_matching():
+    assert output_matches("[3, 3, 3]\n", "[3, 3, 3]\n")
+    assert not output_matches("[3, 3, 3]", "[2, 2, 1]")
+    assert output_matches("entity 'x' not found in prompt ...", "entity 'x' not found in prompt 'a b' (also ...)")
+    assert not output_matches("a\nb", "a")

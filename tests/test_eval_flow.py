@@ -204,6 +204,23 @@ def run_dir(tiny_model_dir, dataset, tmp_path_factory) -> Path:
     return out
 
 
+def test_run_for_a_judge_that_reads_no_references_makes_none(tiny_model_dir, dataset, tmp_path):
+    """`eval run --judge toyworld` (a judge that never reads reference images) makes none; the same
+    folder run again for the paper judge adds them to the items already done."""
+    out = tmp_path / "run"
+    args = ["--quiet", "run", "--dataset", str(dataset), "--split", "two_entities", "--model", str(tiny_model_dir),
+            "--preset", "tiny", "--steps", "1", "--height", "32", "--width", "32", "--batch", "2", "--out", str(out)]
+    assert cli.main([*args, "--judge", "toyworld,lpips"]) == 1  # the too-long prompt of the split fails (recorded)
+    run = RunDir(out)
+    items = [e for e in run.items().values() if e["status"] == "ok"]
+    assert items and all(e["refs"] == {} for e in items)
+    assert not any(run.refs.iterdir())
+    assert cli.main([*args, "--judge", "paper"]) == 1
+    items = [e for e in run.items().values() if e["status"] == "ok"]
+    assert all(sorted(e["refs"]) == sorted(e["entities"]) for e in items)
+    assert all(run.ref(x).exists() for e in items for x in e["entities"])
+
+
 def test_run_images(run_dir):
     run = RunDir(run_dir)
     items = [e for e in run.items().values() if e["status"] == "ok"]

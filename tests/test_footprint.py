@@ -55,7 +55,7 @@ def test_check_refuses_and_names_the_size_that_fits(monkeypatch):
         footprint.check(TINY, geometry(2048, 2048), 1, 20, False, "cpu")
     msg = str(exc.value)
     side = footprint.largest_square_side(TINY, 1, 20, False, int(footprint.HEADROOM * 4 * 2 ** 30))
-    assert f"the largest square size that fits is {side}x{side}" in msg and "4.0 GiB of host memory" in msg, msg
+    assert f"the largest square size that fits this model now is {side}x{side}" in msg and "4.0 GiB of host memory" in msg, msg
     assert footprint.check(TINY, geometry(256, 256), 1, 20, False, "cpu").total_bytes > 0
 
 
@@ -91,7 +91,7 @@ def test_a_request_that_cannot_fit_is_refused_before_allocating(tiny_model_dir):
         tracemalloc.stop()
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     msg = str(exc.value)
-    assert "\n" not in msg and "4096x4096 needs about" in msg and "the largest square size that fits is" in msg, msg
+    assert "\n" not in msg and "4096x4096 needs about" in msg and "the largest square size that fits this model now is" in msg, msg
     print(f"heap peak {heap_peak / 2 ** 20:.2f} MiB, resident set grew {(rss1 - rss0) / 2 ** 20:.1f} MiB")
     assert heap_peak < 8 * 2 ** 20, heap_peak  # below the request's noise alone (16 x 512 x 512 float32 = 16 MiB)
     assert rss1 - rss0 < 256 * 2 ** 20, rss1 - rss0  # one attention map would be 35 GB

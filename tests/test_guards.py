@@ -98,7 +98,6 @@ def test_non_finite_latents_are_an_error_not_a_black_image(pipe, monkeypatch):
     (["--steps", "0"], "steps must be an integer in [1, 1000]"),
     (["--steps", "1001"], "steps must be an integer in [1, 1000]"),
     (["--guidance", "1e38"], "guidance_scale must be a finite number in"),
-    (["--height", "17"], "multiples of 16"),
     (["--prompt", "\udcff"], "prompt is not valid Unicode"),
 ])
 def test_generate_checks_options_before_loading(tmp_path, capsys, extra, message):
@@ -109,6 +108,21 @@ def test_generate_checks_options_before_loading(tmp_path, capsys, extra, message
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deleaker: error:") and message in err and len(err.splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_checks_the_models_size_rule_before_loading(tmp_path, capsys, monkeypatch):
+    """The size rule is the model's own (the embedded model: multiples of 4 pixels, VAE factor 2 x patch 2),
+    read from its folder before the weights load: the error comes without loading anything."""
+    import deleaker.runtime.backends as backends
+
+    monkeypatch.setattr(backends, "load_backend", lambda *a, **k: pytest.fail("loaded a model"))
+    out = tmp_path / "x.png"
+    assert main(["generate", "--prompt", "a red plain circle", "--height", "30", "--width", "40", "--out", str(out),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("deleaker: error: size 40x30: width and height must be positive multiples of 4 pixels for this "
+                   "model (one image token: VAE scale factor 2 x patch 2); nearest valid: 40x28"), err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -140,7 +140,7 @@ def test_size_error_exit_code_2_with_and_without_debug(capsys, monkeypatch, debu
     monkeypatch.delenv("DELEAKER_DEBUG", raising=False)
     assert run_reporting_errors("deleaker", _too_large, debug=debug) == 2
     err = capsys.readouterr().err
-    assert err.splitlines()[-1].startswith("deleaker: error: height 100000 is larger than the maximum image side")
+    assert err.splitlines()[-1].startswith("deleaker: error: size 100000x100000: height 100000 is larger than the maximum image side")
     assert ("Traceback (most recent call last)" in err) == debug  # --debug adds the traceback, same exit code
     monkeypatch.setenv("DELEAKER_DEBUG", "1")
     assert run_reporting_errors("deleaker", _too_large) == 2
@@ -169,6 +169,6 @@ def test_cli_rejects_huge_size_quickly(tiny_model_dir, tmp_path):
                                "--out", str(tmp_path / "x.png"), *extra],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2, proc.stderr[-2000:]
-        assert proc.stderr.splitlines()[-1].startswith("deleaker: error: height 100000 is larger than")
+        assert proc.stderr.splitlines()[-1].startswith("deleaker: error: size 100000x100000: height 100000 is larger than")
         assert ("Traceback" in proc.stderr) == bool(extra)
         assert not (tmp_path / "x.png").exists()

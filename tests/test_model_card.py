@@ -26,7 +26,11 @@ def test_the_embedded_model_has_a_card():
     assert card.preset == "toyworld" and (card.height, card.width) == (32, 32)
     assert card.example_prompt == DEMO[0] and ",".join(card.example_entities) == DEMO[1]
     assert card.unknown_words(DEMO[0]) == []
-    assert card.unknown_words("a red cat, a Red DOG and a cat") == ["cat", "dog"]
+    # every character is checked: unknown words, and punctuation (but the list comma) with its code point
+    assert card.unknown_words("a red cat, a Red DOG and a cat") == ["'cat'", "'dog'"]
+    assert card.unknown_words("a red cat; a red ,dog!") == ["'cat'", "';' (U+003B SEMICOLON)",
+                                                            "',' (U+002C COMMA)", "'dog'",
+                                                            "'!' (U+0021 EXCLAMATION MARK)"]
 
 
 def test_generate_without_model_draws_the_toy_world(tmp_path):
@@ -45,7 +49,7 @@ def test_generate_refuses_foreign_words_in_one_line(tmp_path):
     assert r.returncode == 2 and not out.exists()
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("deleaker: error: this model knows only the words of its world")
-    assert "'cat', 'cheetah', 'in', 'field'" in lines[0] and f"--prompt '{DEMO[0]}'" in lines[0]
+    assert "'cat', 'cheetah', 'in', 'field'" in lines[0] and f"for example the prompt '{DEMO[0]}'" in lines[0]
 
 
 def test_library_default_uses_the_cards_preset_and_words():
@@ -65,7 +69,7 @@ def test_library_default_uses_the_cards_preset_and_words():
     ({"height": 30}, "height must be a positive multiple of 16"),
     ({"colour": "red"}, "unknown field 'colour'"),
     ({"vocabulary": []}, "vocabulary must be a non-empty list of words"),
-    ({"vocabulary": ["a", "red"], "example": {"prompt": "a blue", "entities": []}}, "outside the vocabulary: blue"),
+    ({"vocabulary": ["a", "red"], "example": {"prompt": "a blue", "entities": []}}, "outside the vocabulary: 'blue'"),
 ])
 def test_bad_cards_give_one_line_errors(tmp_path, card, message):
     (tmp_path / CARD_FILE).write_text(json.dumps(card))

@@ -240,14 +240,28 @@ def test_generation_matches_torch_backend(artifact_dir, tiny_model_dir):
     assert backends["onnxruntime"].sessions_opened["transformer"] == 1  # one session served every request
 
 
-def test_golden_digest(artifact_dir):
-    """The onnxruntime backend's output on the golden requests (tests/golden.py), bit for bit."""
+@pytest.fixture(scope="module")
+def golden_run(artifact_dir):
     import golden
 
     from deleaker.runtime.backends import load_backend
     from deleaker.runtime.pipeline import Pipeline
 
-    golden.check("onnxruntime", Pipeline(load_backend("onnxruntime", str(artifact_dir), progress=False), max_batch=2))
+    return golden.generate(Pipeline(load_backend("onnxruntime", str(artifact_dir), progress=False), max_batch=2))
+
+
+def test_golden_within_bound(golden_run):
+    """The onnxruntime backend's output on the golden requests (tests/golden.py) within the bound of the recorded one."""
+    import golden
+
+    golden.check_bound("onnxruntime", golden_run)
+
+
+def test_golden_digest(golden_run):
+    """... and bit for bit, where the environment is the recorded one."""
+    import golden
+
+    golden.check_digest("onnxruntime", golden_run)
 
 
 def test_one_artifact_serves_any_step_count_and_a_mixed_batch(artifact_dir, tiny_model_dir):
@@ -517,3 +531,20 @@ def test_runtime_side_imports_nothing_heavy():
     r = _run(code + "import deleaker.runtime.artifact, deleaker.runtime.backends.onnxruntime_backend\n"
                     "try:\n    import onnxruntime\nexcept ImportError:\n    print('ok')\n")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_openvino_backend_refuses_the_function_form(artifact_dir, tmp_path, capsys):
+    """OpenVINO cannot convert the DeLeakerAttention node: the openvino backend says which form it
+    runs and how to export it, in one line, before compiling anything."""
+    pytest.importorskip("openvino")
+    from deleaker.runtime.backends import load_backend
+    from deleaker.runtime.backends.openvino_backend import OpenVinoError
+    from deleaker.runtime.cli import main
+
+    with pytest.raises(OpenVinoError, match="holds the function form.*deleaker-export onnx --portable"):
+        load_backend("openvino", str(artifact_dir))
+    out = tmp_path / "x.png"
+    assert main(["generate", "--artifact", str(artifact_dir), "--backend", "openvino", "--prompt", "a cat and a dog",
+                 "--height", "64", "--width", "64", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the openvino backend runs the portable form" in err[0] and not out.exists()

@@ -145,14 +145,16 @@ def test_png_bytes_round_trip(pipe):
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.png_bytes()))), r.image)
 
 
-def test_step_count_defaults_to_the_settings_once(pipe):
-    """steps=None takes num_steps of the request's settings, else of the pipeline's (one default):
-    the result says which, and equals the run that asked for that count."""
+def test_step_count_defaults_to_the_pipelines_once(pipe):
+    """steps=None takes the pipeline's step count (one default): the result says so, and equals the
+    run that asked for that count. A request's own settings never change it (their num_steps is
+    not a step count: the windows are resolved for the request's steps)."""
     alone = pipe.generate(req(steps=None, height=32, width=32))
-    assert alone.request.steps == EARLY.num_steps == 4
+    assert alone.request.steps == pipe.config.num_steps == EARLY.num_steps == 4
     np.testing.assert_array_equal(alone.image, pipe.generate(req(steps=4, height=32, width=32)).image)
     three = EARLY.replace(num_steps=3)
-    assert pipe.generate(req(steps=None, config=three, height=32, width=32)).request.steps == 3
+    assert pipe.generate(req(steps=None, config=three, height=32, width=32)).request.steps == 4
+    assert pipe.generate(req(steps=2, config=three, height=32, width=32)).request.steps == 2
     with pytest.raises(ValueError, match=r"steps must be an integer in \[1, 1000\]"):
         pipe.generate(req(steps=0))
 

@@ -3,7 +3,7 @@ headless Chromium over the DevTools protocol: each run is started by the page's 
 (autorun=1), with real clocks (no virtual time, so the page's timings are real), and read back from the DOM.
 
 Also an entry point for the screenshot in docs/serving.md:
-    python tests/test_playground.py --out docs/serving-playground.png -- --model benchmarks/toyworld/model ...
+    python tests/test_playground.py --out docs/serving-playground.png --field seed=0 -- --max-wait-ms 500
 """
 
 from __future__ import annotations
@@ -208,25 +208,76 @@ def test_page_shows_the_apis_one_line_errors(server, browser):
     message = r.json()["error"]["message"]
     assert "zebra" in message
     page = browser.run_page(page_url(server.url, TOKEN, **bad))
-    assert page["state"] == "error" and page["error"] == message  # once, although both requests failed
+    # once, although both requests failed, with the field the API names
+    assert page["state"] == "error" and page["error"] == f"entities: {message}"
     assert [im["src"] for im in page["images"]] == ["", ""] and page["timing"] == ""
     page = browser.run_page(page_url(server.url, None, prompt=PROMPT, entities=ENTITIES, size=SIZE))  # no token
     assert page["state"] == "error"
-    assert page["error"] == "missing or wrong bearer token (Authorization: Bearer ...)"
+    assert page["error"] == "this server needs its API token: paste it into the API token field"
     page = browser.run_page(page_url(server.url, TOKEN, prompt=PROMPT, seed="many"))  # caught before sending
     assert page["state"] == "error" and page["error"] == 'seed: cannot take "many"'
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    """`deleaker serve` as a new user starts it: no --model (the embedded default), no token."""
+    s = ServerProcess(["--max-wait-ms", "500"], tmp_path_factory.mktemp("playground-default") / "server.log")
+    yield s
+    s.stop()
+
+
+READ_FIELDS = """JSON.stringify({
+  prompt: document.forms.form.elements.prompt.value,
+  entities: document.forms.form.elements.entities.value,
+  model: document.getElementById("model").textContent,
+  words: document.getElementById("words").hidden ? "" : document.getElementById("words").textContent,
+  what: document.getElementById("what").textContent,
+  placeholders: Object.fromEntries([...document.querySelectorAll("#settings input, #form .row input")]
+    .map((i) => [i.name, i.placeholder])),
+  selects: Object.fromEntries([...document.querySelectorAll("#settings select")]
+    .map((s) => [s.name, s.options[0].text])),
+})"""
+
+
+@needs_chromium
+def test_default_server_page_generates_its_prefilled_example_with_no_edit(default_server, browser):
+    """A first contact: the page of a server with no --model opens prefilled with the model card's
+    example, names the model, its words and the preset's values, and Generate (no edit) returns a
+    vanilla/DeLeaker pair that differ."""
+    health = httpx.get(default_server.url + "/health", timeout=10).json()
+    example = health["example"]
+    assert example and health["vocabulary"] and health["model"] == "toyworld"
+    models = httpx.get(default_server.url + "/v1/models", timeout=10).json()["data"][0]
+    assert models["deleaker"]["example"] == example and models["deleaker"]["vocabulary"] == health["vocabulary"]
+    page = browser.run_page(default_server.url + "/?autorun=1")  # the prefilled page, run as it is
+    assert page["state"] == "done" and page["error"] == "", page
+    fields = json.loads(browser.evaluate(READ_FIELDS))
+    assert fields["prompt"] == example["prompt"] and fields["entities"] == ", ".join(example["entities"])
+    assert "toyworld" in fields["model"]
+    assert all(w in fields["words"] for w in health["vocabulary"])
+    assert "DeLeaker" in fields["what"] and "leaks" in fields["what"]
+    defaults = health["deleaker_defaults"]
+    assert fields["placeholders"]["k_strength"] == str(defaults["k_strength"])  # the preset's values, not "preset"
+    assert fields["placeholders"]["size"] == health["default_size"] == "32x32"
+    assert fields["placeholders"]["steps"] == str(health["default_steps"])
+    assert fields["selects"]["do_smoothing"] == ("preset (on)" if defaults["do_smoothing"] else "preset (off)")
+    assert "1024" not in page["health"] and "multiples of 4 px" in page["health"], page["health"]
+    assert [im["natural"] for im in page["images"]] == [[32, 32], [32, 32]]
+    vanilla, deleaker = (image_of(im["src"]) for im in page["images"])
+    assert np.abs(vanilla - deleaker).max() >= 3  # DeLeaker changed the picture
 
 
 def main(argv: list[str] | None = None) -> int:
     """Screenshot of one real run: starts `deleaker serve` with the given options, runs the page, saves a PNG."""
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--prompt", default=PROMPT)
-    p.add_argument("--entities", default=ENTITIES)
+    p.add_argument("--prompt", help="default: the page's own (the served model's example)")
+    p.add_argument("--entities", help="default: the page's own")
     p.add_argument("--field", action="append", default=[], metavar="NAME=VALUE", help="another page field")
     p.add_argument("serve_args", nargs="*", help="options of `deleaker serve` (after --)")
     args = p.parse_args(argv)
-    fields = {"prompt": args.prompt, "entities": args.entities, **dict(f.split("=", 1) for f in args.field)}
+    fields = {k: v for k, v in (("prompt", args.prompt), ("entities", args.entities)) if v is not None}
+    fields.update(dict(f.split("=", 1) for f in args.field))
     with tempfile.TemporaryDirectory() as tmp:
         s = ServerProcess(args.serve_args, Path(tmp) / "server.log", env={"DELEAKER_API_TOKEN": TOKEN})
         auth = {"Authorization": f"Bearer {TOKEN}"}

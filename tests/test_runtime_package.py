@@ -47,7 +47,7 @@ def test_backends_come_from_entry_points_only(monkeypatch):
 
     import deleaker.runtime.backends as backends
 
-    assert backends.available_backends() == ["aoti", "onnxruntime", "tensorrt", "torch"]
+    assert backends.available_backends() == ["aoti", "onnxruntime", "openvino", "tensorrt", "torch"]
     assert backends.backend_class("onnxruntime").__name__ == "OnnxRuntimeBackend"
     mine = EntryPoint("mine", "deleaker.runtime.backends.onnxruntime_backend:OnnxRuntimeBackend", backends.GROUP)
     monkeypatch.setattr(backends, "entry_points", lambda group: [mine] if group == backends.GROUP else [])

@@ -292,31 +292,31 @@ def test_recorded_slim_run_judges_the_evaluators_images(capsys):
     assert "all four flags equal to the evaluator's on 200" in capsys.readouterr().out
 
 
-def test_recorded_onnxruntime_samples_reproduce_from_a_fresh_export(tmp_path):
-    """The shipped model exported as `deleaker-export onnx` does (32x32, the toyworld preset) and
-    run on the onnxruntime backend gives the flags recorded in results-onnxruntime.json, on
-    samples where DeLeaker changed the verdict (vanilla leaks, DeLeaker does not): an artifact
-    whose DeLeaker edit were lost, or whose images drifted, fails here."""
-    pytest.importorskip("diffusers")
+def test_recorded_onnxruntime_samples_reproduce_on_the_shipped_artifact():
+    """The shipped artifact of the model (runtime/models/toyworld-onnx, what runs by default; its
+    match with a fresh export is tests/test_embedded_artifact.py) on the onnxruntime backend gives
+    the flags recorded in results-onnxruntime.json, on samples where DeLeaker changed the verdict
+    (vanilla leaks, DeLeaker does not): an artifact whose DeLeaker edit were lost, or whose images
+    drifted, fails here."""
     pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+    import dataclasses
     import json
 
     from deleaker.benchmarks.toyworld import evaluate as E
-    from deleaker.benchmarks.toyworld.preset import SIZE, TOYWORLD_PRESET
-    from deleaker.export.onnx_export import ExportSpec, export_artifact
+    from deleaker.benchmarks.toyworld.preset import TOYWORLD_PRESET
     from deleaker.runtime.backends import load_backend
+    from deleaker.runtime.embedded import default_artifact_dir
     from deleaker.runtime.pipeline import Pipeline
 
     res = json.loads(open(ORT_RESULTS).read())["heldout"]
     assert res["config"] == json.loads(open(RESULTS).read())["heldout"]["config"]
     rows = [r for r in res["per_sample"] if r["vanilla_leak"] and not r["deleaker_leak"]][:4]
     assert len(rows) == 4
-    spec = ExportSpec(height=SIZE, width=SIZE, max_text_tokens=24, max_batch=8, deleaker=TOYWORLD_PRESET)
-    art = export_artifact(MODEL, tmp_path / "toy-art", spec)
+    art = default_artifact_dir()
     assert (art / "deleaker.json").is_file()  # the model card travels with the artifact
     prompts = {world.caption_for(p): p for p in E.heldout_prompts()}
     pipe = Pipeline(load_backend("onnxruntime", str(art), threads=2), config=TOYWORLD_PRESET, max_batch=8)
+    assert dataclasses.asdict(pipe.backend.artifact.default_config()) == dataclasses.asdict(TOYWORLD_PRESET)
     reqs = [q for r in rows for cfg in (None, TOYWORLD_PRESET)
             for q in E.requests([prompts[r["prompt"]]], [r["seed"]], cfg)]
     got = E.run(pipe, reqs)

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="torch backend weights dtype")
     r.add_argument("--out", required=True, help="run folder (created; an existing one is resumed)")
+    r.add_argument("--judge", default="paper", help="comma-separated judges the run is for: reference images "
+                   "are made only when one of them reads them (paper does; vqascore, lpips, toyworld do not)")
 
     j = sub.add_parser("judge", help="judge a run's pairs (resumable)")
     j.add_argument("run", help="run folder")
@@ -89,7 +91,13 @@ def _run(args) -> int:
     settings = RunSettings(dataset=str(args.dataset or SAMPLE), source=args.artifact or args.model, backend=backend,
                            preset=args.preset, steps=args.steps, height=args.height, width=args.width,
                            guidance=args.guidance, device=args.device, dtype=args.dtype, splits=tuple(args.split))
-    counts = run_generation(settings, args.out, batch=args.batch, progress=not args.quiet)
+    from .judges.base import get_judge
+
+    names = [n.strip() for n in args.judge.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--judge is empty")
+    references = any(get_judge(n).reads_references for n in names)  # unknown names fail before any work
+    counts = run_generation(settings, args.out, batch=args.batch, progress=not args.quiet, references=references)
     print(f"{args.out}: {counts['ok']} generated, {counts['skipped']} already done, {counts['error']} failed, "
           f"{counts['problems']} bad record(s) skipped")
     return 1 if counts["error"] else 0

@@ -20,6 +20,8 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from deleaker.runtime.outputs import check_output
+
 from .data import Record, load_records
 from .store import RunDir, append_jsonl, atomic_write
 
@@ -70,7 +72,6 @@ def check_settings(settings: RunSettings, batch: int) -> None:
     checks the rest (the model's size range, the settings against its blocks) before any output."""
     import math
 
-    from deleaker.runtime import latents as lat
     from deleaker.runtime.backends import backend_class
     from deleaker.runtime.config import preset
     from deleaker.runtime.pipeline import MAX_STEPS
@@ -81,7 +82,10 @@ def check_settings(settings: RunSettings, batch: int) -> None:
     if settings.steps is not None and (isinstance(settings.steps, bool) or not isinstance(settings.steps, int)
                                        or not 1 <= settings.steps <= MAX_STEPS):
         raise ValueError(f"--steps must be in [1, {MAX_STEPS}], got {settings.steps}")
-    lat.geometry(settings.height, settings.width)  # positive multiples of 16
+    for name, side in (("--height", settings.height), ("--width", settings.width)):
+        # the size rule is the model's own (runtime/request.py): the loaded pipeline checks it before any output
+        if isinstance(side, bool) or not isinstance(side, int) or side < 1:
+            raise ValueError(f"{name} must be a positive number of pixels, got {side!r}")
     if not math.isfinite(settings.guidance) or settings.guidance < 0:
         raise ValueError(f"--guidance must be a finite number >= 0, got {settings.guidance}")
     backend_class(settings.backend)  # unknown or not installed
@@ -114,21 +118,26 @@ def _entry(rec: Record, status: str, **kw) -> dict:
             "seed": rec.seed, "status": status, **kw}
 
 
-def pending_items(run: RunDir, records: list[Record]) -> list[Record]:
+def pending_items(run: RunDir, records: list[Record], references: bool = True) -> list[Record]:
+    """The records still to generate: not done, or (references: True) done without their reference images."""
     done = run.items()
     out = []
     for rec in records:
         e = done.get(rec.item_id)
         if e and e["status"] == "ok" and run.image(rec.item_id, "vanilla").exists() \
-                and run.image(rec.item_id, "deleaker").exists():
+                and run.image(rec.item_id, "deleaker").exists() \
+                and (not references or all(run.ref(x).exists() for x in rec.entities)):
             continue
         out.append(rec)
     return out
 
 
 def run_generation(settings: RunSettings, out: str, batch: int = 2, progress: bool = True,
-                   on_item: Callable[[dict], None] | None = None, pipeline=None) -> dict:
+                   on_item: Callable[[dict], None] | None = None, pipeline=None, references: bool = True) -> dict:
     """Generate what is missing in `out`; returns counts {ok, error, skipped, problems}.
+
+    references: make the reference images (only the judges with `reads_references` read them:
+    `deleaker eval run --judge` decides); a later run with them on adds them to the items done.
 
     on_item(entry) is called after each manifest line is written. pipeline: an existing
     Pipeline to use (else one is built from settings).
@@ -146,8 +155,10 @@ def run_generation(settings: RunSettings, out: str, batch: int = 2, progress: bo
     if not loaded.records:
         raise ValueError(f"no usable records in {settings.dataset}")
     run = RunDir(out)
+    check_output(out, {"--model / --artifact": settings.source, "--dataset": Path(settings.dataset).parent
+                       if Path(settings.dataset).is_file() else settings.dataset}, folder=True)
     _check_resume(run, settings)
-    todo = pending_items(run, loaded.records)
+    todo = pending_items(run, loaded.records, references)
     counts = {"ok": 0, "error": 0, "skipped": len(loaded.records) - len(todo), "problems": len(loaded.problems)}
     log.info("%d item(s) in %s: %d done before, %d to generate", len(loaded.records), settings.dataset,
              counts["skipped"], len(todo))
@@ -168,7 +179,8 @@ def run_generation(settings: RunSettings, out: str, batch: int = 2, progress: bo
     if new_settings:
         atomic_write(run.settings, (json.dumps(settings.identity(), indent=2) + "\n").encode())
     try:
-        return _generate_items(run, settings, pipe, base, todo, counts, batch, progress, on_item, RequestFailed)
+        return _generate_items(run, settings, pipe, base, todo, counts, batch, progress, on_item, RequestFailed,
+                               references)
     except Exception:
         # failed before its first item (an interrupt keeps a resumable folder): no half-made folder
         if new_settings and not run.manifest.exists():
@@ -178,10 +190,12 @@ def run_generation(settings: RunSettings, out: str, batch: int = 2, progress: bo
 
 
 def _generate_items(run: RunDir, settings: RunSettings, pipe, base, todo: list[Record], counts: dict, batch: int,
-                    progress: bool, on_item, RequestFailed) -> dict:
+                    progress: bool, on_item, RequestFailed, references: bool = True) -> dict:
     # reference images first: items need them, and they are shared between items
     ref_errors: dict[str, str] = {}
-    missing = sorted({e for rec in todo for e in rec.entities if not run.ref(e).exists()})
+    missing = sorted({e for rec in todo for e in rec.entities if not run.ref(e).exists()}) if references else []
+    if not references:
+        log.info("no reference images: the chosen judges read none")
     card = pipe.backend.info.card  # a model that knows only its own words gets plain reference prompts
     for i in tqdm(range(0, len(missing), batch), desc="reference images", unit="batch", disable=not progress):
         chunk = missing[i:i + batch]
@@ -233,7 +247,8 @@ def _finish(run: RunDir, rec: Record, results, ref_errors: dict, seconds: float,
         atomic_write(run.image(rec.item_id, variant), res.png_bytes())
     return _entry(rec, "ok", vanilla=str(run.image(rec.item_id, "vanilla").relative_to(run.root)),
                   deleaker=str(run.image(rec.item_id, "deleaker").relative_to(run.root)),
-                  refs={e: str(run.ref(e).relative_to(run.root)) for e in rec.entities}, seconds=seconds)
+                  refs={e: str(run.ref(e).relative_to(run.root)) for e in rec.entities if run.ref(e).exists()},
+                  seconds=seconds)
 
 
 def _generate(pipe, reqs: list) -> list:

@@ -16,21 +16,14 @@ import os
 import re
 from pathlib import Path
 
+from deleaker.runtime.outputs import write_atomic
+
 log = logging.getLogger("deleaker.eval")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file beside `path`, then rename: an interruption leaves the old file or none."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """runtime/outputs.write_atomic: short temp name beside `path`, fsync, rename, fsync the folder."""
+    write_atomic(path, lambda f: f.write(data))
 
 
 def append_jsonl(path: Path, obj: dict) -> None:

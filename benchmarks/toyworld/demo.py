@@ -1,10 +1,11 @@
 """The toy-world demo: one prompt, seeds 0-7, vanilla above DeLeaker, every cell judged.
 
-    python -m deleaker.benchmarks.toyworld.demo --out demo.png [--model DIR] [--prompt ... --entities ...]
+    python -m deleaker.benchmarks.toyworld.demo --out demo.png [--model DIR | --artifact DIR] [--prompt ... --entities ...]
 
-Each image goes through the runtime (Pipeline + the torch backend, the toyworld preset); the
-exact judge tags every cell leak / clean / missing, and the counts are logged. The seeds are
-fixed (0-7), not picked.
+Each image goes through the runtime (Pipeline, the toyworld preset) on the embedded model's
+exported artifact and the onnxruntime backend, as `deleaker generate` runs it (no torch); --model
+runs a diffusers folder on the torch backend instead. The exact judge (numpy and scipy) tags
+every cell leak / clean / missing, and the counts are logged. The seeds are fixed (0-7), not picked.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deleaker.runtime.embedded import default_model_dir
+from deleaker.runtime.embedded import default_artifact_dir
 
 from . import judge as J
 from .preset import DEMO_ENTITIES, DEMO_PROMPT, SIZE, STEPS, TOYWORLD_PRESET
@@ -52,8 +53,10 @@ def grid(rows: list[list[np.ndarray]], tags: list[list[str]], labels: list[str],
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deleaker.benchmarks.toyworld.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="output PNG")
-    ap.add_argument("--model", type=Path, default=default_model_dir(), help="toy-world model folder (default: the "
-                    "embedded one)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--artifact", type=Path, default=default_artifact_dir(),
+                     help="toy-world artifact (onnxruntime backend; default: the embedded one)")
+    src.add_argument("--model", type=Path, help="toy-world diffusers folder (torch backend), e.g. runtime/models/toyworld")
     ap.add_argument("--prompt", default=DEMO_PROMPT)
     ap.add_argument("--entities", default=",".join(DEMO_ENTITIES), help="comma-separated phrases of the prompt")
     ap.add_argument("--threads", type=int, default=2)
@@ -73,13 +76,17 @@ def _demo(args) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     entities = tuple(e.strip() for e in args.entities.split(",") if e.strip())
     J.parse_entities(entities)  # toy-world phrases, or a one-line error before loading anything
-    import torch
-
     from deleaker.runtime.backends import load_backend
     from deleaker.runtime.pipeline import GenerateRequest, Pipeline
 
-    torch.set_num_threads(args.threads)
-    pipe = Pipeline(load_backend("torch", str(args.model), progress=False), config=TOYWORLD_PRESET, max_batch=16)
+    if args.model is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        backend = load_backend("torch", str(args.model), progress=False)
+    else:
+        backend = load_backend("onnxruntime", str(args.artifact), threads=args.threads)
+    pipe = Pipeline(backend, config=TOYWORLD_PRESET, max_batch=16)
     reqs = [GenerateRequest(prompt=args.prompt, entities=entities, seed=s, steps=STEPS, height=SIZE, width=SIZE,
                             deleaker=d) for d in (False, True) for s in SEEDS]
     results = pipe.generate(reqs, progress=False)  # one batch: vanilla and DeLeaker side by side

@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import step_io
 from ..artifact import Artifact, ArtifactError, load_artifact
+from ..artifact_check import check_graph, ort_tensors
 from .base import Backend, Session, SessionInputs
 
 log = logging.getLogger("deleaker")
@@ -168,6 +169,9 @@ class OnnxRuntimeBackend(Backend):
         except Exception as e:  # ORT raises its own exception types; make it one line with the file
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"onnxruntime cannot load {path}: {msg}") from e
+        # the graph's I/O against the manifest, before any request can meet a disagreement
+        check_graph(self.artifact, name, ort_tensors(model.session.get_inputs()),
+                    ort_tensors(model.session.get_outputs()), path)
         self.sessions_opened[name] = self.sessions_opened.get(name, 0) + 1
         return model
 

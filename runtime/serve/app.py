@@ -30,9 +30,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Draining, QueueFull
 from .client import GENERATE_PATH
+from ..errors import FieldError
+from ..request import api_field
 from .engine import SETTING_KINDS, ClientGone, Engine, RequestTimeout
-from .schema import (IGNORED_HEADER, FieldError, ImageData, ImageGenerationRequest, ImageGenerationResponse,
-                     error_body)
+from .logs import REQUEST_ID_HEADER, log_access, request_id
+from .schema import IGNORED_HEADER, ImageData, ImageGenerationRequest, ImageGenerationResponse, error_body
 
 log = logging.getLogger("deleaker.serve")
 
@@ -41,6 +43,9 @@ STATIC_DIR = Path(__file__).with_name("static")
 # open without a token: the health probe, and the playground's static files (it holds no data)
 OPEN_PATHS, OPEN_PREFIX = ("/health", "/"), "/static/"
 # status -> (error code in the body, metrics kind); 499: the client closed the connection first
+# a request is an object holding lists and one object of settings: 2 levels; anything much deeper is
+# not a request, and stays away from the validator's recursion
+MAX_BODY_DEPTH = 8
 _KINDS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
           408: "request_timeout", 413: "body_too_large", 429: "queue_full", 499: "client_disconnected",
           500: "internal_error", 503: "unavailable", 504: "timeout"}
@@ -65,9 +70,9 @@ async def _receive_by(receive, deadline: float):
 
 
 class _Guard:
-    """Pure ASGI middleware at the edge: bearer token, body size limit, body read timeout, and
-    counting of answers. Runs before any route reads the body, so an unauthorized client learns
-    nothing about the API."""
+    """Pure ASGI middleware at the edge: bearer token, body size limit, body read timeout, counting
+    of answers, and the access log (one line per request, its id in X-Request-Id; logs.py). Runs
+    before any route reads the body, so an unauthorized client learns nothing about the API."""
 
     def __init__(self, app, engine: Engine, token: str | None):
         self.app, self.engine, self.token = app, engine, token
@@ -77,12 +82,18 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
         path = scope["path"]
         status_seen = {}
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
+        rid = request_id(given)
+        state = scope.setdefault("state", {})  # request.state of the route: it sets "images"
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
                 status_seen["status"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (REQUEST_ID_HEADER.lower().encode(), rid.encode())]}
             await send(message)
 
         try:
@@ -94,6 +105,9 @@ class _Guard:
                 m.requests.labels(str(status)).inc()
                 if status >= 400:
                     m.errors.labels(_KINDS.get(status, str(status))).inc()
+            # no status: the connection ended before an answer (logged as 499, nginx's "client closed")
+            log_access(scope.get("method", ""), path, status if status is not None else 499,
+                       (time.perf_counter() - t0) * 1000, state.get("images", 0), rid)
 
     async def _guarded(self, scope, receive, send, path):
         authorization, length = "", None
@@ -133,6 +147,13 @@ class _Guard:
         await self.app(scope, limited_receive, send)
 
 
+# pydantic's error types -> what the value must be, in plain words (by type, never by message text)
+_MUST_BE = {"float_type": "a number", "float_parsing": "a number", "int_type": "a whole number",
+            "int_parsing": "a whole number", "int_from_float": "a whole number", "bool_type": "true or false",
+            "bool_parsing": "true or false", "string_type": "a string", "list_type": "a list",
+            "dict_type": "an object"}
+
+
 def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """Pydantic's first error -> (one-line message, the field it is about)."""
     err = errors[0]
@@ -143,6 +164,11 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if not loc and kind in ("missing", "model_type", "model_attributes_type", "dict_type"):
         return "the body must be a JSON object", "body"
     field = ".".join(loc) or "body"
+    if kind == "missing":
+        return f"{field} is required", loc[0]
+    if kind in _MUST_BE:
+        value = err.get("input")
+        return f"{field} must be {_MUST_BE[kind]}, got {json.dumps(value)[:80]}", (loc[0] if loc else "body")
     return f"{field}: {err.get('msg')}", (loc[0] if loc else "body")
 
 
@@ -157,18 +183,37 @@ def _json_media(content_type: str | None) -> bool:
 def parse_body(raw: bytes, content_type: str | None) -> ImageGenerationRequest:
     """A generation request's body -> ImageGenerationRequest; FieldError (400) naming the bad field."""
     if not _json_media(content_type):
-        raise FieldError("body", "send the body as JSON with Content-Type: application/json")
+        raise FieldError("send the body as JSON with Content-Type: application/json", "body")
     if not raw:
-        raise FieldError("body", "the body must be a JSON object")
+        raise FieldError("the body must be a JSON object", "body")
     try:
         data = json.loads(raw)
+    except RecursionError:  # nested past the parser's limit (thousands of levels)
+        raise FieldError(f"the JSON body nests too deep; a request nests at most {MAX_BODY_DEPTH} levels",
+                         "body") from None
     except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-        raise FieldError("body", f"malformed JSON body: {getattr(e, 'msg', e)}") from None
+        raise FieldError(f"malformed JSON body: {getattr(e, 'msg', e)}", "body") from None
+    depth = json_depth(data)
+    if depth > MAX_BODY_DEPTH:
+        raise FieldError(f"the JSON body nests {depth} levels deep; a request nests at most {MAX_BODY_DEPTH}", "body")
     try:
         return ImageGenerationRequest.model_validate(data)
     except ValidationError as e:
         message, param = _validation_message(e.errors())
-        raise FieldError(param, message) from None
+        raise FieldError(message, param) from None
+    except (ValueError, TypeError, RecursionError) as e:  # anything else the validator meets is the body's fault
+        raise FieldError(f"the body cannot be read as a request: {type(e).__name__}", "body") from None
+
+
+def json_depth(value) -> int:
+    """How deep the lists and dicts of a parsed JSON value nest (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 async def _client_gone(request: Request) -> None:
@@ -180,7 +225,9 @@ async def _client_gone(request: Request) -> None:
 
 
 def _model_card(engine: Engine) -> dict:
-    return {"id": engine.model_id, "object": "model", "created": engine.started, "owned_by": "deleaker"}
+    # OpenAI's model object, and under "deleaker" the card: example prompt, words, sizes, defaults
+    return {"id": engine.model_id, "object": "model", "created": engine.started, "owned_by": "deleaker",
+            "deleaker": engine.model_card()}
 
 
 def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastAPI:
@@ -204,11 +251,15 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
     async def health():
         info = engine.pipe.backend.info
         status = "draining" if engine.draining else "ready" if engine.ready else "warming_up"
-        body = {"status": status, "backend": engine.pipe.backend.name, "max_batch": engine.runner.max_batch,
-                "queue_depth": engine.runner.depth, "size_range": list(engine.size_range),
-                "entity_slots": info.entity_slots, "default_steps": engine.default_steps,
+        body = {"status": status, "model": engine.model_id, "backend": engine.pipe.backend.name,
+                "max_batch": engine.runner.max_batch, "queue_depth": engine.runner.depth,
+                # [smallest side, largest square side one image may ask now] (null: no limit known)
+                "size_range": [engine.size_range[0], engine.largest_side()],
+                "entity_slots": info.entity_slots,
                 # what `deleaker_settings` may hold: the playground builds its fields from this
-                "deleaker_settings": {name: kind.__name__ for name, kind in SETTING_KINDS.items()}}
+                "deleaker_settings": {name: kind.__name__ for name, kind in SETTING_KINDS.items()},
+                "default_guidance": ImageGenerationRequest.model_fields["guidance"].default,
+                **engine.model_card()}
         return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
     app.mount(OPEN_PREFIX.rstrip("/"), StaticFiles(directory=STATIC_DIR), name="static")
@@ -239,7 +290,7 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
             try:
                 body = parse_body(await request.body(), request.headers.get("content-type"))
             except FieldError as e:
-                return _error(e.status, str(e), e.param)
+                return _error(400, str(e), api_field(e.field))
             return await _generate(body, request)
         finally:
             engine.in_flight -= 1
@@ -254,8 +305,8 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
             return _error(503, "the server is warming up", headers={"Retry-After": "1"})
         try:
             requests = engine.admit(body)
-        except FieldError as e:
-            return _error(e.status, str(e), e.param)
+        except ValueError as e:  # a FieldError names its field; any other bad input is the request's as a whole
+            return _error(400, str(e), api_field(getattr(e, "field", None)))
         ignored = body.ignored_fields(engine.model_id)
         gone = asyncio.ensure_future(_client_gone(request))
         try:
@@ -270,10 +321,11 @@ def create_app(engine: Engine, token: str | None = None, lifespan=None) -> FastA
             log.info("client disconnected; its queued images were dropped")
             return _error(499, "client disconnected")
         except FieldError as e:
-            return _error(e.status, str(e), e.param)
+            return _error(400, str(e), api_field(e.field))
         finally:
             gone.cancel()
         pngs = await asyncio.to_thread(lambda: [r.png_bytes() for r in results])
+        request.state.images = len(results)  # for the access log line
         m.images.inc(len(results))
         m.latency.observe(time.perf_counter() - t0)
         data = [ImageData(b64_json=base64.b64encode(p).decode("ascii"), seed=r.request.seed)

@@ -21,6 +21,7 @@ from ..config import PRESETS
 from ..errors import run_reporting_errors
 from ..cli_help import DefaultsHelpFormatter
 from .loading import load_pipeline, api_token
+from .logs import LOG_FORMATS, configure
 from .options import HTTP_PARSERS, RAY_HTTP_ERROR, ServeOptions
 
 log = logging.getLogger("deleaker.serve")
@@ -33,9 +34,11 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=DefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="diffusers-format FLUX folder (torch backend); default: the embedded toy-world "
-                     "model (32x32, its own words only: docs/toyworld.md)")
+                     "model (32x32, its own words only: docs/toyworld.md), as its exported artifact on onnxruntime")
     src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend)")
-    p.add_argument("--backend", help="torch (default with --model), onnxruntime (default with --artifact)")
+    p.add_argument("--backend", help="torch (default with --model; without --model or --artifact: the embedded "
+                                     "model's diffusers folder), onnxruntime (default with --artifact or neither), "
+                                     "openvino (a --portable artifact)")
     p.add_argument("--device", default="cpu", help="torch/onnxruntime device: cpu or cuda")
     p.add_argument("--attention", default="reference", choices=("reference", "cuda"),
                    help="torch backend: DeLeaker op implementation")
@@ -70,8 +73,9 @@ def parser() -> argparse.ArgumentParser:
     lim.add_argument("--steps", type=int, dest="default_steps", help="steps of requests that give none "
                                                                       "(default: the preset's, capped by --max-steps)")
     lim.add_argument("--min-size", type=int, default=_D.min_size,
-                     help="smallest image side (pixels) when the backend fixes no range (artifacts fix their own)")
-    lim.add_argument("--max-size", type=int, default=_D.max_size, help="largest image side, likewise")
+                     help="smallest image side (pixels) a request may ask (default: the model's own rule)")
+    lim.add_argument("--max-size", type=int, default=_D.max_size,
+                     help="largest image side a request may ask (default: the model's own rule and the memory free)")
     lim.add_argument("--default-size", default=_D.default_size, help="WIDTHxHEIGHT of requests that give none "
                      "(default: the model card's size, e.g. 32x32 for the embedded model; else 256x256)")
     r = p.add_argument_group("Ray Serve (scale-out)")
@@ -84,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPU slots Ray reserves per replica")
     r.add_argument("--ray-address", default=None, help="connect to this Ray cluster (default: RAY_ADDRESS or local)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                   help="text: `deleaker: message` lines; json: one JSON object per line (access lines carry "
+                        "method, path, status, ms, images, id as fields)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on startup errors")
     return p
 
@@ -104,6 +111,7 @@ def build_local(args, options: ServeOptions):
     # the batcher's model thread loads the model and runs all of its work (batcher.py)
     runner = Batcher(lambda: load_pipeline(args), options.max_batch, options.max_wait_ms, options.max_queue)
     engine = Engine(runner.pipe, options, runner.metrics, runner)
+    engine.url = f"http://{args.host}:{args.port}"  # for the "ready" line
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -143,10 +151,12 @@ def _serve_local(args, options: ServeOptions) -> int:
 
     if args.host not in LOOPBACK_HOSTS and api_token() is None:
         log.warning("binding %s without DELEAKER_API_TOKEN: anyone who reaches this port can generate", args.host)
+    # log_config=None: uvicorn's own lines go through this process's format (--log-format); its
+    # access log is off, the guard writes one line per request itself (logs.py)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=options.drain_timeout_s + 5, **limits)
+                            log_config=None, timeout_graceful_shutdown=options.drain_timeout_s + 5, **limits)
     server = DrainingServer(config)
-    log.info("serving %s on http://%s:%d (max batch %d, max wait %gms, queue %d, %s)", engine.pipe.backend.info.name,
+    log.info("serving %s on http://%s:%d (max batch %d, max wait %gms, queue %d, %s)", engine.model_id,
              args.host, args.port, engine.runner.max_batch, options.max_wait_ms, options.max_queue,
              limits["http"].parser)
     server.run(sockets=[sock])
@@ -173,7 +183,7 @@ def _serve(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="deleaker: %(message)s")
+    configure(args.log_level, args.log_format)
     return run_reporting_errors("deleaker serve", lambda: _serve(args), args.debug)
 
 

@@ -1,7 +1,9 @@
 """Admission, warm-up and waiting: what a server does around a batch runner.
 
 admit(): an HTTP body -> one GenerateRequest per image, checked against the server's limits and
-with Pipeline.check, so a bad request is answered 400 at once and never reaches a batch.
+with Pipeline.check (the runtime's one request validation, runtime/request.py: the same sizes are
+accepted and refused, with the same messages, as by the CLI and the Python API), so a bad request
+is answered 400 at once and never reaches a batch. Every refusal is a FieldError naming its field.
 run(): queue the images on the runner and wait for them, up to the request timeout, or until
 the client disconnects (its queued images are then dropped).
 
@@ -20,26 +22,20 @@ import threading
 import time
 from pathlib import Path
 
-from .. import latents as lat
-from .. import tokens as tok
-from ..config import ConfigError, DeLeakerConfig
+from .. import footprint
+from ..errors import FieldError
 from ..gc_freeze import freeze_loaded_objects
 from ..model_card import default_size
-from ..pipeline import GenerateRequest, GenerateResult, Pipeline, RequestError, RequestFailed
+from ..pipeline import GenerateResult, Pipeline, RequestFailed
+from ..request import SETTING_KINDS, GenerateRequest, check_settings, parse_size, size_multiple  # noqa: F401
+from .logs import PROCESS_START
 from .metrics import Metrics
 from .options import ServeOptions
-from .schema import AUTO_SIZE, FieldError, ImageGenerationRequest, check_text, parse_size
+from .schema import AUTO_SIZE, ImageGenerationRequest, check_text
 
 log = logging.getLogger("deleaker.serve")
 
 MAX_SEED = 2 ** 53  # exact in every JSON client
-# Pipeline.check error types and message prefixes -> the request field they are about
-_PARAM_BY_ERROR = ((tok.EntityError, "entities"), (tok.TokenizerError, "prompt"), (lat.LatentSizeError, "size"),
-                   (ConfigError, "deleaker_settings"))
-_PARAM_BY_PREFIX = {"prompt": "prompt", "entities": "entities", "seed": "seed", "steps": "steps",
-                    "guidance_scale": "guidance", "height": "size", "width": "size", "config": "deleaker_settings"}
-# settings a request may not give: the step count is the request's `steps`
-_FIXED_SETTINGS = ("num_steps",)
 
 
 class RequestTimeout(Exception):
@@ -50,31 +46,6 @@ class ClientGone(Exception):
     pass
 
 
-def _setting_kinds() -> dict[str, type]:
-    """DeLeakerConfig field -> the JSON type it takes (from its default; None defaults are ints)."""
-    kinds = {}
-    for f in dataclasses.fields(DeLeakerConfig):
-        if f.name not in _FIXED_SETTINGS:
-            kinds[f.name] = int if f.default is None else type(f.default)
-    return kinds
-
-
-SETTING_KINDS = _setting_kinds()
-
-
-def _check_setting(name: str, value) -> None:
-    kind = SETTING_KINDS.get(name)
-    if kind is None:
-        hint = " (use the request's `steps`)" if name in _FIXED_SETTINGS else ""
-        raise FieldError("deleaker_settings", f"unknown DeLeaker setting {name!r}{hint}; known: "
-                                              f"{', '.join(SETTING_KINDS)}")
-    ok = (isinstance(value, bool) if kind is bool else
-          isinstance(value, int) and not isinstance(value, bool) if kind is int else
-          isinstance(value, (int, float)) and not isinstance(value, bool))
-    if not ok:
-        raise FieldError("deleaker_settings", f"deleaker_settings.{name} must be a {kind.__name__}, got {value!r}")
-
-
 class Engine:
     def __init__(self, pipe: Pipeline, options: ServeOptions, metrics: Metrics, runner):
         self.pipe = pipe
@@ -82,17 +53,23 @@ class Engine:
         self.metrics = metrics
         self.runner = runner  # the Batcher (its model thread runs every model call)
         info = pipe.backend.info
-        self.size_range = tuple(info.size_range) if info.size_range else (options.min_size, options.max_size)
+        self.multiple = size_multiple(info)  # pixels per image-token side: every size is a multiple of it
+        # the operator's limits (--min-size / --max-size) inside the model's own (an artifact's range)
+        lo, hi = info.size_range or (self.multiple, None)
+        lo = max(lo, options.min_size or 0)
+        hi = min(hi, options.max_size) if hi is not None and options.max_size else hi or options.max_size
+        self.size_range = (lo, hi)  # hi None: no limit but the model's and the memory free
         self.default_steps = options.default_steps or min(pipe.config.num_steps, options.max_steps)
         if options.default_size:
             w, h = parse_size(options.default_size)
         else:
             h, w = default_size(info.card)
-        lo, hi = self.size_range
-        fit = lambda v: min(max(v, -(-lo // 16) * 16), hi // 16 * 16)  # noqa: E731  (multiples of 16 in range)
+        m = self.multiple
+        fit = lambda v: max(-(-lo // m) * m, min(v, hi // m * m if hi else v))  # noqa: E731  (multiples in range)
         self.default_size = (fit(w), fit(h))
         self.model_id = Path(info.name).name or info.name  # what GET /v1/models lists
         self.started = int(time.time())
+        self.url = ""  # where it serves, for the "ready" line (the local server sets it)
         self.in_flight = 0  # generation requests between arrival and answer (app.py)
         self._ready = threading.Event()
 
@@ -113,8 +90,8 @@ class Engine:
 
     def warm_up(self) -> None:
         """One tiny generation (smallest allowed size, 1 step): loads kernels and caches before traffic."""
-        side = max(self.size_range[0], 16)
-        side = -(-side // 16) * 16  # FLUX latents need multiples of 16 pixels
+        side = -(-self.size_range[0] // self.multiple) * self.multiple  # the smallest size the model takes
+        log.info("warm-up: one %dx%d image, 1 step", side, side)
         t0 = time.perf_counter()
         card = self.pipe.backend.info.card  # a model that knows only its own words warms up on its example
         prompt = card.example_prompt if card is not None and card.example_prompt else "warm-up"
@@ -124,9 +101,9 @@ class Engine:
         # what lives as long as the server is loaded now: collections stop walking it (gc_freeze.py)
         frozen = freeze_loaded_objects()
         self.metrics.watch_gc()  # until close()
-        log.info("warm-up generation (%dx%d, 1 step) took %.2fs; garbage collector: %s; ready", side, side,
-                 time.perf_counter() - t0, frozen)
+        log.info("warm-up took %.2fs; garbage collector: %s", time.perf_counter() - t0, frozen)
         self._ready.set()
+        log.info("ready in %.1fs%s", time.perf_counter() - PROCESS_START, f": {self.url}/" if self.url else "")
 
     def close(self) -> None:
         """Stop the model thread and the garbage collection timing (warm_up started it)."""
@@ -135,45 +112,60 @@ class Engine:
 
     # -- admission --------------------------------------------------------------------------
 
+    def largest_side(self) -> int | None:
+        """The largest square side a request of one image may ask now: the size range's top, and what
+        fits the memory free now (None: no limit known)."""
+        be = self.pipe.backend
+        fused = bool(getattr(be, "fused_attention", False) or getattr(be, "op", None) == "cuda"
+                     or be.name == "tensorrt")
+        fits = footprint.largest_fitting_side(be.info, 1, self.default_steps, fused, getattr(be, "device", "cpu"),
+                                              self.size_range[1] or None)
+        return fits
+
+    def model_card(self) -> dict:
+        """What a client needs to speak this model's language (in /health and /v1/models): its card's
+        example and words (null: any prompt), the default size and the size rule, and the values of
+        the DeLeaker settings requests that give none get (null: derived from the step count)."""
+        card = self.pipe.backend.info.card
+        cfg = self.pipe.config
+        return {"about": card.about if card is not None else "",
+                "example": ({"prompt": card.example_prompt, "entities": list(card.example_entities)}
+                            if card is not None and card.example_prompt else None),
+                "vocabulary": sorted(card.vocabulary) if card is not None and card.vocabulary else None,
+                "default_size": "{}x{}".format(*self.default_size), "size_multiple": self.multiple,
+                "default_steps": self.default_steps,
+                "deleaker_defaults": {name: getattr(cfg, name) for name in SETTING_KINDS}}
+
     def admit(self, body: ImageGenerationRequest) -> list[GenerateRequest]:
         """Body -> one GenerateRequest per image; raises FieldError naming the bad field."""
-        o, info = self.options, self.pipe.backend.info
+        o = self.options
         check_text("prompt", body.prompt)
         for entity in body.entities:
             check_text("entities", entity)
-        if not body.prompt.strip():
-            raise FieldError("prompt", "prompt must be a non-empty string")
         if len(body.prompt) > o.max_prompt_chars:
-            raise FieldError("prompt", f"prompt has {len(body.prompt)} characters; this server takes at most "
-                                       f"{o.max_prompt_chars}")
+            raise FieldError(f"prompt has {len(body.prompt)} characters; this server takes at most "
+                             f"{o.max_prompt_chars}", "prompt")
         if not 1 <= body.n <= o.max_n:
-            raise FieldError("n", f"n must be in [1, {o.max_n}], got {body.n}")
+            raise FieldError(f"n must be in [1, {o.max_n}], got {body.n}", "n")
         width, height = parse_size(body.size) if body.size not in (None, AUTO_SIZE) else self.default_size
         lo, hi = self.size_range
-        for side, v in (("width", width), ("height", height)):
-            if not lo <= v <= hi:
-                raise FieldError("size", f"{side} {v} is outside this server's range [{lo}, {hi}]")
+        if (o.min_size or o.max_size) and not all(lo <= v <= (hi or v) for v in (width, height)):
+            # only the operator's own limits are the server's to word; the model's are the runtime's
+            raise FieldError(f"size {width}x{height} is outside this server's range of sides [{lo}, {hi}] "
+                             f"(--min-size/--max-size)", "size")
         steps = body.steps if body.steps is not None else self.default_steps
         if not 1 <= steps <= o.max_steps:
-            raise FieldError("steps", f"steps must be in [1, {o.max_steps}], got {steps}")
-        if len(body.entities) > info.entity_slots:
-            raise FieldError("entities", f"{len(body.entities)} entities given; this model has {info.entity_slots} "
-                                         f"entity slots")
+            raise FieldError(f"steps must be in [1, {o.max_steps}], got {steps}", "steps")
         if body.seed is not None and not 0 <= body.seed <= MAX_SEED - o.max_n:
-            raise FieldError("seed", f"seed must be in [0, {MAX_SEED - o.max_n}], got {body.seed}")
+            raise FieldError(f"seed must be in [0, {MAX_SEED - o.max_n}], got {body.seed}", "seed")
         config = None
         if body.deleaker_settings:
-            for name, value in body.deleaker_settings.items():
-                _check_setting(name, value)
-            config = self.pipe.config.replace(**body.deleaker_settings)
+            config = self.pipe.config.replace(**check_settings(body.deleaker_settings))
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - o.max_n)
         first = GenerateRequest(prompt=body.prompt, entities=tuple(body.entities), seed=seed, steps=steps,
                                 height=height, width=width, guidance_scale=body.guidance, deleaker=body.deleaker,
                                 config=config)
-        try:
-            self.pipe.check(first)  # the images differ only by seed: one check covers them all
-        except ValueError as e:
-            raise FieldError(_param_of(e), str(e)) from None
+        self.pipe.check(first)  # the images differ only by seed: one check covers them all
         return [dataclasses.replace(first, seed=seed + i) for i in range(body.n)]
 
     # -- running ------------------------------------------------------------------------------
@@ -204,7 +196,7 @@ class Engine:
                 results = [f.result() for f in futures]
                 failed = [r for r in results if isinstance(r, RequestFailed)]
                 if failed:  # admission runs the same checks, so this is not expected
-                    raise FieldError(None, failed[0].message)
+                    raise FieldError(failed[0].message)
                 return results
             errors = [f.exception() for f in futures if f.done() and not f.cancelled()]  # all retrieved
             if any(e is not None for e in errors):
@@ -220,13 +212,3 @@ class Engine:
         if reason == "disconnect":
             raise ClientGone()
         raise RequestTimeout()
-
-
-def _param_of(e: ValueError) -> str | None:
-    for cls, param in _PARAM_BY_ERROR:
-        if isinstance(e, cls):
-            return param
-    if isinstance(e, RequestError):
-        head = str(e).split(" ", 1)[0]
-        return _PARAM_BY_PREFIX.get(head)
-    return None

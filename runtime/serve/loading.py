@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from pathlib import Path
 
 from ..config import preset
+from ..embedded import default_source
+
+log = logging.getLogger("deleaker.serve")
 
 
 def load_pipeline(args):
@@ -14,6 +20,8 @@ def load_pipeline(args):
     from ..pipeline import Pipeline
 
     cfg = preset(args.preset) if args.preset else None
+    if args.model is None and not args.artifact:  # the embedded model: its artifact, or its folder for torch
+        args.backend, args.model, args.artifact = default_source(args.backend)
     backend_name = args.backend or ("onnxruntime" if args.artifact else "torch")
     options = dict(device=args.device, progress=False)
     if backend_name == "torch":
@@ -21,8 +29,22 @@ def load_pipeline(args):
     elif args.attention != "reference" or args.dtype != "fp32":
         raise ValueError(f"--attention/--dtype apply to the torch backend; the {backend_name} backend runs "
                          "what was exported")
-    backend = load_backend(backend_name, args.artifact or args.model, **options)
-    return Pipeline(backend, config=cfg, max_batch=args.max_batch)
+    where = args.artifact or args.model
+    if where is None:
+        from ..embedded import default_model_dir
+
+        where_said = f"{default_model_dir().name}, the embedded default,"
+    else:
+        where_said = Path(where).name or where
+    t0 = time.perf_counter()
+    log.info("loading model %s (%s backend, %s)", where_said, backend_name, args.device)
+    backend = load_backend(backend_name, where, **options)
+    t1 = time.perf_counter()
+    log.info("model loaded in %.1fs; preparing sessions (tokenizers, scheduler, batches of up to %d images)",
+             t1 - t0, args.max_batch)
+    pipe = Pipeline(backend, config=cfg, max_batch=args.max_batch)
+    log.info("sessions prepared in %.1fs", time.perf_counter() - t1)
+    return pipe
 
 
 def api_token() -> str | None:

@@ -29,14 +29,15 @@ class ServeOptions:
     max_n: int = 4
     max_steps: int = 50
     default_steps: int | None = None  # None: the DeLeaker preset's step count
-    min_size: int = 16  # image side range when the backend fixes none (artifacts fix their own)
-    max_size: int = 1024
+    # the operator's own image side limits, inside the model's (None: the model's rule and the memory free)
+    min_size: int | None = None
+    max_size: int | None = None
     default_size: str | None = None  # WIDTHxHEIGHT; None: the model card's size, else 256x256
 
     def validate(self) -> "ServeOptions":
         for name in ("max_batch", "max_queue", "max_body_bytes", "max_prompt_chars", "max_n", "max_steps",
                      "min_size", "max_size", "max_connections"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms",):
             if getattr(self, name) < 0:
@@ -48,7 +49,7 @@ class ServeOptions:
             raise ValueError(f"max-steps must be <= {MAX_STEPS} (the pipeline's limit), got {self.max_steps}")
         if self.http not in HTTP_PARSERS:
             raise ValueError(f"http must be one of {', '.join(HTTP_PARSERS)}, got {self.http!r}")
-        if self.min_size > self.max_size:
+        if self.min_size is not None and self.max_size is not None and self.min_size > self.max_size:
             raise ValueError(f"min-size {self.min_size} is larger than max-size {self.max_size}")
         if self.default_steps is not None and not 1 <= self.default_steps <= self.max_steps:
             raise ValueError(f"default steps {self.default_steps} is outside [1, max-steps={self.max_steps}]")

@@ -5,24 +5,21 @@ seed, model) plus DeLeaker's fields (entities, steps, guidance, deleaker on/off,
 deleaker_settings). The OpenAI fields that mean nothing here (IGNORED_FIELDS) are accepted and
 named in the X-Ignored-Fields response header. Types are strict (a string is not a number) and
 unknown fields are rejected, so a typo never silently falls back to a default. Limits that depend
-on the server's options and model are checked by the engine.
+on the server's options and model are checked by the engine, with the runtime's one request
+validation (runtime/request.py). FieldError is the runtime's (runtime/errors.py): its `field` is
+answered as `param` under the API's name (request.api_field).
 """
 
 from __future__ import annotations
 
-import re
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import FieldError
+from ..request import parse_size  # noqa: F401 (the server's size parsing is the runtime's)
 
-class FieldError(ValueError):
-    """A request field is invalid; `param` names it (as in the OpenAI error body)."""
-
-    def __init__(self, param: str | None, message: str, status: int = 400):
-        super().__init__(message)
-        self.param = param
-        self.status = status
+MAX_MESSAGE_CHARS = 500  # an error message never echoes more of the request than this
 
 
 # OpenAI images API fields with no effect on this server: accepted, and named in IGNORED_HEADER
@@ -46,7 +43,8 @@ class ImageGenerationRequest(BaseModel):
     steps: Optional[int] = Field(None, description="denoising steps (default: the server's)")
     guidance: float = Field(3.5, description="guidance scale (guidance-distilled models)")
     deleaker: bool = Field(True, description="false: plain attention on the same engine")
-    deleaker_settings: Optional[dict[str, Union[bool, int, float]]] = Field(
+    # any values here: runtime/request.check_settings says in plain words what each setting takes
+    deleaker_settings: Optional[dict[str, Any]] = Field(
         None, description="DeLeakerConfig fields overriding the server's preset for this request")
     # IGNORED_FIELDS
     user: Optional[str] = None
@@ -73,29 +71,20 @@ class ImageGenerationResponse(BaseModel):
     data: list[ImageData]
 
 
-_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
-
-
 def check_text(param: str, text: str) -> None:
     """Text that is not valid Unicode (a lone surrogate from a JSON \\ud800 escape) never reaches the tokenizer."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise FieldError(param, f"{param} is not valid Unicode text: {text[e.start:e.end]!r} at character "
-                                f"{e.start} (a lone surrogate)") from None
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    """'WIDTHxHEIGHT' -> (width, height)."""
-    m = _SIZE.match(size)
-    if not m:
-        raise FieldError("size", f"size must be WIDTHxHEIGHT in pixels, e.g. 256x256; got {size!r}")
-    return int(m.group(1)), int(m.group(2))
+        raise FieldError(f"{param} is not valid Unicode text: {text[e.start:e.end]!r} at character "
+                         f"{e.start} (a lone surrogate)", param) from None
 
 
 def error_body(message: str, param: str | None, code: str) -> dict:
     """The OpenAI error shape, so OpenAI clients surface the message."""
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate echoed from input
+    if len(message) > MAX_MESSAGE_CHARS:  # the messages quote input through text_policy.short; this is the bound
+        message = message[:MAX_MESSAGE_CHARS - 3] + "..."
     param = None if param is None else param.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": "invalid_request_error" if code == "invalid_request" else code,
                       "param": param, "code": code}}

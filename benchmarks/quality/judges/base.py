@@ -49,6 +49,7 @@ class JudgeOptions:
 class Judge:
     name = ""
     needs_endpoint = False
+    reads_references = False  # whether it looks at the run's reference images (`eval run` makes them only then)
 
     def __init__(self, options: JudgeOptions):
         self.options = options

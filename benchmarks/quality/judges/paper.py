@@ -65,6 +65,7 @@ def _join(words: list[str]) -> str:
 class PaperJudge(Judge):
     name = "paper"
     needs_endpoint = True
+    reads_references = True  # its "differences from the reference images" question
 
     def __init__(self, options):
         super().__init__(options)
@@ -86,6 +87,10 @@ class PaperJudge(Judge):
                                                                            if k != "status"}}
 
         # 1. differences, from the prompt and from the reference images
+        missing = [e for e in ents if e not in item.get("refs", {})]
+        if missing:
+            raise ValueError(f"item {item['id']} has no reference image of {missing[0]!r}: the run was made for "
+                             "judges that read none; `deleaker eval run --judge paper` on the same folder adds them")
         fields = {"prompt": prompt, "entities": ", ".join(ents)}
         schema = differences_schema(ents)
         lists = []

@@ -13,27 +13,32 @@ const form = $("form");
 const field = (name) => form.elements.namedItem(name);
 
 // One field per DeLeaker setting a request may set: the server's list ({name: "float" | "int" | "bool"},
-// from /health), so the page has no copy of its own.
+// from /health), so the page has no copy of its own; the preset's values (deleaker_defaults) are the
+// placeholders, so a blank field shows what the server will use.
 let SETTINGS = [];
 
-function buildSettings(kinds) {
+const shown = (v) => (v === null || v === undefined ? "from the steps" : String(v));
+
+function buildSettings(kinds, defaults) {
   SETTINGS = Object.entries(kinds || {});
+  defaults = defaults || {};
   const box = $("settings");
-  box.replaceChildren();
+  box.replaceChildren(box.querySelector("legend")); // the fields are rebuilt, the legend stays
   for (const [name, kind] of SETTINGS) {
     const label = document.createElement("label");
     label.textContent = name + " ";
     let input;
     if (kind === "bool") {
       input = document.createElement("select");
-      for (const [value, text] of [["", "preset"], ["true", "on"], ["false", "off"]]) {
+      const preset = name in defaults ? (defaults[name] ? " (on)" : " (off)") : "";
+      for (const [value, text] of [["", `preset${preset}`], ["true", "on"], ["false", "off"]]) {
         input.add(new Option(text, value));
       }
     } else {
       input = document.createElement("input");
       input.type = "number";
       input.step = kind === "int" ? "1" : "any";
-      input.placeholder = "preset";
+      input.placeholder = name in defaults ? shown(defaults[name]) : "preset";
     }
     input.name = name;
     input.dataset.kind = kind;
@@ -83,7 +88,20 @@ function headers() {
   return h;
 }
 
-// One POST -> {image} or {error: the API's one-line message}.
+// The API's answer, worded for this page: the request errors (400) are the API's own one-line
+// message with the field it names; the others say what to do here.
+function pageError(status, json, resp) {
+  const err = (json && json.error) || {};
+  const message = err.message || `HTTP ${status} ${resp.statusText}`.trim();
+  if (status === 401) return "this server needs its API token: paste it into the API token field";
+  if (status === 429) return `the server is busy: try again in ${resp.headers.get("Retry-After") || "a few"} s`;
+  if (status === 503) return `the server is not taking requests now (${message}): try again shortly`;
+  if (status === 504) return `the server took too long (${message})`;
+  if (status === 400 && err.param) return `${err.param}: ${message}`;
+  return message;
+}
+
+// One POST -> {image} or {error: a one-line message for this page}.
 async function generate(body) {
   let resp;
   try {
@@ -96,8 +114,7 @@ async function generate(body) {
     json = await resp.json();
   } catch (_) { /* not JSON: reported by status below */ }
   if (!resp.ok) {
-    const message = json && json.error && json.error.message;
-    return { error: message || `HTTP ${resp.status} ${resp.statusText}`.trim() };
+    return { error: pageError(resp.status, json, resp) };
   }
   if (!json || !Array.isArray(json.data) || !json.data.length || !json.data[0].b64_json) {
     return { error: "the server's answer holds no image" };
@@ -185,17 +202,40 @@ async function run() {
   if (parts.length) $("timing").textContent = `${parts.join(" · ")} · both ${seconds(wall)} (round trips, sent together)`;
 }
 
+// The model's own language from /health: its name, words and example (the prompt is prefilled with
+// it, so Generate works at once), its default size and steps as placeholders.
+function describeModel(info) {
+  $("model").textContent = info.model ? `· ${info.model}` : "";
+  const words = $("words");
+  if (info.vocabulary) {
+    words.textContent = `this model knows only these words: ${info.vocabulary.join(", ")}` +
+      (info.about ? ` (${info.about})` : "");
+    words.hidden = false;
+  }
+  if (info.example && !field("prompt").value) {
+    field("prompt").value = info.example.prompt;
+    field("entities").value = info.example.entities.join(", ");
+  }
+  if (info.default_size) field("size").placeholder = info.default_size;
+  field("steps").placeholder = String(info.default_steps);
+  if (info.default_guidance !== undefined) field("guidance").placeholder = String(info.default_guidance);
+}
+
 // Returns the health body (null when the server cannot be reached).
 async function checkHealth() {
   const h = $("health");
   try {
     const resp = await fetch(HEALTH);
     const info = await resp.json();
-    if (!SETTINGS.length) buildSettings(info.deleaker_settings);
+    if (!SETTINGS.length) {
+      buildSettings(info.deleaker_settings, info.deleaker_defaults);
+      describeModel(info);
+    }
     h.dataset.state = info.status;
-    h.textContent = `${info.status} · ${info.backend} · max batch ${info.max_batch} · sizes ` +
-      `${info.size_range.join("–")} px · ${info.entity_slots} entity slots · ${info.default_steps} steps by default`;
-    field("steps").placeholder = String(info.default_steps);
+    const [lo, hi] = info.size_range;
+    h.textContent = `${info.status} · ${info.backend} · max batch ${info.max_batch} · sizes: multiples of ` +
+      `${info.size_multiple} px from ${lo}` + (hi ? ` to ${hi} px (what fits now)` : " px") +
+      ` · ${info.entity_slots} entity slots · ${info.default_steps} steps by default`;
     if (info.status === "warming_up") setTimeout(checkHealth, 2000);
     return info;
   } catch (e) {
