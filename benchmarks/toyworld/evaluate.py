@@ -36,8 +36,9 @@ from deleaker.runtime.config import DeLeakerConfig
 from deleaker.runtime.embedded import default_model_dir
 
 from . import judge as J
+from . import report as R
 from . import world
-from .preset import RULES, SIZE, STEPS, TOYWORLD_PRESET
+from .preset import PRESET_NAME, RULES, SIZE, STEPS, TOYWORLD_PRESET
 
 log = logging.getLogger("deleaker.toyworld")
 
@@ -106,6 +107,17 @@ def heldout_triplets() -> list[tuple[world.Thing, ...]]:
     return _prompt_set(TRIPLE_PROMPT_SEED, TRIPLE_PROMPTS, 3)
 
 
+def single_prompts() -> list[tuple[world.Thing, ...]]:
+    """All 125 one-object prompts (colour-major). They are in every training set; what is held out
+    is the noise (the held-out image seeds)."""
+    return [(world.Thing(c, t, sh),) for c in world.VALUES["colour"] for t in world.TEXTURES for sh in world.SHAPES]
+
+
+# --stage NAME: one held-out set on its own, vanilla vs --preset, on any backend, into
+# OUT/NAME-BACKEND.json: prompts, default number of image seeds (from --heldout-seeds)
+STAGES = {"heldout": (heldout_prompts, 10), "single": (single_prompts, 4), "triples": (heldout_triplets, 5)}
+
+
 def requests(prompts, seeds, config: DeLeakerConfig | None):
     """One GenerateRequest per (prompt, seed); config None = vanilla (plain attention)."""
     from deleaker.runtime.pipeline import GenerateRequest
@@ -168,8 +180,8 @@ def run(pipe, reqs, label: str = "") -> list[dict]:
         v = J.judge(r.image, r.request.entities)
         objects = object_tokens(r.image, grid)
         out.append({"prompt": r.request.prompt, "entities": list(r.request.entities), "seed": r.request.seed,
-                    "image": r.image, "leak": v["leak"], "all_present": v["all_present"],
-                    "all_recognised": v["all_recognised"], "leaks": v["leaks"],
+                    "image": r.image, "all_recognised": v["all_recognised"], "leaks": v["leaks"],
+                    **R.score(v, J.parse_entities(r.request.entities)),
                     "wrong": wrong_attributes(v, r.request.entities), "object_share": float(objects.mean()),
                     "mask_on_objects": mask_on_objects(r, objects, grid)})
     if label:
@@ -181,19 +193,17 @@ def rate(records, key) -> float:
     return float(np.mean([r[key] for r in records])) if records else float("nan")
 
 
-def bootstrap(values, n: int = 4000, seed: int = 0) -> list[float]:
-    """95% percentile interval of the mean of `values` (paired differences included)."""
-    v = np.asarray(values, np.float64)
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), (n, len(v)))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+def bootstrap(values, records) -> list[float]:
+    """95% interval of the mean of `values` (one per record, paired differences included): the
+    two-way cluster bootstrap over the records' prompts and seeds (report.Clusters)."""
+    return R.Clusters(records).ci(values)
 
 
 def named_share(named: int, unnamed: int, chance: float) -> dict:
     """Share of wrong values that are another named entity's, its standard error under the
     prompt-blind hypothesis (binomial at `chance`) and how many of those it lies above chance."""
     n = named + unnamed
-    if n == 0:
+    if n == 0 or not 0.0 < chance < 1.0:  # one entity: no other entity to leak from
         return {"n": 0, "share": None, "chance": chance, "se": None, "z": None}
     se = float(np.sqrt(chance * (1 - chance) / n))
     share = named / n
@@ -204,10 +214,11 @@ def summary(records, with_ci: bool = False, chance: float = 0.25) -> dict:
     """Rates (with bootstrap intervals if asked) of leakage, presence and recognition; leakage
     also per attribute (images with at least one leak of that attribute); wrong values by source."""
     s = {"n": len(records)}
+    clusters = R.Clusters(records) if with_ci and records else None
     for key in ("leak", "all_present", "all_recognised"):
         s[key] = rate(records, key)
-        if with_ci:
-            s[key + "_ci95"] = bootstrap([r[key] for r in records])
+        if clusters:
+            s[key + "_ci95"] = clusters.ci([r[key] for r in records])
     attrs = {a: 0 for a in world.ATTRIBUTES}
     for r in records:
         for _, a, _ in r["leaks"]:
@@ -226,8 +237,8 @@ def summary(records, with_ci: bool = False, chance: float = 0.25) -> dict:
     for a in world.ATTRIBUTES:
         flags = [any(x[1] == a for x in r["leaks"]) for r in records]
         s[f"leak_{a}"] = float(np.mean(flags)) if flags else float("nan")
-        if with_ci:
-            s[f"leak_{a}_ci95"] = bootstrap(flags)
+        if clusters:
+            s[f"leak_{a}_ci95"] = clusters.ci(flags)
     return s
 
 
@@ -369,7 +380,7 @@ def presence_change(van, dl) -> dict:
     """Paired change of the all-entities-present flag (DeLeaker - vanilla, same (prompt, seed)
     list): its mean and bootstrap 95% interval."""
     pres = [float(b["all_present"]) - float(a["all_present"]) for a, b in zip(van, dl)]
-    return {"presence_change": float(np.mean(pres)), "presence_change_ci95": bootstrap(pres)}
+    return {"presence_change": float(np.mean(pres)), "presence_change_ci95": bootstrap(pres, van)}
 
 
 def compare(van, dl, config: DeLeakerConfig, chance: float) -> dict:
@@ -377,12 +388,15 @@ def compare(van, dl, config: DeLeakerConfig, chance: float) -> dict:
     paired leakage reduction, the paper's outcomes, per-sample flags."""
     diff = [float(a["leak"]) - float(b["leak"]) for a, b in zip(van, dl)]
     return {"config": asdict(config), "vanilla": summary(van, True, chance), "deleaker": summary(dl, True, chance),
-            "leak_reduction": float(np.mean(diff)), "leak_reduction_ci95": bootstrap(diff),
+            "leak_reduction": float(np.mean(diff)), "leak_reduction_ci95": bootstrap(diff, van),
             **presence_change(van, dl),
             "outcomes": outcomes(van, dl),
+            "report": R.full(van, dl, outcomes(van, dl)),
             "per_sample": [{"prompt": a["prompt"], "entities": a["entities"], "seed": a["seed"],
                             "vanilla_leak": a["leak"], "deleaker_leak": b["leak"],
-                            "vanilla_all_present": a["all_present"], "deleaker_all_present": b["all_present"]}
+                            "vanilla_all_present": a["all_present"], "deleaker_all_present": b["all_present"],
+                            "vanilla_tag": a["tag"], "deleaker_tag": b["tag"],
+                            "vanilla_right": a["right"], "deleaker_right": b["right"]}
                            for a, b in zip(van, dl)]}
 
 
@@ -451,11 +465,22 @@ def check_options(args) -> None:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.pilot is not None and not 1 <= args.pilot <= HELDOUT_PROMPTS * len(EVAL_SEEDS):
         raise ValueError(f"--pilot takes 1..{HELDOUT_PROMPTS * len(EVAL_SEEDS)} pairs, got {args.pilot}")
+    if args.stage is not None:
+        if args.pilot is not None:
+            raise ValueError("--stage and --pilot are different runs; give one")
+        stage_seeds(args)  # one-line errors for a bad --seeds
+        from deleaker.runtime.config import preset
+
+        preset(args.preset or PRESET_NAME)  # an unknown name: one line naming the known presets
+    elif args.seeds is not None or args.preset is not None:
+        raise ValueError("--seeds and --preset go with --stage")
     if args.limit is not None:
-        if args.backend == "torch" or args.pilot is not None:
-            raise ValueError("--limit applies to a backend other than torch (the held-out pairs with the preset)")
-        if not 1 <= args.limit <= HELDOUT_PROMPTS * len(EVAL_SEEDS):
+        if args.stage is None and (args.backend == "torch" or args.pilot is not None):
+            raise ValueError("--limit applies to --stage or a backend other than torch (the held-out pairs with the preset)")
+        if not 1 <= args.limit <= HELDOUT_PROMPTS * len(EVAL_SEEDS) and args.stage is None:
             raise ValueError(f"--limit takes 1..{HELDOUT_PROMPTS * len(EVAL_SEEDS)} pairs, got {args.limit}")
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.sweep_seeds < 1:
         raise ValueError(f"--sweep-seeds must be >= 1, got {args.sweep_seeds}")
     check_heldout_seeds(args.heldout_seeds)
@@ -482,8 +507,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pilot", type=int, default=None, metavar="N",
                     help=f"only N held-out pairs, vanilla vs '{PILOT_SETTING}', into pilot.json")
     ap.add_argument("--limit", type=int, default=None, metavar="N",
-                    help="with a backend other than torch: only the first N held-out pairs (prompt-major: the "
-                    "first prompts, each with its seeds)")
+                    help="with --stage or a backend other than torch: only the first N held-out samples "
+                    "(prompt-major: the first prompts, each with its seeds)")
+    ap.add_argument("--stage", choices=sorted(STAGES), default=None,
+                    help="run one held-out set on its own (pairs, one-object or three-object prompts), vanilla vs "
+                    "--preset, on any backend, into OUT/STAGE-BACKEND.json")
+    ap.add_argument("--preset", default=None, help="with --stage: the DeLeaker preset (default: toyworld)")
+    ap.add_argument("--seeds", default=None, metavar="A-B|A,B,..",
+                    help="with --stage: the image seeds of every prompt (default: "
+                    + ", ".join(f"{k} {n} from --heldout-seeds" for k, (_, n) in STAGES.items()) + ")")
     ap.add_argument("--write-slim", type=Path, default=None, metavar="FILE",
                     help="only write the held-out prompts as SLIM-format jsonl (for `deleaker eval`; image seed: the first "
                     "held-out seed, --heldout-seeds) and exit")
@@ -518,6 +550,59 @@ class _Results:
         tmp.replace(self.path)
 
 
+def stage_seeds(args) -> list[int]:
+    """--seeds 'A-B' (inclusive) or 'A,B,...'; default: the stage's number of seeds from --heldout-seeds.
+    Held-out seeds stay below the sweep's."""
+    if args.seeds is None:
+        n = STAGES[args.stage][1]
+        seeds = list(range(args.heldout_seeds, args.heldout_seeds + n))
+    else:
+        try:
+            if "-" in args.seeds.strip("-"):
+                a, b = (int(x) for x in args.seeds.split("-"))
+                seeds = list(range(a, b + 1))
+            else:
+                seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds takes A-B or A,B,... (integers), got {args.seeds!r}") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds must name distinct seeds, got {args.seeds!r}")
+    if min(seeds) < 0 or max(seeds) >= SWEEP_SEEDS.start:
+        raise ValueError(f"held-out seeds are 0..{SWEEP_SEEDS.start - 1} (the sweep's start at {SWEEP_SEEDS.start}), "
+                         f"got {min(seeds)}..{max(seeds)}")
+    return seeds
+
+
+def _stage(args, pipe, data: dict) -> int:
+    """One held-out set on its own (--stage), vanilla vs --preset."""
+    from deleaker.runtime.config import preset
+
+    make, _ = STAGES[args.stage]
+    cfg = preset(args.preset or PRESET_NAME)
+    seeds = stage_seeds(args)
+    data.update(stage=args.stage, preset=args.preset or PRESET_NAME)
+    res = _Results(args.out / f"{args.stage}-{args.backend}.json", data, 1)
+    ev, van, dl = heldout(pipe, cfg, make(), seeds, args.stage, args.limit)
+    if args.stage == "single":  # one entity is plain attention: DeLeaker must not change a pixel
+        ev["unchanged_images"] = sum(bool(np.array_equal(a["image"], b["image"])) for a, b in zip(van, dl))
+    data[args.stage] = ev
+    res.stage(f"{args.stage}: {len(van)} samples")
+    res.save()
+    _log_report(args.stage, ev)
+    return 0
+
+
+def _log_report(label: str, ev: dict) -> None:
+    rep = ev["report"]
+    log.info("%s: %d samples (%s)", label, rep["pairs"], rep["intervals"])
+    for k in R.METRICS:
+        v, d, c = rep["vanilla"], rep["deleaker"], rep["change"][k]
+        log.info("  %-16s vanilla %.3f [%.3f, %.3f]  DeLeaker %.3f [%.3f, %.3f]  change %+.3f [%+.3f, %+.3f]", k,
+                 v[k], *v[k + "_ci95"], d[k], *d[k + "_ci95"], c["change"], *c["ci95"])
+    if "unchanged_images" in ev:
+        log.info("  DeLeaker images equal to vanilla: %d of %d", ev["unchanged_images"], rep["pairs"])
+
+
 def _evaluate(args, argv) -> int:
     check_options(args)
     import torch
@@ -535,6 +620,8 @@ def _evaluate(args, argv) -> int:
     pipe = Pipeline(load_backend(args.backend, str(args.model), progress=False, **threads), config=TOYWORLD_PRESET,
                     max_batch=args.max_batch)
     args.out.mkdir(parents=True, exist_ok=True)  # after the model loaded: a bad --model leaves nothing
+    if args.stage is not None:
+        return _stage(args, pipe, data)
     if args.pilot is not None:
         res = _Results(args.out / "pilot.json", data, 1)
         prompts, seeds = heldout_prompts(), eval_seeds
