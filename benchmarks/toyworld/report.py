@@ -109,6 +109,18 @@ class Clusters:
         means = self.w @ np.asarray(values, np.float64)
         return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
+    def ratio(self, num, den) -> dict:
+        """sum(num) / sum(den) (e.g. named wrong values over all wrong values) with its 95% interval
+        and its bootstrap standard error."""
+        num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+        if den.sum() == 0:
+            return {"share": None, "ci95": None, "se": None}
+        wd = self.w @ den
+        reps = (self.w @ num)[wd > 0] / wd[wd > 0]
+        return {"share": float(num.sum() / den.sum()), "ci95": [float(np.percentile(reps, 2.5)),
+                                                                 float(np.percentile(reps, 97.5))],
+                "se": float(reps.std(ddof=1))}
+
     def describe(self) -> str:
         return (f"two-way cluster bootstrap over {self.prompts} prompts and {self.seeds} seeds "
                 f"({len(self.w)} replicates)")
@@ -121,6 +133,19 @@ def rates(records: list[dict], clusters: Clusters) -> dict:
         v = [f(r) for r in records]
         out[name] = float(np.mean(v))
         out[name + "_ci95"] = clusters.ci(v)
+    return out
+
+
+def named_share(records: list[dict], clusters: Clusters) -> dict:
+    """Of the wrong attribute values of present entities (records' 'wrong': (attribute, named)), the
+    share that is another named entity's, against the prompt-blind share (E - 1 of an attribute's 4
+    wrong values are named), with a clustered standard error and z."""
+    named = [sum(1 for _, n in r["wrong"] if n) for r in records]
+    wrong = [len(r["wrong"]) for r in records]
+    out = clusters.ratio(named, wrong)
+    out["chance"] = (records[0]["named"] - 1) / 4 if records else None
+    out["n"] = int(sum(wrong))
+    out["z"] = (out["share"] - out["chance"]) / out["se"] if out["share"] is not None and out["se"] else None
     return out
 
 
@@ -148,5 +173,6 @@ def full(van: list[dict], dl: list[dict], outcomes: dict) -> dict:
     cl = Clusters(van)
     return {"intervals": cl.describe(), "pairs": len(van), "prompts": cl.prompts, "seeds": cl.seeds,
             "vanilla": rates(van, cl), "deleaker": rates(dl, cl), "change": paired(van, dl, cl),
+            "named_share": {"vanilla": named_share(van, cl), "deleaker": named_share(dl, cl)},
             "transitions": transitions(van, dl), "outcomes": outcomes,
             "outcome_names": list(OUTCOMES)}

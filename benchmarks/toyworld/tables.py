@@ -80,6 +80,35 @@ def sweep(res: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+FULL_ROWS = (("leak", "leak rate"), ("clean", "clean (every entity present, every attribute right)"),
+             ("all_present", "all entities present"), ("mixing", "an object mixing two entities' values"),
+             ("fidelity_colour", "colour fidelity"), ("fidelity_texture", "texture fidelity"),
+             ("fidelity_shape", "shape fidelity"), ("all_right", "every attribute right (best-matched objects)"))
+
+
+def full_report(ev: dict, title: str) -> str:
+    """The full held-out report (report.full): both arms and the paired change with 95% intervals,
+    the transition table, the paper's outcomes among leaking vanilla images."""
+    rep = ev["report"]
+    v, d, c = rep["vanilla"], rep["deleaker"], rep["change"]
+    rows = [f"| {title} ({rep['pairs']}: {rep['prompts']} prompts x {rep['seeds']} seeds) | vanilla | DeLeaker | "
+            "change |", "|---|---|---|---|"]
+    for k, label in FULL_ROWS:
+        lo, hi = c[k]["ci95"]
+        rows.append(f"| {label} | {_ci(v, k)} | {_ci(d, k)} | {c[k]['change']:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+    for arm in ("vanilla", "deleaker"):
+        ns = rep["named_share"][arm]
+        if ns["share"] is not None and ns["chance"]:
+            lo, hi = ns["ci95"]
+            rows.append(f"| {arm}: wrong values from another named entity (prompt-blind {100 * ns['chance']:.0f}%) "
+                        f"| {100 * ns['share']:.1f}% of {ns['n']} [{100 * lo:.1f}, {100 * hi:.1f}], clustered z "
+                        f"{ns['z']:+.1f} | | |")
+    tags = list(rep["transitions"])
+    rows += ["", "| vanilla \\ DeLeaker | " + " | ".join(tags) + " |", "|---|" + "---|" * len(tags)]
+    rows += [f"| {t} | " + " | ".join(str(rep["transitions"][t][u]) for u in tags) + " |" for t in tags]
+    return "\n".join(rows) + f"\n\nIntervals: {rep['intervals']}.\n"
+
+
 def ablation(res: dict) -> str:
     ab = res["ablation"]
     rows = [f"| rules (first {ab['pairs']} held-out pairs) | leak reduction [95% CI] | presence change |", "|---|---|---|",
@@ -137,6 +166,14 @@ def main(argv=None) -> int:
         print(slim_text(slim_vs_evaluator(argv[1], json.loads(open(argv[2]).read()))))
         return 0
     res = json.loads(open(argv[0]).read())
+    if "stage" in res:  # evaluate --stage: one held-out set
+        ev = res[res["stage"]]
+        print(full_report(ev, res["stage"]))
+        if ev["outcomes"]["leaking_vanilla"] or res["stage"] != "single":
+            print(comparison(ev, res["stage"]))
+        if "unchanged_images" in ev:
+            print(f"DeLeaker images equal to vanilla: {ev['unchanged_images']} of {ev['samples']}.")
+        return 0
     if "pilot" in res:
         print(comparison(res["pilot"], "pilot"))
         return 0

@@ -1,0 +1,113 @@
+"""Record short pilot runs of the training recipe and tabulate them (docs/toyworld.md, "v3 pilots").
+
+    python -m deleaker.benchmarks.toyworld.pilots record --model DIR --eval EVAL --name NAME --out docs/toyworld/v3-pilots
+    python -m deleaker.benchmarks.toyworld.pilots table docs/toyworld/v3-pilots
+
+`record` keeps what a pilot showed in one small JSON: the recipe (DIR-training/train_config.json),
+the transformer's step time (median of its loss CSV's per-step times), the wall time, and from
+`evaluate --stage single` (and, if run, `--stage heldout`) in EVAL the vanilla rates with their
+intervals, without per-image rows. `table` prints the markdown table of every recorded pilot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+# recipe fields a pilot table shows (the rest are in each JSON)
+SHOWN = ("steps", "heads", "num_layers", "num_single_layers", "batch", "vae_channels", "single", "anchored", "shared")
+
+
+def step_seconds(curves: Path) -> float:
+    """Median seconds per transformer step from the loss CSV's cumulative 'seconds' column."""
+    t = np.array([float(r["seconds"]) for r in csv.DictReader(open(curves / "transformer_loss.csv"))])
+    return float(np.median(np.diff(t))) if len(t) > 1 else float("nan")
+
+
+def _vanilla(stage: dict) -> dict:
+    rep = stage["report"]
+    keep = ("leak", "clean", "all_present", "mixing", "fidelity_colour", "fidelity_texture", "fidelity_shape",
+            "all_right")
+    out = {"samples": rep["pairs"], "intervals": rep["intervals"],
+           **{k: rep["vanilla"][k] for k in keep}, **{k + "_ci95": rep["vanilla"][k + "_ci95"] for k in keep}}
+    ns = stage["vanilla"]["named_share"]["all"]
+    if ns["n"]:
+        out["named_share"] = ns  # wrong values that are the other entity's, vs the prompt-blind share
+    return out
+
+
+def record(model: Path, evaluated: Path, name: str, out: Path, note: str = "") -> Path:
+    curves = model.parent / f"{model.name}-training"
+    cfg = json.loads((curves / "train_config.json").read_text())
+    row = {"name": name, "note": note, "recipe": cfg, "step_seconds": step_seconds(curves),
+           "wall_seconds": cfg.get("wall_seconds")}
+    for stage in ("single", "heldout"):
+        f = evaluated / f"{stage}-torch.json"
+        if f.exists():
+            res = json.loads(f.read_text())
+            row[stage] = {"command": res["command"], **_vanilla(res[stage])}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(row, indent=1) + "\n")
+    return path
+
+
+def _ci(d: dict, k: str) -> str:
+    lo, hi = d[k + "_ci95"]
+    return f"{d[k]:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def table(folder: Path) -> str:
+    rows = ["| pilot | recipe | s/step | wall | one object: all right | colour | texture | shape | two objects: wrong "
+            "values from the other entity (chance 25%) |", "|---|---|---|---|---|---|---|---|---|"]
+    for f in sorted(folder.glob("*.json")):
+        p = json.loads(f.read_text())
+        r = p["recipe"]
+        recipe = ", ".join(f"{k} {r[k]}" for k in SHOWN if k in r)
+        s = p.get("single")
+        cells = [_ci(s, k) for k in ("all_right", "fidelity_colour", "fidelity_texture", "fidelity_shape")] if s \
+            else ["-"] * 4
+        h = p.get("heldout", {}).get("named_share")
+        two = f"{100 * h['share']:.1f}% of {h['n']} (z {h['z']:+.1f})" if h else "-"
+        rows.append(f"| {p['name']} | {recipe} | {p['step_seconds']:.2f} | {p['wall_seconds'] / 60:.0f} min | "
+                    + " | ".join(cells) + f" | {two} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deleaker.benchmarks.toyworld.pilots", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rec = sub.add_parser("record")
+    rec.add_argument("--model", type=Path, required=True)
+    rec.add_argument("--eval", type=Path, required=True, help="the --out of evaluate --stage single/heldout")
+    rec.add_argument("--name", required=True)
+    rec.add_argument("--note", default="")
+    rec.add_argument("--out", type=Path, required=True)
+    tab = sub.add_parser("table")
+    tab.add_argument("folder", type=Path)
+    args = ap.parse_args(argv)
+    from deleaker.runtime.errors import run_reporting_errors
+
+    def go() -> int:
+        if args.cmd == "record":
+            if not (args.model.parent / f"{args.model.name}-training" / "train_config.json").is_file():
+                raise ValueError(f"--model {args.model}: no finished training run beside it ({args.model.name}-training/"
+                                 "train_config.json)")
+            if not (args.eval / "single-torch.json").is_file():
+                raise ValueError(f"--eval {args.eval}: no single-torch.json (run evaluate --stage single --out EVAL)")
+            print(record(args.model, args.eval, args.name, args.out, args.note))
+        else:
+            if not args.folder.is_dir():
+                raise ValueError(f"{args.folder} is not a folder of recorded pilots")
+            print(table(args.folder))
+        return 0
+
+    return run_reporting_errors(ap.prog, go)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
