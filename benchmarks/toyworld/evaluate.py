@@ -400,8 +400,15 @@ def compare(van, dl, config: DeLeakerConfig, chance: float) -> dict:
                            for a, b in zip(van, dl)]}
 
 
+def own_seeds(n_prompts: int, seeds) -> list[list[int]]:
+    """Every (prompt, image) pair its own noise seed: prompt i's j-th image gets seed
+    seeds[0] + i * len(seeds) + j (the same count of images per prompt as `seeds`, no seed shared
+    between prompts)."""
+    return [[seeds[0] + i * len(seeds) + j for j in range(len(seeds))] for i in range(n_prompts)]
+
+
 def heldout(pipe, config: DeLeakerConfig, prompts=None, seeds=EVAL_SEEDS, label: str = "held-out pairs",
-            limit: int | None = None):
+            limit: int | None = None, own: bool = False):
     """Vanilla and `config` on held-out prompts (default: the held-out pairs) and seeds: summary
     dict, both record lists. limit: only the first `limit` (prompt, seed) samples, in the order
     prompt-major (each prompt's seeds together), so the prompts covered are the first ones."""
@@ -409,9 +416,15 @@ def heldout(pipe, config: DeLeakerConfig, prompts=None, seeds=EVAL_SEEDS, label:
     if limit is not None:
         prompts = prompts[:-(-limit // len(seeds))]  # the prompts the first `limit` samples use
     chance = (len(prompts[0]) - 1) / 4  # of the 4 wrong values of an attribute, E-1 are named
-    van = run(pipe, requests(prompts, seeds, None)[:limit], f"{label}, vanilla")
-    dl = run(pipe, requests(prompts, seeds, config)[:limit], f"{label}, DeLeaker")
-    res = {"prompts": [world.caption_for(p) for p in prompts], "seeds": list(seeds), "samples": len(van),
+    per_prompt = own_seeds(len(prompts), list(seeds)) if own else [list(seeds)] * len(prompts)
+
+    def reqs(cfg):
+        return [q for p, ss in zip(prompts, per_prompt) for q in requests([p], ss, cfg)][:limit]
+
+    van = run(pipe, reqs(None), f"{label}, vanilla")
+    dl = run(pipe, reqs(config), f"{label}, DeLeaker")
+    res = {"prompts": [world.caption_for(p) for p in prompts], "seeds": list(seeds), "own_seeds": own,
+           "samples": len(van),
            **compare(van, dl, config, chance)}
     return res, van, dl
 
@@ -472,8 +485,8 @@ def check_options(args) -> None:
         from deleaker.runtime.config import preset
 
         preset(args.preset or PRESET_NAME)  # an unknown name: one line naming the known presets
-    elif args.seeds is not None or args.preset is not None:
-        raise ValueError("--seeds and --preset go with --stage")
+    elif args.seeds is not None or args.preset is not None or args.own_seeds:
+        raise ValueError("--seeds, --own-seeds and --preset go with --stage")
     if args.limit is not None:
         if args.stage is None and (args.backend == "torch" or args.pilot is not None):
             raise ValueError("--limit applies to --stage or a backend other than torch (the held-out pairs with the preset)")
@@ -516,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default=None, metavar="A-B|A,B,..",
                     help="with --stage: the image seeds of every prompt (default: "
                     + ", ".join(f"{k} {n} from --heldout-seeds" for k, (_, n) in STAGES.items()) + ")")
+    ap.add_argument("--own-seeds", action="store_true",
+                    help="with --stage: every (prompt, image) pair its own noise seed (prompt i's j-th image: "
+                    "first seed + i x n + j, n = the number of --seeds) instead of every prompt at the same seeds")
     ap.add_argument("--write-slim", type=Path, default=None, metavar="FILE",
                     help="only write the held-out prompts as SLIM-format jsonl (for `deleaker eval`; image seed: the first "
                     "held-out seed, --heldout-seeds) and exit")
@@ -567,9 +583,14 @@ def stage_seeds(args) -> list[int]:
             raise ValueError(f"--seeds takes A-B or A,B,... (integers), got {args.seeds!r}") from None
         if not seeds or len(set(seeds)) != len(seeds):
             raise ValueError(f"--seeds must name distinct seeds, got {args.seeds!r}")
-    if min(seeds) < 0 or max(seeds) >= SWEEP_SEEDS.start:
+    last = max(seeds)
+    if args.own_seeds:
+        if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+            raise ValueError(f"--own-seeds takes a range --seeds A-B (its first seed and count), got {args.seeds!r}")
+        last = seeds[0] + len(STAGES[args.stage][0]()) * len(seeds) - 1
+    if min(seeds) < 0 or last >= SWEEP_SEEDS.start:
         raise ValueError(f"held-out seeds are 0..{SWEEP_SEEDS.start - 1} (the sweep's start at {SWEEP_SEEDS.start}), "
-                         f"got {min(seeds)}..{max(seeds)}")
+                         f"got {min(seeds)}..{last}")
     return seeds
 
 
@@ -582,7 +603,7 @@ def _stage(args, pipe, data: dict) -> int:
     seeds = stage_seeds(args)
     data.update(stage=args.stage, preset=args.preset or PRESET_NAME)
     res = _Results(args.out / f"{args.stage}-{args.backend}.json", data, 1)
-    ev, van, dl = heldout(pipe, cfg, make(), seeds, args.stage, args.limit)
+    ev, van, dl = heldout(pipe, cfg, make(), seeds, args.stage, args.limit, args.own_seeds)
     if args.stage == "single":  # one entity is plain attention: DeLeaker must not change a pixel
         ev["unchanged_images"] = sum(bool(np.array_equal(a["image"], b["image"])) for a, b in zip(van, dl))
     data[args.stage] = ev

@@ -2,11 +2,15 @@
 
     python -m deleaker.benchmarks.toyworld.pilots record --model DIR --eval EVAL --name NAME --out docs/toyworld/v3-pilots
     python -m deleaker.benchmarks.toyworld.pilots table docs/toyworld/v3-pilots
+    python -m deleaker.benchmarks.toyworld.pilots raw --model DIR --out DIR2
 
 `record` keeps what a pilot showed in one small JSON: the recipe (DIR-training/train_config.json),
 the transformer's step time (median of its loss CSV's per-step times), the wall time, and from
 `evaluate --stage single` (and, if run, `--stage heldout`) in EVAL the vanilla rates with their
-intervals, without per-image rows. `table` prints the markdown table of every recorded pilot.
+intervals, without per-image rows. `table` prints the markdown table of every recorded pilot. `raw` writes a copy of DIR whose
+transformer holds the raw (not averaged) weights of its last checkpoint (DIR-training/state.pt):
+in a pilot shorter than the EMA's horizon (1 / (1 - decay) steps) the EMA still carries the
+first steps' weights.
 """
 
 from __future__ import annotations
@@ -56,6 +60,24 @@ def record(model: Path, evaluated: Path, name: str, out: Path, note: str = "") -
     return path
 
 
+def raw_weights(model: Path, out: Path) -> Path:
+    """A copy of `model` with the raw weights of its last checkpoint as its transformer."""
+    import shutil
+
+    import torch
+
+    from .train import STATE_FILE, make_transformer, TrainConfig
+
+    state = torch.load(model.parent / f"{model.name}-training" / STATE_FILE, weights_only=False)
+    shutil.copytree(model, out, dirs_exist_ok=True)
+    c = json.loads((model.parent / f"{model.name}-training" / "run.json").read_text())["config"]
+    cfg = TrainConfig(**{**c, "vae_channels": tuple(c["vae_channels"]), "axes_dims_rope": tuple(c["axes_dims_rope"])})
+    tr = make_transformer(cfg)
+    tr.load_state_dict(state["model"])
+    tr.save_pretrained(out / "transformer")
+    return out
+
+
 def _ci(d: dict, k: str) -> str:
     lo, hi = d[k + "_ci95"]
     return f"{d[k]:.2f} [{lo:.2f}, {hi:.2f}]"
@@ -87,12 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--name", required=True)
     rec.add_argument("--note", default="")
     rec.add_argument("--out", type=Path, required=True)
+    raw = sub.add_parser("raw")
+    raw.add_argument("--model", type=Path, required=True)
+    raw.add_argument("--out", type=Path, required=True)
     tab = sub.add_parser("table")
     tab.add_argument("folder", type=Path)
     args = ap.parse_args(argv)
     from deleaker.runtime.errors import run_reporting_errors
 
     def go() -> int:
+        if args.cmd == "raw":
+            print(raw_weights(args.model, args.out))
+            return 0
         if args.cmd == "record":
             if not (args.model.parent / f"{args.model.name}-training" / "train_config.json").is_file():
                 raise ValueError(f"--model {args.model}: no finished training run beside it ({args.model.name}-training/"

@@ -157,8 +157,43 @@ def slim_text(c: dict) -> str:
             + ", ".join(f"{k} {100 * v:.1f}%" for k, v in o.items() if v is not None) + ".")
 
 
+def clustered(res: dict, key: str = "heldout") -> str:
+    """A recorded run's held-out flags (per_sample) with two-way cluster bootstrap intervals over
+    prompts and seeds (report.Clusters), next to the recorded intervals (which resampled the pairs
+    as if independent)."""
+    from .report import Clusters
+
+    ev = res[key]
+    ps = ev["per_sample"]
+    cl = Clusters(ps)
+    rows = [f"| {key}, {len(ps)} pairs ({cl.prompts} prompts x {cl.seeds} seeds) | rate | recorded 95% CI | "
+            "clustered 95% CI |", "|---|---|---|---|"]
+
+    def row(label, vals, recorded):
+        lo, hi = cl.ci(vals)
+        rec = f"[{recorded[0]:+.3f}, {recorded[1]:+.3f}]" if recorded else "-"
+        rows.append(f"| {label} | {sum(vals) / len(vals):+.3f} | {rec} | [{lo:+.3f}, {hi:+.3f}] |")
+
+    for arm in ("vanilla", "deleaker"):
+        for k in ("leak", "all_present"):
+            row(f"{arm} {k}", [float(r[f"{arm}_{k}"]) for r in ps], ev[arm].get(k + "_ci95"))
+    row("leak reduction", [float(r["vanilla_leak"]) - float(r["deleaker_leak"]) for r in ps], ev["leak_reduction_ci95"])
+    row("presence change", [float(r["deleaker_all_present"]) - float(r["vanilla_all_present"]) for r in ps],
+        ev["presence_change_ci95"])
+    return "\n".join(rows) + "\n"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--clustered":
+        if len(argv) != 2:
+            print("usage: python -m deleaker.benchmarks.toyworld.tables --clustered RESULTS_JSON", file=sys.stderr)
+            return 2
+        res = json.loads(open(argv[1]).read())
+        for key in ("heldout", "heldout_triplets"):
+            if key in res:
+                print(clustered(res, key))
+        return 0
     if argv and argv[0] == "--slim":
         if len(argv) != 3:
             print("usage: python -m deleaker.benchmarks.toyworld.tables --slim RUN RESULTS_JSON", file=sys.stderr)
