@@ -437,6 +437,11 @@ def test_canvas_anchored_textures_and_the_single_object_share():
                 assert rows[ys % 4 < 2].mean() < rows[ys % 4 >= 2].mean()
     anchored = world.sample(7, 0.5, mix)  # the same scene, only the texture phase differs
     assert anchored.caption == plain.caption and anchored.layout == plain.layout
+    snapped = world.Mix(single=0.3, anchored=True, snap=4)  # whole 4 px tokens
+    for seed in range(300):
+        s = world.sample(seed, 0.5, snapped)
+        assert all(p.size == world.SNAPPED_SIZE and p.x0 % 4 == 0 == p.y0 % 4 for p in s.layout), seed
+        assert J.judge(s.image, s.entities)["all_recognised"], seed
 
 
 def test_report_scores_tags_and_clustered_intervals():
@@ -492,3 +497,20 @@ def test_evaluate_stage_bad_options(tmp_path, capsys, bad, msg):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_recorded_pilots_tabulate():
+    """docs/toyworld/v3-pilots: every recorded pilot has its recipe, step time and one-object rates,
+    and the docs table is what `pilots table` prints from them."""
+    import json
+    from pathlib import Path
+
+    from deleaker.benchmarks.toyworld import pilots
+
+    folder = Path(RESULTS).parent / "v3-pilots"
+    recs = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
+    assert recs and all(r["single"]["samples"] >= 125 and 0 <= r["single"]["all_right"] <= 1 for r in recs)
+    text = pilots.table(folder)
+    doc = (Path(RESULTS).parents[1] / "toyworld.md").read_text()
+    for line in text.splitlines():
+        assert line in doc, line

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 # recipe fields a pilot table shows (the rest are in each JSON)
-SHOWN = ("steps", "heads", "num_layers", "num_single_layers", "batch", "vae_channels", "single", "anchored", "shared")
+SHOWN = {"steps": "steps", "heads": "heads", "batch": "batch", "vae_channels": "VAE", "single": "single",
+         "anchored": "anchored", "snap": "snap"}
 
 
 def step_seconds(curves: Path) -> float:
@@ -84,18 +85,19 @@ def _ci(d: dict, k: str) -> str:
 
 
 def table(folder: Path) -> str:
-    rows = ["| pilot | recipe | s/step | wall | one object: all right | colour | texture | shape | two objects: wrong "
-            "values from the other entity (chance 25%) |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| pilot | recipe | threads | s/step | wall | one object: all right | colour | texture | shape | two "
+            "objects: wrong values from the other entity (chance 25%) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for f in sorted(folder.glob("*.json")):
         p = json.loads(f.read_text())
         r = p["recipe"]
-        recipe = ", ".join(f"{k} {r[k]}" for k in SHOWN if k in r)
+        recipe = ", ".join(f"{label} {r[k]}" for k, label in SHOWN.items() if k in r)
         s = p.get("single")
         cells = [_ci(s, k) for k in ("all_right", "fidelity_colour", "fidelity_texture", "fidelity_shape")] if s \
             else ["-"] * 4
         h = p.get("heldout", {}).get("named_share")
-        two = f"{100 * h['share']:.1f}% of {h['n']} (z {h['z']:+.1f})" if h else "-"
-        rows.append(f"| {p['name']} | {recipe} | {p['step_seconds']:.2f} | {p['wall_seconds'] / 60:.0f} min | "
+        two = f"{100 * h['share']:.1f}% of {h['n']} (z {h['z']:+.1f}, {p['heldout']['samples']} pairs)" if h else "-"
+        rows.append(f"| {p['name']} | {recipe} | {r.get('threads')} | {p['step_seconds']:.2f} | "
+                    f"{p['wall_seconds'] / 60:.0f} min | "
                     + " | ".join(cells) + f" | {two} |")
     return "\n".join(rows)
 

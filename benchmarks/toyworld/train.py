@@ -80,6 +80,7 @@ class TrainConfig:
     # share of one-object training scenes, textures anchored to the canvas (world.Mix)
     single: float = world.MIX.single
     anchored: bool = world.MIX.anchored
+    snap: int = world.MIX.snap
     steps: int = 15000
     batch: int = 16
     lr: float = 2e-3
@@ -91,7 +92,7 @@ class TrainConfig:
 
     @property
     def mix(self) -> world.Mix:
-        return world.Mix(single=self.single, anchored=self.anchored)
+        return world.Mix(single=self.single, anchored=self.anchored, snap=self.snap)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -489,7 +490,7 @@ def write_card(out: Path, cfg: TrainConfig) -> None:
         "about": "the toy world (docs/toyworld.md): coloured, textured shapes on a grey ground"})
 
 
-RECIPE_OPTIONS = ("seed", "steps", "vae_steps", "decoder_steps", "dataset", "shared", "single", "anchored",
+RECIPE_OPTIONS = ("seed", "steps", "vae_steps", "decoder_steps", "dataset", "shared", "single", "anchored", "snap",
                   "pooled_text", "vae_channels", "ema", "batch", "lr", "heads", "checkpoint_every", "reuse")
 
 
@@ -518,6 +519,8 @@ def check_options(args) -> None:
         raise ValueError(f"--vae-channels takes 1 or 2 levels of multiples of 8 channels, got {args.vae_channels}")
     if args.shared is not None and not 0.0 <= args.shared <= 1.0:
         raise ValueError(f"--shared is a probability in [0, 1], got {args.shared}")
+    if args.snap is not None and args.snap not in (2, 4):
+        raise ValueError(f"--snap takes 2 or 4 (px), got {args.snap}")
     if args.single is not None and not 0.0 <= args.single < 1.0:
         raise ValueError(f"--single is a share in [0, 1), got {args.single}")
     if args.resume is not None:
@@ -575,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of one-object training scenes (default: TrainConfig.single)")
     ap.add_argument("--anchored", action="store_true",
                     help="textures anchored to the canvas instead of a random phase per object (world.Mix)")
+    ap.add_argument("--snap", type=int, default=None, metavar="PX",
+                    help="objects of world.SNAPPED_SIZE px at positions on a PX grid (4: whole 4 px tokens; "
+                         "default: anywhere, world.Mix)")
     ap.add_argument("--pooled-text", action="store_true",
                     help="train the pooled-CLIP conditioning path too (default: zeroed and frozen)")
     ap.add_argument("--vae-channels", type=_channels, default=None, metavar="C[,C]",
@@ -595,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
 def _config(args) -> TrainConfig:
     given = {"steps": args.steps, "vae_steps": args.vae_steps, "decoder_steps": args.decoder_steps,
              "dataset": args.dataset, "heads": args.heads, "shared": args.shared, "single": args.single,
-             "anchored": args.anchored or None, "pooled_text": args.pooled_text or None, "ema": args.ema,
+             "anchored": args.anchored or None, "snap": args.snap, "pooled_text": args.pooled_text or None, "ema": args.ema,
              "batch": args.batch, "lr": args.lr, "checkpoint_every": args.checkpoint_every,
              "vae_channels": tuple(args.vae_channels) if args.vae_channels else None}
     return TrainConfig(seed=args.seed or 0, **{k: v for k, v in given.items() if v is not None})

@@ -49,6 +49,10 @@ class Mix:
 
     single: float = COUNT_PROBS[0]
     anchored: bool = False
+    # objects SNAP px wide at positions on a SNAP px grid (0 = anywhere, 10-14 / 9-11 px): with SNAP
+    # the token size (4 px through the factor-2 VAE), an object covers whole tokens and each shape
+    # is one fixed pattern of token contents
+    snap: int = 0
 
     @property
     def count_probs(self) -> tuple[float, float, float]:
@@ -171,14 +175,22 @@ def render_object(canvas: np.ndarray, thing: Thing, x0: int, y0: int, size: int,
     region[mask] = patch[mask].round().astype(np.uint8)
 
 
-def random_layout(rng: np.random.Generator, n: int, tries: int = 200) -> list[tuple[int, int, int]]:
-    """n non-overlapping (x0, y0, size) boxes inside the image (GAP pixels apart)."""
+SNAPPED_SIZE = 12  # px, the object size of a snapped layout (3 x 3 tokens of 4 px)
+
+
+def random_layout(rng: np.random.Generator, n: int, tries: int = 200, snap: int = 0) -> list[tuple[int, int, int]]:
+    """n non-overlapping (x0, y0, size) boxes inside the image (GAP pixels apart); snap > 0:
+    SNAPPED_SIZE px boxes at multiples of `snap` px."""
     lo, hi = (MIN_SIZE, MAX_SIZE) if n <= 2 else (MIN_SIZE_3, MAX_SIZE_3)
     for _ in range(tries):
         boxes = []
         for _ in range(n):
-            s = int(rng.integers(lo, hi + 1))
-            x0, y0 = (int(v) for v in rng.integers(1, IMAGE_SIZE - s, size=2))
+            if snap:
+                s = SNAPPED_SIZE
+                x0, y0 = (snap * int(v) for v in rng.integers(0, (IMAGE_SIZE - s) // snap + 1, size=2))
+            else:
+                s = int(rng.integers(lo, hi + 1))
+                x0, y0 = (int(v) for v in rng.integers(1, IMAGE_SIZE - s, size=2))
             if all(x0 + s + GAP <= bx or bx + bs + GAP <= x0 or y0 + s + GAP <= by or by + bs + GAP <= y0
                    for bx, by, bs in boxes):
                 boxes.append((x0, y0, s))
@@ -189,14 +201,15 @@ def random_layout(rng: np.random.Generator, n: int, tries: int = 200) -> list[tu
     raise RuntimeError(f"could not place {n} objects without overlap in {tries} tries")
 
 
-def render_scene(things, rng: np.random.Generator, anchored: bool = False) -> Sample:
+def render_scene(things, rng: np.random.Generator, anchored: bool = False, snap: int = 0) -> Sample:
     """Render the described objects (caption order) at a random layout; anchored: textures
     fixed to the canvas (Mix.anchored), else a random phase per object."""
     things = tuple(t if isinstance(t, Thing) else parse_phrase(t) for t in things)
     canvas = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     canvas[:] = BACKGROUND
     layout = []
-    for thing, (x0, y0, s) in zip(things, random_layout(rng, len(things))):
+    # a snapped layout has few places: three objects fit in about 1 random try in 100
+    for thing, (x0, y0, s) in zip(things, random_layout(rng, len(things), tries=5000 if snap else 200, snap=snap)):
         phase = int(rng.integers(0, TEXTURE_PERIOD))  # drawn either way: the rest of the scene is the same
         render_object(canvas, thing, x0, y0, s, phase=(y0, x0) if anchored else phase)
         layout.append(Placed(thing, x0, y0, s))
@@ -227,7 +240,7 @@ def sample(seed: int, shared: float = SHARED, mix: Mix = MIX) -> Sample:
     """One random training scene, a pure function of (seed, shared, mix)."""
     rng = np.random.default_rng(seed)
     n = int(rng.choice(COUNTS, p=mix.count_probs))
-    return render_scene(random_things(rng, n, shared), rng, mix.anchored)
+    return render_scene(random_things(rng, n, shared), rng, mix.anchored, mix.snap)
 
 
 def corpus(n: int = 3000, seed: int = 0) -> list[str]:
