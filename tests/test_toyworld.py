@@ -514,3 +514,19 @@ def test_recorded_pilots_tabulate():
     doc = (Path(RESULTS).parents[1] / "toyworld.md").read_text()
     for line in text.splitlines():
         assert line in doc, line
+
+
+def test_clean_rule_of_choice():
+    """--rule clean: the lowest leakage among settings that raise the clean rate and cost no
+    attribute more than 0.02 of fidelity; none qualifying chooses nothing."""
+    from deleaker.benchmarks.toyworld.evaluate import choose_clean
+
+    def setting(leak, clean, shape):
+        ch = {"clean": {"change": clean}, "fidelity_colour": {"change": 0.0}, "fidelity_texture": {"change": 0.01},
+              "fidelity_shape": {"change": shape}}
+        return {"leak": leak, "change": ch}
+
+    sweep = {"a": setting(0.10, 0.02, -0.05), "b": setting(0.20, 0.01, -0.01), "c": setting(0.15, 0.00, 0.0),
+             "d": setting(0.25, 0.05, 0.0)}
+    assert choose_clean(sweep) == "b"  # a costs shape, c does not raise clean
+    assert choose_clean({"a": sweep["a"], "c": sweep["c"]}) is None

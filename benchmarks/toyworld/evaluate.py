@@ -376,6 +376,26 @@ def choose(sweep: dict) -> str:
     return max(sweep, key=lambda k: sweep[k]["all_present"] - sweep[k]["leak"])
 
 
+FIDELITY_SLACK = 0.02  # the most an attribute's fidelity may fall (the issue's must-show)
+
+
+def choose_clean(sweep: dict) -> str | None:
+    """The v3 rule (fixed before any v3 sweep): among settings whose sweep shows the clean rate
+    rising (paired change > 0) and no attribute's fidelity falling by more than FIDELITY_SLACK
+    (point estimates of the paired changes, report.paired), the one with the lowest leakage (ties:
+    the higher clean rate); None when no setting qualifies (then no preset is chosen)."""
+    def ok(v):
+        c = v["change"]
+        return c["clean"]["change"] > 0 and all(c[f"fidelity_{a}"]["change"] >= -FIDELITY_SLACK
+                                                for a in world.ATTRIBUTES)
+
+    good = [k for k, v in sweep.items() if ok(v)]
+    return min(good, key=lambda k: (sweep[k]["leak"], -sweep[k]["change"]["clean"]["change"])) if good else None
+
+
+RULES_OF_CHOICE = ("presence", "clean")  # evaluate --rule: choose, choose_clean
+
+
 def presence_change(van, dl) -> dict:
     """Paired change of the all-entities-present flag (DeLeaker - vanilla, same (prompt, seed)
     list): its mean and bootstrap 95% interval."""
@@ -529,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default=None, metavar="A-B|A,B,..",
                     help="with --stage: the image seeds of every prompt (default: "
                     + ", ".join(f"{k} {n} from --heldout-seeds" for k, (_, n) in STAGES.items()) + ")")
+    ap.add_argument("--rule", choices=RULES_OF_CHOICE, default="presence",
+                    help="the sweep's rule of choice: presence = the lowest leakage whose presence stays within "
+                    f"{PRESENCE_SLACK} of vanilla's at 95%% (the shipped model's); clean = the lowest leakage whose "
+                    f"clean rate rises and no attribute's fidelity falls by more than {FIDELITY_SLACK}")
     ap.add_argument("--own-seeds", action="store_true",
                     help="with --stage: every (prompt, image) pair its own noise seed (prompt i's j-th image: "
                     "first seed + i x n + j, n = the number of --seeds) instead of every prompt at the same seeds")
@@ -682,12 +706,18 @@ def _evaluate(args, argv) -> int:
     sweep = {"vanilla": summary(van)}
     for name, cfg in SWEEP.items():
         dl = run(pipe, requests(sp, sweep_seeds, cfg), f"sweep {name}")
-        sweep[name] = {**summary(dl), "config": asdict(cfg), **presence_change(van, dl)}
+        sweep[name] = {**summary(dl), "config": asdict(cfg), **presence_change(van, dl),
+                       "change": R.paired(van, dl, R.Clusters(van))}
         log.info("  %s: %s, presence change %+.3f %s", name,
                  {k: round(sweep[name][k], 3) for k in ("leak", "all_present", "all_recognised")},
                  sweep[name]["presence_change"], [round(x, 3) for x in sweep[name]["presence_change_ci95"]])
-    best = choose({k: v for k, v in sweep.items() if k != "vanilla"})
-    data["sweep"], data["chosen"] = sweep, best
+    candidates = {k: v for k, v in sweep.items() if k != "vanilla"}
+    best = choose(candidates) if args.rule == "presence" else choose_clean(candidates)
+    data["sweep"], data["chosen"], data["rule"] = sweep, best, args.rule
+    if best is None:
+        res.stage("sweep: no setting raises the clean rate without costing fidelity (rule 'clean'); stopping")
+        res.save()
+        return 0
     chosen_cfg = SWEEP[best]
     if chosen_cfg != TOYWORLD_PRESET:
         log.warning("the sweep chose %s, which differs from preset.TOYWORLD_PRESET: update the preset", best)
