@@ -39,9 +39,9 @@ def _vanilla(stage: dict) -> dict:
             "all_right")
     out = {"samples": rep["pairs"], "intervals": rep["intervals"],
            **{k: rep["vanilla"][k] for k in keep}, **{k + "_ci95": rep["vanilla"][k + "_ci95"] for k in keep}}
-    ns = stage["vanilla"]["named_share"]["all"]
-    if ns["n"]:
-        out["named_share"] = ns  # wrong values that are the other entity's, vs the prompt-blind share
+    ns = rep["named_share"]["vanilla"]
+    if ns["n"] and ns["chance"]:
+        out["named_share"] = ns  # wrong values that are the other entity's, vs the prompt-blind share (clustered z)
     return out
 
 
@@ -95,7 +95,8 @@ def table(folder: Path) -> str:
         cells = [_ci(s, k) for k in ("all_right", "fidelity_colour", "fidelity_texture", "fidelity_shape")] if s \
             else ["-"] * 4
         h = p.get("heldout", {}).get("named_share")
-        two = f"{100 * h['share']:.1f}% of {h['n']} (z {h['z']:+.1f}, {p['heldout']['samples']} pairs)" if h else "-"
+        two = (f"{100 * h['share']:.1f}% of {h['n']} (clustered z {h['z']:+.1f}; {p['heldout']['samples']} pairs, all "
+               f"present {p['heldout']['all_present']:.2f})" if h else "-")
         rows.append(f"| {p['name']} | {recipe} | {r.get('threads')} | {p['step_seconds']:.2f} | "
                     f"{p['wall_seconds'] / 60:.0f} min | "
                     + " | ".join(cells) + f" | {two} |")
