@@ -3,6 +3,7 @@
     python -m deleaker.benchmarks.toyworld.pilots record --model DIR --eval EVAL --name NAME --out docs/toyworld/v3-pilots
     python -m deleaker.benchmarks.toyworld.pilots table docs/toyworld/v3-pilots
     python -m deleaker.benchmarks.toyworld.pilots raw --model DIR --out DIR2
+    python -m deleaker.benchmarks.toyworld.pilots grid --model DIR --out grid.png [--colour red]
 
 `record` keeps what a pilot showed in one small JSON: the recipe (DIR-training/train_config.json),
 the transformer's step time (median of its loss CSV's per-step times), the wall time, and from
@@ -10,7 +11,9 @@ the transformer's step time (median of its loss CSV's per-step times), the wall 
 intervals, without per-image rows. `table` prints the markdown table of every recorded pilot. `raw` writes a copy of DIR whose
 transformer holds the raw (not averaged) weights of its last checkpoint (DIR-training/state.pt):
 in a pilot shorter than the EMA's horizon (1 / (1 - decay) steps) the EMA still carries the
-first steps' weights.
+first steps' weights. `grid` draws one colour's 25 one-object prompts (rows: textures, columns:
+shapes) at image seeds 0 and 1 side by side, upscaled 4x, vanilla: whether the shape word or the
+noise seed chooses the outline shows as columns that differ or rows of equal outlines.
 """
 
 from __future__ import annotations
@@ -79,6 +82,39 @@ def raw_weights(model: Path, out: Path) -> Path:
     return out
 
 
+def grid(model: Path, out: Path, colour: str = "red", scale: int = 4) -> Path:
+    from PIL import Image, ImageDraw
+
+    from deleaker.runtime.backends import load_backend
+    from deleaker.runtime.pipeline import GenerateRequest, Pipeline
+
+    from . import world
+    from .preset import SIZE, STEPS
+
+    if colour not in world.COLOURS:
+        raise ValueError(f"unknown colour {colour!r}; known: {', '.join(world.COLOURS)}")
+    things = [world.Thing(colour, t, sh) for t in world.TEXTURES for sh in world.SHAPES]
+    reqs = [GenerateRequest(prompt=world.caption_for([t]), entities=(t.phrase,), seed=seed, steps=STEPS, height=SIZE,
+                            width=SIZE, deleaker=False) for t in things for seed in (0, 1)]
+    images = [r.image for r in Pipeline(load_backend("torch", str(model), progress=False), max_batch=50).generate(reqs)]
+    cell, pad, head = SIZE * scale, 4, 14
+    cols, rows = len(world.SHAPES), len(world.TEXTURES)
+    W, H = 70 + cols * (2 * cell + 3 * pad), head + rows * (cell + pad)
+    im = Image.new("RGB", (W, H), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    for c, sh in enumerate(world.SHAPES):
+        d.text((70 + c * (2 * cell + 3 * pad), 1), f"{sh} (seeds 0, 1)", fill=(0, 0, 0))
+    for r, tex in enumerate(world.TEXTURES):
+        d.text((2, head + r * (cell + pad) + cell // 2), tex, fill=(0, 0, 0))
+        for c in range(cols):
+            for k in range(2):
+                x = 70 + c * (2 * cell + 3 * pad) + k * (cell + pad)
+                img = images[2 * (r * cols + c) + k]
+                im.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (x, head + r * (cell + pad)))
+    im.save(out)
+    return out
+
+
 def _ci(d: dict, k: str) -> str:
     lo, hi = d[k + "_ci95"]
     return f"{d[k]:.2f} [{lo:.2f}, {hi:.2f}]"
@@ -115,12 +151,22 @@ def main(argv: list[str] | None = None) -> int:
     raw = sub.add_parser("raw")
     raw.add_argument("--model", type=Path, required=True)
     raw.add_argument("--out", type=Path, required=True)
+    gr = sub.add_parser("grid")
+    gr.add_argument("--model", type=Path, required=True)
+    gr.add_argument("--out", type=Path, required=True)
+    gr.add_argument("--colour", default="red")
     tab = sub.add_parser("table")
     tab.add_argument("folder", type=Path)
     args = ap.parse_args(argv)
     from deleaker.runtime.errors import run_reporting_errors
 
     def go() -> int:
+        if args.cmd == "grid":
+            import torch
+
+            torch.set_num_threads(1)
+            print(grid(args.model, args.out, args.colour))
+            return 0
         if args.cmd == "raw":
             print(raw_weights(args.model, args.out))
             return 0
