@@ -15,6 +15,13 @@ Every image goes through the runtime: Pipeline + the torch backend (`--backend o
 with an exported artifact: step 3's pairs only, or the first --limit of them, into
 results-onnxruntime.json, with the share of samples whose flags equal the torch run's). `--pilot N`
 runs only N held-out pairs with one setting, for choosing a world or recipe.
+
+    python -m deleaker.benchmarks.toyworld.evaluate --stage heldout --preset toyworld --seeds 0-9 --own-seeds --out OUT
+
+`--stage heldout|single|triples` runs one held-out set on its own (pairs, the 125 one-object
+prompts, triples), vanilla vs `--preset`, on any backend, with the full report of report.py (every
+interval a two-way cluster bootstrap over prompts and seeds), into OUT/STAGE-BACKEND.json.
+`--rule clean` makes the sweep choose by the v3 rule (choose_clean).
 """
 
 from __future__ import annotations
