@@ -3,7 +3,7 @@
 The transformer is traced with torch.onnx.export (dynamo) around `DeLeakerFlux`, with every
 joint attention the custom op torch.ops.deleaker.attention. A custom translation turns each
 such call into ONE node `deleaker::DeLeakerAttention` (op contract v2: the per-sample settings
-windows/knobs/rules are inputs, only block_offset/blocks_per_step are attributes, plus
+windows/knobs/rules are inputs, only block_offset/blocks_per_step/layout are attributes, plus
 plugin_namespace/plugin_version for TensorRT); the exporter would inline a local function, so
 the FunctionProto with the op's standard-ONNX body (export/onnx_op.py) is attached to the model
 afterwards. ONNX Runtime then runs the model with no plugin; TensorRT binds the plugin.
@@ -142,9 +142,14 @@ def translation_table() -> dict:
 
     def deleaker_attention(*args):
         # torch.ops.deleaker.attention(q, k, v, ent, hist, step, grid, windows, knobs, rules,
-        #                              block_offset, blocks_per_step): tensors first, then attributes
+        #                              block_offset, blocks_per_step, layout): tensors first, then attributes
+        # attributes at their default (layout text_image) may be left out of the traced call
         inputs, attrs = args[:n_inputs], args[n_inputs:]
-        values = dict(zip(op_schema.ATTRIBUTE_NAMES, attrs, strict=True))
+        if len(attrs) > len(op_schema.ATTRIBUTE_NAMES):
+            raise TypeError(f"{op_schema.OP_NAME}: {len(attrs)} attributes, the op has "
+                            f"{len(op_schema.ATTRIBUTE_NAMES)}")
+        given = dict(zip(op_schema.ATTRIBUTE_NAMES, attrs))
+        values = dict(zip(op_schema.ATTRIBUTE_NAMES, op_schema.attribute_values(given)))
         return node_op(*inputs, **values, plugin_namespace=op_schema.PLUGIN_NAMESPACE,
                        plugin_version=op_schema.PLUGIN_VERSION)
 

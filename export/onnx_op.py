@@ -10,8 +10,11 @@ One FunctionProto serves every node of a model, and one model serves every step 
 DeLeaker setting: the per-sample settings (windows, thresholds, alpha, rule switches) are the
 op's `windows` [B, 4], `knobs` [B, 3] and `rules` [B, 6] inputs, read column by column into [B]
 tensors and broadcast per sample. Only the structural attributes (block_offset,
-blocks_per_step) are node attributes; they enter the body through attribute references
-(Constant nodes with ref_attr_name). E (entity slots) is fixed at export, so the pair loop of
+blocks_per_step, layout) are node attributes; they enter the body through attribute references
+(Constant nodes with ref_attr_name). The layout (op_schema.LAYOUTS) is applied as a gather: the
+body reorders q, k, v into the canonical order (text, image, excluded) with positions computed
+from T, I = h * w and N at run time, computes there, and scatters the output rows back; for
+text_image the gather is the identity. E (entity slots) is fixed at export, so the pair loop of
 section 4.2 is unrolled over all slot pairs, and each pair is gated per sample on both slots
 being active and on that sample intervening at this tau: an inactive pair changes nothing,
 which is the same as iterating over the active slots only.
@@ -205,6 +208,31 @@ def _settings(b: _Body) -> dict[str, str]:
     return out
 
 
+def _canonical_order(b: _Body, layout: str, T: str, I: str, N: str) -> str:
+    """[N] int64: the model position of each canonical token (op_schema.canonical_order), for the
+    layout code `layout` (0-d) and the segment lengths T, I and X = N - T - I ([1] each).
+
+    Segment starts are a fixed linear function of the lengths per layout: start[seg] =
+    sum of the lengths of the segments before it, a 0/1 row per (layout, segment) in a constant."""
+    table = []  # [layouts, 3 segments, 3 lengths]
+    for lay in op_schema.LAYOUTS:
+        for seg in op_schema.CANONICAL:
+            before = lay[:lay.index(seg)] if seg in lay else lay
+            table += [int(other in before) for other in op_schema.SEGMENTS]
+    coef = b.op("Constant", value=helper.make_tensor(b.fresh("layouts"), TensorProto.INT64,
+                                                     [len(op_schema.LAYOUTS), 3, 3], table))
+    X = b.op("Sub", N, b.op("Add", T, I))  # [1]
+    lengths = b.op("Concat", T, I, X, axis=0)  # [3] in SEGMENTS order
+    # [3]: the start of each canonical segment in the model's order
+    starts = b.sum(b.op("Mul", b.op("Gather", coef, layout, axis=0), lengths), [1], keepdims=0)
+    parts = []
+    for j, seg in enumerate(op_schema.CANONICAL):
+        start = b.gather(starts, j, axis=0)  # 0-d
+        length = b.op("Squeeze", {"text": T, "image": I, "excluded": X}[seg], b.i64([0]))
+        parts.append(b.op("Range", start, b.op("Add", start, length), b.i64(1)))
+    return b.op("Concat", *parts, axis=0)
+
+
 def make_function(num_slots: int, opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     """The DeLeakerAttention FunctionProto for models with `num_slots` entity slots (E)."""
     if num_slots < 1:
@@ -222,6 +250,9 @@ def make_function(num_slots: int, opset: int = DEFAULT_OPSET) -> onnx.FunctionPr
     T = b.op("Shape", ent, start=2, end=3)  # [1]
     N = b.op("Shape", q, start=2, end=3)  # [1]
     D = b.fl(b.op("Shape", q, start=3, end=4))  # [1]
+    I = b.op("ReduceProd", grid, b.i64([0]), keepdims=1)  # [1] = h * w
+    order = _canonical_order(b, a["layout"], T, I, N)  # [N]: model position of each canonical token
+    q, k, v = (b.op("Gather", x, order, axis=2) for x in (q, k, v))  # canonical order from here on
     tau = b.op("Add", b.op("Mul", step, a["blocks_per_step"]), a["block_offset"])  # 0-d int64
     a0, a1 = st["start_aggregating_from"], st["stop_aggregating_at"]  # [B] int64
     started = b.op("Not", b.op("Less", tau, a0))  # tau >= a0, [B]
@@ -239,7 +270,8 @@ def make_function(num_slots: int, opset: int = DEFAULT_OPSET) -> onnx.FunctionPr
     active = b.op("Greater", b.op("Squeeze", ntok, b.i64([2])), b.f32(0.0))  # [B, E] bool
 
     # ---- p_e[i] = mean_k mean_{t in t(e)} P_k[T+i, t]; history update (section 3) ------
-    img_text = b.op("Slice", P, b.op("Concat", T, b.i64([0]), axis=0), b.op("Concat", N, T, axis=0),
+    TI = b.op("Add", T, I)  # [1] end of the image rows
+    img_text = b.op("Slice", P, b.op("Concat", T, b.i64([0]), axis=0), b.op("Concat", TI, T, axis=0),
                     b.i64([2, 3]))  # [B, H, I, T]
     per_tok = b.mean(img_text, [1], keepdims=0)  # [B, I, T]
     p = b.op("Div", b.op("MatMul", tokset, b.op("Transpose", per_tok, perm=[0, 2, 1])),
@@ -264,8 +296,10 @@ def make_function(num_slots: int, opset: int = DEFAULT_OPSET) -> onnx.FunctionPr
     # widen to the joint sequence: image rows of each mask, entity token columns, first tokens [B,E,N]
     zeros_t = b.op("Expand", b.f32(0.0), b.op("Concat", b.op("Shape", ent, end=2), T, axis=0))  # [B, E, T]
     zeros_i = b.op("Mul", masks, b.f32(0.0))  # [B, E, I]
-    rows = b.op("Cast", b.op("Concat", zeros_t, masks, axis=2), to=TensorProto.BOOL)
-    cols = b.op("Cast", b.op("Concat", tokset, zeros_i, axis=2), to=TensorProto.BOOL)
+    X = b.op("Sub", N, TI)  # [1] excluded tokens, after the image in canonical order
+    zeros_x = b.op("Expand", b.f32(0.0), b.op("Concat", b.op("Shape", ent, end=2), X, axis=0))  # [B, E, X]
+    rows = b.op("Cast", b.op("Concat", zeros_t, masks, zeros_x, axis=2), to=TensorProto.BOOL)
+    cols = b.op("Cast", b.op("Concat", tokset, zeros_i, zeros_x, axis=2), to=TensorProto.BOOL)
     first = b.op("ArgMax", tokset, axis=2, keepdims=1, select_last_index=0)  # [B, E, 1]
     pos = b.op("Range", b.i64(0), b.op("Squeeze", N, b.i64([0])), b.i64(1))  # [N]
     firsts = b.op("Equal", pos, first)  # [B, E, N] one-hot of each slot's first token
@@ -290,19 +324,26 @@ def make_function(num_slots: int, opset: int = DEFAULT_OPSET) -> onnx.FunctionPr
 
     # ---- output (section 4.3) -------------------------------------------------------------
     out_name, hist_name = (t.name for t in op_schema.OUTPUTS)
-    b.nodes.append(helper.make_node("CastLike", [b.op("MatMul", P_final, vf), q], [out_name]))
+    canon = b.op("MatMul", P_final, vf)  # [B, H, N, D], canonical order
+    # rows back to the model's order: out[:, :, order[j]] = canon[:, :, j]
+    shape = b.op("Shape", canon)
+    index = b.op("Expand", b.unsq(order, [0, 1, 3]), shape)  # [B, H, N, D]
+    model_order = b.op("ScatterElements", b.op("Mul", canon, b.f32(0.0)), index, canon, axis=2)
+    b.nodes.append(helper.make_node("CastLike", [model_order, q], [out_name]))
     b.nodes.append(helper.make_node("Identity", [hist_out], [hist_name]))
 
     # Declared attributes: the op's, plus the plugin binding pair (with defaults) so nodes may
     # carry them; the body never reads those two.
     attr_protos = [helper.make_attribute(name, value) for name, value in
                    (("plugin_namespace", op_schema.PLUGIN_NAMESPACE),
-                    ("plugin_version", op_schema.PLUGIN_VERSION))]
+                    ("plugin_version", op_schema.PLUGIN_VERSION),
+                    *op_schema.ATTRIBUTE_DEFAULTS.items())]  # a node without `layout` means text_image
     return helper.make_function(
         op_schema.ONNX_DOMAIN, op_schema.OP_NAME,
         inputs=list(op_schema.INPUT_NAMES), outputs=[t.name for t in op_schema.OUTPUTS],
         nodes=b.nodes, opset_imports=[helper.make_opsetid("", opset)],
-        attributes=list(op_schema.ATTRIBUTE_NAMES), attribute_protos=attr_protos,
+        attributes=[n for n in op_schema.ATTRIBUTE_NAMES if n not in op_schema.ATTRIBUTE_DEFAULTS],
+        attribute_protos=attr_protos,
         doc_string=f"DeLeaker attention v{op_schema.ONNX_OPSET_VERSION} (semantics.md), standard ONNX ops, "
                    f"E={num_slots} slots, per-sample settings",
     )
@@ -316,15 +357,14 @@ def make_node(inputs: Sequence[str], outputs: Sequence[str], attrs: dict, name: 
     With plugin=True the node carries plugin_namespace/plugin_version so TensorRT binds it to
     the plugin; ONNX Runtime ignores them and runs the function body.
     """
-    missing = set(op_schema.ATTRIBUTE_NAMES) - set(attrs)
-    unknown = set(attrs) - set(op_schema.ATTRIBUTE_NAMES)
-    if missing or unknown:
-        raise ValueError(f"DeLeakerAttention attributes: missing {sorted(missing)}, unknown {sorted(unknown)} "
+    problem = op_schema.attribute_problem(attrs)
+    if problem:
+        raise ValueError(f"DeLeakerAttention {problem} "
                          f"(v{op_schema.ONNX_OPSET_VERSION}: DeLeaker settings are the windows/knobs/rules inputs)")
     if len(inputs) != len(op_schema.INPUTS) or len(outputs) != len(op_schema.OUTPUTS):
         raise ValueError(f"DeLeakerAttention takes {len(op_schema.INPUTS)} inputs ({', '.join(op_schema.INPUT_NAMES)}) "
                          f"and gives {len(op_schema.OUTPUTS)} outputs; got {len(inputs)} and {len(outputs)}")
-    values = {spec.name: int(attrs[spec.name]) for spec in op_schema.ATTRIBUTES}
+    values = dict(zip(op_schema.ATTRIBUTE_NAMES, op_schema.attribute_values(attrs)))
     if plugin:
         values["plugin_namespace"] = op_schema.PLUGIN_NAMESPACE
         values["plugin_version"] = op_schema.PLUGIN_VERSION

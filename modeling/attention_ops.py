@@ -2,7 +2,8 @@
 
 Every entry has the reference op's calling convention (op contract v2, runtime/op_schema.py):
     fn(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, attrs: dict) -> (out, history_out)
-with q, k, v [B, H, T+I, D] and attrs = {"block_offset", "blocks_per_step"}. Both call the one
+with q, k, v [B, H, N, D] and attrs = {"block_offset", "blocks_per_step", "layout"} (layout may be
+left out: text_image). Both call the one
 torch op torch.ops.deleaker.attention: "reference" as defined by modeling/reference_op.py (the
 oracle; its kernel serves every device until the fused library is loaded), "cuda" after loading
 the fused kernel library (plugins/, modeling/cuda_op.py), which becomes the op's CUDA kernel: from

@@ -441,9 +441,11 @@ def open_checkpoint(path: str | Path) -> FluxCheckpoint:
     entry = index.get("transformer")
     transformer_cls = entry[1] if _is_entry(entry) else None
     if not (isinstance(cls_name, str) and cls_name.startswith("Flux")) or transformer_cls != TRANSFORMER_CLASS:
+        from .families import family_note
+
         raise CheckpointError(f"not a FLUX checkpoint ({cls_name or 'no _class_name'} with transformer"
                               f" {transformer_cls or 'missing'}; need a Flux pipeline with"
-                              f" {TRANSFORMER_CLASS}): {root}")
+                              f" {TRANSFORMER_CLASS}; {family_note(transformer_cls)}): {root}")
     missing = [name for name in _REQUIRED if not _is_entry(index.get(name))]
     if missing:
         raise CheckpointError(f"model_index.json lacks FLUX component(s) {', '.join(missing)}: {root}")

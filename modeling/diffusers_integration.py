@@ -283,10 +283,25 @@ class Installation:
         return None if self._call is None or self._call.inputs is None else self._call.inputs.history
 
 
-def install(pipe, config: DeLeakerConfig | None = None, op: str | None = None) -> Installation:
-    """Install DeLeaker into a diffusers FluxPipeline. config: default settings (the flux-dev preset);
-    op: "reference" or "cuda" (default: the transformer's device decides)."""
-    return Installation(pipe, config, op)
+def install(pipe, config: DeLeakerConfig | None = None, op: str | None = None):
+    """Install DeLeaker into a diffusers pipeline of a supported family (modeling/families): a
+    FluxPipeline here, the other families through modeling/families/dropin.py. config: default
+    settings (the family's preset); op: "reference" or "cuda" (default: the transformer's device
+    decides for FLUX.1; the reference op for the other families, whose layouts the fused kernels
+    do not take). An unsupported transformer is refused in one line naming the families."""
+    from .families import UnsupportedModel, family_of
+    from .families.dropin import FamilyInstallation
+
+    transformer = getattr(pipe, "transformer", None)
+    try:
+        family = family_of(transformer)
+    except UnsupportedModel as e:
+        raise IntegrationError(f"{type(pipe).__name__}: {e}") from None
+    if family.name == "flux1":
+        return Installation(pipe, config, op)
+    if getattr(pipe, _ATTR, None) is not None:
+        raise IntegrationError("DeLeaker is already installed on this pipeline; remove(pipe) first")
+    return FamilyInstallation(pipe, family, config, op or "reference", IntegrationError, DeLeaker, KEY, _ATTR)
 
 
 def remove(pipe) -> None:

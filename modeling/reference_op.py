@@ -72,7 +72,8 @@ def smooth_masks(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def _cut_image_image(L: torch.Tensor, G: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                      beta2: float, T: int) -> None:
-    """Rule X for one ordered region rows x cols, in place on logits L [H, N, N]."""
+    """Rule X for one ordered region rows x cols, in place on logits L [H, N, N]; G [I, I]."""
+    I = G.shape[0]
     region = rows[:, None] & cols[None, :]  # [I, I]
     vals = G[region]
     vals = vals[vals != 0]
@@ -81,18 +82,19 @@ def _cut_image_image(L: torch.Tensor, G: torch.Tensor, rows: torch.Tensor, cols:
         return
     thr = vals.mean() + beta2 * vals.std(unbiased=True)
     cut = region & (G > thr)  # [I, I]
-    L[:, T:, T:].masked_fill_(cut, _NEG_INF)
+    L[:, T:T + I, T:T + I].masked_fill_(cut, _NEG_INF)
 
 
 def _intervene(L: torch.Tensor, P: torch.Tensor, masks: torch.Tensor, first_tokens: list[int],
                token_sets: list[torch.Tensor], T: int, settings: dict) -> torch.Tensor:
-    """Section 4.2: the pair loop on one sample. L, P [H, N, N]; masks [E_active, I]. Returns final P."""
+    """Section 4.2: the pair loop on one sample, canonical order. L, P [H, N, N]; masks [E_active, I].
+    Returns final P."""
     alpha = settings["k_strength"]
-    E = masks.shape[0]
+    E, I = masks.shape
     for e1 in range(E):
         for e2 in range(e1 + 1, E):
             r1, r2 = masks[e1], masks[e2]  # image rows in each mask, [I]
-            img = L[:, T:, :]  # view of image-query rows, [H, I, N]
+            img = L[:, T:T + I, :]  # view of image-query rows, [H, I, N]
             t1, t2 = token_sets[e1], token_sets[e2]
             if settings["do_image_text_weakening"]:
                 img[:, r1[:, None] & t2[None, :]] = _NEG_INF
@@ -107,7 +109,7 @@ def _intervene(L: torch.Tensor, P: torch.Tensor, masks: torch.Tensor, first_toke
                 L[:, f1, f2] = _NEG_INF
                 L[:, f2, f1] = _NEG_INF
             if settings["do_image_image"]:
-                G = P[:, T:, T:].mean(dim=0)  # head-mean of the current probabilities, [I, I]
+                G = P[:, T:T + I, T:T + I].mean(dim=0)  # head-mean of the current probabilities, [I, I]
                 _cut_image_image(L, G, r1, r2, settings["std_mul_image_image"], T)
                 _cut_image_image(L, G, r2, r1, settings["std_mul_image_image"], T)
             P = torch.softmax(L, dim=-1)
@@ -116,10 +118,10 @@ def _intervene(L: torch.Tensor, P: torch.Tensor, masks: torch.Tensor, first_toke
 
 def _one_sample(q, k, v, ent, hist, step: int, h: int, w: int, block_offset: int, blocks_per_step: int,
                 settings: dict):
-    """q, k, v [H, N, D] float32; ent [E, T]; hist [E, I] float32; settings: this sample's
-    op_schema.SETTINGS values. Returns (out [H, N, D], hist_out)."""
+    """q, k, v [H, N, D] float32 in the canonical order (text, image, excluded); ent [E, T];
+    hist [E, I] float32; settings: this sample's op_schema.SETTINGS values. Returns (out [H, N, D], hist_out)."""
     T = ent.shape[-1]
-    I = q.shape[-2] - T
+    I = h * w
     tau = tau_of(step, block_offset, blocks_per_step)
     a0, a1 = settings["start_aggregating_from"], settings["stop_aggregating_at"]
     i0, i1 = settings["start_intervention_from"], settings["stop_intervention_at"]
@@ -136,7 +138,7 @@ def _one_sample(q, k, v, ent, hist, step: int, h: int, w: int, block_offset: int
         return P @ v, hist_out
 
     # p_e[i]: mean over heads and the entity's tokens of image->entity probabilities, [E_act, I]
-    img_text = P[:, T:, :T]  # [H, I, T]
+    img_text = P[:, T:T + I, :T]  # [H, I, T]
     p = torch.stack([img_text[:, :, token_sets[e]].mean(dim=-1).mean(dim=0) for e in active])
     if settings["use_history"]:
         hist_out[active] = update_history(hist[active], p, tau, a0, a1)
@@ -149,7 +151,7 @@ def _one_sample(q, k, v, ent, hist, step: int, h: int, w: int, block_offset: int
     if settings["do_smoothing"]:
         masks = smooth_masks(masks, h, w)
     # entity columns widened to the joint sequence, [N] bool each
-    sets = [F.pad(token_sets[e], (0, I), value=False) for e in active]
+    sets = [F.pad(token_sets[e], (0, q.shape[-2] - T), value=False) for e in active]
     firsts = [int(token_sets[e].nonzero()[0]) for e in active]
     P = _intervene(L, P, masks, firsts, sets, T, settings)
     return P @ v, hist_out
@@ -159,7 +161,7 @@ def _one_sample(q, k, v, ent, hist, step: int, h: int, w: int, block_offset: int
 # Public entry points
 # --------------------------------------------------------------------------------------------
 
-def _check_inputs(q, k, v, entity_tokens, history, h: int, w: int) -> None:
+def _check_inputs(q, k, v, entity_tokens, history, h: int, w: int, layout: int) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share one [B, H, T+I, D] shape; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -167,11 +169,15 @@ def _check_inputs(q, k, v, entity_tokens, history, h: int, w: int) -> None:
     if entity_tokens.dim() != 3 or entity_tokens.shape[0] != B:
         raise ValueError(f"entity_tokens must be [B={B}, E, T]; got {tuple(entity_tokens.shape)}")
     E, T = entity_tokens.shape[1:]
-    I = N - T
-    if I <= 0:
-        raise ValueError(f"text length T={T} leaves no image tokens in a sequence of {N}")
-    if h * w != I:
-        raise ValueError(f"grid {h}x{w} does not match the {I} image tokens")
+    if "excluded" in op_schema.LAYOUTS[layout]:
+        I = h * w
+        op_schema.segment_lengths(layout, T, I, N)  # raises when T + I exceeds N
+    else:
+        I = N - T
+        if I <= 0:
+            raise ValueError(f"text length T={T} leaves no image tokens in a sequence of {N}")
+        if h * w != I:
+            raise ValueError(f"grid {h}x{w} does not match the {I} image tokens")
     if tuple(history.shape) != (B, E, I):
         raise ValueError(f"history must be [B, E, I] = [{B}, {E}, {I}]; got {tuple(history.shape)}")
 
@@ -184,20 +190,33 @@ def _check_settings(windows, knobs, rules, B: int) -> None:
 
 
 def deleaker_attention_ref(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, *,
-                           block_offset: int, blocks_per_step: int):
+                           block_offset: int, blocks_per_step: int, layout: int = op_schema.DEFAULT_LAYOUT):
     """Reference DeLeaker attention. Inputs and attributes: deleaker.runtime.op_schema (contract v2).
 
-    Returns (out [B, H, T+I, D] in q's dtype, history_out [B, E, I] float32).
+    q, k, v are in the model's token order (`layout`); the math runs in the canonical order
+    (text, image, excluded) and the output rows go back to the model's order.
+    Returns (out [B, H, N, D] in q's dtype, history_out [B, E, I] float32).
     """
     step = int(step)
     h, w = (int(x) for x in grid)
-    _check_inputs(q, k, v, entity_tokens, history, h, w)
+    layout = int(layout)
+    if not 0 <= layout < len(op_schema.LAYOUTS):
+        raise ValueError(f"layout must be 0..{len(op_schema.LAYOUTS) - 1} ({', '.join(op_schema.LAYOUT_NAMES)}), "
+                         f"got {layout}")
+    _check_inputs(q, k, v, entity_tokens, history, h, w, layout)
     _check_settings(windows, knobs, rules, q.shape[0])
+    N, T = q.shape[-2], entity_tokens.shape[-1]
+    order = op_schema.canonical_order(layout, T, h * w, N)
+    # identity for text_image (FLUX.1): no gather at all, so that layout computes exactly as before
+    perm = None if order == list(range(N)) else torch.tensor(order, device=q.device)
     outs, hists = [], []
     for b in range(q.shape[0]):
         settings = op_schema.unpack_settings(windows.cpu(), knobs.cpu(), rules.cpu(), b)
-        o, hb = _one_sample(q[b].float(), k[b].float(), v[b].float(), entity_tokens[b].float(),
-                            history[b].float(), step, h, w, int(block_offset), int(blocks_per_step), settings)
+        qb, kb, vb = (x[b].float() if perm is None else x[b].float()[:, perm] for x in (q, k, v))
+        o, hb = _one_sample(qb, kb, vb, entity_tokens[b].float(), history[b].float(), step, h, w,
+                            int(block_offset), int(blocks_per_step), settings)
+        if perm is not None:  # canonical rows back to the model's positions
+            o = torch.empty_like(o).index_copy_(1, perm, o)
         outs.append(o)
         hists.append(hb)
     # in q's layout (q is often a transposed view), as the fake implementation and the fused kernel
@@ -209,13 +228,15 @@ def deleaker_attention_ref(q, k, v, entity_tokens, history, step, grid, windows,
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, entity_tokens: torch.Tensor,
               history: torch.Tensor, step: torch.Tensor, grid: torch.Tensor, windows: torch.Tensor,
               knobs: torch.Tensor, rules: torch.Tensor, block_offset: int,
-              blocks_per_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+              blocks_per_step: int, layout: int = op_schema.DEFAULT_LAYOUT) -> tuple[torch.Tensor, torch.Tensor]:
+    # layout defaults to text_image: callers from before layouts (FLUX.1) pass two attributes
     return deleaker_attention_ref(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules,
-                                  block_offset=block_offset, blocks_per_step=blocks_per_step)
+                                  block_offset=block_offset, blocks_per_step=blocks_per_step, layout=layout)
 
 
 @attention.register_fake
-def _(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, block_offset, blocks_per_step):
+def _(q, k, v, entity_tokens, history, step, grid, windows, knobs, rules, block_offset, blocks_per_step,
+      layout=op_schema.DEFAULT_LAYOUT):
     return torch.empty_like(q), torch.empty_like(history, dtype=torch.float32)
 
 

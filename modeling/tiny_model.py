@@ -10,6 +10,7 @@ rebuild them, so `tokenizers.Tokenizer.from_file` and transformers load the same
 
     python -m deleaker.modeling.tiny_model --out DIR [--preset tiny] [--seed 0] [--force]
     python -m deleaker.modeling.tiny_model            # build (once) into the cache, print path
+    python -m deleaker.modeling.tiny_model --family sd3   # another family's tiny model (cached), print path
 """
 
 from __future__ import annotations
@@ -329,6 +330,11 @@ def build_tiny_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0, o
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny-model preset {preset!r}; choose from {', '.join(PRESETS)}")
     PRESETS[preset].validate()
+    return _atomic_build(out_dir, lambda tmp: _build_into(tmp, preset, seed), overwrite)
+
+
+def _atomic_build(out_dir: str | Path, fill, overwrite: bool) -> Path:
+    """Run fill(temp folder) beside `out_dir`, then rename the folder into place."""
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --force)")
@@ -338,7 +344,7 @@ def build_tiny_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0, o
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; give the final folder normal permissions
-        _build_into(tmp, preset, seed)
+        fill(tmp)
         if overwrite and out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -384,13 +390,87 @@ def ensure_tiny_model(preset: str = "tiny", seed: int = 0, cache_root: str | Pat
         raise
 
 
+# Model families with a tiny checkpoint here: flux1 is this module's; the others' builders are
+# modeling/families/tiny_<family>.py (build(folder, seed)).
+TINY_FAMILIES = ("flux1", "sd3", "qwenimage", "flux2")
+
+
+def _family_builder(family: str):
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"no tiny model for family {family!r}; choose from {', '.join(TINY_FAMILIES)}")
+    import importlib
+
+    return importlib.import_module(f"deleaker.modeling.families.tiny_{family}")
+
+
+def _family_stamp(family: str, seed: int) -> dict:
+    return {"builder_version": BUILDER_VERSION, "family": family, "seed": seed,
+            "family_builder_version": getattr(_family_builder(family), "BUILDER_VERSION", 1)}
+
+
+def build_tiny_family(out_dir: str | Path, family: str, seed: int = 0, overwrite: bool = False) -> Path:
+    """Build the tiny checkpoint of `family` into `out_dir` (flux1: build_tiny_model)."""
+    if family == "flux1":
+        return build_tiny_model(out_dir, "tiny", seed, overwrite)
+    builder = _family_builder(family)
+
+    def fill(tmp: Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            builder.build(tmp, seed)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        _write_json(tmp / STAMP_FILE, _family_stamp(family, seed))  # last: marks a complete build
+
+    return _atomic_build(out_dir, fill, overwrite)
+
+
+def ensure_tiny_family(family: str, seed: int = 0, cache_root: str | Path | None = None) -> Path:
+    """Path of the cached tiny checkpoint of `family` (<cache>/tiny-<family>), built on first use."""
+    if family == "flux1":
+        return ensure_tiny_model("tiny", seed, cache_root)
+    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    target = (root / (f"tiny-{family}" if seed == 0 else f"tiny-{family}-s{seed}")).resolve()
+
+    def current() -> bool:
+        try:
+            return json.loads((target / STAMP_FILE).read_text()) == _family_stamp(family, seed)
+        except (OSError, ValueError):
+            return False
+
+    if current():
+        return target
+    try:
+        return build_tiny_family(target, family, seed, overwrite=target.exists())
+    except OSError:
+        if current():
+            return target
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deleaker.modeling.tiny_model", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="folder to build into (default: the cache, built once)")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    ap.add_argument("--family", default="flux1", choices=TINY_FAMILIES,
+                    help="model family (default flux1; --preset applies to flux1 only)")
     args = ap.parse_args(argv)
+    if args.family != "flux1":
+        if args.preset != "tiny":
+            ap.error(f"--preset {args.preset} sizes the flux1 tiny model; --family {args.family} has one size")
+        try:
+            path = ensure_tiny_family(args.family, args.seed) if args.out is None else \
+                build_tiny_family(args.out, args.family, args.seed, overwrite=args.force)
+        except FileExistsError as e:
+            ap.error(str(e))
+        print(path)
+        return 0
     if args.out is None:
         path = ensure_tiny_model(args.preset, args.seed)
     else:

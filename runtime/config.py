@@ -3,6 +3,8 @@
 Windows are in block-steps (tau = step * blocks_per_step + block_offset). Left as None, the
 history stop (a1) and intervention stop (i1) are derived from the step count and the model's
 blocks per step the way the authors' FLUX.1-dev defaults were (12 and 20 of 20 steps).
+NormalisedWindows holds them as fractions of the run instead; carried_over() moves a config
+to a model with other blocks per step through them (the other families' presets).
 """
 
 from __future__ import annotations
@@ -141,7 +143,61 @@ ResolvedConfig.__doc__ = ("A config with concrete windows for one model (every f
                           "settings tensors are packed from (op_schema.pack_settings).")
 
 
+# ---- windows in normalised time ---------------------------------------------------------------
+# The op counts windows in block-steps, which mean different moments on models with different
+# blocks per step. Normalised time is the fraction of the run: block-step tau of a run of S steps
+# on a model with n blocks per step is at t = tau / (S * n), and t maps back to round(t * S * n).
+# The authors' windows were counted in FLUX.1's 57 blocks per step at 20 steps; other families
+# get them carried over once, through normalised time, into their own block-steps.
+WINDOW_NAMES = tuple(s.name for s in op_schema.settings_of("windows"))
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalisedWindows:
+    """The four windows as fractions of the run, in [0, 1] (a0, a1, i0, i1 of docs/semantics.md)."""
+
+    start_aggregating_from: float
+    stop_aggregating_at: float
+    start_intervention_from: float
+    stop_intervention_at: float
+
+    def block_steps(self, num_steps: int, blocks_per_step: int) -> dict[str, int]:
+        """{window: block-step} on a run of num_steps steps of a model with blocks_per_step blocks."""
+        total = num_steps * blocks_per_step
+        for name in WINDOW_NAMES:
+            v = getattr(self, name)
+            if not _is_number(v) or not 0 <= v <= 1:
+                raise ConfigError(f"normalised window {name} must be a fraction of the run in [0, 1], got {v!r}")
+        return {name: round(getattr(self, name) * total) for name in WINDOW_NAMES}
+
+
+def normalised_windows(resolved: "ResolvedConfig") -> NormalisedWindows:
+    """A resolved config's windows as fractions of its run (num_steps x blocks_per_step)."""
+    total = resolved.num_steps * resolved.blocks_per_step
+    return NormalisedWindows(**{name: min(getattr(resolved, name) / total, 1.0) for name in WINDOW_NAMES})
+
+
+def carried_over(source: DeLeakerConfig, num_steps: int, blocks_per_step: int,
+                 source_blocks_per_step: int = FLUX_BLOCKS_PER_STEP) -> DeLeakerConfig:
+    """`source` (windows meant for a model with source_blocks_per_step) for a model with
+    blocks_per_step at num_steps: same settings, windows at the same fractions of the run
+    (a1 and i1 stay derived when `source` leaves them so; they already follow the run)."""
+    frac = normalised_windows(source.resolved(source_blocks_per_step))
+    moved = frac.block_steps(num_steps, blocks_per_step)
+    keep = {n: None for n in ("stop_aggregating_at", "stop_intervention_at") if getattr(source, n) is None}
+    return source.replace(num_steps=num_steps, **{**moved, **keep})
+
+
 DEFAULT_PRESET = "flux-dev"  # settings of a model that names none (no card, no recorded artifact settings)
+
+# Model families other than FLUX.1: (default steps of the family's pipeline, joint-attention blocks
+# per step). Their presets are the authors' flux-dev settings carried over in normalised time.
+FAMILY_PRESET_RUNS = {
+    "sd3.5-large": (28, 38),  # SD3.5 Large: 38 joint blocks
+    "sd3.5-medium": (40, 24),  # SD3.5 Medium: 24 joint blocks (its image-only attention is not joint)
+    "qwen-image": (50, 60),  # Qwen-Image: 60 double-stream blocks
+    "flux2-dev": (50, 8 + 48),  # FLUX.2 [dev]: 8 double + 48 single blocks
+}
 
 PRESETS: dict[str, DeLeakerConfig] = {
     # The authors' defaults, tuned for FLUX.1-dev at 20 steps.
@@ -157,6 +213,8 @@ PRESETS: dict[str, DeLeakerConfig] = {
     "toyworld": DeLeakerConfig(num_steps=10, start_aggregating_from=5, start_intervention_from=7, k_strength=1.2,
                                do_smoothing=False, do_image_image=False),
 }
+PRESETS.update({name: carried_over(PRESETS["flux-dev"], steps, bps)
+                for name, (steps, bps) in FAMILY_PRESET_RUNS.items()})
 
 
 def preset(name: str, **overrides) -> DeLeakerConfig:

@@ -7,11 +7,18 @@ TensorRT plugin. docs/op-contract.md is generated from it (`python -m deleaker.r
 Contract v2: everything a request may change is a per-sample runtime input (the windows, the
 thresholds and strength, the rule switches), so one engine serves every step count and every
 DeLeaker setting, and one batch may mix them. Only what is structural stays an attribute
-(the block's offset within a step and the blocks per step).
+(the block's offset within a step, the blocks per step and the layout of the joint sequence).
+
+Layouts: a model family's joint attention sequence is its text tokens (T), image tokens (I) and,
+in some families, excluded tokens (X = N - T - I: reference images, context) in a fixed order.
+LAYOUTS names each order; the `layout` attribute is its index. Segment lengths are not
+attributes: T is entity_tokens' last axis, I = h * w from `grid`, X the rest, so one engine
+serves every resolution and reference count.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -131,10 +138,59 @@ def _symbols(tensor: str) -> str:
     return ", ".join(s.symbol or s.name for s in settings_of(tensor))
 
 
+# Segments of the joint sequence: text (T tokens, entity_tokens' last axis), image (I = h * w, grid)
+# and excluded (X = N - T - I): tokens that are neither, which the edits never touch.
+SEGMENTS = ("text", "image", "excluded")
+# Every order of the segments; `layout` is the index. The two-segment orders require X = 0 (a
+# sequence length that does not add up is an error there, not silently excluded tokens).
+LAYOUTS = (("text", "image"), ("image", "text")) + tuple(
+    p for p in itertools.permutations(SEGMENTS))
+LAYOUT_NAMES = tuple("_".join(lay) for lay in LAYOUTS)
+DEFAULT_LAYOUT = 0  # text_image: FLUX.1's order, and the order of every artifact made before layouts
+# The layout the op's math is written in (docs/semantics.md): text, then image, then excluded.
+CANONICAL = SEGMENTS
+
+
+def layout_code(name: str) -> int:
+    """The `layout` attribute of a layout name ("text_image", "image_text", ...)."""
+    if name not in LAYOUT_NAMES:
+        raise ValueError(f"unknown layout {name!r}; known layouts: {', '.join(LAYOUT_NAMES)}")
+    return LAYOUT_NAMES.index(name)
+
+
+def segment_lengths(layout: int, T: int, I: int, N: int) -> dict[str, int]:
+    """{segment: length} of a joint sequence of N tokens with T text and I image tokens.
+    Raises ValueError when the lengths do not fit the layout."""
+    if not 0 <= layout < len(LAYOUTS):
+        raise ValueError(f"layout must be 0..{len(LAYOUTS) - 1} ({', '.join(LAYOUT_NAMES)}), got {layout}")
+    X = N - T - I
+    if X < 0 or (X and "excluded" not in LAYOUTS[layout]):
+        raise ValueError(f"layout {LAYOUT_NAMES[layout]}: {T} text + {I} image tokens do not make a sequence "
+                         f"of {N}")
+    return {"text": T, "image": I, "excluded": X}
+
+
+def segment_starts(layout: int, T: int, I: int, N: int) -> dict[str, int]:
+    """{segment: first position} in the model's joint sequence (segments the layout lacks: at N, empty)."""
+    lengths = segment_lengths(layout, T, I, N)
+    starts, pos = {}, 0
+    for seg in LAYOUTS[layout]:
+        starts[seg] = pos
+        pos += lengths[seg]
+    return {seg: starts.get(seg, N) for seg in SEGMENTS}
+
+
+def canonical_order(layout: int, T: int, I: int, N: int) -> list[int]:
+    """Model positions in canonical order: entry j is the model position of canonical token j
+    (text, then image, then excluded). The identity for text_image."""
+    lengths, starts = segment_lengths(layout, T, I, N), segment_starts(layout, T, I, N)
+    return [starts[seg] + j for seg in CANONICAL for j in range(lengths[seg])]
+
+
 INPUTS = (
-    TensorSpec("q", "float", "[B, H, T+I, D]", "queries after QK-norm and RoPE, text first"),
-    TensorSpec("k", "float", "[B, H, T+I, D]", "keys after QK-norm and RoPE"),
-    TensorSpec("v", "float", "[B, H, T+I, D]", "values"),
+    TensorSpec("q", "float", "[B, H, N, D]", "queries after QK-norm and RoPE, in the model's order (`layout`)"),
+    TensorSpec("k", "float", "[B, H, N, D]", "keys after QK-norm and RoPE"),
+    TensorSpec("v", "float", "[B, H, N, D]", "values"),
     TensorSpec("entity_tokens", "float32", "[B, E, T]",
                "1 where text token t belongs to entity slot e; an all-zero slot is inactive"),
     TensorSpec("history", "float32", "[B, E, I]", "running mean of entity->image attention (semantics.md, the history)"),
@@ -149,7 +205,7 @@ INPUT_NAMES = tuple(t.name for t in INPUTS)
 assert INPUT_NAMES[-len(SETTINGS_TENSORS):] == SETTINGS_TENSORS  # the settings tensors close the input list
 
 OUTPUTS = (
-    TensorSpec("out", "float", "[B, H, T+I, D]", "attention output, same dtype as q"),
+    TensorSpec("out", "float", "[B, H, N, D]", "attention output, same dtype as q, in q's token order"),
     TensorSpec("history_out", "float32", "[B, E, I]", "updated history"),
 )
 
@@ -164,32 +220,39 @@ class AttrSpec:
 # Structural only. Order matters: the C struct and the TensorRT plugin fields follow it.
 ATTRIBUTES = (
     AttrSpec("block_offset", "int", "b: offset of this block within a step"),
-    AttrSpec("blocks_per_step", "int", "n_double + n_single"),
+    AttrSpec("blocks_per_step", "int", "joint-attention blocks per step (FLUX.1: 19 double + 38 single)"),
+    AttrSpec("layout", "int", "order of the joint sequence, an index of LAYOUTS (0: text_image; "
+             "see Layouts); absent on a node: 0"),
 )
 ATTRIBUTE_NAMES = tuple(a.name for a in ATTRIBUTES)
+# Attributes a node may omit (artifacts exported before layouts), with the value meant.
+ATTRIBUTE_DEFAULTS = {"layout": DEFAULT_LAYOUT}
 
 
-def node_attributes(block_offset: int, blocks_per_step: int) -> dict:
+def node_attributes(block_offset: int, blocks_per_step: int, layout: int = DEFAULT_LAYOUT) -> dict:
     """Attribute dict of one node."""
-    return {"block_offset": int(block_offset), "blocks_per_step": int(blocks_per_step)}
+    return {"block_offset": int(block_offset), "blocks_per_step": int(blocks_per_step), "layout": int(layout)}
 
 
 def attribute_problem(attrs: dict) -> str | None:
     """Why `attrs` is not exactly the op's attribute dict (None: it is)."""
-    missing = set(ATTRIBUTE_NAMES) - set(attrs)
+    missing = set(ATTRIBUTE_NAMES) - set(attrs) - set(ATTRIBUTE_DEFAULTS)
     unknown = set(attrs) - set(ATTRIBUTE_NAMES)
     if missing or unknown:
         return f"attributes: missing {sorted(missing)}, unknown {sorted(unknown)}"
+    layout = attrs.get("layout", DEFAULT_LAYOUT)
+    if not 0 <= int(layout) < len(LAYOUTS):
+        return f"attributes: layout must be 0..{len(LAYOUTS) - 1} ({', '.join(LAYOUT_NAMES)}), got {layout}"
     return None
 
 
 def attribute_values(attrs: dict) -> tuple[int, ...]:
     """The attributes as ints in ATTRIBUTES order (the tail of torch.ops.deleaker.attention's
-    arguments). Raises TypeError if attrs is not exactly the op's attributes."""
+    arguments), omitted ones at ATTRIBUTE_DEFAULTS. Raises TypeError if attrs is not the op's attributes."""
     problem = attribute_problem(attrs)
     if problem:
         raise TypeError(problem)
-    return tuple(int(attrs[n]) for n in ATTRIBUTE_NAMES)
+    return tuple(int(attrs.get(n, ATTRIBUTE_DEFAULTS.get(n))) for n in ATTRIBUTE_NAMES)
 
 
 def split_call(args: Sequence) -> tuple[tuple, dict]:
@@ -262,7 +325,34 @@ def markdown() -> str:
     lines += ["", "## Attributes (structural, in this order)", "", "| # | name | type | meaning |",
               "|---|---|---|---|"]
     lines += [f"| {i} | `{a.name}` | {a.type} | {a.doc} |" for i, a in enumerate(ATTRIBUTES)]
+    lines += ["", "## Layouts (values of `layout`)", "",
+              "The joint sequence of N tokens is the model's text tokens (T: `entity_tokens`' last axis), "
+              "image tokens (I = h * w: `grid`) and excluded tokens (X = N - T - I: reference images, "
+              "context tokens; never edited, still attended to) in the order below. The two-segment "
+              "layouts require X = 0. The math ([semantics.md](semantics.md#layouts)) is written in the "
+              "canonical order text, image, excluded; `out` comes back in q's order.", "",
+              "| layout | name | order |", "|---|---|---|"]
+    lines += [f"| {i} | `{n}` | {' ; '.join(lay)} |" for i, (n, lay) in enumerate(zip(LAYOUT_NAMES, LAYOUTS))]
+    lines += ["", "### Why the layout is an attribute, not a per-sample input", "", *_LAYOUT_CHOICE]
     return "\n".join(lines) + "\n"
+
+
+# docs/op-contract.md's argument for the layout's form (kept here so the page stays generated).
+_LAYOUT_CHOICE = [
+    "- The order is a property of the architecture: every sample of a batch runs through the same "
+    "transformer blocks, so a per-sample value could only ever repeat one number. An attribute says "
+    "so in the graph, is checked once when a node is built or a plugin is created, and lets an "
+    "engine specialise on it (the fused kernels and the TensorRT plugin take `text_image` and refuse "
+    "the rest in one line, the plugin when the engine is built).",
+    "- What does vary per request stays dynamic: the segment lengths are read from the shapes "
+    "(T from `entity_tokens`, I from `grid`, X from N), so one engine serves every resolution and "
+    "every number of reference images. An attribute holding offsets would have pinned those.",
+    "- FLUX.1 stays exactly as it was: `text_image` is the identity order, and a node without the "
+    "attribute (an artifact exported before layouts) means it, so existing artifacts keep loading "
+    "and computing bit for bit the same.",
+    "- The cost: a family with a new order needs a new `layout` value and a new node, not a new "
+    "request; since a family never changes its order at run time, nothing is lost.",
+]
 
 
 if __name__ == "__main__":

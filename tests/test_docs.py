@@ -41,7 +41,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-PYTHON_DOCS = [ROOT / "docs" / "api.md", ROOT / "docs" / "benchmarks.md"]  # documents whose ```python examples are complete programs
+PYTHON_DOCS = [ROOT / "docs" / "api.md", ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "models.md"]  # documents whose ```python examples are complete programs
 GPU_MARK = "<!-- gpu-only -->"
 OUTPUT_LANG = "output"  # a block fenced ```output shows what the code block before it prints
 COMMAND_TIMEOUT_S = 300

@@ -128,14 +128,16 @@ def test_model_checks_and_body_is_standard_ops():
     assert tuple(fn.input) == op_schema.INPUT_NAMES
     assert tuple(fn.input)[-3:] == ("windows", "knobs", "rules")
     assert list(fn.output) == [t.name for t in op_schema.OUTPUTS]
-    assert tuple(fn.attribute) == op_schema.ATTRIBUTE_NAMES == ("block_offset", "blocks_per_step")
+    # layout is declared with its default (text_image), so nodes exported before layouts still mean FLUX.1's order
+    declared = tuple(fn.attribute) + tuple(a.name for a in fn.attribute_proto if a.name in op_schema.ATTRIBUTE_NAMES)
+    assert declared == op_schema.ATTRIBUTE_NAMES == ("block_offset", "blocks_per_step", "layout")
     body_domains = {d for d, _ in onnx_op.function_body_op_types(fn)}
     assert body_domains <= {"", "ai.onnx"}, body_domains
     assert {(o.domain, o.version) for o in model.opset_import} >= {(op_schema.ONNX_DOMAIN, 2)}
     (node,) = model.graph.node
     got = {a.name: helper_value(a) for a in node.attribute}
     # only structural attributes on the node: no DeLeaker setting is baked in
-    assert got == {"block_offset": 1, "blocks_per_step": BPS, "plugin_namespace": op_schema.PLUGIN_NAMESPACE,
+    assert got == {"block_offset": 1, "blocks_per_step": BPS, "layout": 0, "plugin_namespace": op_schema.PLUGIN_NAMESPACE,
                    "plugin_version": op_schema.PLUGIN_VERSION}
     shapes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert shapes["windows"] == ["B", 4] and shapes["knobs"] == ["B", 3] and shapes["rules"] == ["B", 6]

@@ -22,7 +22,7 @@ ATOL = 2e-5
 
 def attrs_for(**over):
     """Attributes with windows wide open at tau = step (blocks_per_step=1, block_offset=0)."""
-    base = dict(block_offset=0, blocks_per_step=1, std_mul_text=1.0, std_mul_image_image=1.0,
+    base = dict(block_offset=0, blocks_per_step=1, layout=0, std_mul_text=1.0, std_mul_image_image=1.0,
                 k_strength=1.2, start_aggregating_from=0, stop_aggregating_at=100,
                 start_intervention_from=0, stop_intervention_at=100, use_history=0, do_smoothing=0,
                 do_image_text_weakening=0, do_image_text_strengthening=0, do_image_image=0,
@@ -52,7 +52,7 @@ def structured(T=6, h=4, w=4, D=8, H=2, tokens=((1,), (3, 4)), rows=((0, 1, 4, 5
 def split(a: dict, batch: int = 1):
     """A flat attribute dict -> ((windows, knobs, rules) for `batch` samples, structural attributes)."""
     settings = ref.settings_tensors([{n: a[n] for n in ref.op_schema.SETTING_NAMES}] * batch)
-    return settings, {n: a[n] for n in ref.op_schema.ATTRIBUTE_NAMES}
+    return settings, {n: a[n] for n in ref.op_schema.ATTRIBUTE_NAMES if n in a}
 
 
 def call(q, k, v, ent, hist, step, grid, a: dict):

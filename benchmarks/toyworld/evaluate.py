@@ -15,6 +15,13 @@ Every image goes through the runtime: Pipeline + the torch backend (`--backend o
 with an exported artifact: step 3's pairs only, or the first --limit of them, into
 results-onnxruntime.json, with the share of samples whose flags equal the torch run's). `--pilot N`
 runs only N held-out pairs with one setting, for choosing a world or recipe.
+
+    python -m deleaker.benchmarks.toyworld.evaluate --stage heldout --preset toyworld --seeds 0-9 --own-seeds --out OUT
+
+`--stage heldout|single|triples` runs one held-out set on its own (pairs, the 125 one-object
+prompts, triples), vanilla vs `--preset`, on any backend, with the full report of report.py (every
+interval a two-way cluster bootstrap over prompts and seeds), into OUT/STAGE-BACKEND.json.
+`--rule clean` makes the sweep choose by the v3 rule (choose_clean).
 """
 
 from __future__ import annotations
@@ -36,8 +43,9 @@ from deleaker.runtime.config import DeLeakerConfig
 from deleaker.runtime.embedded import default_model_dir
 
 from . import judge as J
+from . import report as R
 from . import world
-from .preset import RULES, SIZE, STEPS, TOYWORLD_PRESET
+from .preset import PRESET_NAME, RULES, SIZE, STEPS, TOYWORLD_PRESET
 
 log = logging.getLogger("deleaker.toyworld")
 
@@ -106,6 +114,17 @@ def heldout_triplets() -> list[tuple[world.Thing, ...]]:
     return _prompt_set(TRIPLE_PROMPT_SEED, TRIPLE_PROMPTS, 3)
 
 
+def single_prompts() -> list[tuple[world.Thing, ...]]:
+    """All 125 one-object prompts (colour-major). They are in every training set; what is held out
+    is the noise (the held-out image seeds)."""
+    return [(world.Thing(c, t, sh),) for c in world.VALUES["colour"] for t in world.TEXTURES for sh in world.SHAPES]
+
+
+# --stage NAME: one held-out set on its own, vanilla vs --preset, on any backend, into
+# OUT/NAME-BACKEND.json: prompts, default number of image seeds (from --heldout-seeds)
+STAGES = {"heldout": (heldout_prompts, 10), "single": (single_prompts, 4), "triples": (heldout_triplets, 5)}
+
+
 def requests(prompts, seeds, config: DeLeakerConfig | None):
     """One GenerateRequest per (prompt, seed); config None = vanilla (plain attention)."""
     from deleaker.runtime.pipeline import GenerateRequest
@@ -168,8 +187,8 @@ def run(pipe, reqs, label: str = "") -> list[dict]:
         v = J.judge(r.image, r.request.entities)
         objects = object_tokens(r.image, grid)
         out.append({"prompt": r.request.prompt, "entities": list(r.request.entities), "seed": r.request.seed,
-                    "image": r.image, "leak": v["leak"], "all_present": v["all_present"],
-                    "all_recognised": v["all_recognised"], "leaks": v["leaks"],
+                    "image": r.image, "all_recognised": v["all_recognised"], "leaks": v["leaks"],
+                    **R.score(v, J.parse_entities(r.request.entities)),
                     "wrong": wrong_attributes(v, r.request.entities), "object_share": float(objects.mean()),
                     "mask_on_objects": mask_on_objects(r, objects, grid)})
     if label:
@@ -181,19 +200,17 @@ def rate(records, key) -> float:
     return float(np.mean([r[key] for r in records])) if records else float("nan")
 
 
-def bootstrap(values, n: int = 4000, seed: int = 0) -> list[float]:
-    """95% percentile interval of the mean of `values` (paired differences included)."""
-    v = np.asarray(values, np.float64)
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), (n, len(v)))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+def bootstrap(values, records) -> list[float]:
+    """95% interval of the mean of `values` (one per record, paired differences included): the
+    two-way cluster bootstrap over the records' prompts and seeds (report.Clusters)."""
+    return R.Clusters(records).ci(values)
 
 
 def named_share(named: int, unnamed: int, chance: float) -> dict:
     """Share of wrong values that are another named entity's, its standard error under the
     prompt-blind hypothesis (binomial at `chance`) and how many of those it lies above chance."""
     n = named + unnamed
-    if n == 0:
+    if n == 0 or not 0.0 < chance < 1.0:  # one entity: no other entity to leak from
         return {"n": 0, "share": None, "chance": chance, "se": None, "z": None}
     se = float(np.sqrt(chance * (1 - chance) / n))
     share = named / n
@@ -204,10 +221,11 @@ def summary(records, with_ci: bool = False, chance: float = 0.25) -> dict:
     """Rates (with bootstrap intervals if asked) of leakage, presence and recognition; leakage
     also per attribute (images with at least one leak of that attribute); wrong values by source."""
     s = {"n": len(records)}
+    clusters = R.Clusters(records) if with_ci and records else None
     for key in ("leak", "all_present", "all_recognised"):
         s[key] = rate(records, key)
-        if with_ci:
-            s[key + "_ci95"] = bootstrap([r[key] for r in records])
+        if clusters:
+            s[key + "_ci95"] = clusters.ci([r[key] for r in records])
     attrs = {a: 0 for a in world.ATTRIBUTES}
     for r in records:
         for _, a, _ in r["leaks"]:
@@ -226,8 +244,8 @@ def summary(records, with_ci: bool = False, chance: float = 0.25) -> dict:
     for a in world.ATTRIBUTES:
         flags = [any(x[1] == a for x in r["leaks"]) for r in records]
         s[f"leak_{a}"] = float(np.mean(flags)) if flags else float("nan")
-        if with_ci:
-            s[f"leak_{a}_ci95"] = bootstrap(flags)
+        if clusters:
+            s[f"leak_{a}_ci95"] = clusters.ci(flags)
     return s
 
 
@@ -365,11 +383,31 @@ def choose(sweep: dict) -> str:
     return max(sweep, key=lambda k: sweep[k]["all_present"] - sweep[k]["leak"])
 
 
+FIDELITY_SLACK = 0.02  # the most an attribute's fidelity may fall (the issue's must-show)
+
+
+def choose_clean(sweep: dict) -> str | None:
+    """The v3 rule (fixed before any v3 sweep): among settings whose sweep shows the clean rate
+    rising (paired change > 0) and no attribute's fidelity falling by more than FIDELITY_SLACK
+    (point estimates of the paired changes, report.paired), the one with the lowest leakage (ties:
+    the higher clean rate); None when no setting qualifies (then no preset is chosen)."""
+    def ok(v):
+        c = v["change"]
+        return c["clean"]["change"] > 0 and all(c[f"fidelity_{a}"]["change"] >= -FIDELITY_SLACK
+                                                for a in world.ATTRIBUTES)
+
+    good = [k for k, v in sweep.items() if ok(v)]
+    return min(good, key=lambda k: (sweep[k]["leak"], -sweep[k]["change"]["clean"]["change"])) if good else None
+
+
+RULES_OF_CHOICE = ("presence", "clean")  # evaluate --rule: choose, choose_clean
+
+
 def presence_change(van, dl) -> dict:
     """Paired change of the all-entities-present flag (DeLeaker - vanilla, same (prompt, seed)
     list): its mean and bootstrap 95% interval."""
     pres = [float(b["all_present"]) - float(a["all_present"]) for a, b in zip(van, dl)]
-    return {"presence_change": float(np.mean(pres)), "presence_change_ci95": bootstrap(pres)}
+    return {"presence_change": float(np.mean(pres)), "presence_change_ci95": bootstrap(pres, van)}
 
 
 def compare(van, dl, config: DeLeakerConfig, chance: float) -> dict:
@@ -377,17 +415,27 @@ def compare(van, dl, config: DeLeakerConfig, chance: float) -> dict:
     paired leakage reduction, the paper's outcomes, per-sample flags."""
     diff = [float(a["leak"]) - float(b["leak"]) for a, b in zip(van, dl)]
     return {"config": asdict(config), "vanilla": summary(van, True, chance), "deleaker": summary(dl, True, chance),
-            "leak_reduction": float(np.mean(diff)), "leak_reduction_ci95": bootstrap(diff),
+            "leak_reduction": float(np.mean(diff)), "leak_reduction_ci95": bootstrap(diff, van),
             **presence_change(van, dl),
             "outcomes": outcomes(van, dl),
+            "report": R.full(van, dl, outcomes(van, dl)),
             "per_sample": [{"prompt": a["prompt"], "entities": a["entities"], "seed": a["seed"],
                             "vanilla_leak": a["leak"], "deleaker_leak": b["leak"],
-                            "vanilla_all_present": a["all_present"], "deleaker_all_present": b["all_present"]}
+                            "vanilla_all_present": a["all_present"], "deleaker_all_present": b["all_present"],
+                            "vanilla_tag": a["tag"], "deleaker_tag": b["tag"],
+                            "vanilla_right": a["right"], "deleaker_right": b["right"]}
                            for a, b in zip(van, dl)]}
 
 
+def own_seeds(n_prompts: int, seeds) -> list[list[int]]:
+    """Every (prompt, image) pair its own noise seed: prompt i's j-th image gets seed
+    seeds[0] + i * len(seeds) + j (the same count of images per prompt as `seeds`, no seed shared
+    between prompts)."""
+    return [[seeds[0] + i * len(seeds) + j for j in range(len(seeds))] for i in range(n_prompts)]
+
+
 def heldout(pipe, config: DeLeakerConfig, prompts=None, seeds=EVAL_SEEDS, label: str = "held-out pairs",
-            limit: int | None = None):
+            limit: int | None = None, own: bool = False):
     """Vanilla and `config` on held-out prompts (default: the held-out pairs) and seeds: summary
     dict, both record lists. limit: only the first `limit` (prompt, seed) samples, in the order
     prompt-major (each prompt's seeds together), so the prompts covered are the first ones."""
@@ -395,9 +443,15 @@ def heldout(pipe, config: DeLeakerConfig, prompts=None, seeds=EVAL_SEEDS, label:
     if limit is not None:
         prompts = prompts[:-(-limit // len(seeds))]  # the prompts the first `limit` samples use
     chance = (len(prompts[0]) - 1) / 4  # of the 4 wrong values of an attribute, E-1 are named
-    van = run(pipe, requests(prompts, seeds, None)[:limit], f"{label}, vanilla")
-    dl = run(pipe, requests(prompts, seeds, config)[:limit], f"{label}, DeLeaker")
-    res = {"prompts": [world.caption_for(p) for p in prompts], "seeds": list(seeds), "samples": len(van),
+    per_prompt = own_seeds(len(prompts), list(seeds)) if own else [list(seeds)] * len(prompts)
+
+    def reqs(cfg):
+        return [q for p, ss in zip(prompts, per_prompt) for q in requests([p], ss, cfg)][:limit]
+
+    van = run(pipe, reqs(None), f"{label}, vanilla")
+    dl = run(pipe, reqs(config), f"{label}, DeLeaker")
+    res = {"prompts": [world.caption_for(p) for p in prompts], "seeds": list(seeds), "own_seeds": own,
+           "samples": len(van),
            **compare(van, dl, config, chance)}
     return res, van, dl
 
@@ -451,11 +505,22 @@ def check_options(args) -> None:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.pilot is not None and not 1 <= args.pilot <= HELDOUT_PROMPTS * len(EVAL_SEEDS):
         raise ValueError(f"--pilot takes 1..{HELDOUT_PROMPTS * len(EVAL_SEEDS)} pairs, got {args.pilot}")
+    if args.stage is not None:
+        if args.pilot is not None:
+            raise ValueError("--stage and --pilot are different runs; give one")
+        stage_seeds(args)  # one-line errors for a bad --seeds
+        from deleaker.runtime.config import preset
+
+        preset(args.preset or PRESET_NAME)  # an unknown name: one line naming the known presets
+    elif args.seeds is not None or args.preset is not None or args.own_seeds:
+        raise ValueError("--seeds, --own-seeds and --preset go with --stage")
     if args.limit is not None:
-        if args.backend == "torch" or args.pilot is not None:
-            raise ValueError("--limit applies to a backend other than torch (the held-out pairs with the preset)")
-        if not 1 <= args.limit <= HELDOUT_PROMPTS * len(EVAL_SEEDS):
+        if args.stage is None and (args.backend == "torch" or args.pilot is not None):
+            raise ValueError("--limit applies to --stage or a backend other than torch (the held-out pairs with the preset)")
+        if not 1 <= args.limit <= HELDOUT_PROMPTS * len(EVAL_SEEDS) and args.stage is None:
             raise ValueError(f"--limit takes 1..{HELDOUT_PROMPTS * len(EVAL_SEEDS)} pairs, got {args.limit}")
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.sweep_seeds < 1:
         raise ValueError(f"--sweep-seeds must be >= 1, got {args.sweep_seeds}")
     check_heldout_seeds(args.heldout_seeds)
@@ -482,8 +547,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pilot", type=int, default=None, metavar="N",
                     help=f"only N held-out pairs, vanilla vs '{PILOT_SETTING}', into pilot.json")
     ap.add_argument("--limit", type=int, default=None, metavar="N",
-                    help="with a backend other than torch: only the first N held-out pairs (prompt-major: the "
-                    "first prompts, each with its seeds)")
+                    help="with --stage or a backend other than torch: only the first N held-out samples "
+                    "(prompt-major: the first prompts, each with its seeds)")
+    ap.add_argument("--stage", choices=sorted(STAGES), default=None,
+                    help="run one held-out set on its own (pairs, one-object or three-object prompts), vanilla vs "
+                    "--preset, on any backend, into OUT/STAGE-BACKEND.json")
+    ap.add_argument("--preset", default=None, help="with --stage: the DeLeaker preset (default: toyworld)")
+    ap.add_argument("--seeds", default=None, metavar="A-B|A,B,..",
+                    help="with --stage: the image seeds of every prompt (default: "
+                    + ", ".join(f"{k} {n} from --heldout-seeds" for k, (_, n) in STAGES.items()) + ")")
+    ap.add_argument("--rule", choices=RULES_OF_CHOICE, default="presence",
+                    help="the sweep's rule of choice: presence = the lowest leakage whose presence stays within "
+                    f"{PRESENCE_SLACK} of vanilla's at 95%% (the shipped model's); clean = the lowest leakage whose "
+                    f"clean rate rises and no attribute's fidelity falls by more than {FIDELITY_SLACK}")
+    ap.add_argument("--own-seeds", action="store_true",
+                    help="with --stage: every (prompt, image) pair its own noise seed (prompt i's j-th image: "
+                    "first seed + i x n + j, n = the number of --seeds) instead of every prompt at the same seeds")
     ap.add_argument("--write-slim", type=Path, default=None, metavar="FILE",
                     help="only write the held-out prompts as SLIM-format jsonl (for `deleaker eval`; image seed: the first "
                     "held-out seed, --heldout-seeds) and exit")
@@ -518,6 +597,64 @@ class _Results:
         tmp.replace(self.path)
 
 
+def stage_seeds(args) -> list[int]:
+    """--seeds 'A-B' (inclusive) or 'A,B,...'; default: the stage's number of seeds from --heldout-seeds.
+    Held-out seeds stay below the sweep's."""
+    if args.seeds is None:
+        n = STAGES[args.stage][1]
+        seeds = list(range(args.heldout_seeds, args.heldout_seeds + n))
+    else:
+        try:
+            if "-" in args.seeds.strip("-"):
+                a, b = (int(x) for x in args.seeds.split("-"))
+                seeds = list(range(a, b + 1))
+            else:
+                seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds takes A-B or A,B,... (integers), got {args.seeds!r}") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds must name distinct seeds, got {args.seeds!r}")
+    last = max(seeds)
+    if args.own_seeds:
+        if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+            raise ValueError(f"--own-seeds takes a range --seeds A-B (its first seed and count), got {args.seeds!r}")
+        last = seeds[0] + len(STAGES[args.stage][0]()) * len(seeds) - 1
+    if min(seeds) < 0 or last >= SWEEP_SEEDS.start:
+        raise ValueError(f"held-out seeds are 0..{SWEEP_SEEDS.start - 1} (the sweep's start at {SWEEP_SEEDS.start}), "
+                         f"got {min(seeds)}..{last}")
+    return seeds
+
+
+def _stage(args, pipe, data: dict) -> int:
+    """One held-out set on its own (--stage), vanilla vs --preset."""
+    from deleaker.runtime.config import preset
+
+    make, _ = STAGES[args.stage]
+    cfg = preset(args.preset or PRESET_NAME)
+    seeds = stage_seeds(args)
+    data.update(stage=args.stage, preset=args.preset or PRESET_NAME)
+    res = _Results(args.out / f"{args.stage}-{args.backend}.json", data, 1)
+    ev, van, dl = heldout(pipe, cfg, make(), seeds, args.stage, args.limit, args.own_seeds)
+    if args.stage == "single":  # one entity is plain attention: DeLeaker must not change a pixel
+        ev["unchanged_images"] = sum(bool(np.array_equal(a["image"], b["image"])) for a, b in zip(van, dl))
+    data[args.stage] = ev
+    res.stage(f"{args.stage}: {len(van)} samples")
+    res.save()
+    _log_report(args.stage, ev)
+    return 0
+
+
+def _log_report(label: str, ev: dict) -> None:
+    rep = ev["report"]
+    log.info("%s: %d samples (%s)", label, rep["pairs"], rep["intervals"])
+    for k in R.METRICS:
+        v, d, c = rep["vanilla"], rep["deleaker"], rep["change"][k]
+        log.info("  %-16s vanilla %.3f [%.3f, %.3f]  DeLeaker %.3f [%.3f, %.3f]  change %+.3f [%+.3f, %+.3f]", k,
+                 v[k], *v[k + "_ci95"], d[k], *d[k + "_ci95"], c["change"], *c["ci95"])
+    if "unchanged_images" in ev:
+        log.info("  DeLeaker images equal to vanilla: %d of %d", ev["unchanged_images"], rep["pairs"])
+
+
 def _evaluate(args, argv) -> int:
     check_options(args)
     import torch
@@ -535,6 +672,8 @@ def _evaluate(args, argv) -> int:
     pipe = Pipeline(load_backend(args.backend, str(args.model), progress=False, **threads), config=TOYWORLD_PRESET,
                     max_batch=args.max_batch)
     args.out.mkdir(parents=True, exist_ok=True)  # after the model loaded: a bad --model leaves nothing
+    if args.stage is not None:
+        return _stage(args, pipe, data)
     if args.pilot is not None:
         res = _Results(args.out / "pilot.json", data, 1)
         prompts, seeds = heldout_prompts(), eval_seeds
@@ -574,12 +713,18 @@ def _evaluate(args, argv) -> int:
     sweep = {"vanilla": summary(van)}
     for name, cfg in SWEEP.items():
         dl = run(pipe, requests(sp, sweep_seeds, cfg), f"sweep {name}")
-        sweep[name] = {**summary(dl), "config": asdict(cfg), **presence_change(van, dl)}
+        sweep[name] = {**summary(dl), "config": asdict(cfg), **presence_change(van, dl),
+                       "change": R.paired(van, dl, R.Clusters(van))}
         log.info("  %s: %s, presence change %+.3f %s", name,
                  {k: round(sweep[name][k], 3) for k in ("leak", "all_present", "all_recognised")},
                  sweep[name]["presence_change"], [round(x, 3) for x in sweep[name]["presence_change_ci95"]])
-    best = choose({k: v for k, v in sweep.items() if k != "vanilla"})
-    data["sweep"], data["chosen"] = sweep, best
+    candidates = {k: v for k, v in sweep.items() if k != "vanilla"}
+    best = choose(candidates) if args.rule == "presence" else choose_clean(candidates)
+    data["sweep"], data["chosen"], data["rule"] = sweep, best, args.rule
+    if best is None:
+        res.stage("sweep: no setting raises the clean rate without costing fidelity (rule 'clean'); stopping")
+        res.save()
+        return 0
     chosen_cfg = SWEEP[best]
     if chosen_cfg != TOYWORLD_PRESET:
         log.warning("the sweep chose %s, which differs from preset.TOYWORLD_PRESET: update the preset", best)

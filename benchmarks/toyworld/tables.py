@@ -80,6 +80,35 @@ def sweep(res: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+FULL_ROWS = (("leak", "leak rate"), ("clean", "clean (every entity present, every attribute right)"),
+             ("all_present", "all entities present"), ("mixing", "an object mixing two entities' values"),
+             ("fidelity_colour", "colour fidelity"), ("fidelity_texture", "texture fidelity"),
+             ("fidelity_shape", "shape fidelity"), ("all_right", "every attribute right (best-matched objects)"))
+
+
+def full_report(ev: dict, title: str) -> str:
+    """The full held-out report (report.full): both arms and the paired change with 95% intervals,
+    the transition table, the paper's outcomes among leaking vanilla images."""
+    rep = ev["report"]
+    v, d, c = rep["vanilla"], rep["deleaker"], rep["change"]
+    rows = [f"| {title} ({rep['pairs']}: {rep['prompts']} prompts x {rep['seeds']} seeds) | vanilla | DeLeaker | "
+            "change |", "|---|---|---|---|"]
+    for k, label in FULL_ROWS:
+        lo, hi = c[k]["ci95"]
+        rows.append(f"| {label} | {_ci(v, k)} | {_ci(d, k)} | {c[k]['change']:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+    for arm in ("vanilla", "deleaker"):
+        ns = rep["named_share"][arm]
+        if ns["share"] is not None and ns["chance"]:
+            lo, hi = ns["ci95"]
+            rows.append(f"| {arm}: wrong values from another named entity (prompt-blind {100 * ns['chance']:.0f}%) "
+                        f"| {100 * ns['share']:.1f}% of {ns['n']} [{100 * lo:.1f}, {100 * hi:.1f}], clustered z "
+                        f"{ns['z']:+.1f} | | |")
+    tags = list(rep["transitions"])
+    rows += ["", "| vanilla \\ DeLeaker | " + " | ".join(tags) + " |", "|---|" + "---|" * len(tags)]
+    rows += [f"| {t} | " + " | ".join(str(rep["transitions"][t][u]) for u in tags) + " |" for t in tags]
+    return "\n".join(rows) + f"\n\nIntervals: {rep['intervals']}.\n"
+
+
 def ablation(res: dict) -> str:
     ab = res["ablation"]
     rows = [f"| rules (first {ab['pairs']} held-out pairs) | leak reduction [95% CI] | presence change |", "|---|---|---|",
@@ -128,8 +157,43 @@ def slim_text(c: dict) -> str:
             + ", ".join(f"{k} {100 * v:.1f}%" for k, v in o.items() if v is not None) + ".")
 
 
+def clustered(res: dict, key: str = "heldout") -> str:
+    """A recorded run's held-out flags (per_sample) with two-way cluster bootstrap intervals over
+    prompts and seeds (report.Clusters), next to the recorded intervals (which resampled the pairs
+    as if independent)."""
+    from .report import Clusters
+
+    ev = res[key]
+    ps = ev["per_sample"]
+    cl = Clusters(ps)
+    rows = [f"| {key}, {len(ps)} pairs ({cl.prompts} prompts x {cl.seeds} seeds) | rate | recorded 95% CI | "
+            "clustered 95% CI |", "|---|---|---|---|"]
+
+    def row(label, vals, recorded):
+        lo, hi = cl.ci(vals)
+        rec = f"[{recorded[0]:+.3f}, {recorded[1]:+.3f}]" if recorded else "-"
+        rows.append(f"| {label} | {sum(vals) / len(vals):+.3f} | {rec} | [{lo:+.3f}, {hi:+.3f}] |")
+
+    for arm in ("vanilla", "deleaker"):
+        for k in ("leak", "all_present"):
+            row(f"{arm} {k}", [float(r[f"{arm}_{k}"]) for r in ps], ev[arm].get(k + "_ci95"))
+    row("leak reduction", [float(r["vanilla_leak"]) - float(r["deleaker_leak"]) for r in ps], ev["leak_reduction_ci95"])
+    row("presence change", [float(r["deleaker_all_present"]) - float(r["vanilla_all_present"]) for r in ps],
+        ev["presence_change_ci95"])
+    return "\n".join(rows) + "\n"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--clustered":
+        if len(argv) != 2:
+            print("usage: python -m deleaker.benchmarks.toyworld.tables --clustered RESULTS_JSON", file=sys.stderr)
+            return 2
+        res = json.loads(open(argv[1]).read())
+        for key in ("heldout", "heldout_triplets"):
+            if key in res:
+                print(clustered(res, key))
+        return 0
     if argv and argv[0] == "--slim":
         if len(argv) != 3:
             print("usage: python -m deleaker.benchmarks.toyworld.tables --slim RUN RESULTS_JSON", file=sys.stderr)
@@ -137,6 +201,14 @@ def main(argv=None) -> int:
         print(slim_text(slim_vs_evaluator(argv[1], json.loads(open(argv[2]).read()))))
         return 0
     res = json.loads(open(argv[0]).read())
+    if "stage" in res:  # evaluate --stage: one held-out set
+        ev = res[res["stage"]]
+        print(full_report(ev, res["stage"]))
+        if ev["outcomes"]["leaking_vanilla"] or res["stage"] != "single":
+            print(comparison(ev, res["stage"]))
+        if "unchanged_images" in ev:
+            print(f"DeLeaker images equal to vanilla: {ev['unchanged_images']} of {ev['samples']}.")
+        return 0
     if "pilot" in res:
         print(comparison(res["pilot"], "pilot"))
         return 0

@@ -1,6 +1,7 @@
 """Train the toy-world FLUX model on this CPU and write it in diffusers' folder layout.
 
     python -m deleaker.benchmarks.toyworld.train --out DIR [--seed 0] [--threads 2] [--steps 15000]
+    python -m deleaker.benchmarks.toyworld.train --resume DIR   # continue a stopped run
 
 Stages (each logged, the transformer checkpointed as it trains, so a stopped run leaves a usable
 folder): tokenizers trained on the world's captions; random frozen CLIP/T5-like encoders; a
@@ -10,12 +11,21 @@ with rectified flow (velocity target noise - x0, sigmas logit-normal then shifte
 runtime's scheduler shifts them for this image size), its pooled-text path zeroed and frozen
 (TrainConfig.pooled_text), an EMA of its weights saved. TrainConfig's defaults are the shipped
 model's recipe. Loss curves, the config and the wall time go to DIR-training/ beside DIR.
+
+Every transformer checkpoint also writes DIR-training/state.pt: the raw and EMA weights, the
+optimiser, the data RNG's and torch's RNG states, the step and a digest of the training latents.
+`--resume DIR` rebuilds the run from DIR-training/run.json (the options it was started with) and
+continues from that state, so a stopped run ends with the same weights and the same loss sequence
+as one that never stopped (on the same machine and thread count; tests/test_toyworld.py checks it
+bit for bit). A run stopped before its first transformer checkpoint is redone from the start
+(every stage before it is seeded).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -67,6 +77,10 @@ class TrainConfig:
     dataset: int = 20000  # distinct training scenes (latents cached once)
     # probability that a training scene's objects share one attribute value (world.sample)
     shared: float = 0.5
+    # share of one-object training scenes, textures anchored to the canvas (world.Mix)
+    single: float = world.MIX.single
+    anchored: bool = world.MIX.anchored
+    snap: int = world.MIX.snap
     steps: int = 15000
     batch: int = 16
     lr: float = 2e-3
@@ -75,6 +89,10 @@ class TrainConfig:
     # exponential moving average of the transformer's weights (0 = off); the EMA weights are the
     # ones saved, the usual way a diffusion model is sampled
     ema: float = 0.999
+
+    @property
+    def mix(self) -> world.Mix:
+        return world.Mix(single=self.single, anchored=self.anchored, snap=self.snap)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -144,9 +162,9 @@ def build_encoders(out: Path, cfg: TrainConfig) -> None:
     del t5_vocab
 
 
-def render_batch(seeds) -> np.ndarray:
+def render_batch(seeds, mix: world.Mix = world.MIX) -> np.ndarray:
     """[B, 3, 32, 32] float32 in [-1, 1] (the VAE's pixel range)."""
-    ims = np.stack([world.sample(int(s)).image for s in seeds])  # [B, 64, 64, 3]
+    ims = np.stack([world.sample(int(s), mix=mix).image for s in seeds])  # [B, 32, 32, 3]
     return (ims.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
 
 
@@ -176,7 +194,7 @@ def train_vae(out: Path, cfg: TrainConfig, curves: Path):
             lr = cfg.vae_lr * min(1.0, (it + 1) / 50) * (0.5 * (1 + math.cos(math.pi * it / cfg.vae_steps)))
             for g in opt.param_groups:
                 g["lr"] = lr
-            x = render_batch(rng.integers(10**9, 2 * 10**9, cfg.vae_batch))  # [B, 3, 32, 32]
+            x = render_batch(rng.integers(10**9, 2 * 10**9, cfg.vae_batch), cfg.mix)  # [B, 3, 32, 32]
             cy, cx = rng.integers(0, world.IMAGE_SIZE - cfg.vae_crop + 1, 2)
             x = torch.from_numpy(np.ascontiguousarray(x[:, :, cy:cy + cfg.vae_crop, cx:cx + cfg.vae_crop]))
             post = vae.encode(x).latent_dist
@@ -190,8 +208,8 @@ def train_vae(out: Path, cfg: TrainConfig, curves: Path):
             w.writerow([it, f"{mse.item():.6f}", f"{kl.item():.4f}", f"{time.time() - t0:.1f}"])
             if it % 50 == 0 or it == cfg.vae_steps - 1:
                 f.flush()
-                log.info("vae step %d/%d mse %.5f kl %.3f (%.0fs)", it, cfg.vae_steps, mse.item(), kl.item(),
-                         time.time() - t0)
+                log.info("vae step %d/%d mse %.5f kl %.3f %s", it, cfg.vae_steps, mse.item(), kl.item(),
+                         progress(it + 1, cfg.vae_steps, time.time() - t0))
     vae.eval()
     return vae
 
@@ -214,7 +232,7 @@ def refine_decoder(vae, cfg: TrainConfig, curves: Path):
             lr = cfg.decoder_lr * 0.5 * (1 + math.cos(math.pi * it / cfg.decoder_steps))
             for g in opt.param_groups:
                 g["lr"] = lr
-            x = torch.from_numpy(render_batch(rng.integers(2 * 10**9, 3 * 10**9, cfg.vae_batch)))
+            x = torch.from_numpy(render_batch(rng.integers(2 * 10**9, 3 * 10**9, cfg.vae_batch), cfg.mix))
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.mode()
             rec = vae.decode(z).sample
@@ -225,7 +243,8 @@ def refine_decoder(vae, cfg: TrainConfig, curves: Path):
             w.writerow([it, f"{loss.item():.6f}", f"{time.time() - t0:.1f}"])
             if it % 50 == 0 or it == cfg.decoder_steps - 1:
                 f.flush()
-                log.info("decoder step %d/%d l1 %.5f (%.0fs)", it, cfg.decoder_steps, loss.item(), time.time() - t0)
+                log.info("decoder step %d/%d l1 %.5f %s", it, cfg.decoder_steps, loss.item(),
+                         progress(it + 1, cfg.decoder_steps, time.time() - t0))
     vae.encoder.requires_grad_(True)
     vae.eval()
     return vae
@@ -249,7 +268,7 @@ def encode_dataset(vae, cfg: TrainConfig) -> tuple[Dataset, float, float]:
     with torch.no_grad():
         for start in range(0, cfg.dataset, 256):
             seeds = range(start, min(start + 256, cfg.dataset))
-            samples = [world.sample(s, cfg.shared) for s in seeds]
+            samples = [world.sample(s, cfg.shared, cfg.mix) for s in seeds]
             x = np.stack([s.image for s in samples]).astype(np.float32) / 127.5 - 1.0
             z = vae.encode(torch.from_numpy(x.transpose(0, 3, 1, 2))).latent_dist.mode()  # [b, 16, 32/f, 32/f]
             means.append(z.numpy())
@@ -304,8 +323,39 @@ def sample_sigmas(rng: np.random.Generator, n: int, mu: float) -> np.ndarray:
     return (math.exp(mu) / (math.exp(mu) + (1.0 / u - 1.0))).astype(np.float32)
 
 
+def progress(done: int, total: int, seconds: float) -> str:
+    """'0.112 s/step, 1m52s elapsed, ETA 26m10s' from `done` of `total` steps in `seconds`."""
+    def hms(t: float) -> str:
+        t = int(round(t))
+        return f"{t // 3600}h{t // 60 % 60:02d}m" if t >= 3600 else f"{t // 60}m{t % 60:02d}s"
+
+    per = seconds / max(done, 1)
+    return f"{per:.3f} s/step, {hms(seconds)} elapsed, ETA {hms(per * (total - done))}"
+
+
+def data_digest(data: Dataset) -> str:
+    """sha256 of the training latents and captions: a resumed run must train on the same data."""
+    h = hashlib.sha256(np.ascontiguousarray(data.latents).tobytes())
+    h.update("\n".join(data.captions).encode())
+    h.update(np.ascontiguousarray(data.caption_index).tobytes())
+    return h.hexdigest()
+
+
+STATE_FILE = "state.pt"  # in DIR-training/: what --resume continues from
+
+
+def save_state(path: Path, state: dict) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a run stopped while writing keeps the previous state
+
+
 def train_transformer(out: Path, cfg: TrainConfig, data: Dataset, embeds, pooled, curves: Path,
-                      stop_after: int | None = None):
+                      stop_after: int | None = None, resume: bool = False):
+    import copy
+
     import torch
 
     torch.manual_seed(cfg.seed + 4)
@@ -319,8 +369,6 @@ def train_transformer(out: Path, cfg: TrainConfig, data: Dataset, embeds, pooled
     saved = model  # what the checkpoints write: the EMA copy when cfg.ema is set
     ema = None
     if cfg.ema:
-        import copy
-
         ema = saved = copy.deepcopy(model).eval().requires_grad_(False)
     log.info("transformer: %d double + %d single blocks, width %d, %.2fM parameters", cfg.num_layers,
              cfg.num_single_layers, cfg.heads * cfg.head_dim, n_params / 1e6)
@@ -331,13 +379,34 @@ def train_transformer(out: Path, cfg: TrainConfig, data: Dataset, embeds, pooled
     img_ids = torch.from_numpy(lat.image_ids(grid))
     txt_ids = torch.from_numpy(lat.text_ids(cfg.text_tokens))
     rng = np.random.default_rng(cfg.seed + 200)
+    digest = data_digest(data)
+    start, run, before = 0, None, 0.0  # first step, running loss, seconds spent before a resume
+    state_path = curves / STATE_FILE
+    if resume:
+        st = torch.load(state_path, weights_only=False)
+        if st["data_digest"] != digest:
+            raise ValueError(f"--resume: the training latents differ from the stopped run's ({state_path}); "
+                             "was the VAE or the world changed?")
+        model.load_state_dict(st["model"])
+        if ema is not None:
+            ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["optimizer"])
+        rng.bit_generator.state = st["numpy_rng"]
+        torch.set_rng_state(st["torch_rng"])
+        start, run, before = st["step"], st["running_loss"], st["seconds"]
+        log.info("resuming the transformer at step %d/%d from %s", start, cfg.steps, state_path)
+    csv_path = curves / "transformer_loss.csv"
+    kept = []
+    if resume and csv_path.exists():  # rows past the checkpoint are redone
+        kept = [r for r in csv.reader(open(csv_path)) if r and r[0] != "step" and int(r[0]) < start]
     t0 = time.time()
+    end = min(cfg.steps, stop_after or cfg.steps)
     model.train()
-    with open(curves / "transformer_loss.csv", "w", newline="") as f:
+    with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "loss", "lr", "seconds"])
-        run = None
-        for it in range(min(cfg.steps, stop_after or cfg.steps)):
+        w.writerows(kept)
+        for it in range(start, end):
             lr = cfg.lr * min(1.0, (it + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * it / cfg.steps)))
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -358,17 +427,23 @@ def train_transformer(out: Path, cfg: TrainConfig, data: Dataset, embeds, pooled
                 with torch.no_grad():
                     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - cfg.ema)
             run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
-            w.writerow([it, f"{loss.item():.5f}", f"{lr:.6f}", f"{time.time() - t0:.1f}"])
-            if it % 25 == 0:
+            w.writerow([it, f"{loss.item():.5f}", f"{lr:.6f}", f"{before + time.time() - t0:.1f}"])
+            if it % 25 == 0 or it + 1 == end:
                 f.flush()
-                log.info("transformer step %d/%d loss %.4f (avg %.4f) %.0fs", it, cfg.steps, loss.item(), run,
-                         time.time() - t0)
-            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 in (cfg.steps, stop_after):
+                log.info("transformer step %d/%d loss %.4f (avg %.4f) %s", it + 1, cfg.steps, loss.item(), run,
+                         progress(it + 1 - start, cfg.steps - start, time.time() - t0))
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == end:
+                f.flush()
                 model.eval()
                 saved.save_pretrained(out / "transformer")
                 model.train()
+                save_state(state_path, {
+                    "step": it + 1, "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                    "optimizer": opt.state_dict(), "numpy_rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(), "running_loss": run, "data_digest": digest,
+                    "seconds": before + time.time() - t0})
                 log.info("checkpoint at step %d written to %s", it + 1, out / "transformer")
-    return saved
+    return saved, before + time.time() - t0
 
 
 def plot_loss(curves: Path, png: Path) -> None:
@@ -415,9 +490,23 @@ def write_card(out: Path, cfg: TrainConfig) -> None:
         "about": "the toy world (docs/toyworld.md): coloured, textured shapes on a grey ground"})
 
 
+RECIPE_OPTIONS = ("seed", "steps", "vae_steps", "decoder_steps", "dataset", "shared", "single", "anchored", "snap",
+                  "pooled_text", "vae_channels", "ema", "batch", "lr", "heads", "checkpoint_every", "reuse")
+
+
 def check_options(args) -> None:
     """Every option checked before any work or any folder is made (one-line ValueErrors)."""
-    for name in ("threads", "steps", "vae_steps", "decoder_steps", "dataset", "heads", "stop_after", "batch"):
+    if args.resume is not None:
+        given = [o for o in RECIPE_OPTIONS + ("out",) if getattr(args, o) not in (None, False)]
+        if given:
+            raise ValueError(f"--resume takes the recipe from the stopped run; drop --{given[0].replace('_', '-')}")
+        run = _curves(args.resume) / RUN_FILE
+        if not run.is_file():
+            raise ValueError(f"--resume {args.resume} is not an --out of this script (no {run})")
+    elif args.out is None:
+        raise ValueError("--out is required (or --resume DIR to continue a stopped run)")
+    for name in ("threads", "steps", "vae_steps", "decoder_steps", "dataset", "heads", "stop_after", "batch",
+                 "checkpoint_every"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -430,6 +519,12 @@ def check_options(args) -> None:
         raise ValueError(f"--vae-channels takes 1 or 2 levels of multiples of 8 channels, got {args.vae_channels}")
     if args.shared is not None and not 0.0 <= args.shared <= 1.0:
         raise ValueError(f"--shared is a probability in [0, 1], got {args.shared}")
+    if args.snap is not None and args.snap not in (2, 4):
+        raise ValueError(f"--snap takes 2 or 4 (px), got {args.snap}")
+    if args.single is not None and not 0.0 <= args.single < 1.0:
+        raise ValueError(f"--single is a share in [0, 1), got {args.single}")
+    if args.resume is not None:
+        return
     out = args.out.expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
@@ -442,6 +537,14 @@ def check_options(args) -> None:
             raise ValueError("--reuse and --out must be different folders")
 
 
+RUN_FILE = "run.json"  # in DIR-training/: the options the run was started with (what --resume reads)
+
+
+def _curves(out: Path) -> Path:
+    out = out.expanduser().resolve()
+    return out.parent / f"{out.name}-training"
+
+
 def _channels(text: str) -> list[int]:
     try:
         return [int(c) for c in text.split(",")]
@@ -451,14 +554,19 @@ def _channels(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deleaker.benchmarks.toyworld.train", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="folder to write the model into")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--out", type=Path, default=None, help="folder to write the model into")
+    ap.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                    help="continue the stopped run whose --out was DIR from its last checkpoint, with its recipe"
+                         " (only --threads and --stop-after may be given with it)")
+    ap.add_argument("--seed", type=int, default=None, help="the run's seed (default 0)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2; --resume: the run's)")
     ap.add_argument("--steps", type=int, default=None, help="transformer steps (default: TrainConfig.steps)")
     ap.add_argument("--vae-steps", type=int, default=None)
     ap.add_argument("--decoder-steps", type=int, default=None, help="decoder-only refinement steps")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="end the transformer stage after this many steps (same schedule as --steps)")
+    ap.add_argument("--checkpoint-every", type=int, default=None,
+                    help="transformer steps between checkpoints (default: TrainConfig.checkpoint_every)")
     ap.add_argument("--reuse", type=Path, default=None,
                     help="take tokenizers, encoders and VAE from an earlier --out of this script with the same"
                          " seed (they are deterministic) and run only the transformer stage")
@@ -466,6 +574,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", type=float, default=None,
                     help="probability that a training scene's objects share one attribute value"
                          " (default: TrainConfig.shared)")
+    ap.add_argument("--single", type=float, default=None,
+                    help="share of one-object training scenes (default: TrainConfig.single)")
+    ap.add_argument("--anchored", action="store_true",
+                    help="textures anchored to the canvas instead of a random phase per object (world.Mix)")
+    ap.add_argument("--snap", type=int, default=None, metavar="PX",
+                    help="objects of world.SNAPPED_SIZE px at positions on a PX grid (4: whole 4 px tokens; "
+                         "default: anywhere, world.Mix)")
     ap.add_argument("--pooled-text", action="store_true",
                     help="train the pooled-CLIP conditioning path too (default: zeroed and frozen)")
     ap.add_argument("--vae-channels", type=_channels, default=None, metavar="C[,C]",
@@ -483,6 +598,15 @@ def main(argv: list[str] | None = None) -> int:
     return run_reporting_errors(ap.prog, lambda: _train(args))
 
 
+def _config(args) -> TrainConfig:
+    given = {"steps": args.steps, "vae_steps": args.vae_steps, "decoder_steps": args.decoder_steps,
+             "dataset": args.dataset, "heads": args.heads, "shared": args.shared, "single": args.single,
+             "anchored": args.anchored or None, "snap": args.snap, "pooled_text": args.pooled_text or None, "ema": args.ema,
+             "batch": args.batch, "lr": args.lr, "checkpoint_every": args.checkpoint_every,
+             "vae_channels": tuple(args.vae_channels) if args.vae_channels else None}
+    return TrainConfig(seed=args.seed or 0, **{k: v for k, v in given.items() if v is not None})
+
+
 def _train(args) -> int:
     check_options(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -491,35 +615,54 @@ def _train(args) -> int:
     from deleaker.modeling.libs import quiet_libraries
 
     quiet_libraries()
-    torch.set_num_threads(args.threads)
-    given = {"steps": args.steps, "vae_steps": args.vae_steps, "decoder_steps": args.decoder_steps,
-             "dataset": args.dataset, "heads": args.heads,
-             "shared": args.shared, "pooled_text": args.pooled_text or None, "ema": args.ema,
-             "batch": args.batch, "lr": args.lr,
-             "vae_channels": tuple(args.vae_channels) if args.vae_channels else None}
-    cfg = TrainConfig(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
-    out = args.out.expanduser().resolve()
+    if args.resume is not None:
+        out = args.resume.expanduser().resolve()
+        curves = _curves(out)
+        run = json.loads((curves / RUN_FILE).read_text())
+        c = run["config"]
+        cfg = TrainConfig(**{**c, "vae_channels": tuple(c["vae_channels"]), "axes_dims_rope": tuple(c["axes_dims_rope"])})
+        reuse = Path(run["reuse"]) if run["reuse"] else None
+        threads = args.threads or run["threads"]
+        resume = (curves / STATE_FILE).is_file()
+        if not resume:
+            log.info("no transformer checkpoint in %s: the run starts again from the beginning", curves)
+    else:
+        cfg, out, reuse, threads, resume = _config(args), args.out.expanduser().resolve(), args.reuse, args.threads or 2, False
+        curves = _curves(out)
+        run = {"config": asdict(cfg), "reuse": str(reuse.expanduser().resolve()) if reuse else None,
+               "threads": threads, "setup_seconds": None}
+    torch.set_num_threads(threads)
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    curves = out.parent / f"{out.name}-training"
     curves.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (curves / STATE_FILE).unlink(missing_ok=True)
+        run["setup_seconds"] = None
+        (curves / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
     t0 = time.time()
     write_layout(out, cfg)
-    if args.reuse is not None:
+    if reuse is not None:
         import shutil
 
         from diffusers import AutoencoderKL
 
-        for sub in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae"):
-            shutil.copytree(args.reuse / sub, out / sub, dirs_exist_ok=True)
-        log.info("reusing tokenizers, encoders and VAE from %s", args.reuse)
+        if not resume:
+            for sub in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae"):
+                shutil.copytree(reuse / sub, out / sub, dirs_exist_ok=True)
+            log.info("reusing tokenizers, encoders and VAE from %s", reuse)
         vae = AutoencoderKL.from_pretrained(out / "vae", local_files_only=True).eval()
         if tuple(vae.config.block_out_channels) != tuple(cfg.vae_channels):
-            raise ValueError(f"--reuse {args.reuse}: its VAE has channels {list(vae.config.block_out_channels)},"
+            raise ValueError(f"--reuse {reuse}: its VAE has channels {list(vae.config.block_out_channels)},"
                              f" this run's are {list(cfg.vae_channels)} (--vae-channels)")
         data, _, _ = encode_dataset(vae, cfg)  # latents normalised with the saved shift/scale below
         data.latents = lat.pack_latents(
             (lat.unpack_latents(data.latents, cfg.grid) / data.scaling + data.shift
              - vae.config.shift_factor) * vae.config.scaling_factor).astype(np.float32)
+    elif resume:
+        from diffusers import AutoencoderKL
+
+        # the encoder is the one the latents were first made with (the decoder refinement froze it)
+        vae = AutoencoderKL.from_pretrained(out / "vae", local_files_only=True).eval()
+        data, _, _ = encode_dataset(vae, cfg)
     else:
         build_tokenizers(out, cfg)
         build_encoders(out, cfg)
@@ -530,11 +673,17 @@ def _train(args) -> int:
         vae = refine_decoder(vae, cfg, curves)  # does not change the latents the transformer learns
         vae.save_pretrained(out / "vae")
     embeds, pooled = encode_captions(out, data.captions, cfg)
-    train_transformer(out, cfg, data, embeds, pooled, curves, args.stop_after)
-    (curves / "train_config.json").write_text(json.dumps({**asdict(cfg), "threads": args.threads,
-                                                         "wall_seconds": round(time.time() - t0, 1)}, indent=2))
+    if not resume:
+        run["setup_seconds"] = round(time.time() - t0, 1)
+        (curves / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+    _, seconds = train_transformer(out, cfg, data, embeds, pooled, curves, args.stop_after, resume)
+    # the stages before the transformer plus the transformer's time over every session of the run
+    # (a resumed session's re-encoding of the latents is not counted)
+    wall = run["setup_seconds"] + seconds
+    (curves / "train_config.json").write_text(json.dumps({**asdict(cfg), "threads": threads,
+                                                         "wall_seconds": round(wall, 1)}, indent=2))
     plot_loss(curves, curves / "transformer_loss.png")
-    log.info("done in %.0fs: %s", time.time() - t0, out)
+    log.info("done in %.0fs of this command (%.0fs over the run): %s", time.time() - t0, wall, out)
     return 0
 
 

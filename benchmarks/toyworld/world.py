@@ -36,6 +36,33 @@ VALUES = {"colour": tuple(COLOURS), "texture": TEXTURES, "shape": SHAPES}
 
 COUNTS, COUNT_PROBS = (1, 2, 3), (0.15, 0.6, 0.25)  # objects per training scene
 SHARED = 0.0  # default probability that a training scene's objects share one attribute value
+TEXTURE_PERIOD = 4  # pixels
+
+
+@dataclass(frozen=True)
+class Mix:
+    """How training scenes are drawn beyond the shared-value tie: the share of one-object scenes
+    (the rest are two- and three-object scenes in the ratio 60:25), and whether textures are
+    anchored to the canvas (the dark marks lie where the pattern, laid over the whole image, puts
+    them: every token inside an object of one texture then holds the same pixels) or to the
+    object (a random phase per object, the first worlds' way). The defaults are v2's world."""
+
+    single: float = COUNT_PROBS[0]
+    anchored: bool = False
+    # objects SNAP px wide at positions on a SNAP px grid (0 = anywhere, 10-14 / 9-11 px): with SNAP
+    # the token size (4 px through the factor-2 VAE), an object covers whole tokens and each shape
+    # is one fixed pattern of token contents
+    snap: int = 0
+
+    @property
+    def count_probs(self) -> tuple[float, float, float]:
+        if self.single == COUNT_PROBS[0]:
+            return COUNT_PROBS  # the literal, so the default draws exactly what earlier worlds drew
+        rest = 1.0 - self.single
+        return (self.single, rest * COUNT_PROBS[1] / (1 - COUNT_PROBS[0]), rest * COUNT_PROBS[2] / (1 - COUNT_PROBS[0]))
+
+
+MIX = Mix()
 
 
 @dataclass(frozen=True)
@@ -135,24 +162,35 @@ def texture_marks(texture: str, h: int, w: int | None = None, phase: tuple[int, 
     raise ValueError(f"unknown texture {texture!r}; known: {', '.join(TEXTURES)}")
 
 
-def render_object(canvas: np.ndarray, thing: Thing, x0: int, y0: int, size: int, phase: int = 0) -> None:
-    """Paint one object into canvas [H, W, 3] uint8 in place."""
+def render_object(canvas: np.ndarray, thing: Thing, x0: int, y0: int, size: int,
+                  phase: int | tuple[int, int] = 0) -> None:
+    """Paint one object into canvas [H, W, 3] uint8 in place; phase: the texture's (y, x) shift
+    (one int: the same on both axes)."""
     mask = shape_mask(thing.shape, size)
     colour = np.array(COLOURS[thing.colour], np.float32)
     patch = np.broadcast_to(colour, (size, size, 3)).copy()
-    patch[texture_marks(thing.texture, size, size, (phase, phase))] *= DARK
+    phase = (phase, phase) if isinstance(phase, (int, np.integer)) else tuple(phase)
+    patch[texture_marks(thing.texture, size, size, phase)] *= DARK
     region = canvas[y0:y0 + size, x0:x0 + size]
     region[mask] = patch[mask].round().astype(np.uint8)
 
 
-def random_layout(rng: np.random.Generator, n: int, tries: int = 200) -> list[tuple[int, int, int]]:
-    """n non-overlapping (x0, y0, size) boxes inside the image (GAP pixels apart)."""
+SNAPPED_SIZE = 12  # px, the object size of a snapped layout (3 x 3 tokens of 4 px)
+
+
+def random_layout(rng: np.random.Generator, n: int, tries: int = 200, snap: int = 0) -> list[tuple[int, int, int]]:
+    """n non-overlapping (x0, y0, size) boxes inside the image (GAP pixels apart); snap > 0:
+    SNAPPED_SIZE px boxes at multiples of `snap` px."""
     lo, hi = (MIN_SIZE, MAX_SIZE) if n <= 2 else (MIN_SIZE_3, MAX_SIZE_3)
     for _ in range(tries):
         boxes = []
         for _ in range(n):
-            s = int(rng.integers(lo, hi + 1))
-            x0, y0 = (int(v) for v in rng.integers(1, IMAGE_SIZE - s, size=2))
+            if snap:
+                s = SNAPPED_SIZE
+                x0, y0 = (snap * int(v) for v in rng.integers(0, (IMAGE_SIZE - s) // snap + 1, size=2))
+            else:
+                s = int(rng.integers(lo, hi + 1))
+                x0, y0 = (int(v) for v in rng.integers(1, IMAGE_SIZE - s, size=2))
             if all(x0 + s + GAP <= bx or bx + bs + GAP <= x0 or y0 + s + GAP <= by or by + bs + GAP <= y0
                    for bx, by, bs in boxes):
                 boxes.append((x0, y0, s))
@@ -163,14 +201,17 @@ def random_layout(rng: np.random.Generator, n: int, tries: int = 200) -> list[tu
     raise RuntimeError(f"could not place {n} objects without overlap in {tries} tries")
 
 
-def render_scene(things, rng: np.random.Generator) -> Sample:
-    """Render the described objects (caption order) at a random layout."""
+def render_scene(things, rng: np.random.Generator, anchored: bool = False, snap: int = 0) -> Sample:
+    """Render the described objects (caption order) at a random layout; anchored: textures
+    fixed to the canvas (Mix.anchored), else a random phase per object."""
     things = tuple(t if isinstance(t, Thing) else parse_phrase(t) for t in things)
     canvas = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     canvas[:] = BACKGROUND
     layout = []
-    for thing, (x0, y0, s) in zip(things, random_layout(rng, len(things))):
-        render_object(canvas, thing, x0, y0, s, phase=int(rng.integers(0, 4)))
+    # a snapped layout has few places: three objects fit in about 1 random try in 100
+    for thing, (x0, y0, s) in zip(things, random_layout(rng, len(things), tries=5000 if snap else 200, snap=snap)):
+        phase = int(rng.integers(0, TEXTURE_PERIOD))  # drawn either way: the rest of the scene is the same
+        render_object(canvas, thing, x0, y0, s, phase=(y0, x0) if anchored else phase)
         layout.append(Placed(thing, x0, y0, s))
     return Sample(canvas, caption_for(things), things, tuple(layout))
 
@@ -195,11 +236,11 @@ def distinct_things(rng: np.random.Generator, n: int) -> tuple[Thing, ...]:
     return tuple(Thing(*(vals[a][i] for a in ATTRIBUTES)) for i in range(n))
 
 
-def sample(seed: int, shared: float = SHARED) -> Sample:
-    """One random training scene, a pure function of (seed, shared)."""
+def sample(seed: int, shared: float = SHARED, mix: Mix = MIX) -> Sample:
+    """One random training scene, a pure function of (seed, shared, mix)."""
     rng = np.random.default_rng(seed)
-    n = int(rng.choice(COUNTS, p=COUNT_PROBS))
-    return render_scene(random_things(rng, n, shared), rng)
+    n = int(rng.choice(COUNTS, p=mix.count_probs))
+    return render_scene(random_things(rng, n, shared), rng, mix.anchored, mix.snap)
 
 
 def corpus(n: int = 3000, seed: int = 0) -> list[str]:

@@ -42,8 +42,9 @@ static const int kDlOutputRanks[DL_NUM_OUTPUTS] = {4, 3};
 enum {
   DL_ATTR_BLOCK_OFFSET = 0,
   DL_ATTR_BLOCKS_PER_STEP = 1,
-  DL_NUM_ATTRS = 2
+  DL_ATTR_LAYOUT = 2,
+  DL_NUM_ATTRS = 3
 };
-static const char* const kDlAttrNames[] = {"block_offset", "blocks_per_step"};
+static const char* const kDlAttrNames[] = {"block_offset", "blocks_per_step", "layout"};
 
 #endif /* DELEAKER_TRT_FIELDS_H */

@@ -25,8 +25,8 @@
 #if !defined(NV_TENSORRT_MAJOR) || NV_TENSORRT_MAJOR < 10
 #error "the DeLeakerAttention plugin needs TensorRT 10 or newer (IPluginV3)"
 #endif
-#if DL_ABI_VERSION < 4
-#error "the DeLeakerAttention plugin needs deleaker_attention.h ABI v4 (per-sample windows/knobs/rules arrays only)"
+#if DL_ABI_VERSION < 5
+#error "the DeLeakerAttention plugin needs deleaker_attention.h ABI v5 (per-sample settings arrays, the layout attribute)"
 #endif
 
 using namespace nvinfer1;
@@ -322,6 +322,7 @@ public:
         p.rules = static_cast<int64_t const*>(inputs[DL_IN_RULES]);
         p.block_offset = mAttrs[DL_ATTR_BLOCK_OFFSET];
         p.blocks_per_step = mAttrs[DL_ATTR_BLOCKS_PER_STEP];
+        p.layout = mAttrs[DL_ATTR_LAYOUT];
         size_t const bytes = dl_workspace_size(&p);
         int const status = dl_launch(&p, workspace, bytes, stream);
         if (status != DL_OK)
@@ -426,7 +427,7 @@ public:
                 if (i == DL_NUM_ATTRS)
                 {
                     logError(node + ": unknown field '" + f.name + "' (op contract v" + std::to_string(DL_TRT_OP_VERSION)
-                        + " has block_offset and blocks_per_step only; re-export the model)");
+                        + " has block_offset, blocks_per_step and layout only; re-export the model)");
                     return nullptr;
                 }
                 if (!readInteger(f, attrs[i]))
@@ -435,6 +436,11 @@ public:
                     return nullptr;
                 }
                 seen[i] = true;
+            }
+            if (!seen[DL_ATTR_LAYOUT])
+            {
+                attrs[DL_ATTR_LAYOUT] = 0; // a node exported before layouts: text_image
+                seen[DL_ATTR_LAYOUT] = true;
             }
             for (int i = 0; i < DL_NUM_ATTRS; ++i)
             {
@@ -450,6 +456,13 @@ public:
             {
                 logError(node + ": need 0 <= block_offset < blocks_per_step, got block_offset " + std::to_string(off)
                     + ", blocks_per_step " + std::to_string(bps));
+                return nullptr;
+            }
+            if (attrs[DL_ATTR_LAYOUT] != 0)
+            {
+                // the fused kernels index the joint sequence as [text ; image]
+                logError(node + ": the plugin takes layout 0 (text_image) only, got " + std::to_string(attrs[DL_ATTR_LAYOUT])
+                    + "; run this model family with ONNX Runtime (the op's function body)");
                 return nullptr;
             }
             return new DeLeakerAttentionPlugin(attrs);

@@ -211,6 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(DL_OP_PARAMS, int64_t plain_b
 
   p.block_offset = block_offset;
   p.blocks_per_step = blocks_per_step;
+  p.layout = layout;
   p.windows = win.data_ptr<int64_t>();
   p.knobs = kno.data_ptr<float>();
   p.rules = rul.data_ptr<int64_t>();

@@ -31,8 +31,8 @@
 extern "C" {
 #endif
 
-#define DL_ABI_VERSION 4 /* 4: settings tensors only (no batch-wide scalar fields); 3: per-sample settings
-                            tensors (op contract v2); 2: implementation switches */
+#define DL_ABI_VERSION 5 /* 5: the layout attribute; 4: settings tensors only (no batch-wide scalar fields);
+                            3: per-sample settings tensors (op contract v2); 2: implementation switches */
 #define DL_MAX_ENTITIES 8 /* entity slots per sample (E <= 8) */
 
 typedef enum { DL_DTYPE_FP16 = 0, DL_DTYPE_BF16 = 1 } dl_dtype_t;
@@ -86,6 +86,7 @@ typedef struct {
   /* Attributes (structural), in runtime/op_schema.py ATTRIBUTES order. */
   int64_t block_offset;
   int64_t blocks_per_step;
+  int64_t layout; /* order of the joint sequence; the kernels take 0 (text_image) only */
 
   /* Per-sample settings, contiguous device arrays [B, DL_<TENSOR>_WIDTH] (columns: the
    * DL_WINDOWS_* / DL_KNOBS_* / DL_RULES_* enums of deleaker_settings.h), read on the device.

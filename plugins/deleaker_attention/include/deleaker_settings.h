@@ -40,7 +40,8 @@ enum {
   X(rules)
 #define DL_OP_ATTRS(X) \
   X(block_offset) \
-  X(blocks_per_step)
+  X(blocks_per_step) \
+  X(layout)
 
 /* Every setting as X(tensor, column, width, kernel field, kind): kind I64 (int64 window), F32
  * (float knob) or FLAG (0/1 rule); the kernels' Settings struct and loader expand it. */

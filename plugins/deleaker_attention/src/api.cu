@@ -170,6 +170,9 @@ int dl_launch(const dl_params_t* p, void* workspace, size_t workspace_bytes, cud
     return fail(DL_ERR_INVALID_ARGUMENT, "q/k/v/out batch, head and row strides must be multiples of 8 elements");
   if (p->plain_done && !p->lse) return fail(DL_ERR_INVALID_ARGUMENT, "p->plain_done && !p->lse");
   if (p->blocks_per_step < 1) return fail(DL_ERR_INVALID_ARGUMENT, "p->blocks_per_step < 1");
+  if (p->layout != 0)  // the kernels index the joint sequence as [text ; image]
+    return fail(DL_ERR_INVALID_ARGUMENT, "p->layout != 0: the fused kernels take layout 0 (text_image) only; "
+                "run other layouts on the reference op or the ONNX function body");
   if (!p->windows || !p->knobs || !p->rules)
     return fail(DL_ERR_INVALID_ARGUMENT, "windows/knobs/rules must be device arrays [B, DL_*_WIDTH]");
   if (!aligned8(p->windows) || !aligned8(p->rules) || ((uintptr_t)p->knobs & 3u) != 0)
