@@ -42,7 +42,8 @@ def _parser(commands: dict) -> argparse.ArgumentParser:
         sub.add_parser(name, help=COMMAND_HELP.get(name, f"see `deleaker {name} --help`"), add_help=False)
     g = sub.add_parser("generate", help="generate an image from a prompt",
                        formatter_class=DefaultsHelpFormatter)
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", help="what to draw (default: the model card's example prompt and entities, e.g. the "
+                   "embedded model's)")
     g.add_argument("--entities", default="", help="comma-separated entity words that occur in the prompt")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", help="diffusers-format FLUX folder (torch backend); default: the embedded toy-world "
@@ -87,6 +88,13 @@ def _generate(args) -> int:
     if args.model is None and not args.artifact:  # the embedded model: its artifact, or its folder for torch
         args.backend, args.model, args.artifact = default_source(args.backend)
     card = read_card(args.model or args.artifact)  # the declared preset, size and words (None: no card)
+    if args.prompt is None:  # a first run with no options draws what the model can draw
+        if card is None or not card.example_prompt:
+            raise ValueError("--prompt is required: this model's folder has no card with an example prompt")
+        args.prompt = card.example_prompt
+        if not args.entities.strip():
+            args.entities = ",".join(card.example_entities)
+        log.info("no --prompt: the model card's example %r with the entities %s", args.prompt, args.entities or "none")
     cfg = preset(args.preset or default_preset(card))
     out = Path(args.out)
     if out.suffix.lower() != ".png":

@@ -121,3 +121,23 @@ def test_help_shows_defaults(capsys, monkeypatch):
         main(["generate", "--help"])
     out = capsys.readouterr().out
     assert "else flux-dev)" in out and "(default: 3.5)" in out and "(default: None)" not in out
+
+
+def test_no_prompt_draws_the_cards_example(tmp_path, caplog):
+    """`deleaker generate --out x.png` on the embedded default draws its card's example (logged);
+    a model folder with no card still needs --prompt, in one line, with no file written."""
+    import logging
+
+    out = tmp_path / "first.png"
+    with caplog.at_level(logging.INFO, logger="deleaker"):
+        assert main(["generate", "--out", str(out), "--quiet"]) == 0
+    assert "no --prompt: the model card's example 'a red striped circle and a blue dotted square'" in caplog.text
+    assert Image.open(out).size == (128, 128)  # 32x32 written 4x
+
+
+def test_no_prompt_without_a_card_is_one_line(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert main(["generate", "--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "deleaker: error: --prompt is required: this model's folder has no card with an example prompt", err
+    assert not out.exists()
