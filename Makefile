@@ -43,7 +43,7 @@ tools:
 # The embedded default model (the toy world): one prompt, seeds 0-7, vanilla above DeLeaker,
 # every cell tagged by the exact judge (leak / clean / missing); the counts are printed.
 demo: $(STAMP)
-	$(BIN)/python -m deleaker.benchmarks.toyworld.demo --out demo.png
+	$(BIN)/python -m deleaker.toyworld.demo --out demo.png
 
 # The embedded model's shipped artifact (runtime/models/toyworld-onnx), exported again from its
 # diffusers folder (runtime/models/toyworld) with the options in export/embedded.py.

@@ -207,7 +207,7 @@ PRESETS: dict[str, DeLeakerConfig] = {
     # The tests' tiny model has random weights: its attention maps are not spatially coherent,
     # so the 3x3 opening erases every mask. Same rules, no smoothing, so the demo shows an effect.
     "tiny": DeLeakerConfig(num_steps=20, do_smoothing=False),
-    # The toy-world model (benchmarks/toyworld, 5 blocks per step, 10 steps at 32x32): chosen by the
+    # The toy-world model (trained by toyworld/train.py, 5 blocks per step, 10 steps at 32x32): chosen by the
     # recorded sweep of docs/toyworld.md (windows from the first, second and third step; all rules,
     # W + S, W + X or W alone; strengths 1.2 and 2.0; no smoothing on its 8x8 token grid).
     "toyworld": DeLeakerConfig(num_steps=10, start_aggregating_from=5, start_intervention_from=7, k_strength=1.2,

@@ -1,6 +1,6 @@
 """The model that ships inside the package and runs when no --model or --artifact is given: the toy-world model.
 
-It was trained on CPU in 35 minutes (benchmarks/toyworld/train.py) to draw a world of coloured,
+It was trained on CPU in 35 minutes (toyworld/train.py) to draw a world of coloured,
 textured shapes from captions such as "a red striped circle and a blue dotted square"; its
 vanilla images copy attributes from the other named object, and DeLeaker removes part of that
 (docs/toyworld.md). Its card (deleaker.json) gives the preset, the 32x32 size and its words.

@@ -31,7 +31,7 @@ EARLY = dict(start_aggregating_from=0, start_intervention_from=1, num_steps=STEP
 # magnitude ~4. DeLeaker on vs off moves the latents by ~1e-3 on this model, and a misread op
 # output by ~1e-1: 5e-5 separates them.
 ATOL = 5e-5
-# the artifact's sizes (tests/golden.py compiles the same one to record the golden images)
+# the artifact's sizes (tests/support/golden.py compiles the same one to record the golden images)
 AOTI_ARGS = ("--height", "64", "--width", "64", "--min-size", "64", "--max-size", "128")
 
 
@@ -146,7 +146,7 @@ def test_verify_aoti_passes(artifact, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def golden_run(artifact):
-    import golden
+    from support import golden
 
     from deleaker.modeling.aoti_backend import AotiBackend
     from deleaker.runtime.pipeline import Pipeline
@@ -155,15 +155,15 @@ def golden_run(artifact):
 
 
 def test_golden_within_bound(golden_run):
-    """The aoti backend's output on the golden requests (tests/golden.py) within the bound of the recorded one."""
-    import golden
+    """The aoti backend's output on the golden requests (tests/support/golden.py) within the bound of the recorded one."""
+    from support import golden
 
     golden.check_bound("aoti", golden_run)
 
 
 def test_golden_digest(golden_run):
     """... and bit for bit, where the environment is the recorded one."""
-    import golden
+    from support import golden
 
     golden.check_digest("aoti", golden_run)
 

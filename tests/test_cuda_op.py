@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from deleaker.benchmarks import op_bench as ob
-import verdict as V
+from support import verdict as V
 from deleaker.benchmarks.op_bench import Case
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 pytest.importorskip("onnxruntime")
 
-from deleaker.benchmarks.toyworld.preset import DEMO_ENTITIES, DEMO_PROMPT  # noqa: E402
+from deleaker.toyworld.preset import DEMO_ENTITIES, DEMO_PROMPT  # noqa: E402
 from deleaker.runtime import GenerateRequest, load_pipeline  # noqa: E402
 from deleaker.runtime.artifact import load_artifact  # noqa: E402
 from deleaker.runtime.embedded import default_artifact_dir, default_model_dir  # noqa: E402
@@ -75,7 +75,7 @@ def test_generate_without_model_never_imports_torch(tmp_path):
 def test_demo_never_imports_torch(tmp_path):
     """What `make demo` runs: 16 images on the lean runtime, each judged by the numpy/scipy judge."""
     out = tmp_path / "demo.png"
-    r, mods = _run_importtime(["-m", "deleaker.benchmarks.toyworld.demo", "--out", str(out), "--threads", "1"],
+    r, mods = _run_importtime(["-m", "deleaker.toyworld.demo", "--out", str(out), "--threads", "1"],
                               tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "onnxruntime" in mods and not set(TORCH_SIDE) & mods, sorted(set(TORCH_SIDE) & mods)

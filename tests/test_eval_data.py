@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from deleaker.benchmarks.quality import cli
-from deleaker.benchmarks.quality.data import SAMPLE, SLIM_SPLITS, DataError, entity_in_prompt, load_records
+from deleaker.eval import cli
+from deleaker.eval.data import SAMPLE, SLIM_SPLITS, DataError, entity_in_prompt, load_records
 
 GOOD = [
     {"prompt": "A cat and a dog on a sofa", "entities": ["cat", "dog"], "seed": 1, "dataset": "two_entities",

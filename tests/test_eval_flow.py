@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deleaker.benchmarks.quality import cli
-from deleaker.benchmarks.quality.judges.paper import VERDICTS
-from deleaker.benchmarks.quality.run import RunSettings, run_generation
-from deleaker.benchmarks.quality.store import RunDir
+from deleaker.eval import cli
+from deleaker.eval.judges.paper import VERDICTS
+from deleaker.eval.run import RunSettings, run_generation
+from deleaker.eval.store import RunDir
 
 pytest.importorskip("openai")
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deleaker.benchmarks.quality import cli
-from deleaker.benchmarks.quality.client import parse_json_answer
-from deleaker.benchmarks.quality.judges.base import JudgeOptions, JudgeUnavailable, get_judge, judge_run
-from deleaker.benchmarks.quality.judges.paper import VERDICT_SCHEMA, differences_schema, merge_differences
-from deleaker.benchmarks.quality.report import summarize
-from deleaker.benchmarks.quality.store import RunDir, append_jsonl
+from deleaker.eval import cli
+from deleaker.eval.client import parse_json_answer
+from deleaker.eval.judges.base import JudgeOptions, JudgeUnavailable, get_judge, judge_run
+from deleaker.eval.judges.paper import VERDICT_SCHEMA, differences_schema, merge_differences
+from deleaker.eval.report import summarize
+from deleaker.eval.store import RunDir, append_jsonl
 
 
 def test_strict_parsing():
@@ -85,7 +85,7 @@ def _lpips_reference(torch, features, lins, a, b):
 
 def test_lpips_from_local_weights(tmp_path):
     torch = pytest.importorskip("torch")
-    from deleaker.benchmarks.quality.judges.lpips import Lpips
+    from deleaker.eval.judges.lpips import Lpips
 
     torch.manual_seed(0)
     feats = _alexnet_features(torch)
@@ -122,9 +122,9 @@ def _toy_run(tmp_path, pairs) -> RunDir:
 
 
 def test_toyworld_judge(tmp_path):
-    world = pytest.importorskip("deleaker.benchmarks.toyworld.world")
-    pytest.importorskip("deleaker.benchmarks.toyworld.judge")
-    from deleaker.benchmarks.toyworld.world import Thing, render_object
+    world = pytest.importorskip("deleaker.toyworld.world")
+    pytest.importorskip("deleaker.toyworld.judge")
+    from deleaker.toyworld.world import Thing, render_object
 
     circle, square = Thing("red", "plain", "circle"), Thing("blue", "striped", "square")
     entities = (circle.phrase, square.phrase)

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from deleaker.benchmarks.quality import cli
-from deleaker.benchmarks.quality.run import RunSettings, run_generation
-from deleaker.benchmarks.quality.store import RunDir
+from deleaker.eval import cli
+from deleaker.eval.run import RunSettings, run_generation
+from deleaker.eval.store import RunDir
 
 ROWS = [{"prompt": "a cat and a dog on a sofa", "entities": ["cat", "dog"], "seed": 1, "dataset": "two_entities"}]
 

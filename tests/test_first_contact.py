@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 import httpx  # noqa: E402
-from serve_support import ServerProcess  # noqa: E402
+from support.serve import ServerProcess  # noqa: E402
 
 from deleaker.runtime.pipeline import GenerateRequest, load_pipeline  # noqa: E402
 from deleaker.runtime.serve.client import GENERATE_PATH  # noqa: E402

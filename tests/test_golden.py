@@ -1,4 +1,4 @@
-"""The torch backend's output on the golden requests (tests/golden.py): within the bound, bit for
+"""The torch backend's output on the golden requests (tests/support/golden.py): within the bound, bit for
 bit where the environment is the recorded one; the bound rejects changes to the denoising loop
 and admits another CPU's vector code paths."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import golden
+from support import golden
 
 from deleaker.runtime.backends import base, load_backend
 from deleaker.runtime.pipeline import Pipeline, replace

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deleaker.benchmarks.input_audit import Scratch, _broken_model, write_io_artifact
+from support.input_audit import Scratch, _broken_model, write_io_artifact
 from deleaker.runtime.cli import main
 
 PROMPT = "a cat and a cheetah in a field"
@@ -212,7 +212,7 @@ def test_deep_json_is_a_400_naming_the_body(depth):
 
 
 def test_eval_out_in_the_model_folder_is_refused(tmp_path, tiny_model_dir, capsys):
-    from deleaker.benchmarks.quality.cli import main as eval_main
+    from deleaker.eval.cli import main as eval_main
 
     model = tmp_path / "model"
     Scratch(tmp_path, tiny_model_dir).model_copy(tmp_path)

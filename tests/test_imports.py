@@ -1,5 +1,7 @@
-"""The layers import one way: runtime <- modeling (torch side) <- export <- benchmarks, and no
-module takes part in an import cycle. Every import statement counts, function-level ones
+"""The layers import one way: runtime <- modeling (torch side) <- export <- {benchmarks, eval};
+eval <- toyworld (the toy world measures with eval's outcome categories and judge registry);
+benchmarks, eval and toyworld never import one another otherwise, and no module takes part in an
+import cycle. Every import statement counts, function-level ones
 included, and importlib.import_module with a literal name; backends and subcommands that live in
 a higher layer reach the runtime only through entry points (pyproject.toml)."""
 
@@ -9,7 +11,17 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("deleaker.runtime", "deleaker.modeling", "deleaker.export", "deleaker.benchmarks")  # low -> high
+LAYERS = ("deleaker.runtime", "deleaker.modeling", "deleaker.export", "deleaker.benchmarks", "deleaker.eval",
+          "deleaker.toyworld")
+# layer -> the layers it may import (besides itself)
+BELOW = {
+    "deleaker.runtime": set(),
+    "deleaker.modeling": {"deleaker.runtime"},
+    "deleaker.export": {"deleaker.runtime", "deleaker.modeling"},
+    "deleaker.benchmarks": {"deleaker.runtime", "deleaker.modeling", "deleaker.export"},
+    "deleaker.eval": {"deleaker.runtime", "deleaker.modeling", "deleaker.export"},
+    "deleaker.toyworld": {"deleaker.runtime", "deleaker.modeling", "deleaker.export", "deleaker.eval"},
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -50,8 +62,8 @@ def _imports(name: str, path: Path, known: dict) -> set[str]:
     return found
 
 
-def _layer(module: str) -> int:
-    return next(i for i, prefix in enumerate(LAYERS) if module == prefix or module.startswith(prefix + "."))
+def _layer(module: str) -> str:
+    return next(prefix for prefix in LAYERS if module == prefix or module.startswith(prefix + "."))
 
 
 def _graph() -> dict[str, set[str]]:
@@ -70,8 +82,11 @@ def test_the_walk_finds_the_imports_it_must():
 
 
 def test_imports_point_down_the_layers():
-    upward = sorted(f"{a} -> {b}" for a, targets in _graph().items() for b in targets if _layer(b) > _layer(a))
-    assert not upward, "imports that point up the layers " + " < ".join(LAYERS) + ":\n" + "\n".join(upward)
+    assert set(BELOW) == set(LAYERS) == set(tomllib.loads((ROOT / "pyproject.toml").read_text())
+                                            ["tool"]["setuptools"]["package-dir"])
+    upward = sorted(f"{a} -> {b}" for a, targets in _graph().items() for b in targets
+                    if _layer(b) != _layer(a) and _layer(b) not in BELOW[_layer(a)])
+    assert not upward, "imports outside the layer order " + repr(BELOW) + ":\n" + "\n".join(upward)
 
 
 def test_no_import_cycles():
@@ -113,4 +128,11 @@ def test_runtime_names_no_module_of_a_higher_layer():
             assert prefix not in text, f"{path.relative_to(ROOT)} names {prefix}"
     groups = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
     assert groups["deleaker.backends"]["torch"].startswith("deleaker.modeling.")
-    assert groups["deleaker.commands"]["eval"].startswith("deleaker.benchmarks.")
+    assert groups["deleaker.commands"]["eval"].startswith("deleaker.eval.")
+    assert groups["deleaker.judges"]["toyworld"].startswith("deleaker.toyworld.")
+
+
+def test_eval_names_no_toyworld_module():
+    """The toy world's judge reaches `deleaker eval` through the deleaker.judges entry point."""
+    for path in (ROOT / "eval").rglob("*.py"):
+        assert "deleaker.toyworld" not in path.read_text(), f"{path.relative_to(ROOT)} names deleaker.toyworld"

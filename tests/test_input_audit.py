@@ -1,4 +1,4 @@
-"""The bad-input audit (benchmarks/input_audit.py) run once over every area: each case must be
+"""The bad-input audit (tests/support/input_audit.py) run once over every area: each case must be
 clean (exit 2 / 4xx JSON, one line, no traceback, nothing left behind)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from deleaker.benchmarks import input_audit
+from support import input_audit
 
 def _param(area, name):
     return pytest.param(area, name, id=f"{area}: {name}")

@@ -92,7 +92,7 @@ def test_serve_without_model_serves_the_toy_world(tmp_path):
     import io
 
     import httpx
-    from serve_support import ServerProcess
+    from support.serve import ServerProcess
 
     from deleaker.runtime.serve.client import GENERATE_PATH
 

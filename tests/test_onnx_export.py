@@ -242,7 +242,7 @@ def test_generation_matches_torch_backend(artifact_dir, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def golden_run(artifact_dir):
-    import golden
+    from support import golden
 
     from deleaker.runtime.backends import load_backend
     from deleaker.runtime.pipeline import Pipeline
@@ -251,15 +251,15 @@ def golden_run(artifact_dir):
 
 
 def test_golden_within_bound(golden_run):
-    """The onnxruntime backend's output on the golden requests (tests/golden.py) within the bound of the recorded one."""
-    import golden
+    """The onnxruntime backend's output on the golden requests (tests/support/golden.py) within the bound of the recorded one."""
+    from support import golden
 
     golden.check_bound("onnxruntime", golden_run)
 
 
 def test_golden_digest(golden_run):
     """... and bit for bit, where the environment is the recorded one."""
-    import golden
+    from support import golden
 
     golden.check_digest("onnxruntime", golden_run)
 

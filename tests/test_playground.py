@@ -28,7 +28,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 websockets_sync = pytest.importorskip("websockets.sync.client", reason="needs websockets (the test extra)")
 
-from serve_support import EARLY, SIZE, STEPS, ServerProcess, metric, png_pixels  # noqa: E402
+from support.serve import EARLY, SIZE, STEPS, ServerProcess, metric, png_pixels  # noqa: E402
 
 from deleaker.runtime.serve.app import STATIC_DIR  # noqa: E402
 from deleaker.runtime.serve.client import GENERATE_PATH as GEN  # noqa: E402

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
 
-from serve_support import EARLY, SIZE, STEPS, ServerProcess, metric, png_pixels  # noqa: E402
+from support.serve import EARLY, SIZE, STEPS, ServerProcess, metric, png_pixels  # noqa: E402
 
 from deleaker.runtime.backends import load_backend  # noqa: E402
 from deleaker.runtime.pipeline import GenerateRequest, Pipeline  # noqa: E402

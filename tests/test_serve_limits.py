@@ -17,7 +17,7 @@ pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not
 
 from deleaker.runtime.serve.client import GENERATE_PATH as GEN  # noqa: E402
 from deleaker.runtime.serve.options import HTTP_PARSERS  # noqa: E402
-from serve_support import SIZE, STEPS, ServerProcess, metric  # noqa: E402
+from support.serve import SIZE, STEPS, ServerProcess, metric  # noqa: E402
 
 READ_TIMEOUT_S = 2
 FAST = {"prompt": "a cat and a dog", "entities": ["cat", "dog"], "size": SIZE, "steps": STEPS}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deleaker.benchmarks.toyworld import judge as J
-from deleaker.benchmarks.toyworld import world
+from deleaker.toyworld import judge as J
+from deleaker.toyworld import world
 
 from deleaker.runtime.embedded import default_model_dir
 
@@ -20,7 +20,7 @@ def test_phrases_parse_and_every_attribute_word_is_one_token():
         world.parse_phrase("cyan dotted circle")
     with pytest.raises(ValueError, match="<colour> <texture> <shape>"):
         world.parse_phrase("circle")
-    from deleaker.benchmarks.toyworld.train import word_t5_tokenizer
+    from deleaker.toyworld.train import word_t5_tokenizer
 
     tok = word_t5_tokenizer(world.corpus(n=50))
     words = [w for a in world.ATTRIBUTES for w in world.VALUES[a]]
@@ -106,7 +106,7 @@ def test_judge_texture_leak_and_non_leak_mismatch():
 def test_wrong_attributes_split_named_from_unnamed_sources():
     """The evaluator's control for leakage: a wrong value counts as 'named' only when it is another
     entity's of the prompt; the same wrong value with that entity not named is an ordinary error."""
-    from deleaker.benchmarks.toyworld.evaluate import named_share, wrong_attributes
+    from deleaker.toyworld.evaluate import named_share, wrong_attributes
 
     blue = world.Thing("blue", TRIANGLE.texture, TRIANGLE.shape)
     named = J.judge(_scene_with([(blue, (2, 2, 13)), (SQUARE, (17, 16, 13))]), ENTITIES)
@@ -119,7 +119,7 @@ def test_wrong_attributes_split_named_from_unnamed_sources():
 
 
 def test_outcomes_among_leaking_vanilla_images():
-    from deleaker.benchmarks.toyworld.evaluate import outcomes
+    from deleaker.toyworld.evaluate import outcomes
 
     def rec(leaks, present=True):
         return {"leaks": [["a", "colour", "b"]] * leaks, "leak": leaks > 0, "all_present": present}
@@ -133,12 +133,12 @@ def test_outcomes_among_leaking_vanilla_images():
 
 
 def test_evaluate_bad_options_are_one_line_and_write_nothing(tmp_path, capsys):
-    from deleaker.benchmarks.toyworld import evaluate as E
+    from deleaker.toyworld import evaluate as E
 
     out = tmp_path / "eval"
     assert E.main(["--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"python -m deleaker.benchmarks.toyworld.evaluate: error: checkpoint folder not found: {tmp_path / 'missing'}"]
+    assert err == [f"python -m deleaker.toyworld.evaluate: error: checkpoint folder not found: {tmp_path / 'missing'}"]
     for bad in (["--threads", "0"], ["--max-batch", "0"], ["--pilot", "0"], ["--sweep-seeds", "0"],
                 ["--heldout-seeds", "9996"], ["--heldout-seeds", "-1"], ["--limit", "5"],
                 ["--backend", "onnxruntime", "--limit", "0"], ["--backend", "onnxruntime", "--limit", "1001"]):
@@ -148,7 +148,7 @@ def test_evaluate_bad_options_are_one_line_and_write_nothing(tmp_path, capsys):
 
 
 def test_agreement_counts_equal_flags_per_sample_and_per_flag():
-    from deleaker.benchmarks.toyworld import evaluate as E
+    from deleaker.toyworld import evaluate as E
 
     def row(prompt, seed, *flags):
         return {"prompt": prompt, "seed": seed, **dict(zip(E.FLAG_KEYS, flags))}
@@ -171,7 +171,7 @@ def test_agreement_counts_equal_flags_per_sample_and_per_flag():
                                      (["--shared", "1.5"], "--shared is a probability"),
                                      (["--reuse", "/nonexistent"], "is not an earlier --out")])
 def test_train_bad_options_are_one_line_and_write_nothing(tmp_path, capsys, bad, msg):
-    from deleaker.benchmarks.toyworld import train
+    from deleaker.toyworld import train
 
     out = tmp_path / "m"
     assert train.main(["--out", str(out), *bad]) == 2
@@ -204,7 +204,7 @@ RESULTS = world.__file__.rsplit("/", 3)[0] + "/docs/toyworld/results.json"
 def test_shipped_model_loads_as_a_flux_checkpoint():
     pytest.importorskip("diffusers")
     from deleaker.modeling.checkpoint import load_checkpoint
-    from deleaker.benchmarks.toyworld.preset import BLOCKS_PER_STEP
+    from deleaker.toyworld.preset import BLOCKS_PER_STEP
 
     models = load_checkpoint(MODEL)
     assert models.checkpoint.blocks_per_step == BLOCKS_PER_STEP
@@ -229,8 +229,8 @@ def test_preset_is_the_recorded_sweep_choice():
     import json
     from dataclasses import asdict
 
-    from deleaker.benchmarks.toyworld.evaluate import SWEEP
-    from deleaker.benchmarks.toyworld.preset import TOYWORLD_PRESET
+    from deleaker.toyworld.evaluate import SWEEP
+    from deleaker.toyworld.preset import TOYWORLD_PRESET
 
     res = json.loads(open(RESULTS).read())
     assert asdict(TOYWORLD_PRESET) == res["heldout"]["config"] == asdict(SWEEP[res["chosen"]])
@@ -242,7 +242,7 @@ def test_recorded_measurement_reproduces_on_a_fixed_subset():
     pytest.importorskip("diffusers")
     import json
 
-    from deleaker.benchmarks.toyworld import evaluate as E
+    from deleaker.toyworld import evaluate as E
     from deleaker.runtime.backends import load_backend
     from deleaker.runtime.config import DeLeakerConfig
     from deleaker.runtime.pipeline import Pipeline
@@ -277,8 +277,8 @@ def test_recorded_slim_run_judges_the_evaluators_images(capsys):
     the judgments' counts."""
     import json
 
-    from deleaker.benchmarks.quality.judges.base import OUTCOMES
-    from deleaker.benchmarks.toyworld import tables
+    from deleaker.eval.judges.base import OUTCOMES
+    from deleaker.toyworld import tables
 
     c = tables.slim_vs_evaluator(SLIM_RUN, json.loads(open(RESULTS).read()))
     assert c["items"] == 200 and c["all_flags_equal"] == 200 and set(c["flags_equal"].values()) == {200}
@@ -302,8 +302,8 @@ def test_recorded_onnxruntime_samples_reproduce_on_the_shipped_artifact():
     import dataclasses
     import json
 
-    from deleaker.benchmarks.toyworld import evaluate as E
-    from deleaker.benchmarks.toyworld.preset import TOYWORLD_PRESET
+    from deleaker.toyworld import evaluate as E
+    from deleaker.toyworld.preset import TOYWORLD_PRESET
     from deleaker.runtime.backends import load_backend
     from deleaker.runtime.embedded import default_artifact_dir
     from deleaker.runtime.pipeline import Pipeline
@@ -339,7 +339,7 @@ def test_training_recipe_runs_a_few_steps(tmp_path):
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from deleaker.benchmarks.toyworld import train
+    from deleaker.toyworld import train
     from deleaker.runtime.backends import load_backend
     from deleaker.runtime.pipeline import GenerateRequest, Pipeline
 
@@ -385,7 +385,7 @@ def test_training_resume_equals_an_uninterrupted_run(tmp_path, caplog):
     import csv
     import logging
 
-    from deleaker.benchmarks.toyworld import train
+    from deleaker.toyworld import train
 
     caplog.set_level(logging.INFO, logger="deleaker.toyworld")
     assert train.main(_tiny_recipe(tmp_path / "a")) == 0
@@ -409,7 +409,7 @@ def test_training_resume_equals_an_uninterrupted_run(tmp_path, caplog):
 
 @pytest.mark.parametrize("bad,msg", [(["--steps", "9"], "drop --steps"), ([], "is not an --out of this script")])
 def test_train_resume_bad_options_are_one_line(tmp_path, capsys, bad, msg):
-    from deleaker.benchmarks.toyworld import train
+    from deleaker.toyworld import train
 
     assert train.main(["--resume", str(tmp_path / "none"), *bad]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -447,7 +447,7 @@ def test_canvas_anchored_textures_and_the_single_object_share():
 def test_report_scores_tags_and_clustered_intervals():
     """report.score: fidelity from each entity's best object, mixing of two entities' values on one
     object, the transition tags; report.Clusters: shared seeds widen the interval."""
-    from deleaker.benchmarks.toyworld import report as R
+    from deleaker.toyworld import report as R
 
     mixed = world.Thing(TRIANGLE.colour, SQUARE.texture, "circle")  # triangle's colour, square's texture
     v = J.judge(_scene_with([(mixed, (2, 2, 13)), (SQUARE, (17, 16, 13))]), ENTITIES)
@@ -474,7 +474,7 @@ def test_evaluate_stage_runs_on_its_own(tmp_path):
     pytest.importorskip("diffusers")
     import json
 
-    from deleaker.benchmarks.toyworld import evaluate as E
+    from deleaker.toyworld import evaluate as E
 
     out = tmp_path / "ev"
     assert E.main(["--stage", "single", "--seeds", "3", "--limit", "4", "--out", str(out), "--threads", "1"]) == 0
@@ -491,7 +491,7 @@ def test_evaluate_stage_runs_on_its_own(tmp_path):
                                      (["--stage", "heldout", "--preset", "nope"], "unknown DeLeaker preset"),
                                      (["--seeds", "1-2"], "go with --stage")])
 def test_evaluate_stage_bad_options(tmp_path, capsys, bad, msg):
-    from deleaker.benchmarks.toyworld import evaluate as E
+    from deleaker.toyworld import evaluate as E
 
     assert E.main(["--out", str(tmp_path / "o"), *bad]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -505,7 +505,7 @@ def test_recorded_pilots_tabulate():
     import json
     from pathlib import Path
 
-    from deleaker.benchmarks.toyworld import pilots
+    from deleaker.toyworld import pilots
 
     folder = Path(RESULTS).parent / "v3-pilots"
     recs = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
@@ -519,7 +519,7 @@ def test_recorded_pilots_tabulate():
 def test_clean_rule_of_choice():
     """--rule clean: the lowest leakage among settings that raise the clean rate and cost no
     attribute more than 0.02 of fidelity; none qualifying chooses nothing."""
-    from deleaker.benchmarks.toyworld.evaluate import choose_clean
+    from deleaker.toyworld.evaluate import choose_clean
 
     def setting(leak, clean, shape):
         ch = {"clean": {"change": clean}, "fidelity_colour": {"change": 0.0}, "fidelity_texture": {"change": 0.01},
@@ -540,7 +540,7 @@ def test_recorded_stage_samples_reproduce(tmp_path, stage, seeds):
     import json
     from pathlib import Path
 
-    from deleaker.benchmarks.toyworld import evaluate as E
+    from deleaker.toyworld import evaluate as E
 
     recorded = json.loads((Path(RESULTS).parent / "v3-pilots" / "ref-shipped" / f"{stage}-torch.json").read_text())
     assert recorded["command"].split("--stage ")[1].startswith(f"{stage} --seeds {seeds} ")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deleaker.benchmarks import op_bench as ob
-import verdict as V
+from support import verdict as V
 from deleaker.benchmarks.op_bench import Case
 
 SMALL = dict(H=4, D=64, T=64, h=24, w=24)

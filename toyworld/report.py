@@ -22,7 +22,7 @@ from collections import Counter
 
 import numpy as np
 
-from deleaker.benchmarks.quality.judges.base import OUTCOMES
+from deleaker.eval.judges.base import OUTCOMES
 
 from . import world
 

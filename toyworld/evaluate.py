@@ -1,6 +1,6 @@
 """Measure semantic leakage of the toy-world model, vanilla vs DeLeaker, with the exact judge.
 
-    python -m deleaker.benchmarks.toyworld.evaluate --out docs/toyworld --max-batch 40 --heldout-seeds 5
+    python -m deleaker.toyworld.evaluate --out docs/toyworld --max-batch 40 --heldout-seeds 5
 
 Stages (each logged with the overall progress; results.json is rewritten after every stage, so a
 stopped run keeps what it measured):
@@ -16,7 +16,7 @@ with an exported artifact: step 3's pairs only, or the first --limit of them, in
 results-onnxruntime.json, with the share of samples whose flags equal the torch run's). `--pilot N`
 runs only N held-out pairs with one setting, for choosing a world or recipe.
 
-    python -m deleaker.benchmarks.toyworld.evaluate --stage heldout --preset toyworld --seeds 0-9 --own-seeds --out OUT
+    python -m deleaker.toyworld.evaluate --stage heldout --preset toyworld --seeds 0-9 --own-seeds --out OUT
 
 `--stage heldout|single|triples` runs one held-out set on its own (pairs, the 125 one-object
 prompts, triples), vanilla vs `--preset`, on any backend, with the full report of report.py (every
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deleaker.benchmarks.quality.judges.base import OUTCOMES
+from deleaker.eval.judges.base import OUTCOMES
 from deleaker.runtime import latents as lat
 from deleaker.runtime.config import DeLeakerConfig
 from deleaker.runtime.embedded import default_model_dir
@@ -251,7 +251,7 @@ def summary(records, with_ci: bool = False, chance: float = 0.25) -> dict:
 
 def outcome(vanilla_leaks: int, deleaker_leaks: int) -> str:
     """The paper's outcome categories on the number of leaked attribute values of a pair."""
-    from deleaker.benchmarks.quality.judges.toyworld import outcome as slim_outcome
+    from deleaker.eval.judges.base import outcome as slim_outcome
 
     return slim_outcome(vanilla_leaks, deleaker_leaks)
 
@@ -531,7 +531,7 @@ def check_options(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deleaker.benchmarks.toyworld.evaluate", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m deleaker.toyworld.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=default_model_dir(),
                     help="model folder (torch backend) or exported artifact (other backends)")
     ap.add_argument("--backend", default="torch", help="runtime backend: torch runs the sweep and the held-out "
@@ -666,7 +666,7 @@ def _evaluate(args, argv) -> int:
     sweep_seeds = range(SWEEP_SEEDS.start, SWEEP_SEEDS.start + args.sweep_seeds)
     eval_seeds = range(args.heldout_seeds, args.heldout_seeds + len(EVAL_SEEDS))
     triplet_seeds = range(args.heldout_seeds, args.heldout_seeds + len(TRIPLET_SEEDS))
-    data: dict = {"command": "python -m deleaker.benchmarks.toyworld.evaluate " + " ".join(argv or sys.argv[1:]),
+    data: dict = {"command": "python -m deleaker.toyworld.evaluate " + " ".join(argv or sys.argv[1:]),
                   "backend": args.backend, "steps": STEPS, "size": SIZE}
     threads = {} if args.backend == "torch" else {"threads": args.threads}  # torch: set_num_threads above
     pipe = Pipeline(load_backend(args.backend, str(args.model), progress=False, **threads), config=TOYWORLD_PRESET,

@@ -1,9 +1,9 @@
 """Record short pilot runs of the training recipe and tabulate them (docs/toyworld.md, "v3 pilots").
 
-    python -m deleaker.benchmarks.toyworld.pilots record --model DIR --eval EVAL --name NAME --out docs/toyworld/v3-pilots
-    python -m deleaker.benchmarks.toyworld.pilots table docs/toyworld/v3-pilots
-    python -m deleaker.benchmarks.toyworld.pilots raw --model DIR --out DIR2
-    python -m deleaker.benchmarks.toyworld.pilots grid --model DIR --out grid.png [--colour red]
+    python -m deleaker.toyworld.pilots record --model DIR --eval EVAL --name NAME --out docs/toyworld/v3-pilots
+    python -m deleaker.toyworld.pilots table docs/toyworld/v3-pilots
+    python -m deleaker.toyworld.pilots raw --model DIR --out DIR2
+    python -m deleaker.toyworld.pilots grid --model DIR --out grid.png [--colour red]
 
 `record` keeps what a pilot showed in one small JSON: the recipe (DIR-training/train_config.json),
 the transformer's step time (median of its loss CSV's per-step times), the wall time, and from
@@ -140,7 +140,7 @@ def table(folder: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deleaker.benchmarks.toyworld.pilots", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m deleaker.toyworld.pilots", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     rec = sub.add_parser("record")
     rec.add_argument("--model", type=Path, required=True)

@@ -275,8 +275,8 @@ def _pipeline(settings: RunSettings, batch: int):
         raise ValueError(f"--dtype applies to the torch backend; the {settings.backend} backend runs what was exported")
     source = settings.source
     if source is None:  # the eval tools' default: the tiny offline model (see docs/eval.md)
-        from deleaker.benchmarks.models import torch_source
+        from deleaker.modeling.tiny_model import ensure_tiny_model
 
-        source = torch_source(None)
+        source = str(ensure_tiny_model())
     backend = load_backend(settings.backend, source, **options)
     return Pipeline(backend, config=cfg, max_batch=batch)

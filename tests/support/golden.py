@@ -8,12 +8,12 @@ recorded and checked two ways:
 - within BOUND of the recorded ones (check_bound): what another CPU's vector code paths, a thread
   count or a BLAS moves is far inside it, a change to the denoising loop is not (see BOUND);
 - bit for bit (check_digest): sha256 over the uint8 images, recorded with the environment that
-  made them (golden_digests.json: CPU features, library versions); skipped, with the difference
+  made them (tests/golden_digests.json: CPU features, library versions); skipped, with the difference
   as the reason, on any other environment.
 
-    python tests/golden.py record [--backend torch onnxruntime aoti]   # after an intended change
-    python tests/golden.py dump --backend torch --out A.npz           # this environment's output
-    python tests/golden.py spread A.npz B.npz ... [--out rows.json]    # differences from the first
+    python tests/support/golden.py record [--backend torch onnxruntime aoti]   # after an intended change
+    python tests/support/golden.py dump --backend torch --out A.npz           # this environment's output
+    python tests/support/golden.py spread A.npz B.npz ... [--out rows.json]    # differences from the first
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from PIL import Image
 from deleaker.runtime.config import DeLeakerConfig
 from deleaker.runtime.pipeline import GenerateRequest, Pipeline
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/
 DIGESTS_FILE = HERE / "golden_digests.json"
 IMAGES_DIR = HERE / "golden"
 SPREAD_FILE = IMAGES_DIR / "spread.json"  # the measured spread the bound is set against (raw output)
@@ -180,7 +180,7 @@ def check_bound(backend: str, got: Golden) -> Difference:
     """Assert `got` is within BOUND of what was recorded for `backend`; the difference."""
     d = difference(got, recorded(backend))
     assert BOUND.admits(d), (f"{backend}: the golden output moved beyond the bound ({BOUND}): {d}; if the change "
-                             f"is intended, `python tests/golden.py record --backend {backend}`")
+                             f"is intended, `python tests/support/golden.py record --backend {backend}`")
     return d
 
 

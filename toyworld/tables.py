@@ -1,7 +1,7 @@
 """Markdown tables of an evaluation's results.json (the numbers docs/toyworld.md quotes).
 
-    python -m deleaker.benchmarks.toyworld.tables docs/toyworld/results.json
-    python -m deleaker.benchmarks.toyworld.tables --slim RUN docs/toyworld/results.json
+    python -m deleaker.toyworld.tables docs/toyworld/results.json
+    python -m deleaker.toyworld.tables --slim RUN docs/toyworld/results.json
 
 --slim RUN: a `deleaker eval` run folder judged with `--judge toyworld` (its manifest.jsonl and
 judgments/toyworld.jsonl), set against results.json item by item on the same (prompt, seed).
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from deleaker.benchmarks.quality.judges.base import OUTCOMES  # the paper's five categories, defined once
+from deleaker.eval.judges.base import OUTCOMES  # the paper's five categories, defined once
 
 from .preset import RULES
 
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--clustered":
         if len(argv) != 2:
-            print("usage: python -m deleaker.benchmarks.toyworld.tables --clustered RESULTS_JSON", file=sys.stderr)
+            print("usage: python -m deleaker.toyworld.tables --clustered RESULTS_JSON", file=sys.stderr)
             return 2
         res = json.loads(open(argv[1]).read())
         for key in ("heldout", "heldout_triplets"):
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
         return 0
     if argv and argv[0] == "--slim":
         if len(argv) != 3:
-            print("usage: python -m deleaker.benchmarks.toyworld.tables --slim RUN RESULTS_JSON", file=sys.stderr)
+            print("usage: python -m deleaker.toyworld.tables --slim RUN RESULTS_JSON", file=sys.stderr)
             return 2
         print(slim_text(slim_vs_evaluator(argv[1], json.loads(open(argv[2]).read()))))
         return 0

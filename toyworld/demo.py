@@ -1,6 +1,6 @@
 """The toy-world demo: one prompt, seeds 0-7, vanilla above DeLeaker, every cell judged.
 
-    python -m deleaker.benchmarks.toyworld.demo --out demo.png [--model DIR | --artifact DIR] [--prompt ... --entities ...]
+    python -m deleaker.toyworld.demo --out demo.png [--model DIR | --artifact DIR] [--prompt ... --entities ...]
 
 Each image goes through the runtime (Pipeline, the toyworld preset) on the embedded model's
 exported artifact and the onnxruntime backend, as `deleaker generate` runs it (no torch); --model
@@ -51,7 +51,7 @@ def grid(rows: list[list[np.ndarray]], tags: list[list[str]], labels: list[str],
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deleaker.benchmarks.toyworld.demo", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m deleaker.toyworld.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="output PNG")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--artifact", type=Path, default=default_artifact_dir(),

@@ -1,6 +1,6 @@
 """Bad-input audit: feed a list of bad inputs to every entry point and classify each answer.
 
-    python -m deleaker.benchmarks.input_audit [--model DIR] [--out audit.json] [--only AREA,...]
+    python tests/support/input_audit.py [--model DIR] [--out audit.json] [--only AREA,...]
 
 Areas: generate, export, eval, bench (the command lines, run in this process with a time
 limit per case), serve (`deleaker serve` start-up, real subprocesses), api (the Python API on
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .serve_process import ServeProcess, deleaker_bin, free_port
+from deleaker.benchmarks.serve_process import ServeProcess, deleaker_bin, free_port
 
 PROMPT = "a cat and a cheetah in a field"
 CASE_TIMEOUT_S = 20.0  # a bad input is refused in seconds (imports excluded); past this it was accepted
@@ -682,7 +682,7 @@ def run_http_cases(port: int) -> list[Outcome]:
 IN_PROCESS_AREAS = ("generate", "export", "eval", "bench", "api")
 _WARM_IMPORTS = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "deleaker.modeling.torch_backend",
                  "deleaker.export.onnx_export", "deleaker.export.cli", "deleaker.benchmarks.cli",
-                 "deleaker.benchmarks.runner", "deleaker.benchmarks.quality.cli", "deleaker.benchmarks.quality.run",
+                 "deleaker.benchmarks.runner", "deleaker.eval.cli", "deleaker.eval.run",
                  "deleaker.runtime.pipeline")
 
 
@@ -713,7 +713,7 @@ def run_in_process(model: Path, areas: tuple[str, ...], case_timeout: float = CA
 
 
 def _child(model: Path, areas: tuple[str, ...], case_timeout: float, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "deleaker.benchmarks.input_audit", "--in-process", "--model",
+    return subprocess.Popen([sys.executable, __file__, "--in-process", "--model",
                              str(model), "--only", ",".join(areas), "--case-timeout", str(case_timeout), "--out",
                              str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
 
@@ -789,7 +789,7 @@ def summary(outcomes: list[Outcome]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deleaker.benchmarks.input_audit", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python tests/support/input_audit.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", help="FLUX checkpoint folder the cases load (default: the embedded tiny model)")
     p.add_argument("--out", help="write the outcomes and counts as JSON here")
     p.add_argument("--only", help=f"comma-separated areas: {', '.join(AREAS)} (default: all)")

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--concurrency", type=int, default=4, help="items judged at once")
     j.add_argument("--no-structured", action="store_true",
                    help="do not send response_format=json_schema (servers without structured output)")
-    j.add_argument("--prompts", default="v1", help="prompt version (benchmarks/quality/prompts/VERSION)")
+    j.add_argument("--prompts", default="v1", help="prompt version (eval/prompts/VERSION)")
     j.add_argument("--lpips-weights", help="local folder with LPIPS AlexNet weights (judge lpips)")
 
     rep = sub.add_parser("report", help="table, chart and HTML gallery of a judged run")

@@ -13,6 +13,7 @@ import logging
 import string
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -26,13 +27,23 @@ log = logging.getLogger("deleaker.eval")
 OUTCOMES = ("mitigation_major", "mitigation_minor", "no_change", "degradation_minor", "degradation_major")
 PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
 
-# name -> "module:Class", imported only when that judge is asked for
+# name -> "module:Class", imported only when that judge is asked for; packages above eval (the
+# toy world's exact judge) add theirs through the `deleaker.judges` entry point group
 JUDGES: dict[str, str] = {
-    "paper": "deleaker.benchmarks.quality.judges.paper:PaperJudge",
-    "vqascore": "deleaker.benchmarks.quality.judges.vqascore:VQAScoreJudge",
-    "lpips": "deleaker.benchmarks.quality.judges.lpips:LpipsJudge",
-    "toyworld": "deleaker.benchmarks.quality.judges.toyworld:ToyWorldJudge",
+    "paper": "deleaker.eval.judges.paper:PaperJudge",
+    "vqascore": "deleaker.eval.judges.vqascore:VQAScoreJudge",
+    "lpips": "deleaker.eval.judges.lpips:LpipsJudge",
+    **{ep.name: ep.value for ep in entry_points(group="deleaker.judges")},
 }
+
+
+def outcome(vanilla: float, deleaker: float) -> str:
+    """The paper's category from a count of leaks (or any error count; lower is better) per image."""
+    if deleaker < vanilla:
+        return "mitigation_major" if deleaker == 0 else "mitigation_minor"
+    if deleaker > vanilla:
+        return "degradation_major" if vanilla == 0 else "degradation_minor"
+    return "no_change"
 
 
 class JudgeUnavailable(ValueError):

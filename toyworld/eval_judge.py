@@ -1,4 +1,6 @@
-"""The toy world's exact judge (deleaker.benchmarks.toyworld.judge), on a run made with the toy model.
+"""The toy world's exact judge (deleaker.toyworld.judge) as a `deleaker eval` judge, on a run made
+with the toy model. Registered under the name "toyworld" through the `deleaker.judges` entry point
+(pyproject.toml), so that eval, a lower layer, never imports the toy world.
 
 toyworld.judge.judge(image [H, W, 3] uint8, entities) -> dict is called on both images; its
 dicts are kept. The outcome compares the number of leaks (len(dict["leaks"]): attribute values of
@@ -10,22 +12,11 @@ one named entity shown by another; lower is better):
 
 from __future__ import annotations
 
-import importlib
 import numpy as np
 from PIL import Image
 
-from ..store import RunDir
-from .base import Judge, JudgeUnavailable
-
-MODULE = "deleaker.benchmarks.toyworld.judge"
-
-
-def outcome(vanilla: float, deleaker: float) -> str:
-    if deleaker < vanilla:
-        return "mitigation_major" if deleaker == 0 else "mitigation_minor"
-    if deleaker > vanilla:
-        return "degradation_major" if vanilla == 0 else "degradation_minor"
-    return "no_change"
+from deleaker.eval.judges.base import Judge, JudgeUnavailable, outcome
+from deleaker.eval.store import RunDir
 
 
 class ToyWorldJudge(Judge):
@@ -33,10 +24,11 @@ class ToyWorldJudge(Judge):
 
     def __init__(self, options):
         super().__init__(options)
-        try:
-            self.fn = importlib.import_module(MODULE).judge
-        except (ImportError, AttributeError) as e:
-            raise JudgeUnavailable(f"judge 'toyworld' needs {MODULE}.judge, which is not available here ({e})") from e
+        try:  # the judge needs scipy, which only the export/bench extras bring
+            from .judge import judge
+        except ImportError as e:
+            raise JudgeUnavailable(f"judge 'toyworld' needs deleaker.toyworld.judge, which does not import here ({e})") from e
+        self.fn = judge
 
     def judge_item(self, item: dict, run: RunDir) -> dict:
         rec: dict = {}

@@ -1,7 +1,7 @@
 """Train the toy-world FLUX model on this CPU and write it in diffusers' folder layout.
 
-    python -m deleaker.benchmarks.toyworld.train --out DIR [--seed 0] [--threads 2] [--steps 15000]
-    python -m deleaker.benchmarks.toyworld.train --resume DIR   # continue a stopped run
+    python -m deleaker.toyworld.train --out DIR [--seed 0] [--threads 2] [--steps 15000]
+    python -m deleaker.toyworld.train --resume DIR   # continue a stopped run
 
 Stages (each logged, the transformer checkpointed as it trains, so a stopped run leaves a usable
 folder): tokenizers trained on the world's captions; random frozen CLIP/T5-like encoders; a
@@ -553,7 +553,7 @@ def _channels(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deleaker.benchmarks.toyworld.train", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m deleaker.toyworld.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="folder to write the model into")
     ap.add_argument("--resume", type=Path, default=None, metavar="DIR",
                     help="continue the stopped run whose --out was DIR from its last checkpoint, with its recipe"
