@@ -554,3 +554,38 @@ def test_recorded_stage_samples_reproduce(tmp_path, stage, seeds):
     # a judge threshold may flip on a last-bit difference of another batch size; a changed model,
     # runtime, judge or report changes many
     assert len(mismatches) <= 1, mismatches
+
+
+def test_demo_grid_outlines_exactly_the_seeds_whose_tag_changed():
+    """Fixes, regressions and moves between errors are outlined in their colours; unchanged seeds are not."""
+    from deleaker.toyworld import demo
+
+    assert demo.change("leak", "clean") == demo.FIXED and demo.change("missing", "clean") == demo.FIXED
+    assert demo.change("clean", "leak") == demo.REGRESSED and demo.change("clean", "flawed") == demo.REGRESSED
+    assert demo.change("leak", "missing") == demo.MOVED and demo.change("leak", "leak") is None
+    cell = np.full((32, 32, 3), 230, np.uint8)
+    tags = [("leak", "clean"), ("leak", "leak"), ("clean", "missing"), ("missing", "leak")]
+    im = np.asarray(demo.grid([cell] * 4, [cell] * 4, tags, [0, 1, 2, 3], "t"))
+    colours = {tuple(int(v) for v in px) for px in im.reshape(-1, 3)}
+    assert {demo.FIXED, demo.REGRESSED, demo.MOVED} <= colours
+    # the outline of seed i runs down the column just left of its cells; seed 1's column has none
+    s, pad, left = 32 * demo.SCALE, 6, 70
+    for i, want in enumerate((demo.FIXED, None, demo.REGRESSED, demo.MOVED)):
+        column = {tuple(int(v) for v in px) for px in im[40:40 + 2 * s, left + i * (s + pad) - 2]}
+        assert (want in column) if want else not ({demo.FIXED, demo.REGRESSED, demo.MOVED} & column), (i, column)
+    assert s >= 96  # a 32 px cell is at least 96 px on screen
+
+
+def test_demo_chart_reads_a_heldout_stage_and_refuses_other_files(tmp_path):
+    from deleaker.toyworld import demo
+
+    rep = {"pairs": 10, **{arm: {"leak": v, "leak_ci95": [v - 0.1, v + 0.1], "clean": 1 - v,
+                                 "clean_ci95": [0.9 - v, 1.1 - v]} for arm, v in (("vanilla", 0.6), ("deleaker", 0.2))}}
+    path = tmp_path / "heldout-torch.json"
+    path.write_text(__import__("json").dumps({"heldout": {"report": rep}}))
+    assert demo.heldout_report(path) == rep
+    im = np.asarray(demo.chart(rep, "t"))
+    assert (im == (42, 111, 219)).all(axis=-1).sum() > 1000  # DeLeaker's bars are drawn
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a held-out stage's results file"):
+        demo.heldout_report(tmp_path / "other.json")
