@@ -1,8 +1,9 @@
 """`deleaker eval report`: the paper's table per split and overall, a bar chart and an HTML gallery.
 
 Percentages are over the items the outcome judge classified (status "ok"); unparseable and failed
-judgments are counted beside them, never folded into an outcome. 95% CIs: percentile bootstrap
-over items (fixed seed). The paper's DeLeaker row (FLUX.1-dev, Gemini judge) is shown alongside.
+judgments are counted beside them, never folded into an outcome. 95% CIs: the two-way cluster
+bootstrap over the items' prompts and seeds (eval/stats.py; items sharing a prompt or a seed are
+not independent draws), fixed seed. The paper's DeLeaker row (FLUX.1-dev, Gemini judge) is shown alongside.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .judges.base import OUTCOMES
+from .stats import Clusters
 from .store import RunDir, atomic_write
 
 log = logging.getLogger("deleaker.eval")
@@ -26,7 +28,6 @@ PAPER_ROW = {"mitigation_major": 46.07, "mitigation_minor": 9.76, "no_change": 2
 LABELS = {"mitigation_major": "mitigation (major)", "mitigation_minor": "mitigation (minor)",
           "no_change": "no change", "degradation_minor": "degradation (minor)",
           "degradation_major": "degradation (major)"}
-BOOTSTRAP = 2000
 
 
 @dataclass
@@ -56,32 +57,30 @@ class Group:
     lpips: Stat = field(default_factory=lambda: Stat(None))
 
 
-def bootstrap_mean(values: np.ndarray, rng: np.random.Generator, scale: float = 1.0) -> Stat:
-    """Mean of values [N] (or of each column of [N, K]: returns a list) with a 95% percentile CI."""
+def bootstrap_mean(values, items: list[dict], scale: float = 1.0) -> Stat:
+    """Mean of values [N] (one per item, items with 'prompt' and 'seed') with its 95% interval."""
     if len(values) == 0:
         return Stat(None)
-    idx = rng.integers(0, len(values), size=(BOOTSTRAP, len(values)))  # [R, N]
-    means = values[idx].mean(axis=1) * scale  # [R]
-    return Stat(float(values.mean() * scale), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+    lo, hi = Clusters(items).ci(np.asarray(values, np.float64) * scale)
+    return Stat(float(np.mean(values) * scale), lo, hi)
 
 
-def _group(name: str, items: list[dict], judged: dict[str, dict[str, dict]], outcome_judge: str,
-           rng: np.random.Generator) -> Group:
+def _group(name: str, items: list[dict], judged: dict[str, dict[str, dict]], outcome_judge: str) -> Group:
     g = Group(name, items=len(items))
     verdicts = [judged.get(outcome_judge, {}).get(i["id"]) for i in items]
     g.unparseable = sum(1 for v in verdicts if v and v["status"] == "unparseable")
     g.failed = sum(1 for v in verdicts if v and v["status"] == "error")
-    outcomes = [v["outcome"] for v in verdicts if v and v["status"] == "ok"]
-    g.judged = len(outcomes)
-    onehot = np.array([[o == k for k in OUTCOMES] for o in outcomes], np.float64).reshape(-1, len(OUTCOMES))
-    for k, name_k in enumerate(OUTCOMES):
-        g.outcomes[name_k] = bootstrap_mean(onehot[:, k], rng, scale=100.0)
-    vqa = [judged.get("vqascore", {}).get(i["id"]) for i in items]
-    vqa = [v for v in vqa if v and v["status"] == "ok"]
-    g.vqascore = bootstrap_mean(np.array([v["deleaker"] for v in vqa]), rng)
-    g.vqascore_vanilla = bootstrap_mean(np.array([v["vanilla"] for v in vqa]), rng)
-    lp = [judged.get("lpips", {}).get(i["id"]) for i in items]
-    g.lpips = bootstrap_mean(np.array([v["lpips"] for v in lp if v and v["status"] == "ok"]), rng)
+    ok = [(i, v) for i, v in zip(items, verdicts) if v and v["status"] == "ok"]
+    g.judged = len(ok)
+    for name_k in OUTCOMES:
+        g.outcomes[name_k] = bootstrap_mean([v["outcome"] == name_k for _, v in ok], [i for i, _ in ok], scale=100.0)
+    vqa = [(i, judged.get("vqascore", {}).get(i["id"])) for i in items]
+    vqa = [(i, v) for i, v in vqa if v and v["status"] == "ok"]
+    g.vqascore = bootstrap_mean([v["deleaker"] for _, v in vqa], [i for i, _ in vqa])
+    g.vqascore_vanilla = bootstrap_mean([v["vanilla"] for _, v in vqa], [i for i, _ in vqa])
+    lp = [(i, judged.get("lpips", {}).get(i["id"])) for i in items]
+    lp = [(i, v) for i, v in lp if v and v["status"] == "ok"]
+    g.lpips = bootstrap_mean([v["lpips"] for _, v in lp], [i for i, _ in lp])
     return g
 
 
@@ -89,10 +88,9 @@ def summarize(run: RunDir, outcome_judge: str = "paper") -> list[Group]:
     """Groups per split (sorted) then "overall"."""
     items = [e for e in run.items().values() if e["status"] == "ok"]
     judged = {name: run.judged(name) for name in ("paper", "vqascore", "lpips", "toyworld", outcome_judge)}
-    rng = np.random.default_rng(0)
     splits = sorted({e["split"] for e in items})
-    groups = [_group(s, [e for e in items if e["split"] == s], judged, outcome_judge, rng) for s in splits]
-    groups.append(_group("overall", items, judged, outcome_judge, rng))
+    groups = [_group(s, [e for e in items if e["split"] == s], judged, outcome_judge) for s in splits]
+    groups.append(_group("overall", items, judged, outcome_judge))
     return groups
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -198,7 +200,7 @@ def test_judge_missing_entity_and_bad_input():
 # The shipped model (runtime/models/toyworld): loads through the checkpoint loader, runs through
 # the runtime, and keeps the leakage reduction measured in docs/toyworld/results.json.
 
-RESULTS = world.__file__.rsplit("/", 3)[0] + "/docs/toyworld/results.json"
+RESULTS = str(Path(__file__).resolve().parents[1] / "docs/toyworld/results.json")
 
 
 def test_shipped_model_loads_as_a_flux_checkpoint():

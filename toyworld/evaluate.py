@@ -202,7 +202,7 @@ def rate(records, key) -> float:
 
 def bootstrap(values, records) -> list[float]:
     """95% interval of the mean of `values` (one per record, paired differences included): the
-    two-way cluster bootstrap over the records' prompts and seeds (report.Clusters)."""
+    two-way cluster bootstrap over the records' prompts and seeds (deleaker.eval.stats.Clusters)."""
     return R.Clusters(records).ci(values)
 
 

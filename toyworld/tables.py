@@ -159,7 +159,7 @@ def slim_text(c: dict) -> str:
 
 def clustered(res: dict, key: str = "heldout") -> str:
     """A recorded run's held-out flags (per_sample) with two-way cluster bootstrap intervals over
-    prompts and seeds (report.Clusters), next to the recorded intervals (which resampled the pairs
+    prompts and seeds (deleaker.eval.stats.Clusters), next to the recorded intervals (which resampled the pairs
     as if independent)."""
     from .report import Clusters
 
