@@ -106,7 +106,7 @@ def stage_plugin(out: Path, dry: bool) -> Result:
 
 
 def stage_pytest_gpu(out: Path, dry: bool) -> Result:
-    """`pytest -m gpu tests` with the verdict report (tests/test_cuda_op.py writes one line per
+    """`pytest -m gpu tests` with the verdict report (tests/modeling/test_cuda_op.py writes one line per
     case to DELEAKER_VERDICT_REPORT). Dry run: collection only (how many gpu tests exist)."""
     log = out / "pytest.log"
     junit = out / "junit.xml"

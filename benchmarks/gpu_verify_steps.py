@@ -93,7 +93,7 @@ def anchor(out: Path, dry: bool, modes=("eager", "graph")) -> Result:
 
 def anchor_compiled(out: Path, dry: bool) -> Result:
     if dry:  # measured: over 4 minutes for the tiny step on the 2-core CPU, past the dry run's limit
-        return skipped("dry run: compiling the step takes minutes on a small CPU (tests/test_torch_graphs.py "
+        return skipped("dry run: compiling the step takes minutes on a small CPU (tests/modeling/test_torch_graphs.py "
                        "checks a compiled step against eager on the CPU)")
     return anchor(out, dry, modes=("compiled",))
 

@@ -6,7 +6,7 @@ prints one JSON line per measurement (needs a CUDA GPU and the fused library, pl
 SDPA (cuDNN, flash) and the fused op (torch.ops.deleaker.attention on CUDA tensors) inside and
 after the intervention window, each with the op's edit counters, read after the timing.
 
-Also the inputs and reference values of tests/test_cuda_op.py (CPU or GPU):
+Also the inputs and reference values of tests/modeling/test_cuda_op.py (CPU or GPU):
 - make_inputs: q, k, v with planted entities (an image region's queries and the entity's token
   keys share a direction), so the entity masks are clear-cut and rounding cannot flip them;
 - settings_for: per-sample windows / knobs / rules tensors from DeLeakerConfig overrides;

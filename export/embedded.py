@@ -6,7 +6,7 @@ The default model ships as its diffusers folder (runtime/models/toyworld) and as
 artifact of that folder (runtime/models/toyworld-onnx), which the runtime loads when no model is
 named (runtime/embedded.py). This is the one definition of how that artifact is made: the
 `deleaker-export onnx` options below, the card copied as every export copies it, and the source
-named by its path in the repository rather than this machine's. tests/test_embedded_artifact.py
+named by its path in the repository rather than this machine's. tests/runtime/test_embedded_artifact.py
 exports again and compares with the shipped folder.
 """
 

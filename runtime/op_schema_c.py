@@ -9,7 +9,7 @@
     python -m deleaker.runtime.op_schema_c          # rewrite both headers
     python -m deleaker.runtime.op_schema_c --check  # exit 1 if a committed header is stale
 
-tests/test_op_schema_c.py fails when a committed header differs from render().
+tests/modeling/test_op_schema_c.py fails when a committed header differs from render().
 """
 
 from __future__ import annotations

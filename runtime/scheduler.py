@@ -111,7 +111,7 @@ def euler_update(x, dt, v):
 
     Written once for every backend: x and v are float32 arrays on the backend's device (numpy
     arrays or torch tensors alike) and dt a float32 scalar (or a [1] tensor). In float32 this is
-    FlowMatchEulerDiscreteScheduler.step bit for bit (tests/test_scheduler.py).
+    FlowMatchEulerDiscreteScheduler.step bit for bit (tests/runtime/test_scheduler.py).
     """
     return x + dt * v
 

@@ -16,7 +16,7 @@ Every transformer checkpoint also writes DIR-training/state.pt: the raw and EMA 
 optimiser, the data RNG's and torch's RNG states, the step and a digest of the training latents.
 `--resume DIR` rebuilds the run from DIR-training/run.json (the options it was started with) and
 continues from that state, so a stopped run ends with the same weights and the same loss sequence
-as one that never stopped (on the same machine and thread count; tests/test_toyworld.py checks it
+as one that never stopped (on the same machine and thread count; tests/toyworld/test_toyworld.py checks it
 bit for bit). A run stopped before its first transformer checkpoint is redone from the start
 (every stage before it is seeded).
 """

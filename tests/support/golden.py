@@ -93,7 +93,7 @@ class Bound:
 # switched off moves the latents by 3e-4 but flips only ~15 image values by one level, not far
 # from what a CPU change flips; so the latents (float32, recorded next to the PNGs) carry the
 # tight bound, 14x the spread, and the images a looser one that a decoder change or a gross
-# loop change breaks. tests/test_golden.py shows the loop changes the bound rejects (one Euler
+# loop change breaks. tests/runtime/test_golden.py shows the loop changes the bound rejects (one Euler
 # step's dt off by 0.1%: latents 3e-4 to 6e-4 away; each of four rules switched off: 3e-4 to
 # 2e-3) and says which one it cannot see.
 SPREAD = {"image_max": 1, "image_values": 3, "latents_max": 7.15e-7, "latents_mean": 7.67e-8}
@@ -221,8 +221,8 @@ def build_pipeline(backend: str, work: Path, threads: int | None = None, ort_opt
     if backend == "onnxruntime":
         from deleaker.export.onnx_export import export_artifact
 
-        sys.path.insert(0, str(HERE))
-        from test_onnx_export import SPEC  # the artifact tests/test_onnx_export.py checks
+        sys.path.insert(0, str(HERE / "export"))
+        from test_onnx_export import SPEC  # the artifact tests/export/test_onnx_export.py checks
 
         art = work / "onnx"
         if not art.is_dir():
@@ -243,7 +243,7 @@ def build_pipeline(backend: str, work: Path, threads: int | None = None, ort_opt
         from deleaker.export import cli as export_cli
         from deleaker.modeling.aoti_backend import AotiBackend
 
-        sys.path.insert(0, str(HERE))
+        sys.path.insert(0, str(HERE / "export"))
         from test_aoti import AOTI_ARGS
 
         out = work / "aoti"

@@ -16,7 +16,7 @@ import pytest
 
 from deleaker.runtime import op_schema, op_schema_c
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HEADER = REPO / "plugins" / "deleaker_attention" / "include" / "deleaker_attention.h"
 SETTINGS_HEADER = REPO / op_schema_c.SETTINGS_HEADER
 ADAPTER = REPO / "plugins" / "torch_adapter" / "deleaker_torch.cpp"

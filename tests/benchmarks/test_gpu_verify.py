@@ -15,7 +15,7 @@ import pytest
 
 from deleaker.benchmarks import gpu_verify as G
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

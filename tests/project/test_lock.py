@@ -19,7 +19,7 @@ from packaging.version import Version
 
 tomllib = pytest.importorskip("tomllib")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCK = ROOT / "requirements" / "ci.lock"
 PROJECT = "deleaker"
 # what the lock was resolved for (Makefile: `make lock`)

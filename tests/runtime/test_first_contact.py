@@ -24,7 +24,7 @@ from deleaker.runtime.serve.client import GENERATE_PATH  # noqa: E402
 EXE = str(Path(sys.executable).parent / "deleaker")
 PROMPT = "a red striped circle and a blue dotted square"
 ENTITIES = ["red striped circle", "blue dotted square"]
-AUTH: dict = {}  # the server runs as a new user starts it: no token (the token path: tests/test_serve.py)
+AUTH: dict = {}  # the server runs as a new user starts it: no token (the token path: tests/serve/test_serve.py)
 # the embedded model's image token is 4 px (VAE scale factor 2 x patch 2): 40 is a size, 30 is not
 RULE = ("size 30x30: width and height must be positive multiples of 4 pixels for this model (one image token: "
         "VAE scale factor 2 x patch 2); nearest valid: 28x28")
@@ -143,7 +143,7 @@ def test_bench_serve_takes_the_servers_example_and_names_the_first_error(server)
 def test_every_serving_md_example_runs_against_the_default_model(server, tmp_path):
     """docs/serving.md's curl and Python client examples, as written but for the server's address,
     against a server with no --model: each writes a 32x32 PNG (not an error answer)."""
-    from test_docs import ROOT, code_blocks
+    from support.docs import ROOT, code_blocks
 
     blocks = code_blocks(ROOT / "docs" / "serving.md")
     here = server.url.removeprefix("http://")

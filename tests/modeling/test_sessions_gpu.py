@@ -2,7 +2,7 @@
 
 Marked `gpu` (tests/conftest.py skips them with the reason where torch sees no CUDA device; the
 `fused_op` fixture where the fused library is not built). The CPU side of the session contract (batching, settings per sample, concurrency) is
-tests/test_pipeline.py.
+tests/runtime/test_pipeline.py.
 """
 
 from __future__ import annotations

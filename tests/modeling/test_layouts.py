@@ -7,7 +7,7 @@ into each layout. The op on the reordered inputs, with that layout, must give th
 result reordered the same way: the reference op (float32, the only difference is the order of
 summation inside the softmax: atol 2e-5, ~100x that noise, while the edit itself moves outputs by
 more than 1e-2, asserted) and the ONNX function body in ONNX Runtime, at the same tolerance as
-tests/test_onnx_op.py.
+tests/export/test_onnx_op.py.
 """
 
 from __future__ import annotations

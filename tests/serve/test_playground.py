@@ -3,7 +3,7 @@ headless Chromium over the DevTools protocol: each run is started by the page's 
 (autorun=1), with real clocks (no virtual time, so the page's timings are real), and read back from the DOM.
 
 Also an entry point for the screenshot in docs/serving.md:
-    python tests/test_playground.py --out docs/serving-playground.png --field seed=0 -- --max-wait-ms 500
+    python tests/serve/test_playground.py --out docs/serving-playground.png --field seed=0 -- --max-wait-ms 500
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import pytest
 
 from deleaker.runtime import op_schema, op_schema_c
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PLUGIN_DIR = REPO / "plugins" / "tensorrt"
 SOURCE = PLUGIN_DIR / "deleaker_trt_plugin.cpp"
 FIND_MODULE = PLUGIN_DIR / "FindDeleakerTensorRT.cmake"

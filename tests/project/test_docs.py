@@ -33,17 +33,15 @@ import re
 import shlex
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from support.docs import _FENCE, GPU_MARK, OUTPUT_LANG, ROOT, Block, code_blocks, rel  # noqa: F401
+
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PYTHON_DOCS = [ROOT / "docs" / "api.md", ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "models.md"]  # documents whose ```python examples are complete programs
-GPU_MARK = "<!-- gpu-only -->"
-OUTPUT_LANG = "output"  # a block fenced ```output shows what the code block before it prints
 COMMAND_TIMEOUT_S = 300
 # CI keeps the documented commands to smoke-test cost: options a command does not set itself are
 # added (fewer steps and timed runs; sizes are never changed). DELEAKER_DOCS_AS_WRITTEN=1 runs
@@ -55,53 +53,6 @@ CHEAP_DEFAULTS = {
     ("deleaker-bench", None): (("--warmup", "1"), ("--runs", "1")),
 }
 TINY_PLACEHOLDERS = ("DIR", "~/.cache/deleaker/tiny-flux")
-
-
-def rel(path: Path) -> str:
-    return str(path.relative_to(ROOT))
-
-
-# --- markdown parsing -----------------------------------------------------------------------------
-
-@dataclass
-class Block:
-    doc: Path
-    lang: str
-    line: int  # 1-based line of the opening fence
-    text: str
-    gpu_only: bool
-    output: "Block | None" = None  # the ```output block right after this one: what it prints
-
-    @property
-    def where(self) -> str:
-        return f"{rel(self.doc)}:{self.line}"
-
-
-_FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
-
-
-def code_blocks(doc: Path) -> list[Block]:
-    lines = doc.read_text(encoding="utf-8").splitlines()
-    blocks, i = [], 0
-    while i < len(lines):
-        m = _FENCE.match(lines[i])
-        if not m:
-            i += 1
-            continue
-        fence, lang, start = m.group(2), m.group(3).lower(), i
-        prev = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
-        i += 1
-        body = []
-        while i < len(lines) and not lines[i].strip().startswith(fence):
-            body.append(lines[i])
-            i += 1
-        i += 1  # closing fence
-        block = Block(doc, lang, start + 1, textwrap.dedent("\n".join(body)), prev == GPU_MARK)
-        if lang == OUTPUT_LANG and blocks and prev.startswith(("```", "~~~")):  # right after a code block
-            blocks[-1].output = block
-        else:
-            blocks.append(block)
-    return blocks
 
 
 def output_matches(expected: str, got: str) -> bool:
@@ -266,7 +217,7 @@ def plan(argv: list[str], comment: str, run: DocRun, tiny: Path) -> tuple[list[s
     if "gpu-only" in comment.lower():
         return None, "marked gpu-only"
     if len(argv) > 1 and argv[1] == "serve":
-        return None, "starts a server that runs until stopped (tests/test_serve.py runs the server)"
+        return None, "starts a server that runs until stopped (tests/serve/test_serve.py runs the server)"
     if _opt(argv, "--url") is not None:
         return None, f"needs a running server at {_opt(argv, '--url')}"
     model = _opt(argv, "--model")

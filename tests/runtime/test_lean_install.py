@@ -31,7 +31,7 @@ from deleaker.benchmarks.serve_process import free_port
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXTRAS = ("onnx", "serve")
 TORCH_SIDE = {"torch", "diffusers", "transformers"}
 PROMPT = "a red striped circle and a blue dotted square"

@@ -10,7 +10,7 @@ import tomllib
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ("deleaker.runtime", "deleaker.modeling", "deleaker.export", "deleaker.benchmarks", "deleaker.eval",
           "deleaker.toyworld")
 # layer -> the layers it may import (besides itself)

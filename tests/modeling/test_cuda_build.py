@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KERNELS = REPO / "plugins" / "deleaker_attention"
 ADAPTER = REPO / "plugins" / "torch_adapter" / "deleaker_torch.cpp"
 

@@ -200,7 +200,7 @@ def test_judge_missing_entity_and_bad_input():
 # The shipped model (runtime/models/toyworld): loads through the checkpoint loader, runs through
 # the runtime, and keeps the leakage reduction measured in docs/toyworld/results.json.
 
-RESULTS = str(Path(__file__).resolve().parents[1] / "docs/toyworld/results.json")
+RESULTS = str(Path(__file__).resolve().parents[2] / "docs/toyworld/results.json")
 
 
 def test_shipped_model_loads_as_a_flux_checkpoint():
@@ -296,7 +296,7 @@ def test_recorded_slim_run_judges_the_evaluators_images(capsys):
 
 def test_recorded_onnxruntime_samples_reproduce_on_the_shipped_artifact():
     """The shipped artifact of the model (runtime/models/toyworld-onnx, what runs by default; its
-    match with a fresh export is tests/test_embedded_artifact.py) on the onnxruntime backend gives
+    match with a fresh export is tests/runtime/test_embedded_artifact.py) on the onnxruntime backend gives
     the flags recorded in results-onnxruntime.json, on samples where DeLeaker changed the verdict
     (vanilla leaks, DeLeaker does not): an artifact whose DeLeaker edit were lost, or whose images
     drifted, fails here."""

@@ -1,7 +1,7 @@
 """One denoising step of each family's tiny transformer with DeLeaker attention, exported to ONNX
 (export/family_onnx.py) and run in ONNX Runtime (CPU) against torch.
 
-The same tolerance as FLUX.1's step parity today (tests/test_onnx_export.py): atol = rtol = 1e-4
+The same tolerance as FLUX.1's step parity today (tests/export/test_onnx_export.py): atol = rtol = 1e-4
 on the transformer output (both sides float32; the differences are reduction orders, ~1e-6
 here), 1e-6 / 1e-5 on the history. The planted entities make the op edit (the output moves by
 more than 1e-3 against inactive slots, asserted), so the parity covers edited attention; every

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from deleaker.runtime import op_schema
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 BLOCKER = """
 import sys

@@ -1,6 +1,6 @@
 """Fused CUDA DeLeaker op (plugins/; the CUDA kernel of torch.ops.deleaker.attention) vs the reference.
 
-GPU cases (`pytest -m gpu tests/test_cuda_op.py`, after building the library: plugins/README.md)
+GPU cases (`pytest -m gpu tests/modeling/test_cuda_op.py`, after building the library: plugins/README.md)
 run on structured inputs (benchmarks/op_bench.make_inputs: planted entities, clear-cut masks;
 some with planted leakage and text pull so rules W and TT have work). Per case and plain/edit
 variant, tests/verdict.py decides: no NaN in the outputs, history equal to the float32
@@ -11,7 +11,7 @@ case's verdict line (error, bound, the rules it demonstrates and those it does n
 and, with DELEAKER_VERDICT_REPORT=path, written to that file; the matrix as a whole must
 demonstrate every edit rule.
 The CPU tests cover the inputs, the reference counters and the error paths (the verdict
-itself: tests/test_verdict.py).
+itself: tests/modeling/test_verdict.py).
 """
 
 from __future__ import annotations
