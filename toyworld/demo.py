@@ -35,7 +35,7 @@ SEEDS = 32
 PER_ROW = 8  # seeds per row pair (vanilla above DeLeaker)
 SCALE = 3  # each 32 px image drawn 3x (nearest neighbour): 96 px on screen
 # the held-out measurement of the embedded model (a clone of the repository has it; a wheel does not)
-HELDOUT = Path(__file__).resolve().parents[1] / "results" / "toyworld" / "heldout-torch.json"
+HELDOUT = Path(__file__).resolve().parents[1] / "results" / "toyworld" / "stages" / "heldout-torch.json"
 # outline colours of a seed whose tag changed: to clean / from clean / between two errors
 FIXED, REGRESSED, MOVED = (0, 150, 0), (220, 0, 0), (230, 150, 0)
 TAG_COLOURS = {"leak": (200, 0, 0), "clean": (0, 120, 0), "missing": (90, 90, 90), "flawed": (150, 100, 0)}

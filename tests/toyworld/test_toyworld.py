@@ -200,7 +200,9 @@ def test_judge_missing_entity_and_bad_input():
 # The shipped model (runtime/models/toyworld): loads through the checkpoint loader, runs through
 # the runtime, and keeps the leakage reduction measured in docs/toyworld/results.json.
 
-RESULTS = str(Path(__file__).resolve().parents[2] / "docs/toyworld/results.json")
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = str(ROOT / "results/toyworld/evaluation/results.json")
+STAGES = ROOT / "results/toyworld/stages"
 
 
 def test_shipped_model_loads_as_a_flux_checkpoint():
@@ -269,8 +271,8 @@ def test_recorded_measurement_reproduces_on_a_fixed_subset():
     assert len(mismatches) <= 2, mismatches
 
 
-ORT_RESULTS = RESULTS.replace("results.json", "results-onnxruntime.json")
-SLIM_RUN = RESULTS.replace("results.json", "slim-run")
+ORT_RESULTS = str(ROOT / "results/toyworld/onnxruntime/results-onnxruntime.json")
+SLIM_RUN = str(ROOT / "results/toyworld/slim/slim-run")
 
 
 def test_recorded_slim_run_judges_the_evaluators_images(capsys):
@@ -509,11 +511,11 @@ def test_recorded_pilots_tabulate():
 
     from deleaker.toyworld import pilots
 
-    folder = Path(RESULTS).parent / "v3-pilots"
+    folder = ROOT / "results/toyworld/v3-pilots"
     recs = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
     assert recs and all(r["single"]["samples"] >= 125 and 0 <= r["single"]["all_right"] <= 1 for r in recs)
     text = pilots.table(folder)
-    doc = (Path(RESULTS).parents[1] / "toyworld.md").read_text()
+    doc = (ROOT / "docs/toyworld.md").read_text()
     for line in text.splitlines():
         assert line in doc, line
 
@@ -534,20 +536,19 @@ def test_clean_rule_of_choice():
     assert choose_clean({"a": sweep["a"], "c": sweep["c"]}) is None
 
 
-@pytest.mark.parametrize("stage,seeds", [("single", "0-1"), ("heldout", "0")])
-def test_recorded_stage_samples_reproduce(tmp_path, stage, seeds):
-    """The shipped model's recorded --stage outputs (docs/toyworld/v3-pilots/ref-shipped) re-run on
-    their first samples give the recorded tags, vanilla and DeLeaker."""
+@pytest.mark.parametrize("stage,args", [("single", ("--seeds", "0-3")), ("heldout", ("--seeds", "0-9", "--own-seeds"))])
+def test_recorded_stage_samples_reproduce(tmp_path, stage, args):
+    """The documented held-out commands (results/toyworld/stages) re-run on their first samples
+    give the recorded tags and attribute counts, vanilla and DeLeaker."""
     pytest.importorskip("diffusers")
     import json
-    from pathlib import Path
 
     from deleaker.toyworld import evaluate as E
 
-    recorded = json.loads((Path(RESULTS).parent / "v3-pilots" / "ref-shipped" / f"{stage}-torch.json").read_text())
-    assert recorded["command"].split("--stage ")[1].startswith(f"{stage} --seeds {seeds} ")
+    recorded = json.loads((STAGES / f"{stage}-torch.json").read_text())
+    assert recorded["command"].split("--stage ")[1].startswith(" ".join((stage, *args)) + " ")
     n = 8
-    assert E.main(["--stage", stage, "--seeds", seeds, "--limit", str(n), "--out", str(tmp_path), "--threads", "1"]) == 0
+    assert E.main(["--stage", stage, *args, "--limit", str(n), "--out", str(tmp_path), "--threads", "1"]) == 0
     got = json.loads((tmp_path / f"{stage}-torch.json").read_text())[stage]["per_sample"]
     want = recorded[stage]["per_sample"][:n]
     keys = ("vanilla_tag", "deleaker_tag", "vanilla_right", "deleaker_right")
