@@ -1,7 +1,7 @@
 """Record short pilot runs of the training recipe and tabulate them (docs/toyworld.md, "v3 pilots").
 
-    python -m deleaker.toyworld.pilots record --model DIR --eval EVAL --name NAME --out docs/toyworld/v3-pilots
-    python -m deleaker.toyworld.pilots table docs/toyworld/v3-pilots
+    python -m deleaker.toyworld.pilots record --model DIR --eval EVAL --name NAME --out results/toyworld/v3-pilots
+    python -m deleaker.toyworld.pilots table results/toyworld/v3-pilots
     python -m deleaker.toyworld.pilots raw --model DIR --out DIR2
     python -m deleaker.toyworld.pilots grid --model DIR --out grid.png [--colour red]
 

@@ -1,7 +1,7 @@
 """Markdown tables of an evaluation's results.json (the numbers docs/toyworld.md quotes).
 
-    python -m deleaker.toyworld.tables docs/toyworld/results.json
-    python -m deleaker.toyworld.tables --slim RUN docs/toyworld/results.json
+    python -m deleaker.toyworld.tables results/toyworld/evaluation/results.json
+    python -m deleaker.toyworld.tables --slim RUN results/toyworld/evaluation/results.json
 
 --slim RUN: a `deleaker eval` run folder judged with `--judge toyworld` (its manifest.jsonl and
 judgments/toyworld.jsonl), set against results.json item by item on the same (prompt, seed).
@@ -9,8 +9,9 @@ judgments/toyworld.jsonl), set against results.json item by item on the same (pr
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+from pathlib import Path
 
 from deleaker.eval.judges.base import OUTCOMES  # the paper's five categories, defined once
 
@@ -184,23 +185,35 @@ def clustered(res: dict, key: str = "heldout") -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--clustered":
-        if len(argv) != 2:
-            print("usage: python -m deleaker.toyworld.tables --clustered RESULTS_JSON", file=sys.stderr)
-            return 2
-        res = json.loads(open(argv[1]).read())
+    ap = argparse.ArgumentParser(prog="python -m deleaker.toyworld.tables",
+                                 description="The tables of docs/toyworld.md from an evaluation's results file.")
+    ap.add_argument("results", type=Path, help="results.json of evaluate, or STAGE-BACKEND.json of evaluate --stage")
+    ap.add_argument("--clustered", action="store_true",
+                    help="recompute the held-out intervals as a two-way cluster bootstrap over prompts and seeds")
+    ap.add_argument("--slim", type=Path, metavar="RUN", help="set a `deleaker eval` run folder against the results")
+    args = ap.parse_args(argv)
+    from deleaker.runtime.errors import run_reporting_errors
+
+    return run_reporting_errors(ap.prog, lambda: _main(args))
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable results file ({type(e).__name__}: {e})") from None
+
+
+def _main(args) -> int:
+    res = _read(args.results)
+    if args.clustered:
         for key in ("heldout", "heldout_triplets"):
             if key in res:
                 print(clustered(res, key))
         return 0
-    if argv and argv[0] == "--slim":
-        if len(argv) != 3:
-            print("usage: python -m deleaker.toyworld.tables --slim RUN RESULTS_JSON", file=sys.stderr)
-            return 2
-        print(slim_text(slim_vs_evaluator(argv[1], json.loads(open(argv[2]).read()))))
+    if args.slim is not None:
+        print(slim_text(slim_vs_evaluator(str(args.slim), res)))
         return 0
-    res = json.loads(open(argv[0]).read())
     if "stage" in res:  # evaluate --stage: one held-out set
         ev = res[res["stage"]]
         print(full_report(ev, res["stage"]))

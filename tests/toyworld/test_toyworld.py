@@ -198,7 +198,7 @@ def test_judge_missing_entity_and_bad_input():
 
 # ---------------------------------------------------------------------------------------------
 # The shipped model (runtime/models/toyworld): loads through the checkpoint loader, runs through
-# the runtime, and keeps the leakage reduction measured in docs/toyworld/results.json.
+# the runtime, and keeps the leakage reduction measured in results/toyworld/evaluation/results.json.
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = str(ROOT / "results/toyworld/evaluation/results.json")
@@ -276,7 +276,7 @@ SLIM_RUN = str(ROOT / "results/toyworld/slim/slim-run")
 
 
 def test_recorded_slim_run_judges_the_evaluators_images(capsys):
-    """docs/toyworld/slim-run (`deleaker eval run/judge/report` on the shipped model): every item's
+    """results/toyworld/slim/slim-run (`deleaker eval run/judge/report` on the shipped model): every item's
     flags equal the evaluator's for the same prompt and seed, and the report's outcome shares are
     the judgments' counts."""
     import json
@@ -504,7 +504,7 @@ def test_evaluate_stage_bad_options(tmp_path, capsys, bad, msg):
 
 
 def test_recorded_pilots_tabulate():
-    """docs/toyworld/v3-pilots: every recorded pilot has its recipe, step time and one-object rates,
+    """results/toyworld/v3-pilots: every recorded pilot has its recipe, step time and one-object rates,
     and the docs table is what `pilots table` prints from them."""
     import json
     from pathlib import Path
@@ -546,7 +546,7 @@ def test_recorded_stage_samples_reproduce(tmp_path, stage, args):
     from deleaker.toyworld import evaluate as E
 
     recorded = json.loads((STAGES / f"{stage}-torch.json").read_text())
-    assert recorded["command"].split("--stage ")[1].startswith(" ".join((stage, *args)) + " ")
+    assert f"--stage {stage} " in recorded["command"] and " ".join(args) + " " in recorded["command"]
     n = 8
     assert E.main(["--stage", stage, *args, "--limit", str(n), "--out", str(tmp_path), "--threads", "1"]) == 0
     got = json.loads((tmp_path / f"{stage}-torch.json").read_text())[stage]["per_sample"]
