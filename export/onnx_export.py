@@ -397,7 +397,7 @@ def export_transformer(transformer, path: Path, spec: ExportSpec) -> Exported:
     ex = _export(step, kwargs, dyn, list(step_io.OUTPUT_NAMES), path, spec.external_data, translation_table(),
                  after=finish)
     if spec.portable:
-        form = onnx_portable.make_portable(path)
+        form = onnx_portable.make_portable(path, spec.entity_slots)
     else:
         import onnx
 

@@ -14,7 +14,8 @@ blocks_per_step, layout) are node attributes; they enter the body through attrib
 (Constant nodes with ref_attr_name). The layout (op_schema.LAYOUTS) is applied as a gather: the
 body reorders q, k, v into the canonical order (text, image, excluded) with positions computed
 from T, I = h * w and N at run time, computes there, and scatters the output rows back; for
-text_image the gather is the identity. E (entity slots) is fixed at export, so the pair loop of
+text_image the gather is the identity. The portable form inlines a body made for each node's
+layout (make_function(..., layout=)), where an identity layout has no reorder at all. E (entity slots) is fixed at export, so the pair loop of
 section 4.2 is unrolled over all slot pairs, and each pair is gated per sample on both slots
 being active and on that sample intervening at this tau: an inactive pair changes nothing,
 which is the same as iterating over the active slots only.
@@ -220,7 +221,7 @@ def _canonical_order(b: _Body, layout: str, T: str, I: str, N: str) -> str:
             before = lay[:lay.index(seg)] if seg in lay else lay
             table += [int(other in before) for other in op_schema.SEGMENTS]
     coef = b.op("Constant", value=helper.make_tensor(b.fresh("layouts"), TensorProto.INT64,
-                                                     [len(op_schema.LAYOUTS), 3, 3], table))
+                                                     [len(op_schema.LAYOUTS), 3, 3], table), hint="layouts")
     X = b.op("Sub", N, b.op("Add", T, I))  # [1]
     lengths = b.op("Concat", T, I, X, axis=0)  # [3] in SEGMENTS order
     # [3]: the start of each canonical segment in the model's order
@@ -233,13 +234,26 @@ def _canonical_order(b: _Body, layout: str, T: str, I: str, N: str) -> str:
     return b.op("Concat", *parts, axis=0)
 
 
-def make_function(num_slots: int, opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
-    """The DeLeakerAttention FunctionProto for models with `num_slots` entity slots (E)."""
+def make_function(num_slots: int, opset: int = DEFAULT_OPSET, layout: int | None = None) -> onnx.FunctionProto:
+    """The DeLeakerAttention FunctionProto for models with `num_slots` entity slots (E).
+
+    layout None: the body reads the node's `layout` attribute (one function for every node).
+    layout given: a body for nodes of that layout only (the portable form inlines one per
+    node, export/onnx_portable.py): an identity layout (op_schema.is_identity_layout, FLUX.1's
+    text_image) has no reorder nodes at all, as the reference op skips its gather; another
+    layout gathers with its code as a constant. Such a body ignores the node's attribute."""
     if num_slots < 1:
         raise ValueError(f"num_slots (entity slots E) must be >= 1, got {num_slots}")
+    if layout is not None and not 0 <= layout < len(op_schema.LAYOUTS):
+        raise ValueError(f"layout must be 0..{len(op_schema.LAYOUTS) - 1} ({', '.join(op_schema.LAYOUT_NAMES)}), "
+                         f"got {layout}")
+    identity = layout is not None and op_schema.is_identity_layout(layout)
     b = _Body("dl_")
     q, k, v, ent, hist, step, grid = (t.name for t in op_schema.INPUTS[:7])
-    a = {spec.name: b.attr(spec.name, spec.type) for spec in op_schema.ATTRIBUTES}
+    a = {spec.name: b.attr(spec.name, spec.type) for spec in op_schema.ATTRIBUTES
+         if spec.name != "layout" or layout is None}
+    if layout is not None and not identity:
+        a["layout"] = b.i64(layout, hint="layout")  # 0-d
     st = _settings(b)  # per sample, [B] each
 
     def per_sample(x: str, rank: int) -> str:
@@ -250,9 +264,13 @@ def make_function(num_slots: int, opset: int = DEFAULT_OPSET) -> onnx.FunctionPr
     T = b.op("Shape", ent, start=2, end=3)  # [1]
     N = b.op("Shape", q, start=2, end=3)  # [1]
     D = b.fl(b.op("Shape", q, start=3, end=4))  # [1]
-    I = b.op("ReduceProd", grid, b.i64([0]), keepdims=1)  # [1] = h * w
-    order = _canonical_order(b, a["layout"], T, I, N)  # [N]: model position of each canonical token
-    q, k, v = (b.op("Gather", x, order, axis=2) for x in (q, k, v))  # canonical order from here on
+    # a layout without the excluded segment (text_image, image_text) has none: T + I = N
+    excluded = layout is None or "excluded" in op_schema.LAYOUTS[layout]
+    # [1] = h * w; the identity layout text_image needs no I at all (its image rows end at N)
+    I = b.op("ReduceProd", grid, b.i64([0]), keepdims=1) if excluded or not identity else None
+    order = None if identity else _canonical_order(b, a["layout"], T, I, N)  # [N]: model position of each
+    if order is not None:                                                    # canonical token
+        q, k, v = (b.op("Gather", x, order, axis=2, hint="to_canonical") for x in (q, k, v))  # from here on
     tau = b.op("Add", b.op("Mul", step, a["blocks_per_step"]), a["block_offset"])  # 0-d int64
     a0, a1 = st["start_aggregating_from"], st["stop_aggregating_at"]  # [B] int64
     started = b.op("Not", b.op("Less", tau, a0))  # tau >= a0, [B]
@@ -270,7 +288,7 @@ def make_function(num_slots: int, opset: int = DEFAULT_OPSET) -> onnx.FunctionPr
     active = b.op("Greater", b.op("Squeeze", ntok, b.i64([2])), b.f32(0.0))  # [B, E] bool
 
     # ---- p_e[i] = mean_k mean_{t in t(e)} P_k[T+i, t]; history update (section 3) ------
-    TI = b.op("Add", T, I)  # [1] end of the image rows
+    TI = b.op("Add", T, I) if excluded else N  # [1] end of the image rows
     img_text = b.op("Slice", P, b.op("Concat", T, b.i64([0]), axis=0), b.op("Concat", TI, T, axis=0),
                     b.i64([2, 3]))  # [B, H, I, T]
     per_tok = b.mean(img_text, [1], keepdims=0)  # [B, I, T]
@@ -296,10 +314,12 @@ def make_function(num_slots: int, opset: int = DEFAULT_OPSET) -> onnx.FunctionPr
     # widen to the joint sequence: image rows of each mask, entity token columns, first tokens [B,E,N]
     zeros_t = b.op("Expand", b.f32(0.0), b.op("Concat", b.op("Shape", ent, end=2), T, axis=0))  # [B, E, T]
     zeros_i = b.op("Mul", masks, b.f32(0.0))  # [B, E, I]
-    X = b.op("Sub", N, TI)  # [1] excluded tokens, after the image in canonical order
-    zeros_x = b.op("Expand", b.f32(0.0), b.op("Concat", b.op("Shape", ent, end=2), X, axis=0))  # [B, E, X]
-    rows = b.op("Cast", b.op("Concat", zeros_t, masks, zeros_x, axis=2), to=TensorProto.BOOL)
-    cols = b.op("Cast", b.op("Concat", tokset, zeros_i, zeros_x, axis=2), to=TensorProto.BOOL)
+    tail = []
+    if excluded:
+        X = b.op("Sub", N, TI)  # [1] excluded tokens, after the image in canonical order
+        tail = [b.op("Expand", b.f32(0.0), b.op("Concat", b.op("Shape", ent, end=2), X, axis=0))]  # [B, E, X]
+    rows = b.op("Cast", b.op("Concat", zeros_t, masks, *tail, axis=2), to=TensorProto.BOOL)
+    cols = b.op("Cast", b.op("Concat", tokset, zeros_i, *tail, axis=2), to=TensorProto.BOOL)
     first = b.op("ArgMax", tokset, axis=2, keepdims=1, select_last_index=0)  # [B, E, 1]
     pos = b.op("Range", b.i64(0), b.op("Squeeze", N, b.i64([0])), b.i64(1))  # [N]
     firsts = b.op("Equal", pos, first)  # [B, E, N] one-hot of each slot's first token
@@ -325,10 +345,12 @@ def make_function(num_slots: int, opset: int = DEFAULT_OPSET) -> onnx.FunctionPr
     # ---- output (section 4.3) -------------------------------------------------------------
     out_name, hist_name = (t.name for t in op_schema.OUTPUTS)
     canon = b.op("MatMul", P_final, vf)  # [B, H, N, D], canonical order
-    # rows back to the model's order: out[:, :, order[j]] = canon[:, :, j]
-    shape = b.op("Shape", canon)
-    index = b.op("Expand", b.unsq(order, [0, 1, 3]), shape)  # [B, H, N, D]
-    model_order = b.op("ScatterElements", b.op("Mul", canon, b.f32(0.0)), index, canon, axis=2)
+    model_order = canon
+    if order is not None:  # rows back to the model's order: out[:, :, order[j]] = canon[:, :, j]
+        shape = b.op("Shape", canon)
+        index = b.op("Expand", b.unsq(order, [0, 1, 3]), shape)  # [B, H, N, D]
+        model_order = b.op("ScatterElements", b.op("Mul", canon, b.f32(0.0)), index, canon, axis=2,
+                           hint="to_model_order")
     b.nodes.append(helper.make_node("CastLike", [model_order, q], [out_name]))
     b.nodes.append(helper.make_node("Identity", [hist_out], [hist_name]))
 

@@ -46,12 +46,26 @@ def _custom_domains(model: onnx.ModelProto) -> set[str]:
     return {n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")}
 
 
-def inline_op(model: onnx.ModelProto) -> onnx.ModelProto:
+def _node_layout(node: onnx.NodeProto) -> int:
+    given = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return int(given.get("layout", op_schema.ATTRIBUTE_DEFAULTS["layout"]))
+
+
+def inline_op(model: onnx.ModelProto, num_slots: int | None = None) -> onnx.ModelProto:
     """`model` with every DeLeakerAttention node expanded into the function's body (the node's
     block_offset/blocks_per_step substituted for the body's attribute references), the function
-    and the deleaker opset import removed. Initializers are untouched (external data stays valid)."""
-    out = onnx.inliner.inline_selected_functions(model, [_OP], exclude=False)
-    keep = [f for f in out.functions if (f.domain, f.name) != _OP]
+    and the deleaker opset import removed. Initializers are untouched (external data stays valid).
+
+    With `num_slots` (the model's entity slots E), each node is expanded into the body made for
+    its own layout (export/onnx_op.py make_function(..., layout=)), so a text_image node (FLUX.1)
+    carries no reorder, as the reference op; without it, into the model's general function."""
+    from . import onnx_op
+
+    if num_slots is not None:
+        model = _per_layout(model, num_slots, onnx_op)
+    names = {(f.domain, f.name) for f in model.functions if f.domain == op_schema.ONNX_DOMAIN}
+    out = onnx.inliner.inline_selected_functions(model, sorted(names | {_OP}), exclude=False)
+    keep = [f for f in out.functions if (f.domain, f.name) not in names | {_OP}]
     del out.functions[:]
     out.functions.extend(keep)
     if op_schema.ONNX_DOMAIN not in _custom_domains(out):
@@ -63,12 +77,33 @@ def inline_op(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def make_portable(path: str | Path) -> dict:
+def _per_layout(model: onnx.ModelProto, num_slots: int, onnx_op) -> onnx.ModelProto:
+    """A copy of `model` whose op nodes call one function per layout (DeLeakerAttention_<layout name>)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), onnx_op.DEFAULT_OPSET)
+    made = {}
+    for node in out.graph.node:
+        if (node.domain, node.op_type) != _OP:
+            continue
+        layout = _node_layout(node)
+        name = f"{op_schema.OP_NAME}_{op_schema.LAYOUT_NAMES[layout]}"
+        if name not in made:
+            fn = onnx_op.make_function(num_slots, opset, layout=layout)
+            fn.name = name
+            made[name] = fn
+        node.op_type = name
+    out.functions.extend(made.values())
+    return out
+
+
+def make_portable(path: str | Path, num_slots: int | None = None) -> dict:
     """Rewrite transformer.onnx at `path` in the portable form, in place (weights in a .data file
-    beside it are not read or rewritten). Returns the manifest entries of the form."""
+    beside it are not read or rewritten), each op node inlined for its layout when `num_slots` (E)
+    is given (inline_op). Returns the manifest entries of the form."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
-    inlined = inline_op(model)
+    inlined = inline_op(model, num_slots)
     del model
     onnx.save(inlined, str(path))
     onnx.checker.check_model(str(path))  # by path: also resolves the external data

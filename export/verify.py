@@ -240,7 +240,7 @@ def check_op(artifact, configs: list[ResolvedConfig], atol: float, rtol: float) 
         attrs = op_schema.node_attributes(offset, bps)
         model = onnx_op.make_single_op_model(E, attrs, function=function, opset=opset)
         # the portable form: the same node inlined, as `deleaker-export onnx --portable` does
-        model = (onnx_portable.inline_op(model) if portable else model).SerializeToString()
+        model = (onnx_portable.inline_op(model, E) if portable else model).SerializeToString()
 
         def reference(fd, attrs=attrs):
             t = {k: torch.from_numpy(np.asarray(v)) for k, v in fd.items()}

@@ -158,6 +158,12 @@ def layout_code(name: str) -> int:
     return LAYOUT_NAMES.index(name)
 
 
+def is_identity_layout(layout: int) -> bool:
+    """True when the model's order is already the canonical one (text_image, text_image_excluded):
+    the op needs no reorder there, for any segment lengths."""
+    return tuple(LAYOUTS[layout]) == CANONICAL[:len(LAYOUTS[layout])]
+
+
 def segment_lengths(layout: int, T: int, I: int, N: int) -> dict[str, int]:
     """{segment: length} of a joint sequence of N tokens with T text and I image tokens.
     Raises ValueError when the lengths do not fit the layout."""

@@ -142,6 +142,45 @@ def test_onnx_body_matches_reference(name):
     torch.testing.assert_close(got_h, want_h, atol=1e-6, rtol=1e-5)
 
 
+def reorder_nodes(graph) -> int:
+    """Nodes of the body's reorder: the gathers of q, k, v and the scatter back (graph inputs q, k, v)."""
+    qkv = {"q", "k", "v"}
+    return sum((n.op_type == "Gather" and n.input[0] in qkv) or n.op_type == "ScatterElements" for n in graph.node)
+
+
+@pytest.mark.parametrize("name", op_schema.LAYOUT_NAMES)
+def test_portable_body_per_layout(name):
+    """The portable form inlines a body made for the node's layout: an identity layout (text_image,
+    text_image_excluded) has no reorder at all, as the reference op; every layout computes what the
+    general function does (the gather is exact, so within float noise of it)."""
+    from deleaker.export import onnx_op, onnx_portable
+
+    layout = op_schema.layout_code(name)
+    q, k, v, ent = canonical_inputs(excluded_of(layout), seed=20 + layout)
+    qm, km, vm = (to_model_order(x, layout) for x in (q, k, v))
+    model = onnx_op.make_single_op_model(2, op_schema.node_attributes(0, 1, layout))
+    general, specialised = onnx_portable.inline_op(model), onnx_portable.inline_op(model, num_slots=2)
+    assert reorder_nodes(general.graph) == 4  # 3 gathers + 1 scatter
+    if op_schema.is_identity_layout(layout):
+        assert reorder_nodes(specialised.graph) == 0
+        assert len(specialised.graph.node) < len(general.graph.node) - 40  # the order's computation went too
+    else:
+        assert reorder_nodes(specialised.graph) == 4
+    windows, knobs, rules = settings_tensors([CFG])
+    feeds = dict(q=qm.numpy(), k=km.numpy(), v=vm.numpy(), entity_tokens=ent.numpy(),
+                 history=np.zeros((1, 2, H_GRID * W_GRID), np.float32), step=np.array(1, np.int64),
+                 grid=np.array([H_GRID, W_GRID], np.int64), windows=windows.numpy(), knobs=knobs.numpy(),
+                 rules=rules.numpy())
+    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+            for m in (general, specialised)]
+    want, want_h = ref(qm, km, vm, ent, layout)
+    assert (want - plain(qm, km, vm)).abs().max() > 1e-2  # the op edits here
+    for got, got_h in runs:
+        torch.testing.assert_close(torch.from_numpy(got), want, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(torch.from_numpy(got_h), want_h, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(runs[1][0], runs[0][0], atol=1e-6, rtol=0)
+
+
 def test_node_without_layout_means_text_image():
     """An artifact exported before layouts has nodes without the attribute: the body reads 0."""
     from deleaker.export import onnx_op

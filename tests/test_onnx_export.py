@@ -182,6 +182,45 @@ def test_one_step_matches_torch(transformer_session, tiny_transformer, config_na
         assert fired == 4, "the DeLeaker edits never changed the output: the test would not catch errors"
 
 
+def test_portable_form_has_no_reorder_for_text_image(artifact_dir, tiny_transformer, tmp_path):
+    """FLUX.1's layout (text_image) is the canonical order: inlined per layout (what `--portable`
+    writes), the graph has none of the body's reorder nodes (the gathers to the canonical order,
+    the scatter back, the layout table), the general body's inlining has them in every block, and
+    the outputs of one firing step are the function form's (the dropped gather is exact)."""
+    import shutil
+
+    from deleaker.export import onnx_portable
+
+    src = load_artifact(artifact_dir).path("onnxruntime", "transformer")
+    for f in src.parent.glob("transformer.onnx*"):  # the graph and its external data
+        shutil.copy(f, tmp_path / f.name)
+    model = onnx.load(str(src), load_external_data=False)
+
+    def reorder(graph):  # named by the body (export/onnx_op.py); the inliner keeps the names as prefixes
+        return sum(any(o.startswith(("dl_to_canonical", "dl_to_model_order", "dl_layouts")) for o in n.output)
+                   for n in graph.node)
+
+    general, portable = onnx_portable.inline_op(model), onnx_portable.inline_op(model, num_slots=SPEC.entity_slots)
+    assert reorder(general.graph) == 5 * BPS and reorder(portable.graph) == 0
+    print(f"portable transformer nodes: {len(general.graph.node)} with the general body, "
+          f"{len(portable.graph.node)} per layout")
+    outs = []
+    for name, m in (("general", general), ("portable", portable)):
+        onnx.save(m, str(tmp_path / f"{name}.onnx"))
+        outs.append(session(str(tmp_path / f"{name}.onnx")))
+    x = _step_inputs(tiny_transformer, [FIRING] * 2, 64, 96, 3)
+    want = _ort_run(transformer_session_of(src), x)
+    plain = _ort_run(outs[1], {**x, "entity_tokens": torch.zeros_like(x["entity_tokens"])})
+    assert np.abs(want[0] - plain[0]).max() > 1e-3  # the step edits
+    for sess in outs:
+        for got, w in zip(_ort_run(sess, x), want):
+            np.testing.assert_allclose(got, w, atol=1e-6, rtol=0)
+
+
+def transformer_session_of(path):
+    return session(str(path))
+
+
 def _flux_args(x: dict) -> dict:
     """DeLeakerFlux.forward's arguments from step inputs (guidance None for models without it)."""
     return {**x, "guidance": x.get("guidance")}
