@@ -46,7 +46,8 @@ def _parser(commands: dict) -> argparse.ArgumentParser:
                    "embedded model's)")
     g.add_argument("--entities", default="", help="comma-separated entity words that occur in the prompt")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--model", help="diffusers-format FLUX folder (torch backend); default: the embedded toy-world "
+    src.add_argument("--model", help="diffusers folder of FLUX.1, SD3/3.5, Qwen-Image or FLUX.2 (torch backend; "
+                     "docs/models.md); default: the embedded toy-world "
                      "model (32x32, its own words only: docs/toyworld.md), as its exported artifact on onnxruntime")
     src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend)")
     g.add_argument("--backend", help="torch (default with --model; without --model or --artifact: the embedded "
@@ -112,6 +113,8 @@ def _generate(args) -> int:
     check_device(args.device)
     if args.scale is not None and not 1 <= args.scale <= 64:
         raise ValueError(f"--scale must be an integer in [1, 64], got {args.scale}")
+    if args.model is not None and (family_generate := _family_pipeline(args.model)) is not None:
+        return family_generate(args, entities, out)  # SD3 / Qwen-Image / FLUX.2: their own pipelines
     steps = args.steps if args.steps is not None else cfg.num_steps
     geometry = _declared_geometry(args)  # the model's size rule, read before its weights load
     size_range = geometry.size_range if geometry is not None else None
@@ -205,6 +208,27 @@ def _declared_geometry(args):
     except (OSError, ValueError, KeyError, TypeError):
         return None  # not a readable diffusers folder: loading it says why
     return SimpleNamespace(vae_scale_factor=2 ** (levels - 1), size_range=None)
+
+
+def _family_pipeline(model: str):
+    """For a diffusers folder whose transformer is not FLUX.1's: the model families' generate
+    command (modeling/families/generate.py, entry point group deleaker.pipelines), which refuses
+    an unsupported class in one line before loading. None for FLUX.1 (or a folder that does not
+    say: loading it says why)."""
+    import json
+    from importlib.metadata import entry_points
+
+    try:
+        name = json.loads((Path(model) / "transformer" / "config.json").read_text(encoding="utf-8"))["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if name == "FluxTransformer2DModel":
+        return None
+    found = [ep for ep in entry_points(group="deleaker.pipelines") if ep.name == "families"]
+    if not found:
+        raise ValueError(f"{model}: its transformer is {name}, not FLUX.1's, and the model families' pipeline is "
+                         f"not installed (pip install -e .)")
+    return found[0].load()
 
 
 def _artifact_backend(path: str) -> str:

@@ -44,8 +44,8 @@ def family_note(class_name: str | None) -> str:
     family = _BY_CLASS.get(class_name or "")
     if family is None:
         return f"DeLeaker supports the families {supported()}"
-    return (f"{family.title} runs through the diffusers drop-in (modeling/diffusers_integration.install), "
-            f"see docs/models.md")
+    return (f"{family.title} runs through the diffusers drop-in (modeling/diffusers_integration.install; "
+            f"`deleaker generate --model` on the torch backend), see docs/models.md")
 
 
 def family_of(transformer) -> Family:

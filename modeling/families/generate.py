@@ -1,0 +1,196 @@
+"""`deleaker generate --model DIR` for a folder of a family other than FLUX.1 (torch backend).
+
+The runtime's own pipeline (runtime/pipeline.py) is FLUX.1's: its text encoding, packing and
+scheduler. For SD3/3.5, Qwen-Image and FLUX.2 the sampling loop is the family's own diffusers
+pipeline, loaded from the folder, with DeLeaker installed through the family adapter
+(modeling/families/dropin.py): entity tokens found with the family's tokenizer(s) and prompt
+template, the joint attention's layout, and its guidance structure (DeLeaker edits the
+conditional branch; SD3's unconditional rows and Qwen-Image's negative-prompt call run plain
+attention; docs/models.md). DeLeaker off (or --compare's vanilla image) is that pipeline's stock
+output, bit for bit.
+
+runtime/cli.py reaches this through the `deleaker.pipelines` entry point (the runtime never imports
+torch), after its own checks of the output path and the entities; `generate` refuses an
+unsupported transformer class in one line before loading anything.
+
+EditCounters: what the op did, read from every DeLeaker attention call's own output (its history):
+calls, the calls inside the intervention window with two or more active entities, and the
+image rows their entity masks cover (the masks the op builds from that history).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deleaker.runtime.config import ResolvedConfig, preset
+
+from . import family_of_folder
+from .base import CFG_SEPARATE, Family
+
+log = logging.getLogger("deleaker")
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class FamilyGenerateError(ValueError):
+    """A request the family path cannot run (one line)."""
+
+
+@dataclass
+class EditCounters:
+    """DeLeaker's edits in one pipeline call, summed over its attention calls (conditional rows)."""
+
+    calls: int = 0  # DeLeaker attention calls (blocks x steps)
+    intervening: int = 0  # calls inside the intervention window with >= 2 active entities
+    masked_rows: int = 0  # image rows covered by an entity mask, summed over the intervening calls
+    per_entity: list = field(default_factory=list)  # masked rows per entity slot
+    history_filled: list = field(default_factory=list)  # per entity: its history is non-zero after the run
+
+    def line(self, entities) -> str:
+        rows = ", ".join(f"{e} {n}" for e, n in zip(entities, self.per_entity))
+        return (f"{self.calls} DeLeaker attention calls, {self.intervening} intervening, "
+                f"{self.masked_rows} masked image rows ({rows or 'none'})")
+
+
+class _Counting:
+    """Wraps one DeLeaker processor's op: after each call, the masks that call intervened with,
+    rebuilt from the history it returned (reference_op: the source of the masks once history is in use)."""
+
+    def __init__(self, proc, counters: EditCounters, cfg: ResolvedConfig):
+        self.op, self.counters, self.cfg = proc.op, counters, cfg
+        self.offset, self.bps = proc.attrs["block_offset"], proc.attrs["blocks_per_step"]
+
+    def __call__(self, q, k, v, ent, history, step, grid, *rest):
+        from ..reference_op import entity_masks, smooth_masks, tau_of
+
+        out, hist = self.op(q, k, v, ent, history, step, grid, *rest)
+        c, cfg = self.counters, self.cfg
+        c.calls += 1
+        tau = tau_of(int(step), self.offset, self.bps)
+        h, w = (int(x) for x in grid)
+        for b in range(ent.shape[0]):
+            active = (ent[b] > 0).any(dim=-1).nonzero().flatten().tolist()
+            if len(active) < 2 or not cfg.start_intervention_from <= tau <= cfg.stop_intervention_at:
+                continue
+            if not cfg.use_history or tau <= cfg.start_aggregating_from:
+                continue  # masks from this call's probabilities only: not counted (the presets use history)
+            masks = entity_masks(hist[b, active].float(), cfg.std_mul_text)
+            if cfg.do_smoothing:
+                masks = smooth_masks(masks, h, w)
+            c.intervening += 1
+            rows = masks.sum(dim=-1).tolist()
+            c.masked_rows += int(sum(rows))
+            for e, n in zip(active, rows):
+                c.per_entity[e] += int(n)
+        return out, hist
+
+
+def load(model_dir: str | Path, device: str = "cpu", dtype: str = "fp32"):
+    """(family, the folder's diffusers pipeline). An unsupported folder is refused before loading."""
+    from diffusers import DiffusionPipeline
+
+    family = family_of_folder(model_dir)
+    if family.name == "flux1":
+        raise FamilyGenerateError("FLUX.1 folders run on the runtime's own pipeline (deleaker generate --model)")
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=_DTYPES[dtype]).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return family, pipe
+
+
+def guidance_kwargs(family: Family, guidance: float) -> dict:
+    """The pipeline's guidance arguments: SD3's CFG and FLUX.2's distilled guidance take
+    guidance_scale; Qwen-Image's true CFG takes true_cfg_scale and a negative prompt (" ", as its
+    model card)."""
+    if family.guidance == CFG_SEPARATE:
+        return {"negative_prompt": " ", "true_cfg_scale": guidance}
+    return {"guidance_scale": guidance}
+
+
+def run(pipe, family: Family, prompt: str, entities: tuple, *, seed: int, steps: int, height: int, width: int,
+        guidance: float, config, deleaker: bool = True, device: str = "cpu"):
+    """One image (uint8 [H, W, 3]) and its EditCounters (None with DeLeaker off). The pipeline has
+    DeLeaker installed for the call only."""
+    from .. import diffusers_integration as dl
+
+    factor = int(getattr(pipe, "vae_scale_factor", 8)) * 2  # every family packs 2x2 latent patches
+    if height % factor or width % factor:
+        raise FamilyGenerateError(f"{family.title}: height and width must be multiples of {factor}, got "
+                                  f"{height}x{width}")
+    inst = dl.install(pipe, config=config)
+    counters = None
+    try:
+        if deleaker:
+            cfg = config.replace(num_steps=steps).resolved(inst.blocks_per_step)
+            counters = EditCounters(per_entity=[0] * max(4, len(entities)))
+            for m in family.attention_modules(pipe.transformer):
+                proc = m.processor.deleaker
+                proc.op = _Counting(proc, counters, cfg)
+        request = dl.DeLeaker(tuple(entities), enabled=deleaker)
+        with torch.no_grad():
+            image = pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps,
+                         generator=torch.Generator(device).manual_seed(seed), output_type="pil",
+                         **guidance_kwargs(family, guidance), **{family.pipeline_kwargs_name: {"deleaker": request}}
+                         ).images[0]
+        history = inst.history
+    finally:
+        dl.remove(pipe)
+    if counters is not None:
+        counters.per_entity = counters.per_entity[:len(entities)]
+        counters.history_filled = [bool(history[-1, e].abs().sum() > 0) for e in range(len(entities))] \
+            if history is not None else []
+    return np.asarray(image.convert("RGB")), counters
+
+
+def generate(args, entities: tuple, out: Path) -> int:
+    """The `deleaker generate` command for a family folder (args: its parsed options)."""
+    from deleaker.runtime.images import display_scale, enlarge, save_png, side_by_side
+
+    family = family_of_folder(args.model)  # one line for an unsupported class, before any loading
+    if args.backend not in (None, "torch"):
+        raise FamilyGenerateError(f"{family.title} folders run on the torch backend only (no exported artifact of "
+                                  f"this family yet), not {args.backend}")
+    if args.attention != "reference" or args.compile or args.cuda_graphs == "on":
+        raise FamilyGenerateError(f"{family.title}: --attention cuda, --compile and --cuda-graphs apply to FLUX.1; "
+                                  f"this family runs the reference op in its diffusers pipeline")
+    cfg = preset(args.preset or family.preset)
+    steps = args.steps if args.steps is not None else cfg.num_steps
+    height = args.height if args.height is not None else 256
+    width = args.width if args.width is not None else height
+    if not args.no_deleaker and len(entities) < 2:
+        log.warning("DeLeaker separates two or more entities; with %d it is plain attention", len(entities))
+    t0 = time.perf_counter()
+    family, pipe = load(args.model, args.device, args.dtype)
+    log.info("%s (%s) loaded from %s in %.1fs; preset %s, %d steps, guidance %s (%s)", family.title,
+             type(pipe).__name__, args.model, time.perf_counter() - t0, args.preset or family.preset, steps,
+             args.guidance, family.guidance)
+    kw = dict(seed=args.seed, steps=steps, height=height, width=width, guidance=args.guidance, config=cfg,
+              device=args.device)
+    runs = [(False, "vanilla"), (True, "DeLeaker")] if args.compare else [(not args.no_deleaker, None)]
+    images = []
+    for on, _ in runs:
+        t = time.perf_counter()
+        image, counters = run(pipe, family, args.prompt, entities, deleaker=on, **kw)
+        images.append(image)
+        if counters is not None:
+            log.info("DeLeaker (%.1fs): %s; history filled for %s", time.perf_counter() - t,
+                     counters.line(entities), [e for e, f in zip(entities, counters.history_filled) if f] or "none")
+            if counters.masked_rows == 0:
+                log.warning("DeLeaker edited nothing here: no entity mask covered an image row in its window "
+                            "(%d steps of %d blocks)", steps, family.blocks_per_step(pipe.transformer))
+    scale = args.scale if args.scale is not None else display_scale(height, width)
+    if args.compare:
+        delta = np.abs(images[0].astype(np.int16) - images[1].astype(np.int16))
+        log.info("DeLeaker vs vanilla: mean |difference| %.3f, max %d (pixel levels 0-255)", delta.mean(), delta.max())
+        picture = side_by_side(images, [f"{label} (seed {args.seed})" for _, label in runs], scale)
+    else:
+        picture = enlarge(images[0], scale)
+    save_png(picture, out)
+    log.info("wrote %s (%s, %dx%d, %d steps, %.1fs)", out, family.title, height, width, steps,
+             time.perf_counter() - t0)
+    return 0
