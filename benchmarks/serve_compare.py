@@ -15,9 +15,11 @@ tuning, the same in-process batch loop took 0.08-0.12 s per batch depending on t
 ratio from one server and one client carries that offset in every round; over several process
 pairs the offsets average out and the spread of the ratios shows them.
 
-Writes DIR/rounds.jsonl (one line per round and concurrency: the bench summary), DIR/rR-cC.jsonl
-(per-request lines), DIR/server-rR.log, DIR/load.txt (load averages), DIR/table.md (the table,
-also printed). Per concurrency: server and in-process images/s (median and range over the
+Writes DIR/rounds.jsonl (one line per round and concurrency: the bench summary), DIR/samples.jsonl
+(one line per request of every load, tagged with its round, concurrency, HTTP parser, load
+generator and load), DIR/server.log (every round's server, each under a `== round R ... ==` line),
+DIR/load.txt (load averages) and DIR/table.md (the table, also printed; --table recomputes it from
+rounds.jsonl after checking each row's request counts against samples.jsonl). Per concurrency: server and in-process images/s (median and range over the
 process pairs), the ratio server / in-process (median of the pairs' pooled ratios, its range, and
 pooled over everything), the same ratio against the in-process passes that also encode every
 image to PNG as the server does (what is left is the cost of HTTP serving), the batch sizes the
@@ -91,9 +93,14 @@ def parse_levels(s: str) -> tuple[tuple[int, int], ...]:
         raise ValueError(f"--levels must look like 1:16,4:64,16:128 (concurrency:requests), got {s!r}") from None
 
 
+SAMPLES = "samples.jsonl"
+SERVER_LOG = "server.log"
+_SAMPLE_KEY = ("round", "concurrency", "http", "client")  # a samples.jsonl line's rounds.jsonl row
+
+
 def _bench(url: str, spec: CompareSpec, model: str, concurrency: int, requests: int, loads: int,
            out: Path | None, client: str = "aiohttp") -> dict:
-    """One fresh `deleaker-bench --mode serve` process; returns its summary."""
+    """One fresh `deleaker-bench --mode serve` process (per-request lines to `out`); returns its summary."""
     cmd = [sys.executable, "-m", "deleaker.benchmarks.serve_load", "--url", url, "--client", client,
            "--requests", str(requests),
            "--concurrency", str(concurrency), "--size", spec.size, "--steps", str(spec.steps),
@@ -107,14 +114,18 @@ def _bench(url: str, spec: CompareSpec, model: str, concurrency: int, requests: 
     return json.loads(done.stdout.strip().splitlines()[-1])["summary"]
 
 
-def run_round(spec: CompareSpec, model: str, r: int, out: Path, http: str = "auto", say=print) -> list[dict]:
+def run_round(spec: CompareSpec, model: str, r: int, out: Path, samples, http: str = "auto", say=print) -> list[dict]:
+    """One fresh server and its loads; appends their per-request lines to `samples` (an open file)
+    and the server's output to out/server.log."""
     env = dict(os.environ)
     args = ["--model", model, "--device", spec.device, "--max-batch", str(spec.max_batch), "--http", http]
-    tag = "" if len(spec.http) == 1 else f"-{http}"
     if spec.ray:
         args += ["--ray", "--replicas", "1"]
         env["RAY_AUTH_MODE"] = "disabled"  # a throwaway local Ray on 127.0.0.1, as the Ray tests start it
-    server = ServeProcess(args, out / f"server-r{r}{tag}.log", env=env)
+    with open(out / SERVER_LOG, "a") as log:
+        log.write(f"== round {r}, --http {http} ==\n")
+    server = ServeProcess(args, out / SERVER_LOG, env=env, append=True)
+    part = out / ".bench-samples.jsonl"  # one bench process's lines, before they are tagged
     try:
         server.wait_ready(spec.ready_timeout_s)
         # first batches of every size the loads use, uncounted
@@ -123,9 +134,13 @@ def run_round(spec: CompareSpec, model: str, r: int, out: Path, http: str = "aut
         clients = spec.clients if r % 2 else spec.clients[::-1]  # neither client always goes first
         for concurrency, requests in spec.levels:
             for client in clients:
-                ctag = tag + ("" if len(spec.clients) == 1 else f"-{client}")
-                s = _bench(server.url, spec, model, concurrency, requests, spec.loads,
-                           out / f"r{r}-c{concurrency}{ctag}.jsonl", client)
+                s = _bench(server.url, spec, model, concurrency, requests, spec.loads, part, client)
+                tags = {"round": r, "concurrency": concurrency, "http": http, "client": client}
+                for line in part.read_text().splitlines():
+                    sample = json.loads(line)
+                    samples.write(json.dumps({**tags, "load": sample.pop("round"), **sample}) + "\n")
+                samples.flush()
+                part.unlink()
                 rows.append({"round": r, "concurrency": concurrency, "http": http, "client": client, **s})
                 say(f"round {r}/{spec.rounds} {http} {client} concurrency {concurrency}: server "
                     f"{s['images_per_s']:.1f} images/s, in-process {s['inprocess_images_per_s']:.1f}, ratio "
@@ -144,8 +159,39 @@ def _range(values: list[float]) -> str:
 _TAGS = {"http": ("auto", "HTTP parser"), "client": ("aiohttp", "load generator")}
 
 
+def read_run(folder: Path) -> list[dict]:
+    """A run's rounds.jsonl rows, each checked against the run's samples.jsonl: as many request
+    lines, and as many answered ones, as the row's summary counted."""
+    rows_path, samples_path = folder / "rounds.jsonl", folder / SAMPLES
+    for path in (rows_path, samples_path):
+        if not path.is_file():
+            raise ValueError(f"--table {folder}: no {path.name} there")
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    counts: dict[tuple, list[int]] = {}
+    for line in samples_path.read_text().splitlines():
+        if line.strip():
+            sample = json.loads(line)
+            n = counts.setdefault(_sample_key(sample), [0, 0])
+            n[0] += 1
+            n[1] += sample["status"] == 200
+    for row in rows:
+        got = counts.pop(_sample_key(row), [0, 0])
+        if got != [row["requests"], row["ok"]]:
+            raise ValueError(f"--table {folder}: round {row['round']}, concurrency {row['concurrency']}: "
+                             f"{SAMPLES} has {got[0]} requests ({got[1]} answered), rounds.jsonl counted "
+                             f"{row['requests']} ({row['ok']})")
+    if counts:
+        raise ValueError(f"--table {folder}: {SAMPLES} has requests of no rounds.jsonl row: {sorted(counts)[0]}")
+    return rows
+
+
+def _sample_key(row: dict) -> tuple:
+    return tuple(row.get(k, _TAGS[k][0]) if k in _TAGS else row[k] for k in _SAMPLE_KEY)
+
+
 def table(rows: list[dict]) -> str:
-    """The per-concurrency table of docs/serving.md from rounds.jsonl rows."""
+    """The per-concurrency table of docs/serving.md from rounds.jsonl rows (rows of runs made before
+    the in-process PNG pass existed show "-" in its column)."""
     # a column names each row's HTTP parser / load generator where several ran
     tags = [t for t in _TAGS if len({row.get(t, _TAGS[t][0]) for row in rows}) > 1]
 
@@ -161,13 +207,19 @@ def table(rows: list[dict]) -> str:
         c = key[0]
         mine = [row for row in rows if key_of(row) == key]
         ratios = [row["server_vs_inprocess_pooled"] for row in mine]
-        png_ratios = [row["server_vs_inprocess_png_pooled"] for row in mine]
+        png = all("server_vs_inprocess_png_pooled" in row for row in mine)
         server_images = sum(row["ok"] for row in mine)  # n = 1: one image per request
         server_s = sum(row["wall_s"] for row in mine)
         inproc_images = sum(round_["inprocess_images"] for row in mine for round_ in row["rounds"])
         inproc_s = sum(round_["inprocess_s"] for row in mine for round_ in row["rounds"])
-        png_images = sum(round_["inprocess_png_images"] for row in mine for round_ in row["rounds"])
-        png_s = sum(round_["inprocess_png_s"] for row in mine for round_ in row["rounds"])
+        if png:
+            png_ratios = [row["server_vs_inprocess_png_pooled"] for row in mine]
+            png_images = sum(round_["inprocess_png_images"] for row in mine for round_ in row["rounds"])
+            png_s = sum(round_["inprocess_png_s"] for row in mine for round_ in row["rounds"])
+            png_cell = (f"{np.median(png_ratios):.3f} [{min(png_ratios):.3f}, {max(png_ratios):.3f}] "
+                        f"({(server_images / server_s) / (png_images / png_s):.3f})")
+        else:
+            png_cell = "-"
         batches: dict[int, int] = {}
         for row in mine:
             for k, v in row["batches"].items():
@@ -179,8 +231,7 @@ def table(rows: list[dict]) -> str:
                      f"| {_range([row['inprocess_images_per_s'] for row in mine])} "
                      f"| {np.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] "
                      f"| {(server_images / server_s) / (inproc_images / inproc_s):.3f} "
-                     f"| {np.median(png_ratios):.3f} [{min(png_ratios):.3f}, {max(png_ratios):.3f}] "
-                     f"({(server_images / server_s) / (png_images / png_s):.3f}) "
+                     f"| {png_cell} "
                      f"| {batches[top]} of {sum(batches.values())} (size {top}) | {edited} of {inproc_images} |")
     return "\n".join(lines) + "\n"
 
@@ -212,12 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         if args.table:
-            rows = []
-            for folder in args.table:
-                path = Path(folder) / "rounds.jsonl"
-                if not path.is_file():
-                    raise ValueError(f"--table {folder}: no rounds.jsonl there")
-                rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = [row for folder in args.table for row in read_run(Path(folder))]
             print(table(rows), end="")
             return 0
         if args.out is None:
@@ -238,12 +284,14 @@ def main(argv: list[str] | None = None) -> int:
             model = args.model
         out.mkdir(parents=True, exist_ok=True)
         rows: list[dict] = []
-        with open(out / "rounds.jsonl", "w") as fh, open(out / "load.txt", "w") as load:
+        (out / SERVER_LOG).write_text("")
+        with (open(out / "rounds.jsonl", "w") as fh, open(out / SAMPLES, "w") as samples,
+              open(out / "load.txt", "w") as load):
             for r in range(1, spec.rounds + 1):
                 load.write(f"before round {r}: load average {' '.join('%.2f' % x for x in os.getloadavg())}\n")
                 for http in spec.http:
                     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-                    for row in run_round(spec, model, r, out, http, say=say):
+                    for row in run_round(spec, model, r, out, samples, http, say=say):
                         fh.write(json.dumps(row) + "\n")
                         fh.flush()
                         rows.append(row)

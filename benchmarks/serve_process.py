@@ -25,13 +25,15 @@ def deleaker_bin() -> list[str]:
 
 
 class ServeProcess:
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, name: str = "the server"):
-        """args: `deleaker serve` options other than --port (a free port is chosen)."""
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, name: str = "the server",
+                 append: bool = False):
+        """args: `deleaker serve` options other than --port (a free port is chosen); append: add to
+        log_path (one log for several servers) instead of starting it anew."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.name = name
-        self._log = open(log_path, "w")  # noqa: SIM115  (closed in close)
+        self._log = open(log_path, "a" if append else "w")  # noqa: SIM115  (closed in close)
         self.proc = subprocess.Popen([*deleaker_bin(), "serve", "--port", str(self.port), *args],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
 

@@ -8,7 +8,7 @@ the transformer's activations ([B, N, H*D] a few dozen times) and the VAE decode
 feature maps. The estimate is an upper bound meant to refuse what cannot fit, not a profile.
 
 Time: the reference op's work grows with blocks x B x H x N^2 per step; SECONDS_PER_ELEMENT was
-measured with the embedded model on a busy 2-core CPU (benchmarks/results/cpu-2026-12-01/, which
+measured with the embedded model on a busy 2-core CPU (results/footprint/, which
 names the command), so elsewhere it is a rough guide: after the first step of a long run the
 pipeline also logs what the measured step time predicts.
 """

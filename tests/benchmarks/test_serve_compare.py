@@ -57,14 +57,40 @@ def test_table_has_a_row_per_load_generator_when_several_ran():
     assert [(c[1], c[5]) for c in cells] == [("aiohttp", "0.500 [0.500, 0.500]"), ("hey", "1.000 [1.000, 1.000]")]
 
 
+def test_table_without_the_png_pass_shows_a_dash():
+    row = _row(16, 40, 2.0, 40, 1.0, {"4": 10}, 40)
+    del row["server_vs_inprocess_png_pooled"]  # a run made before the in-process PNG pass existed
+    cells = [c.strip() for c in sc.table([row]).splitlines()[2].strip("|").split("|")]
+    assert cells[5:8] == ["0.500", "-", "10 of 10 (size 4)"]
+
+
+def _write_run(folder, rows, drop_sample=False):
+    """rounds.jsonl and a samples.jsonl whose request lines match each row's counts."""
+    folder.mkdir()
+    (folder / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = [{"round": r["round"], "concurrency": r["concurrency"], "http": r["http"], "client": "aiohttp",
+                "load": 0, "index": i, "status": 200 if i < r["ok"] else 503}
+               for r in rows for i in range(r["requests"])]
+    (folder / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples[drop_sample:]))
+
+
 def test_table_pools_earlier_runs(tmp_path, capsys):
-    for name, rows in (("a", [_row(16, 40, 2.0, 40, 1.0, {"4": 10}, 40)]),
-                       ("b", [_row(16, 40, 1.0, 40, 1.0, {"4": 10}, 40), _row(4, 8, 1.0, 8, 1.0, {"4": 2}, 8)])):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    def row(r, *args):
+        return {**_row(*args), "round": r, "requests": args[1] + 1}  # one request of each row answered 503
+
+    _write_run(tmp_path / "a", [row(1, 16, 40, 2.0, 40, 1.0, {"4": 10}, 40)])
+    _write_run(tmp_path / "b", [row(1, 16, 40, 1.0, 40, 1.0, {"4": 10}, 40), row(1, 4, 8, 1.0, 8, 1.0, {"4": 2}, 8)])
     assert sc.main(["--table", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("|")[1:3] for line in lines[2:]] == [[" 4 ", " 1 "], [" 16 ", " 2 "]]  # pairs of both runs
+    # the per-request lines must account for every summary row
+    _write_run(tmp_path / "short", [row(1, 16, 40, 2.0, 40, 1.0, {"4": 10}, 40)], drop_sample=True)
+    assert sc.main(["--table", str(tmp_path / "short")]) == 2
+    assert ("round 1, concurrency 16: samples.jsonl has 40 requests (39 answered), rounds.jsonl counted 41 (40)"
+            in capsys.readouterr().err)
+    (tmp_path / "a" / "samples.jsonl").unlink()
+    assert sc.main(["--table", str(tmp_path / "a")]) == 2
+    assert "no samples.jsonl there" in capsys.readouterr().err
     assert sc.main(["--table", str(tmp_path / "missing")]) == 2
     assert "no rounds.jsonl there" in capsys.readouterr().err
     assert sc.main(["--rounds", "2"]) == 2
@@ -98,7 +124,13 @@ def test_one_round_per_load_generator(tiny_model_dir, tmp_path):
         assert r["ok"] == r["requests"] == 8 and r["inprocess_png_encoded"] == 8
         assert sum(int(k) * v for k, v in r["batches"].items()) == 8  # the server ran every request of this load
         assert r["rounds"][0]["client_cpu_s"] > 0  # hey's CPU time is counted (a child process's)
-    assert (out / "r1-c4-hey.jsonl").exists() and "| 4 | hey | 1 |" in (out / "table.md").read_text()
+    assert "| 4 | hey | 1 |" in (out / "table.md").read_text()
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted({(s["round"], s["concurrency"], s["client"], s["load"]) for s in samples}) == [
+        (1, 4, "aiohttp", 0), (1, 4, "hey", 0)]
+    assert len(samples) == 16 and all(s["status"] == 200 for s in samples)  # every request, in the run's one file
+    assert sorted(p.name for p in out.iterdir()) == ["load.txt", "rounds.jsonl", "samples.jsonl", "server.log",
+                                                     "table.md"]
 
 
 def test_one_round_on_a_real_server_per_parser(tiny_model_dir, tmp_path):
@@ -118,7 +150,9 @@ def test_one_round_on_a_real_server_per_parser(tiny_model_dir, tmp_path):
         assert r["rounds"][0]["inprocess_png_images"] == inproc
         assert r["inprocess_png_encoded"] == inproc  # the second pass made a PNG of every image
         assert r["server_vs_inprocess_pooled"] > 0 and r["server_vs_inprocess_png_pooled"] > 0
-    for http in ("h11", "httptools"):
-        log = (out / f"server-r1-{http}.log").read_text()
+    logs = (out / "server.log").read_text().split("== round 1, --http ")  # one log, a section per server
+    assert logs[0] == "" and [log.split(" ==")[0] for log in logs[1:]] == ["h11", "httptools"]
+    for http, log in zip(("h11", "httptools"), logs[1:]):
         assert log.count("generated") >= 2 and f"queue 64, {http})" in log
         assert f"| 4 | {http} | 1 |" in (out / "table.md").read_text()
+    assert sc.main(["--table", str(out)]) == 0  # the run's own files give its table again

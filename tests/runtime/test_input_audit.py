@@ -46,7 +46,7 @@ def test_readme_counts_match_the_committed_audit():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    raw = json.loads((root / "benchmarks/results/cpu-2026-12-06/input_audit.json").read_text())
+    raw = json.loads((root / "results/input-audit/input_audit.json").read_text())
     tried = Counter(o["area"] for o in raw["outcomes"])
     clean = Counter(o["area"] for o in raw["outcomes"] if o["verdict"] == "clean")
     assert sorted((o["area"], o["name"]) for o in raw["outcomes"]) == sorted(input_audit.case_names())
