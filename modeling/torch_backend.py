@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from deleaker.runtime import step_io
-from deleaker.runtime.backends.base import Backend, ModelInfo, Session, SessionInputs
+from deleaker.runtime.backends.base import Backend, Session, SessionInputs
 from deleaker.runtime.config import DeLeakerConfig
 from deleaker.runtime.model_card import card_config, read_card
+from deleaker.runtime.model_info import ModelInfo
 from deleaker.runtime.scheduler import euler_update
 from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 
