@@ -77,7 +77,8 @@ def test_imports_point_down_the_layers():
 # The runtime modules that may import the backend layer (runtime/backends): the pipeline (its
 # session loop drives a Backend) and the entry points that load one by name. Everything below them
 # (artifact, model_info, config, ...) is imported by the backends, never the other way round.
-BACKEND_USERS = {"deleaker.runtime.pipeline", "deleaker.runtime.cli", "deleaker.runtime.serve.loading"}
+BACKEND_USERS = {"deleaker.runtime.pipeline", "deleaker.runtime.cli", "deleaker.runtime.serve.cli",
+                 "deleaker.runtime.serve.loading"}
 
 
 def test_only_the_pipeline_and_entry_points_import_the_backends():

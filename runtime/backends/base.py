@@ -12,11 +12,13 @@ from __future__ import annotations
 import abc
 import threading
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from ..model_info import ModelInfo
 from ..scheduler import euler_update, step_tables
+from .options import BackendOption
 
 
 @dataclass(frozen=True)
@@ -117,9 +119,26 @@ class Backend(abc.ABC):
 
     Sessions of one backend share its buffers, so the pipeline runs one session at a time per
     backend (it holds `lock` around a session); every other method is safe to call anytime.
+
+    What a backend is, every backend class declares as data (the runtime, the commands and the
+    benchmarks ask these, never a backend's name; tests/test_backend_contract.py checks each
+    registered class declares them itself): `devices`, `options`, `fused_attention`,
+    `torch_tensors` and `attention_impls` below. A loaded one also says where it runs (`device`)
+    and, where it chose one at load, its weights' dtype (`dtype`).
     """
 
-    name: str = "?"
+    name: ClassVar[str] = "?"  # its entry-point name (pyproject.toml, deleaker.backends)
+    devices: ClassVar[tuple[str, ...]] = ()  # the device kinds it runs on (options.DEVICE_KINDS)
+    options: ClassVar[tuple[BackendOption, ...]] = ()  # the command-line options its load() takes
+    # the attention holds no [T+I, T+I] map (fused kernels): the memory estimate, runtime/footprint.py;
+    # a backend whose op is chosen at load sets it on the instance
+    fused_attention: bool = False
+    # its device buffers are torch tensors: torch's CUDA timers and memory counters see its work
+    torch_tensors: ClassVar[bool] = False
+    # attention implementations a benchmark may switch the loaded model between (() : fixed at load)
+    attention_impls: ClassVar[tuple[str, ...]] = ()
+    device: object = "cpu"  # where the loaded model runs: "cpu", "cuda[:N]", or a torch.device
+    dtype: object = ""  # the weights' dtype where the backend chose it at load ("": as exported)
     info: ModelInfo
 
     @property
