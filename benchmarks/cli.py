@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from deleaker.runtime.dtypes import WEIGHT_DTYPES
 from deleaker.runtime.outputs import check_output
 
 from .presets import PRESETS, BenchSpec, get_preset
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                                               "measured on them)")
     p.add_argument("--runs", type=int, help="timed runs per measurement")
     p.add_argument("--device", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--dtype", choices=tuple(WEIGHT_DTYPES))
     p.add_argument("--deleaker-preset", help="DeLeaker config preset (runtime.config: flux-dev, flux-schnell)")
     p.add_argument("--set", dest="settings", action="append", type=_setting, metavar="NAME=VALUE",
                    help="override one DeLeaker setting, e.g. --set start_intervention_from=0 (repeatable)")

@@ -12,6 +12,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from deleaker.modeling.checkpoint import resolve_dtype
+
 from .gpu_verify_result import NO_GPU, Result, failed, passed, skipped
 
 # FLUX's block structure at tiny widths (the tiny offline model's sizes), for the dry run
@@ -58,7 +60,7 @@ def _write(out: Path, name: str, rows: list[dict]) -> None:
 def _transformer(sz: Sizes):
     from . import models as M
 
-    return M.random_flux_transformer("flux-dev", device=sz.device, dtype=M.DTYPES[sz.dtype], **sz.overrides)
+    return M.random_flux_transformer("flux-dev", device=sz.device, dtype=resolve_dtype(sz.dtype), **sz.overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +301,7 @@ def generation_backend(sz: Sizes):
 
     from . import models as M
 
-    dtype = M.DTYPES[sz.dtype]
+    dtype = resolve_dtype(sz.dtype)
     tiny = PRESETS["tiny"]
     parts = load_checkpoint(ensure_tiny_model(), dtype=torch.float32)
     tr = M.random_flux_transformer("flux-dev", device=sz.device, dtype=dtype,

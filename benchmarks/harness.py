@@ -327,14 +327,14 @@ def bench_backend_step_variants(backend, variants: Sequence[str] = ("vanilla", "
             timesteps=np.full((steps,), 0.5, np.float32), sigmas=np.linspace(1, 0, steps + 1, dtype=np.float32)))
 
     sessions = {v: session(v == "deleaker") for v in variants}
-    device = getattr(backend, "device", None) if backend.name == "torch" else None
+    device = backend.device if backend.torch_tensors else None  # torch's CUDA timers see only torch work
     vs = [Variant(v, lambda: None, (lambda s=sessions[v]: s.step(step))) for v in variants]
     measure_interleaved(vs, warmup, runs, device)
     rows = []
     for v in vs:
         impl, label = _backend_label(v.name)
         base = {"mode": "step", "backend": backend.name, "impl": impl, "label": label, "variant": v.name,
-                "device": str(getattr(backend, "device", "")), "dtype": str(getattr(backend, "dtype", "")), **case}
+                "device": str(backend.device), "dtype": str(backend.dtype), **case}
         if v.error:
             rows.append(_failed(base, v))
             continue
@@ -358,7 +358,8 @@ def bench_generate_variants(pipeline, impls: Sequence[str] | None = None, *, pro
     """Time whole generations (tokenize, encode, S steps, decode) through runtime.Pipeline: one
     batch of `batch_size` requests (seeds seed, seed+1, ...) per run, in one session.
 
-    impls, torch backend: "sdpa" (vanilla, stock diffusers attention), "reference", "cuda",
+    impls, a backend whose attention can be switched (attention_impls: the torch backend): "sdpa"
+    (vanilla, stock diffusers attention), "reference", "cuda",
     "inactive" (default sdpa, reference); other backends: "inactive" (vanilla: the same engine
     with every slot inactive) and "engine" (DeLeaker)."""
     from deleaker.runtime.pipeline import GenerateRequest
@@ -366,10 +367,10 @@ def bench_generate_variants(pipeline, impls: Sequence[str] | None = None, *, pro
     from . import models as M
 
     be = pipeline.backend
-    torch_be = be.name == "torch" and hasattr(be, "model")
-    impls = tuple(impls or (("sdpa", "reference") if torch_be else ("inactive", "engine")))
+    switchable = bool(be.attention_impls)  # the loaded model's attention can be switched (the torch backend's)
+    impls = tuple(impls or (("sdpa", "reference") if switchable else ("inactive", "engine")))
     info = be.info
-    device = be.device if torch_be else None
+    device = be.device if switchable else None
     case = _case_fields(height=height, width=width, batch_size=batch_size, text_tokens=info.max_text_tokens,
                         entities=len(entities), entity_slots=info.entity_slots, steps=steps, step=None,
                         warmup=warmup, runs=runs, vae_scale_factor=info.vae_scale_factor)
@@ -378,16 +379,16 @@ def bench_generate_variants(pipeline, impls: Sequence[str] | None = None, *, pro
 
     def base(impl):
         deleaker = impl in ("reference", "cuda", "engine")
-        label = M.IMPL_LABELS.get(impl, impl) if torch_be else _backend_label("deleaker" if deleaker else "vanilla")[1]
+        label = M.IMPL_LABELS.get(impl, impl) if switchable else _backend_label("deleaker" if deleaker else "vanilla")[1]
         return {"mode": "e2e", "backend": be.name, "impl": impl, "label": label,
-                "variant": "deleaker" if deleaker else "vanilla", "device": str(getattr(be, "device", "")),
-                "dtype": str(getattr(be, "dtype", "")).replace("torch.", ""), "prompt": prompt,
+                "variant": "deleaker" if deleaker else "vanilla", "device": str(be.device),
+                "dtype": str(be.dtype).replace("torch.", ""), "prompt": prompt,
                 "entity_words": list(entities), **case}
 
     req = {d: [GenerateRequest(prompt=prompt, entities=tuple(entities), seed=seed + b, steps=steps, height=height,
                                width=width, deleaker=d, config=cfg) for b in range(batch_size)] for d in (False, True)}
     pipeline.check(req[True][0])
-    skipped = {impl: (M.check_impl_available(impl, device) if torch_be else None) for impl in impls}
+    skipped = {impl: (M.check_impl_available(impl, device) if switchable else None) for impl in impls}
 
     results: dict[str, list] = {impl: [] for impl in impls}
 
@@ -396,12 +397,12 @@ def bench_generate_variants(pipeline, impls: Sequence[str] | None = None, *, pro
 
         def run():
             out = pipeline.generate(r, progress=False)
-            if torch_be and M.attention_impl(be.model) != ("reference" if impl == "inactive" else impl):
+            if switchable and M.attention_impl(be.model) != ("reference" if impl == "inactive" else impl):
                 raise M.BenchError("the backend replaced the attention processors during generate()")
             results[impl].append(out)  # warm-up and timed runs, in order
             return out
 
-        setup = (lambda: M.set_attention(be.model, impl)) if torch_be else (lambda: None)
+        setup = (lambda: M.set_attention(be.model, impl)) if switchable else (lambda: None)
         return Variant(impl, setup, run)
 
     vs = [variant(impl) for impl in impls if not skipped[impl]]
@@ -426,7 +427,7 @@ def bench_generate_variants(pipeline, impls: Sequence[str] | None = None, *, pro
         grid = lat.geometry(height, width, info.vae_scale_factor).grid
         rec["mask_coverage"] = (M.mask_coverage(timed[-1].history[None], len(entities), beta1, grid, cfg.do_smoothing)
                                 if rec["variant"] == "deleaker" else None)
-        if profile_dir is not None and torch_be:
+        if profile_dir is not None and switchable:
             rec["profile_trace"] = _profile(v, device, Path(profile_dir), _trace_name(rec), 1)
         rows.append(rec)
     return add_ratios(rows)

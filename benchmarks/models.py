@@ -22,7 +22,6 @@ from deleaker.runtime.config import ResolvedConfig
 
 from .errors import BenchError  # noqa: F401 - re-exported (M.BenchError)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # diffusers' FluxTransformer2DModel defaults are FLUX.1's sizes (19 + 38 blocks, 24 heads x 128,
 # joint_attention_dim 4096, pooled 768); FLUX.1-dev adds guidance embeds, schnell has none.

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deleaker.modeling.checkpoint import resolve_dtype
+
 # FLUX.1: 19 double + 38 single blocks; the default windows are the authors' (a0 12, i0 18 block-steps)
 BLOCKS_PER_STEP = 57
 # token positions of the planted entity kinds (kind -> text tokens)
@@ -73,7 +75,6 @@ class Case:
         return self.T + self.h * self.w
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def make_inputs(case: Case, seed: int = 0, device="cpu", strength: float = 8.2):
@@ -115,7 +116,7 @@ def make_inputs(case: Case, seed: int = 0, device="cpu", strength: float = 8.2):
                 q[b, :, toks[0], :] += c.text_pull * strength * nxt
     if c.layout == "bnhd":
         q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
-    dt = DTYPES[c.dtype]
+    dt = resolve_dtype(c.dtype)
     return q.to(dt), k.to(dt), v.to(dt), ent, hist
 
 

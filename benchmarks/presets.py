@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from deleaker.runtime.dtypes import WEIGHT_DTYPES
+
 from .errors import BenchError  # noqa: F401 - re-exported (presets.BenchError)
 
 MODES = ("step", "e2e")
@@ -95,8 +97,8 @@ class BenchSpec:
         for impl in self.impls or ():
             if impl not in M.IMPLS:
                 raise BenchError(f"unknown attention impl {impl!r}; choose from {', '.join(M.IMPLS)}")
-        if self.dtype not in M.DTYPES:
-            raise BenchError(f"unknown dtype {self.dtype!r}; choose from {', '.join(M.DTYPES)}")
+        if self.dtype not in WEIGHT_DTYPES:
+            raise BenchError(f"unknown dtype {self.dtype!r}; choose from {', '.join(WEIGHT_DTYPES)}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise BenchError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.device.startswith("cuda"):

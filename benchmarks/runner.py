@@ -13,6 +13,8 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from deleaker.modeling.checkpoint import resolve_dtype
+
 from . import harness, models as M
 from .presets import BenchSpec
 from .report import environment
@@ -115,7 +117,7 @@ class _Loaded:
             return self.pipeline("torch").backend.model.transformer
 
         def make():  # device, dtype and model were checked by spec.validate()
-            return M.load_flux_transformer(M.torch_source(spec.model), device=spec.device, dtype=M.DTYPES[spec.dtype])
+            return M.load_flux_transformer(M.torch_source(spec.model), device=spec.device, dtype=resolve_dtype(spec.dtype))
 
         return self.get(("transformer",), make)
 

@@ -42,11 +42,12 @@ import torch
 from deleaker.runtime import step_io
 
 from deleaker.modeling import reference_op  # noqa: F401  (registers torch.ops.deleaker.attention and its fake)
-from .onnx_export import (_DTYPES, ClipPooled, ExportError, Exported, ExportSpec, T5Embeds, TransformerStep,
+from .onnx_export import (ClipPooled, ExportError, Exported, ExportSpec, T5Embeds, TransformerStep,
                           VaeDecode, _to, step_dynamic_shapes, transformer_example)
 from .artifact_writer import export_models, write_tokenizers_and_manifest
 from .out_folder import check_out, publish, temp_folder
 from .progress import stage
+from deleaker.modeling.checkpoint import resolve_dtype
 from deleaker.modeling.torch_backend import check_op_layout
 
 log = logging.getLogger("deleaker")
@@ -114,7 +115,7 @@ def compile_transformer(transformer, path: Path, spec: ExportSpec, device: str) 
     """The DeLeaker step (step_io I/O), batch and image tokens dynamic, each joint attention one op call."""
     from deleaker.modeling.flux import DeLeakerFlux
 
-    dtype = _DTYPES[spec.dtype]
+    dtype = resolve_dtype(spec.dtype)
     guidance = bool(transformer.config.guidance_embeds)
     flux = DeLeakerFlux(_to(transformer, dtype).to(device).eval())
     step = TransformerStep(flux, dtype, guidance).eval()
@@ -125,7 +126,7 @@ def compile_transformer(transformer, path: Path, spec: ExportSpec, device: str) 
 
 
 def compile_clip(text_encoder, path: Path, spec: ExportSpec, device: str, max_length: int = 77) -> Exported:
-    enc = ClipPooled(_to(text_encoder, _DTYPES[spec.encoder_dtype]).to(device)).eval()
+    enc = ClipPooled(_to(text_encoder, resolve_dtype(spec.encoder_dtype)).to(device)).eval()
     ids = torch.zeros(2, max_length, dtype=torch.int64, device=device)  # [B, 77]
     ids[:, -1] = text_encoder.config.eos_token_id
     io = step_io.TEXT_ENCODER
@@ -134,7 +135,7 @@ def compile_clip(text_encoder, path: Path, spec: ExportSpec, device: str, max_le
 
 
 def compile_t5(text_encoder, path: Path, spec: ExportSpec, device: str) -> Exported:
-    enc = T5Embeds(_to(text_encoder, _DTYPES[spec.encoder_dtype]).to(device)).eval()
+    enc = T5Embeds(_to(text_encoder, resolve_dtype(spec.encoder_dtype)).to(device)).eval()
     ids = torch.ones(2, spec.max_text_tokens, dtype=torch.int64, device=device)  # [B, T]
     io = step_io.TEXT_ENCODER_2
     return compile_package(enc, {io.input: ids}, {io.input: {0: _batch_dim()}}, [io.output], path,
@@ -142,7 +143,7 @@ def compile_t5(text_encoder, path: Path, spec: ExportSpec, device: str) -> Expor
 
 
 def compile_vae_decoder(vae, path: Path, spec: ExportSpec, device: str) -> Exported:
-    dec = VaeDecode(_to(vae, _DTYPES[spec.encoder_dtype]).to(device)).eval()
+    dec = VaeDecode(_to(vae, resolve_dtype(spec.encoder_dtype)).to(device)).eval()
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     z = torch.randn(2, vae.config.latent_channels, spec.height // f, spec.width // f, device=device)  # [B, 16, h, w]
     lo, hi = spec.size_range
@@ -190,7 +191,7 @@ def export_aoti(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec | N
     tmp = temp_folder(out)
     t0 = time.perf_counter()
     try:
-        tdtype, edtype = _DTYPES[spec.dtype], _DTYPES[spec.encoder_dtype]
+        tdtype, edtype = resolve_dtype(spec.dtype), resolve_dtype(spec.encoder_dtype)
         steps = {
             "transformer": (lambda: ckpt.load_transformer(tdtype),
                             lambda m, p: compile_transformer(m, p, spec, device)),

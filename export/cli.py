@@ -21,12 +21,13 @@ import os
 import signal
 import sys
 
-from deleaker.runtime.errors import run_reporting_errors
+from deleaker.runtime.errors import INTERRUPTED_EXIT_CODE, run_reporting_errors
 
 from .manifest import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
 
 from deleaker.modeling.libs import quiet_libraries
 from deleaker.runtime.cli_help import DefaultsHelpFormatter
+from deleaker.runtime.dtypes import WEIGHT_DTYPES
 
 log = logging.getLogger("deleaker")
 
@@ -44,8 +45,8 @@ def add_artifact_options(p: argparse.ArgumentParser) -> None:
                    help=f"largest image side the artifact accepts (default: {DEFAULT_MAX_SIZE}, or H/W if larger)")
     p.add_argument("--max-text-tokens", type=int, help="T5 text length T (default: the checkpoint's, <= 512)")
     p.add_argument("--entity-slots", type=int, default=4, help="entity slots E fixed in the graph")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="transformer weights")
-    p.add_argument("--encoder-dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+    p.add_argument("--dtype", default="fp32", choices=tuple(WEIGHT_DTYPES), help="transformer weights")
+    p.add_argument("--encoder-dtype", default="fp32", choices=tuple(WEIGHT_DTYPES),
                    help="CLIP, T5 and VAE weights (T5 overflows in fp16)")
     p.add_argument("--preset", help="DeLeaker preset recorded as the artifact's default settings (requests may "
                    "override; default: the one the model's card names, else flux-dev)")
@@ -149,9 +150,6 @@ def _verify(args) -> int:
     print(f"verify: {len(rows) - len(failed)}/{len(rows)} outputs within tolerance"
           + (f"; FAILED: {', '.join(sorted({f'{r.check}/{r.output}' for r in failed}))}" if failed else ""))
     return 1 if failed else 0
-
-
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 def run_cli(prog: str, fn, debug: bool = False) -> int:

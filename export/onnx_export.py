@@ -35,6 +35,7 @@ from torch import nn
 
 from deleaker.runtime import op_schema, step_io
 from deleaker.runtime.config import DeLeakerConfig
+from deleaker.runtime.dtypes import WEIGHT_DTYPES
 
 from . import onnx_op, onnx_portable
 from .manifest import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
@@ -42,6 +43,7 @@ from .artifact_writer import export_models, write_tokenizers_and_manifest
 from .out_folder import check_out, publish, temp_folder
 from .progress import stage
 from deleaker.modeling import reference_op  # noqa: F401  (registers torch.ops.deleaker.attention)
+from deleaker.modeling.checkpoint import resolve_dtype
 
 log = logging.getLogger("deleaker")
 
@@ -49,7 +51,6 @@ log = logging.getLogger("deleaker")
 OPSET = 20
 # protobuf's hard limit is 2 GiB; above this many weight bytes a model goes to external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Bounds of the exported dynamic dimensions (torch.export needs finite ones; ONNX Runtime does not care).
 _DIM_MAX = {step_io.BATCH: 1024, step_io.IMAGE_TOKENS: 1 << 20}
@@ -82,8 +83,8 @@ class ExportSpec:
 
     def validate(self, multiple: int = 16) -> None:
         for name in ("dtype", "encoder_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ExportError(f"{name} must be one of {', '.join(_DTYPES)}, got {getattr(self, name)!r}")
+            if getattr(self, name) not in WEIGHT_DTYPES:
+                raise ExportError(f"{name} must be one of {', '.join(WEIGHT_DTYPES)}, got {getattr(self, name)!r}")
         for name in ("height", "width", "min_size", "max_size"):
             v = getattr(self, name)
             if v is not None and (v <= 0 or v % multiple):
@@ -370,7 +371,7 @@ def export_transformer(transformer, path: Path, spec: ExportSpec) -> Exported:
     from deleaker.modeling.flux import DeLeakerFlux
 
     spec.validate()
-    dtype = _DTYPES[spec.dtype]
+    dtype = resolve_dtype(spec.dtype)
     guidance = bool(transformer.config.guidance_embeds)
     flux = DeLeakerFlux(_to(transformer, dtype).eval())
     step = TransformerStep(flux, dtype, guidance).eval()
@@ -408,7 +409,7 @@ def export_transformer(transformer, path: Path, spec: ExportSpec) -> Exported:
 
 
 def export_clip(text_encoder, path: Path, spec: ExportSpec, max_length: int = 77) -> Exported:
-    enc = ClipPooled(_to(text_encoder, _DTYPES[spec.encoder_dtype])).eval()
+    enc = ClipPooled(_to(text_encoder, resolve_dtype(spec.encoder_dtype))).eval()
     ids = torch.zeros(2, max_length, dtype=torch.int64)
     ids[:, -1] = text_encoder.config.eos_token_id
     io = step_io.TEXT_ENCODER
@@ -417,7 +418,7 @@ def export_clip(text_encoder, path: Path, spec: ExportSpec, max_length: int = 77
 
 
 def export_t5(text_encoder, path: Path, spec: ExportSpec) -> Exported:
-    enc = T5Embeds(_to(text_encoder, _DTYPES[spec.encoder_dtype])).eval()
+    enc = T5Embeds(_to(text_encoder, resolve_dtype(spec.encoder_dtype))).eval()
     ids = torch.ones(2, spec.max_text_tokens, dtype=torch.int64)
     io = step_io.TEXT_ENCODER_2
     return _export(enc, {io.input: ids}, {io.input: {0: torch.export.Dim("batch", min=1, max=1024)}},
@@ -425,7 +426,7 @@ def export_t5(text_encoder, path: Path, spec: ExportSpec) -> Exported:
 
 
 def export_vae_decoder(vae, path: Path, spec: ExportSpec) -> Exported:
-    dec = VaeDecode(_to(vae, _DTYPES[spec.encoder_dtype])).eval()
+    dec = VaeDecode(_to(vae, resolve_dtype(spec.encoder_dtype))).eval()
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     z = torch.randn(2, vae.config.latent_channels, spec.height // f, spec.width // f)
     dim_h = torch.export.Dim("latent_height", min=2, max=4096)
@@ -460,8 +461,8 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, spec: ExportSpec
     tmp = temp_folder(out)
     t0 = time.perf_counter()
     try:
-        tdtype = _DTYPES[spec.dtype]
-        edtype = _DTYPES[spec.encoder_dtype]
+        tdtype = resolve_dtype(spec.dtype)
+        edtype = resolve_dtype(spec.encoder_dtype)
         steps = {
             "transformer": (lambda: ckpt.load_transformer(tdtype), lambda m, p: export_transformer(m, p, spec)),
             "text_encoder": (lambda: ckpt.load_text_encoder(edtype),

@@ -27,6 +27,7 @@ from deleaker.runtime import op_schema, step_io
 from deleaker.runtime.artifact import MANIFEST, load_artifact
 from deleaker.runtime.backends import tensorrt_backend as trtb
 from deleaker.runtime.cli_help import DefaultsHelpFormatter
+from deleaker.runtime.request import RequestError, Size, parse_size
 
 log = logging.getLogger("deleaker")
 
@@ -43,45 +44,43 @@ class EngineError(ValueError):
 # Sizes and profiles (pure: no TensorRT needed)
 # --------------------------------------------------------------------------------------------
 
-def parse_size(text: str, option: str = "size") -> tuple[int, int]:
-    """"1024" -> (1024, 1024); "1024x768" -> (1024, 768) (height x width, pixels)."""
-    parts = str(text).lower().split("x")
+def _option_size(text: str, option: str) -> Size:
+    """--min/--opt/--max: "1024" (square) or "768x1024" (WIDTHxHEIGHT, as everywhere) in pixels."""
     try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or min(values) <= 0:
-        raise EngineError(f"--{option} must be SIDE or HEIGHTxWIDTH in pixels (e.g. 1024 or 1024x768), got {text!r}")
-    return values  # type: ignore[return-value]
+        size = parse_size(str(text), f"--{option}", square=True)
+    except RequestError as e:
+        raise EngineError(str(e)) from None
+    if min(size) <= 0:
+        raise EngineError(f"--{option} must be SIDE or WIDTHxHEIGHT in positive pixels, got {text!r}")
+    return size
 
 
 def size_bounds(manifest: dict, min_size: str | None = None, opt_size: str | None = None,
-                max_size: str | None = None) -> dict[str, tuple[int, int]]:
-    """{"min", "opt", "max"} -> (height, width) pixels: the manifest's, overridden by the options.
+                max_size: str | None = None) -> dict[str, Size]:
+    """{"min", "opt", "max"} -> Size pixels: the manifest's, overridden by the options.
 
     Every size must be a multiple of the pixels per image token and lie inside the artifact's
     image-side range (what the runtime accepts for it), and min <= opt <= max per side.
     """
     prof, model = manifest["profiles"], manifest["model"]
     lo, hi = (int(v) for v in prof["image_side"])
-    sizes = {"min": (lo, lo), "opt": (int(prof["height"][1]), int(prof["width"][1])), "max": (hi, hi)}
+    sizes = {"min": Size(lo, lo), "opt": Size(width=int(prof["width"][1]), height=int(prof["height"][1])),
+             "max": Size(hi, hi)}
     for key, text in (("min", min_size), ("opt", opt_size), ("max", max_size)):
         if text is not None:
-            sizes[key] = parse_size(text, key)
+            sizes[key] = _option_size(text, key)
     factor = int(model["vae_scale_factor"]) * 2  # pixels per image token side
-    for key, (h, w) in sizes.items():
-        for side in (h, w):
+    for key, s in sizes.items():
+        for side in s:
             if side % factor:
-                raise EngineError(f"--{key} {h}x{w}: sides must be multiples of {factor} pixels")
+                raise EngineError(f"--{key} {s.width}x{s.height}: sides must be multiples of {factor} pixels")
             if not lo <= side <= hi:
-                raise EngineError(f"--{key} {h}x{w} lies outside the artifact's image sides [{lo}, {hi}]; "
+                raise EngineError(f"--{key} {s.width}x{s.height} lies outside the artifact's image sides [{lo}, {hi}]; "
                                   f"re-export with `deleaker-export onnx --min-size/--max-size`")
-    for axis, name in ((0, "height"), (1, "width")):
-        if not sizes["min"][axis] <= sizes["opt"][axis] <= sizes["max"][axis]:
-            raise EngineError(f"need --min <= --opt <= --max in {name}; got {sizes['min'][axis]}, "
-                              f"{sizes['opt'][axis]}, {sizes['max'][axis]}")
+    for name in ("height", "width"):
+        lo_, opt, hi_ = (getattr(sizes[k], name) for k in ("min", "opt", "max"))
+        if not lo_ <= opt <= hi_:
+            raise EngineError(f"need --min <= --opt <= --max in {name}; got {lo_}, {opt}, {hi_}")
     return sizes
 
 
@@ -109,11 +108,11 @@ def _dims(manifest: dict) -> dict[str, int]:
     return dims
 
 
-def profiles(manifest: dict, sizes: dict[str, tuple[int, int]], batch: tuple[int, int, int]) -> dict[str, dict]:
+def profiles(manifest: dict, sizes: dict[str, Size], batch: tuple[int, int, int]) -> dict[str, dict]:
     """{model: {input: (min shape, opt shape, max shape)}} for every model of the artifact."""
     m = manifest["model"]
     token = int(m["vae_scale_factor"]) * 2
-    tokens = tuple((sizes[k][0] // token) * (sizes[k][1] // token) for k in ("min", "opt", "max"))
+    tokens = tuple((sizes[k].height // token) * (sizes[k].width // token) for k in ("min", "opt", "max"))
     dyn = {step_io.BATCH: batch, step_io.IMAGE_TOKENS: tokens}
     dims = _dims(manifest)
     out: dict[str, dict] = {"transformer": {}}
@@ -136,8 +135,8 @@ def profiles(manifest: dict, sizes: dict[str, tuple[int, int]], batch: tuple[int
     out[clip.name] = {clip.input: tuple((b, int(m["clip_max_length"])) for b in batch)}
     out[t5.name] = {t5.input: tuple((b, int(m["max_text_tokens"])) for b in batch)}
     f = int(m["vae_scale_factor"])
-    out[vae.name] = {vae.input: tuple((b, int(m["latent_channels"]), h // f, w // f)
-                                      for b, (h, w) in zip(batch, (sizes["min"], sizes["opt"], sizes["max"])))}
+    out[vae.name] = {vae.input: tuple((b, int(m["latent_channels"]), s.height // f, s.width // f)
+                                      for b, s in zip(batch, (sizes["min"], sizes["opt"], sizes["max"])))}
     return out
 
 
@@ -314,7 +313,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("artifact", help="artifact folder written by `deleaker-export onnx`")
     e.add_argument("--plugin", help=f"the plugin library ({trtb.PLUGIN_LIBRARY}) or its folder "
                                     "(default: $DELEAKER_PLUGIN_DIR, then build/)")
-    e.add_argument("--min", dest="min_size", help="smallest image, SIDE or HxW pixels (default: the artifact's)")
+    e.add_argument("--min", dest="min_size", help="smallest image, SIDE or WIDTHxHEIGHT pixels (default: the artifact's)")
     e.add_argument("--opt", dest="opt_size", help="image size TensorRT optimises for (default: the export size)")
     e.add_argument("--max", dest="max_size", help="largest image (default: the artifact's)")
     e.add_argument("--max-batch", type=int, help="largest batch (default: the artifact's profile)")

@@ -262,14 +262,15 @@ def check_step(artifact, ckpt, configs: list[ResolvedConfig], height: int, width
                rtol: float, backend: str = "onnxruntime") -> list[OutputResult]:
     """The artifact's transformer engine (transformer.onnx in ONNX Runtime, or transformer.pt2) vs
     DeLeakerFlux on the checkpoint, on random step inputs with one setting per sample of `configs`."""
+    from deleaker.modeling.checkpoint import resolve_dtype
     from deleaker.modeling.flux import DeLeakerFlux
-    from .onnx_export import ExportSpec, TransformerStep, _DTYPES, transformer_example
+    from .onnx_export import ExportSpec, TransformerStep, transformer_example
 
     dtype = artifact.manifest["dtypes"]["transformer"]
     m = artifact.model
     guidance = bool(m["guidance_embeds"])
-    transformer = ckpt.load_transformer(_DTYPES[dtype]).to(device)
-    step_module = TransformerStep(DeLeakerFlux(transformer), _DTYPES[dtype], guidance).eval()
+    transformer = ckpt.load_transformer(resolve_dtype(dtype)).to(device)
+    step_module = TransformerStep(DeLeakerFlux(transformer), resolve_dtype(dtype), guidance).eval()
     spec = ExportSpec(height=height, width=width, min_size=min(height, width), max_size=max(height, width),
                       max_text_tokens=int(m["max_text_tokens"]), entity_slots=int(m["entity_slots"]))
     bps = int(m["blocks_per_step"])

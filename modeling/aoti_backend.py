@@ -26,6 +26,7 @@ import numpy as np
 from deleaker.runtime import step_io
 from deleaker.runtime.artifact import Artifact, ArtifactError, load_artifact
 from deleaker.runtime.backends.base import Backend, Session, SessionInputs
+from deleaker.runtime.backends.options import ATTENTION, BackendOption
 
 log = logging.getLogger("deleaker")
 
@@ -116,6 +117,12 @@ class AotiSession(Session):
 
 class AotiBackend(Backend):
     name = BACKEND
+    devices = ("cpu", "cuda")
+    # --attention reference (the default) lets a GPU with the fused library built use it ("auto")
+    options = (BackendOption(ATTENTION, "op", {"reference": "auto", "cuda": "cuda"}),)
+    fused_attention = False  # set at load: True when the packages call the fused kernel
+    torch_tensors = True
+    attention_impls = ()  # the op is compiled into the packages
 
     def __init__(self, artifact: Artifact, device: str = "cpu", op: str = "auto"):
         torch = _torch()
@@ -135,6 +142,7 @@ class AotiBackend(Backend):
         # the decoder package takes at most this many images per call (the export's bound)
         self.vae_max_batch = int(artifact.manifest["models"].get("vae_decoder", {}).get("max_batch") or 0)
         self.op = register_op(op, str(self.device))
+        self.fused_attention = self.op == "cuda"  # the fused kernel holds no [T+I, T+I] map
         self.models = {name: load_package(artifact.path(BACKEND, name), str(self.device))
                        for name in step_io.MODEL_NAMES}
         log.info("aoti: loaded %s on %s (DeLeaker op: %s kernel)", artifact.root, self.device, self.op)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deleaker.runtime.dtypes import DTYPE_ALIASES, WEIGHT_DTYPES
 from deleaker.runtime.scheduler import FlowMatchEuler, SchedulerError
 from deleaker.runtime.tokens import CLIP_MAX_LENGTH, T5_MAX_SEQUENCE_LENGTH
 
@@ -51,8 +52,6 @@ _ST_KINDS = {"F64": "float", "F32": "float", "F16": "float", "BF16": "float", "F
              "I64": "int", "I32": "int", "I16": "int", "I8": "int", "U64": "int", "U32": "int", "U16": "int",
              "U8": "int", "BOOL": "bool", "C64": "complex"}
 _NAMES_SHOWN = 3  # tensor names an error line lists
-_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
-           "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 class CheckpointError(ValueError):
@@ -79,10 +78,11 @@ def resolve_dtype(dtype: Any = None):
 
     if isinstance(dtype, torch.dtype):
         return dtype
-    name = _DTYPES.get(str(dtype).lower().removeprefix("torch."))
-    if name is None:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
-    return getattr(torch, name)
+    given = str(dtype).lower().removeprefix("torch.")
+    short = given if given in WEIGHT_DTYPES else DTYPE_ALIASES.get(given)
+    if short is None:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}")
+    return getattr(torch, WEIGHT_DTYPES[short])
 
 
 @dataclass(frozen=True)

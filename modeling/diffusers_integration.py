@@ -39,6 +39,7 @@ import torch
 
 from deleaker.runtime import tokens as tok
 from deleaker.runtime.config import DEFAULT_PRESET, DeLeakerConfig, preset
+from deleaker.runtime.dtypes import DTYPE_ALIASES
 from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 
 from .flux import DeLeakerCall, attention_blocks, blocks_per_step, deleaker_processors
@@ -124,7 +125,8 @@ def _default_op(transformer) -> str:
         return "reference"
     from .torch_backend import _check_fused_op_fits
 
-    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(p.dtype, str(p.dtype).replace("torch.", ""))
+    full = str(p.dtype).replace("torch.", "")
+    name = DTYPE_ALIASES.get(full, full)  # the short name (fp16, bf16) the fused op's check speaks
     _check_fused_op_fits(transformer.config, str(p.device), name)
     return "cuda"
 

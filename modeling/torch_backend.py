@@ -21,19 +21,21 @@ import numpy as np
 import torch
 
 from deleaker.runtime import step_io
-from deleaker.runtime.backends.base import Backend, ModelInfo, Session, SessionInputs
+from deleaker.runtime.backends.base import Backend, Session, SessionInputs
+from deleaker.runtime.backends.options import ATTENTION, COMPILE, CUDA_GRAPHS, DTYPE, BackendOption
 from deleaker.runtime.config import DeLeakerConfig
+from deleaker.runtime.dtypes import WEIGHT_DTYPES
 from deleaker.runtime.model_card import card_config, read_card
+from deleaker.runtime.model_info import ModelInfo
 from deleaker.runtime.scheduler import euler_update
 from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, resolve_dtype
 from .flux import DeLeakerFlux, blocks_per_step
 from .libs import quiet_libraries
 
 log = logging.getLogger("deleaker")
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TORCH_DTYPES = {"float32": torch.float32, "int64": torch.long}
 
 
@@ -224,6 +226,13 @@ def graphs_wanted(requested: bool | None, device: torch.device, op: str) -> bool
 
 class TorchBackend(Backend):
     name = "torch"
+    devices = ("cpu", "cuda")
+    options = (BackendOption(ATTENTION, "op"), BackendOption(DTYPE, "dtype"),
+               BackendOption(CUDA_GRAPHS, "cuda_graphs", {"auto": None, "on": True, "off": False}),
+               BackendOption(COMPILE, "compile"))
+    fused_attention = False  # set at load: True for the fused op (op "cuda")
+    torch_tensors = True
+    attention_impls = ("sdpa", "reference", "cuda")  # stock attention, the reference op, the fused op
 
     def __init__(self, ckpt, device: str = "cpu", op: str = "reference", entity_slots: int = DEFAULT_ENTITY_SLOTS,
                  max_text_tokens: int | None = None, cuda_graphs: bool | None = None, compile: bool = False):
@@ -274,11 +283,11 @@ class TorchBackend(Backend):
             log.info("using the embedded toy-world model at %s (it knows only its world's words; docs/toyworld.md)",
                      source)
         quiet_libraries()
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPES)}")
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(WEIGHT_DTYPES)}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but torch sees no CUDA GPU")
-        ckpt = load_checkpoint(source, dtype=_DTYPES[dtype])
+        ckpt = load_checkpoint(source, dtype=resolve_dtype(dtype))
         if op == "cuda":
             _check_fused_op_fits(ckpt.transformer.config, device, dtype)
         return cls(ckpt, device=device, op=op, **kw)

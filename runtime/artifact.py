@@ -27,6 +27,7 @@ from pathlib import Path
 from . import op_schema
 from .config import ConfigError, DeLeakerConfig
 from .model_card import read_card
+from .model_info import ModelInfo
 
 FORMAT = "deleaker-artifact"
 # 2: op contract v2 (DeLeaker settings are per-sample inputs of the step, not node attributes).
@@ -92,8 +93,6 @@ class Artifact:
     def model_info(self):
         """The runtime's ModelInfo for this artifact (any batch: ONNX Runtime has no batch bound;
         profiles["batch"] is for engines built with optimisation profiles)."""
-        from .backends.base import ModelInfo
-
         m = _model_fields(self.root, self.manifest)
         return ModelInfo(
             name=str(self.root), **m, tokenizer_dir=str(self.tokenizer_dir("tokenizer")),

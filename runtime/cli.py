@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .backends.options import add_backend_flags, load_options
 from .cli_help import DefaultsHelpFormatter
 from .config import DEFAULT_PRESET, PRESETS, preset
 from .embedded import default_source
@@ -64,12 +65,7 @@ def _parser(commands: dict) -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, help="image width in pixels (default: as --height)")
     g.add_argument("--guidance", type=float, default=3.5, help="guidance scale (guidance-distilled models)")
     g.add_argument("--device", default="cpu", help="torch/onnxruntime device: cpu or cuda")
-    g.add_argument("--attention", default="reference", choices=("reference", "cuda"),
-                   help="torch backend: DeLeaker op implementation (cuda: the fused kernels, `make plugin`)")
-    g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="torch backend weights dtype")
-    g.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"),
-                   help="torch backend: replay each step from a CUDA graph (auto: on for CUDA with the fused op)")
-    g.add_argument("--compile", action="store_true", help="torch backend: torch.compile the DeLeaker step")
+    add_backend_flags(g)  # --attention, --dtype, ...: what the backends declare (backends/options.py)
     g.add_argument("--no-deleaker", action="store_true", help="plain attention (same engine, no entity active)")
     g.add_argument("--compare", action="store_true", help="write vanilla and DeLeaker side by side")
     g.add_argument("--out", required=True, help="output PNG path")
@@ -134,19 +130,10 @@ def _generate(args) -> int:
 
 
 def _backend_options(args, backend_name: str) -> dict:
-    options = dict(device=args.device, progress=not args.quiet)
-    if backend_name == "torch":
-        options.update(op=args.attention, dtype=args.dtype, compile=args.compile,
-                       cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
-    elif args.dtype != "fp32" or args.compile or args.cuda_graphs != "auto":
-        raise ValueError(f"--dtype/--compile/--cuda-graphs apply to the torch backend; the {backend_name} backend "
-                         "runs what was exported")
-    elif backend_name == "aoti":
-        options.update(op="cuda" if args.attention == "cuda" else "auto")
-    elif args.attention != "reference":
-        raise ValueError(f"--attention applies to the torch and aoti backends; the {backend_name} backend runs "
-                         "what was exported")
-    return options
+    """The backend's load() keywords: the flags its class declares it takes (backends/options.py)."""
+    from .backends import backend_class
+
+    return load_options(backend_class(backend_name), args, device=args.device, progress=not args.quiet)
 
 
 def _run(args, backend_name: str, options: dict, base, out: Path) -> int:

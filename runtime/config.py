@@ -25,10 +25,6 @@ _HISTORY_FRACTION = 12 / 20
 FLOAT32_MAX = op_schema.FLOAT32_MAX
 MAX_WINDOW = op_schema.MAX_WINDOW
 
-# Fields of the configs that are not op settings: the step count the derived windows are for,
-# and (once resolved) the model's blocks per step.
-_NUM_STEPS = ("num_steps", int, dataclasses.field(default=20))
-_BLOCKS_PER_STEP = ("blocks_per_step", int)
 _INTEGERS = ("num_steps",) + tuple(s.name for s in op_schema.SETTINGS if s.type == "int")
 
 
@@ -120,27 +116,54 @@ class _ResolvedConfigMethods:
         return {name: getattr(self, name) for name in op_schema.SETTING_NAMES}
 
 
-def _config_field(s: op_schema.SettingSpec):
-    kind = op_schema.PY_TYPES[s.type]
-    return s.name, kind if s.default is not None else kind | None, dataclasses.field(default=s.default)
+# Both configs hold one field per op_schema.SETTINGS entry (its name, order, type and default),
+# then the fields that are not op settings. Written out so readers and type checkers see them;
+# op_schema stays the one source (tests/runtime/test_runtime_package.py fails when these drift from it).
+@dataclasses.dataclass(frozen=True)
+class DeLeakerConfig(_DeLeakerConfigMethods):
+    """Every DeLeaker setting (op_schema.SETTINGS, with its default) and num_steps, the step count
+    the derived windows (None: stop_aggregating_at, stop_intervention_at) are for."""
+
+    # knobs (float32 on the op's side)
+    std_mul_text: float = 1.0
+    std_mul_image_image: float = 1.0
+    k_strength: float = 1.2
+    # windows in block-steps (None: derived from num_steps and the model's blocks per step)
+    start_aggregating_from: int = 12
+    stop_aggregating_at: int | None = None
+    start_intervention_from: int = 18
+    stop_intervention_at: int | None = None
+    # rules
+    use_history: bool = True
+    do_smoothing: bool = True
+    do_image_text_weakening: bool = True
+    do_image_text_strengthening: bool = True
+    do_image_image: bool = True
+    do_text_text_weakening: bool = False
+    # not an op setting: the step count the derived windows are for
+    num_steps: int = 20
 
 
-# Both configs are built from op_schema.SETTINGS (names, order, types, defaults): one field per
-# setting, then the fields that are not op settings.
-DeLeakerConfig = dataclasses.make_dataclass(
-    "DeLeakerConfig", [_config_field(s) for s in op_schema.SETTINGS] + [_NUM_STEPS],
-    bases=(_DeLeakerConfigMethods,), frozen=True)
-DeLeakerConfig.__module__ = __name__  # for pickling and repr (make_dataclass has no module= before 3.12)
-DeLeakerConfig.__doc__ = ("Every DeLeaker setting (op_schema.SETTINGS, with its default) and num_steps, the step "
-                          "count the derived windows (None: stop_aggregating_at, stop_intervention_at) are for.")
+@dataclasses.dataclass(frozen=True)
+class ResolvedConfig(_ResolvedConfigMethods):
+    """A config with concrete windows for one model (every field set); what the op's settings
+    tensors are packed from (op_schema.pack_settings)."""
 
-ResolvedConfig = dataclasses.make_dataclass(
-    "ResolvedConfig", [(s.name, op_schema.PY_TYPES[s.type]) for s in op_schema.SETTINGS]
-    + [_NUM_STEPS[:2], _BLOCKS_PER_STEP],
-    bases=(_ResolvedConfigMethods,), frozen=True)
-ResolvedConfig.__module__ = __name__
-ResolvedConfig.__doc__ = ("A config with concrete windows for one model (every field set); what the op's "
-                          "settings tensors are packed from (op_schema.pack_settings).")
+    std_mul_text: float
+    std_mul_image_image: float
+    k_strength: float
+    start_aggregating_from: int
+    stop_aggregating_at: int
+    start_intervention_from: int
+    stop_intervention_at: int
+    use_history: bool
+    do_smoothing: bool
+    do_image_text_weakening: bool
+    do_image_text_strengthening: bool
+    do_image_image: bool
+    do_text_text_weakening: bool
+    num_steps: int
+    blocks_per_step: int
 
 
 # ---- windows in normalised time ---------------------------------------------------------------

@@ -162,10 +162,8 @@ class Pipeline:
     def _footprint(self, batch: list[_Prepared]) -> footprint.Footprint:
         """The batch's memory and time estimate; FootprintError when it cannot fit the device's free memory."""
         be = self.backend
-        fused = bool(getattr(be, "fused_attention", False) or getattr(be, "op", None) == "cuda"
-                     or be.name == "tensorrt")
-        return footprint.check(be.info, batch[0].geo, len(batch), batch[0].request.steps, fused,
-                               getattr(be, "device", "cpu"))
+        return footprint.check(be.info, batch[0].geo, len(batch), batch[0].request.steps, be.fused_attention,
+                               be.device)
 
     def _prepare(self, req, index: int) -> _Prepared:
         info = self.backend.info

@@ -21,6 +21,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -134,15 +135,25 @@ def size_multiple(info) -> int:
     return info.vae_scale_factor * lat.PATCH
 
 
-_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$", re.ASCII)  # ASCII digits only
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*(?:[xX]\s*(\d{1,5})\s*)?$", re.ASCII)  # ASCII digits only
 
 
-def parse_size(size: str) -> tuple[int, int]:
-    """'WIDTHxHEIGHT' -> (width, height); a RequestError (field size) otherwise."""
+class Size(NamedTuple):
+    """An image size in pixels, width first as written (WIDTHxHEIGHT); read it by name."""
+
+    width: int
+    height: int
+
+
+def parse_size(size: str, what: str = "size", *, square: bool = False) -> Size:
+    """'WIDTHxHEIGHT' -> Size(width, height), the one way every layer reads a size; with square,
+    'SIDE' too (SIDExSIDE). A RequestError (field size) naming `what` otherwise."""
     m = _SIZE.match(size) if isinstance(size, str) else None
-    if not m:
-        raise RequestError(f"size must be WIDTHxHEIGHT in pixels, e.g. 32x32; got {text_policy.short(size)}", "size")
-    return int(m.group(1)), int(m.group(2))
+    if not m or (m.group(2) is None and not square):
+        form = "SIDE or WIDTHxHEIGHT" if square else "WIDTHxHEIGHT"
+        raise RequestError(f"{what} must be {form} in pixels, e.g. 32x32; got {text_policy.short(size)}", "size")
+    width = int(m.group(1))
+    return Size(width, int(m.group(2)) if m.group(2) is not None else width)
 
 
 # -- DeLeaker settings given as JSON (the server's deleaker_settings) --------------------------------

@@ -12,7 +12,7 @@ from importlib.metadata import entry_points
 from ..allocator import tune_host_allocator
 from .base import Backend, ModelInfo
 
-__all__ = ["Backend", "ModelInfo", "available_backends", "load_backend"]
+__all__ = ["Backend", "ModelInfo", "available_backends", "backend_class", "load_backend"]
 
 GROUP = "deleaker.backends"
 

@@ -11,40 +11,14 @@ from __future__ import annotations
 
 import abc
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from ..model_card import ModelCard
+from ..model_info import ModelInfo
 from ..scheduler import euler_update, step_tables
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the pipeline loop needs to know about a loaded model or artifact."""
-
-    name: str  # model folder or artifact path, for logs
-    in_channels: int  # packed latent channels (64 for FLUX)
-    latent_channels: int  # VAE latent channels (16)
-    vae_scale_factor: int  # pixels per latent (8)
-    vae_scaling_factor: float
-    vae_shift_factor: float
-    max_text_tokens: int  # T5 sequence length T
-    clip_max_length: int  # 77
-    entity_slots: int  # E
-    guidance_embeds: bool  # FLUX.1-dev: True; schnell: False
-    blocks_per_step: int
-    scheduler_config: dict = field(default_factory=dict)
-    tokenizer_dir: str = ""  # CLIP tokenizer folder
-    tokenizer_2_dir: str = ""  # T5 tokenizer folder
-    size_range: tuple[int, int] | None = None  # (min, max) image side in pixels, where fixed at export
-    max_batch: int | None = None  # largest batch one session may hold (None: any)
-    default_config: dict | None = None  # DeLeakerConfig fields recorded with the model (artifacts, a card's preset)
-    card: ModelCard | None = None  # what the model folder declares about its use (runtime/model_card.py)
-    # sizes the memory and time estimate reads (runtime/footprint.py); None: not known, not counted
-    attention_heads: int | None = None  # H of the joint attention
-    attention_head_dim: int | None = None  # D
-    vae_base_channels: int | None = None  # VAE decoder channels at full image resolution
+from .options import BackendOption
 
 
 @dataclass(frozen=True)
@@ -145,9 +119,26 @@ class Backend(abc.ABC):
 
     Sessions of one backend share its buffers, so the pipeline runs one session at a time per
     backend (it holds `lock` around a session); every other method is safe to call anytime.
+
+    What a backend is, every backend class declares as data (the runtime, the commands and the
+    benchmarks ask these, never a backend's name; tests/runtime/test_backend_contract.py checks each
+    registered class declares them itself): `devices`, `options`, `fused_attention`,
+    `torch_tensors` and `attention_impls` below. A loaded one also says where it runs (`device`)
+    and, where it chose one at load, its weights' dtype (`dtype`).
     """
 
-    name: str = "?"
+    name: ClassVar[str] = "?"  # its entry-point name (pyproject.toml, deleaker.backends)
+    devices: ClassVar[tuple[str, ...]] = ()  # the device kinds it runs on (options.DEVICE_KINDS)
+    options: ClassVar[tuple[BackendOption, ...]] = ()  # the command-line options its load() takes
+    # the attention holds no [T+I, T+I] map (fused kernels): the memory estimate, runtime/footprint.py;
+    # a backend whose op is chosen at load sets it on the instance
+    fused_attention: bool = False
+    # its device buffers are torch tensors: torch's CUDA timers and memory counters see its work
+    torch_tensors: ClassVar[bool] = False
+    # attention implementations a benchmark may switch the loaded model between (() : fixed at load)
+    attention_impls: ClassVar[tuple[str, ...]] = ()
+    device: object = "cpu"  # where the loaded model runs: "cpu", "cuda[:N]", or a torch.device
+    dtype: object = ""  # the weights' dtype where the backend chose it at load ("": as exported)
     info: ModelInfo
 
     @property

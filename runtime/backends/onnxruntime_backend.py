@@ -128,6 +128,11 @@ class OnnxRuntimeSession(Session):
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    devices = ("cpu", "cuda")
+    options = ()  # it runs what was exported
+    fused_attention = False  # the exported graph computes the joint attention map
+    torch_tensors = False
+    attention_impls = ()
 
     def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None):
         ort = _ort()

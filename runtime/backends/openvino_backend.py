@@ -92,6 +92,12 @@ class OpenVinoSession(OnnxRuntimeSession):
 
 class OpenVinoBackend(Backend):
     name = BACKEND
+    devices = DEVICES
+    options = ()  # it runs what was exported (the portable form)
+    fused_attention = False
+    torch_tensors = False
+    attention_impls = ()
+    device = "cpu"
 
     def __init__(self, artifact: Artifact, threads: int | None = None):
         transformer = artifact.tensors("transformer")

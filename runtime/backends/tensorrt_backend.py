@@ -326,6 +326,12 @@ class TensorRTSession(Session):
 
 class TensorRTBackend(Backend):
     name = BACKEND
+    devices = ("cuda",)
+    options = ()  # it runs the engines as they were built
+    fused_attention = True  # the DeLeaker plugin holds no [T+I, T+I] map
+    torch_tensors = False
+    attention_impls = ()
+    device = "cuda"
 
     def __init__(self, artifact: Artifact, plugin: str | Path | None = None, cuda_graphs: bool = False):
         trt = import_tensorrt()

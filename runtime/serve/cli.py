@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 
+from ..backends.options import add_backend_flags
 from ..config import PRESETS
 from ..errors import run_reporting_errors
 from ..cli_help import DefaultsHelpFormatter
@@ -40,9 +41,7 @@ def parser() -> argparse.ArgumentParser:
                                      "model's diffusers folder), onnxruntime (default with --artifact or neither), "
                                      "openvino (a --portable artifact)")
     p.add_argument("--device", default="cpu", help="torch/onnxruntime device: cpu or cuda")
-    p.add_argument("--attention", default="reference", choices=("reference", "cuda"),
-                   help="torch backend: DeLeaker op implementation")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="torch backend weights dtype")
+    add_backend_flags(p)  # --attention, --dtype, ...: what the backends declare (backends/options.py)
     p.add_argument("--preset", help=f"DeLeaker settings of requests that give none: {', '.join(PRESETS)} "
                                     "(default: the artifact's recorded settings, else flux-dev)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")

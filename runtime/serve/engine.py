@@ -116,9 +116,7 @@ class Engine:
         """The largest square side a request of one image may ask now: the size range's top, and what
         fits the memory free now (None: no limit known)."""
         be = self.pipe.backend
-        fused = bool(getattr(be, "fused_attention", False) or getattr(be, "op", None) == "cuda"
-                     or be.name == "tensorrt")
-        fits = footprint.largest_fitting_side(be.info, 1, self.default_steps, fused, getattr(be, "device", "cpu"),
+        fits = footprint.largest_fitting_side(be.info, 1, self.default_steps, be.fused_attention, be.device,
                                               self.size_range[1] or None)
         return fits
 

@@ -16,19 +16,15 @@ log = logging.getLogger("deleaker.serve")
 
 def load_pipeline(args):
     """The backend and Pipeline the arguments name (shared by the local server and each Ray replica)."""
-    from ..backends import load_backend
+    from ..backends import backend_class, load_backend
+    from ..backends.options import load_options
     from ..pipeline import Pipeline
 
     cfg = preset(args.preset) if args.preset else None
     if args.model is None and not args.artifact:  # the embedded model: its artifact, or its folder for torch
         args.backend, args.model, args.artifact = default_source(args.backend)
     backend_name = args.backend or ("onnxruntime" if args.artifact else "torch")
-    options = dict(device=args.device, progress=False)
-    if backend_name == "torch":
-        options.update(op=args.attention, dtype=args.dtype)
-    elif args.attention != "reference" or args.dtype != "fp32":
-        raise ValueError(f"--attention/--dtype apply to the torch backend; the {backend_name} backend runs "
-                         "what was exported")
+    options = load_options(backend_class(backend_name), args, device=args.device, progress=False)
     where = args.artifact or args.model
     if where is None:
         from ..embedded import default_model_dir

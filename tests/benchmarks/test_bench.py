@@ -3,7 +3,6 @@ built from (statistics, ratios, synthetic inputs, presets, report)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 
 from deleaker.benchmarks import cli, harness, measure, models as M, presets, report
 from deleaker.runtime.config import DeLeakerConfig
+from support.editing import editing_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -91,12 +91,10 @@ def test_cli_smoke_torch_tiny_model(tiny_model_dir, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_artifact(tiny_model_dir, tmp_path_factory):
-    if importlib.util.find_spec("deleaker.export.onnx_export") is None:
-        pytest.skip("no ONNX exporter yet (export/onnx_export.py)")
     from deleaker.export.onnx_export import ExportSpec, export_artifact
 
     spec = ExportSpec(height=64, width=64, max_text_tokens=32,
-                      deleaker=DeLeakerConfig(num_steps=2, start_aggregating_from=0, start_intervention_from=1))
+                      deleaker=editing_config(num_steps=2, do_smoothing=True))
     return export_artifact(tiny_model_dir, tmp_path_factory.mktemp("art") / "tiny", spec)
 
 

@@ -19,13 +19,14 @@ torch = pytest.importorskip("torch")
 
 from deleaker.export import aoti  # noqa: E402
 from deleaker.runtime.artifact import ArtifactError, load_artifact  # noqa: E402
+from support.editing import editing_settings  # noqa: E402
 
 PROMPT, ENTITIES = "a cat and a cheetah in a field", ("cat", "cheetah")
 # (height, width, deleaker): two sizes through one package (dynamic image tokens), DeLeaker on and off
 CASES = ((64, 64, True), (64, 64, False), (96, 64, True))
 STEPS = 4
 # windows that open early, so DeLeaker edits within 4 steps (the tiny model has random weights)
-EARLY = dict(start_aggregating_from=0, start_intervention_from=1, num_steps=STEPS, do_smoothing=False)
+EARLY = editing_settings(num_steps=STEPS)
 # Both sides compute in float32; AOTInductor fuses and reorders reductions (norms, matmuls,
 # softmax), ~1e-7 relative per op. Over 4 steps of 4 blocks that measured 3e-6 on latents of
 # magnitude ~4. DeLeaker on vs off moves the latents by ~1e-3 on this model, and a misread op

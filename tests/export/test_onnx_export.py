@@ -533,7 +533,8 @@ def test_verify_corrupt_onnx_is_one_line_error(artifact_dir, tiny_model_dir, tmp
 def test_transformer_variants(tmp_path, dtype, guidance):
     from diffusers import FluxTransformer2DModel
 
-    from deleaker.export.onnx_export import _DTYPES, TransformerStep, export_transformer
+    from deleaker.export.onnx_export import TransformerStep, export_transformer
+    from deleaker.modeling.checkpoint import resolve_dtype
 
     torch.manual_seed(0)
     tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
@@ -542,7 +543,7 @@ def test_transformer_variants(tmp_path, dtype, guidance):
     cfg = DeLeakerConfig(start_aggregating_from=0, start_intervention_from=1, stop_aggregating_at=7,
                          stop_intervention_at=100, do_smoothing=False)
     spec = ExportSpec(height=64, width=96, min_size=32, max_size=128, max_text_tokens=7, entity_slots=2, dtype=dtype)
-    ref = TransformerStep(DeLeakerFlux(copy.deepcopy(tr).to(_DTYPES[dtype])), _DTYPES[dtype], guidance)
+    ref = TransformerStep(DeLeakerFlux(copy.deepcopy(tr).to(resolve_dtype(dtype))), resolve_dtype(dtype), guidance)
     ex = export_transformer(tr, tmp_path / "t.onnx", spec)
     onnx.checker.check_model(str(tmp_path / "t.onnx"), full_check=True)
     assert ("guidance" in ex.inputs) == guidance

@@ -60,7 +60,7 @@ def test_transformer_profile_follows_step_io_and_manifest():
 
 def test_profile_options_move_sizes_and_batch():
     m = _manifest(guidance=False)
-    sizes = te.size_bounds(m, min_size="768", opt_size="1024x768", max_size="1024")
+    sizes = te.size_bounds(m, min_size="768", opt_size="768x1024", max_size="1024")  # WIDTHxHEIGHT
     profs = te.profiles(m, sizes, te.batch_bounds(m, max_batch=8))
     tp = profs["transformer"]
     assert "guidance" not in tp
@@ -75,8 +75,8 @@ def test_profile_options_move_sizes_and_batch():
     (dict(max_size="2048"), r"outside the artifact's image sides \[512, 1024\]"),
     (dict(min_size="520"), "multiples of 16"),
     (dict(min_size="1024", opt_size="768"), "--min <= --opt <= --max in height"),
-    (dict(opt_size="big"), "SIDE or HEIGHTxWIDTH"),
-    (dict(max_size="0x0"), "SIDE or HEIGHTxWIDTH"),
+    (dict(opt_size="big"), "SIDE or WIDTHxHEIGHT"),
+    (dict(max_size="0x0"), "SIDE or WIDTHxHEIGHT"),
 ])
 def test_size_errors_are_one_line(kw, match):
     with pytest.raises(te.EngineError, match=match) as e:

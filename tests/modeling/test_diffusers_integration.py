@@ -19,13 +19,13 @@ from deleaker.modeling import diffusers_integration as di
 from deleaker.modeling.checkpoint import open_checkpoint
 from deleaker.runtime import latents as lat
 from deleaker.runtime.backends import load_backend
-from deleaker.runtime.config import DeLeakerConfig
 from deleaker.runtime.pipeline import GenerateRequest, Pipeline
 from deleaker.runtime.tokens import EntityError
+from support.editing import editing_config
 
 STEPS, H, W = 4, 64, 96
 # windows open from the first steps and no smoothing: on the tiny model's grid the masks fire
-EARLY = DeLeakerConfig(start_aggregating_from=0, start_intervention_from=1, num_steps=STEPS, do_smoothing=False)
+EARLY = editing_config(num_steps=STEPS)
 PROMPTS = ["a cat and a cheetah in a field", "a dog and a bird by the river"]
 ENTITIES = [("cat", "cheetah"), ()]  # two entities, and none
 PER_PROMPT = 2

@@ -22,11 +22,11 @@ import pytest
 import torch
 
 from deleaker.modeling import diffusers_integration as di
-from deleaker.runtime.config import DeLeakerConfig
+from support.editing import editing_config
 
 STEPS, H, W = 3, 64, 64
 PROMPT = "a cat and a cheetah in a field"
-EARLY = DeLeakerConfig(start_aggregating_from=0, start_intervention_from=1, num_steps=STEPS, do_smoothing=False)
+EARLY = editing_config(num_steps=STEPS)
 
 
 # family: (pipeline class, the call's guidance arguments, the kwargs argument that reaches the processors)

@@ -33,11 +33,11 @@ def _memcpy_events(fn) -> list[str]:
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_steady_steps_copy_nothing_between_host_and_device(fused_op, tiny_h64_model_dir, cuda_graphs):
-    from deleaker.runtime.config import DeLeakerConfig
+    from support.editing import editing_config
     from deleaker.runtime.pipeline import GenerateRequest, Pipeline
 
     be = _fused_backend(tiny_h64_model_dir, cuda_graphs=cuda_graphs)
-    cfg = DeLeakerConfig(start_aggregating_from=0, start_intervention_from=1, do_smoothing=False)
+    cfg = editing_config()
     pipe = Pipeline(be, config=cfg)
     reqs = [GenerateRequest("a cat and a cheetah in a field", entities=("cat", "cheetah"), seed=s, steps=6,
                             height=128, width=128) for s in range(2)]

@@ -18,14 +18,14 @@ torch = pytest.importorskip("torch")
 from deleaker.runtime.backends import load_backend  # noqa: E402
 from deleaker.runtime.pipeline import GenerateRequest, Pipeline  # noqa: E402
 
-from deleaker.runtime.config import DeLeakerConfig  # noqa: E402
+from support.editing import editing_config  # noqa: E402
 
 PROMPT, ENTITIES = "a cat and a cheetah in a field", ("cat", "cheetah")
 
 
 def _reqs(steps=3, size=64, seeds=(0,), deleaker=(True, False)):
     # windows that open early, so DeLeaker edits within a few steps
-    cfg = DeLeakerConfig(start_aggregating_from=0, start_intervention_from=1, num_steps=steps, do_smoothing=False)
+    cfg = editing_config(num_steps=steps)
     return [GenerateRequest(prompt=PROMPT, entities=ENTITIES, seed=s, steps=steps, height=size, width=size,
                             deleaker=d, config=cfg) for s in seeds for d in deleaker]
 

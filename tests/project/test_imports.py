@@ -89,6 +89,22 @@ def test_imports_point_down_the_layers():
     assert not upward, "imports outside the layer order " + repr(BELOW) + ":\n" + "\n".join(upward)
 
 
+# The runtime modules that may import the backend layer (runtime/backends): the pipeline (its
+# session loop drives a Backend) and the entry points that load one by name. Everything below them
+# (artifact, model_info, config, ...) is imported by the backends, never the other way round.
+BACKEND_USERS = {"deleaker.runtime.pipeline", "deleaker.runtime.cli", "deleaker.runtime.serve.cli",
+                 "deleaker.runtime.serve.loading"}
+
+
+def test_only_the_pipeline_and_entry_points_import_the_backends():
+    backends = "deleaker.runtime.backends"
+    inside = lambda m: m == backends or m.startswith(backends + ".")  # noqa: E731
+    found = sorted(f"{a} -> {b}" for a, targets in _graph().items() if a.startswith("deleaker.runtime.")
+                   and not inside(a) and a not in BACKEND_USERS for b in targets if inside(b))
+    assert not found, "runtime modules below the backend layer that import it:\n" + "\n".join(found)
+    assert "deleaker.runtime.model_info" in _graph()["deleaker.runtime.artifact"]  # the walk sees the real edge
+
+
 def test_no_import_cycles():
     g = _graph()
     index, low, stack, on_stack, cycles = {}, {}, [], set(), []

@@ -10,10 +10,11 @@ from deleaker.runtime.backends import load_backend
 from deleaker.runtime.config import DeLeakerConfig
 from deleaker.runtime import latents as lat
 from deleaker.runtime.pipeline import GenerateRequest, Pipeline, RequestFailed
+from support.editing import editing_config
 
 # Windows open from the first steps, so 4 steps exercise history, masks and edits; no smoothing:
 # on a 4x6 latent grid the 3x3 opening would erase the scattered masks of random weights.
-EARLY = DeLeakerConfig(start_aggregating_from=0, start_intervention_from=1, num_steps=4, do_smoothing=False)
+EARLY = editing_config(num_steps=4)
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,27 @@ def test_op_contract_doc_is_generated_from_schema():
     assert doc == op_schema.markdown(), "regenerate: python -m deleaker.runtime.op_schema > docs/op-contract.md"
 
 
+def test_config_fields_are_the_op_schema_settings():
+    """The configs' fields are written out (runtime/config.py); op_schema.SETTINGS stays the one
+    source: each setting's name, order, type and default (its type too) must equal the schema's."""
+    import dataclasses
+    import typing
+
+    from deleaker.runtime.config import DeLeakerConfig, ResolvedConfig
+
+    def fields(cls):
+        hints = typing.get_type_hints(cls)
+        return [(f.name, hints[f.name], f.default, type(f.default)) for f in dataclasses.fields(cls)]
+
+    kind = {s.name: op_schema.PY_TYPES[s.type] for s in op_schema.SETTINGS}
+    missing = dataclasses.MISSING
+    assert fields(DeLeakerConfig) == [
+        (s.name, kind[s.name] if s.default is not None else kind[s.name] | None, s.default, type(s.default))
+        for s in op_schema.SETTINGS] + [("num_steps", int, 20, int)]
+    assert fields(ResolvedConfig) == [(s.name, kind[s.name], missing, type(missing)) for s in op_schema.SETTINGS] + [
+        ("num_steps", int, missing, type(missing)), ("blocks_per_step", int, missing, type(missing))]
+
+
 def test_backends_come_from_entry_points_only(monkeypatch):
     """The registry is the `deleaker.backends` entry-point group: the installed ones, and any other
     distribution's, found the same way (here a stand-in distribution registering `mine`)."""

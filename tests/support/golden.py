@@ -31,16 +31,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from deleaker.runtime.config import DeLeakerConfig
-from deleaker.runtime.pipeline import GenerateRequest, Pipeline
-
 HERE = Path(__file__).resolve().parents[1]  # tests/
+if str(HERE) not in sys.path:  # run as a script: `support` is a package of tests/
+    sys.path.insert(0, str(HERE))
+
+from deleaker.runtime.pipeline import GenerateRequest, Pipeline  # noqa: E402
+from support.editing import editing_config  # noqa: E402
+
 DIGESTS_FILE = HERE / "golden_digests.json"
 IMAGES_DIR = HERE / "golden"
 SPREAD_FILE = IMAGES_DIR / "spread.json"  # the measured spread the bound is set against (raw output)
 BACKENDS = ("torch", "onnxruntime", "aoti")
 STEPS = 4
-EDITING = DeLeakerConfig(num_steps=STEPS, start_aggregating_from=0, start_intervention_from=1, do_smoothing=False)
+EDITING = editing_config(num_steps=STEPS)
 REQUESTS = (
     GenerateRequest("a cat and a cheetah in a field", entities=("cat", "cheetah"), seed=7, steps=STEPS, height=64,
                     width=64, config=EDITING),
