@@ -15,6 +15,7 @@ import io
 import os
 import re
 import shutil
+import tomllib
 import signal
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def lean_env(tmp_path_factory) -> Path:
     src = tmp / "src"
     src.mkdir()
     shutil.copy(ROOT / "pyproject.toml", src)
-    for folder in ("runtime", "modeling", "export", "benchmarks"):
+    for folder in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values():
         shutil.copytree(ROOT / folder, src / folder,
                         ignore=shutil.ignore_patterns("__pycache__", "results", "*.egg-info"))
     wheels = tmp / "wheels"
