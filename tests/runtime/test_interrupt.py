@@ -17,7 +17,10 @@ from deleaker.runtime.errors import INTERRUPTED_EXIT_CODE
 
 def _run_until(args, marker: bytes, timeout: float = 240) -> tuple[int, str]:
     """Start the command, send SIGINT once `marker` appears on its stderr; (exit code, stderr)."""
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the child takes Ctrl-C as a terminal's process does, whatever the runner inherited (a runner
+    # started in the background ignores SIGINT, and an ignored signal stays ignored across exec)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     buf = bytearray()
 
     def read():
