@@ -23,7 +23,10 @@ def test_freezes_what_exists_after_collecting_garbage(monkeypatch):
     try:
         said = freeze_loaded_objects()
         assert gone() is None  # collected before the freeze, not kept forever
-        assert gc.get_freeze_count() > 0 and said == f"{gc.get_freeze_count()} objects frozen"
+        # the message reports the count at the freeze; a thread another test left behind may add to
+        # or free from the permanent generation before this line reads it (a few objects of ~10^6)
+        n = int(said.removesuffix(" objects frozen"))
+        assert said == f"{n} objects frozen" and n > 0 and abs(gc.get_freeze_count() - n) <= n // 1000
         assert not any(o is kept for o in gc.get_objects())  # the frozen are outside every generation
     finally:
         gc.unfreeze()  # give this test process its heap back
