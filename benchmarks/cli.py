@@ -69,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="presets: " + "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
     p.add_argument("--preset", help=f"start from a preset: {', '.join(PRESETS)}")
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
-    p.add_argument("--model", help="diffusers FLUX folder or random:flux-dev / random:flux-schnell (torch backend); "
-                                   "default: the tiny offline model")
+    p.add_argument("--model", help="diffusers folder of FLUX.1 (or random:flux-dev / random:flux-schnell), or of "
+                                   "SD3/3.5, Qwen-Image, FLUX.2 (step mode; docs/models.md) (torch backend); default: "
+                                   "the tiny offline model")
     p.add_argument("--artifact", help="folder written by `deleaker-export` (onnxruntime / tensorrt backends)")
     p.add_argument("--backend", type=_csv, help="comma list: torch, onnxruntime, tensorrt")
     p.add_argument("--mode", type=_csv, help="comma list: step (one transformer forward), e2e (whole generation); "
@@ -91,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, help="timed runs per measurement")
     p.add_argument("--device", help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=tuple(WEIGHT_DTYPES))
-    p.add_argument("--deleaker-preset", help="DeLeaker config preset (runtime.config: flux-dev, flux-schnell)")
+    p.add_argument("--deleaker-preset", help="DeLeaker config preset (runtime.config; default: flux-dev, or the model "
+                                             "family's, e.g. sd3.5-large)")
     p.add_argument("--set", dest="settings", action="append", type=_setting, metavar="NAME=VALUE",
                    help="override one DeLeaker setting, e.g. --set start_intervention_from=0 (repeatable)")
     p.add_argument("--cuda-graphs", choices=("auto", "on", "off"),

@@ -32,7 +32,7 @@ class BenchSpec:
     runs: int = 5
     device: str = "cpu"
     dtype: str = "fp32"
-    deleaker_preset: str = "flux-dev"
+    deleaker_preset: str | None = None  # None: flux-dev, or the model family's preset (docs/models.md)
     deleaker_overrides: tuple[tuple[str, object], ...] = ()
     random_weights: bool | None = None  # None: detect from the model/artifact
     # torch step mode: planted entity structure (models.Plant) for random weights; None: off
@@ -81,11 +81,12 @@ class BenchSpec:
             raise BenchError(f"backend(s) {', '.join(others)} need --artifact (a `deleaker-export` folder)")
         self._validate_sources()
 
-    def deleaker_config(self, steps: int | None = None):
-        """The DeLeaker settings this benchmark runs: its preset with its overrides, for `steps`."""
+    def deleaker_config(self, steps: int | None = None, default_preset: str = "flux-dev"):
+        """The DeLeaker settings this benchmark runs: its preset (else `default_preset`, the model
+        family's) with its overrides, for `steps`."""
         from deleaker.runtime.config import preset
 
-        cfg = preset(self.deleaker_preset, **dict(self.deleaker_overrides))
+        cfg = preset(self.deleaker_preset or default_preset, **dict(self.deleaker_overrides))
         return cfg.replace(num_steps=steps) if steps is not None else cfg
 
     def _validate_sources(self) -> None:
@@ -122,6 +123,22 @@ class BenchSpec:
                     raise BenchError(f"{self.model} is a transformer only (no text encoders or VAE): use --mode step")
             else:
                 M.transformer_folder(self.model)
+                self._validate_family()
+
+    def _validate_family(self) -> None:
+        """A model family other than FLUX.1 (benchmarks/family_step.py): torch step mode only."""
+        from .family_step import model_family
+
+        family = model_family(self.model)
+        if family is None:
+            return
+        if "e2e" in self.modes:
+            raise BenchError(f"{family.title}: e2e mode times FLUX.1's runtime pipeline; time this family's step "
+                             f"with --mode step (whole images: `deleaker generate --model` logs its time)")
+        bad = [i for i in self.impls or () if i == "cuda"]
+        if bad:
+            raise BenchError(f"{family.title}: impl cuda (the fused op) is checked on FLUX.1 only; use sdpa, "
+                             f"reference, inactive")
 
 
 # DeLeaker settings whose windows open in the first steps, so DeLeaker edits even in a 2-step run

@@ -109,6 +109,19 @@ class _Loaded:
 
         return self.get(("pipeline", backend), make)
 
+    def family(self):
+        """The --model folder's family when it is not FLUX.1 (benchmarks/family_step.py), else None."""
+        from .family_step import model_family
+
+        return model_family(self.spec.model)
+
+    def family_transformer(self, family):
+        from .family_step import load_family_transformer
+
+        spec = self.spec
+        return self.get(("family-transformer",), lambda: load_family_transformer(
+            spec.model, family, device=spec.device, dtype=resolve_dtype(spec.dtype)))
+
     def transformer(self):
         """The torch transformer for step mode; shared with the e2e backend when one is loaded."""
         spec = self.spec
@@ -148,11 +161,11 @@ def _quiet_hf():
                 lg.enable_progress_bar()
 
 
-def _step_index(spec: BenchSpec, steps: int, blocks_per_step: int) -> tuple[int, str]:
+def _step_index(spec: BenchSpec, steps: int, blocks_per_step: int, default_preset: str = "flux-dev") -> tuple[int, str]:
     if spec.step is not None:
         return spec.step, ""
     try:
-        return M.busiest_step(spec.deleaker_config(steps).resolved(blocks_per_step)), ""
+        return M.busiest_step(spec.deleaker_config(steps, default_preset).resolved(blocks_per_step)), ""
     except ValueError as e:
         return 0, f"step 0: DeLeaker windows invalid for {blocks_per_step} blocks per step ({e})"
 
@@ -160,7 +173,18 @@ def _step_index(spec: BenchSpec, steps: int, blocks_per_step: int) -> tuple[int,
 def _measure(case: Case, spec: BenchSpec, loaded: _Loaded, profile_dir) -> list[dict]:
     n_ent = len(case.entities)
     common = dict(height=case.height, width=case.width, warmup=spec.warmup, runs=spec.runs, seed=spec.seed)
-    if case.backend == "torch" and case.mode == "step":
+    family = loaded.family() if case.backend == "torch" else None
+    if family is not None and case.mode == "step":  # SD3/3.5, Qwen-Image, FLUX.2 (spec.validate: step only)
+        from .family_step import bench_family_step_variants, source_vae_scale_factor
+
+        tr = loaded.family_transformer(family)
+        step, note = _step_index(spec, case.steps, family.blocks_per_step(tr), family.preset)
+        rows = bench_family_step_variants(
+            tr, family, case.impls, batch_size=case.batch_size, text_tokens=spec.text_tokens, entities=n_ent,
+            entity_slots=spec.entity_slots, config=spec.deleaker_config(default_preset=family.preset),
+            steps=case.steps, step=step, plant=M.plant_for(spec), vae_scale_factor=source_vae_scale_factor(spec.model),
+            **common)
+    elif case.backend == "torch" and case.mode == "step":
         tr = loaded.transformer()
         step, note = _step_index(spec, case.steps, _blocks_per_step(tr))
         rows = harness.bench_step_variants(

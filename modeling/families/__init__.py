@@ -19,7 +19,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (flux1.FAMILY, sd3.FAMILY, qwe
 _BY_CLASS = {f.transformer_class: f for f in FAMILIES.values()}
 
 __all__ = ["FAMILIES", "Family", "OpProcessor", "UnsupportedModel", "family_note", "family_of", "family_of_class",
-           "family_of_folder", "supported", "DISTILLED", "CFG_BATCHED", "CFG_SEPARATE"]
+           "family_of_folder", "supported", "vae_scale_factor", "DISTILLED", "CFG_BATCHED", "CFG_SEPARATE"]
 
 
 class UnsupportedModel(ValueError):
@@ -69,3 +69,16 @@ def family_of_folder(model_dir: str | Path) -> Family:
             return family_of_class(name)
     raise UnsupportedModel(f"{folder} has no transformer/config.json or model_index.json naming its transformer; "
                            f"supported families: {supported()}")
+
+
+def vae_scale_factor(model_dir: str | Path) -> int:
+    """Pixels per latent of a folder's VAE, as the families' pipelines compute it from vae/config.json
+    (Qwen-Image's video VAE: 2 ** its temporal downsamplings; the others: 2 ** (levels - 1)); 8, every
+    family's real VAE, when the folder has no readable vae/config.json."""
+    try:
+        vae = json.loads((Path(model_dir) / "vae" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 8
+    if "temperal_downsample" in vae:  # diffusers' spelling in AutoencoderKLQwenImage
+        return 2 ** len(vae["temperal_downsample"])
+    return 2 ** (len(vae.get("block_out_channels") or [0] * 4) - 1)

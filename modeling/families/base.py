@@ -68,6 +68,9 @@ class Family:
     attention_modules: Callable[[torch.nn.Module], list]
     # (attention module, attrs, op_name) -> the DeLeaker processor of that joint attention
     processor: Callable[[object, dict, str], object]
+    # (transformer, batch, (h, w) token grid, text tokens, torch.Generator) -> synthetic forward
+    # kwargs of one denoising step (benchmarks' step mode); None: the family has its own step path
+    step_inputs: Callable[..., dict] | None = None
 
     def call_kwargs(self, call) -> dict:
         """Transformer forward kwargs that hand `call` (a DeLeakerCall) to every DeLeaker processor."""

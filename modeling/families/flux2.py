@@ -80,7 +80,27 @@ FAMILY = Family(
     module=__name__, pipeline_kwargs_name="attention_kwargs",
     name="flux2", title="FLUX.2", transformer_class="Flux2Transformer2DModel", pipeline_classes=("Flux2Pipeline",),
     layout="text_image_excluded", guidance=DISTILLED, text_encoder="Mistral Small 3.1 (chat template)",
-    kwargs_name="joint_attention_kwargs", preset="flux2-dev", attention_modules=attention_modules, processor=_processor)
+    kwargs_name="joint_attention_kwargs", preset="flux2-dev", attention_modules=attention_modules, processor=_processor,
+    step_inputs=lambda *a: step_inputs(*a))
+
+
+def step_inputs(transformer, batch: int, grid: tuple[int, int], text_tokens: int, gen) -> dict:
+    """Synthetic inputs of one step, as Flux2Pipeline passes them for text to image (no reference
+    images; position ids (t, h, w, l): the image's tokens at t = 0, the text's along l)."""
+    c = transformer.config
+    h, w = grid
+    dtype = next(transformer.parameters()).dtype
+    img_ids = torch.zeros(batch, h * w, 4)  # [B, I, 4]
+    img_ids[..., 1], img_ids[..., 2] = torch.arange(h * w) // w, torch.arange(h * w) % w
+    txt_ids = torch.zeros(batch, text_tokens, 4)  # [B, T, 4]
+    txt_ids[..., 3] = torch.arange(text_tokens)
+    out = {"hidden_states": torch.randn(batch, h * w, c.in_channels, generator=gen).to(dtype),  # [B, I, C]
+           "encoder_hidden_states": torch.randn(batch, text_tokens, c.joint_attention_dim,
+                                                generator=gen).to(dtype),  # [B, T, Dt]
+           "timestep": torch.full((batch,), 0.5, dtype=dtype), "img_ids": img_ids, "txt_ids": txt_ids}
+    if c.guidance_embeds:
+        out["guidance"] = torch.full((batch,), 4.0, dtype=dtype)  # [B]
+    return out
 
 
 # ---- the diffusers drop-in's hooks (modeling/families/dropin.py) --------------------------------

@@ -93,7 +93,20 @@ FAMILY = Family(
     text_encoder="Qwen2.5-VL (chat template, first 34 tokens dropped)", kwargs_name="attention_kwargs",
     preset="qwen-image",
     attention_modules=lambda t: [b.attn for b in t.transformer_blocks],
-    processor=lambda m, attrs, op: QwenDeLeakerProcessor(attrs, op))
+    processor=lambda m, attrs, op: QwenDeLeakerProcessor(attrs, op), step_inputs=lambda *a: step_inputs(*a))
+
+
+def step_inputs(transformer, batch: int, grid: tuple[int, int], text_tokens: int, gen) -> dict:
+    """Synthetic inputs of one step, as QwenImagePipeline passes them (packed latents, timestep in [0, 1],
+    one image shape per sample; no text mask: one prompt length)."""
+    c = transformer.config
+    h, w = grid
+    dtype = next(transformer.parameters()).dtype
+    return {"hidden_states": torch.randn(batch, h * w, c.in_channels, generator=gen).to(dtype),  # [B, I, C]
+            "encoder_hidden_states": torch.randn(batch, text_tokens, c.joint_attention_dim,
+                                                 generator=gen).to(dtype),  # [B, T, Dt]
+            "timestep": torch.full((batch,), 0.5, dtype=dtype),  # [B]
+            "img_shapes": [[(1, h, w)]] * batch}
 
 
 # ---- the diffusers drop-in's hooks (modeling/families/dropin.py) --------------------------------

@@ -63,7 +63,23 @@ FAMILY = Family(
     name="sd3", title="SD3 / SD3.5", transformer_class="SD3Transformer2DModel",
     pipeline_classes=("StableDiffusion3Pipeline",), layout="image_text", guidance=CFG_BATCHED,
     text_encoder="CLIP-L + CLIP-G (77 tokens) then T5-XXL", kwargs_name="joint_attention_kwargs", preset="sd3.5-large",
-    attention_modules=attention_modules, processor=lambda m, attrs, op: SD3DeLeakerProcessor(attrs, op))
+    attention_modules=attention_modules, processor=lambda m, attrs, op: SD3DeLeakerProcessor(attrs, op),
+    step_inputs=lambda *a: step_inputs(*a))
+
+
+def step_inputs(transformer, batch: int, grid: tuple[int, int], text_tokens: int, gen) -> dict:
+    """Synthetic inputs of one step, as StableDiffusion3Pipeline passes them (timestep in [0, 1000])."""
+    c, p = transformer.config, transformer.config.patch_size
+    h, w = grid
+    dtype = next(transformer.parameters()).dtype
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    return {"hidden_states": randn(batch, c.in_channels, h * p, w * p),  # [B, C, H, W] latents
+            "encoder_hidden_states": randn(batch, text_tokens, c.joint_attention_dim),  # [B, T, Dt]
+            "pooled_projections": randn(batch, c.pooled_projection_dim),  # [B, Dp]
+            "timestep": torch.full((batch,), 500.0, dtype=dtype)}  # [B]
 
 
 # ---- the diffusers drop-in's hooks (modeling/families/dropin.py) --------------------------------

@@ -8,6 +8,7 @@ Documents: README.md and docs/*.md.
   run in a scratch folder shared by one document's blocks (in document order, so an artifact
   exported by one command serves the next), with placeholders filled in:
     DIR (a --model / positional model folder) and ~/.cache/deleaker/tiny-flux -> the tiny model,
+    ~/.cache/deleaker/tiny-sd3 (-qwenimage, -flux2) -> that family's tiny model (built if missing),
     --prompt "..."                -> a prompt made of the command's --entities,
     relative output paths (artifacts/..., x.png) land in the scratch folder; size flags are kept;
     unless DELEAKER_DOCS_AS_WRITTEN=1, --steps 2 (generate, verify) and --warmup 1 --runs 1
@@ -53,6 +54,18 @@ CHEAP_DEFAULTS = {
     ("deleaker-bench", None): (("--warmup", "1"), ("--runs", "1")),
 }
 TINY_PLACEHOLDERS = ("DIR", "~/.cache/deleaker/tiny-flux")
+# a model family's tiny folder as the docs name it (python -m deleaker.modeling.tiny_model --family F)
+TINY_FAMILY = re.compile(r"~/\.cache/deleaker/tiny-(sd3|qwenimage|flux2)")
+
+
+def _tiny_family(arg: str) -> str | None:
+    """The built folder of a family tiny-model path the docs name, else None."""
+    m = TINY_FAMILY.fullmatch(arg)
+    if m is None:
+        return None
+    from deleaker.modeling.tiny_model import ensure_tiny_family
+
+    return str(ensure_tiny_family(m.group(1)))
 
 
 def output_matches(expected: str, got: str) -> bool:
@@ -221,7 +234,7 @@ def plan(argv: list[str], comment: str, run: DocRun, tiny: Path) -> tuple[list[s
     if _opt(argv, "--url") is not None:
         return None, f"needs a running server at {_opt(argv, '--url')}"
     model = _opt(argv, "--model")
-    if model is not None and model not in TINY_PLACEHOLDERS:
+    if model is not None and model not in TINY_PLACEHOLDERS and not TINY_FAMILY.fullmatch(model):
         return None, f"needs the checkpoint {model} (not the tiny model)"
     # the artifact a command reads: --artifact X, or `deleaker-export verify X`
     artifact = _opt(argv, "--artifact")
@@ -232,7 +245,7 @@ def plan(argv: list[str], comment: str, run: DocRun, tiny: Path) -> tuple[list[s
     exe = Path(sys.executable).parent / Path(argv[0]).name
     out = [str(exe)]
     for a in argv[1:]:
-        out.append(str(tiny) if a in TINY_PLACEHOLDERS else a)
+        out.append(str(tiny) if a in TINY_PLACEHOLDERS else _tiny_family(a) or a)
     if not AS_WRITTEN:
         prog = Path(argv[0]).name
         sub = argv[1] if prog != "deleaker-bench" and len(argv) > 1 else None
