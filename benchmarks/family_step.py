@@ -37,8 +37,7 @@ from deleaker.runtime import op_schema
 from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 
 from . import models as M
-from .harness import (Variant, _case_fields, _failed, _skipped, _timing_fields, add_ratios, measure_interleaved,
-                      resolve_config)
+from .harness import Variant, _case_fields, add_ratios, measure_interleaved, resolve_config, step_records
 
 log = logging.getLogger("deleaker.bench")
 
@@ -204,7 +203,6 @@ def bench_family_step_variants(transformer, family: Family, impls: Sequence[str]
                 set_ops()
     finally:
         use(stock)
-    by_name = {v.name: v for v in variants}
     taus = range(step * bps, (step + 1) * bps)
     note = ""
     if cfg.use_history and not any(cfg.start_aggregating_from <= t < cfg.stop_aggregating_at for t in taus):
@@ -212,23 +210,16 @@ def bench_family_step_variants(transformer, family: Family, impls: Sequence[str]
         note = (f"step {step} does not aggregate history at {cfg.num_steps} steps; with the zero input history "
                 f"its masks are empty (pick --step or --steps so the step aggregates)")
     rows = []
-    for impl in impls:
-        if skipped[impl]:
-            rows.append(_skipped(base(impl), skipped[impl]))
+    for rec, v in step_records(impls, skipped, variants, base, cfg.num_steps, batch_size):
+        rows.append(rec)
+        if v is None:
             continue
-        v = by_name[impl]
-        if v.error:
-            rows.append(_failed(base(impl), v))
-            continue
-        rec = {**base(impl), "status": "ok", "note": note if impl == "reference" else "",
-               **_timing_fields(v.samples, v.timer), **v.memory.fields()}
-        rec["images_per_s"] = batch_size / (cfg.num_steps * rec["step_median_s"])
         rec["plant"] = None if plant is None else {"coverage": plant.coverage, "boost": plant.boost,
                                                    "where": "op inputs (DeLeaker impls)"}
         rec["mask_coverage"] = None
-        if impl == "reference":
+        if v.name == "reference":
+            rec["note"] = note
             hist = v.last[1].float().cpu().numpy()
             rec["mask_coverage"] = M.mask_coverage(hist, entities, cfg.std_mul_text, geo.grid, cfg.do_smoothing)
             rec["edit_counters"] = {**M._summarize_counters(per_call), "source": "reference"} if per_call else None
-        rows.append(rec)
     return add_ratios(rows)

@@ -247,22 +247,33 @@ def _edit_counters(dl, impl: str, args: tuple) -> dict:
         return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
 
 
+def step_records(impls, skipped: dict, variants: list[Variant], base, num_steps: int, batch_size: int):
+    """(record, Variant) per impl of a step case: skipped (reason in skipped[impl]), failed in
+    warm-up, or timed (status ok, timing, memory, images/s; its Variant to read more from)."""
+    by_name = {v.name: v for v in variants}
+    for impl in impls:
+        if skipped[impl]:
+            yield _skipped(base(impl), skipped[impl]), None
+            continue
+        v = by_name[impl]
+        if v.error:
+            yield _failed(base(impl), v), None
+            continue
+        rec = {**base(impl), "status": "ok", "note": "", **_timing_fields(v.samples, v.timer), **v.memory.fields()}
+        rec["images_per_s"] = batch_size / (num_steps * rec["step_median_s"])
+        yield rec, v
+
+
 def _step_rows(impls, skipped, variants, base, cfg, batch_size, entities, arrays, device, profile_dir,
                profile_runs) -> list[dict]:
     from . import models as M
 
-    by_name = {v.name: v for v in variants}
     rows = []
-    for impl in impls:
-        if skipped[impl]:
-            rows.append(_skipped(base(impl), skipped[impl]))
+    for rec, v in step_records(impls, skipped, variants, base, cfg.num_steps, batch_size):
+        if v is None:
+            rows.append(rec)
             continue
-        v = by_name[impl]
-        if v.error:
-            rows.append(_failed(base(impl), v))
-            continue
-        rec = {**base(impl), "status": "ok", "note": "", **_timing_fields(v.samples, v.timer), **v.memory.fields()}
-        rec["images_per_s"] = batch_size / (cfg.num_steps * rec["step_median_s"])
+        impl = v.name
         hist = v.last[1].float().cpu().numpy()
         rec["mask_coverage"] = (M.mask_coverage(hist, entities, cfg.std_mul_text, tuple(arrays["grid"]),
                                                 cfg.do_smoothing) if impl in ("reference", "cuda") else None)
