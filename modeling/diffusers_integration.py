@@ -28,8 +28,6 @@ branch; the negative branch runs the pipeline's own attention.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -43,6 +41,7 @@ from deleaker.runtime.dtypes import DTYPE_ALIASES
 from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 
 from .flux import DeLeakerCall, attention_blocks, blocks_per_step, deleaker_processors
+from .families.text import Encoded, record_encode_prompt, text_tokenizer
 from .reference_op import settings_tensors
 
 log = logging.getLogger("deleaker")
@@ -83,19 +82,10 @@ class _Switch:
 
 
 @dataclass
-class _Encoded:
-    """One encode_prompt call: its T5 prompts (None with prompt_embeds) and what it returned."""
-
-    prompts: list[str] | None
-    per_prompt: int
-    embeds: torch.Tensor
-
-
-@dataclass
 class _Call:
     """The DeLeaker state of one pipeline call."""
 
-    encoded: _Encoded
+    encoded: Encoded
     negatives: list  # encoder_hidden_states of the true-CFG negative branch (runs vanilla)
     inputs: DeLeakerCall | None = None  # None: this call runs the pipeline's own attention
     num_steps: int = 0
@@ -103,19 +93,10 @@ class _Call:
     steps: torch.Tensor | None = field(default=None, repr=False)
 
 
-def _t5_tokenizer(pipe) -> tok.TextTokenizer:
-    """The pipeline's tokenizer_2 as the runtime's TextTokenizer (a copy without padding/truncation)."""
-    from tokenizers import Tokenizer
-
-    t5 = getattr(pipe, "tokenizer_2", None)
-    backend = getattr(t5, "backend_tokenizer", None)
-    if backend is None:
-        raise IntegrationError(f"DeLeaker locates entities with a fast tokenizer; pipe.tokenizer_2 is "
-                               f"{type(t5).__name__} (load the pipeline with its tokenizer.json, use_fast=True)")
-    copy = Tokenizer.from_str(backend.to_str())
-    copy.no_padding()
-    copy.no_truncation()
-    return tok.TextTokenizer(None, copy, int(t5.pad_token_id), str(t5.pad_token), t5.model_max_length)
+def _t5_prompts(a: dict) -> list[str]:
+    """encode_prompt's arguments -> the prompts T5 saw (prompt_2 defaults to prompt)."""
+    text = a.get("prompt_2") or a.get("prompt")
+    return [text] if isinstance(text, str) else list(text)
 
 
 def _default_op(transformer) -> str:
@@ -148,10 +129,10 @@ class Installation:
         self.transformer = transformer
         self.blocks_per_step = blocks_per_step(transformer)
         self.config.resolved(self.blocks_per_step)  # a bad default fails now, not in the first call
-        self.t5 = _t5_tokenizer(pipe)
+        self.t5 = text_tokenizer(getattr(pipe, "tokenizer_2", None), "pipe.tokenizer_2", IntegrationError)
         self.op = op or _default_op(transformer)
         self.default: DeLeaker | None = None  # what calls without joint_attention_kwargs["deleaker"] get
-        self._pending: list[_Encoded] = []
+        self._pending: list[Encoded] = []
         self._call: _Call | None = None
         blocks = attention_blocks(transformer)
         self._originals = [b.attn.processor for b in blocks]
@@ -160,23 +141,7 @@ class Installation:
             block.attn.set_processor(_Switch(original, proc))
         self._hooks = [transformer.register_forward_pre_hook(self._before, with_kwargs=True),
                        transformer.register_forward_hook(self._after, with_kwargs=True)]
-        encode = pipe.encode_prompt
-        signature = inspect.signature(encode)
-
-        @functools.wraps(encode)
-        def encode_prompt(*args, **kwargs):
-            out = encode(*args, **kwargs)
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            a = bound.arguments
-            text = None
-            if a.get("prompt_embeds") is None:
-                text = a.get("prompt_2") or a.get("prompt")
-                text = [text] if isinstance(text, str) else list(text)
-            self._pending.append(_Encoded(text, int(a.get("num_images_per_prompt") or 1), out[0]))
-            return out
-
-        pipe.encode_prompt = encode_prompt
+        record_encode_prompt(pipe, _t5_prompts, self._pending)
         setattr(pipe, _ATTR, self)
 
     # -- per call settings ---------------------------------------------------------------------
@@ -201,7 +166,7 @@ class Installation:
 
     # -- the hooks ----------------------------------------------------------------------------
 
-    def _start(self, request: DeLeaker | None, encoded: _Encoded, hidden_states, img_ids, ehs) -> DeLeakerCall | None:
+    def _start(self, request: DeLeaker | None, encoded: Encoded, hidden_states, img_ids, ehs) -> DeLeakerCall | None:
         """The DeLeaker inputs of a new pipeline call (None: run the pipeline's own attention)."""
         if request is not None and not isinstance(request, DeLeaker):
             raise IntegrationError(f'joint_attention_kwargs["{KEY}"] must be a DeLeaker(...), got '
@@ -218,20 +183,20 @@ class Installation:
         entities = request.entities
         if isinstance(entities, str):
             raise IntegrationError(f"entities must be a list of words, got the string {entities!r}")
-        if encoded.prompts is None:
+        if encoded.texts is None:
             if any(len(e) for e in entities):
                 raise IntegrationError("DeLeaker finds the entities in the prompt text: call the pipeline with "
                                        "prompt= (or prompt_2=), or with prompt_embeds= made by this pipeline's "
                                        "encode_prompt(prompt)")
             prompts = [""] * (B // encoded.per_prompt)
         else:
-            prompts = encoded.prompts
+            prompts = encoded.texts
         if len(prompts) * encoded.per_prompt != B:
             raise IntegrationError(f"{len(prompts)} prompts x {encoded.per_prompt} images per prompt but the "
                                    f"transformer got a batch of {B}")
         flat = all(isinstance(e, str) for e in entities)
         slots = max([DEFAULT_ENTITY_SLOTS] + ([len(entities)] if flat else [len(e) for e in entities]))
-        ent = tok.entity_tokens(self.t5, prompts, list(entities), slots, T) if encoded.prompts is not None \
+        ent = tok.entity_tokens(self.t5, prompts, list(entities), slots, T) if encoded.texts is not None \
             else np.zeros((len(prompts), slots, T), np.float32)  # [P, E, T]
         ent = np.repeat(ent, encoded.per_prompt, axis=0)  # FluxPipeline's order: each prompt's images together
         rows = img_ids[:, 1]
@@ -254,11 +219,11 @@ class Installation:
             # the encode_prompt call that made these embeddings; with prompt_embeds= from an earlier
             # pipe.encode_prompt(prompt), that call (it has the text)
             made = [e for e in self._pending if e.embeds is ehs]
-            match = next((e for e in made if e.prompts is not None), made[0] if made else None)
+            match = next((e for e in made if e.texts is not None), made[0] if made else None)
             if match is None:  # embeddings not from this pipeline's encode_prompt (e.g. a direct transformer call)
-                match = _Encoded(None, 1, ehs)
+                match = Encoded(None, 1, ehs)
             self._call = _Call(match, [e.embeds for e in self._pending if e.embeds is not ehs])
-            self._pending = []
+            self._pending.clear()  # the list encode_prompt appends to (text.record_encode_prompt)
             hs, img_ids = kwargs.get("hidden_states", args[0] if args else None), kwargs.get("img_ids")
             if request is not None and (hs is None or img_ids is None or ehs is None):
                 raise IntegrationError("DeLeaker reads hidden_states, encoder_hidden_states and img_ids from the "

@@ -21,7 +21,6 @@ as a step; a skip-layer-guidance call
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 from ..flux import DeLeakerCall
 from ..reference_op import settings_tensors
 from .base import CFG_BATCHED, CFG_SEPARATE, Family
+from .text import Encoded, record_encode_prompt
 
 
 class _Switch:
@@ -63,15 +63,8 @@ def _switch(original, deleaker_processor) -> _Switch:
 
 
 @dataclass
-class _Encoded:
-    texts: dict | None  # the family's prompt texts of one encode_prompt call (None: prompt_embeds given)
-    per_prompt: int
-    embeds: torch.Tensor  # what it returned first (the prompt embeddings)
-
-
-@dataclass
 class _Call:
-    encoded: _Encoded
+    encoded: Encoded
     negatives: list  # embeddings of a separate negative-prompt call (CFG_SEPARATE): those calls run stock
     inputs: DeLeakerCall | None = None
     num_steps: int = 0
@@ -96,7 +89,7 @@ class FamilyInstallation:
         self.tokenizers = self.hooks.tokenizers(pipe, error)
         self.op = op
         self.default = None
-        self._pending: list[_Encoded] = []
+        self._pending: list[Encoded] = []
         self._call: _Call | None = None
         modules = family.attention_modules(self.transformer)
         self._originals = [m.processor for m in modules]
@@ -104,20 +97,7 @@ class FamilyInstallation:
             m.set_processor(_switch(original, proc))
         self._hooks = [self.transformer.register_forward_pre_hook(self._before, with_kwargs=True),
                        self.transformer.register_forward_hook(self._after, with_kwargs=True)]
-        encode = pipe.encode_prompt
-        signature = inspect.signature(encode)
-
-        @functools.wraps(encode)
-        def encode_prompt(*args, **kwargs):
-            out = encode(*args, **kwargs)
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            a = bound.arguments
-            texts = None if a.get("prompt_embeds") is not None else self.hooks.prompt_texts(a)
-            self._pending.append(_Encoded(texts, int(a.get("num_images_per_prompt") or 1), out[0]))
-            return out
-
-        pipe.encode_prompt = encode_prompt
+        record_encode_prompt(pipe, self.hooks.prompt_texts, self._pending)
         setattr(pipe, attr, self)
 
     def remove(self) -> None:
@@ -136,7 +116,7 @@ class FamilyInstallation:
 
     # -- the hooks ----------------------------------------------------------------------------
 
-    def _start(self, request, encoded: _Encoded, kwargs) -> DeLeakerCall | None:
+    def _start(self, request, encoded: Encoded, kwargs) -> DeLeakerCall | None:
         if request is not None and not isinstance(request, self.request_type):
             raise self.error(f'joint_attention_kwargs["{self.key}"] must be a DeLeaker(...), got '
                              f"{type(request).__name__}")
@@ -198,7 +178,7 @@ class FamilyInstallation:
             negatives = [e.embeds for e in self._pending if e is not match] if self.family.guidance == CFG_SEPARATE \
                 else []
             self._call = _Call(match, negatives)
-            self._pending = []
+            self._pending.clear()  # the list encode_prompt appends to (text.record_encode_prompt)
             self._call.inputs = self._start(request, match, kwargs)
         call = self._call
         if call is None or call.inputs is None or any(ehs is n for n in call.negatives):
