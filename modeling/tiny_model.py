@@ -238,7 +238,7 @@ def save_t5_tokenizer(tok: Tokenizer, folder: Path) -> None:
 
 def _build_models(p: TinyPreset, out: Path, seed: int, clip_vocab: dict[str, int], t5_vocab_size: int) -> None:
     import torch
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     # One seed per component, so changing one component's size leaves the others' weights alone.
@@ -268,13 +268,30 @@ def _build_models(p: TinyPreset, out: Path, seed: int, clip_vocab: dict[str, int
     )).save_pretrained(out / "text_encoder_2")
 
     torch.manual_seed(seed + 3)
-    AutoencoderKL(
+    tiny_autoencoder_kl(p, FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR).save_pretrained(out / "vae")
+
+
+def tiny_autoencoder_kl(p, scaling_factor: float, shift_factor: float):
+    """The tiny AutoencoderKL of FLUX.1 and SD3 (4 levels, 16 latent channels): `p` gives its
+    block_out_channels (vae_channels) and norm groups (vae_groups); the factors are the family's."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=p.vae_channels, layers_per_block=1,
         act_fn="silu", latent_channels=16, norm_num_groups=p.vae_groups, sample_size=64,
-        scaling_factor=FLUX_VAE_SCALING_FACTOR, shift_factor=FLUX_VAE_SHIFT_FACTOR, use_quant_conv=False,
-        use_post_quant_conv=False, mid_block_add_attention=True, force_upcast=True,
-    ).save_pretrained(out / "vae")
+        scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False,
+        use_post_quant_conv=False, mid_block_add_attention=True, force_upcast=True)
+
+
+def write_pipeline_files(out: Path, scheduler: dict, model_index: dict) -> None:
+    """scheduler/scheduler_config.json and model_index.json of a diffusers folder, stamped with the
+    installed diffusers version as save_pretrained would."""
+    import diffusers
+
+    (out / "scheduler").mkdir()
+    _write_json(out / "scheduler" / "scheduler_config.json", {**scheduler, "_diffusers_version": diffusers.__version__})
+    _write_json(out / "model_index.json", {**model_index, "_diffusers_version": diffusers.__version__})
 
 
 def _model_index() -> dict:
@@ -314,12 +331,7 @@ def _build_into(out: Path, preset: str, seed: int) -> None:
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    (out / "scheduler").mkdir()
-    import diffusers
-
-    _write_json(out / "scheduler" / "scheduler_config.json",
-                {**FLUX_DEV_SCHEDULER_CONFIG, "_diffusers_version": diffusers.__version__})
-    _write_json(out / "model_index.json", _model_index())
+    write_pipeline_files(out, FLUX_DEV_SCHEDULER_CONFIG, _model_index())
     _write_json(out / STAMP_FILE, _stamp(preset, seed))  # written last: marks a complete build
 
 

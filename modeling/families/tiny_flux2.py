@@ -78,10 +78,7 @@ def build(out: Path, seed: int = 0) -> None:
     torch.manual_seed(seed + 2)
     AutoencoderKLFlux2(block_out_channels=(16, 16, 32, 32), layers_per_block=1, latent_channels=32,
                        norm_num_groups=8, sample_size=64).save_pretrained(out / "vae")
-    (out / "scheduler").mkdir()
-    tm._write_json(out / "scheduler" / "scheduler_config.json",
-                   {**SCHEDULER, "_diffusers_version": diffusers.__version__})
-    tm._write_json(out / "model_index.json", {
+    tm.write_pipeline_files(out, SCHEDULER, {
         "_class_name": "Flux2Pipeline", "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"],

@@ -82,10 +82,7 @@ def build(out: Path, seed: int = 0) -> None:
     torch.manual_seed(seed + 2)
     AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                            temperal_downsample=[False, True, True]).save_pretrained(out / "vae")
-    (out / "scheduler").mkdir()
-    tm._write_json(out / "scheduler" / "scheduler_config.json",
-                   {**SCHEDULER, "_diffusers_version": diffusers.__version__})
-    tm._write_json(out / "model_index.json", {
+    tm.write_pipeline_files(out, SCHEDULER, {
         "_class_name": "QwenImagePipeline", "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],

@@ -25,7 +25,7 @@ def build(out: Path, seed: int = 0) -> None:
     """Write the checkpoint into the (empty) folder `out`."""
     import diffusers
     import torch
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     p = tm.PRESETS["tiny"]
@@ -58,17 +58,8 @@ def build(out: Path, seed: int = 0) -> None:
         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )).save_pretrained(out / "text_encoder_3")
     torch.manual_seed(seed + 4)
-    AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=p.vae_channels, layers_per_block=1,
-        act_fn="silu", latent_channels=16, norm_num_groups=p.vae_groups, sample_size=64,
-        scaling_factor=SD3_VAE_SCALING_FACTOR, shift_factor=SD3_VAE_SHIFT_FACTOR, use_quant_conv=False,
-        use_post_quant_conv=False, mid_block_add_attention=True, force_upcast=True,
-    ).save_pretrained(out / "vae")
-    (out / "scheduler").mkdir()
-    tm._write_json(out / "scheduler" / "scheduler_config.json",
-                   {**SCHEDULER, "_diffusers_version": diffusers.__version__})
-    tm._write_json(out / "model_index.json", {  # SD3.5's model_index.json, no IP-adapter image encoder
+    tm.tiny_autoencoder_kl(p, SD3_VAE_SCALING_FACTOR, SD3_VAE_SHIFT_FACTOR).save_pretrained(out / "vae")
+    tm.write_pipeline_files(out, SCHEDULER, {  # SD3.5's model_index.json, no IP-adapter image encoder
         "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None], "image_encoder": [None, None],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
