@@ -231,7 +231,7 @@ def generate(args, entities: tuple, out: Path) -> int:
     cfg = preset(args.preset) if args.preset or art is None else DeLeakerConfig(**art.deleaker["config"])
     steps = args.steps if args.steps is not None else cfg.num_steps
     height = args.height if args.height is not None else (art.height if art else 256)
-    width = args.width if args.width is not None else (art.width if art else height)
+    width = args.width if args.width is not None else (art.width if art and args.height is None else height)
     if art is not None:
         art.check_size(height, width)
     if not args.no_deleaker and len(entities) < 2:
