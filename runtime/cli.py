@@ -51,7 +51,9 @@ def _parser(commands: dict) -> argparse.ArgumentParser:
     src.add_argument("--model", help="diffusers folder of FLUX.1, SD3/3.5, Qwen-Image or FLUX.2 (torch backend; "
                      "docs/models.md); default: the embedded toy-world "
                      "model (32x32, its own words only: docs/toyworld.md), as its exported artifact on onnxruntime")
-    src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend)")
+    src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend; an SD3/3.5, "
+                     "Qwen-Image or FLUX.2 step artifact runs its DeLeaker steps in ONNX Runtime inside the family's "
+                     "pipeline, docs/models.md)")
     g.add_argument("--backend", help="torch (default with --model; without --model or --artifact: the embedded "
                                      "model's diffusers folder), onnxruntime (default with --artifact or neither), "
                                      "openvino (a --portable artifact), aoti (an artifact of `deleaker-export aoti`), "

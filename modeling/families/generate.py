@@ -221,7 +221,7 @@ def generate(args, entities: tuple, out: Path) -> int:
     art = _artifact(args) if getattr(args, "artifact", None) else None
     family = family_of_folder(args.model)  # one line for an unsupported class, before any loading
     if art is None and args.backend not in (None, "torch"):
-        raise FamilyGenerateError(f"{family.title} folders run on the torch backend (or their exported step: "
+        raise FamilyGenerateError(f"{family.title} folders run on the torch backend only (their exported step runs on onnxruntime: "
                                   f"`deleaker-export onnx --model DIR --out ART`, then --artifact ART), not "
                                   f"{args.backend}")
     if args.attention != "reference" or args.compile or args.cuda_graphs == "on":
