@@ -30,6 +30,7 @@ from deleaker.runtime.cli_help import DefaultsHelpFormatter
 from deleaker.runtime.dtypes import WEIGHT_DTYPES
 
 log = logging.getLogger("deleaker")
+_DEFAULT_PROMPT, _DEFAULT_ENTITIES = "a cat and a cheetah in a field", "cat,cheetah"
 
 
 def add_artifact_options(p: argparse.ArgumentParser) -> None:
@@ -37,8 +38,10 @@ def add_artifact_options(p: argparse.ArgumentParser) -> None:
     dtypes, default DeLeaker settings."""
     p.add_argument("--model", required=True, help="diffusers-format FLUX checkpoint folder")
     p.add_argument("--out", required=True, help="artifact folder to write")
-    p.add_argument("--height", type=int, default=1024, help="example image height in pixels (TensorRT opt)")
-    p.add_argument("--width", type=int, default=1024, help="example image width in pixels")
+    p.add_argument("--height", type=int, help="example image height in pixels (TensorRT opt); default 1024 for "
+                   "FLUX.1, 256 for a model family's step artifact (its only size)")
+    p.add_argument("--width", type=int, help="example image width in pixels (default: 1024, or as --height for a "
+                   "family's step)")
     p.add_argument("--min-size", type=int,
                    help=f"smallest image side the artifact accepts (default: {DEFAULT_MIN_SIZE}, or H/W if smaller)")
     p.add_argument("--max-size", type=int,
@@ -60,8 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     o = sub.add_parser("onnx", formatter_class=DefaultsHelpFormatter,
                        help="write an ONNX artifact (transformer with DeLeakerAttention, encoders, VAE)")
     add_artifact_options(o)
-    o.add_argument("--max-batch", type=int, default=4,
-                   help="largest batch of the manifest's batch profile (TensorRT); ONNX Runtime takes any")
+    o.add_argument("--max-batch", type=int,
+                   help="largest batch of the manifest's batch profile (TensorRT); ONNX Runtime takes any (default 4)")
+    o.add_argument("--prompt", help="a model family's step artifact: the example prompt its first DeLeaker call is "
+                   "captured from (Qwen-Image: the artifact serves prompts of its token length); default "
+                   "'a cat and a cheetah in a field'")
+    o.add_argument("--entities", help="with --prompt: its entity words (default cat,cheetah)")
+    o.add_argument("--guidance", type=float, help="a model family's step artifact: the guidance of the captured "
+                   "call (SD3's CFG batch depends on it; default 3.5, as deleaker generate)")
     o.add_argument("--external-data", action="store_true",
                    help="weights in .onnx.data files for every model (default: only for models over 2 GB)")
     o.add_argument("--portable", action="store_true",
@@ -79,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                         "default settings')")
     v.add_argument("--height", type=int, help="image height (default: the smallest the artifact accepts)")
     v.add_argument("--width", type=int, help="image width")
-    v.add_argument("--prompt", default="a cat and a cheetah in a field")
-    v.add_argument("--entities", default="cat,cheetah")
+    v.add_argument("--prompt", default=_DEFAULT_PROMPT, help="(a family step artifact: default its example prompt)")
+    v.add_argument("--entities", default=_DEFAULT_ENTITIES)
     v.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
     v.add_argument("--atol", type=float, help="absolute tolerance for every check (default: per check and dtype)")
     v.add_argument("--rtol", type=float, help="relative tolerance for every check")
@@ -114,14 +123,60 @@ def export_spec(args):
         kw["max_text_tokens"] = open_checkpoint(args.model).max_sequence_length
     if getattr(args, "max_batch", None) is not None:
         kw["max_batch"] = args.max_batch
-    return ExportSpec(height=args.height, width=args.width, min_size=args.min_size, max_size=args.max_size,
+    return ExportSpec(height=args.height or 1024, width=args.width or 1024, min_size=args.min_size, max_size=args.max_size,
                       entity_slots=args.entity_slots, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
                       deleaker=preset(args.preset or default_preset(read_card(args.model))), external_data=True if getattr(args, "external_data", False) else None,
                       portable=bool(getattr(args, "portable", False)), **kw)
 
 
+def _family_of(model: str):
+    """The model family of a folder whose transformer is not FLUX.1's, else None (read before loading)."""
+    from deleaker.modeling.families import UnsupportedModel, family_of_folder
+
+    try:
+        family = family_of_folder(model)
+    except UnsupportedModel:
+        return None  # FLUX.1's path says what is wrong with the folder
+    return None if family.name == "flux1" else family
+
+
+# options of the FLUX.1 artifact that a family step artifact has no use for: (given?, why)
+_FLUX_ONLY = {
+    "--dtype": (lambda a: a.dtype != "fp32", "the step is exported in float32"),
+    "--encoder-dtype": (lambda a: a.encoder_dtype != "fp32", "text encoders and VAE stay in the source folder"),
+    "--portable": (lambda a: a.portable, "the step keeps its DeLeakerAttention nodes"),
+    "--min-size/--max-size": (lambda a: a.min_size is not None or a.max_size is not None,
+                              "the step has static shapes: --height/--width only"),
+    "--max-batch": (lambda a: a.max_batch is not None, "the batch is the captured call's"),
+    "--max-text-tokens": (lambda a: a.max_text_tokens is not None, "the text length is the captured prompt's"),
+    "--external-data": (lambda a: a.external_data, "external data is used above 2 GB only"),
+}
+
+
 def _onnx(args) -> int:
     from .onnx_export import export_artifact
+
+    family = _family_of(args.model)
+    if family is not None:
+        from .family_artifact import EXAMPLE_ENTITIES, EXAMPLE_PROMPT, export_family_artifact
+
+        given = [name for name, (test, _) in _FLUX_ONLY.items() if test(args)]
+        if given:
+            raise ValueError(f"{given[0]} does not apply to a {family.title} step artifact "
+                             f"({_FLUX_ONLY[given[0]][1]})")
+        if (args.prompt is None) != (args.entities is None):
+            raise ValueError("--prompt and --entities go together (the example call needs both)")
+        entities = tuple(e.strip() for e in args.entities.split(",") if e.strip()) if args.entities else \
+            EXAMPLE_ENTITIES
+        export_family_artifact(args.model, args.out, height=args.height, width=args.width,
+                               entity_slots=args.entity_slots, preset_name=args.preset,
+                               guidance=args.guidance if args.guidance is not None else 3.5,
+                               prompt=args.prompt or EXAMPLE_PROMPT, entities=entities, force=args.force)
+        return 0  # the last log line names the artifact
+    for name in ("prompt", "entities", "guidance"):
+        if getattr(args, name) is not None:
+            raise ValueError(f"--{name} applies to a model family's step artifact, not to FLUX.1's (whose artifact "
+                             f"serves any prompt)")
 
     export_artifact(args.model, args.out, export_spec(args), force=args.force)
     return 0  # the last log line names the artifact
@@ -143,11 +198,29 @@ def _verify(args) -> int:
             raise ValueError(f"--{name} must be a finite number >= 0, got {v}")
     checks = tuple(c.strip() for c in args.checks.split(",") if c.strip()) if args.checks else None
     entities = tuple(e.strip() for e in args.entities.split(",") if e.strip())
-    rows = verify(args.artifact, args.model, checks=checks, steps=args.steps, height=args.height, width=args.width,
-                  device=args.device, prompt=args.prompt, entities=entities, atol=args.atol, rtol=args.rtol,
-                  backend=args.backend)
-    failed = [r for r in rows if not r.passed]
-    print(f"verify: {len(rows) - len(failed)}/{len(rows)} outputs within tolerance"
+    from deleaker.runtime.family_artifact import is_family_artifact, load_family_artifact
+
+    if is_family_artifact(args.artifact):
+        from .family_verify import verify_family
+
+        art = load_family_artifact(args.artifact, check_files=False)
+        if args.backend != "onnxruntime" or args.device != "cpu":
+            raise ValueError(f"a {art.family_title} step artifact is verified in ONNX Runtime on the CPU, not "
+                             f"--backend {args.backend} --device {args.device}")
+        art.check_size(args.height or art.height, args.width or art.width)  # its only size
+        given_prompt = args.prompt != _DEFAULT_PROMPT or args.entities != _DEFAULT_ENTITIES
+        rows = verify_family(args.artifact, args.model, checks=checks, steps=args.steps,
+                             prompt=args.prompt if given_prompt else None, entities=entities if given_prompt else None,
+                             atol=args.atol, rtol=args.rtol)
+    else:
+        rows = verify(args.artifact, args.model, checks=checks, steps=args.steps, height=args.height, width=args.width,
+                      device=args.device, prompt=args.prompt, entities=entities, atol=args.atol, rtol=args.rtol,
+                      backend=args.backend)
+    edits = [r for r in rows if r.output == "edit"]  # family step artifacts: DeLeaker's edit, shown per check
+    rows = [r for r in rows if r.output != "edit"]
+    failed = [r for r in rows if not r.passed] + [r for r in edits if not r.passed]
+    print(f"verify: {len(rows) - len(failed) + len([r for r in edits if not r.passed])}/{len(rows)} outputs within "
+          f"tolerance" + (f"; DeLeaker edited in {sum(r.passed for r in edits)}/{len(edits)} checks" if edits else "")
           + (f"; FAILED: {', '.join(sorted({f'{r.check}/{r.output}' for r in failed}))}" if failed else ""))
     return 1 if failed else 0
 

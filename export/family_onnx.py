@@ -7,7 +7,9 @@ runtime/step_io.py. export_step traces it with torch.onnx.export (dynamo) where 
 attention becomes one deleaker::DeLeakerAttention node carrying the family's `layout`, and
 attaches the op's function body (export/onnx_op.py), so ONNX Runtime runs it with no plugin.
 Shapes are those of the example inputs (static); FLUX.1's full artifact (export/onnx_export.py)
-is the one with dynamic shapes, text encoders and VAE.
+is the one with dynamic shapes, text encoders and VAE. Running a pipeline's steps on the exported
+file: modeling/families/onnx_step.py (OnnxStepRunner); the artifact around it:
+export/family_artifact.py.
 """
 
 from __future__ import annotations
@@ -17,12 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deleaker.modeling.families import Family, family_of
+from deleaker.modeling.families import Family
+from deleaker.modeling.families.onnx_step import OP_INPUTS, OnnxStepRunner  # noqa: F401 (the runner lives with the runtime side)
 from deleaker.modeling.flux import DeLeakerCall
 
 from . import onnx_export
-
-OP_INPUTS = ("entity_tokens", "history", "step", "grid", "windows", "knobs", "rules")
 
 
 class FamilyStep(nn.Module):
@@ -63,41 +64,3 @@ def export_step(step: FamilyStep, example: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(path)
     return path
-
-
-class OnnxStepRunner:
-    """Runs a family pipeline's DeLeaker transformer steps in ONNX Runtime: installed on a pipeline
-    that has DeLeaker installed (modeling/diffusers_integration.install), it replaces the
-    transformer's forward for calls that carry DeLeaker inputs by a session on an exported step
-    (export_step), which returns the output and the history; calls without DeLeaker inputs (the
-    negative branch, DeLeaker off) stay torch. The exported step has static shapes: the pipeline
-    must be called at the shapes it was exported for (a mismatch is ONNX Runtime's one-line error).
-    remove() restores the torch forward."""
-
-    def __init__(self, pipe, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.names = [i.name for i in self.session.get_inputs()]
-        self.transformer = pipe.transformer
-        self.family = family_of(self.transformer)
-        self._torch_forward = self.transformer.forward
-        self.calls = 0  # transformer calls run in ONNX Runtime
-        self.transformer.forward = self._forward
-
-    def _forward(self, *args, **kwargs):
-        call = (kwargs.get(self.family.kwargs_name) or {}).get("deleaker")
-        if call is None or args or kwargs.get("return_dict", True):  # pipelines call return_dict=False
-            return self._torch_forward(*args, **kwargs)
-        feeds = {**kwargs, "entity_tokens": call.entity_tokens, "history": call.history, "step": call.step,
-                 "grid": call.grid, "windows": call.windows, "knobs": call.knobs, "rules": call.rules}
-        out, history = self.session.run(None, {n: feeds[n].detach().cpu().numpy() for n in self.names})
-        call.history = torch.from_numpy(history)
-        self.calls += 1
-        return (torch.from_numpy(out),)
-
-    def remove(self) -> None:
-        self.transformer.forward = self._torch_forward

@@ -30,6 +30,9 @@ from .model_card import read_card
 from .model_info import ModelInfo
 
 FORMAT = "deleaker-artifact"
+# A model family's step artifact (SD3/3.5, Qwen-Image, FLUX.2): runtime/family_artifact.py reads it;
+# this reader refuses it in one line.
+FAMILY_FORMAT = "deleaker-family-step"
 # 2: op contract v2 (DeLeaker settings are per-sample inputs of the step, not node attributes).
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -230,6 +233,11 @@ def load_artifact(path: str | Path, check_files: bool = True) -> Artifact:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ArtifactError(f"cannot read {mpath}: {e}; {_fix(root)}") from None
+    if isinstance(manifest, dict) and manifest.get("format") == FAMILY_FORMAT:
+        raise ArtifactError(f"{root} is a {manifest.get('family', 'model family')} step artifact "
+                            f"({FAMILY_FORMAT}), not a FLUX.1 artifact: only `deleaker generate --artifact` and "
+                            f"`deleaker-export verify` run it (its DeLeaker steps in ONNX Runtime inside the family's "
+                            f"own pipeline)")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath} is not a {FORMAT} manifest; {_fix(root)}")
     version = manifest.get("format_version")

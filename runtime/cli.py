@@ -13,6 +13,7 @@ from .cli_help import DefaultsHelpFormatter
 from .config import DEFAULT_PRESET, PRESETS, preset
 from .embedded import default_source
 from .errors import run_reporting_errors
+from .family_artifact import is_family_artifact
 from .images import MIN_SHOWN_SIDE
 from .model_card import DEFAULT_SIDE, default_preset, default_size, read_card
 from .outputs import check_output
@@ -50,7 +51,9 @@ def _parser(commands: dict) -> argparse.ArgumentParser:
     src.add_argument("--model", help="diffusers folder of FLUX.1, SD3/3.5, Qwen-Image or FLUX.2 (torch backend; "
                      "docs/models.md); default: the embedded toy-world "
                      "model (32x32, its own words only: docs/toyworld.md), as its exported artifact on onnxruntime")
-    src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend)")
+    src.add_argument("--artifact", help="folder written by `deleaker-export onnx` (onnxruntime backend; an SD3/3.5, "
+                     "Qwen-Image or FLUX.2 step artifact runs its DeLeaker steps in ONNX Runtime inside the family's "
+                     "pipeline, docs/models.md)")
     g.add_argument("--backend", help="torch (default with --model; without --model or --artifact: the embedded "
                                      "model's diffusers folder), onnxruntime (default with --artifact or neither), "
                                      "openvino (a --portable artifact), aoti (an artifact of `deleaker-export aoti`), "
@@ -111,6 +114,8 @@ def _generate(args) -> int:
         raise ValueError(f"--scale must be an integer in [1, 64], got {args.scale}")
     if args.model is not None and (family_generate := _family_pipeline(args.model)) is not None:
         return family_generate(args, entities, out)  # SD3 / Qwen-Image / FLUX.2: their own pipelines
+    if args.artifact and is_family_artifact(args.artifact):  # their step artifacts: the same, steps in ONNX Runtime
+        return _families_entry(f"{args.artifact}: a model family's step artifact")(args, entities, out)
     steps = args.steps if args.steps is not None else cfg.num_steps
     geometry = _declared_geometry(args)  # the model's size rule, read before its weights load
     size_range = geometry.size_range if geometry is not None else None
@@ -203,7 +208,6 @@ def _family_pipeline(model: str):
     an unsupported class in one line before loading. None for FLUX.1 (or a folder that does not
     say: loading it says why)."""
     import json
-    from importlib.metadata import entry_points
 
     try:
         name = json.loads((Path(model) / "transformer" / "config.json").read_text(encoding="utf-8"))["_class_name"]
@@ -211,10 +215,16 @@ def _family_pipeline(model: str):
         return None
     if name == "FluxTransformer2DModel":
         return None
+    return _families_entry(f"{model}: its transformer is {name}, not FLUX.1's")
+
+
+def _families_entry(what: str):
+    """The model families' generate command (entry point deleaker.pipelines: families)."""
+    from importlib.metadata import entry_points
+
     found = [ep for ep in entry_points(group="deleaker.pipelines") if ep.name == "families"]
     if not found:
-        raise ValueError(f"{model}: its transformer is {name}, not FLUX.1's, and the model families' pipeline is "
-                         f"not installed (pip install -e .)")
+        raise ValueError(f"{what}, and the model families' pipeline is not installed (pip install -e .)")
     return found[0].load()
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deleaker.runtime.config import ResolvedConfig, preset
+from deleaker.runtime.config import DeLeakerConfig, ResolvedConfig, preset
 
 from . import family_of_folder
 from .base import CFG_SEPARATE, Family
@@ -51,44 +51,79 @@ class EditCounters:
     masked_rows: int = 0  # image rows covered by an entity mask, summed over the intervening calls
     per_entity: list = field(default_factory=list)  # masked rows per entity slot
     history_filled: list = field(default_factory=list)  # per entity: its history is non-zero after the run
+    note: str = ""  # how the rows were counted, when not at every intervening call
 
     def line(self, entities) -> str:
         rows = ", ".join(f"{e} {n}" for e, n in zip(entities, self.per_entity))
         return (f"{self.calls} DeLeaker attention calls, {self.intervening} intervening, "
-                f"{self.masked_rows} masked image rows ({rows or 'none'})")
+                f"{self.masked_rows} masked image rows ({rows or 'none'})" + (f"; {self.note}" if self.note else ""))
+
+
+def intervenes(cfg: ResolvedConfig, n_active: int, tau: int) -> bool:
+    """Whether a call at block-step `tau` with `n_active` entities edits with history masks (the
+    presets use history; calls with masks from their own probabilities only are not counted)."""
+    return (n_active >= 2 and cfg.start_intervention_from <= tau <= cfg.stop_intervention_at
+            and cfg.use_history and tau > cfg.start_aggregating_from)
+
+
+def count_call(c: EditCounters, cfg: ResolvedConfig, ent, hist, tau: int, h: int, w: int,
+               masks_known: bool = True) -> None:
+    """Add one DeLeaker attention call at block-step `tau` to `c`, per sample: intervening (see
+    intervenes), and the image rows of the masks the op forms from the history the call returned
+    (reference_op: the source of the masks once history is in use)."""
+    from ..reference_op import entity_masks, smooth_masks
+
+    for b in range(ent.shape[0]):
+        active = (ent[b] > 0).any(dim=-1).nonzero().flatten().tolist()
+        if not intervenes(cfg, len(active), tau):
+            continue
+        c.intervening += 1
+        if not masks_known:
+            continue
+        masks = entity_masks(hist[b, active].float(), cfg.std_mul_text)
+        if cfg.do_smoothing:
+            masks = smooth_masks(masks, h, w)
+        rows = masks.sum(dim=-1).tolist()
+        c.masked_rows += int(sum(rows))
+        for e, n in zip(active, rows):
+            c.per_entity[e] += int(n)
 
 
 class _Counting:
-    """Wraps one DeLeaker processor's op: after each call, the masks that call intervened with,
-    rebuilt from the history it returned (reference_op: the source of the masks once history is in use)."""
+    """Wraps one DeLeaker processor's op: after each call, count_call on the history it returned."""
 
     def __init__(self, proc, counters: EditCounters, cfg: ResolvedConfig):
         self.op, self.counters, self.cfg = proc.op, counters, cfg
         self.offset, self.bps = proc.attrs["block_offset"], proc.attrs["blocks_per_step"]
 
     def __call__(self, q, k, v, ent, history, step, grid, *rest):
-        from ..reference_op import entity_masks, smooth_masks, tau_of
+        from ..reference_op import tau_of
 
         out, hist = self.op(q, k, v, ent, history, step, grid, *rest)
-        c, cfg = self.counters, self.cfg
-        c.calls += 1
-        tau = tau_of(int(step), self.offset, self.bps)
-        h, w = (int(x) for x in grid)
-        for b in range(ent.shape[0]):
-            active = (ent[b] > 0).any(dim=-1).nonzero().flatten().tolist()
-            if len(active) < 2 or not cfg.start_intervention_from <= tau <= cfg.stop_intervention_at:
-                continue
-            if not cfg.use_history or tau <= cfg.start_aggregating_from:
-                continue  # masks from this call's probabilities only: not counted (the presets use history)
-            masks = entity_masks(hist[b, active].float(), cfg.std_mul_text)
-            if cfg.do_smoothing:
-                masks = smooth_masks(masks, h, w)
-            c.intervening += 1
-            rows = masks.sum(dim=-1).tolist()
-            c.masked_rows += int(sum(rows))
-            for e, n in zip(active, rows):
-                c.per_entity[e] += int(n)
+        self.counters.calls += 1
+        count_call(self.counters, self.cfg, ent, hist, tau_of(int(step), self.offset, self.bps),
+                   *(int(x) for x in grid))
         return out, hist
+
+
+class StepCounting:
+    """The same counters for steps run whole in ONNX Runtime (modeling/families/onnx_step.py), where
+    the torch processors are not called and only each step's final history comes back: every
+    block of the step is a call; the last block's masks are the ones the op forms from that
+    history, so masked rows are counted at each step's last block (the torch path counts them at
+    every block). on_step is OnnxStepRunner's callback."""
+
+    def __init__(self, counters: EditCounters, cfg: ResolvedConfig, blocks_per_step: int):
+        self.counters, self.cfg, self.bps = counters, cfg, blocks_per_step
+        self.steps = 0
+
+    def on_step(self, call, hist) -> None:
+        c, bps, step = self.counters, self.bps, int(call.step)
+        h, w = (int(x) for x in call.grid)
+        self.steps += 1
+        c.calls += bps
+        for offset in range(bps):  # masks known at the last block only: the history the step returned
+            count_call(c, self.cfg, call.entity_tokens, hist, step * bps + offset, h, w, masks_known=offset == bps - 1)
 
 
 def load(model_dir: str | Path, device: str = "cpu", dtype: str = "fp32"):
@@ -113,9 +148,12 @@ def guidance_kwargs(family: Family, guidance: float) -> dict:
 
 
 def run(pipe, family: Family, prompt: str, entities: tuple, *, seed: int, steps: int, height: int, width: int,
-        guidance: float, config, deleaker: bool = True, device: str = "cpu"):
-    """One image (uint8 [H, W, 3]) and its EditCounters (None with DeLeaker off). The pipeline has
-    DeLeaker installed for the call only."""
+        guidance: float, config, deleaker: bool = True, device: str = "cpu", step_file: str | Path | None = None,
+        output_type: str = "pil"):
+    """One image (uint8 [H, W, 3]; output_type "np": float [H, W, 3] in [0, 1]) and its
+    EditCounters (None with DeLeaker off). The pipeline has DeLeaker installed for the call only.
+    step_file: an exported step (export/family_onnx.py) that runs the DeLeaker steps in ONNX
+    Runtime (onnx_step.OnnxStepRunner; counted with StepCounting)."""
     from .. import diffusers_integration as dl
 
     factor = int(getattr(pipe, "vae_scale_factor", 8)) * 2  # every family packs 2x2 latent patches
@@ -123,54 +161,96 @@ def run(pipe, family: Family, prompt: str, entities: tuple, *, seed: int, steps:
         raise FamilyGenerateError(f"{family.title}: height and width must be multiples of {factor}, got "
                                   f"{height}x{width}")
     inst = dl.install(pipe, config=config)
-    counters = None
+    counters = runner = None
     try:
         if deleaker:
             cfg = config.replace(num_steps=steps).resolved(inst.blocks_per_step)
             counters = EditCounters(per_entity=[0] * max(4, len(entities)))
-            for m in family.attention_modules(pipe.transformer):
-                proc = m.processor.deleaker
-                proc.op = _Counting(proc, counters, cfg)
+            if step_file is not None:
+                from .onnx_step import OnnxStepRunner
+
+                counting = StepCounting(counters, cfg, inst.blocks_per_step)
+                counters.note = "rows counted at each step's last block (the history ONNX Runtime returns)"
+                runner = OnnxStepRunner(pipe, step_file, on_step=counting.on_step)
+            else:
+                for m in family.attention_modules(pipe.transformer):
+                    proc = m.processor.deleaker
+                    proc.op = _Counting(proc, counters, cfg)
         request = dl.DeLeaker(tuple(entities), enabled=deleaker)
         with torch.no_grad():
             image = pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps,
-                         generator=torch.Generator(device).manual_seed(seed), output_type="pil",
+                         generator=torch.Generator(device).manual_seed(seed), output_type=output_type,
                          **guidance_kwargs(family, guidance), **{family.pipeline_kwargs_name: {"deleaker": request}}
                          ).images[0]
         history = inst.history
+        if runner is not None and runner.calls != steps:
+            raise FamilyGenerateError(f"{runner.calls} of {steps} DeLeaker steps ran in ONNX Runtime")
     finally:
+        if runner is not None:
+            runner.remove()
         dl.remove(pipe)
     if counters is not None:
         counters.per_entity = counters.per_entity[:len(entities)]
         counters.history_filled = [bool(history[-1, e].abs().sum() > 0) for e in range(len(entities))] \
             if history is not None else []
-    return np.asarray(image.convert("RGB")), counters
+    return (image if output_type == "np" else np.asarray(image.convert("RGB"))), counters
+
+
+def _artifact(args):
+    """The family step artifact of --artifact, checked (one line for a missing source folder, a
+    backend or device it cannot run on); sets args.model to its source folder."""
+    from deleaker.runtime.family_artifact import load_family_artifact
+
+    art = load_family_artifact(args.artifact)
+    if args.backend not in (None, "onnxruntime"):
+        raise FamilyGenerateError(f"{art.root} is a {art.family} step artifact: its steps run on onnxruntime, not "
+                                  f"{args.backend}")
+    if args.device != "cpu" or args.dtype not in (None, "fp32"):
+        raise FamilyGenerateError(f"{art.root}: a family step artifact runs on the CPU in float32 (ONNX Runtime's "
+                                  f"CPU provider), not --device {args.device} --dtype {args.dtype}")
+    args.model = str(art.check_source())
+    return art
 
 
 def generate(args, entities: tuple, out: Path) -> int:
-    """The `deleaker generate` command for a family folder (args: its parsed options)."""
+    """The `deleaker generate` command for a family folder or a family step artifact (args: its
+    parsed options; --artifact: the pipeline from the artifact's source folder, its DeLeaker steps in
+    ONNX Runtime from the artifact)."""
     from deleaker.runtime.images import display_scale, enlarge, save_png, side_by_side
 
+    art = _artifact(args) if getattr(args, "artifact", None) else None
     family = family_of_folder(args.model)  # one line for an unsupported class, before any loading
-    if args.backend not in (None, "torch"):
-        raise FamilyGenerateError(f"{family.title} folders run on the torch backend only (no exported artifact of "
-                                  f"this family yet), not {args.backend}")
+    if art is None and args.backend not in (None, "torch"):
+        raise FamilyGenerateError(f"{family.title} folders run on the torch backend only (their exported step runs on onnxruntime: "
+                                  f"`deleaker-export onnx --model DIR --out ART`, then --artifact ART), not "
+                                  f"{args.backend}")
     if args.attention != "reference" or args.compile or args.cuda_graphs == "on":
         raise FamilyGenerateError(f"{family.title}: --attention cuda, --compile and --cuda-graphs apply to FLUX.1; "
                                   f"this family runs the reference op in its diffusers pipeline")
-    cfg = preset(args.preset or family.preset)
+    preset_name = args.preset or (art.deleaker.get("preset") if art else None) or family.preset
+    cfg = preset(args.preset) if args.preset or art is None else DeLeakerConfig(**art.deleaker["config"])
     steps = args.steps if args.steps is not None else cfg.num_steps
-    height = args.height if args.height is not None else 256
-    width = args.width if args.width is not None else height
+    height = args.height if args.height is not None else (art.height if art else 256)
+    width = args.width if args.width is not None else (art.width if art and args.height is None else height)
+    if art is not None:
+        art.check_size(height, width)
     if not args.no_deleaker and len(entities) < 2:
         log.warning("DeLeaker separates two or more entities; with %d it is plain attention", len(entities))
     t0 = time.perf_counter()
     family, pipe = load(args.model, args.device, args.dtype)
     log.info("%s (%s) loaded from %s in %.1fs; preset %s, %d steps, guidance %s (%s)", family.title,
-             type(pipe).__name__, args.model, time.perf_counter() - t0, args.preset or family.preset, steps,
+             type(pipe).__name__, args.model, time.perf_counter() - t0, preset_name, steps,
              args.guidance, family.guidance)
+    if art is not None:
+        log.info("DeLeaker steps run in ONNX Runtime from %s (%s, %dx%d, %d text tokens, batch %d); text encoders, "
+                 "VAE, scheduler%s run in torch from %s", art.step_path, family.title, art.height, art.width,
+                 art.text_tokens, art.batch, ", the negative-prompt calls" if family.guidance == CFG_SEPARATE else "",
+                 args.model)
+        if args.compare or args.no_deleaker:
+            log.info("the vanilla image (DeLeaker off) runs the torch pipeline: the step artifact holds DeLeaker "
+                     "steps only")
     kw = dict(seed=args.seed, steps=steps, height=height, width=width, guidance=args.guidance, config=cfg,
-              device=args.device)
+              device=args.device, step_file=art.step_path if art is not None else None)
     runs = [(False, "vanilla"), (True, "DeLeaker")] if args.compare else [(not args.no_deleaker, None)]
     images = []
     for on, _ in runs:
