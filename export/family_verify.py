@@ -75,10 +75,16 @@ def window_step(config, steps: int, bps: int) -> int:
     """A step whose blocks edit with history masks: the middle one of those the windows allow."""
     from deleaker.modeling.families.generate import intervenes
 
-    cfg = config.replace(num_steps=steps).resolved(bps)
-    edit = [s for s in range(steps) if any(intervenes(cfg, 2, s * bps + o) for o in range(bps))]
+    def editing(n: int) -> list[int]:
+        cfg = config.replace(num_steps=n).resolved(bps)
+        return [s for s in range(n) if any(intervenes(cfg, 2, s * bps + o) for o in range(bps))]
+
+    edit = editing(steps)
     if not edit:
-        raise ValueError(f"the artifact's default settings edit at no step of {steps}: pass --steps")
+        enough = next((n for n in range(steps + 1, 1001) if editing(n)), None)
+        raise ValueError(f"the artifact's default settings edit at no step of {steps} ({bps} joint attentions per "
+                         f"step), so verify could not show an edit" +
+                         (f": pass --steps {enough} or more" if enough else ""))
     return edit[len(edit) // 2]
 
 
@@ -115,6 +121,7 @@ def verify_family(artifact_dir: str | Path, model_dir: str | Path, checks=None, 
     example = art.example
     prompt = prompt or example["prompt"]
     entities = tuple(entities or example["entities"])
+    k = window_step(config, steps, bps)  # before any work: settings that edit nowhere cannot be verified
     kw = dict(prompt=prompt, entities=entities, height=art.height, width=art.width, steps=steps,
               guidance=example["guidance"], config=config, seed=seed)
     report(f"{art.family_title} step artifact {art.root}: {art.height}x{art.width}, batch {art.batch}, "
@@ -139,7 +146,6 @@ def verify_family(artifact_dir: str | Path, model_dir: str | Path, checks=None, 
         rows += new
     if "step" in checks:
         a, r = tol["step"]
-        k = window_step(config, steps, bps)
         ex = pad_slots(calls[k], art.entity_slots)
         inactive = {**ex, "entity_tokens": torch.zeros_like(ex["entity_tokens"])}
         step = FamilyStep(pipe.transformer, family, static).eval()  # the torch side: reference op

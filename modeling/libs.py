@@ -17,5 +17,6 @@ def quiet_libraries() -> None:
     except ImportError:  # missing libraries fail later with a clear message
         return
     dl.set_verbosity_error()
+    dl.disable_progress_bar()  # "Loading pipeline components" of a family folder
     tl.set_verbosity_error()
     tl.disable_progress_bar()

@@ -35,7 +35,6 @@ from .base import CFG_SEPARATE, Family
 
 log = logging.getLogger("deleaker")
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class FamilyGenerateError(ValueError):
@@ -130,10 +129,14 @@ def load(model_dir: str | Path, device: str = "cpu", dtype: str = "fp32"):
     """(family, the folder's diffusers pipeline). An unsupported folder is refused before loading."""
     from diffusers import DiffusionPipeline
 
+    from ..checkpoint import resolve_dtype
+    from ..libs import quiet_libraries
+
     family = family_of_folder(model_dir)
     if family.name == "flux1":
         raise FamilyGenerateError("FLUX.1 folders run on the runtime's own pipeline (deleaker generate --model)")
-    pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=_DTYPES[dtype]).to(device)
+    quiet_libraries()  # no weight-loading bars or accelerate hints: the log says what loaded
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=resolve_dtype(dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
     return family, pipe
 
