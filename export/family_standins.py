@@ -180,6 +180,13 @@ class OnnxVaeDecoder(_Session):
         if "bn" in extra:
             self.bn = _BatchNormStats(extra["bn"]["running_mean"], extra["bn"]["running_var"])
 
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent, as the families' pipelines compute it from their VAE."""
+        if hasattr(self, "temperal_downsample"):
+            return 2 ** len(self.temperal_downsample)
+        return 2 ** (len(self.config["block_out_channels"]) - 1)
+
     def decode(self, z, return_dict: bool = True, **_):
         from diffusers.models.autoencoders.vae import DecoderOutput
 
@@ -243,6 +250,12 @@ def install_components(pipe, folder: str | Path, threads: int | None = None,
         if cls is None:
             raise ComponentError(f"{folder / MANIFEST}: unknown component kind {entry['kind']!r} for {name}")
         standins[name] = cls(folder, entry, threads, providers)
+    vae = standins.get("vae")
+    if vae is not None and getattr(pipe, "vae_scale_factor", None) not in (None, vae.scale_factor):
+        # the pipeline computes it when built (8 when built without a VAE) and sizes latents with it
+        raise ComponentError(f"the pipeline was built for vae_scale_factor {pipe.vae_scale_factor} (diffusers takes 8 "
+                             f"when built without a VAE), the exported VAE's is {vae.scale_factor}: build the "
+                             f"pipeline with its torch VAE, then install")
     for name, module in standins.items():
         originals[name] = getattr(pipe, name, None)
         setattr(pipe, name, module)

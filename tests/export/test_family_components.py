@@ -200,6 +200,16 @@ def test_pipeline_with_standins_matches_torch(family, exported, monkeypatch):
     assert all(calls.values()), calls
     np.testing.assert_array_equal(image(), want)  # the torch components are back
 
+    # a pipeline loaded without its torch text encoders and VAE at all (what an artifact holds)
+    bare = _pipeline_class(family).from_pretrained(str(ensure_tiny_family(family)), dtype=torch.float32,
+                                                   **{name: None for name in originals})
+    bare.set_progress_bar_config(disable=True)
+    install_components(bare, folder)
+    got = bare(**kw, generator=torch.Generator().manual_seed(0)).images
+    err = float(np.abs(got - want).max())
+    print(f"{family}: loaded without torch encoders/VAE: image max |onnx components - torch| = {err:.2e}")
+    assert err <= PIXELS
+
 
 def test_standins_refuse_what_was_not_exported(exported):
     pipe, folder = exported("sd3")
@@ -233,6 +243,13 @@ def test_standins_refuse_what_was_not_exported(exported):
             lm(input_ids=torch.zeros(1, 1059, dtype=torch.int64))
     finally:
         qwen.remove()
+    other.vae_scale_factor = 16  # as if built without its VAE for a VAE of another scale
+    try:
+        with pytest.raises(ComponentError, match=r"built for vae_scale_factor 16 .* the exported VAE's is 8"):
+            install_components(other, exported("qwenimage")[1])
+    finally:
+        other.vae_scale_factor = 8
+    assert type(other.vae).__name__ == "AutoencoderKLQwenImage"  # refused before anything was swapped
 
 
 @pytest.mark.slow
