@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                    "captured from (Qwen-Image: the artifact serves prompts of its token length); default "
                    "'a cat and a cheetah in a field'")
     o.add_argument("--entities", help="with --prompt: its entity words (default cat,cheetah)")
+    o.add_argument("--step-only", action="store_true",
+                   help="a model family's step artifact without its text encoders and VAE in ONNX (they then run "
+                        "in torch from the source folder)")
     o.add_argument("--guidance", type=float, help="a model family's step artifact: the guidance of the captured "
                    "call (SD3's CFG batch depends on it; default 3.5, as deleaker generate)")
     o.add_argument("--external-data", action="store_true",
@@ -171,8 +174,12 @@ def _onnx(args) -> int:
         export_family_artifact(args.model, args.out, height=args.height, width=args.width,
                                entity_slots=args.entity_slots, preset_name=args.preset,
                                guidance=args.guidance if args.guidance is not None else 3.5,
-                               prompt=args.prompt or EXAMPLE_PROMPT, entities=entities, force=args.force)
+                               prompt=args.prompt or EXAMPLE_PROMPT, entities=entities, force=args.force,
+                               components=not args.step_only)
         return 0  # the last log line names the artifact
+    if args.step_only:
+        raise ValueError("--step-only applies to a model family's step artifact, not to FLUX.1's (whose artifact "
+                         "always holds its encoders and VAE)")
     for name in ("prompt", "entities", "guidance"):
         if getattr(args, name) is not None:
             raise ValueError(f"--{name} applies to a model family's step artifact, not to FLUX.1's (whose artifact "

@@ -3,9 +3,10 @@
 One pipeline call of the family's own diffusers pipeline at the requested size (DeLeaker on,
 the family's guidance, as `deleaker generate --model` calls it) is stopped at its first DeLeaker
 transformer call; that call's inputs are the example export/family_onnx.py exports FamilyStep
-from (static shapes). The artifact is transformer.onnx plus manifest.json
-(runtime/family_artifact.py); text encoders, VAE, scheduler and tokenizers stay in the source
-folder, which the manifest names. Qwen-Image's text length follows the prompt (its pipeline does
+from (static shapes). The artifact is transformer.onnx, the text encoder(s) and VAE decoder in
+components/ (export/family_components.py; --step-only leaves them out) and manifest.json
+(runtime/family_artifact.py); the scheduler, tokenizers and the torch transformer (for calls
+without DeLeaker) stay in the source folder, which the manifest names. Qwen-Image's text length follows the prompt (its pipeline does
 not pad): the artifact serves prompts of the exported token count; others are refused in one line
 (modeling/families/onnx_step.py).
 """
@@ -25,7 +26,7 @@ from deleaker.modeling.families.onnx_step import OP_INPUTS
 from deleaker.runtime import op_schema
 from deleaker.runtime.artifact import FAMILY_FORMAT
 from deleaker.runtime.config import preset
-from deleaker.runtime.family_artifact import FAMILY_FORMAT_VERSION, STEP_FILE
+from deleaker.runtime.family_artifact import COMPONENTS_DIR, FAMILY_FORMAT_VERSION, STEP_FILE
 from deleaker.runtime.step_io import DEFAULT_ENTITY_SLOTS
 
 from .manifest import _versions, write_manifest
@@ -110,7 +111,7 @@ def graph_io(path: Path) -> tuple[dict, dict, int, set]:
 def export_family_artifact(model_dir: str | Path, out_dir: str | Path, *, height: int | None, width: int | None,
                            entity_slots: int, preset_name: str | None, guidance: float = 3.5,
                            prompt: str = EXAMPLE_PROMPT, entities: tuple = EXAMPLE_ENTITIES,
-                           force: bool = False) -> Path:
+                           force: bool = False, components: bool = True) -> Path:
     from deleaker.export.family_onnx import FamilyStep, export_step
     from deleaker.modeling.families.generate import load
 
@@ -155,6 +156,17 @@ def export_family_artifact(model_dir: str | Path, out_dir: str | Path, *, height
         size = sum(p.stat().st_size for p in tmp.iterdir())
         log.info("exported %s in %.1fs: %d DeLeakerAttention nodes (one per joint attention), layout %s, %.1f MB",
                  STEP_FILE, seconds, nodes, family.layout, size / 2**20)
+        exported = []
+        if components:  # the text encoder(s) and VAE decoder, for ONNX Runtime stand-ins at generation
+            from .family_components import export_components
+
+            t = time.perf_counter()
+            with stage(f"exporting the {family.title} text encoder(s) and VAE decoder to ONNX"):
+                done = export_components(pipe, tmp / COMPONENTS_DIR, height=height, width=width)
+            exported = [c.name for c in done if not c.reason]
+            kept = {c.name: c.reason for c in done if c.reason}
+            log.info("exported %s to %s/ in %.1fs%s", ", ".join(exported) or "no component", COMPONENTS_DIR,
+                     time.perf_counter() - t, "".join(f"; {n} stays torch ({r})" for n, r in kept.items()))
         manifest = {
             "format": FAMILY_FORMAT, "format_version": FAMILY_FORMAT_VERSION, "kind": "family-step",
             "producer": {"name": "deleaker-export", "onnx_opset": OPSET, **_versions()},
@@ -167,6 +179,7 @@ def export_family_artifact(model_dir: str | Path, out_dir: str | Path, *, height
             "deleaker": {"preset": name, "config": dataclasses.asdict(config),
                          "op_version": op_schema.ONNX_OPSET_VERSION},
             "steps": {"onnxruntime": STEP_FILE}, "inputs": inputs, "outputs": outputs,
+            "components": {"folder": COMPONENTS_DIR, "onnxruntime": exported} if components else None,
             "export_seconds": round(seconds, 2), "files": {},
         }
         write_manifest(tmp, manifest)

@@ -1,5 +1,5 @@
 """ONNX export of a model family's text encoder(s) and VAE decoder (float32), for the ONNX Runtime
-stand-ins (export/family_standins.py) its own diffusers pipeline holds in their place.
+stand-ins (modeling/families/onnx_components.py) its own diffusers pipeline holds in their place.
 
 What is exported, per family (the pipeline attribute, the graph, its fixed sizes):
 
@@ -30,7 +30,7 @@ the penultimate (SD3's clip_skip), text generation (FLUX.2's prompt upsampling).
 `export_components(pipe, out_dir)` writes one .onnx per component and `components.json`
 (MANIFEST): per component its file, input/output names and shapes, and the configuration the
 stand-ins expose (FLUX.2's bn statistics included). `install_components(pipe, out_dir)`
-(export/family_standins.py) swaps the pipeline's torch components for the stand-ins. Every
+(modeling/families/onnx_components.py) swaps the pipeline's torch components for the stand-ins. Every
 component needs only its own module; the transformer is export/family_onnx.py's.
 """
 
@@ -46,12 +46,12 @@ import torch
 from torch import nn
 
 from deleaker.modeling.families import family_of
+from deleaker.modeling.families.onnx_components import MANIFEST, ComponentError
 
 from . import onnx_export
 
 log = logging.getLogger("deleaker")
 
-MANIFEST = "components.json"
 FORMAT = 1
 # the hidden states of its Mistral 3 text encoder that Flux2Pipeline stacks (text_encoder_out_layers)
 FLUX2_LAYERS = (10, 20, 30)
@@ -59,10 +59,6 @@ FLUX2_LAYERS = (10, 20, 30)
 QWEN_MAX_TOKENS = 1024 + 34
 SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 FLUX2_TOKENS = 512  # Flux2Pipeline's default max_sequence_length
-
-
-class ComponentError(ValueError):
-    """A stand-in was called in a way its ONNX file cannot serve, or the folder does not fit the pipeline."""
 
 
 @dataclass

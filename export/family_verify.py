@@ -7,7 +7,9 @@ artifact's default (for `--steps` steps):
         torch pipeline, a step inside the intervention window: as captured (entities active, history
         from the steps before) and with every slot inactive; outputs `out` and `history_out`;
   loop  the family pipeline with its DeLeaker steps run by ONNX Runtime on the artifact
-        (OnnxStepRunner) vs the torch pipeline, same seed: the final image on [0, 1] pixels.
+        (OnnxStepRunner), and its text encoder(s) and VAE decoder too where the artifact holds
+        them (modeling/families/onnx_components.py), vs the torch pipeline, same seed: the final
+        image on [0, 1] pixels.
 An edit row per check shows DeLeaker edited: the step's output with active entities against
 inactive slots, the loop's image against the stock pipeline's (DeLeaker off); each must exceed
 EDIT_FACTOR x the check's atol, and the step's history must be non-zero, so parity cannot pass on
@@ -136,11 +138,21 @@ def verify_family(artifact_dir: str | Path, model_dir: str | Path, checks=None, 
         a, r = tol["loop"]
         run_kw = dict(seed=seed, steps=steps, height=art.height, width=art.width, guidance=example["guidance"],
                       config=config, output_type="np")
-        onnx_image, counters = run(pipe, family, prompt, entities, step_file=art.step_path, **run_kw)
+        standins = None
+        if art.components is not None:  # the artifact's text encoder(s) and VAE decoder too
+            from deleaker.modeling.families.onnx_components import install_components
+
+            standins = install_components(pipe, art.components[0])
+        try:
+            onnx_image, counters = run(pipe, family, prompt, entities, step_file=art.step_path, **run_kw)
+        finally:
+            if standins is not None:
+                standins.remove()
         stock, _ = run(pipe, family, prompt, entities, deleaker=False, **run_kw)
         new = [_row("loop", "DeLeaker on", "image", onnx_image, torch_image, a, r),
                EditResult("loop", "DeLeaker off", float(np.abs(onnx_image - stock).max()), EDIT_FACTOR * a)]
-        report(f"loop  ONNX Runtime ran {counters.calls // bps} DeLeaker steps: {counters.line(entities)}")
+        onnx = f" and {', '.join(art.components[1])}" if art.components is not None else ""
+        report(f"loop  ONNX Runtime ran {counters.calls // bps} DeLeaker steps{onnx}: {counters.line(entities)}")
         for row in new:
             report(row.line())
         rows += new

@@ -4,14 +4,17 @@ Lean (json + pathlib), like runtime/artifact.py. `deleaker-export onnx --model F
 
     ARTIFACT/
       manifest.json      format FAMILY_FORMAT: the family, its transformer class, the source
-                         folder (text encoders, VAE, scheduler and tokenizers stay there), the
+                         folder (scheduler, tokenizers and the torch transformer stay there), the
                          static shapes the step was exported at (height, width, text tokens,
                          batch, entity slots), the default DeLeaker settings, the graph's
                          inputs and outputs, files with byte sizes, producer versions
       transformer.onnx   one denoising step with every joint attention a DeLeakerAttention node
+      components/        the text encoder(s) and VAE decoder, components.json naming them (absent
+                         with --step-only)
 
-Only the DeLeaker steps run from it (ONNX Runtime); the family's own diffusers pipeline, loaded
-from the source folder, does the rest. The FLUX.1 artifact reader (runtime/artifact.py) refuses
+The DeLeaker steps, the text encoder(s) and the VAE decoder run from it (ONNX Runtime); the
+family's own diffusers pipeline, loaded from the source folder without those components, drives
+them (scheduler, tokenizers) and keeps its torch transformer for the calls without DeLeaker. The FLUX.1 artifact reader (runtime/artifact.py) refuses
 this format in one line.
 """
 
@@ -25,6 +28,7 @@ from .artifact import FAMILY_FORMAT, MANIFEST, ArtifactError, inside
 
 FAMILY_FORMAT_VERSION = 1
 STEP_FILE = "transformer.onnx"
+COMPONENTS_DIR = "components"  # the text encoder(s) and VAE decoder (export/family_components.py)
 # manifest keys every reader relies on, with their types
 _FIELDS = {"family": str, "transformer_class": str, "source_model": str, "height": int, "width": int,
            "text_tokens": int, "batch": int, "entity_slots": int, "blocks_per_step": int, "steps": dict,
@@ -58,6 +62,14 @@ class FamilyArtifact:
     @property
     def step_path(self) -> Path:
         return inside(self.root, self.manifest["steps"]["onnxruntime"], "steps.onnxruntime")
+
+    @property
+    def components(self) -> tuple[Path, list[str]] | None:
+        """(folder, the components ONNX Runtime runs from it), or None for a --step-only artifact."""
+        c = self.manifest.get("components")
+        if not c:
+            return None
+        return inside(self.root, c["folder"], "components.folder"), list(c["onnxruntime"])
 
     @property
     def source(self) -> Path:

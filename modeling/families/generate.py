@@ -125,8 +125,9 @@ class StepCounting:
             count_call(c, self.cfg, call.entity_tokens, hist, step * bps + offset, h, w, masks_known=offset == bps - 1)
 
 
-def load(model_dir: str | Path, device: str = "cpu", dtype: str = "fp32"):
-    """(family, the folder's diffusers pipeline). An unsupported folder is refused before loading."""
+def load(model_dir: str | Path, device: str = "cpu", dtype: str = "fp32", without: tuple[str, ...] = ()):
+    """(family, the folder's diffusers pipeline). An unsupported folder is refused before loading.
+    without: components not to load (None in the pipeline; ONNX Runtime stand-ins replace them)."""
     from diffusers import DiffusionPipeline
 
     from ..checkpoint import resolve_dtype
@@ -136,7 +137,8 @@ def load(model_dir: str | Path, device: str = "cpu", dtype: str = "fp32"):
     if family.name == "flux1":
         raise FamilyGenerateError("FLUX.1 folders run on the runtime's own pipeline (deleaker generate --model)")
     quiet_libraries()  # no weight-loading bars or accelerate hints: the log says what loaded
-    pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=resolve_dtype(dtype)).to(device)
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=resolve_dtype(dtype),
+                                             **{name: None for name in without}).to(device)
     pipe.set_progress_bar_config(disable=True)
     return family, pipe
 
@@ -240,17 +242,24 @@ def generate(args, entities: tuple, out: Path) -> int:
     if not args.no_deleaker and len(entities) < 2:
         log.warning("DeLeaker separates two or more entities; with %d it is plain attention", len(entities))
     t0 = time.perf_counter()
-    family, pipe = load(args.model, args.device, args.dtype)
+    components = art.components if art is not None else None  # (folder, names) or None
+    family, pipe = load(args.model, args.device, args.dtype, without=tuple(components[1]) if components else ())
+    if components:
+        from deleaker.modeling.families.onnx_components import install_components
+
+        install_components(pipe, components[0])
     log.info("%s (%s) loaded from %s in %.1fs; preset %s, %d steps, guidance %s (%s)", family.title,
              type(pipe).__name__, args.model, time.perf_counter() - t0, preset_name, steps,
              args.guidance, family.guidance)
     if art is not None:
-        log.info("DeLeaker steps run in ONNX Runtime from %s (%s, %dx%d, %d text tokens, batch %d); text encoders, "
-                 "VAE, scheduler%s run in torch from %s", art.step_path, family.title, art.height, art.width,
-                 art.text_tokens, art.batch, ", the negative-prompt calls" if family.guidance == CFG_SEPARATE else "",
-                 args.model)
+        onnx = ", ".join(["the DeLeaker steps", *(components[1] if components else [])])
+        torch_side = ["scheduler", *([] if components else ["text encoders", "VAE"]),
+                      *(["the negative-prompt calls"] if family.guidance == CFG_SEPARATE else [])]
+        log.info("ONNX Runtime runs %s from %s (%s, %dx%d, %d text tokens, batch %d); torch runs the %s from %s",
+                 onnx, art.root, family.title, art.height, art.width, art.text_tokens, art.batch,
+                 ", ".join(torch_side), args.model)
         if args.compare or args.no_deleaker:
-            log.info("the vanilla image (DeLeaker off) runs the torch pipeline: the step artifact holds DeLeaker "
+            log.info("the vanilla image (DeLeaker off) runs the torch transformer: the step artifact holds DeLeaker "
                      "steps only")
     kw = dict(seed=args.seed, steps=steps, height=height, width=width, guidance=args.guidance, config=cfg,
               device=args.device, step_file=art.step_path if art is not None else None)

@@ -2,7 +2,7 @@
 onnx --model FAMILYDIR`, `deleaker-export verify`, `deleaker generate --artifact` (export/family_artifact.py,
 export/family_verify.py, modeling/families/generate.py, runtime/family_artifact.py).
 
-SD3 carries the end-to-end command case: export, verify passes with DeLeaker's edit shown (the
+SD3 carries the end-to-end command case: export (step, text encoders and VAE), verify passes with DeLeaker's edit shown (the
 verify's tolerances are tighter than the edit: export/family_verify.py), and the PNG generated
 from the artifact is the torch path's PNG (pixel levels 0-255: ONNX Runtime and torch differ by
 ~1e-6 on [0, 1] pixels, so at most one level where a value sits on a rounding boundary). Qwen-Image
@@ -34,11 +34,20 @@ def _folder(name, tmp_path_factory):
     return _FOLDERS[name]
 
 
-def _export(name, tmp_path_factory, *extra):
-    out = tmp_path_factory.mktemp(f"art-{name}") / "art"
-    assert export_main(["onnx", "--model", str(_folder(name, tmp_path_factory)), "--out", str(out), "--height",
-                        str(SIDE), "--width", str(SIDE), "--preset", "tiny", *extra]) == 0
-    return out
+_ARTIFACTS: dict = {}
+# FLUX.2's Mistral text encoder is the slowest export here (tests/export/test_family_components.py
+# checks it): its artifact is the step alone, the text encoders and VAE staying in torch
+STEP_ONLY = {"flux2"}
+
+
+def _export(name, tmp_path_factory):
+    if name not in _ARTIFACTS:
+        out = tmp_path_factory.mktemp(f"art-{name}") / "art"
+        extra = ["--step-only"] if name in STEP_ONLY else []
+        assert export_main(["onnx", "--model", str(_folder(name, tmp_path_factory)), "--out", str(out), "--height",
+                            str(SIDE), "--width", str(SIDE), "--preset", "tiny", *extra]) == 0
+        _ARTIFACTS[name] = out
+    return _ARTIFACTS[name]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +75,9 @@ def test_sd3_export_verify_and_generate_from_the_artifact(sd3_artifact, tmp_path
     assert m["files"]["transformer.onnx"] == (sd3_artifact / "transformer.onnx").stat().st_size
     assert m["inputs"]["encoder_hidden_states"]["shape"][1] == m["text_tokens"] == 77 + 256
     assert m["deleaker"]["preset"] == "tiny" and m["producer"]["onnxruntime"]
+    names = ["text_encoder", "text_encoder_2", "text_encoder_3", "vae"]
+    assert m["components"] == {"folder": "components", "onnxruntime": names}
+    assert all(m["files"][f"components/{n}.onnx"] > 0 for n in names) and "components/components.json" in m["files"]
 
     capsys.readouterr()
     assert export_main(["verify", str(sd3_artifact), "--model", str(folder)]) == 0
@@ -79,7 +91,8 @@ def test_sd3_export_verify_and_generate_from_the_artifact(sd3_artifact, tmp_path
     with caplog.at_level(logging.INFO, logger="deleaker"):
         assert generate_main(base + ["--artifact", str(sd3_artifact), "--out", str(onnx_png)]) == 0
     log = "\n".join(r.getMessage() for r in caplog.records)
-    assert "DeLeaker steps run in ONNX Runtime from" in log and "run in torch from" in log
+    assert f"ONNX Runtime runs the DeLeaker steps, {', '.join(names)} from {sd3_artifact.resolve()}" in log
+    assert "torch runs the scheduler from" in log
     counted = next(r.getMessage() for r in caplog.records if "DeLeaker attention calls" in r.getMessage())
     assert "40 DeLeaker attention calls, 22 intervening" in counted and "history filled for ['cat', 'cheetah']" in counted
     assert generate_main(base + ["--model", str(folder), "--preset", "tiny", "--height", "64", "--out",
@@ -97,6 +110,9 @@ def test_export_then_verify(name, tmp_path_factory, capsys):
     out = capsys.readouterr().out
     print(out)
     assert "verify: 5/5 outputs within tolerance; DeLeaker edited in 2/2 checks" in out
+    loop = next(line for line in out.splitlines() if line.startswith("loop  ONNX Runtime ran"))
+    # Qwen-Image's text encoder and VAE ran in ONNX Runtime in the loop check; the --step-only artifact's in torch
+    assert ("and text_encoder, vae:" in loop) == (name not in STEP_ONLY), loop
 
 
 @pytest.mark.slow
@@ -140,3 +156,10 @@ def test_bad_inputs_are_one_line(sd3_artifact, tmp_path_factory, tmp_path, capsy
         rc = export_main(["onnx", "--model", str(folder), "--out", str(out), *option])
         _one_line_error(capsys, rc, why, "SD3 / SD3.5 step artifact", prog="deleaker-export")
         assert not out.exists()
+    # --step-only is a family option: FLUX.1's artifact always holds its encoders and VAE
+    from deleaker.modeling.tiny_model import ensure_tiny_model
+
+    out = tmp_path / "never"
+    rc = export_main(["onnx", "--model", str(ensure_tiny_model()), "--out", str(out), "--step-only"])
+    _one_line_error(capsys, rc, "--step-only applies to a model family's step artifact", prog="deleaker-export")
+    assert not out.exists()

@@ -1,5 +1,5 @@
 """The families' text encoders and VAE decoders exported to ONNX (export/family_components.py) and
-run in ONNX Runtime inside the family's own diffusers pipeline (export/family_standins.py).
+run in ONNX Runtime inside the family's own diffusers pipeline (modeling/families/onnx_components.py).
 
 Tolerances (float32 on both sides; the differences are reduction orders, measured 1e-8 to 4e-6):
 - each component's outputs within 1e-4 x the reference's largest magnitude. A wrong output is
@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from deleaker.export import family_components
-from deleaker.export.family_components import MANIFEST, ComponentError, export_components
-from deleaker.export.family_standins import install_components
+from deleaker.export.family_components import export_components
+from deleaker.modeling.families.onnx_components import MANIFEST, ComponentError
+from deleaker.modeling.families.onnx_components import install_components
 from deleaker.modeling.tiny_model import ensure_tiny_family
 
 pytest.importorskip("onnxruntime")

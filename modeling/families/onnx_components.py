@@ -1,6 +1,6 @@
 """ONNX Runtime stand-ins for a family pipeline's text encoder(s) and VAE decoder.
 
-`install_components(pipe, folder)` reads folder/components.json (export/family_components.py)
+`install_components(pipe, folder)` reads folder/components.json (written by export/family_components.py)
 and sets pipe.text_encoder* / pipe.vae to modules that hold no weights and run the exported
 graphs in ONNX Runtime, exposing what the family's diffusers pipeline reads of them: dtype,
 device, config, the output structure (`[0]`, `.hidden_states[k]` for the exported k),
@@ -20,9 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from deleaker.modeling.families import family_of
+from . import family_of
 
-from .family_components import MANIFEST, ComponentError
+MANIFEST = "components.json"  # what export/family_components.py writes beside the ONNX files
+
+
+class ComponentError(ValueError):
+    """A stand-in was called in a way its ONNX file cannot serve, or the folder does not fit the pipeline."""
 
 log = logging.getLogger("deleaker")
 
