@@ -56,6 +56,7 @@ def export_step(step: FamilyStep, example: dict, path: str | Path) -> Path:
 
         export_ready(step.transformer, step.static, example)
     num_slots = int(example["entity_tokens"].shape[1])
+    step.eval()  # a trace of inference: no dropout, and no training-mode warning from the exporter
     with torch.no_grad(), onnx_export._quiet_exporter():
         program = torch.onnx.export(step, (), kwargs=example, dynamo=True, output_names=["out", "history_out"],
                                     custom_translation_table=onnx_export.translation_table(), optimize=True,
