@@ -23,14 +23,13 @@ the same `edit_counters` fields), so a record proves what the timed op did.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from deleaker.modeling.families import Family, UnsupportedModel, family_of_class, vae_scale_factor
+from deleaker.modeling.families import Family, UnsupportedModel, family_of_folder, vae_scale_factor
 from deleaker.modeling.flux import DeLeakerCall
 from deleaker.modeling.reference_op import settings_tensors
 from deleaker.runtime import op_schema
@@ -49,12 +48,7 @@ def model_family(source: str | None) -> Family | None:
     default). An unsupported transformer class is refused in one line."""
     if source is None or source.startswith(M.RANDOM_PREFIX):
         return None
-    config = M.transformer_folder(source) / "config.json"
-    try:
-        name = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError) as e:
-        raise M.BenchError(f"cannot read {config}: {e}") from None
-    family = family_of_class(name)  # UnsupportedModel names the supported families
+    family = family_of_folder(M.transformer_folder(source))  # UnsupportedModel names the supported families
     if family.name == "flux1":
         return None
     if family.step_inputs is None:

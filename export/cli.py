@@ -91,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
                         "default settings')")
     v.add_argument("--height", type=int, help="image height (default: the smallest the artifact accepts)")
     v.add_argument("--width", type=int, help="image width")
-    v.add_argument("--prompt", default=_DEFAULT_PROMPT, help="(a family step artifact: default its example prompt)")
-    v.add_argument("--entities", default=_DEFAULT_ENTITIES)
+    v.add_argument("--prompt", help=f"default {_DEFAULT_PROMPT!r}; a family step artifact: its example prompt")
+    v.add_argument("--entities", help=f"default {_DEFAULT_ENTITIES}; a family step artifact: its example's")
     v.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
     v.add_argument("--atol", type=float, help="absolute tolerance for every check (default: per check and dtype)")
     v.add_argument("--rtol", type=float, help="relative tolerance for every check")
@@ -146,7 +146,7 @@ def _family_of(model: str):
 # options of the FLUX.1 artifact that a family step artifact has no use for: (given?, why)
 _FLUX_ONLY = {
     "--dtype": (lambda a: a.dtype != "fp32", "the step is exported in float32"),
-    "--encoder-dtype": (lambda a: a.encoder_dtype != "fp32", "text encoders and VAE stay in the source folder"),
+    "--encoder-dtype": (lambda a: a.encoder_dtype != "fp32", "its text encoders and VAE are exported in float32"),
     "--portable": (lambda a: a.portable, "the step keeps its DeLeakerAttention nodes"),
     "--min-size/--max-size": (lambda a: a.min_size is not None or a.max_size is not None,
                               "the step has static shapes: --height/--width only"),
@@ -204,7 +204,7 @@ def _verify(args) -> int:
         if v is not None and not (v >= 0 and v != float("inf")):
             raise ValueError(f"--{name} must be a finite number >= 0, got {v}")
     checks = tuple(c.strip() for c in args.checks.split(",") if c.strip()) if args.checks else None
-    entities = tuple(e.strip() for e in args.entities.split(",") if e.strip())
+    entities = tuple(e.strip() for e in args.entities.split(",") if e.strip()) if args.entities is not None else None
     from deleaker.runtime.family_artifact import is_family_artifact, load_family_artifact
 
     if is_family_artifact(args.artifact):
@@ -215,19 +215,18 @@ def _verify(args) -> int:
             raise ValueError(f"a {art.family_title} step artifact is verified in ONNX Runtime on the CPU, not "
                              f"--backend {args.backend} --device {args.device}")
         art.check_size(args.height or art.height, args.width or art.width)  # its only size
-        given_prompt = args.prompt != _DEFAULT_PROMPT or args.entities != _DEFAULT_ENTITIES
-        rows = verify_family(args.artifact, args.model, checks=checks, steps=args.steps,
-                             prompt=args.prompt if given_prompt else None, entities=entities if given_prompt else None,
-                             atol=args.atol, rtol=args.rtol)
+        rows = verify_family(args.artifact, args.model, checks=checks, steps=args.steps, prompt=args.prompt,
+                             entities=entities, atol=args.atol, rtol=args.rtol)
     else:
         rows = verify(args.artifact, args.model, checks=checks, steps=args.steps, height=args.height, width=args.width,
-                      device=args.device, prompt=args.prompt, entities=entities, atol=args.atol, rtol=args.rtol,
+                      device=args.device, prompt=args.prompt or _DEFAULT_PROMPT,
+                      entities=entities or tuple(_DEFAULT_ENTITIES.split(",")), atol=args.atol, rtol=args.rtol,
                       backend=args.backend)
     edits = [r for r in rows if r.output == "edit"]  # family step artifacts: DeLeaker's edit, shown per check
-    rows = [r for r in rows if r.output != "edit"]
-    failed = [r for r in rows if not r.passed] + [r for r in edits if not r.passed]
-    print(f"verify: {len(rows) - len(failed) + len([r for r in edits if not r.passed])}/{len(rows)} outputs within "
-          f"tolerance" + (f"; DeLeaker edited in {sum(r.passed for r in edits)}/{len(edits)} checks" if edits else "")
+    outputs = [r for r in rows if r.output != "edit"]
+    failed = [r for r in outputs + edits if not r.passed]
+    print(f"verify: {sum(r.passed for r in outputs)}/{len(outputs)} outputs within tolerance"
+          + (f"; DeLeaker edited in {sum(r.passed for r in edits)}/{len(edits)} checks" if edits else "")
           + (f"; FAILED: {', '.join(sorted({f'{r.check}/{r.output}' for r in failed}))}" if failed else ""))
     return 1 if failed else 0
 

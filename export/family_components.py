@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deleaker.modeling.families import family_of
+from deleaker.modeling.families import family_of, vae_scale_factor_of
 from deleaker.modeling.families.onnx_components import MANIFEST, ComponentError
 
 from . import onnx_export
@@ -192,12 +192,11 @@ def _export_decoder_lm(enc, path: Path, tokens: int, layers: tuple[int, ...], ki
 
 def _export_vae(vae, path: Path, height: int, width: int, video: bool) -> Component:
     cfg = vae.config
+    f = vae_scale_factor_of(cfg)
     if video:  # AutoencoderKLQwenImage: [B, z, frames=1, h, w]
-        f = 2 ** len(vae.temperal_downsample)
         z = torch.randn(2, cfg.z_dim, 1, height // f, width // f)
         axes = {0: _dim("batch"), 3: _dim("latent_height", 2, 4096), 4: _dim("latent_width", 2, 4096)}
     else:  # [B, C, h, w]
-        f = 2 ** (len(cfg.block_out_channels) - 1)
         z = torch.randn(2, cfg.latent_channels, height // f, width // f)
         axes = {0: _dim("batch"), 2: _dim("latent_height", 2, 4096), 3: _dim("latent_width", 2, 4096)}
     ex = onnx_export._export(onnx_export.VaeDecode(vae).eval(), {"latents": z}, {"latents": axes}, ["sample"],

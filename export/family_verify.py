@@ -94,9 +94,8 @@ def verify_family(artifact_dir: str | Path, model_dir: str | Path, checks=None, 
                   prompt: str | None = None, entities: tuple | None = None, atol: float | None = None,
                   rtol: float | None = None, seed: int = 0, report=print) -> list:
     """Run the checks; `report` gets one line per row. Returns every row (OutputResult and EditResult)."""
-    import onnxruntime as ort
-
     from deleaker.modeling.families.generate import load, run
+    from deleaker.modeling.families.onnx_step import cpu_session
     from deleaker.runtime.family_artifact import load_family_artifact
 
     from .family_artifact import capture, pad_slots
@@ -161,7 +160,7 @@ def verify_family(artifact_dir: str | Path, model_dir: str | Path, checks=None, 
         ex = pad_slots(calls[k], art.entity_slots)
         inactive = {**ex, "entity_tokens": torch.zeros_like(ex["entity_tokens"])}
         step = FamilyStep(pipe.transformer, family, static).eval()  # the torch side: reference op
-        sess = ort.InferenceSession(str(art.step_path), providers=["CPUExecutionProvider"])
+        sess = cpu_session(art.step_path)
         names = [i.name for i in sess.get_inputs()]
         outs = {}
         for feed, x in ((f"step {k} active", ex), (f"step {k} inactive", inactive)):

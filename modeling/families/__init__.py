@@ -19,7 +19,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (flux1.FAMILY, sd3.FAMILY, qwe
 _BY_CLASS = {f.transformer_class: f for f in FAMILIES.values()}
 
 __all__ = ["FAMILIES", "Family", "OpProcessor", "UnsupportedModel", "family_note", "family_of", "family_of_class",
-           "family_of_folder", "supported", "vae_scale_factor", "DISTILLED", "CFG_BATCHED", "CFG_SEPARATE"]
+           "family_of_folder", "supported", "vae_scale_factor", "vae_scale_factor_of", "DISTILLED", "CFG_BATCHED", "CFG_SEPARATE"]
 
 
 class UnsupportedModel(ValueError):
@@ -57,9 +57,11 @@ def family_of(transformer) -> Family:
 
 
 def family_of_folder(model_dir: str | Path) -> Family:
-    """The family of a diffusers folder, read from transformer/config.json (or model_index.json)."""
+    """The family of a diffusers folder, read from transformer/config.json (or model_index.json), or
+    of a transformer folder itself (its config.json)."""
     folder = Path(model_dir)
-    for path, key in ((folder / "transformer" / "config.json", "_class_name"), (folder / "model_index.json", None)):
+    for path, key in ((folder / "transformer" / "config.json", "_class_name"), (folder / "model_index.json", None),
+                      (folder / "config.json", "_class_name")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -71,14 +73,20 @@ def family_of_folder(model_dir: str | Path) -> Family:
                            f"supported families: {supported()}")
 
 
+def vae_scale_factor_of(vae_config) -> int:
+    """Pixels per latent of a VAE, from its config (a dict or diffusers FrozenDict), as the families'
+    pipelines compute it: Qwen-Image's video VAE 2 ** its temporal downsamplings, the others
+    2 ** (levels - 1)."""
+    if "temperal_downsample" in vae_config:  # diffusers' spelling in AutoencoderKLQwenImage
+        return 2 ** len(vae_config["temperal_downsample"])
+    return 2 ** (len(vae_config.get("block_out_channels") or [0] * 4) - 1)
+
+
 def vae_scale_factor(model_dir: str | Path) -> int:
-    """Pixels per latent of a folder's VAE, as the families' pipelines compute it from vae/config.json
-    (Qwen-Image's video VAE: 2 ** its temporal downsamplings; the others: 2 ** (levels - 1)); 8, every
+    """Pixels per latent of a folder's VAE (vae_scale_factor_of its vae/config.json); 8, every
     family's real VAE, when the folder has no readable vae/config.json."""
     try:
         vae = json.loads((Path(model_dir) / "vae" / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return 8
-    if "temperal_downsample" in vae:  # diffusers' spelling in AutoencoderKLQwenImage
-        return 2 ** len(vae["temperal_downsample"])
-    return 2 ** (len(vae.get("block_out_channels") or [0] * 4) - 1)
+    return vae_scale_factor_of(vae)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import family_of
+from . import family_of, vae_scale_factor_of
 
 MANIFEST = "components.json"  # what export/family_components.py writes beside the ONNX files
 
@@ -58,15 +58,12 @@ class _Session(nn.Module):
     """A weightless module around one ONNX Runtime session of a component (components.json entry)."""
 
     def __init__(self, folder: Path, entry: dict, threads: int | None, providers: list[str] | None):
-        import onnxruntime as ort
         from diffusers.configuration_utils import FrozenDict
 
+        from .onnx_step import cpu_session
+
         super().__init__()
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(folder / entry["file"]), opts,
-                                            providers=providers or ["CPUExecutionProvider"])
+        self.session = cpu_session(folder / entry["file"], threads, providers)
         self.entry = entry
         self.component = entry["name"]
         self.config = FrozenDict(entry["config"])
@@ -187,9 +184,7 @@ class OnnxVaeDecoder(_Session):
     @property
     def scale_factor(self) -> int:
         """Pixels per latent, as the families' pipelines compute it from their VAE."""
-        if hasattr(self, "temperal_downsample"):
-            return 2 ** len(self.temperal_downsample)
-        return 2 ** (len(self.config["block_out_channels"]) - 1)
+        return vae_scale_factor_of(self.config)
 
     def decode(self, z, return_dict: bool = True, **_):
         from diffusers.models.autoencoders.vae import DecoderOutput

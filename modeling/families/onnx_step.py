@@ -22,6 +22,17 @@ from . import family_of
 OP_INPUTS = ("entity_tokens", "history", "step", "grid", "windows", "knobs", "rules")
 
 
+def cpu_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    """An ONNX Runtime session on `path` (CPU provider unless given; intra-op threads if given): the
+    one the families' exported step and components run in."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
 class StepShapeError(ValueError):
     """A transformer call of another shape than the exported step's (one line)."""
 
@@ -32,12 +43,7 @@ class OnnxStepRunner:
 
     def __init__(self, pipe, path: str | Path, threads: int | None = None,
                  on_step: Callable | None = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads)
         self.shapes = {i.name: tuple(i.shape) for i in self.session.get_inputs()}
         self.names = list(self.shapes)
         self.transformer = pipe.transformer
